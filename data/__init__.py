@@ -1,0 +1,1 @@
+"""Datasets and their loaders (installed as stmd_fast.data)."""

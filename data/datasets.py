@@ -1,0 +1,199 @@
+"""Datasets as in-memory tensors: scikit-learn's 8x8 digits, MNIST, CIFAR-10, and the user's own .npy.
+
+Every loader returns a TensorData. Images are kept as stored (uint8 pixels for MNIST, CIFAR-10 and
+uint8 .npy images, a quarter of the memory of float32) and mapped to model space [-1, 1] only when a
+batch is drawn. Anything wrong with the data raises DataError at load time, before any training starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "test")
+KINDS = {"image": 4, "vector": 2}  # kind -> rank of `values`, sample axis included
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR10_FILES = ("data_batch_1..5", "test_batch", "batches.meta")
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the problem and the fix."""
+
+
+@dataclass
+class TensorData:
+    """An in-memory dataset; batches are drawn with replacement from a torch.Generator."""
+
+    name: str
+    values: torch.Tensor
+    """(N, *shape): uint8 pixels 0..255, or float32 already in model space."""
+    kind: str
+    """'image' (N, C, H, W) or 'vector' (N, D)."""
+
+    def __post_init__(self) -> None:
+        # Checked once here so that batch() and the trainer can trust the layout.
+        if self.kind not in KINDS:
+            raise DataError(f"{self.name}: kind {self.kind!r} is unknown; use 'image' or 'vector'")
+        if self.values.dim() != KINDS[self.kind]:
+            raise DataError(
+                f"{self.name}: {self.kind} data must have rank {KINDS[self.kind]}, got shape "
+                f"{tuple(self.values.shape)}; use (N, C, H, W) for images or (N, D) for vectors"
+            )
+        if self.values.dtype not in (torch.uint8, torch.float32):
+            raise DataError(
+                f"{self.name}: values have dtype {self.values.dtype}; store uint8 pixels or float32"
+            )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample."""
+        return tuple(self.values.shape[1:])
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def to(self, device: torch.device | str) -> TensorData:
+        """The same data with `values` on `device` (dtype kept, so uint8 images stay small)."""
+        return TensorData(self.name, self.values.to(device), self.kind)
+
+    def batch(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """`size` samples drawn with replacement, float32 in model space, on the generator's device.
+
+        The indices come from `generator` alone, so a seeded generator reproduces the batch.
+        """
+        indices = torch.randint(len(self), (size,), generator=generator, device=generator.device)
+        # No-op moves when the data already lives on the generator's device (the fast path).
+        rows = self.values[indices.to(self.values.device)].to(generator.device)
+        return _to_model_space(rows)
+
+    def all(self) -> torch.Tensor:
+        """Every sample as float32 in model space (the same mapping as batch())."""
+        return _to_model_space(self.values)
+
+
+def _to_model_space(x: torch.Tensor) -> torch.Tensor:
+    # uint8 pixels 0..255 -> [-1, 1]; float data is already in model space.
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    return x.float()
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model-space images [-1, 1] -> [0, 1] (for saving or metrics), clamped since samples overshoot."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is unknown; use 'train' or 'test'")
+
+
+def load_digits(split: str = "train") -> TensorData:
+    """scikit-learn's bundled 8x8 digits (no download): (N, 1, 8, 8) float32 in [-1, 1].
+
+    The split is fixed so runs are comparable: 'train' is the first 1500 images, 'test' the last 297.
+    """
+    _check_split(split)
+    from sklearn.datasets import load_digits as sklearn_digits  # imported here: sklearn is slow to import
+
+    images = sklearn_digits().images  # (1797, 8, 8) float64, integer levels 0..16
+    images = images[:1500] if split == "train" else images[1500:]
+    values = torch.from_numpy(images / 16 * 2 - 1).float().unsqueeze(1)
+    return TensorData("digits", values, "image")
+
+
+def _missing(root: str, what: str, folder: str, files: str) -> DataError:
+    # torchvision says only "Dataset not found" (and names its own download=True): say where the files go.
+    where = os.path.join(os.path.expanduser(root), folder)
+    return DataError(
+        f"{what} files missing or corrupted: put {files} in {where}, "
+        "or pass --download where the network allows"
+    )
+
+
+def load_mnist(root: str, split: str = "train", download: bool = False) -> TensorData:
+    """MNIST through torchvision: (N, 1, 28, 28) uint8, read from ROOT/MNIST/raw/."""
+    _check_split(split)
+    from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
+
+    try:
+        dataset = MNIST(root, train=split == "train", download=download)
+    except RuntimeError as error:
+        if "not found" not in str(error):
+            raise  # e.g. a failed download: torchvision's own message is the informative one
+        raise _missing(root, "MNIST", os.path.join("MNIST", "raw"),
+                       "the four uncompressed idx files (" + ", ".join(MNIST_FILES) + ")") from None
+    return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image")
+
+
+def load_cifar10(root: str, split: str = "train", download: bool = False) -> TensorData:
+    """CIFAR-10 through torchvision: (N, 3, 32, 32) uint8, read from ROOT/cifar-10-batches-py/."""
+    _check_split(split)
+    from torchvision.datasets import CIFAR10  # imported here: torchvision is slow to import
+
+    try:
+        dataset = CIFAR10(root, train=split == "train", download=download)
+    except RuntimeError as error:
+        if "not found" not in str(error):
+            raise
+        raise _missing(root, "CIFAR-10", "cifar-10-batches-py",
+                       "the official python batches (" + ", ".join(CIFAR10_FILES) + ")") from None
+    # torchvision keeps (N, H, W, C) numpy; the models want channels first.
+    values = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return TensorData("cifar10", values, "image")
+
+
+def load_npy(path: str) -> TensorData:
+    """The user's own array saved with np.save: (N, D) -> 'vector', (N, C, H, W) -> 'image'.
+
+    uint8 images are pixels 0..255 (mapped to [-1, 1] when drawn); everything else becomes float32
+    and is used as given, so scale it to roughly unit range yourself.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: no such file; save your array with np.save(path, x) and pass that path")
+    try:
+        array = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a loadable .npy ({error}); save a plain numeric array with np.save") from None
+    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
+        raise DataError(f"{path}: is an .npz archive; save the single array with np.save(path, x)")
+    # bool is not an np.number; complex is, but a model cannot use it.
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{path}: dtype {array.dtype} is not real numbers; convert with x.astype(np.float32)")
+
+    if array.ndim == 2:
+        kind = "vector"
+    elif array.ndim == 4:
+        kind = "image"
+    else:
+        raise DataError(
+            f"{path}: shape {array.shape} is not (N, D) vectors or (N, C, H, W) images; "
+            "for (N, H, W) grayscale add a channel axis: x[:, None]"
+        )
+    if array.size == 0:
+        raise DataError(f"{path}: shape {array.shape} holds no data; save at least one non-empty sample")
+
+    if kind == "image" and array.dtype == np.uint8:
+        values = torch.from_numpy(array)
+    else:
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below, as a DataError
+            values = torch.from_numpy(array.astype(np.float32))
+        # Checked after the cast so that float64 values beyond float32's range are caught as inf.
+        n_nan = int(values.isnan().sum())
+        n_inf = int(values.isinf().sum())
+        if n_nan or n_inf:
+            raise DataError(
+                f"{path}: {n_nan} NaN and {n_inf} inf values (after conversion to float32); "
+                "drop or replace them, e.g. x = np.nan_to_num(x), and save again"
+            )
+    return TensorData(file.stem, values, kind)

@@ -1,0 +1,153 @@
+"""Checkpoints and the public model API.
+
+A checkpoint is a directory RUN/checkpoints/step_XXXXXXXX/ holding
+  model.safetensors   the trained weights        ema.safetensors   the EMA weights
+  train_state.pt      optimizer, scheduler, RNG   config.json       resolved config + metadata
+It is written under a temporary name and renamed into place (atomic on POSIX), so a crash
+or kill mid-write never leaves a broken checkpoint: at worst a .tmp-* folder that the next
+save removes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .models import build_net
+from .objectives import METHODS
+from .sampling import check_steps, inpainting_projection, sample, transition
+
+FORMAT_VERSION = 1
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, ema_net: torch.nn.Module,
+                    train_state: dict, meta: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+    tmp.mkdir(parents=True)
+    for name, module in zip(WEIGHT_FILES, (net, ema_net)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / name)
+    torch.save(train_state, tmp / "train_state.pt")
+    (tmp / "config.json").write_text(json.dumps({**meta, "format": FORMAT_VERSION, "step": step}, indent=2))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / WEIGHT_FILES[0]).is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def read_meta(ckpt: Path) -> dict:
+    meta = json.loads((ckpt / "config.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{ckpt} has checkpoint format {meta.get('format')}, this stmd_fast reads "
+                         f"format {FORMAT_VERSION}: use the stmd_fast version that wrote it")
+    return meta
+
+
+def build_net_from_meta(meta: dict) -> torch.nn.Module:
+    cfg = TrainConfig(**meta["config"])
+    method = METHODS[cfg.method]
+    return build_net(cfg.net, tuple(meta["data_shape"]), method.conditional, len(method.times))
+
+
+class Model:
+    """A trained network with its method: sample, transition and inpaint.
+
+    model = stmd_fast.load_checkpoint("runs/digits-stmd")
+    x = model.sample(16, steps=2, flow_steps=1, generator=torch.Generator().manual_seed(0))
+    """
+
+    def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
+        self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def _generator(self, generator: torch.Generator | None) -> torch.Generator:
+        if generator is None:
+            generator = torch.Generator(self.device)
+            generator.seed()
+        if generator.device != self.device:
+            raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
+                             f"make it with torch.Generator({str(self.device)!r})")
+        return generator
+
+    def sample(self, num: int, steps: int = 1, flow_steps: int = 1, generator: torch.Generator | None = None,
+               grid: str = "uniform") -> torch.Tensor:
+        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in [-1, 1])."""
+        return sample(self.net, self.method, num, self.data_shape, steps, flow_steps, self._generator(generator), grid)
+
+    def transition(self, x: torch.Tensor, s_from: float, s_to: float, flow_steps: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw x_{s_to} ~ p(x_{s_to} | x_{s_from} = x) for a batch x (DDPM: the posterior-mean bridge step)."""
+        check_steps(self.method, 1, flow_steps)
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])}, the model takes {self.data_shape}")
+        return transition(self.net, self.method, x.to(self.device), s_from, s_to, flow_steps, self._generator(generator))
+
+    def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int = 1, flow_steps: int = 1,
+                generator: torch.Generator | None = None, grid: str = "uniform") -> torch.Tensor:
+        """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly."""
+        if tuple(observed.shape) != self.data_shape:
+            raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
+        project = inpainting_projection(observed.to(self.device), mask.to(self.device))
+        return sample(self.net, self.method, num, self.data_shape, steps, flow_steps, self._generator(generator),
+                      grid, project=project)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:
+    """Load a checkpoint directory (or a run directory's newest checkpoint) for sampling.
+
+    weights: 'ema' (default, what samples use) or 'model' (the raw trained weights)."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
+                                f"or a checkpoints/step_* directory")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    meta = read_meta(ckpt)
+    net = build_net_from_meta(meta)
+    try:
+        net.load_state_dict(load_file(ckpt / f"{weights}.safetensors"))
+    except RuntimeError as err:
+        raise ValueError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
+                         f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
+    net.eval().requires_grad_(False).to(device)
+    return Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)

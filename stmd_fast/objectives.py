@@ -1,0 +1,124 @@
+"""Training objectives (math.md sections 4 and 6): STMD, Mean Flow, DDPM.
+
+Each objective is split in two so the hot path compiles and stays reproducible:
+  draw_noise(x0, cfg, generator) -> Noise      eager, every random number of the step;
+  compute_loss(method, net, x0, noise, cfg)    a pure function of tensors (what --compile
+                                                compiles; Inductor would otherwise replace
+                                                torch.randn with its own generator).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import alpha_sigma
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    conditional: bool  # the network sees x_s (concatenated on channels)
+    times: tuple[str, ...]  # the time inputs fed to the network, in order
+
+
+METHODS = {
+    "stmd": Method("stmd", True, ("t", "t - r", "s")),
+    "meanflow": Method("meanflow", False, ("t", "t - r")),
+    "ddpm": Method("ddpm", False, ("s",)),
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    """Time sampling and loss weighting (Mean Flow's defaults)."""
+
+    time_mean: float = -0.4
+    """Mean of the logit-normal draws of (r, t)."""
+    time_std: float = 1.0
+    """Std of the logit-normal draws of (r, t)."""
+    flow_matching_fraction: float = 0.75
+    """Fraction of the batch with r = t (there the loss is conditional flow matching)."""
+    adaptive_p: float = 1.0
+    """Adaptive weight w = 1 / (||delta||^2 + c)^p; p = 0 gives the plain squared error."""
+    adaptive_c: float = 1e-3
+    """The c of the adaptive weight."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.flow_matching_fraction <= 1.0:
+            raise ValueError(f"flow_matching_fraction must be in [0, 1], got {self.flow_matching_fraction}")
+        if self.time_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
+            raise ValueError("need time_std > 0, adaptive_c > 0 and adaptive_p >= 0")
+
+
+class Noise(NamedTuple):
+    """Every random draw of one training step (shapes: (B,) times, x0-shaped noises)."""
+
+    s: torch.Tensor  # diffusion time, U(0, 1]
+    xi: torch.Tensor  # forward-process noise: x_s = alpha_s x_0 + sigma_s xi
+    r: torch.Tensor  # flow times r <= t
+    t: torch.Tensor
+    e: torch.Tensor  # flow prior sample: z_t = (1 - t) x_0 + t e
+
+
+def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator) -> Noise:
+    """Draw s ~ U(0, 1], xi, e ~ N(0, I) and logit-normal (r, t), r = t on a fraction of the batch."""
+    b, dev = x0.shape[0], x0.device
+    s = 1.0 - torch.rand(b, generator=generator, device=dev)  # (0, 1]
+    logits = torch.randn(b, 2, generator=generator, device=dev) * cfg.time_std + cfg.time_mean
+    pair = torch.sigmoid(logits)
+    t, r = pair.max(dim=1).values, pair.min(dim=1).values
+    r = torch.where(torch.rand(b, generator=generator, device=dev) < cfg.flow_matching_fraction, t, r)
+    xi = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    e = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    return Noise(s, xi, r, t, e)
+
+
+def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return c.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def meanflow_target_loss(u, dudt, v, h, cfg: ObjectiveConfig):
+    """u_tgt = stopgrad(v - (t - r) du/dt); per-sample l = ||u - u_tgt||^2 (summed over
+    dimensions); loss = mean(stopgrad(w) l) with w = 1 / (l + c)^p.
+
+    Returns the loss and the raw mean ||delta||^2 (the adaptive loss reads ~1 by design)."""
+    u_tgt = (v.float() - _bcast(h, v).float() * dudt.float()).detach()
+    sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
+    weight = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+    return (weight * sq).mean(), sq.mean().detach()
+
+
+def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
+    """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
+    t, r = noise.t, noise.r
+    tb = _bcast(t, x0)
+    z_t = (1 - tb) * x0 + tb * noise.e
+    v = noise.e - x0
+    h = t - r
+
+    def u_fn(z, t_, h_):  # x_s and s are closed over: held fixed under the JVP
+        times = torch.stack([t_, h_] if s is None else [t_, h_, s], dim=1)
+        return net(z, cond, times)
+
+    # Tangents (v, 0, 1) for (z, r, t) are (v, 1, 1) for (z, t, h = t - r).
+    ones = torch.ones_like(t)
+    u, dudt = torch.func.jvp(u_fn, (z_t, t, h), (v, ones, ones))
+    return meanflow_target_loss(u, dudt, v, h, cfg)
+
+
+def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
+    (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
+    if method == "meanflow":
+        return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
+    alpha, sigma = alpha_sigma(noise.s, x0.dtype)
+    x_s = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise.xi
+    if method == "stmd":
+        return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
+    if method == "ddpm":
+        mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
+        return mse, mse.detach()
+    raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")

@@ -1,0 +1,462 @@
+"""Tests of the command-line tools (python -m stmd_fast.train / stmd_fast.sample) and the public API.
+
+The CLIs are called in-process (main(argv) returns the exit code) on tiny runs: the gmm MLP for
+vectors and the digits U-Net on a (32, 1, 8, 8) uint8 .npy for images, a few steps each, on CPU.
+Every user error must be one line "error: ..." on stderr that names the problem, exit code 2,
+and come before any expensive work (no checkpoints written).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import decode_image, write_png
+
+import stmd_fast
+import stmd_fast.train as train_module
+from stmd_fast.sample import main as sample_main
+from stmd_fast.train import main as train_main
+
+GMM = ["--preset", "gmm", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
+
+
+def train(*args) -> int:
+    return train_main([str(a) for a in args])
+
+
+def sample(*args) -> int:
+    return sample_main([str(a) for a in args] + ["--device", "cpu"])
+
+
+def assert_one_line_error(capsys, *words: str) -> str:
+    """stderr is exactly one line 'error: ...' that contains every word; returns it."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    line = lines[0]
+    assert line.startswith("error:"), line
+    for word in words:
+        assert word in line, f"{word!r} not in {line!r}"
+    return line
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+
+
+def metrics_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_nothing_trained(run: Path) -> None:
+    assert not (run / "checkpoints").exists()
+    assert not (run / "config.json").exists()
+    assert not (run / "metrics.jsonl").exists()
+
+
+def grid_size(n: int, tile: int = 8, padding: int = 1, nrow: int | None = None) -> tuple[int, int]:
+    """(height, width) of torchvision's make_grid of n tiles (nrow = ceil(sqrt(n)) as sample.py)."""
+    nrow = nrow or math.ceil(math.sqrt(n))
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    return rows * (tile + padding) + padding, cols * (tile + padding) + padding
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Default output paths (runs/..., samples.png) must never land in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- shared tiny runs
+
+@pytest.fixture(scope="module")
+def gmm_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("gmm") / "run"
+    assert train(*GMM, "--steps", 3, "--ckpt-every", 3, "--out", run) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def gmm_meanflow_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("gmm_mf") / "run"
+    assert train(*GMM, "--method", "meanflow", "--steps", 1, "--out", run) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_npy(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (32, 1, 8, 8), dtype=np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, image_npy) -> Path:
+    run = tmp_path_factory.mktemp("img") / "run"
+    assert train("--data", image_npy, "--steps", 2, "--batch-size", 8, "--device", "cpu", "--out", run) == 0
+    return run
+
+
+# ----------------------------------------------------------------------------- 1. argparse choices
+
+@pytest.mark.parametrize("flag, value, choices", [
+    ("--preset", "imagenet", ("digits", "gmm", "mnist", "cifar10")),
+    ("--method", "flowmatch", ("stmd", "meanflow", "ddpm")),
+])
+def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, value, choices):
+    with pytest.raises(SystemExit) as exc:
+        train(flag, value, "--out", tmp_path / "run")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and value in err
+    for choice in choices:
+        assert choice in err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- 2-4. data and --out
+
+def test_mnist_missing_names_the_expected_path_and_download(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = tmp_path / "run"
+    rc = train("--preset", "mnist", "--data-dir", empty, "--device", "cpu", "--out", run)
+    assert rc == 2
+    assert_one_line_error(capsys, "MNIST", str(empty / "MNIST" / "raw"), "--download")
+    assert_nothing_trained(run)
+
+
+def test_npy_rank3_error_names_the_shape(capsys, tmp_path):
+    path = tmp_path / "rank3.npy"
+    np.save(path, np.zeros((4, 8, 8), np.uint8))
+    run = tmp_path / "run"
+    assert train("--data", path, "--steps", 1, "--device", "cpu", "--out", run) == 2
+    assert_one_line_error(capsys, "(4, 8, 8)", "x[:, None]")
+    assert_nothing_trained(run)
+
+
+def test_npy_with_nan_is_refused(capsys, tmp_path):
+    x = np.zeros((16, 2), np.float32)
+    x[3, 1] = np.nan
+    path = tmp_path / "nan.npy"
+    np.save(path, x)
+    run = tmp_path / "run"
+    assert train("--data", path, "--steps", 1, "--device", "cpu", "--out", run) == 2
+    assert_one_line_error(capsys, "NaN")
+    assert_nothing_trained(run)
+
+
+def test_missing_npy_is_refused(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train("--data", tmp_path / "nope.npy", "--steps", 1, "--device", "cpu", "--out", run) == 2
+    assert_one_line_error(capsys, "nope.npy", "no such file")
+    assert_nothing_trained(run)
+
+
+@pytest.mark.parametrize("below", [True, False], ids=["path-under-a-file", "path-is-a-file"])
+def test_unwritable_out_is_refused(capsys, tmp_path, below):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    out = blocker / "run" if below else blocker
+    assert train(*GMM, "--steps", 1, "--out", out) == 2
+    assert_one_line_error(capsys, "cannot write", str(out))
+    assert blocker.read_text() == "not a directory"
+
+
+# ----------------------------------------------------------------------------- 5. --resume
+
+@pytest.fixture
+def gmm_copy(gmm_run, tmp_path) -> Path:
+    run = tmp_path / "copy"
+    shutil.copytree(gmm_run, run)
+    return run
+
+
+def test_out_with_checkpoints_needs_resume(capsys, gmm_copy):
+    before = (gmm_copy / "metrics.jsonl").read_text()
+    assert train(*GMM, "--steps", 5, "--out", gmm_copy) == 2
+    assert_one_line_error(capsys, "already holds checkpoints", "--resume")
+    assert checkpoint_steps(gmm_copy) == [3]
+    assert (gmm_copy / "metrics.jsonl").read_text() == before
+
+
+def test_resume_on_an_empty_dir_is_refused(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train("--out", empty, "--resume", "--device", "cpu") == 2
+    assert_one_line_error(capsys, "--resume", "no checkpoint", str(empty))
+    assert_nothing_trained(empty)
+
+
+def test_resume_with_another_method_is_refused(capsys, gmm_copy):
+    assert train("--out", gmm_copy, "--resume", "--method", "ddpm", "--steps", 5) == 2
+    assert_one_line_error(capsys, "--method", "stmd", "ddpm")
+    assert checkpoint_steps(gmm_copy) == [3]
+
+
+def test_resume_with_more_steps_continues_to_the_new_count(capsys, gmm_copy):
+    assert metrics_steps(gmm_copy) == [1, 2, 3]
+    assert train("--out", gmm_copy, "--resume", "--steps", 5, "--device", "cpu") == 0
+    out, err = capsys.readouterr()
+    assert "resumed from" in out and "step_00000003" in out
+    assert metrics_steps(gmm_copy) == [1, 2, 3, 4, 5]
+    assert checkpoint_steps(gmm_copy)[-1] == 5
+    saved = json.loads((gmm_copy / "checkpoints" / "step_00000005" / "config.json").read_text())
+    assert saved["step"] == 5 and saved["config"]["steps"] == 5 and saved["config"]["method"] == "stmd"
+
+
+# ----------------------------------------------------------------------------- 6. NaN loss
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(capsys, tmp_path, monkeypatch):
+    real = train_module.compute_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss, error = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) >= 5 else loss), error
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    run = tmp_path / "run"
+    rc = train(*GMM, "--steps", 8, "--ckpt-every", 2, "--log-every", 100, "--out", run)
+    assert rc == 1
+    line = assert_one_line_error(capsys, "step 5", "intact")
+    assert "step_00000004" in line
+    assert 5 <= len(calls) < 8  # stopped at the next check, not at the end
+    steps = checkpoint_steps(run)
+    assert steps[-1] == 4 and all(s < 5 for s in steps)
+    assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+    for weights in ("model", "ema"):
+        model = stmd_fast.load_checkpoint(run, weights=weights)
+        for name, p in model.net.state_dict().items():
+            assert torch.isfinite(p).all(), f"{weights}: {name} is not finite"
+
+
+# ----------------------------------------------------------------------------- 7. sample CLI
+
+def test_sample_vectors_to_npy(capsys, gmm_run, tmp_path):
+    out = tmp_path / "x.npy"
+    assert sample(gmm_run, "--out", out, "--num", 10) == 0
+    x = np.load(out)
+    assert x.shape == (10, 2) and x.dtype == np.float32
+    assert np.isfinite(x).all()
+
+
+def test_sample_vectors_to_png_is_refused(capsys, gmm_run, tmp_path):
+    out = tmp_path / "x.png"
+    assert sample(gmm_run, "--out", out, "--num", 10) == 2
+    assert_one_line_error(capsys, "vectors", ".npy")
+    assert not out.exists()
+
+
+def test_sample_missing_checkpoint_is_refused(capsys, tmp_path):
+    assert sample(tmp_path / "nothing", "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "no checkpoint")
+
+
+def test_training_grid_is_8x8_tiles_with_1px_padding(image_run):
+    grid = decode_image(str(image_run / "samples" / "step_00000002.png"))
+    assert tuple(grid.shape[-2:]) == grid_size(64, nrow=8) == (73, 73)
+
+
+@pytest.mark.parametrize("extra", [[], ["--steps", 2, "--flow-steps", 2]], ids=["default", "N2-M2"])
+def test_sample_image_grid(capsys, image_run, tmp_path, extra):
+    out = tmp_path / "grid.png"
+    assert sample(image_run, "--num", 6, "--out", out, *extra) == 0
+    grid = decode_image(str(out))
+    assert tuple(grid.shape[-2:]) == grid_size(6) == (19, 28)
+
+
+def test_sample_meanflow_refuses_diffusion_steps(capsys, gmm_meanflow_run, tmp_path):
+    out = tmp_path / "x.npy"
+    assert sample(gmm_meanflow_run, "--steps", 2, "--out", out) == 2
+    assert_one_line_error(capsys, "steps", "Mean Flow")
+    assert not out.exists()
+
+
+@pytest.fixture
+def inpaint_files(tmp_path) -> tuple[Path, Path, np.ndarray]:
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 8, 8), dtype=np.uint8)
+    image, mask = tmp_path / "img.png", tmp_path / "mask.png"
+    write_png(torch.from_numpy(pixels), str(image))
+    m = np.zeros((1, 8, 8), np.uint8)
+    m[..., :4] = 255  # left half observed
+    write_png(torch.from_numpy(m), str(mask))
+    return image, mask, pixels
+
+
+def test_inpaint_keeps_observed_pixels_exactly(capsys, image_run, inpaint_files, tmp_path):
+    image, mask, pixels = inpaint_files
+    out = tmp_path / "c.npy"
+    assert sample(image_run, "--inpaint", image, "--mask", mask, "--num", 4, "--steps", 2, "--out", out) == 0
+    c = np.load(out)
+    assert c.shape == (4, 1, 8, 8)
+    expected = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    for k in range(4):
+        np.testing.assert_array_equal(c[k, :, :, :4], expected[:, :, :4])
+    unobserved = c[:, :, :, 4:]
+    assert (unobserved != unobserved[:1]).any(axis=0).all(), "completions agree on an unobserved pixel"
+
+
+def test_inpaint_png_output_prepends_the_observation_tile(capsys, image_run, inpaint_files, tmp_path):
+    image, mask, _ = inpaint_files
+    out = tmp_path / "c.png"
+    assert sample(image_run, "--inpaint", image, "--mask", mask, "--num", 3, "--out", out) == 0
+    assert tuple(decode_image(str(out)).shape[-2:]) == grid_size(4)  # observation + 3 completions
+
+
+def test_inpaint_wrong_size_image_says_resize(capsys, image_run, inpaint_files, tmp_path):
+    _, mask, _ = inpaint_files
+    small = tmp_path / "small.png"
+    write_png(torch.zeros((1, 7, 7), dtype=torch.uint8), str(small))
+    assert sample(image_run, "--inpaint", small, "--mask", mask, "--out", tmp_path / "c.npy") == 2
+    assert_one_line_error(capsys, "resize", "8x8")
+    assert not (tmp_path / "c.npy").exists()
+
+
+def test_inpaint_without_mask_is_refused(capsys, image_run, inpaint_files, tmp_path):
+    image, _, _ = inpaint_files
+    assert sample(image_run, "--inpaint", image, "--out", tmp_path / "c.npy") == 2
+    assert_one_line_error(capsys, "--mask")
+
+
+# ----------------------------------------------------------------------------- 8. Python API
+
+def test_api_sample_is_seeded_and_shaped(image_run):
+    model = stmd_fast.load_checkpoint(image_run)
+    assert model.method == "stmd" and model.data_shape == (1, 8, 8) and model.data_kind == "image"
+
+    def draw():
+        return model.sample(5, steps=2, flow_steps=2, generator=torch.Generator().manual_seed(0))
+
+    a, b = draw(), draw()
+    assert a.shape == (5, 1, 8, 8)
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all()
+
+
+def test_api_transition_keeps_shape_and_checks_it(image_run):
+    model = stmd_fast.load_checkpoint(image_run)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    y = model.transition(x, 0.5, 0.1, flow_steps=1, generator=g)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="shape"):
+        model.transition(torch.randn(3, 1, 7, 7), 0.5, 0.1, flow_steps=1, generator=g)
+
+
+def test_api_load_from_empty_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        stmd_fast.load_checkpoint(tmp_path)
+
+
+def test_api_edited_method_is_refused(image_run, tmp_path):
+    src = sorted((image_run / "checkpoints").glob("step_*"))[-1]
+    ckpt = tmp_path / src.name
+    shutil.copytree(src, ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["config"]["method"] == "stmd"
+    meta["config"]["method"] = "ddpm"
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit"):
+        stmd_fast.load_checkpoint(ckpt)
+
+
+# ----------------------------------------------------------------------------- 9. --help
+
+NO_DEFAULT = {"--resume", "--download", "--compile", "--data", "--help"}
+
+
+def test_help_states_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exc:
+        train("--help")
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+
+    # One entry per option: a line starting "  -" plus its more-indented continuation lines.
+    entries: dict[str, str] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if re.match(r"^  -", line):
+            invocation = re.split(r"\s{2,}", line.strip())[0]
+            current = [line]
+            for flag in re.findall(r"--[a-z][\w-]*", invocation):
+                entries[flag] = current  # type: ignore[assignment]
+        elif current is not None and line.startswith("    "):
+            current.append(line)
+        else:
+            current = None
+    entries = {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
+
+    parser_flags = {s for a in train_module.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert set(entries) == parser_flags  # the parsing saw every option
+    missing = sorted(f for f in parser_flags - NO_DEFAULT if "[default" not in entries[f])
+    assert not missing, f"--help gives no default for {missing}"
+    for flag in NO_DEFAULT - {"--help"}:
+        assert flag in entries
+
+
+# ----------------------------------------------------------------------------- bugs found while writing these tests
+# Each test below fails with the current package; the docstring names the line and the fix.
+
+def test_sample_steps_zero_is_refused_not_replaced_by_the_default(capsys, gmm_run, tmp_path):
+    """stmd_fast/sample.py:68 `args.steps or DEFAULT_STEPS[...]` turns --steps 0 into the default
+    (N=1) silently. Fix: `args.steps if args.steps is not None else DEFAULT_STEPS[model.method]`,
+    so check_steps refuses it like --steps -1."""
+    out = tmp_path / "x.npy"
+    assert sample(gmm_run, "--steps", 0, "--num", 2, "--out", out) == 2
+    assert_one_line_error(capsys, "steps")
+    assert not out.exists()
+
+
+def test_inpaint_npy_with_a_batch_axis_is_a_one_line_error(capsys, image_run, inpaint_files, tmp_path):
+    """A (1, C, H, W) .npy (what `sample --out x.npy --num 1` writes) passes read_array's shape check
+    (stmd_fast/sample.py:57 looks at the last two axes and axis 0 only) and then crashes with a
+    RuntimeError traceback in x.expand (line 60). Fix: after the x[None] for 2-D arrays, refuse
+    x.ndim != 3 with the same 'resize'/shape ValueError (or squeeze a leading axis of size 1)."""
+    _, mask, _ = inpaint_files
+    obs = tmp_path / "obs.npy"
+    np.save(obs, np.zeros((1, 1, 8, 8), np.float32))
+    out = tmp_path / "c.npy"
+    rc = sample(image_run, "--inpaint", obs, "--mask", mask, "--num", 2, "--out", out)
+    if rc == 0:  # accepted as the single image it is: then it must have been used correctly
+        np.testing.assert_array_equal(np.load(out)[:, :, :, :4], 0)
+    else:
+        assert rc == 2
+        assert_one_line_error(capsys, "(1, 1, 8, 8)")
+
+
+def test_npy_mask_nonzero_means_observed(capsys, image_run, tmp_path):
+    """--help says the mask is 'nonzero/white = observed', but an .npy mask is used as given
+    (stmd_fast/sample.py:45-48; only PNG masks are binarized, line 54), so a 0/255 uint8 mask gives
+    m = 255 and the projection returns 255*y - 254*x0 instead of y. Fix: in read_array, binarize
+    .npy masks too: `if as_mask: x = (x != 0).float()`."""
+    observed = np.random.default_rng(2).uniform(-1, 1, (1, 8, 8)).astype(np.float32)
+    mask = np.zeros((1, 8, 8), np.uint8)
+    mask[..., :4] = 255
+    obs_path, mask_path, out = tmp_path / "obs.npy", tmp_path / "mask.npy", tmp_path / "c.npy"
+    np.save(obs_path, observed)
+    np.save(mask_path, mask)
+    assert sample(image_run, "--inpaint", obs_path, "--mask", mask_path, "--num", 2, "--out", out) == 0
+    c = np.load(out)
+    for k in range(2):
+        np.testing.assert_array_equal(c[k, :, :, :4], observed[:, :, :4])
+
+
+def test_sample_unwritable_out_is_a_one_line_error(capsys, gmm_run, tmp_path):
+    """stmd_fast/sample.py:100 creates --out's folder only after sampling and outside the try, so an
+    --out under a file crashes with a FileExistsError/NotADirectoryError traceback (after all the
+    sampling work). Fix: inside the try, before sampling, `out.parent.mkdir(parents=True,
+    exist_ok=True)` and turn OSError into 'error: cannot write --out ...' (exit 2), as train does."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert sample(gmm_run, "--num", 2, "--out", blocker / "x.npy") == 2
+    assert_one_line_error(capsys, "--out")

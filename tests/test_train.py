@@ -1,0 +1,114 @@
+"""The trainer: exact resume, compiled == eager, bf16 vs fp32, and STMD's exactness on a
+Gaussian mixture (the paper's central claim, measured against the exact kernel)."""
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stmd_fast import load_checkpoint
+from stmd_fast.gmm import default_mixture, transition_distances
+from stmd_fast.models import NetConfig, build_net
+from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise
+from stmd_fast.train import main
+
+TINY_UNET = NetConfig(channels=(8, 16), norm_groups=4, head_dim=4, time_freqs=16)
+
+
+def run(args: list[str]) -> None:
+    assert main(args) == 0
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def image_npy(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (32, 1, 8, 8), dtype=np.uint8)
+    path = tmp_path / "images.npy"
+    np.save(path, x)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gmm-mlp", "image-unet"])
+def test_resume_equals_uninterrupted_run(tmp_path, kind, image_npy):
+    data = ["--preset", "gmm", "--batch-size", "32"] if kind == "gmm-mlp" else ["--data", str(image_npy), "--batch-size", "8"]
+    common = data + ["--log-every", "1", "--ckpt-every", "3", "--sample-every", "0", "--warmup-steps", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(common + ["--steps", "6", "--out", str(full)])
+    run(common + ["--steps", "3", "--out", str(part)])
+    run(common + ["--steps", "6", "--out", str(part), "--resume"])
+
+    full_losses = [(m["step"], m["loss"]) for m in metrics(full)]
+    part_losses = [(m["step"], m["loss"]) for m in metrics(part)]
+    assert [s for s, _ in part_losses] == [1, 2, 3, 4, 5, 6]
+    assert part_losses == full_losses  # bit-identical on CPU, the resumed steps 4-6 included
+    for weights in ("model.safetensors", "ema.safetensors"):
+        a = load_file(full / "checkpoints" / "step_00000006" / weights)
+        b = load_file(part / "checkpoints" / "step_00000006" / weights)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _loss_and_grads(loss_fn, net, x0, noise):
+    loss, err = loss_fn(x0, noise)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    return loss.detach(), err, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["stmd", "meanflow"])
+def test_compiled_loss_equals_eager(method):
+    torch.manual_seed(0)
+    conditional, times = (True, 3) if method == "stmd" else (False, 2)
+    net = build_net(TINY_UNET, (1, 8, 8), conditional, times)
+    cfg = ObjectiveConfig(flow_matching_fraction=0.5, adaptive_p=0.5)  # p < 1 so the loss value is informative
+    x0 = torch.randn(16, 1, 8, 8)
+    noise = draw_noise(x0, cfg, torch.Generator().manual_seed(0))
+    eager = _loss_and_grads(partial(compute_loss, method, net, cfg=cfg), net, x0, noise)
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _loss_and_grads(torch.compile(partial(compute_loss, method, net, cfg=cfg)), net, x0, noise)
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile fell back to eager"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)  # raw ||delta||^2: the JVP tangent inside
+    for gc, ge in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_autocast_tracks_fp32():
+    """bf16 network math (fp32 weights) changes the loss and gradients only by bf16 rounding."""
+    torch.manual_seed(0)
+    net = build_net(TINY_UNET, (1, 8, 8), True, 3)
+    cfg = ObjectiveConfig(flow_matching_fraction=0.5)
+    x0 = torch.randn(32, 1, 8, 8)
+    noise = draw_noise(x0, cfg, torch.Generator().manual_seed(1))
+    loss_fn = partial(compute_loss, "stmd", net, cfg=cfg)
+    _, err32, g32 = _loss_and_grads(loss_fn, net, x0, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, err16, g16 = _loss_and_grads(loss_fn, net, x0, noise)
+    assert err16.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g16)
+    assert abs(err16 - err32) / err32 < 0.05
+    flat32, flat16 = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.98
+
+
+@pytest.mark.slow
+def test_stmd_transition_beats_best_ddpm_step_on_gmm(tmp_path, capsys):
+    """math.md section 8: after brief training on the 2-D mixture, STMD's one-step transition
+    s = 0.5 -> 0.1 is closer (energy distance) to the exact kernel than the bridge with the
+    exact posterior mean, the best any DDPM step can do."""
+    out = tmp_path / "gmm"
+    run(["--preset", "gmm", "--steps", "500", "--out", str(out), "--log-every", "250"])
+    d = transition_distances(load_checkpoint(out), default_mixture(), 0.5, 0.1, flow_steps=1, points=6, num=1500)
+    with capsys.disabled():
+        print(f"\ngmm s=0.5->0.1 energy distance: stmd {d['learned']:.4f}, best DDPM step {d['mean_bridge']:.4f}, "
+              f"noise floor {d['exact_floor']:.4f}")
+    assert d["learned"] < 0.5 * d["mean_bridge"]
+    assert abs(d["exact_floor"]) < 0.02
