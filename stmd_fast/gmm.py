@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.points} states x {args.num} draws):")
     print(f"  {model.method} (M={args.flow_steps}): {d['learned']:.4f}")
     print(f"  exact-posterior-mean bridge (best DDPM step): {d['mean_bridge']:.4f}")
-    print(f"  exact vs exact (noise floor): {d['exact_floor']:.4f}")
+    print(f"  exact vs exact (noise floor): {d['exact_floor']:.1e}")
     return 0
 
 

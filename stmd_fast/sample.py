@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="[default: 0]")
     add("--grid", choices=TIME_GRIDS, default="uniform", help="diffusion time grid [default: uniform]")
     add("--weights", choices=("ema", "model"), default="ema", help="[default: ema]")
+    add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
     add("--inpaint", metavar="IMAGE", help="observed image (.png, or .npy in model space [-1, 1]) to complete")
@@ -50,10 +51,11 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
         if as_mask:
             x = (x != 0).float()
     else:
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image  # torchvision's decode_image is deprecated since 0.29
 
-        mode = ImageReadMode.GRAY if (c == 1 or as_mask) else ImageReadMode.RGB
-        x = decode_image(str(file), mode=mode).float()
+        with Image.open(file) as image:
+            pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
+        x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
         x = (x > 127).float() if as_mask else x / 127.5 - 1
     if x.ndim != 3 or tuple(x.shape[-2:]) != (h, w) or x.shape[0] not in (1, c):
         raise ValueError(f"{what} {path} has shape {tuple(x.shape)}, the model makes {shape} images: "
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint, device=device, weights=args.weights)
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
         check_steps(model.method, steps, args.flow_steps)
-        if args.num < 1 or args.batch_size < 1:
-            raise ValueError("--num and --batch-size must be at least 1")
+        if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
+            raise ValueError("--num, --batch-size and --zoom must be at least 1")
         if (args.inpaint is None) != (args.mask is None):
             raise ValueError("--inpaint and --mask go together: give both")
         vectors = model.data_kind == "vector"
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if observed is not None:  # first tile: the observation, unobserved pixels grey
             x = torch.cat([(observed * mask)[None], x])
+        x = torch.nn.functional.interpolate(x, scale_factor=args.zoom, mode="nearest") if args.zoom > 1 else x
         save_image(to_unit_range(x), out, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
     print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
           f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}) -> {out}")

@@ -16,7 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.io import decode_image, write_png
+from PIL import Image
+
+
+def read_png(path) -> torch.Tensor:
+    """(C, H, W) uint8 tensor of a PNG (Pillow: torchvision's image I/O is deprecated)."""
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    return torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)
+
+
+def write_png(pixels: np.ndarray, path) -> None:
+    """Write a (1, H, W) uint8 array as a grayscale PNG."""
+    Image.fromarray(np.asarray(pixels)[0]).save(path)
 
 import stmd_fast
 import stmd_fast.train as train_module
@@ -262,7 +274,7 @@ def test_sample_missing_checkpoint_is_refused(capsys, tmp_path):
 
 
 def test_training_grid_is_8x8_tiles_with_1px_padding(image_run):
-    grid = decode_image(str(image_run / "samples" / "step_00000002.png"))
+    grid = read_png(image_run / "samples" / "step_00000002.png")
     assert tuple(grid.shape[-2:]) == grid_size(64, nrow=8) == (73, 73)
 
 
@@ -270,7 +282,7 @@ def test_training_grid_is_8x8_tiles_with_1px_padding(image_run):
 def test_sample_image_grid(capsys, image_run, tmp_path, extra):
     out = tmp_path / "grid.png"
     assert sample(image_run, "--num", 6, "--out", out, *extra) == 0
-    grid = decode_image(str(out))
+    grid = read_png(out)
     assert tuple(grid.shape[-2:]) == grid_size(6) == (19, 28)
 
 
@@ -285,10 +297,10 @@ def test_sample_meanflow_refuses_diffusion_steps(capsys, gmm_meanflow_run, tmp_p
 def inpaint_files(tmp_path) -> tuple[Path, Path, np.ndarray]:
     pixels = np.random.default_rng(1).integers(0, 256, (1, 8, 8), dtype=np.uint8)
     image, mask = tmp_path / "img.png", tmp_path / "mask.png"
-    write_png(torch.from_numpy(pixels), str(image))
+    write_png(pixels, image)
     m = np.zeros((1, 8, 8), np.uint8)
     m[..., :4] = 255  # left half observed
-    write_png(torch.from_numpy(m), str(mask))
+    write_png(m, mask)
     return image, mask, pixels
 
 
@@ -309,13 +321,13 @@ def test_inpaint_png_output_prepends_the_observation_tile(capsys, image_run, inp
     image, mask, _ = inpaint_files
     out = tmp_path / "c.png"
     assert sample(image_run, "--inpaint", image, "--mask", mask, "--num", 3, "--out", out) == 0
-    assert tuple(decode_image(str(out)).shape[-2:]) == grid_size(4)  # observation + 3 completions
+    assert tuple(read_png(out).shape[-2:]) == grid_size(4)  # observation + 3 completions
 
 
 def test_inpaint_wrong_size_image_says_resize(capsys, image_run, inpaint_files, tmp_path):
     _, mask, _ = inpaint_files
     small = tmp_path / "small.png"
-    write_png(torch.zeros((1, 7, 7), dtype=torch.uint8), str(small))
+    write_png(np.zeros((1, 7, 7), dtype=np.uint8), small)
     assert sample(image_run, "--inpaint", small, "--mask", mask, "--out", tmp_path / "c.npy") == 2
     assert_one_line_error(capsys, "resize", "8x8")
     assert not (tmp_path / "c.npy").exists()
