@@ -59,27 +59,38 @@ def _loss_and_grads(loss_fn, net, x0, noise):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["stmd", "meanflow"])
-def test_compiled_loss_equals_eager(method):
+@pytest.mark.parametrize("method, precision", [("stmd", "fp32"), ("meanflow", "fp32"), ("stmd", "bf16")])
+def test_compiled_loss_equals_eager(method, precision):
+    """torch.compile of the JVP loss (GroupNorm, attention, time embedding inside) gives the
+    eager loss, raw error and gradients; under bf16 autocast up to bf16 rounding."""
     torch.manual_seed(0)
     conditional, times = (True, 3) if method == "stmd" else (False, 2)
     net = build_net(TINY_UNET, (1, 8, 8), conditional, times)
     cfg = ObjectiveConfig(flow_matching_fraction=0.5, adaptive_p=0.5)  # p < 1 so the loss value is informative
     x0 = torch.randn(16, 1, 8, 8)
     noise = draw_noise(x0, cfg, torch.Generator().manual_seed(0))
-    eager = _loss_and_grads(partial(compute_loss, method, net, cfg=cfg), net, x0, noise)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        eager = _loss_and_grads(partial(compute_loss, method, net, cfg=cfg), net, x0, noise)
 
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = _loss_and_grads(torch.compile(partial(compute_loss, method, net, cfg=cfg)), net, x0, noise)
+    with autocast:
+        compiled = _loss_and_grads(torch.compile(partial(compute_loss, method, net, cfg=cfg)), net, x0, noise)
     assert counters["stats"]["unique_graphs"] >= 1, "torch.compile fell back to eager"
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)  # raw ||delta||^2: the JVP tangent inside
-    for gc, ge in zip(compiled[2], eager[2]):
-        torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-5)
+    if precision == "fp32":
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-5)  # raw ||delta||^2: the JVP tangent inside
+        for gc, ge in zip(compiled[2], eager[2]):
+            torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-5)
+    else:  # Inductor fuses bf16 ops differently from eager, so compare on the bf16 rounding scale
+        assert abs(compiled[1] - eager[1]) / eager[1] < 0.03
+        flat_c, flat_e = (torch.cat([g.flatten() for g in grads]) for grads in (compiled[2], eager[2]))
+        assert torch.nn.functional.cosine_similarity(flat_c, flat_e, dim=0) > 0.99
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in compiled[2])
 
 
 def test_bf16_autocast_tracks_fp32():
