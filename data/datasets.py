@@ -1,5 +1,7 @@
 """Datasets as in-memory tensors: scikit-learn's 8x8 digits, MNIST, CIFAR-10, and the user's own .npy.
 
+The three named datasets carry their class labels too (for the FD classifier); .npy data has none.
+
 Every loader returns a TensorData. Images are kept as stored (uint8 pixels for MNIST, CIFAR-10 and
 uint8 .npy images, a quarter of the memory of float32) and mapped to model space [-1, 1] only when a
 batch is drawn. Anything wrong with the data raises DataError at load time, before any training starts.
@@ -38,6 +40,8 @@ class TensorData:
     """(N, *shape): uint8 pixels 0..255, or float32 already in model space."""
     kind: str
     """'image' (N, C, H, W) or 'vector' (N, D)."""
+    labels: torch.Tensor | None = None
+    """(N,) int64 class labels where the dataset has them (digits, MNIST, CIFAR-10), else None."""
 
     def __post_init__(self) -> None:
         # Checked once here so that batch() and the trainer can trust the layout.
@@ -52,6 +56,13 @@ class TensorData:
             raise DataError(
                 f"{self.name}: values have dtype {self.values.dtype}; store uint8 pixels or float32"
             )
+        if self.labels is not None and (
+            self.labels.dtype != torch.int64 or tuple(self.labels.shape) != (len(self),)
+        ):
+            raise DataError(
+                f"{self.name}: labels must be int64 of shape ({len(self)},), got {self.labels.dtype} "
+                f"{tuple(self.labels.shape)}; pass one class per sample as torch.as_tensor(y, dtype=torch.int64)"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,18 +73,31 @@ class TensorData:
         return self.values.shape[0]
 
     def to(self, device: torch.device | str) -> TensorData:
-        """The same data with `values` on `device` (dtype kept, so uint8 images stay small)."""
-        return TensorData(self.name, self.values.to(device), self.kind)
+        """The same data with `values` (and `labels`) on `device` (dtype kept, so uint8 images stay small)."""
+        labels = None if self.labels is None else self.labels.to(device)
+        return TensorData(self.name, self.values.to(device), self.kind, labels)
 
     def batch(self, size: int, generator: torch.Generator) -> torch.Tensor:
         """`size` samples drawn with replacement, float32 in model space, on the generator's device.
 
         The indices come from `generator` alone, so a seeded generator reproduces the batch.
         """
-        indices = torch.randint(len(self), (size,), generator=generator, device=generator.device)
+        indices = self._draw(size, generator)
         # No-op moves when the data already lives on the generator's device (the fast path).
         rows = self.values[indices.to(self.values.device)].to(generator.device)
         return _to_model_space(rows)
+
+    def labelled_batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels): the batch that batch() would draw from the same generator state, with its labels."""
+        if self.labels is None:
+            raise DataError(f"{self.name}: has no labels; use a labelled dataset (digits, mnist, cifar10)")
+        indices = self._draw(size, generator)
+        rows = self.values[indices.to(self.values.device)].to(generator.device)
+        return _to_model_space(rows), self.labels[indices.to(self.labels.device)].to(generator.device)
+
+    def _draw(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        # One draw for batch() and labelled_batch(), so a seed means the same rows in both.
+        return torch.randint(len(self), (size,), generator=generator, device=generator.device)
 
     def all(self) -> torch.Tensor:
         """Every sample as float32 in model space (the same mapping as batch())."""
@@ -105,10 +129,12 @@ def load_digits(split: str = "train") -> TensorData:
     _check_split(split)
     from sklearn.datasets import load_digits as sklearn_digits  # imported here: sklearn is slow to import
 
-    images = sklearn_digits().images  # (1797, 8, 8) float64, integer levels 0..16
-    images = images[:1500] if split == "train" else images[1500:]
+    digits = sklearn_digits()
+    rows = slice(0, 1500) if split == "train" else slice(1500, None)
+    images = digits.images[rows]  # (N, 8, 8) float64, integer levels 0..16
     values = torch.from_numpy(images / 16 * 2 - 1).float().unsqueeze(1)
-    return TensorData("digits", values, "image")
+    labels = torch.from_numpy(digits.target[rows]).long()
+    return TensorData("digits", values, "image", labels)
 
 
 def _missing(root: str, what: str, folder: str, files: str) -> DataError:
@@ -132,7 +158,8 @@ def load_mnist(root: str, split: str = "train", download: bool = False) -> Tenso
             raise  # e.g. a failed download: torchvision's own message is the informative one
         raise _missing(root, "MNIST", os.path.join("MNIST", "raw"),
                        "the four uncompressed idx files (" + ", ".join(MNIST_FILES) + ")") from None
-    return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image")
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image", labels)
 
 
 def load_cifar10(root: str, split: str = "train", download: bool = False) -> TensorData:
@@ -149,7 +176,8 @@ def load_cifar10(root: str, split: str = "train", download: bool = False) -> Ten
                        "the official python batches (" + ", ".join(CIFAR10_FILES) + ")") from None
     # torchvision keeps (N, H, W, C) numpy; the models want channels first.
     values = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-    return TensorData("cifar10", values, "image")
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)  # a list of ints in torchvision
+    return TensorData("cifar10", values, "image", labels)
 
 
 def load_npy(path: str) -> TensorData:

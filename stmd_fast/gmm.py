@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .sampling import check_steps
 from .schedule import alpha_sigma, bridge_sample
 
 
@@ -234,6 +235,130 @@ def sliced_w2(x, y, projections: int = 256, generator: torch.Generator | None = 
     return float(((px - py) ** 2).mean().sqrt())
 
 
+def default_kernel_pairs() -> list[tuple[float, float]]:
+    """The default (s_from, s_to) grid of kernel_grid: s_from in (0.2, 0.5, 0.8, 1.0),
+    s_to in (0.0, 0.1, 0.3, 0.6), keeping s_to < s_from (13 pairs)."""
+    return [(s_from, s_to) for s_from in (0.2, 0.5, 0.8, 1.0) for s_to in (0.0, 0.1, 0.3, 0.6) if s_to < s_from]
+
+
+def _check_pairs(pairs) -> list[tuple[float, float]]:
+    """(s_from, s_to) pairs as floats with 0 <= s_to < s_from <= 1, no repeats; ValueError naming a bad one."""
+    checked = []
+    for pair in pairs:
+        try:
+            s_from, s_to = (float(s) for s in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"a pair must be two numbers (s_from, s_to), got {pair!r}") from None
+        if not 0.0 <= s_to < s_from <= 1.0:  # also refuses NaN
+            raise ValueError(f"bad pair (s_from, s_to) = {pair!r}: need 0 <= s_to < s_from <= 1")
+        if (s_from, s_to) in checked:
+            raise ValueError(f"pair (s_from, s_to) = {pair!r} is given twice")
+        checked.append((s_from, s_to))
+    if not checked:
+        raise ValueError("need at least one (s_from, s_to) pair")
+    return checked
+
+
+def _check_flow_steps(model, flow_steps) -> list[int]:
+    """M values as a list of distinct ints >= 1 that the model's method takes (a bare int is one M)."""
+    if isinstance(flow_steps, int):
+        flow_steps = [flow_steps]
+    try:
+        steps = [int(m) for m in flow_steps]
+    except (TypeError, ValueError):
+        steps = None
+    if not steps or any(isinstance(f, bool) or m != f for m, f in zip(steps, flow_steps)):
+        raise ValueError(f"flow_steps must be a non-empty list of integers, got {flow_steps!r}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"flow_steps has repeats: {flow_steps!r}")
+    for m in steps:
+        check_steps(model.method, 1, m)  # M >= 1, and DDPM takes only M = 1: refuse before any work
+    return steps
+
+
+def _kernel_distances(model, mixture: GaussianMixture, s_from: float, s_to: float, flow_steps: list[int],
+                      points: int, num: int, seed: int, on_state=None, sliced: bool = True) -> list[dict]:
+    """kernel_grid's rows for one (s_from, s_to) pair, one per M in flow_steps (checked by the caller).
+
+    Random streams, all seeded from `seed` alone, so a pair's numbers do not depend on which
+    other pairs or M share the grid: one CPU generator draws the `points` states x_{s_from} (the
+    same states for every pair with this s_from), then per state the exact reference draw, the
+    model's seed, the mean-bridge draw and the independent exact draw (the floor). The model
+    gets a fresh generator on its device from that seed for every M (common random numbers
+    across M). Sliced W2 uses the same directions (from `seed`) for every comparison;
+    sliced=False skips it (the sw2_* entries are then NaN).
+    """
+    g = torch.Generator().manual_seed(seed)
+    alpha, sigma = (float(c) for c in alpha_sigma(torch.tensor(s_from)))
+    states = alpha * mixture.sample(points, g) + sigma * torch.randn(points, *mixture.shape, generator=g)
+
+    def distances(x, y) -> tuple[float, float]:
+        sw = sliced_w2(x, y, generator=torch.Generator().manual_seed(seed)) if sliced else math.nan
+        return energy_distance(x, y), sw
+
+    base = {"energy_mean_bridge": 0.0, "energy_floor": 0.0, "sw2_mean_bridge": 0.0, "sw2_floor": 0.0}
+    learned = {m: [0.0, 0.0] for m in flow_steps}
+    for x in states:
+        xs = x.expand(num, -1).contiguous()
+        exact = mixture.exact_transition(xs, s_from, s_to, g)
+        model_seed = int(torch.randint(2**31, (1,), generator=g))
+        mean = mixture.mean_transition(xs, s_from, s_to, g)
+        floor = mixture.exact_transition(xs, s_from, s_to, g)
+        for m in flow_steps:
+            out = model.transition(xs.to(model.device), s_from, s_to, flow_steps=m,
+                                   generator=torch.Generator(model.device).manual_seed(model_seed))
+            ed, sw = distances(out.detach().cpu(), exact)
+            learned[m][0] += ed
+            learned[m][1] += sw
+        for name, y in (("mean_bridge", mean), ("floor", floor)):
+            ed, sw = distances(y, exact)
+            base[f"energy_{name}"] += ed
+            base[f"sw2_{name}"] += sw
+        if on_state is not None:
+            on_state()
+    base = {k: v / points for k, v in base.items()}
+    return [{"s_from": s_from, "s_to": s_to, "flow_steps": m,
+             "energy_model": learned[m][0] / points, "energy_mean_bridge": base["energy_mean_bridge"],
+             "energy_floor": base["energy_floor"], "sw2_model": learned[m][1] / points,
+             "sw2_mean_bridge": base["sw2_mean_bridge"], "sw2_floor": base["sw2_floor"]}
+            for m in flow_steps]
+
+
+def _check_sizes(points: int, num: int) -> None:
+    if points < 1 or num < 2:
+        raise ValueError(f"need points >= 1 and num >= 2 (energy distance is a U-statistic), got {points}, {num}")
+
+
+def kernel_grid(model, mixture: GaussianMixture, pairs: list[tuple[float, float]], flow_steps: list[int],
+                points: int = 8, num: int = 2000, seed: int = 0, progress: bool = True) -> list[dict]:
+    """For each (s_from, s_to) with 0 <= s_to < s_from <= 1 and each M in flow_steps: energy distance
+    and sliced W2 between the model's transition and the exact kernel p(x_{s_to} | x_{s_from}),
+    averaged over `points` conditioning states drawn from the forward marginal at s_from (`num`
+    draws each); plus the same for the exact-posterior-mean bridge (the best DDPM step; independent
+    of M) and the exact-vs-exact noise floor. s_to = 0 compares posterior samples x0_hat.
+
+    Returns one row per (pair, M), pairs outer, in the order given:
+    {"s_from", "s_to", "flow_steps", "energy_model", "energy_mean_bridge", "energy_floor",
+     "sw2_model", "sw2_mean_bridge", "sw2_floor"}.
+    Deterministic in `seed`; a pair's numbers are the same whatever else is in the grid (and
+    match transition_distances for that pair, M and seed). progress: a tqdm bar over
+    pairs x states (shown on a terminal only, like the trainer's).
+    """
+    from tqdm import tqdm
+
+    pairs = _check_pairs(pairs)
+    flow_steps = _check_flow_steps(model, flow_steps)
+    _check_sizes(points, num)
+    rows = []
+    with tqdm(total=len(pairs) * points, unit="state", desc="kernel grid", dynamic_ncols=True,
+              disable=None if progress else True) as bar:
+        for s_from, s_to in pairs:
+            bar.set_postfix_str(f"s {s_from:g} -> {s_to:g}")
+            rows += _kernel_distances(model, mixture, s_from, s_to, flow_steps, points, num, seed,
+                                      on_state=lambda: bar.update(1))
+    return rows
+
+
 def transition_distances(model, mixture: GaussianMixture, s_from: float = 0.5, s_to: float = 0.1,
                          flow_steps: int = 1, points: int = 8, num: int = 2000, seed: int = 0) -> dict:
     """Energy distances to the exact kernel p(x_{s_to} | x_{s_from}), averaged over `points`
@@ -241,20 +366,13 @@ def transition_distances(model, mixture: GaussianMixture, s_from: float = 0.5, s
       learned       the model's transition (stmd_fast.Model.transition) vs exact;
       mean_bridge   the best possible DDPM step (bridge with the exact posterior mean) vs exact;
       exact_floor   exact vs an independent exact draw (the sampling-noise floor).
+    One cell of kernel_grid (same seed, same numbers).
     """
-    g = torch.Generator().manual_seed(seed)
-    alpha, sigma = (float(c) for c in alpha_sigma(torch.tensor(s_from)))
-    states = alpha * mixture.sample(points, g) + sigma * torch.randn(points, *mixture.shape, generator=g)
-    totals = {"learned": 0.0, "mean_bridge": 0.0, "exact_floor": 0.0}
-    for x in states:
-        xs = x.expand(num, -1).contiguous()
-        exact = mixture.exact_transition(xs, s_from, s_to, g)
-        learned = model.transition(xs.to(model.device), s_from, s_to, flow_steps=flow_steps,
-                                   generator=torch.Generator(model.device).manual_seed(int(torch.randint(2**31, (1,), generator=g))))
-        totals["learned"] += energy_distance(learned.cpu(), exact)
-        totals["mean_bridge"] += energy_distance(mixture.mean_transition(xs, s_from, s_to, g), exact)
-        totals["exact_floor"] += energy_distance(mixture.exact_transition(xs, s_from, s_to, g), exact)
-    return {k: v / points for k, v in totals.items()}
+    (s_from, s_to), = _check_pairs([(s_from, s_to)])
+    _check_sizes(points, num)
+    row, = _kernel_distances(model, mixture, s_from, s_to, _check_flow_steps(model, [flow_steps]), points, num, seed,
+                              sliced=False)
+    return {"learned": row["energy_model"], "mean_bridge": row["energy_mean_bridge"], "exact_floor": row["energy_floor"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,17 @@ def test_digits_split_sizes_values_and_range():
     assert train.values.min().item() == -1.0 and train.values.max().item() == 1.0
 
 
+def test_digits_labels_are_sklearns_targets_for_the_split():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    target = torch.from_numpy(sklearn_digits().target)
+    train, test = load_digits("train"), load_digits("test")
+    for data, expected in ((train, target[:1500]), (test, target[1500:])):
+        assert data.labels.dtype == torch.int64 and data.labels.shape == (len(data),)
+        assert torch.equal(data.labels, expected.long())
+    assert set(train.labels.tolist()) == set(range(10))
+
+
 def test_digits_rejects_unknown_split():
     with pytest.raises(DataError, match="valid"):
         load_digits("valid")
@@ -93,6 +104,10 @@ def test_mnist_round_trips_idx_files(tmp_path):
     assert train.values.dtype == torch.uint8 and train.kind == "image" and train.shape == (1, 28, 28)
     assert torch.equal(train.values[:, 0], torch.from_numpy(written["train"]))
     assert torch.equal(test.values[:, 0], torch.from_numpy(written["t10k"]))
+    # _write_mnist writes labels i % 10.
+    assert train.labels.dtype == torch.int64 and test.labels.dtype == torch.int64
+    assert torch.equal(train.labels, torch.arange(7) % 10)
+    assert torch.equal(test.labels, torch.arange(5) % 10)
 
 
 def test_mnist_batch_maps_drawn_rows_to_model_space(tmp_path):
@@ -155,7 +170,7 @@ def test_cifar10_round_trips_with_channels_first(tmp_path, no_md5):
     flat_first = flat["data_batch_1"].copy()
     flat_first[0] = np.repeat(np.array([10, 20, 30], dtype=np.uint8), 1024)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
-        pickle.dump({"data": flat_first, "labels": [0, 1, 2]}, f)
+        pickle.dump({"data": flat_first, "labels": [9, 4, 7]}, f)
     flat["data_batch_1"] = flat_first
 
     train = load_cifar10(str(tmp_path), "train")
@@ -168,6 +183,10 @@ def test_cifar10_round_trips_with_channels_first(tmp_path, no_md5):
     assert torch.equal(test.values, torch.from_numpy(flat["test_batch"].reshape(3, 3, 32, 32)))
     for channel, level in enumerate((10, 20, 30)):
         assert (train.values[0, channel] == level).all()
+    # Labels in file order: batch 1 was rewritten with [9, 4, 7], the others hold range(3).
+    assert train.labels.dtype == torch.int64
+    assert train.labels.tolist() == [9, 4, 7] + [0, 1, 2] * 4
+    assert test.labels.tolist() == [0, 1, 2]
 
 
 def test_cifar10_missing_files_name_the_folder_and_download(tmp_path, no_md5):
@@ -191,6 +210,7 @@ def test_npy_vectors_become_float32_vectors(tmp_path):
     x = np.random.default_rng(0).normal(size=(20, 3))  # float64 on disk
     np.save(tmp_path / "points.npy", x)
     data = load_npy(str(tmp_path / "points.npy"))
+    assert data.labels is None  # a bare array carries no classes
     assert data.kind == "vector" and data.shape == (3,) and len(data) == 20 and data.name == "points"
     assert data.values.dtype == torch.float32
     assert torch.equal(data.values, torch.from_numpy(x.astype(np.float32)))
@@ -301,6 +321,26 @@ def test_to_keeps_dtype_and_content():
     assert torch.equal(moved.all(), torch.tensor([[[[-1.0, 1.0]]]]))
 
 
+def test_to_moves_labels_and_keeps_none():
+    data = TensorData("px", torch.zeros(3, 1, 2, 2), "image", torch.tensor([2, 0, 1]))
+    moved = data.to("cpu")
+    assert torch.equal(moved.labels, torch.tensor([2, 0, 1]))
+    assert TensorData("v", torch.zeros(3, 2), "vector").to("cpu").labels is None
+
+
+def test_labelled_batch_matches_batch_and_pairs_rows_with_labels():
+    values = torch.arange(40, dtype=torch.float32).reshape(20, 2)
+    data = TensorData("rows", values, "vector", torch.arange(20) % 10)
+    x, y = data.labelled_batch(32, torch.Generator().manual_seed(5))
+    assert torch.equal(x, data.batch(32, torch.Generator().manual_seed(5)))
+    assert y.dtype == torch.int64 and torch.equal(y, (x[:, 0] / 2).long() % 10)  # row i holds 2i, label i % 10
+
+
+def test_labelled_batch_without_labels_names_the_fix():
+    with pytest.raises(DataError, match="no labels"):
+        TensorData("v", torch.zeros(3, 2), "vector").labelled_batch(2, torch.Generator())
+
+
 def test_to_unit_range_maps_and_clamps():
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 1.5])
     assert torch.equal(to_unit_range(x), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
@@ -318,3 +358,12 @@ def test_to_unit_range_maps_and_clamps():
 def test_tensor_data_rejects_inconsistent_layouts(values, kind, problem):
     with pytest.raises(DataError, match=problem):
         TensorData("t", values, kind)
+
+
+@pytest.mark.parametrize(
+    "labels, problem",
+    [(torch.zeros(2, dtype=torch.int64), r"shape \(3,\)"), (torch.zeros(3, dtype=torch.int32), "int32")],
+)
+def test_tensor_data_rejects_bad_labels(labels, problem):
+    with pytest.raises(DataError, match=problem):
+        TensorData("t", torch.zeros(3, 2), "vector", labels)

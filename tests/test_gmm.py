@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from stmd_fast.gmm import GaussianMixture, _mean_distance, default_mixture, energy_distance, sliced_w2
+from stmd_fast.gmm import (GaussianMixture, _mean_distance, default_kernel_pairs, default_mixture, energy_distance,
+                           kernel_grid, sliced_w2, transition_distances)
 from stmd_fast.schedule import alpha_sigma
 
 
@@ -277,6 +278,168 @@ def test_sliced_w2_of_shifted_gaussians():
     assert sliced_w2(x[:500], y[:500], generator=gen(56)) == sliced_w2(x[:500], y[:500], generator=gen(56))
     with pytest.raises(ValueError, match="equal-size"):
         sliced_w2(x, y[:100])
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact-kernel grid, with oracle "models" whose transition is known
+# ---------------------------------------------------------------------------------------------
+
+ROW_KEYS = {"s_from", "s_to", "flow_steps", "energy_model", "energy_mean_bridge", "energy_floor",
+            "sw2_model", "sw2_mean_bridge", "sw2_floor"}
+
+
+class Oracle:
+    """Stands in for stmd_fast.Model: transition() is a GaussianMixture kernel (plus a shift),
+    whatever M; every call is recorded."""
+
+    device = torch.device("cpu")
+    method = "stmd"
+
+    def __init__(self, kernel, shift: float = 0.0):
+        self.kernel, self.shift, self.calls = kernel, shift, []
+
+    def transition(self, x, s_from, s_to, flow_steps=1, generator=None):
+        assert generator is not None and generator.device == self.device  # seeded, never the global RNG
+        self.calls.append((s_from, s_to, flow_steps))
+        return self.kernel(x, s_from, s_to, generator) + self.shift
+
+
+@pytest.fixture
+def one_thread():
+    """These tensors are tiny: on a busy 2-core machine, 2 intra-op threads waiting on each other
+    made the grid ~25x slower (48 s instead of 2 s) than one thread. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_kernel_pairs():
+    pairs = default_kernel_pairs()
+    assert len(pairs) == 13 and len(set(pairs)) == 13
+    assert all(0.0 <= b < a <= 1.0 for a, b in pairs)
+    assert {a for a, _ in pairs} == {0.2, 0.5, 0.8, 1.0} and {b for _, b in pairs} == {0.0, 0.1, 0.3, 0.6}
+    assert (0.5, 0.1) in pairs and (1.0, 0.0) in pairs and (0.2, 0.3) not in pairs
+
+
+def test_kernel_grid_of_the_exact_kernel_is_at_the_noise_floor(one_thread):
+    """An oracle that samples the exact kernel is as close to it as an independent exact draw:
+    energy_model sits within a few noise-floor spreads of 0 at every pair (s_to = 0 included,
+    where both are posterior samples), and sliced W2 at the floor's finite-sample level."""
+    gm = default_mixture()
+    oracle = Oracle(gm.exact_transition)
+    pairs = default_kernel_pairs()
+    rows = kernel_grid(oracle, gm, pairs, [1, 2], points=3, num=400, seed=0, progress=True)
+    assert [(r["s_from"], r["s_to"], r["flow_steps"]) for r in rows] == [(a, b, m) for a, b in pairs for m in (1, 2)]
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert all(isinstance(r[k], float) and math.isfinite(r[k]) for r in rows for k in ROW_KEYS - {"flow_steps"})
+    assert oracle.calls == [(a, b, m) for a, b in pairs for _ in range(3) for m in (1, 2)]
+
+    floor = np.array([r["energy_floor"] for r in rows])
+    spread = np.sqrt(np.mean(floor**2))  # ~ 3e-3 at 400 draws
+    model = np.array([r["energy_model"] for r in rows])
+    print(f"\nexact oracle: max |energy_model| {np.abs(model).max():.1e}, floor spread {spread:.1e}")
+    assert 0 < spread < 0.01
+    assert np.all(np.abs(model) < 4 * spread), model
+    sw2_floor = np.mean([r["sw2_floor"] for r in rows])  # sliced W2 is biased up at finite n (~0.1 here)
+    assert all(r["sw2_model"] < 2 * sw2_floor for r in rows)
+    # The oracle ignores M, and every M gets the same seed: M = 1 and M = 2 rows agree exactly.
+    for r1, r2 in zip(rows[::2], rows[1::2]):
+        assert {k: v for k, v in r1.items() if k != "flow_steps"} == {k: v for k, v in r2.items() if k != "flow_steps"}
+    # The DDPM column: far off where the posterior is multimodal, as math.md section 8 says.
+    by_pair = {(r["s_from"], r["s_to"]): r for r in rows}
+    assert by_pair[(0.5, 0.1)]["energy_mean_bridge"] > 50 * spread
+
+
+def test_kernel_grid_sees_wrong_kernels(one_thread):
+    """A shifted exact kernel is far (> 10x the noise level) at every pair; the posterior-mean
+    bridge is far at (0.5, 0.1), and there it reproduces the grid's own mean-bridge column
+    (exactly at s_to = 0, where the mean step has no randomness)."""
+    gm = default_mixture()
+    pairs = [(0.5, 0.1), (1.0, 0.0), (0.2, 0.1), (0.8, 0.6)]
+    shifted = kernel_grid(Oracle(gm.exact_transition, shift=0.5), gm, pairs, [1], points=3, num=400, progress=False)
+    mean = kernel_grid(Oracle(gm.mean_transition), gm, pairs, [1], points=3, num=400, progress=False)
+    noise = max(abs(r["energy_floor"]) for r in shifted + mean)
+    assert 0 < noise < 0.02
+    for r in shifted:
+        assert r["energy_model"] > 10 * noise, r
+        assert r["sw2_model"] > 2 * r["sw2_floor"], r
+    r = mean[0]
+    assert (r["s_from"], r["s_to"]) == (0.5, 0.1)
+    assert r["energy_model"] > 10 * noise and r["sw2_model"] > 2 * r["sw2_floor"], r
+    assert r["energy_model"] == pytest.approx(r["energy_mean_bridge"], rel=0.15)
+    assert mean[1]["energy_model"] == mean[1]["energy_mean_bridge"] and mean[1]["sw2_model"] == mean[1]["sw2_mean_bridge"]
+    # The grid's columns other than the model's do not depend on the model.
+    for a, b in zip(shifted, mean):
+        assert {k: a[k] for k in ROW_KEYS - {"energy_model", "sw2_model"}} == \
+               {k: b[k] for k in ROW_KEYS - {"energy_model", "sw2_model"}}
+
+
+def test_kernel_grid_is_seeded_and_matches_transition_distances(one_thread):
+    """Same seed, same rows; another seed, other rows; a pair's numbers do not depend on the
+    rest of the grid, and are transition_distances' for that pair."""
+    gm = default_mixture()
+    oracle = Oracle(gm.exact_transition)
+    pairs = [(0.5, 0.1), (0.3, 0.0)]
+    kwargs = dict(points=2, num=200, progress=False)
+    rows = kernel_grid(oracle, gm, pairs, [1], seed=3, **kwargs)
+    assert rows == kernel_grid(oracle, gm, pairs, [1], seed=3, **kwargs)
+    assert rows != kernel_grid(oracle, gm, pairs, [1], seed=4, **kwargs)
+    alone = kernel_grid(oracle, gm, [pairs[1]], [2], seed=3, **kwargs)[0]
+    assert {k: v for k, v in alone.items() if k != "flow_steps"} == {k: v for k, v in rows[1].items() if k != "flow_steps"}
+    d = transition_distances(oracle, gm, 0.5, 0.1, flow_steps=1, points=2, num=200, seed=3)
+    assert d == {"learned": rows[0]["energy_model"], "mean_bridge": rows[0]["energy_mean_bridge"],
+                 "exact_floor": rows[0]["energy_floor"]}
+
+
+def test_kernel_grid_drives_a_real_model(one_thread):
+    """Through stmd_fast.Model.transition (an untrained gmm-preset MLP): one row per pair and M,
+    finite numbers, and the model's columns differ between M while the others do not."""
+    from stmd_fast.checkpoint import Model
+    from stmd_fast.config import _gmm
+    from stmd_fast.models import build_net
+    from stmd_fast.objectives import METHODS
+
+    torch.manual_seed(0)
+    net = build_net(_gmm().net, (2,), METHODS["stmd"].conditional, len(METHODS["stmd"].times)).eval()
+    model = Model(net, "stmd", (2,), "vector", {})
+    rows = kernel_grid(model, default_mixture(), [(0.5, 0.0), (1.0, 0.3)], [1, 2], points=2, num=200, progress=False)
+    assert [(r["s_from"], r["s_to"], r["flow_steps"]) for r in rows] == [(0.5, 0.0, 1), (0.5, 0.0, 2), (1.0, 0.3, 1), (1.0, 0.3, 2)]
+    assert all(math.isfinite(r[k]) for r in rows for k in ROW_KEYS)
+    assert rows[0]["energy_model"] != rows[1]["energy_model"] and rows[0]["energy_floor"] == rows[1]["energy_floor"]
+
+
+def test_kernel_grid_validates_before_any_work():
+    gm = default_mixture()
+
+    class Refuses(Oracle):
+        def transition(self, *args, **kwargs):
+            raise AssertionError("validation should refuse before the model runs")
+
+    model = Refuses(None)
+    for pair, message in [((0.3, 0.5), r"\(0\.3, 0\.5\)"), ((0.5, 0.5), r"\(0\.5, 0\.5\)"),
+                          ((1.2, 0.1), r"\(1\.2, 0\.1\)"), ((0.5, -0.1), r"\(0\.5, -0\.1\)"),
+                          ((0.5, float("nan")), r"\(0\.5, nan\)"), ((0.5,), r"\(0\.5,\)"), (("a", 0.1), "'a'")]:
+        with pytest.raises(ValueError, match=message):
+            kernel_grid(model, gm, [(0.5, 0.1), pair], [1], progress=False)
+    with pytest.raises(ValueError, match="twice"):
+        kernel_grid(model, gm, [(0.5, 0.1), (0.5, 0.1)], [1], progress=False)
+    with pytest.raises(ValueError, match="at least one"):
+        kernel_grid(model, gm, [], [1], progress=False)
+    for steps in ([], [1.5], ["2"]):
+        with pytest.raises(ValueError, match="non-empty list of integers"):
+            kernel_grid(model, gm, [(0.5, 0.1)], steps, progress=False)
+    with pytest.raises(ValueError, match="flow_steps >= 1"):
+        kernel_grid(model, gm, [(0.5, 0.1)], [1, 0], progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        kernel_grid(model, gm, [(0.5, 0.1)], [2, 2], progress=False)
+    model.method = "ddpm"
+    with pytest.raises(ValueError, match="DDPM"):
+        kernel_grid(model, gm, [(0.5, 0.1)], [1, 2], progress=False)
+    with pytest.raises(ValueError, match="num >= 2"):
+        kernel_grid(model, gm, [(0.5, 0.1)], [1], num=1, progress=False)
+    with pytest.raises(ValueError, match=r"\(0\.1, 0\.5\)"):
+        transition_distances(model, gm, 0.1, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,441 @@
+"""python -m stmd_fast.evaluate: FD/FID against NFE, the exact-kernel metric, inpainting.
+
+  train-classifier --preset digits|mnist     the FD feature network (2 conv + 2 FC, 128-d features)
+  sweep CKPT [CKPT ...] --out DIR            FD (or FID) over each method's (N, M) settings
+  kernel RUN [RUN ...] --out DIR             gmm: distance of learned transitions to the exact kernel
+  inpaint CKPT --mask center|pixels|half     FD, PSNR and diversity of completions of held-out images
+
+Everything is seeded: the same --seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+from .sampling import check_steps, nfe
+
+FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
+DEFAULT_STMD = "1x1,2x1,4x1,8x1,1x2,2x2,4x2"
+DEFAULT_MEANFLOW = "1,2,4,8"
+DEFAULT_DDPM = "1,2,4,8,16,50,100"
+
+
+class EvalError(Exception):
+    """Bad input to an evaluation: printed as one line, before any sampling."""
+
+
+# ----------------------------------------------------------------------------- data and metric
+
+def load_split(preset: str, split: str, data_dir: str, download: bool = False):
+    """The `split` ('train' or 'test') of a preset's dataset, as TensorData."""
+    from .data.datasets import DataError, load_cifar10, load_digits, load_mnist
+
+    loaders = {"digits": lambda: load_digits(split), "mnist": lambda: load_mnist(data_dir, split, download),
+               "cifar10": lambda: load_cifar10(data_dir, split, download)}
+    if preset not in loaders:
+        raise EvalError(f"no reference images for preset {preset!r}: image presets are {', '.join(loaders)}")
+    try:
+        return loaders[preset]()
+    except DataError as err:
+        raise EvalError(f"reference data: {err}") from None
+
+
+def dataset_of(meta: dict) -> str:
+    """What a checkpoint was trained on: a preset name, or the .npy path of --data."""
+    return meta["config"]["data"] or meta["config"]["preset"]
+
+
+def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
+    """Each checkpoint's metadata; all must be image models of one dataset (checked before any work)."""
+    found = []
+    for p in paths:
+        ckpt = find_checkpoint(p)
+        if ckpt is None:
+            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories")
+        found.append((ckpt, read_meta(ckpt)))
+    kinds = {(dataset_of(m), tuple(m["data_shape"]), m["data_kind"]) for _, m in found}
+    if len(kinds) > 1:
+        listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
+        raise EvalError(f"the checkpoints were trained on different data ({listing}): sweep one dataset at a time")
+    if found[0][1]["data_kind"] != "image":
+        raise EvalError("these checkpoints make vectors: FD/FID is for images (for the gmm preset use "
+                        "'python -m stmd_fast.evaluate kernel')")
+    return found
+
+
+def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
+    """The real images to compare with, in model space, and a name for the stats cache."""
+    if meta["config"]["data"] is not None:
+        if not args.reference:
+            raise EvalError("these checkpoints were trained on --data FILE.npy: give --reference FILE.npy "
+                            "(held-out images of the same shape) to compare with")
+        from .data.datasets import DataError, load_npy
+
+        try:
+            ref = load_npy(args.reference)
+        except DataError as err:
+            raise EvalError(f"--reference: {err}") from None
+        name = f"npy-{Path(args.reference).stem}"
+    else:
+        preset = meta["config"]["preset"]
+        ref = load_split(preset, args.reference_split, args.data_dir)
+        name = f"{preset}-{args.reference_split}"
+    if tuple(ref.shape) != tuple(meta["data_shape"]):
+        raise EvalError(f"reference images have shape {tuple(ref.shape)}, the checkpoints make {tuple(meta['data_shape'])}")
+    return ref.all(), name
+
+
+def build_metric(meta: dict, args, device):
+    """FD on the classifier's features for digits/mnist (or --metric fd), Inception FID otherwise."""
+    from .metrics import FrechetDistance
+
+    dataset = dataset_of(meta)
+    use_fd = args.metric == "fd" or (args.metric == "auto" and dataset in FD_PRESETS)
+    if not use_fd:
+        return FrechetDistance(None, inception_weights=args.inception_weights, device=device, batch_size=args.batch_size)
+    from .classifier import load_classifier
+
+    path = args.classifier or f"runs/classifier-{dataset}"
+    try:
+        classifier, cmeta = load_classifier(path, device=device)
+    except FileNotFoundError as err:
+        raise EvalError(str(err)) from None
+    if cmeta.get("dataset") != dataset or tuple(cmeta["data_shape"]) != tuple(meta["data_shape"]):
+        raise EvalError(f"the classifier in {path} was trained on {cmeta.get('dataset')} {tuple(cmeta['data_shape'])}, "
+                        f"the checkpoints on {dataset} {tuple(meta['data_shape'])}: train one with "
+                        f"'python -m stmd_fast.evaluate train-classifier --preset {dataset}'")
+    return FrechetDistance(classifier, device=device, batch_size=args.batch_size)
+
+
+def prepare_metric(meta: dict, args, device):
+    """The metric with its reference statistics set (computed once, then read from the cache)."""
+    images, name = reference_images(meta, args)
+    metric = build_metric(meta, args, device)
+    cache = Path(args.cache_dir) / f"{name}-{metric.name}.safetensors"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    metric.set_reference(images, cache=cache)
+    return metric
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
+    """(N, M) settings per method from the --stmd / --meanflow-steps / --ddpm-steps lists."""
+    try:
+        stmd = [tuple(int(v) for v in item.split("x")) for item in args.stmd.split(",")]
+        meanflow = [(1, int(m)) for m in args.meanflow_steps.split(",")]
+        ddpm = [(int(n), 1) for n in args.ddpm_steps.split(",")]
+    except ValueError:
+        raise EvalError("settings must look like --stmd 1x1,2x1,1x2 (NxM) and --ddpm-steps 1,2,50 (integers)") from None
+    settings = {"stmd": stmd, "meanflow": meanflow, "ddpm": ddpm}
+    for method, items in settings.items():
+        for n, m in items:
+            try:
+                check_steps(method, n, m)
+            except ValueError as err:
+                raise EvalError(f"{method} setting N={n}, M={m}: {err}") from None
+    return settings
+
+
+def generate(model, num: int, steps: int, flow_steps: int, batch_size: int, seed: int, desc: str) -> torch.Tensor:
+    """`num` samples in batches from one seeded generator (same seed, same samples)."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    chunks = []
+    for start in tqdm(range(0, num, batch_size), desc=desc, leave=False, disable=None):
+        chunks.append(model.sample(min(batch_size, num - start), steps, flow_steps, generator).float())
+    return torch.cat(chunks)
+
+
+def line_label(method: str, flow_steps: int, ckpt: Path, several: bool) -> str:
+    label = f"{method} M={flow_steps}" if method == "stmd" else method
+    return f"{label} ({ckpt.parent.parent.name})" if several else label
+
+
+def sweep(args) -> int:
+    found = checkpoint_metas(args.checkpoints)
+    settings = parse_settings(args)
+    require_matplotlib()
+    out = writable_dir(args.out)
+    device = resolve_device(args.device)
+    metric = prepare_metric(found[0][1], args, device)
+    floor = real_data_floor(found[0][1], metric, args)
+    methods = [m["config"]["method"] for _, m in found]
+    rows = []
+    for ckpt, meta in found:
+        model = load_checkpoint(ckpt, device=device)
+        several = methods.count(model.method) > 1
+        for n, m in tqdm(settings[model.method], desc=f"{model.method} {ckpt.parent.parent.name}", disable=None):
+            t0 = time.perf_counter()
+            x = generate(model, args.num, n, m, args.batch_size, args.seed, f"N={n} M={m}")
+            seconds = time.perf_counter() - t0
+            value = metric.score(x)
+            rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
+                         "metric": metric.name, "value": value, "num": args.num, "seed": args.seed,
+                         "sample_s": seconds, "label": line_label(model.method, m, ckpt, several)})
+            tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
+    write_results(out, rows, metric.name, found[0][1], floor)
+    return 0
+
+
+def real_data_floor(meta: dict, metric, args) -> float | None:
+    """The metric of real training images against the reference: what a perfect sampler
+    would score with this many reference images (FD has a sample-size floor)."""
+    if meta["config"]["data"] is not None or args.reference_split != "test":
+        return None
+    train = load_split(meta["config"]["preset"], "train", args.data_dir).all()[: args.num]
+    return metric.score(train)
+
+
+def write_results(out: Path, rows: list[dict], metric: str, meta: dict, floor: float | None = None) -> None:
+    from .plots import plot_metric_vs_nfe
+
+    summary = {"dataset": dataset_of(meta), "metric": metric, "real_train_images": floor, "rows": rows}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"| method | N | M | NFE | {metric} |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["label"], r["nfe"], r["N"])):
+        lines.append(f"| {r['label']} | {r['N']} | {r['M']} | {r['nfe']} | {r['value']:.3f} |")
+    if floor is not None:
+        lines.append(f"\nReal training images against the same reference (the floor): {metric} {floor:.3f}")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_metric_vs_nfe(rows, out / f"{metric.lower()}_vs_nfe.png", metric=metric)
+    print(f"wrote {out}/results.json, results.md, {metric.lower()}_vs_nfe.png")
+
+
+# ----------------------------------------------------------------------------- kernel (gmm)
+
+def kernel(args) -> int:
+    from .gmm import default_kernel_pairs, default_mixture, kernel_grid
+    from .plots import plot_kernel_heatmap
+
+    models = []
+    for run in args.runs:
+        try:
+            model = load_checkpoint(run)
+        except FileNotFoundError as err:
+            raise EvalError(str(err)) from None
+        if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
+            raise EvalError(f"{run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+        models.append((run, model))
+    require_matplotlib()
+    try:
+        flow_steps = [int(m) for m in args.flow_steps.split(",")]
+    except ValueError:
+        raise EvalError("--flow-steps takes integers, e.g. 1,2,4") from None
+    out = writable_dir(args.out)
+    report = {}
+    for run, model in models:
+        fs = flow_steps if model.method != "ddpm" else [1]
+        rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
+        name = Path(run).name
+        report[name] = {"method": model.method, "rows": rows}
+        for m in fs:
+            plot_kernel_heatmap(rows, out / f"kernel_{name}_M{m}.png", flow_steps=m)
+    (out / "kernel.json").write_text(json.dumps(report, indent=2))
+    lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
+             "| SW2 (model) | SW2 (exact-mean bridge) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in report.items():
+        for r in entry["rows"]:
+            lines.append(f"| {name} | {entry['method']} | {r['s_from']} | {r['s_to']} | {r['flow_steps']} | "
+                         f"{r['energy_model']:.4f} | {r['energy_mean_bridge']:.4f} | {r['energy_floor']:.1e} | "
+                         f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} |")
+    (out / "kernel.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/kernel.json, kernel.md and heat maps")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inpainting
+
+def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
+    """1 = observed. center: a centred box of half the side is missing; pixels: each pixel
+    observed with probability 1/2 (shared by the channels); half: the bottom half is missing."""
+    c, h, w = shape
+    mask = torch.ones(1, h, w)
+    if kind == "center":
+        mask[:, h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 0
+    elif kind == "pixels":
+        mask = (torch.rand(1, h, w, generator=generator) < 0.5).float()
+    elif kind == "half":
+        mask[:, h // 2:, :] = 0
+    else:
+        raise EvalError(f"unknown mask {kind!r}: use center, pixels or half")
+    return mask.expand(c, h, w).clone()
+
+
+def inpaint(args) -> int:
+    from torchvision.utils import save_image
+
+    from .data.datasets import to_unit_range
+    from .metrics import diversity, psnr
+
+    (ckpt, meta), = checkpoint_metas([args.checkpoint])
+    try:
+        check_steps(meta["config"]["method"], args.steps, args.flow_steps)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    if args.completions < 2:
+        raise EvalError("--completions must be at least 2: diversity is the spread between completions")
+    out = writable_dir(args.out)
+    device = resolve_device(args.device)
+    metric = prepare_metric(meta, args, device)
+    images, _ = reference_images(meta, args)
+    images = images[: args.images]
+    model = load_checkpoint(ckpt, device=device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    mask_gen = torch.Generator().manual_seed(args.seed)
+    masks, completions = [], []
+    for truth in tqdm(images, desc=f"inpaint ({args.mask})", disable=None):
+        mask = make_mask(args.mask, model.data_shape, mask_gen)
+        x = model.inpaint(truth.to(device) * mask.to(device), mask, args.completions, args.steps, args.flow_steps, generator)
+        masks.append(mask)
+        completions.append(x.float().cpu())
+    completions = torch.stack(completions, 1)  # (K, B, C, H, W)
+    masks = torch.stack(masks)  # (B, C, H, W)
+    missing = (masks == 0).expand_as(completions)
+    result = {
+        "checkpoint": str(ckpt), "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
+        "images": len(images), "completions": args.completions, "seed": args.seed, "metric": metric.name,
+        "fd": metric.score(completions.flatten(0, 1)),
+        "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
+        "diversity": diversity(completions[missing].reshape(args.completions, -1)),
+    }
+    (out / f"inpaint_{args.mask}.json").write_text(json.dumps(result, indent=2))
+    shown = min(8, len(images))  # rows: observation (missing pixels black), completions, truth
+    tiles = []
+    for i in range(shown):
+        observed = images[i] * masks[i] - (1 - masks[i])
+        tiles += [observed, *completions[: min(6, args.completions), i], images[i]]
+    grid = out / f"inpaint_{args.mask}.png"
+    tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
+    save_image(to_unit_range(tiles), grid, nrow=len(tiles) // shown, padding=1)
+    print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
+          f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f} -> {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def train_classifier_cmd(args) -> int:
+    from .classifier import save_classifier, train_classifier
+
+    if args.preset not in FD_PRESETS:
+        raise EvalError(f"the FD classifier is for {', '.join(FD_PRESETS)}; cifar10 uses Inception FID")
+    train, test = (load_split(args.preset, split, args.data_dir, args.download) for split in ("train", "test"))
+    out = writable_dir(args.out or f"runs/classifier-{args.preset}")
+    device = resolve_device(args.device)
+    model, accuracy = train_classifier(train, test, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                       device=device)
+    save_classifier(model, out, {"dataset": args.preset, "test_accuracy": accuracy, "steps": args.steps})
+    print(f"classifier for {args.preset}: test accuracy {100 * accuracy:.2f}% -> {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def require_matplotlib() -> None:
+    """The plots need matplotlib (an optional extra): say so before any sampling, not after."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvalError("the plots need matplotlib: pip install 'stmd_fast[plot]' (or pip install matplotlib)")
+
+
+def writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("ok")
+        (out / ".write-test").unlink()
+    except OSError as err:
+        raise EvalError(f"cannot write to --out {out}: {err.strerror or err}: choose a writable directory") from None
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+    return torch.device(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stmd_fast.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, metric: bool = True):
+        if metric:
+            sp.add_argument("--out", required=True, help="output directory")
+        else:
+            sp.add_argument("--out", help="output directory [default: runs/classifier-<preset>]")
+        sp.add_argument("--seed", type=int, default=0, help="[default: 0]")
+        sp.add_argument("--batch-size", type=int, default=256, help="images per network batch [default: 256]")
+        sp.add_argument("--device", default="auto", help="auto | cpu | cuda [default: auto]")
+        sp.add_argument("--data-dir", default="datasets", help="mnist/cifar10 files [default: datasets]")
+        if metric:
+            sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
+                            help="fd = classifier features (digits, mnist), fid = Inception [default: auto]")
+            sp.add_argument("--classifier", help="FD classifier directory [default: runs/classifier-<preset>]")
+            sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")
+            sp.add_argument("--reference-split", choices=("train", "test"), default="test",
+                            help="real images to compare with [default: test]")
+            sp.add_argument("--reference", metavar="FILE.npy", help="real images for checkpoints trained on --data")
+            sp.add_argument("--cache-dir", default="runs/reference-stats",
+                            help="cache of reference statistics [default: runs/reference-stats]")
+
+    s = sub.add_parser("sweep", help="FD/FID against NFE for one or more checkpoints")
+    s.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    s.add_argument("--num", type=int, default=10000, help="samples per setting [default: 10000]")
+    s.add_argument("--stmd", default=DEFAULT_STMD, help=f"STMD NxM settings [default: {DEFAULT_STMD}]")
+    s.add_argument("--meanflow-steps", default=DEFAULT_MEANFLOW, help=f"Mean Flow M [default: {DEFAULT_MEANFLOW}]")
+    s.add_argument("--ddpm-steps", default=DEFAULT_DDPM, help=f"DDPM N [default: {DEFAULT_DDPM}]")
+    common(s)
+
+    k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")
+    k.add_argument("runs", nargs="+", metavar="RUN")
+    k.add_argument("--flow-steps", default="1,2", help="M values for STMD / Mean Flow [default: 1,2]")
+    k.add_argument("--points", type=int, default=8, help="conditioning states per (s_from, s_to) [default: 8]")
+    k.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
+    k.add_argument("--out", required=True, help="output directory")
+    k.add_argument("--seed", type=int, default=0, help="[default: 0]")
+
+    i = sub.add_parser("inpaint", help="FD, PSNR and diversity of completions of held-out images")
+    i.add_argument("checkpoint", metavar="CKPT")
+    i.add_argument("--mask", choices=("center", "pixels", "half"), default="center", help="[default: center]")
+    i.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
+    i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
+    i.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
+    i.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
+    i.add_argument("--zoom", type=int, default=1, help="enlarge the grid's pixels K times [default: 1]")
+    common(i)
+
+    c = sub.add_parser("train-classifier", help="train the FD feature classifier and report its test accuracy")
+    c.add_argument("--preset", choices=FD_PRESETS, required=True)
+    c.add_argument("--steps", type=int, default=2000, help="[default: 2000]")
+    c.add_argument("--download", action="store_true", help="let torchvision download mnist")
+    common(c, metric=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"sweep": sweep, "kernel": kernel, "inpaint": inpaint, "train-classifier": train_classifier_cmd}
+    try:
+        for name in ("num", "batch_size", "images", "points", "steps", "zoom"):
+            if getattr(args, name, 1) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
+        return commands[args.command](args)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

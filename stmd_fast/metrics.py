@@ -1,0 +1,225 @@
+"""Sample-quality metrics: Frechet distance (FD on classifier features, or Inception FID), PSNR, diversity.
+
+Every function takes images in model space [-1, 1], as the samplers return them. The Frechet
+statistics are torchmetrics' FrechetInceptionDistance; the reference (real) statistics can be
+cached in a .safetensors file, keyed by the feature extractor and the reference images, so an
+evaluation sweep computes them once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .classifier import FeatureClassifier
+from .data.datasets import to_unit_range
+
+CACHE_FORMAT = "1"
+REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+class _ClassifierFeatures(nn.Module):
+    """The classifier's features as torchmetrics' custom feature extractor.
+
+    With a custom module torchmetrics passes the images through unchanged, so this receives
+    model-space images; `num_features` spares torchmetrics a dummy forward pass to find the size.
+    """
+
+    def __init__(self, classifier: FeatureClassifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.num_features = classifier.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x)
+
+
+class FrechetDistance:
+    """FD (classifier features) or FID (Inception) between a reference set and generated images,
+    both in model space [-1, 1]; torchmetrics' FrechetInceptionDistance does the statistics.
+
+    fd = FrechetDistance(classifier)              # or FrechetDistance(None) for Inception FID
+    fd.set_reference(test_images, cache="runs/cache/mnist-FD.safetensors")
+    fd.score(samples)                             # a float; lower is better
+
+    Generated images are clamped to [-1, 1] first (samplers overshoot slightly; a saved image would
+    be clamped too). The classifier is moved to `device` and put in eval mode.
+    """
+
+    def __init__(self, classifier: FeatureClassifier | None = None, inception_weights: str | None = None,
+                 device: torch.device | str = "cpu", batch_size: int = 256):
+        from torchmetrics.image.fid import FrechetInceptionDistance  # imported here: slow to import
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.classifier = classifier
+        self._extractor_id: str | None = None  # computed when a cache needs it
+        if classifier is not None:
+            self.name = "FD"
+            metric = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), reset_real_features=False)
+        else:
+            self.name = "FID"
+            metric = _inception_fid(FrechetInceptionDistance, inception_weights)
+        self._metric = metric.to(self.device)
+
+    # ------------------------------------------------------------------ public API
+
+    def set_reference(self, images: torch.Tensor, cache: str | Path | None = None) -> None:
+        """Compute the reference statistics of `images` (N, C, H, W), or read them from `cache`.
+
+        The cache is a .safetensors file holding torchmetrics' real_features_sum,
+        real_features_cov_sum and real_features_num_samples, with the feature extractor's and the
+        images' fingerprints in its metadata: a file made by another classifier, other Inception
+        weights or other images is recomputed and overwritten, never used.
+        """
+        self._check(images, "reference")
+        key = None
+        if cache is not None:
+            key = {"format": CACHE_FORMAT, "metric": self.name, "feature_extractor": self.extractor_id,
+                   "num_images": str(len(images)), "images_sha256": _sha256_tensor(images)}
+            if self._load_cache(Path(cache), key):
+                return
+        for name in REAL_STATES:  # reset() keeps real statistics (reset_real_features=False): zero them here
+            getattr(self._metric, name).zero_()
+        self._add(images, real=True)
+        if cache is not None:
+            self._save_cache(Path(cache), key)
+
+    def score(self, generated: torch.Tensor) -> float:
+        """The Frechet distance between the reference set and `generated` (N >= 2, model space)."""
+        if int(self._metric.real_features_num_samples) < 2:
+            raise ValueError(f"no reference statistics: call set_reference(images) before score() ({self.name})")
+        self._check(generated, "generated")
+        self._metric.reset()  # the fake statistics only
+        self._add(generated, real=False)
+        return float(self._metric.compute())
+
+    @property
+    def extractor_id(self) -> str:
+        """Fingerprint of the feature extractor: sha256 of its weights (classifier or Inception)."""
+        if self._extractor_id is None:
+            prefix = "classifier" if self.classifier is not None else "inception"
+            self._extractor_id = f"{prefix}:{_sha256_module(self._metric.inception)}"
+        return self._extractor_id
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, images: torch.Tensor, what: str) -> None:
+        if images.dim() != 4 or len(images) < 2:
+            raise ValueError(f"{what} images have shape {tuple(images.shape)}: {self.name} needs (N, C, H, W) "
+                             "with N >= 2 (a covariance needs at least two samples)")
+        if self.classifier is not None and tuple(images.shape[1:]) != self.classifier.data_shape:
+            raise ValueError(f"{what} images are {tuple(images.shape[1:])} but the classifier was trained on "
+                             f"{self.classifier.data_shape}: use the classifier trained on this dataset")
+        if self.classifier is None and images.shape[1] not in (1, 3):
+            raise ValueError(f"{what} images have {images.shape[1]} channels: Inception FID needs 1 (gray) or 3 (RGB)")
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32).clamp(-1, 1)
+        if self.classifier is not None:
+            return x  # the classifier reads model space
+        x = to_unit_range(x)  # normalize=True: torchmetrics wants [0, 1] and makes uint8 itself
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # Inception is RGB only
+
+    @torch.no_grad()
+    def _add(self, images: torch.Tensor, real: bool) -> None:
+        for start in range(0, len(images), self.batch_size):
+            self._metric.update(self._prepare(images[start:start + self.batch_size]), real=real)
+
+    def _load_cache(self, path: Path, key: dict) -> bool:
+        # Anything but a file that matches `key` exactly (missing, unreadable, stale) means recompute.
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if f.metadata() != key:
+                    return False
+                tensors = {name: f.get_tensor(name) for name in REAL_STATES}
+        except (SafetensorError, OSError, KeyError, ValueError):
+            return False
+        for name, value in tensors.items():
+            state = getattr(self._metric, name)
+            if value.shape != state.shape:
+                return False
+        for name, value in tensors.items():
+            getattr(self._metric, name).copy_(value)
+        return True
+
+    def _save_cache(self, path: Path, key: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self._metric, name).detach().cpu().contiguous() for name in REAL_STATES}
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(tensors, tmp, metadata=key)
+        os.replace(tmp, path)  # a reader never sees a half-written cache
+
+
+def _inception_fid(fid_class, weights: str | None):
+    """torchmetrics' Inception FID, from a local weights file or torch-fidelity's download."""
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"Inception weights {weights} not found: pass the path of the downloaded "
+                                f"{_inception_filename()} file to --inception-weights")
+    try:
+        # torch-fidelity reads a local file with torch.load(weights_only=False): pass only files you trust.
+        return fid_class(feature=2048, normalize=True, reset_real_features=False,
+                         feature_extractor_weights_path=weights)
+    except OSError as error:  # urllib's URLError offline, or a failed write to the hub cache
+        if weights is not None:
+            raise
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        hub_cache = Path(torch.hub.get_dir()) / "checkpoints"  # where torch-fidelity looks before downloading
+        raise RuntimeError(
+            f"the Inception weights for FID could not be downloaded ({error}): on a networked machine "
+            f"download {URL_INCEPTION_V3} and pass that file with --inception-weights PATH "
+            f"(or copy it into {hub_cache})"
+        ) from None
+
+
+def _inception_filename() -> str:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return URL_INCEPTION_V3.rsplit("/", 1)[-1]
+
+
+def _sha256_tensor(x: torch.Tensor, digest=None) -> str:
+    digest = digest or hashlib.sha256()
+    x = x.detach().cpu().contiguous()
+    digest.update(f"{x.dtype}{tuple(x.shape)}".encode())
+    digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype, 0-d included
+    return digest.hexdigest()
+
+
+def _sha256_module(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        _sha256_tensor(value, digest)
+    return digest.hexdigest()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images x, y (..., C, H, W) in model space: a tensor of shape (...).
+
+    Both are mapped to [0, 1] (clamped, as a saved image would be) so the peak is 1; identical
+    images give inf.
+    """
+    if x.shape != y.shape or x.dim() < 3:
+        raise ValueError(f"psnr needs two image tensors of one shape (..., C, H, W), got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    mse = (to_unit_range(x.float()) - to_unit_range(y.float())).square().mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(1 / mse)
+
+
+def diversity(completions: torch.Tensor) -> float:
+    """Spread between K samples of the same thing: completions (K, B, ...) -> the mean over B and
+    pixels of the standard deviation over K (population std, unbiased=False), in the input's units."""
+    if completions.dim() < 2 or completions.shape[0] < 2:
+        raise ValueError(f"diversity needs (K, B, ...) completions with K >= 2, got shape {tuple(completions.shape)}")
+    return float(completions.float().std(dim=0, unbiased=False).mean())

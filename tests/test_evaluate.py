@@ -1,0 +1,131 @@
+"""python -m stmd_fast.evaluate on tiny checkpoints: consistent outputs, seeded numbers,
+inpainting metrics, and one-line errors for bad input before any sampling."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stmd_fast.classifier import FeatureClassifier, save_classifier
+from stmd_fast.evaluate import main as evaluate
+from stmd_fast.train import main as train
+
+TINY = ["--steps", "2", "--batch-size", "8", "--sample-every", "0", "--sample-ddpm-steps", "2", "--log-every", "1"]
+SETTINGS = ["--stmd", "1x1,2x1,1x2", "--meanflow-steps", "1,2", "--ddpm-steps", "1,3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny digits checkpoints of all three methods and a random-weight digits classifier."""
+    root = tmp_path_factory.mktemp("runs")
+    for method in ("stmd", "meanflow", "ddpm"):
+        assert train(TINY + ["--method", method, "--out", str(root / method)]) == 0
+    torch.manual_seed(0)
+    save_classifier(FeatureClassifier((1, 8, 8)).eval(), root / "classifier", {"dataset": "digits", "test_accuracy": 0.0})
+    return root
+
+
+def sweep_args(runs, out, *extra):
+    return ["sweep", *(str(runs / m) for m in ("stmd", "meanflow", "ddpm")), "--num", "40", "--batch-size", "16",
+            "--classifier", str(runs / "classifier"), "--cache-dir", str(runs / "cache"), "--out", str(out),
+            *SETTINGS, *extra]
+
+
+def test_sweep_writes_consistent_json_table_and_plot(runs, tmp_path):
+    assert evaluate(sweep_args(runs, tmp_path / "a")) == 0
+    result = json.loads((tmp_path / "a" / "results.json").read_text())
+    rows = result["rows"]
+    assert result["metric"] == "FD" and result["dataset"] == "digits"
+    expected = {("stmd", 1, 1), ("stmd", 2, 1), ("stmd", 1, 2), ("meanflow", 1, 1), ("meanflow", 1, 2),
+                ("ddpm", 1, 1), ("ddpm", 3, 1)}
+    assert {(r["method"], r["N"], r["M"]) for r in rows} == expected
+    assert all(r["nfe"] == {"stmd": r["N"] * r["M"], "meanflow": r["M"], "ddpm": r["N"]}[r["method"]] for r in rows)
+    assert all(np.isfinite(r["value"]) and r["value"] >= 0 and r["num"] == 40 for r in rows)
+    # the markdown table holds the same numbers, one line per row
+    markdown = (tmp_path / "a" / "results.md").read_text()
+    table = [line for line in markdown.splitlines()[2:] if line.startswith("|")]
+    assert len(table) == len(rows)
+    floor = result["real_train_images"]  # real training digits against the test reference
+    assert np.isfinite(floor) and f"{floor:.3f}" in markdown
+    table_values = sorted(float(line.split("|")[-2]) for line in table)
+    assert table_values == sorted(round(r["value"], 3) for r in rows)
+    assert (tmp_path / "a" / "fd_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # same seed, same numbers (the reference statistics now come from the cache)
+    assert evaluate(sweep_args(runs, tmp_path / "b")) == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert [r["value"] for r in again] == [r["value"] for r in rows]
+    assert evaluate(sweep_args(runs, tmp_path / "c", "--seed", "1")) == 0
+    other = json.loads((tmp_path / "c" / "results.json").read_text())["rows"]
+    assert [r["value"] for r in other] != [r["value"] for r in rows]
+
+
+def test_inpainting_evaluation(runs, tmp_path):
+    args = ["inpaint", str(runs / "stmd"), "--mask", "half", "--images", "5", "--completions", "3", "--steps", "2",
+            "--classifier", str(runs / "classifier"), "--cache-dir", str(runs / "cache"), "--out", str(tmp_path)]
+    assert evaluate(args) == 0
+    result = json.loads((tmp_path / "inpaint_half.json").read_text())
+    assert result["images"] == 5 and result["completions"] == 3 and result["mask"] == "half"
+    assert np.isfinite(result["fd"]) and np.isfinite(result["psnr_db"])
+    assert result["diversity"] > 0  # STMD completions differ in the missing half
+    from PIL import Image
+
+    with Image.open(tmp_path / "inpaint_half.png") as grid:  # 5 rows of observation + 3 completions + truth
+        assert grid.size == (5 * 9 + 1, 5 * 9 + 1)
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
+    x = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "big.npy", x)
+    assert train(TINY + ["--data", str(tmp_path / "big.npy"), "--out", str(tmp_path / "big")]) == 0
+    capsys.readouterr()
+    assert evaluate(["sweep", str(runs / "stmd"), str(tmp_path / "big"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "different data", "(1, 8, 8)", "(1, 16, 16)")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_classifier_for_other_data_is_refused(runs, tmp_path, capsys):
+    save_classifier(FeatureClassifier((1, 28, 28)), tmp_path / "mnist-clf", {"dataset": "mnist", "test_accuracy": 0.0})
+    args = ["sweep", str(runs / "stmd"), "--classifier", str(tmp_path / "mnist-clf"), "--out", str(tmp_path / "o")]
+    assert evaluate(args) == 2
+    one_line_error(capsys, "mnist", "digits", "train-classifier")
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_missing_reference_data_is_refused(tmp_path, capsys):
+    x = np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "mine.npy", x)
+    assert train(TINY + ["--data", str(tmp_path / "mine.npy"), "--out", str(tmp_path / "mine")]) == 0
+    capsys.readouterr()
+    base = ["sweep", str(tmp_path / "mine"), "--metric", "fd", "--out", str(tmp_path / "o")]
+    assert evaluate(base) == 2
+    one_line_error(capsys, "--reference")
+    assert evaluate(base + ["--reference", str(tmp_path / "missing.npy")]) == 2
+    one_line_error(capsys, "--reference", "missing.npy")
+
+
+def test_missing_classifier_and_bad_settings_are_refused(runs, tmp_path, capsys):
+    assert evaluate(["sweep", str(runs / "stmd"), "--classifier", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "train-classifier")
+    assert evaluate(["sweep", str(runs / "meanflow"), "--meanflow-steps", "a", "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "--stmd")
+    assert evaluate(["sweep", str(runs / "stmd"), "--stmd", "0x1", "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "N=0")
+
+
+def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
+    assert evaluate(["kernel", str(runs / "stmd"), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys, "gmm")
+
+
+def test_sweep_refuses_vector_checkpoints(tmp_path, capsys):
+    assert train(["--preset", "gmm", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    assert evaluate(["sweep", str(tmp_path / "g"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "kernel")
