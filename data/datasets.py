@@ -146,6 +146,11 @@ def _missing(root: str, what: str, folder: str, files: str) -> DataError:
     )
 
 
+def _download_failed(what: str, root: str, error: OSError) -> DataError:
+    return DataError(f"could not download {what} into {os.path.expanduser(root)} ({error}): copy the files "
+                     f"there from a machine with network access, then run without --download")
+
+
 def load_mnist(root: str, split: str = "train", download: bool = False) -> TensorData:
     """MNIST through torchvision: (N, 1, 28, 28) uint8, read from ROOT/MNIST/raw/."""
     _check_split(split)
@@ -158,6 +163,8 @@ def load_mnist(root: str, split: str = "train", download: bool = False) -> Tenso
             raise  # e.g. a failed download: torchvision's own message is the informative one
         raise _missing(root, "MNIST", os.path.join("MNIST", "raw"),
                        "the four uncompressed idx files (" + ", ".join(MNIST_FILES) + ")") from None
+    except OSError as error:  # urllib's URLError offline
+        raise _download_failed("MNIST", root, error) from None
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image", labels)
 
@@ -174,10 +181,23 @@ def load_cifar10(root: str, split: str = "train", download: bool = False) -> Ten
             raise
         raise _missing(root, "CIFAR-10", "cifar-10-batches-py",
                        "the official python batches (" + ", ".join(CIFAR10_FILES) + ")") from None
+    except OSError as error:
+        raise _download_failed("CIFAR-10", root, error) from None
     # torchvision keeps (N, H, W, C) numpy; the models want channels first.
     values = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)  # a list of ints in torchvision
     return TensorData("cifar10", values, "image", labels)
+
+
+def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", download: bool = False) -> TensorData:
+    """The `split` of an image preset's dataset: digits, mnist or cifar10."""
+    if preset == "digits":
+        return load_digits(split)
+    if preset == "mnist":
+        return load_mnist(data_dir, split, download)
+    if preset == "cifar10":
+        return load_cifar10(data_dir, split, download)
+    raise DataError(f"no image dataset for preset {preset!r}: image presets are digits, mnist and cifar10")
 
 
 def load_npy(path: str) -> TensorData:

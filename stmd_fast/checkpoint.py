@@ -5,7 +5,7 @@ A checkpoint is a directory RUN/checkpoints/step_XXXXXXXX/ holding
   train_state.pt      optimizer, scheduler, RNG   config.json       resolved config + metadata
 It is written under a temporary name and renamed into place (atomic on POSIX), so a crash
 or kill mid-write never leaves a broken checkpoint: at worst a .tmp-* folder that the next
-save removes.
+save removes. find_checkpoint never looks at .tmp-* folders.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
+from .config import TrainConfig, same_device
 from .models import build_net
 from .objectives import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
@@ -47,7 +47,8 @@ def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, ema_net: tor
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+    for leftover in root.glob(".tmp-*"):  # from a crash during an earlier save
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in zip(WEIGHT_FILES, (net, ema_net)):
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / name)
@@ -55,9 +56,14 @@ def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, ema_net: tor
     (tmp / "config.json").write_text(json.dumps({**meta, "format": FORMAT_VERSION, "step": step}, indent=2))
     for f in tmp.iterdir():
         _fsync(f)
-    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a save): move it aside first
+        replaced = root / f".tmp-old-{final.name}"
+        os.replace(final, replaced)
     os.replace(tmp, final)
+    _fsync(root)  # the rename is on disk before anything older is deleted
+    if replaced is not None:
+        shutil.rmtree(replaced)
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old)
     return final
@@ -104,15 +110,25 @@ class Model:
         if generator is None:
             generator = torch.Generator(self.device)
             generator.seed()
-        if generator.device != self.device:
+        if not same_device(generator.device, self.device):
             raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
                              f"make it with torch.Generator({str(self.device)!r})")
         return generator
 
     def sample(self, num: int, steps: int = 1, flow_steps: int = 1, generator: torch.Generator | None = None,
-               grid: str = "uniform") -> torch.Tensor:
-        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in [-1, 1])."""
-        return sample(self.net, self.method, num, self.data_shape, steps, flow_steps, self._generator(generator), grid)
+               grid: str = "uniform", batch_size: int | None = None) -> torch.Tensor:
+        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in [-1, 1]), drawn
+        `batch_size` at a time (all at once by default) from one generator."""
+        generator = self._generator(generator)
+        return self._batched(num, batch_size, lambda n: sample(
+            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid))
+
+    @staticmethod
+    def _batched(num: int, batch_size: int | None, draw) -> torch.Tensor:
+        if num < 1 or (batch_size is not None and batch_size < 1):
+            raise ValueError(f"need num >= 1 and batch_size >= 1, got {num} and {batch_size}")
+        size = batch_size or num
+        return torch.cat([draw(min(size, num - start)) for start in range(0, num, size)])
 
     def transition(self, x: torch.Tensor, s_from: float, s_to: float, flow_steps: int = 1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
@@ -123,13 +139,15 @@ class Model:
         return transition(self.net, self.method, x.to(self.device), s_from, s_to, flow_steps, self._generator(generator))
 
     def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int = 1, flow_steps: int = 1,
-                generator: torch.Generator | None = None, grid: str = "uniform") -> torch.Tensor:
+                generator: torch.Generator | None = None, grid: str = "uniform",
+                batch_size: int | None = None) -> torch.Tensor:
         """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly."""
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
         project = inpainting_projection(observed.to(self.device), mask.to(self.device))
-        return sample(self.net, self.method, num, self.data_shape, steps, flow_steps, self._generator(generator),
-                      grid, project=project)
+        generator = self._generator(generator)
+        return self._batched(num, batch_size, lambda n: sample(
+            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:

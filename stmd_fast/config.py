@@ -7,12 +7,41 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from .models import NetConfig
 from .objectives import METHODS, ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N', checked against this
+    machine; ValueError naming the fix otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 (the current device) are the same device; torch.Generator('cuda') reports no index."""
+    def index(d):
+        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
+    return a.type == b.type and index(a) == index(b)
 
 
 @dataclass
@@ -84,7 +113,7 @@ class TrainConfig:
         if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.sample_every < 0:
             raise ValueError("need lr > 0, 0 <= ema_decay < 1, warmup_steps >= 0 and sample_every >= 0")
         if self.out is None:
-            self.out = f"runs/{self.preset}-{self.method}"
+            self.out = f"runs/{Path(self.data).stem if self.data else self.preset}-{self.method}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

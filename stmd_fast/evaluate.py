@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+from .config import resolve_device
 from .sampling import check_steps, nfe
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
@@ -35,14 +37,10 @@ class EvalError(Exception):
 
 def load_split(preset: str, split: str, data_dir: str, download: bool = False):
     """The `split` ('train' or 'test') of a preset's dataset, as TensorData."""
-    from .data.datasets import DataError, load_cifar10, load_digits, load_mnist
+    from .data.datasets import DataError, load_preset
 
-    loaders = {"digits": lambda: load_digits(split), "mnist": lambda: load_mnist(data_dir, split, download),
-               "cifar10": lambda: load_cifar10(data_dir, split, download)}
-    if preset not in loaders:
-        raise EvalError(f"no reference images for preset {preset!r}: image presets are {', '.join(loaders)}")
     try:
-        return loaders[preset]()
+        return load_preset(preset, split, data_dir, download)
     except DataError as err:
         raise EvalError(f"reference data: {err}") from None
 
@@ -99,7 +97,11 @@ def build_metric(meta: dict, args, device):
     dataset = dataset_of(meta)
     use_fd = args.metric == "fd" or (args.metric == "auto" and dataset in FD_PRESETS)
     if not use_fd:
-        return FrechetDistance(None, inception_weights=args.inception_weights, device=device, batch_size=args.batch_size)
+        try:
+            return FrechetDistance(None, inception_weights=args.inception_weights, device=device,
+                                   batch_size=args.batch_size)
+        except (RuntimeError, FileNotFoundError) as err:  # offline without weights, or a missing weights file
+            raise EvalError(str(err).splitlines()[0]) from None
     from .classifier import load_classifier
 
     path = args.classifier or f"runs/classifier-{dataset}"
@@ -144,15 +146,6 @@ def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
     return settings
 
 
-def generate(model, num: int, steps: int, flow_steps: int, batch_size: int, seed: int, desc: str) -> torch.Tensor:
-    """`num` samples in batches from one seeded generator (same seed, same samples)."""
-    generator = torch.Generator(model.device).manual_seed(seed)
-    chunks = []
-    for start in tqdm(range(0, num, batch_size), desc=desc, leave=False, disable=None):
-        chunks.append(model.sample(min(batch_size, num - start), steps, flow_steps, generator).float())
-    return torch.cat(chunks)
-
-
 def line_label(method: str, flow_steps: int, ckpt: Path, several: bool) -> str:
     label = f"{method} M={flow_steps}" if method == "stmd" else method
     return f"{label} ({ckpt.parent.parent.name})" if several else label
@@ -173,7 +166,8 @@ def sweep(args) -> int:
         several = methods.count(model.method) > 1
         for n, m in tqdm(settings[model.method], desc=f"{model.method} {ckpt.parent.parent.name}", disable=None):
             t0 = time.perf_counter()
-            x = generate(model, args.num, n, m, args.batch_size, args.seed, f"N={n} M={m}")
+            generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
+            x = model.sample(args.num, n, m, generator, batch_size=args.batch_size).float()
             seconds = time.perf_counter() - t0
             value = metric.score(x)
             rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
@@ -189,8 +183,9 @@ def real_data_floor(meta: dict, metric, args) -> float | None:
     would score with this many reference images (FD has a sample-size floor)."""
     if meta["config"]["data"] is not None or args.reference_split != "test":
         return None
-    train = load_split(meta["config"]["preset"], "train", args.data_dir).all()[: args.num]
-    return metric.score(train)
+    train = load_split(meta["config"]["preset"], "train", args.data_dir)
+    train.values = train.values[: args.num]  # before the float conversion: CIFAR-10 is 600 MB as float
+    return metric.score(train.all())
 
 
 def write_results(out: Path, rows: list[dict], metric: str, meta: dict, floor: float | None = None) -> None:
@@ -214,6 +209,8 @@ def kernel(args) -> int:
     from .gmm import default_kernel_pairs, default_mixture, kernel_grid
     from .plots import plot_kernel_heatmap
 
+    if len(set(args.runs)) != len(args.runs):
+        raise EvalError("a run is given twice")
     models = []
     for run in args.runs:
         try:
@@ -233,8 +230,8 @@ def kernel(args) -> int:
     for run, model in models:
         fs = flow_steps if model.method != "ddpm" else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
-        name = Path(run).name
-        report[name] = {"method": model.method, "rows": rows}
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(run)).strip("_")  # unique, and safe in a file name
+        report[name] = {"run": str(run), "method": model.method, "rows": rows}
         for m in fs:
             plot_kernel_heatmap(rows, out / f"kernel_{name}_M{m}.png", flow_steps=m)
     (out / "kernel.json").write_text(json.dumps(report, indent=2))
@@ -287,7 +284,7 @@ def inpaint(args) -> int:
     images, _ = reference_images(meta, args)
     images = images[: args.images]
     model = load_checkpoint(ckpt, device=device)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    generator = torch.Generator(model.device).manual_seed(args.seed)
     mask_gen = torch.Generator().manual_seed(args.seed)
     masks, completions = [], []
     for truth in tqdm(images, desc=f"inpaint ({args.mask})", disable=None):
@@ -357,14 +354,6 @@ def writable_dir(path: str) -> Path:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-    return torch.device(name)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stmd_fast.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -432,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name, 1) < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
         return commands[args.command](args)
-    except EvalError as err:
+    except (EvalError, ValueError, FileNotFoundError) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ samples come out float32 by default, posterior quantities in the dtype of x_s.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -390,12 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     p.add_argument("--seed", type=int, default=0, help="[default: 0]")
     args = p.parse_args(argv)
-    model = load_checkpoint(args.run)
-    if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
-        print(f"error: {args.run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+    try:
+        model = load_checkpoint(args.run)
+        if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
+            raise ValueError(f"{args.run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+        d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,
+                                 args.points, args.num, args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,
-                             args.points, args.num, args.seed)
     print(f"energy distance to the exact transition s={args.s_from} -> {args.s_to} "
           f"({args.points} states x {args.num} draws):")
     print(f"  {model.method} (M={args.flow_steps}): {d['learned']:.4f}")

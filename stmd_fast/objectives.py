@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .schedule import alpha_sigma
+from .schedule import alpha_sigma, per_sample
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,12 @@ def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generato
     return Noise(s, xi, r, t, e)
 
 
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return c.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 def meanflow_target_loss(u, dudt, v, h, cfg: ObjectiveConfig):
     """u_tgt = stopgrad(v - (t - r) du/dt); per-sample l = ||u - u_tgt||^2 (summed over
     dimensions); loss = mean(stopgrad(w) l) with w = 1 / (l + c)^p.
 
     Returns the loss and the raw mean ||delta||^2 (the adaptive loss reads ~1 by design)."""
-    u_tgt = (v.float() - _bcast(h, v).float() * dudt.float()).detach()
+    u_tgt = (v.float() - per_sample(h, v).float() * dudt.float()).detach()
     sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
     weight = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
     return (weight * sq).mean(), sq.mean().detach()
@@ -94,7 +90,7 @@ def meanflow_target_loss(u, dudt, v, h, cfg: ObjectiveConfig):
 def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
     """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
     t, r = noise.t, noise.r
-    tb = _bcast(t, x0)
+    tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
     v = noise.e - x0
     h = t - r
@@ -115,7 +111,7 @@ def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Objectiv
     if method == "meanflow":
         return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
     alpha, sigma = alpha_sigma(noise.s, x0.dtype)
-    x_s = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise.xi
+    x_s = per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
     if method == "stmd":
         return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
     if method == "ddpm":

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .config import resolve_device
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -68,8 +69,7 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_checkpoint(args.checkpoint, device=device, weights=args.weights)
+        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
         check_steps(model.method, steps, args.flow_steps)
         if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
@@ -97,15 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    chunks, left = [], args.num
-    while left > 0:
-        n = min(left, args.batch_size)
-        if observed is None:
-            chunks.append(model.sample(n, steps, args.flow_steps, generator, args.grid))
-        else:
-            chunks.append(model.inpaint(observed, mask, n, steps, args.flow_steps, generator, args.grid))
-        left -= n
-    x = torch.cat(chunks).float().cpu()
+    if observed is None:
+        x = model.sample(args.num, steps, args.flow_steps, generator, args.grid, batch_size=args.batch_size)
+    else:
+        x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
+    x = x.float().cpu()
     if out.suffix == ".npy":
         np.save(out, x.numpy())
     else:

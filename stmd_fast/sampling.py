@@ -40,7 +40,7 @@ def denoise(net, method: str, x: torch.Tensor, s: float, flow_steps: int, genera
     if method == "meanflow":
         return flow_map(net, _randn(x.shape, generator, x.dtype), None, None, flow_steps)
     if method == "ddpm":
-        alpha, sigma = alpha_sigma(torch.tensor(s), x.dtype)
+        alpha, sigma = alpha_sigma(torch.tensor(s, dtype=torch.float64), x.dtype)
         eps = net(x, None, torch.full((x.shape[0], 1), s, device=x.device)).to(x.dtype)
         return (x - sigma.item() * eps) / alpha.item()
     raise ValueError(f"unknown method {method!r}")
@@ -94,8 +94,14 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
 
 def inpainting_projection(observed: torch.Tensor, mask: torch.Tensor) -> Projection:
     """DDNM projection for a mask A = m: x0 <- m * y + (1 - m) * x0 (m = 1 observed)."""
-    if observed.shape[-mask.ndim:] != mask.shape and mask.shape != observed.shape:
+    try:
+        fits = torch.broadcast_shapes(mask.shape, observed.shape) == observed.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not fit the observation {tuple(observed.shape)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("the mask must be 0 (missing) or 1 (observed): observed pixels are kept exactly")
     m = mask.to(observed.dtype)
     known = m * observed
 

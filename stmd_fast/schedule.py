@@ -41,7 +41,7 @@ def bridge_coefficients(s: torch.Tensor, s_prev: torch.Tensor, dtype: torch.dtyp
     return c_xs.to(dtype), c_x0.to(dtype), tau.to(dtype)
 
 
-def _per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_sample(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a (B,) or scalar coefficient over the trailing dimensions of x."""
     return c.reshape(-1, *([1] * (x.ndim - 1))) if c.ndim else c
 
@@ -52,11 +52,11 @@ def bridge_sample(x_s: torch.Tensor, x0: torch.Tensor, s, s_prev, generator: tor
     At s_prev = 0 the bridge is a point mass at x_0, and x_0 is returned exactly (so an
     inpainting projection applied to x_0 survives bit for bit).
     """
-    s, s_prev = torch.as_tensor(s), torch.as_tensor(s_prev)
+    s, s_prev = torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(s_prev, dtype=torch.float64)
     if s_prev.ndim == 0 and float(s_prev) == 0.0:
         return x0
     coefficients = bridge_coefficients(s, s_prev, x_s.dtype)
-    c_xs, c_x0, tau = (_per_sample(c.to(x_s.device), x_s) for c in coefficients)
+    c_xs, c_x0, tau = (per_sample(c.to(x_s.device), x_s) for c in coefficients)
     noise = torch.randn(x_s.shape, generator=generator, device=x_s.device, dtype=x_s.dtype)
     return c_xs * x_s + c_x0 * x0 + tau * noise
 

@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, read_meta, save_checkpoint, write_json_atomic
-from .config import PRECISIONS, PRESETS, TrainConfig, net_for_shape
+from .config import PRECISIONS, PRESETS, TrainConfig, net_for_shape, resolve_device
 from .models import build_net, count_params
 from .objectives import METHODS, compute_loss, draw_noise
 from .sampling import sample
@@ -127,7 +127,10 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     ckpt = find_checkpoint(cfg.out)
     if ckpt is None:
         raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start")
-    saved = read_meta(ckpt)["config"]
+    try:
+        saved = read_meta(ckpt)["config"]
+    except ValueError as err:
+        raise UserError(str(err)) from None
     for key, value in top.items():
         if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) != value:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
@@ -142,33 +145,17 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
 
 # ----------------------------------------------------------------------------- setup
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-    return device
-
-
 def load_training_data(cfg: TrainConfig):
     """The preset's (or --data's) training set: TensorData, or the gmm's GaussianMixture."""
-    from .data.datasets import DataError, load_cifar10, load_digits, load_mnist, load_npy
+    from .data.datasets import DataError, load_npy, load_preset
     from .gmm import default_mixture
 
     try:
         if cfg.data is not None:
             return load_npy(cfg.data)
-        if cfg.preset == "digits":
-            return load_digits("train")
         if cfg.preset == "gmm":
             return default_mixture()
-        if cfg.preset == "mnist":
-            return load_mnist(cfg.data_dir, "train", cfg.download)
-        return load_cifar10(cfg.data_dir, "train", cfg.download)
+        return load_preset(cfg.preset, "train", cfg.data_dir, cfg.download)
     except DataError as err:
         raise UserError(str(err)) from None
 
@@ -211,7 +198,10 @@ def write_samples(ema_net, cfg: TrainConfig, data, device, path: Path) -> Path:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) training; returns the final checkpoint directory."""
     # --- check everything the user gave before expensive work
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     out = Path(cfg.out)
     prepare_run_dir(out, resume)
     data = load_training_data(cfg)
@@ -248,9 +238,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"].cpu())
         ema.n_averaged.copy_(state["ema_n_averaged"])
         step = state["step"]
+        if state["generator_device"] == device.type:
+            generator.set_state(state["generator"].cpu())
+        else:  # CPU and CUDA generators have different states: reseed, reproducibly but not bit-exactly
+            generator.manual_seed(cfg.seed + step)
+            print(f"note: the run moved from {state['generator_device']} to {device.type}: noise reseeded "
+                  f"from (seed, step), so it continues correctly but not bit-identically")
+        keep_metrics_until(out / "metrics.jsonl", step)
         print(f"resumed from {ckpt} at step {step}")
     write_json_atomic(out / "config.json", meta)
     if step >= cfg.steps:
@@ -264,7 +260,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     def checkpoint() -> Path:
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "generator": generator.get_state(), "ema_n_averaged": ema.n_averaged}
+                       "generator": generator.get_state(), "generator_device": device.type,
+                       "ema_n_averaged": ema.n_averaged}
         return save_checkpoint(out, step, net, ema.module, train_state, meta, cfg.keep_checkpoints)
 
     # Ctrl-C / SIGTERM finish the current step, save, and exit; a second Ctrl-C kills at once.
@@ -346,6 +343,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     wall = time.perf_counter() - t_start
     print(f"done: {cfg.steps} steps in {wall:.0f} s; checkpoint {last_good}")
     return last_good
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop the metrics logged after the checkpoint (they will be logged again)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)
 
 
 def assert_compiled() -> None:

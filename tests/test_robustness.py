@@ -1,0 +1,89 @@
+"""Crash and resume edge cases, device checks, and input validation of shared helpers."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from stmd_fast.checkpoint import find_checkpoint, save_checkpoint
+from stmd_fast.config import resolve_device, same_device
+from stmd_fast.sampling import inpainting_projection
+from stmd_fast.train import main, resolve_config
+
+GMM = ["--preset", "gmm", "--batch-size", "16", "--log-every", "1", "--sample-every", "0"]
+
+
+def steps_logged(run) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """A crash after step 5 loses steps 4-5 (checkpoint at 3): the resumed run logs them again,
+    and metrics.jsonl ends with each step once, in order, with the uninterrupted run's losses."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(full)]) == 0
+    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(crashed)]) == 0
+    shutil.rmtree(crashed / "checkpoints" / "step_00000005")  # as if the process died before saving it
+    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(crashed), "--resume"]) == 0
+    assert steps_logged(crashed) == [1, 2, 3, 4, 5]
+    losses = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_on_another_device_type_reseeds_and_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(GMM + ["--steps", "2", "--out", str(run)]) == 0
+    state_path = find_checkpoint(run) / "train_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["generator_device"] = "cuda"  # as if it had been trained on a GPU
+    torch.save(state, state_path)
+    capsys.readouterr()
+    assert main(GMM + ["--steps", "4", "--out", str(run), "--resume"]) == 0
+    assert "reseeded" in capsys.readouterr().out
+    assert steps_logged(run) == [1, 2, 3, 4]
+
+
+def test_checkpoint_save_cleans_leftovers_and_replaces_the_same_step(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    (tmp_path / "checkpoints" / ".tmp-step_00000007").mkdir(parents=True)  # a crash mid-save
+    meta = {"config": {}, "data_shape": [2], "data_kind": "vector"}
+    save_checkpoint(tmp_path, 3, net, net, {"step": 3}, meta, keep=2)
+    torch.nn.init.zeros_(net.weight)
+    final = save_checkpoint(tmp_path, 3, net, net, {"step": 3}, meta, keep=2)  # saved again at the same step
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003"]
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(final / "model.safetensors")["weight"], torch.zeros(2, 2))
+
+
+def test_default_out_is_named_after_the_data_file():
+    cfg, _ = resolve_config({"data": "some/where/my_vectors.npy", "method": "ddpm"})
+    assert cfg.out == "runs/my_vectors-ddpm"
+    cfg, _ = resolve_config({"preset": "gmm"})
+    assert cfg.out == "runs/gmm-stmd"
+
+
+def test_inpainting_mask_checks():
+    observed = torch.zeros(3, 4, 4)
+    project = inpainting_projection(observed, torch.ones(1, 4, 4))  # one mask for all channels
+    assert project(torch.ones(3, 4, 4)).eq(0).all()
+    with pytest.raises(ValueError, match="0 .missing. or 1"):
+        inpainting_projection(observed, torch.full((1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="does not fit"):
+        inpainting_projection(observed, torch.ones(2, 4, 4))
+
+
+def test_device_checks():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("cpu"), torch.device("meta"))
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("bogus")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
