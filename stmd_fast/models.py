@@ -9,7 +9,7 @@ Times are fed as t and t - r (not r, t): the paper and Mean Flow found that best
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

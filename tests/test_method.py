@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stmd_fast import models, objectives, sampling, schedule
+from stmd_fast import models, sampling, schedule
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS, ObjectiveConfig, compute_loss, draw_noise
 
