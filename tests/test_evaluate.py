@@ -129,3 +129,22 @@ def test_sweep_refuses_vector_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     assert evaluate(["sweep", str(tmp_path / "g"), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "kernel")
+
+
+def test_kernel_writes_table_json_and_heat_maps(tmp_path):
+    for method in ("stmd", "ddpm"):
+        assert train(["--preset", "gmm", "--method", method, "--steps", "2", "--batch-size", "8",
+                      "--out", str(tmp_path / method)]) == 0
+    out = tmp_path / "eval"
+    args = ["kernel", str(tmp_path / "stmd"), str(tmp_path / "ddpm"), "--points", "2", "--num", "50",
+            "--flow-steps", "1,2", "--out", str(out)]
+    assert evaluate(args) == 0
+    report = json.loads((out / "kernel.json").read_text())
+    assert sorted(entry["method"] for entry in report.values()) == ["ddpm", "stmd"]
+    rows = {entry["method"]: entry["rows"] for entry in report.values()}
+    assert len(rows["stmd"]) == 13 * 2 and len(rows["ddpm"]) == 13  # 13 (s_from, s_to) pairs x M
+    # the exact-mean bridge column does not depend on the model: same in both reports
+    assert [r["energy_mean_bridge"] for r in rows["ddpm"]] == [r["energy_mean_bridge"] for r in rows["stmd"][::2]]
+    table = (out / "kernel.md").read_text().splitlines()[2:]
+    assert len(table) == 13 * 3
+    assert len(list(out.glob("kernel_*_M*.png"))) == 3  # stmd M=1, M=2; ddpm M=1
