@@ -117,13 +117,14 @@ def build_metric(meta: dict, args, device):
 
 
 def prepare_metric(meta: dict, args, device):
-    """The metric with its reference statistics set (computed once, then read from the cache)."""
+    """The metric with its reference statistics set (computed once, then read from the cache),
+    and the reference images themselves."""
     images, name = reference_images(meta, args)
     metric = build_metric(meta, args, device)
     cache = Path(args.cache_dir) / f"{name}-{metric.name}.safetensors"
     cache.parent.mkdir(parents=True, exist_ok=True)
     metric.set_reference(images, cache=cache)
-    return metric
+    return metric, images
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -157,7 +158,7 @@ def sweep(args) -> int:
     require_matplotlib()
     out = writable_dir(args.out)
     device = resolve_device(args.device)
-    metric = prepare_metric(found[0][1], args, device)
+    metric, _ = prepare_metric(found[0][1], args, device)
     floor = real_data_floor(found[0][1], metric, args)
     methods = [m["config"]["method"] for _, m in found]
     rows = []
@@ -206,7 +207,7 @@ def write_results(out: Path, rows: list[dict], metric: str, meta: dict, floor: f
 # ----------------------------------------------------------------------------- kernel (gmm)
 
 def kernel(args) -> int:
-    from .gmm import default_kernel_pairs, default_mixture, kernel_grid
+    from .gmm import check_gmm_model, default_kernel_pairs, default_mixture, kernel_grid
     from .plots import plot_kernel_heatmap
 
     if len(set(args.runs)) != len(args.runs):
@@ -217,8 +218,7 @@ def kernel(args) -> int:
             model = load_checkpoint(run)
         except FileNotFoundError as err:
             raise EvalError(str(err)) from None
-        if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
-            raise EvalError(f"{run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+        check_gmm_model(model, run)
         models.append((run, model))
     require_matplotlib()
     try:
@@ -280,8 +280,7 @@ def inpaint(args) -> int:
         raise EvalError("--completions must be at least 2: diversity is the spread between completions")
     out = writable_dir(args.out)
     device = resolve_device(args.device)
-    metric = prepare_metric(meta, args, device)
-    images, _ = reference_images(meta, args)
+    metric, images = prepare_metric(meta, args, device)
     images = images[: args.images]
     model = load_checkpoint(ckpt, device=device)
     generator = torch.Generator(model.device).manual_seed(args.seed)

@@ -376,6 +376,12 @@ def transition_distances(model, mixture: GaussianMixture, s_from: float = 0.5, s
     return {"learned": row["energy_model"], "mean_bridge": row["energy_mean_bridge"], "exact_floor": row["energy_floor"]}
 
 
+def check_gmm_model(model, run) -> None:
+    """The exact kernel is known only for the built-in mixture: refuse any other model."""
+    if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
+        raise ValueError(f"{run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m stmd_fast.gmm RUN: how close a gmm-preset model's one-step transition is to the exact one."""
     import argparse
@@ -393,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model = load_checkpoint(args.run)
-        if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
-            raise ValueError(f"{args.run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+        check_gmm_model(model, args.run)
         d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,
                                  args.points, args.num, args.seed)
     except (ValueError, FileNotFoundError) as err:
