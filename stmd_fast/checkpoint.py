@@ -101,6 +101,21 @@ class Model:
 
     def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
+        self._vae = None
+
+    def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """A latent model's samples -> images in [-1, 1] through the VAE it was trained with
+        (loaded on first use from the path or hub id in its config)."""
+        if self.data_kind != "latent":
+            raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
+        from .data.encode import load_vae
+        from .data.latents import decode_latents
+
+        latent = self.meta["latent"]
+        if self._vae is None:
+            self._vae = load_vae(latent["vae"], self.device)
+        return decode_latents(self._vae, z.to(self.device), latent["scaling_factor"], latent["shift_factor"],
+                              batch_size)
 
     @property
     def device(self) -> torch.device:

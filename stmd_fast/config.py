@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .models import NetConfig
+from .kernels.dispatch import BACKENDS
+from .models import NetConfig, dit_config
 from .objectives import METHODS, ObjectiveConfig
 from .schedule import TIME_GRIDS
 
@@ -47,11 +48,17 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 @dataclass
 class TrainConfig:
     preset: str = "digits"
-    """Data and network: digits | gmm | mnist | cifar10 (see PRESETS)."""
+    """Data and network: digits | gmm | mnist | cifar10 | celeba-latent (see PRESETS)."""
     method: str = "stmd"
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
     data: str | None = None
-    """Path to the user's own .npy array, (N, D) vectors or (N, C, H, W) images; replaces the preset's data."""
+    """Path to the user's own .npy array, (N, D) vectors or (N, C, H, W) images; replaces the preset's data.
+    For celeba-latent: the latent shards, e.g. 'SHARDS/shard-{000000..000099}.tar' (stmd_fast.data.encode)."""
+    vae: str | None = None
+    """Latent presets: the VAE the shards were encoded with (local folder or hub id); checked against the
+    shards' manifest, and sample grids decode through it."""
+    data_workers: int = 2
+    """Latent presets: DataLoader worker processes reading the shards."""
     data_dir: str = "datasets"
     """Where mnist / cifar10 files live (torchvision's layout)."""
     download: bool = False
@@ -73,6 +80,8 @@ class TrainConfig:
     """fp32, or bf16 autocast for network math (fp32 master weights and optimizer state)."""
     compile: bool = False
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager."""
+    kernels: str = "auto"
+    """Triton kernels: auto (on CUDA) | reference (PyTorch everywhere) | triton (CUDA only)."""
     out: str | None = None
     """Run directory; default runs/<preset>-<method>."""
     ckpt_every: int = 1000
@@ -102,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"unknown kernels {self.kernels!r}: choose one of {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: choose fp32 or bf16")
         if self.sample_grid not in TIME_GRIDS:
@@ -112,8 +123,11 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.sample_every < 0:
             raise ValueError("need lr > 0, 0 <= ema_decay < 1, warmup_steps >= 0 and sample_every >= 0")
+        if self.data_workers < 0:
+            raise ValueError(f"--data-workers must be at least 0, got {self.data_workers}")
         if self.out is None:
-            self.out = f"runs/{Path(self.data).stem if self.data else self.preset}-{self.method}"
+            own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
+            self.out = f"runs/{Path(self.data).stem if own_data else self.preset}-{self.method}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,7 +163,21 @@ def _cifar10() -> TrainConfig:
                                      time_freqs=128))
 
 
-PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10}
+def _celeba_latent() -> TrainConfig:
+    # Paper section 5: a latent DiT-M/2 (Mean Flow's) on CelebA through the SD VAE (sd-vae-ft-ema);
+    # 256x256 images -> 4x32x32 latents. Its appendix lost the iterations, batch size and step size:
+    # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999) and 200K steps.
+    return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
+                       vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000, log_every=100,
+                       net=dit_config("DiT-M/2"))
+
+
+PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent}
+LATENT_RESOLUTION = {"celeba-latent": 256}
+"""Image resolution each latent preset's shards must be encoded at (checked against their manifest)."""
+PRESET_DATA_SHAPES = {"digits": (1, 8, 8), "gmm": (2,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                      "celeba-latent": (4, 32, 32)}
+"""Per-sample shape of each preset's data (the benchmarks build synthetic batches of it)."""
 
 
 def net_for_shape(shape: tuple[int, ...]) -> NetConfig:

@@ -62,10 +62,17 @@ def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
     if len(kinds) > 1:
         listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
         raise EvalError(f"the checkpoints were trained on different data ({listing}): sweep one dataset at a time")
-    if found[0][1]["data_kind"] != "image":
+    if found[0][1]["data_kind"] == "vector":
         raise EvalError("these checkpoints make vectors: FD/FID is for images (for the gmm preset use "
                         "'python -m stmd_fast.evaluate kernel')")
     return found
+
+
+def image_shape(meta: dict) -> tuple[int, ...]:
+    """The shape of the images a checkpoint makes (a latent model's after VAE decoding)."""
+    if meta["data_kind"] == "latent":
+        return (3, meta["latent"]["resolution"], meta["latent"]["resolution"])
+    return tuple(meta["data_shape"])
 
 
 def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
@@ -85,8 +92,8 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
         preset = meta["config"]["preset"]
         ref = load_split(preset, args.reference_split, args.data_dir)
         name = f"{preset}-{args.reference_split}"
-    if tuple(ref.shape) != tuple(meta["data_shape"]):
-        raise EvalError(f"reference images have shape {tuple(ref.shape)}, the checkpoints make {tuple(meta['data_shape'])}")
+    if tuple(ref.shape) != image_shape(meta):
+        raise EvalError(f"reference images have shape {tuple(ref.shape)}, the checkpoints make {image_shape(meta)}")
     return ref.all(), name
 
 
@@ -169,6 +176,8 @@ def sweep(args) -> int:
             t0 = time.perf_counter()
             generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
             x = model.sample(args.num, n, m, generator, batch_size=args.batch_size).float()
+            if model.data_kind == "latent":
+                x = model.decode(x, args.batch_size)  # FID is on the decoded images
             seconds = time.perf_counter() - t0
             value = metric.score(x)
             rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
@@ -272,6 +281,9 @@ def inpaint(args) -> int:
     from .metrics import diversity, psnr
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint])
+    if meta["data_kind"] != "image":
+        raise EvalError("inpaint evaluates pixel-space image models; this checkpoint makes latents "
+                        "(a pixel mask does not carry over to latents)")
     try:
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
     except ValueError as err:

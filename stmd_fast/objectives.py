@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .kernels.meanflow_loss import meanflow_loss
 from .schedule import alpha_sigma, per_sample
 
 
@@ -76,17 +77,6 @@ def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generato
     return Noise(s, xi, r, t, e)
 
 
-def meanflow_target_loss(u, dudt, v, h, cfg: ObjectiveConfig):
-    """u_tgt = stopgrad(v - (t - r) du/dt); per-sample l = ||u - u_tgt||^2 (summed over
-    dimensions); loss = mean(stopgrad(w) l) with w = 1 / (l + c)^p.
-
-    Returns the loss and the raw mean ||delta||^2 (the adaptive loss reads ~1 by design)."""
-    u_tgt = (v.float() - per_sample(h, v).float() * dudt.float()).detach()
-    sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
-    weight = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
-    return (weight * sq).mean(), sq.mean().detach()
-
-
 def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
     """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
     t, r = noise.t, noise.r
@@ -102,7 +92,16 @@ def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
     # Tangents (v, 0, 1) for (z, r, t) are (v, 1, 1) for (z, t, h = t - r).
     ones = torch.ones_like(t)
     u, dudt = torch.func.jvp(u_fn, (z_t, t, h), (v, ones, ones))
-    return meanflow_target_loss(u, dudt, v, h, cfg)
+    # u_tgt = stopgrad(v - (t - r) du/dt); loss = mean(stopgrad(w) ||u - u_tgt||^2), w = 1 / (. + c)^p.
+    # Returns the raw mean ||delta||^2 too (the adaptive loss reads ~1 by design).
+    loss, sq = meanflow_loss(u, dudt, v, h, cfg.adaptive_c, cfg.adaptive_p)  # fused kernel on CUDA
+    return loss, sq.mean()
+
+
+def _diffuse(x0: torch.Tensor, noise: Noise) -> torch.Tensor:
+    """x_s = alpha_s x_0 + sigma_s xi."""
+    alpha, sigma = alpha_sigma(noise.s, x0.dtype)
+    return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
 
 
 def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
@@ -110,11 +109,28 @@ def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Objectiv
     (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
     if method == "meanflow":
         return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
-    alpha, sigma = alpha_sigma(noise.s, x0.dtype)
-    x_s = per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
+    x_s = _diffuse(x0, noise)
     if method == "stmd":
         return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
     if method == "ddpm":
         mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
         return mse, mse.detach()
     raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")
+
+
+def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
+    """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
+    on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
+    time it beside compute_loss to measure what the JVP costs."""
+    if method not in ("stmd", "meanflow"):
+        raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
+    t = noise.t
+    tb = per_sample(t, x0)
+    z_t = (1 - tb) * x0 + tb * noise.e
+    zero = torch.zeros_like(t)
+    if method == "stmd":
+        u = net(z_t, _diffuse(x0, noise), torch.stack([t, zero, noise.s], dim=1))
+    else:
+        u = net(z_t, None, torch.stack([t, zero], dim=1))
+    mse = F.mse_loss(u.float(), (noise.e - x0).float())
+    return mse, mse.detach()

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if (args.inpaint is None) != (args.mask is None):
             raise ValueError("--inpaint and --mask go together: give both")
         vectors = model.data_kind == "vector"
-        if args.inpaint and vectors:
-            raise ValueError("--inpaint needs an image model; this checkpoint makes vectors")
+        if args.inpaint and model.data_kind != "image":
+            raise ValueError(f"--inpaint needs a pixel-space image model; this checkpoint makes {model.data_kind}s "
+                             f"(a pixel mask does not carry over to latents)")
         out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
         if vectors and out.suffix != ".npy":
             raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         x = model.sample(args.num, steps, args.flow_steps, generator, args.grid, batch_size=args.batch_size)
     else:
         x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
+    if model.data_kind == "latent" and out.suffix == ".png":
+        x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
     x = x.float().cpu()
     if out.suffix == ".npy":
         np.save(out, x.numpy())

@@ -23,7 +23,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, read_meta, save_checkpoint, write_json_atomic
-from .config import PRECISIONS, PRESETS, TrainConfig, net_for_shape, resolve_device
+from .config import LATENT_RESOLUTION, PRECISIONS, PRESETS, TrainConfig, net_for_shape, resolve_device
+from .kernels import dispatch
+from .kernels.dispatch import BACKENDS
 from .models import build_net, count_params
 from .objectives import METHODS, compute_loss, draw_noise
 from .sampling import sample
@@ -35,7 +37,7 @@ warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", c
 
 # Flags that may differ from the checkpoint's config when resuming; any other flag given
 # with --resume must equal the checkpoint's value (a run is one experiment).
-RESUME_OVERRIDABLE = {"steps", "device", "compile", "ckpt_every", "keep_checkpoints", "sample_every", "log_every"}
+RESUME_OVERRIDABLE = {"steps", "device", "compile", "kernels", "data_workers", "ckpt_every", "keep_checkpoints", "sample_every", "log_every"}
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
     "mnist": (1.1e6, "the paper's '1 layer per block' gives 0.71M in UNet2DModel; 2 layers per block reproduce its count"),
@@ -66,10 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add("--preset", choices=list(PRESETS), help="data and network: digits (sklearn 8x8, no download), gmm (2-D "
-        "Gaussian mixture, MLP), mnist, cifar10 (paper settings, files from --data-dir) [default: digits]")
+        "Gaussian mixture, MLP), mnist, cifar10 (paper settings, files from --data-dir), celeba-latent (DiT-M/2 "
+        "on SD-VAE latents, shards from --data) [default: digits]")
     add("--method", choices=list(METHODS), help="stmd | meanflow (unconditional) | ddpm (eps) [default: stmd]")
-    add("--data", metavar="FILE.npy", help="your own array: (N, D) vectors -> MLP, (N, C, H, W) images -> U-Net; "
-        "uint8 images are scaled to [-1, 1], floats used as given")
+    add("--data", metavar="FILE.npy|SHARDS", help="your own array: (N, D) vectors -> MLP, (N, C, H, W) images -> "
+        "U-Net; uint8 images are scaled to [-1, 1], floats used as given. With celeba-latent: the latent shards, "
+        "e.g. 'SHARDS/shard-{000000..000099}.tar' (quote the braces)")
+    add("--vae", help="latent presets: the VAE the shards were encoded with, a local folder or hub id (checked "
+        "against the shards' manifest; sample grids decode through it) [default: celeba-latent: "
+        "stabilityai/sd-vae-ft-ema]")
+    add("--data-workers", type=int, help=f"latent presets: DataLoader workers reading the shards [default: {d.data_workers}]")
     add("--data-dir", help=f"where mnist/cifar10 files are, torchvision's layout [default: {d.data_dir}]")
     add("--download", action="store_true", help="let torchvision download mnist/cifar10 into --data-dir")
     add("--steps", type=int, help=f"total optimizer steps [default: preset's; digits {d.steps}]")
@@ -82,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="auto | cpu | cuda | cuda:N [default: auto = cuda if available]")
     add("--precision", choices=PRECISIONS, help="bf16 = autocast network math, fp32 weights/optimizer [default: fp32]")
     add("--compile", action="store_true", help="torch.compile the JVP + loss (cold compile takes 1-2 min on a CPU)")
+    add("--kernels", choices=BACKENDS, help="auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, "
+        "JVP flash attention), PyTorch on CPU; reference = PyTorch everywhere; triton = kernels, CUDA only "
+        "[default: auto]")
     add("--out", help="run directory [default: runs/<preset or data name>-<method>]")
     add("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
         f"{', '.join(sorted(RESUME_OVERRIDABLE))} may change")
@@ -114,7 +125,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     fresh = PRESETS[top.get("preset", "digits")]().to_dict()
     fresh.update(top)
     fresh["objective"].update(objective)
-    if "data" in top:
+    if "data" in top and fresh["preset"] not in LATENT_RESOLUTION:
         fresh["net"] = None  # chosen from the data's shape once it is loaded
     if "out" not in top:
         fresh["out"] = None  # derived from preset/data and method
@@ -150,7 +161,16 @@ def load_training_data(cfg: TrainConfig):
     from .data.datasets import DataError, load_npy, load_preset
     from .gmm import default_mixture
 
+    if cfg.preset in LATENT_RESOLUTION and (cfg.data is None or cfg.vae is None):
+        raise UserError(f"the {cfg.preset} preset trains on VAE latents: encode the images once with "
+                        f"python -m stmd_fast.data.encode --images DIR --vae VAE --resolution "
+                        f"{LATENT_RESOLUTION[cfg.preset]} --out SHARDS, then pass "
+                        f"--data 'SHARDS/shard-{{000000..N}}.tar' --vae VAE")
     try:
+        if cfg.preset in LATENT_RESOLUTION:
+            from .data.latents import LatentShards
+            return LatentShards(cfg.data, expect_vae=cfg.vae, expect_resolution=LATENT_RESOLUTION[cfg.preset],
+                                num_workers=cfg.data_workers, seed=cfg.seed)
         if cfg.data is not None:
             return load_npy(cfg.data)
         if cfg.preset == "gmm":
@@ -174,9 +194,9 @@ def prepare_run_dir(out: Path, resume: bool) -> None:
 
 # ----------------------------------------------------------------------------- loop
 
-def write_samples(ema_net, cfg: TrainConfig, data, device, path: Path) -> Path:
-    """A grid (images) or .npy (vectors) of 64 samples from the EMA weights, always from
-    the same noise so grids are comparable across steps."""
+def write_samples(ema_net, cfg: TrainConfig, data, device, path: Path, decode=None) -> Path:
+    """A grid (images; latents decoded by `decode`) or .npy (vectors) of 64 samples from the
+    EMA weights, always from the same noise so grids are comparable across steps."""
     from torchvision.utils import save_image
 
     from .data.datasets import to_unit_range
@@ -186,7 +206,9 @@ def write_samples(ema_net, cfg: TrainConfig, data, device, path: Path) -> Path:
     generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
     x = sample(ema_net, cfg.method, 64, data.shape, steps, flow_steps, generator, cfg.sample_grid).float().cpu()
     path.parent.mkdir(exist_ok=True)
-    if data.kind == "image":
+    if data.kind == "latent":
+        x = decode(x.to(device)).cpu()
+    if data.kind in ("image", "latent"):
         path = path.with_suffix(".png")
         save_image(to_unit_range(x), path, nrow=8, padding=1)
     else:
@@ -202,9 +224,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         device = resolve_device(cfg.device)
     except ValueError as err:
         raise UserError(str(err)) from None
+    if cfg.kernels == "triton" and device.type != "cuda" and not dispatch.interpret_mode():
+        raise UserError(f"--kernels triton runs on CUDA, not on {device}: use --kernels auto (PyTorch references "
+                        f"on a CPU) or --device cuda")
     out = Path(cfg.out)
     prepare_run_dir(out, resume)
     data = load_training_data(cfg)
+    decode = None
+    if data.kind == "latent":  # load the VAE now: a bad --vae fails here, not at the first sample grid
+        from .data.datasets import DataError
+        from .data.encode import load_vae
+        from .data.latents import decode_latents
+        try:
+            vae = load_vae(cfg.vae, device)
+        except DataError as err:
+            raise UserError(str(err)) from None
+        decode = partial(decode_latents, vae, scaling_factor=data.scaling_factor, shift_factor=data.shift_factor)
     if cfg.net is None:
         cfg.net = net_for_shape(data.shape)
     method = METHODS[cfg.method]
@@ -215,6 +250,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         raise UserError(f"the network does not fit the data: {err}") from None
     data = data.to(device)
     meta = {"config": cfg.to_dict(), "data_shape": list(data.shape), "data_kind": data.kind}
+    if data.kind == "latent":  # what Model.decode needs
+        meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
+                          "resolution": data.manifest["resolution"]}
 
     n_params = count_params(net)
     note = ""
@@ -246,6 +284,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             generator.manual_seed(cfg.seed + step)
             print(f"note: the run moved from {state['generator_device']} to {device.type}: noise reseeded "
                   f"from (seed, step), so it continues correctly but not bit-identically")
+        if "data" in state:
+            data.load_state_dict(state["data"])
         keep_metrics_until(out / "metrics.jsonl", step)
         print(f"resumed from {ckpt} at step {step}")
     write_json_atomic(out / "config.json", meta)
@@ -253,15 +293,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"nothing to do: the run is at step {step} of --steps {cfg.steps}")
         return find_checkpoint(out)
 
-    loss_fn = partial(compute_loss, cfg.method, net, cfg=cfg.objective)
-    if cfg.compile:
-        loss_fn = torch.compile(loss_fn)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
+    previous_kernels = dispatch.get_backend()
+    train_step = make_train_step(partial(compute_loss, cfg.method, net, cfg=cfg.objective), net, optimizer,
+                                 scheduler, ema, cfg.compile, cfg.precision, device)
 
     def checkpoint() -> Path:
         train_state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "generator": generator.get_state(), "generator_device": device.type,
                        "ema_n_averaged": ema.n_averaged}
+        if hasattr(data, "state_dict"):  # a stream's position (latent shards)
+            train_state["data"] = data.state_dict()
         return save_checkpoint(out, step, net, ema.module, train_state, meta, cfg.keep_checkpoints)
 
     # Ctrl-C / SIGTERM finish the current step, save, and exit; a second Ctrl-C kills at once.
@@ -281,20 +322,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     t_start = t_log = time.perf_counter()
     step_log = step
     try:
+        dispatch.set_backend(cfg.kernels)  # restored in the finally below
         while step < cfg.steps:
             x0 = data.batch(cfg.batch_size, generator)
             noise = draw_noise(x0, cfg.objective, generator)
-            with autocast:
-                loss, error = loss_fn(x0, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            ema.update_parameters(net)
+            loss, error = train_step(x0, noise)
             step += 1
             bar.update(1)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
-            loss_sum += loss.detach()
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+            loss_sum += loss
             error_sum += error
             if cfg.compile and step == 1:
                 assert_compiled()
@@ -327,7 +363,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 t_log, step_log = time.perf_counter(), step
 
             if sample_now:
-                grid = write_samples(ema.module, cfg, data, device, out / "samples" / f"step_{step:08d}")
+                grid = write_samples(ema.module, cfg, data, device, out / "samples" / f"step_{step:08d}", decode)
                 bar.write(f"step {step}: samples -> {grid}")
             if ckpt_now:
                 last_good = checkpoint()
@@ -336,6 +372,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                           f"continue with: python -m stmd_fast.train --out {out} --resume")
                 raise KeyboardInterrupt
     finally:
+        dispatch.set_backend(previous_kernels)
         bar.close()
         metrics.close()
         for sig, handler in handlers.items():
@@ -343,6 +380,34 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     wall = time.perf_counter() - t_start
     print(f"done: {cfg.steps} steps in {wall:.0f} s; checkpoint {last_good}")
     return last_good
+
+
+def make_train_step(loss_fn, net, optimizer, scheduler, ema, compile: bool, precision: str, device: torch.device):
+    """One optimisation step: loss_fn(x0, noise) -> (loss, error), backward, AdamW, lr schedule, EMA.
+
+    What --compile compiles: the loss (JVP, target, adaptive loss) with its backward graph, which
+    AOTAutograd derives and Inductor compiles too. loss.backward() itself, the optimizer and the
+    EMA stay eager: compiling the whole step graph-breaks at Tensor.backward, and AdamW and the
+    EMA are a few elementwise passes over the weights, small next to the network's passes.
+    bf16: autocast runs the network's matmuls and convolutions, and the JVP's tangents with
+    them, in bf16; weights, gradients, optimizer state, norms, softmax, time features and the
+    loss stay fp32 (the choice and its measurement: README, "Precision").
+    """
+    if compile:
+        loss_fn = torch.compile(loss_fn)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def train_step(x0, noise):
+        with autocast:
+            loss, error = loss_fn(x0, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(net)
+        return loss.detach(), error
+
+    return train_step
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -172,6 +172,14 @@ def test_missing_npy_is_refused(capsys, tmp_path):
     assert_nothing_trained(run)
 
 
+def test_triton_kernels_on_a_cpu_are_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would run them
+    run = tmp_path / "run"
+    assert train(*GMM, "--kernels", "triton", "--steps", 1, "--out", run) == 2
+    assert_one_line_error(capsys, "--kernels triton", "--kernels auto")
+    assert_nothing_trained(run)
+
+
 @pytest.mark.parametrize("below", [True, False], ids=["path-under-a-file", "path-is-a-file"])
 def test_unwritable_out_is_refused(capsys, tmp_path, below):
     blocker = tmp_path / "file.txt"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stmd_fast import models, sampling, schedule
+from stmd_fast.kernels.attention import attention_reference
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS, ObjectiveConfig, compute_loss, draw_noise
 
@@ -275,11 +276,11 @@ def test_groupnorm_matches_torch(dtype, tol):
 def test_softmax_attention_matches_sdpa(dtype, tol):
     g = gen(8)
     q, k, v = (torch.randn(2, 3, 10, 4, generator=g, dtype=dtype) for _ in range(3))
-    out = models.softmax_attention(q, k, v, 4**-0.5)
+    out = attention_reference(q, k, v, 4**-0.5)
     assert out.dtype == dtype
     ref = F.scaled_dot_product_attention(q, k, v)
     assert torch.allclose(out, ref, atol=tol, rtol=tol), f"max error {float((out - ref).abs().max()):.3g}"
-    out = models.softmax_attention(q, k, v, 0.3)
+    out = attention_reference(q, k, v, 0.3)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=tol, rtol=tol)
 
 
@@ -692,3 +693,31 @@ def test_stmd_transition_with_gaussian_oracle_is_exact_for_a_large_step():
     assert abs(float(out.mean()) - mean_exact) < 6 * math.sqrt(var_exact / n)  # the mean is right
     assert abs(float(out.var()) - float(tau) ** 2) < 6 * float(tau) ** 2 * math.sqrt(2 / n)
     assert float(out.var()) < 0.9 * var_exact  # ... the variance is not
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_tangent_layers_equal_plain_layers_with_fewer_flops(layer):
+    """TangentLinear / TangentConv2d: the same primal, tangent and gradients as nn.Linear /
+    nn.Conv2d under torch.func.jvp, without the weight's zero-tangent product."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    plain = nn.Linear(12, 16) if layer == "linear" else nn.Conv2d(3, 5, 3, padding=1)
+    lean = copy.deepcopy(plain)
+    models.use_tangent_layers(lean)
+    assert type(lean) is (models.TangentLinear if layer == "linear" else models.TangentConv2d)
+    x = torch.randn(4, 12) if layer == "linear" else torch.randn(2, 3, 6, 6)
+    v = torch.randn_like(x)
+    results = []
+    for net in (plain, lean):
+        with FlopCounterMode(display=False) as counter:
+            y, y_t = torch.func.jvp(net, (x,), (v,))
+        grads = torch.autograd.grad((y * y_t.detach()).sum(), list(net.parameters()))
+        results.append((y, y_t, grads, counter.get_total_flops()))
+    (y0, t0, g0, f0), (y1, t1, g1, f1) = results
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(t1, t0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    assert f1 * 3 == f0 * 2  # 2 products (primal, tangent) instead of 3
+    torch.testing.assert_close(lean(x), plain(x))  # outside a JVP: the plain layer

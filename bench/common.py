@@ -1,0 +1,160 @@
+"""Shared by the benchmarks: timing with warm-up and synchronisation, measured peaks, GPU
+telemetry, the printed table, the final JSON line and bench/results/<device>-<date>.json."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Wall time of each of `iters` calls after `warmup` calls, synchronised around every call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)  # note: a sync per call, so each time is the call's own
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> dict:
+    """What a result needs beside it to mean anything: hardware, versions, date."""
+    info = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, quick: bool = False) -> float:
+    """Peak dense matmul rate measured here (what MFU is taken against)."""
+    n = (512 if quick else 2048) if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median(time_ms(lambda: a @ b, device, warmup=2 if quick else 5, iters=3 if quick else 20))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measured_copy_gbps(device: torch.device, quick: bool = False) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second), the kernels' roofline."""
+    n = (1 << 20 if quick else 1 << 24) if device.type == "cpu" else 1 << 28
+    src = torch.empty(n, device=device, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    ms = median(time_ms(lambda: dst.copy_(src), device, warmup=3, iters=5 if quick else 20))
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set (process-wide)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class GpuTelemetry:
+    """Samples power (W) and utilisation (%) through nvidia-ml-py while a block runs (CUDA only)."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.05):
+        self.device, self.period_s = device, period_s
+        self.power_w: list[float] = []
+        self.util_pct: list[float] = []
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = None
+        if self.device.type != "cuda":
+            return self
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+        except Exception as err:  # no driver library: report no telemetry rather than fail the benchmark
+            print(f"note: no GPU telemetry ({err})")
+            return self
+
+        def sample():
+            while not self._stop.is_set():
+                self.power_w.append(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
+                self.util_pct.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                time.sleep(self.period_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.power_w:
+            return {}
+        return {"power_w": round(median(self.power_w), 1), "gpu_util_pct": round(median(self.util_pct), 1)}
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def finish(name: str, result: dict, save: bool) -> None:
+    """Print the final JSON line; with save, merge it under `name` into the device/date file."""
+    if save:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        env = result["environment"]
+        slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
+        path = RESULTS_DIR / f"{slug}-{env['date']}.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged[name] = result
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        tmp.replace(path)
+        print(f"saved under '{name}' in {path}")
+    print(json.dumps({"benchmark": name, **result}))

@@ -1,0 +1,101 @@
+"""Latent loader throughput: samples/s of LatentShards.batch per number of DataLoader workers.
+
+    python bench/data.py SHARDS/shard-{000000..000099}.tar --batch 256 --workers 0,1,2,4 --step-ms 120
+    python bench/data.py SHARDS --smoke --no-save      # a shard folder works too (its manifest names the shards)
+
+Per worker count: the first batch is timed on its own (worker start-up, first shard reads), then
+batches are drawn for --seconds after a warm-up; epoch ends (workers restart per epoch) fall inside
+the timing as they would in training. With --step-ms (ms per training step at this batch), the table
+says whether the loader keeps up: needed = batch / step seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, print_table, synchronize  # noqa: E402
+
+from stmd_fast.config import resolve_device  # noqa: E402
+from stmd_fast.data.latents import LatentShards, read_manifest  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", help="brace pattern of shards (as the trainer takes it) or the shard folder")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", default="0,1,2,4", help="comma-separated DataLoader worker counts")
+    p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per worker count")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches after the first")
+    p.add_argument("--step-ms", type=float, default=None, help="ms per training step: compare with its consumption")
+    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="where batches go (cuda includes the pinned copy)")
+    p.add_argument("--smoke", action="store_true", help="1 s with 0 workers on the given shards, not saved (CI)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
+    return p
+
+
+def shard_pattern(shards: str) -> str:
+    """A shard folder -> the pattern its manifest records; a pattern or a tar path as given."""
+    folder = Path(shards)
+    if folder.is_dir():
+        return str(folder / read_manifest(folder)["pattern"])
+    return shards
+
+
+def measure(urls: str, workers: int, args, device: torch.device, needed: float | None) -> dict:
+    data = LatentShards(urls, num_workers=workers, shuffle_buffer=args.shuffle_buffer, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    start = time.perf_counter()
+    data.batch(args.batch, generator)
+    synchronize(device)
+    first_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        data.batch(args.batch, generator)
+    synchronize(device)
+    batches, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        data.batch(args.batch, generator)
+        batches += 1
+    synchronize(device)  # note: the last copies to the GPU are only done here
+    elapsed = time.perf_counter() - start
+    rate = batches * args.batch / elapsed
+    return {"workers": data.num_workers, "samples_per_s": rate, "ms_per_batch": 1e3 * elapsed / batches,
+            "first_batch_s": first_s, "epochs_seen": data.epoch + 1, "skipped_shards": data.skipped_shards,
+            "vs_needed": None if needed is None else rate / needed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.workers, args.seconds, args.warmup, args.no_save = "0", 1.0, 1, True
+    device = resolve_device(args.device)
+    urls = shard_pattern(args.shards)
+    probe = LatentShards(urls, num_workers=0)  # checks the shards and manifest before any timing
+    counts = [int(w) for w in args.workers.split(",")]
+    needed = None if args.step_ms is None else args.batch / (args.step_ms / 1e3)
+
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | {len(probe.urls)} shards, {probe.manifest['count']} samples "
+          f"of {'x'.join(map(str, probe.shape))} | batch {args.batch}"
+          + ("" if needed is None else f" | a {args.step_ms:g} ms step needs {needed:.0f} samples/s"))
+    rows = [measure(urls, w, args, device, needed) for w in counts]
+    print_table(rows, ["workers", "samples_per_s", "ms_per_batch", "first_batch_s", "epochs_seen", "vs_needed"])
+    best = max(rows, key=lambda row: row["samples_per_s"])
+    if needed is not None:
+        verdict = "keeps up with" if best["samples_per_s"] >= needed else "is slower than"
+        print(f"best: {best['workers']} workers, {best['samples_per_s']:.0f} samples/s: the loader {verdict} "
+              f"training ({needed:.0f} samples/s needed)")
+    result = {"environment": env, "shards": len(probe.urls), "samples": probe.manifest["count"],
+              "latent_shape": list(probe.shape), "batch": args.batch, "seconds": args.seconds,
+              "step_ms": args.step_ms, "needed_samples_per_s": needed, "best_workers": best["workers"],
+              "results": rows}
+    finish("data", result, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()

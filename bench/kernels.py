@@ -1,0 +1,126 @@
+"""Each Triton kernel against its PyTorch reference, eager and fused by Inductor (torch.compile).
+
+    python bench/kernels.py            # on a GPU: all three implementations per kernel
+    python bench/kernels.py --smoke    # tiny CPU version (CI): references only
+
+Rates: the two memory-bound kernels in GB/s of the bytes they must move at least (inputs read
+once, outputs written once) and as a share of the device's measured copy bandwidth; attention
+in TFLOP/s of its matmuls. The kernels run on CUDA only: on a CPU their rows are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, measured_copy_gbps, median, print_table, time_ms  # noqa: E402
+
+from stmd_fast.config import resolve_device  # noqa: E402
+from stmd_fast.kernels import dispatch  # noqa: E402
+from stmd_fast.kernels.attention import attention, attention_reference  # noqa: E402
+from stmd_fast.kernels.meanflow_loss import meanflow_loss, meanflow_loss_reference  # noqa: E402
+from stmd_fast.kernels.time_embedding import time_features, time_features_reference  # noqa: E402
+
+
+def time_features_case(device, size):
+    """Features and tangent of (t, t - r, s) for a batch: the JVP's time embedding."""
+    batch, freqs = size
+    times = torch.rand(batch, 3, device=device)
+    tangent = torch.tensor([1.0, 1.0, 0.0], device=device).expand(batch, 3).contiguous()
+
+    def make(fn):
+        return lambda: torch.func.jvp(lambda x: fn(x, freqs, 10.0), (times,), (tangent,))
+
+    moved = (2 * times.numel() + 2 * batch * 3 * freqs) * 4  # read times + tangent, write both outputs
+    return {"reference": make(time_features_reference), "kernel": make(time_features)}, {"bytes": moved}
+
+
+def meanflow_loss_case(device, size):
+    """Target, adaptive loss and d loss / d u for a batch of images (forward + backward)."""
+    batch, dims = size
+    u = torch.randn(batch, dims, device=device, requires_grad=True)
+    dudt, v = torch.randn(batch, dims, device=device), torch.randn(batch, dims, device=device)
+    h = torch.rand(batch, device=device)
+
+    def make(fn):
+        def run():
+            loss, _ = fn(u, dudt, v, h, 1e-3, 1.0)
+            return torch.autograd.grad(loss, u)
+        return run
+
+    moved = 4 * u.numel() * 4  # read u, du/dt, v; write the gradient
+    return {"reference": make(meanflow_loss_reference), "kernel": make(meanflow_loss)}, {"bytes": moved}
+
+
+def attention_case(device, size, dtype=torch.bfloat16):
+    """Attention forward with its tangent (the JVP pass), then the backward of the primal."""
+    batch, heads, length, dim = size
+    dtype = dtype if device.type == "cuda" else torch.float32
+    q, k, v, q_t, k_t, v_t = (torch.randn(batch, heads, length, dim, device=device, dtype=dtype) for _ in range(6))
+    for x in (q, k, v):
+        x.requires_grad_()
+    scale = dim**-0.5
+
+    def make(fn):
+        def run():
+            o, o_t = torch.func.jvp(lambda a, b, c: fn(a, b, c, scale), (q, k, v), (q_t, k_t, v_t))
+            return torch.autograd.grad(o, (q, k, v), o_t.detach())
+        return run
+
+    # matmuls per head: primal 2 (4 L^2 d), tangent 4 (8 L^2 d), backward 5 (10 L^2 d)
+    flops = batch * heads * 22 * length**2 * dim
+    return {"reference": make(attention_reference), "kernel": make(attention)}, {"flops": flops}
+
+
+CASES = {  # name -> (builder, full size, smoke size)
+    "time_features (jvp)": (time_features_case, (65536, 256), (64, 32)),
+    "meanflow_loss (fwd+bwd)": (meanflow_loss_case, (256, 4 * 32 * 32), (8, 256)),
+    "attention (jvp+bwd)": (attention_case, (32, 6, 256, 64), (2, 2, 16, 16)),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run, references only, not saved")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.warmup, args.iters, args.no_save = "cpu", 1, 3, True
+    device = resolve_device(args.device)
+    env = environment(device)
+    copy_gbps = measured_copy_gbps(device, quick=args.smoke)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | measured copy {copy_gbps:.0f} GB/s")
+    if device.type != "cuda":
+        print("note: no CUDA device: the Triton rows are skipped (the tests run the kernels in the interpreter)")
+    rows = []
+    for name, (builder, size, smoke_size) in CASES.items():
+        fns, work = builder(device, smoke_size if args.smoke else size)
+        impls = {"eager reference": ("reference", fns["reference"]),
+                 "inductor (compiled reference)": ("reference", torch.compile(fns["reference"]))}
+        if device.type == "cuda":
+            impls["triton kernel"] = ("triton", fns["kernel"])
+        for impl, (backend, fn) in impls.items():
+            with dispatch.backend(backend):
+                ms = median(time_ms(fn, device, args.warmup, args.iters))
+            row = {"kernel": name, "impl": impl, "size": list(smoke_size if args.smoke else size), "ms": ms}
+            if "bytes" in work:
+                row["gb_per_s"] = work["bytes"] / (ms * 1e-3) / 1e9
+                row["pct_of_copy"] = 100 * row["gb_per_s"] / copy_gbps
+            else:
+                row["tflops"] = work["flops"] / (ms * 1e-3) / 1e12
+            rows.append(row)
+            print(f"  {name:>24} | {impl:>29} | {ms:.3f} ms", flush=True)
+    print()
+    print_table(rows, ["kernel", "impl", "ms", "gb_per_s", "pct_of_copy", "tflops"])
+    finish("kernels", {"environment": env, "copy_gbps": copy_gbps, "rows": rows}, save=not args.no_save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""How precise is the Mean Flow target when the JVP runs in bf16? (the --precision bf16 choice)
+
+    python bench/precision.py --ckpt runs/digits-stmd      # a trained STMD checkpoint
+    python bench/precision.py --smoke                      # untrained tiny network (CI)
+
+For one training batch, computes u and du/dt (torch.func.jvp, tangents (v, 1, 1) on (z, t, h))
+and the target u_tgt = v - h du/dt in float64 (the reference), fp32, and under bf16 autocast
+(what --precision bf16 trains with: matmuls/convolutions and their tangents in bf16; norms,
+softmax, time features and the loss in fp32). Reports relative errors against float64, and
+the target's error as a share of the regression residual ||u - u_tgt|| that training reduces:
+a target noisier than the residual would stall training.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, print_table  # noqa: E402
+
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
+from stmd_fast.models import build_net  # noqa: E402
+from stmd_fast.objectives import ObjectiveConfig, _diffuse, draw_noise  # noqa: E402
+from stmd_fast.schedule import per_sample  # noqa: E402
+
+
+def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool):
+    """u, du/dt and u_tgt of the STMD / Mean Flow objective, in float64."""
+    net = copy.deepcopy(net).to(dtype)
+    x0 = x0.to(dtype)
+    noise = type(noise)(*(n.to(dtype) for n in noise))
+    t, r = noise.t, noise.r
+    tb = per_sample(t, x0)
+    z_t = (1 - tb) * x0 + tb * noise.e
+    v = noise.e - x0
+    cond, s = (_diffuse(x0, noise), noise.s) if method == "stmd" else (None, None)
+
+    def u_fn(z, t_, h_):
+        times = torch.stack([t_, h_] if s is None else [t_, h_, s], dim=1)
+        return net(z, cond, times)
+
+    ones = torch.ones_like(t)
+    context = torch.autocast(x0.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with context, torch.no_grad():
+        u, dudt = torch.func.jvp(u_fn, (z_t, t, t - r), (v, ones, ones))
+    u, dudt = u.double(), dudt.double()
+    return u, dudt, v.double() - per_sample(t - r, x0).double() * dudt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="trained checkpoint (run dir or checkpoint dir) of stmd or meanflow")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="untrained digits network, batch 32, not saved")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.ckpt, args.batch, args.no_save = None, 32, True
+    if args.ckpt:
+        from stmd_fast.checkpoint import load_checkpoint
+        from stmd_fast.data.datasets import load_preset
+        model = load_checkpoint(args.ckpt, "cpu")
+        net, method = model.net, model.method
+        preset = model.meta["config"]["preset"]
+        x0 = load_preset(preset).batch(args.batch, torch.Generator().manual_seed(args.seed))
+    else:
+        method, preset = "stmd", "digits"
+        torch.manual_seed(args.seed)
+        net = build_net(PRESETS[preset]().net, PRESET_DATA_SHAPES[preset], True, 3)
+        x0 = torch.randn(args.batch, *PRESET_DATA_SHAPES[preset])
+    if method not in ("stmd", "meanflow"):
+        sys.exit(f"error: {args.ckpt} is a {method} checkpoint: the JVP belongs to stmd and meanflow")
+    net = net.float().eval()
+    # r < t on every sample (r = t has no du/dt term to measure)
+    noise = draw_noise(x0, ObjectiveConfig(flow_matching_fraction=0.0), torch.Generator().manual_seed(args.seed))
+
+    u64, dudt64, tgt64 = jvp_outputs(net, x0, noise, method, torch.float64, autocast=False)
+    residual = (u64 - tgt64).flatten(1).norm(dim=1)  # ||u - u_tgt|| per sample, what training reduces
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    rows = []
+    for name, dtype, autocast in [("fp32", torch.float32, False), ("bf16 autocast", torch.float32, True)]:
+        u, dudt, tgt = jvp_outputs(net, x0, noise, method, dtype, autocast)
+        target_err = (tgt - tgt64).flatten(1).norm(dim=1)
+        rows.append({"precision": name, "rel_err_u": rel(u, u64), "rel_err_dudt": rel(dudt, dudt64),
+                     "rel_err_target": rel(tgt, tgt64),
+                     "target_err_over_residual": float((target_err / residual).median())})
+    print(f"{method} on {preset}, batch {len(x0)}, {'checkpoint ' + args.ckpt if args.ckpt else 'untrained network'}")
+    print_table(rows, ["precision", "rel_err_u", "rel_err_dudt", "rel_err_target", "target_err_over_residual"])
+    finish("jvp_precision", {"environment": environment(torch.device("cpu")), "checkpoint": args.ckpt,
+                             "method": method, "preset": preset, "batch": len(x0), "rows": rows},
+           save=not args.no_save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Sampling latency and img/s per NFE, eager vs compiled network, side by side in one run.
+
+    python bench/sample.py --preset cifar10 --method stmd            # on a GPU
+    python bench/sample.py --smoke                                    # tiny CPU version (CI)
+
+Times a whole stmd_fast.sampling.sample call (Algorithm 2: noise, N x M network calls, exact
+bridge) for a batch, with freshly initialised weights (speed does not depend on training),
+or with --ckpt a trained checkpoint's EMA network. Compiled variants compile the network.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, finish, median, peak_memory_mb, print_table, reset_peak_memory, time_ms  # noqa: E402
+
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
+from stmd_fast.kernels import dispatch  # noqa: E402
+from stmd_fast.models import build_net  # noqa: E402
+from stmd_fast.objectives import METHODS  # noqa: E402
+from stmd_fast.sampling import nfe, sample  # noqa: E402
+
+# name -> (torch.compile, precision, kernel backend)
+VARIANTS = {
+    "eager fp32": (False, "fp32", "reference"),
+    "compiled fp32": (True, "fp32", "reference"),
+    "compiled bf16 + triton": (True, "bf16", "auto"),
+}
+# (N diffusion steps, M flow steps) per method, by increasing NFE
+STEPS = {"stmd": [(1, 1), (1, 2), (2, 2), (4, 1), (4, 2)], "meanflow": [(1, 1), (1, 2), (1, 4)],
+         "ddpm": [(1, 1), (10, 1), (50, 1)]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES))
+    p.add_argument("--method", default="stmd", choices=sorted(METHODS))
+    p.add_argument("--ckpt", default=None, help="time a trained checkpoint's EMA network instead")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per setting (the first compiles)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 32, not saved")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
+    return p
+
+
+def load_net(args, device):
+    if args.ckpt:
+        from stmd_fast.checkpoint import load_checkpoint
+        model = load_checkpoint(args.ckpt, device)
+        return model.net, model.method, tuple(model.data_shape)
+    cfg = PRESETS[args.preset]()
+    method = METHODS[args.method]
+    torch.manual_seed(0)
+    net = build_net(cfg.net, PRESET_DATA_SHAPES[args.preset], method.conditional, len(method.times))
+    return net.to(device).eval(), args.method, PRESET_DATA_SHAPES[args.preset]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.preset, args.batch, args.warmup, args.iters, args.device = "gmm", 32, 1, 3, "cpu"
+        args.variants, args.no_save = "eager fp32,compiled fp32", True
+    device = resolve_device(args.device)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v not in VARIANTS for v in names):
+        sys.exit(f"error: unknown variant in {names}: choose from {list(VARIANTS)}")
+    net, method, data_shape = load_net(args, device)
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | {method} on {data_shape}, batch {args.batch}")
+    rows = []
+    for name in names:
+        compile_, precision, kernels = VARIANTS[name]
+        torch._dynamo.reset()
+        model = torch.compile(net) if compile_ else net
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        for steps, flow_steps in STEPS[method]:
+            generator = torch.Generator(device).manual_seed(0)
+
+            def run():
+                with dispatch.backend(kernels), autocast:
+                    sample(model, method, args.batch, data_shape, steps, flow_steps, generator)
+
+            reset_peak_memory(device)
+            ms = median(time_ms(run, device, args.warmup, args.iters))
+            rows.append({"variant": name, "N": steps, "M": flow_steps, "nfe": nfe(method, steps, flow_steps),
+                         "latency_ms": ms, "img_per_s": args.batch / (ms * 1e-3),
+                         "peak_mem_mb": peak_memory_mb(device)})
+            print(f"  {name:>22} | NFE {rows[-1]['nfe']:>3} | {ms:.2f} ms", flush=True)
+    for row in rows:
+        base = next((r for r in rows if r["variant"] == "eager fp32" and r["nfe"] == row["nfe"]
+                     and r["N"] == row["N"]), None)
+        row["speedup_vs_eager"] = base["latency_ms"] / row["latency_ms"] if base else None
+    print()
+    print_table(rows, ["variant", "N", "M", "nfe", "latency_ms", "img_per_s", "speedup_vs_eager", "peak_mem_mb"])
+    result = {"environment": env, "method": method, "data_shape": list(data_shape), "batch": args.batch,
+              "checkpoint": args.ckpt, "preset": None if args.ckpt else args.preset, "rows": rows}
+    finish(f"sample/{args.preset if not args.ckpt else 'ckpt'}/{method}", result, save=not args.no_save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Encode an image folder into WebDataset shards of VAE latent distributions (for latent training).
+
+    python -m stmd_fast.data.encode --images DIR --vae stabilityai/sd-vae-ft-ema --resolution 256 --out SHARDS
+
+Each image is resized (shorter side to R, bicubic) and center-cropped to R x R, mapped to [-1, 1]
+and encoded with diffusers' AutoencoderKL. The distribution is stored, not one sample of it, so the
+trainer draws a fresh latent every time it sees the image. Per sample, the shard holds:
+
+    KEY.mean.npy, KEY.std.npy   float16 (C, R/f, R/f): the latent distribution (f: the VAE's downsampling)
+    KEY.src.txt                 the image's path relative to DIR
+
+KEY is the image's index in the sorted file list (9 digits); with --flip, KEY_flip holds the encoding
+of the mirrored image, a sample of its own.
+
+Images go to shards in a fixed pseudo-random order (the sorted list shuffled with seed 0): a folder
+sorted by class would otherwise give shards, and so the loader's shuffle buffers, of one class each.
+Shard k always holds images [k*n, (k+1)*n) of that order (n = --shard-size) and their flips. A shard
+is written under a temporary name and renamed when complete, and manifest.json records it, so a rerun
+after a crash skips the finished shards and redoes the rest. The manifest (count, latent shape, VAE,
+scaling factor, resolution, shards, skipped images) is what LatentShards reads.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from .datasets import DataError
+
+FORMAT = "stmd_fast.latents/1"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+SETTINGS = ("format", "vae", "resolution", "flip", "shard_size")  # a rerun must match these to reuse shards
+# PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
+# (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of JPEG/PNG images, searched recursively")
+    p.add_argument("--vae", required=True,
+                   help="AutoencoderKL: a local folder saved with save_pretrained, or a hub id (e.g. stabilityai/sd-vae-ft-ema)")
+    p.add_argument("--resolution", type=int, default=256, help="square image size before encoding")
+    p.add_argument("--out", required=True, help="shard folder: shard-%%06d.tar and manifest.json")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--flip", action="store_true", help="also encode each image mirrored, as a separate sample")
+    p.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
+    p.add_argument("--limit", type=int, default=None, help="encode only the first N images (sorted order)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads decoding and resizing images (PIL releases the GIL)")
+    return p
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
+    """Relative paths (posix) of the JPEG/PNG files under `folder`, sorted so shards are reproducible."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--images {folder}: not a folder; pass the folder that holds your JPEG/PNG images")
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"no JPEG/PNG images under {folder}; pass the folder that holds them "
+                        f"(searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
+    return paths[:limit] if limit is not None else paths
+
+
+def shard_groups(sources: list[str], shard_size: int) -> list[list[str]]:
+    """The source images of each shard: the sorted list in a fixed shuffled order, cut every shard_size."""
+    order = list(sources)
+    random.Random(0).shuffle(order)  # fixed seed: a rerun puts every image in the same shard
+    return [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+
+
+def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
+    """A PIL image -> (3, R, R) float32 in [-1, 1]: shorter side resized to R (bicubic), then center crop.
+
+    Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
+    already antialiased (no need for the repeated box halving of older pipelines).
+    """
+    image = image.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
+    scale = resolution / min(image.size)
+    size = [max(resolution, round(side * scale)) for side in image.size]
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1
+
+
+def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
+    """(preprocessed image, None), or (None, why) for a file that cannot be read as an image."""
+    try:
+        with Image.open(path) as image:
+            return preprocess(image, resolution), None
+    except UNREADABLE as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def load_vae(name_or_path: str, device: torch.device):
+    """diffusers' AutoencoderKL in eval mode on `device`, or DataError saying what to pass instead."""
+    from diffusers import AutoencoderKL  # imported here: diffusers is slow to import
+
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except Exception as error:  # OSError, huggingface_hub's validation and connection errors, bad configs
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"--vae {name_or_path}: could not load an AutoencoderKL ({reason}); pass a local folder saved with "
+            "save_pretrained (config.json + weights; for a whole pipeline, its vae/ subfolder) or a hub id "
+            "reachable from this machine"
+        ) from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def latent_shape(vae, resolution: int) -> list[int]:
+    """[C, h, w] of one latent; each encoder block but the last halves the resolution."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor "
+                        f"{factor}; pick one that is (e.g. {resolution // factor * factor or factor})")
+    return [vae.config.latent_channels, resolution // factor, resolution // factor]
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 3, R, R) in [-1, 1] -> the latent distribution's mean and std, each (B, C, h, w) float16."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.half().cpu().numpy(), dist.std.half().cpu().numpy()
+
+
+def loaded_batches(pool: ThreadPoolExecutor, root: Path, paths: list[str], batch_size: int, resolution: int):
+    """Yields (paths, [(image or None, error or None), ...]) per batch, reading the next batch meanwhile."""
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+
+    def submit(batch):
+        return [pool.submit(load_image, root / p, resolution) for p in batch]
+
+    pending = submit(batches[0]) if batches else []
+    for i, batch in enumerate(batches):
+        current, pending = pending, (submit(batches[i + 1]) if i + 1 < len(batches) else [])
+        yield batch, [future.result() for future in current]
+
+
+def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, pool, root: Path, args, bar) -> dict:
+    """Encode `sources` into `path` (keys from `index`: position in the sorted list); returns the shard's
+    manifest entry."""
+    # One TarWriter per shard instead of a run-long ShardWriter: each shard is written under a
+    # temporary name and renamed only once complete, so a crash never leaves a half shard under the
+    # final name, and shard k always holds the same images, so a rerun can skip finished shards.
+    tmp = path.with_name(path.name + ".tmp")
+    samples, skipped = 0, []
+    with wds.TarWriter(str(tmp)) as sink:
+        for batch, loaded in loaded_batches(pool, root, sources, args.batch_size, args.resolution):
+            good = [(index[p], p, image) for p, (image, _) in zip(batch, loaded) if image is not None]
+            skipped += [{"path": p, "error": error} for p, (_, error) in zip(batch, loaded) if error is not None]
+            if good:
+                images = torch.stack([image for _, _, image in good])
+                views = [("", images)] + ([("_flip", images.flip(-1))] if args.flip else [])
+                for suffix, x in views:
+                    mean, std = encode(vae, x)
+                    # fp16 saturates beyond 65504: an overflowed latent would poison training silently
+                    finite = np.isfinite(mean).all(axis=(1, 2, 3)) & np.isfinite(std).all(axis=(1, 2, 3))
+                    if not finite.all():
+                        raise DataError(f"{good[int(np.argmin(finite))][1]}: the VAE returned non-finite latents (or "
+                                        "beyond float16's range); check the VAE on this image, or move the image out")
+                    for (number, p, _), m, s in zip(good, mean, std):
+                        sink.write({"__key__": f"{number:09d}{suffix}", "mean.npy": m, "std.npy": s, "src.txt": p})
+                        samples += 1
+            bar.update(len(batch))
+    os.replace(tmp, path)
+    return {"name": path.name, "sources_sha1": digest(sources), "images": len(sources) - len(skipped),
+            "samples": samples, "skipped": skipped}
+
+
+def digest(sources: list[str]) -> str:
+    """Names a shard's source list, so a rerun reuses a shard only if it would hold the same images."""
+    return hashlib.sha1("\n".join(sources).encode()).hexdigest()
+
+
+def previous_manifest(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({error}); delete it to re-encode every shard") from None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    # temp file + rename: a reader (or a crash) never sees half a manifest
+    tmp = folder / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / "manifest.json")
+
+
+def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
+    """Finished shards of an earlier run with the same settings, by name (empty if none)."""
+    if previous is None:
+        return {}
+    old = {key: previous.get(key) for key in SETTINGS}
+    if old != settings:
+        differ = ", ".join(f"{k} {old[k]!r} -> {settings[k]!r}" for k in SETTINGS if old[k] != settings[k])
+        raise DataError(f"{out} holds shards encoded with other settings ({differ}); "
+                        f"pass a new --out, or delete {out} to re-encode")
+    return {info["name"]: info for info in previous.get("shard_info", [])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # imported here: config pulls in the models, which the loader (it imports this module) never needs
+    from stmd_fast.config import resolve_device
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("resolution", "batch_size", "shard_size", "workers", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    root, out = Path(args.images), Path(args.out)
+    sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
+    settings = {"format": FORMAT, "vae": args.vae, "resolution": args.resolution, "flip": args.flip,
+                "shard_size": args.shard_size}
+    finished = check_previous(previous_manifest(out), settings, out)
+    vae = load_vae(args.vae, device)
+    shape = latent_shape(vae, args.resolution)
+    out.mkdir(parents=True, exist_ok=True)
+
+    groups = shard_groups(sources, args.shard_size)
+    index = {p: i for i, p in enumerate(sources)}
+    names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
+    info: list[dict] = []
+
+    def manifest(complete: bool) -> dict:
+        skipped = [s for shard in info for s in shard["skipped"]]
+        return {**settings, "complete": complete, "count": sum(s["samples"] for s in info),
+                "images": sum(s["images"] for s in info), "latent_shape": shape, "dtype": "float16",
+                "scaling_factor": float(vae.config.scaling_factor),
+                # SD3/FLUX-style VAEs shift before scaling: model latents = (z - shift_factor) * scaling_factor
+                "shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0), "source": str(root),
+                "pattern": f"shard-{{000000..{len(groups) - 1:06d}}}.tar", "shards": [s["name"] for s in info],
+                "skipped": skipped, "shard_info": info}
+
+    bar = tqdm(total=len(sources), desc="encode", unit="img", disable=None)  # None: bar only on a terminal
+    with ThreadPoolExecutor(args.workers) as pool:
+        for name, group in zip(names, groups):
+            done = finished.get(name)
+            if done is not None and (out / name).exists() and done["sources_sha1"] == digest(group):
+                info.append(done)  # finished by an earlier run, with the same images
+                bar.update(len(group))
+                continue
+            info.append(encode_shard(out / name, group, index, vae, pool, root, args, bar))
+            write_manifest(out, manifest(complete=False))  # progress: what a rerun may skip
+    bar.close()
+
+    result = manifest(complete=True)
+    if result["images"] == 0:
+        raise DataError(f"none of the {len(sources)} images under {root} could be read (first: "
+                        f"{result['skipped'][0]['path']}: {result['skipped'][0]['error']}); check the files")
+    write_manifest(out, result)
+    stale = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in set(names))
+    if stale:
+        print(f"note: {len(stale)} shard files in {out} are not part of this encoding (e.g. {stale[0]}, "
+              "from an earlier run over more images); delete them, or keep them out of the shard pattern")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable image(s):")
+        for s in result["skipped"]:
+            print(f"  {s['path']}: {s['error']}")
+    print(f"wrote {result['count']} samples from {result['images']} images in {len(names)} shards, latents "
+          f"{'x'.join(map(str, shape))} float16: train on {out / result['pattern']}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,303 @@
+"""VAE latents streamed from the WebDataset shards that stmd_fast.data.encode writes, for training.
+
+    data = LatentShards("shards/shard-{000000..000099}.tar", expect_vae=vae_id, expect_resolution=256,
+                        rank=rank, world_size=world_size).to("cuda")
+    x0 = data.batch(256, generator)   # (256, C, h, w) float32: one draw from each latent distribution
+
+The pipeline of one rank (r of W) and one DataLoader worker (w of K), per epoch:
+
+    all shards, shuffled by (seed, epoch): the same order on every rank
+    -> every W-th shard from r -> every K-th of those from w -> samples (webdataset's tar reader)
+    -> shuffle buffer seeded by (seed, epoch, r, w) -> fp16 mean/std stacked in chunks of CHUNK
+    -> DataLoader (takes the workers' chunks in a fixed round robin) -> batch() in the main process:
+       `size` samples, noise from the caller's generator, (mean + std * noise - shift) * scaling_factor
+       (shift_factor is 0 for the SD VAEs; SD3/FLUX-style VAEs record theirs in the manifest)
+
+Every step is a function of (seed, epoch, rank, world_size, num_workers), so the stream is
+deterministic with any number of workers, and a position is (epoch, samples consumed): resuming
+replays the epoch from its start and drops the consumed samples (up to an epoch of reading, no more).
+Epochs repeat forever. A rank whose epoch yields no sample at all raises DataError instead of waiting.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .datasets import DataError
+from .encode import FORMAT
+
+CHUNK = 64  # samples per worker -> main process transfer: one pickle per chunk, not per sample
+# What a damaged shard raises while read: tarfile's errors, truncated streams, bad .npy bytes,
+# a sample missing an entry (KeyError) or of the wrong shape (ValueError).
+CORRUPT = (tarfile.TarError, OSError, EOFError, ValueError, KeyError)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest.json that encode writes beside the shards; DataError if missing or unfinished."""
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{folder}: no manifest.json beside the shards; write the shards with "
+                        "python -m stmd_fast.data.encode (it writes the manifest)") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({error}); rerun stmd_fast.data.encode with the same --out") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, this loader reads {FORMAT!r}; "
+                        "re-encode with this version's stmd_fast.data.encode")
+    if not manifest.get("complete"):
+        raise DataError(f"{folder}: the encoding did not finish ({len(manifest.get('shards', []))} shards so far); "
+                        "rerun the same stmd_fast.data.encode command to finish it")
+    return manifest
+
+
+def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: int | None) -> None:
+    """DataError unless the shards were encoded with the VAE and resolution the preset expects."""
+    vae = manifest["vae"] if vae is None else vae
+    resolution = manifest["resolution"] if resolution is None else resolution
+    if (manifest["vae"], manifest["resolution"]) != (vae, resolution):
+        raise DataError(
+            f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}, "
+            f"the preset expects {vae} at {resolution}; re-encode with python -m stmd_fast.data.encode "
+            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or pick the preset that matches"
+        )
+
+
+def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
+    """This rank's shards for `epoch`: a shuffle that is the same on every rank, then every W-th from r.
+
+    Rank and world size are explicit (webdataset's split_by_node asks torch.distributed or $RANK).
+    """
+    order = list(urls)
+    random.Random(f"shards/{seed}/{epoch}").shuffle(order)  # str seeds hash the same in every process
+    return order[rank::world_size]
+
+
+def worker_split(shards: list[str]) -> tuple[list[str], int]:
+    """(this DataLoader worker's shards, its id): every K-th shard from worker w; all of them outside workers.
+
+    Reads get_worker_info() itself (webdataset's split_by_worker prefers $WORKER when set), so the
+    split and the shuffle seed below always agree on the worker id.
+    """
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return shards[worker::workers], worker
+
+
+def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, int]):
+    """Yields {"key", "mean", "std"} (fp16 numpy) per sample, or {"skipped": url, "error"} for a damaged
+    shard (the samples read before the damage were yielded already).
+
+    `expected` (path -> samples, from the manifest) catches a tar cut at a member boundary, which
+    tarfile reads as a clean end.
+    """
+    for url in shards:
+        count = 0
+        try:
+            # opened here, not by webdataset's url_opener, which leaves closing the file to the GC
+            with open(url, "rb") as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    mean, std = (np.load(io.BytesIO(sample[k]), allow_pickle=False) for k in ("mean.npy", "std.npy"))
+                    if mean.shape != shape or std.shape != shape:
+                        raise ValueError(f"sample {sample['__key__']} has shapes {mean.shape}, {std.shape}, "
+                                         f"the manifest says {shape}")
+                    yield {"key": sample["__key__"], "mean": mean, "std": std}
+                    count += 1
+        except CORRUPT as error:
+            reason = error.args[0] if error.args else ""  # webdataset appends the stream to args
+            yield {"skipped": url, "error": f"{type(error).__name__}: {reason}"}
+            continue
+        if count != expected.get(str(Path(url)), count):
+            yield {"skipped": url, "error": f"ends after {count} of {expected[str(Path(url))]} samples"}
+
+
+def chunked(records, size: int):
+    """Stacks records into {"keys", "mean", "std"} chunks of `size` (fp16 tensors); skip markers pass through."""
+    keys, means, stds = [], [], []
+    for record in records:
+        if "skipped" in record:
+            yield record
+            continue
+        keys.append(record["key"]), means.append(record["mean"]), stds.append(record["std"])
+        if len(keys) == size:
+            yield {"keys": keys, "mean": torch.from_numpy(np.stack(means)), "std": torch.from_numpy(np.stack(stds))}
+            keys, means, stds = [], [], []
+    if keys:
+        yield {"keys": keys, "mean": torch.from_numpy(np.stack(means)), "std": torch.from_numpy(np.stack(stds))}
+
+
+class EpochStream(IterableDataset):
+    """One rank's samples for one epoch, as chunks (and skip markers), from whichever worker runs it."""
+
+    def __init__(self, urls, shape, expected, epoch, *, seed, rank, world_size, shuffle_buffer):
+        self.urls, self.shape, self.expected, self.epoch = urls, shape, expected, epoch
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+
+    def __iter__(self):
+        shards, worker = worker_split(rank_shards(self.urls, self.seed, self.epoch, self.rank, self.world_size))
+        records = read_shards(shards, self.shape, self.expected)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+            records = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(records)
+        return chunked(records, CHUNK)
+
+
+class LatentShards:
+    """An endless, resumable stream of latents for one DDP rank; batch() is the trainer's interface.
+
+    Damaged shards are skipped with a warning and counted in skipped_shards (strict=True: DataError).
+    """
+
+    kind = "latent"
+
+    def __init__(self, urls: str, *, expect_vae: str | None = None, expect_resolution: int | None = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 1000,
+                 seed: int = 0, strict: bool = False, device="cpu"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.urls = expand_urls(urls)
+        missing = [u for u in self.urls if not Path(u).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(self.urls)} shard files are missing, the first: {missing[0]}; "
+                            "check the pattern against the shards that stmd_fast.data.encode wrote")
+        manifests = {folder: read_manifest(folder) for folder in dict.fromkeys(Path(u).parent for u in self.urls)}
+        first, self.manifest = next(iter(manifests.items()))  # the first shard's folder
+        check_expected(self.manifest, first, expect_vae, expect_resolution)
+        for folder, manifest in manifests.items():  # shards from several folders mix only if encoded alike
+            differ = [k for k in ("vae", "resolution", "latent_shape", "scaling_factor", "shift_factor")
+                      if manifest[k] != self.manifest[k]]
+            if differ:
+                raise DataError(f"{folder}: encoded with another {', '.join(differ)} than {first}; "
+                                "pass shards of one encoding, or re-encode one folder like the other")
+        self._expected = {str(folder / info["name"]): info["samples"]
+                          for folder, manifest in manifests.items() for info in manifest["shard_info"]}
+        if len(self.urls) < world_size:
+            raise DataError(f"{len(self.urls)} shards cannot be split over {world_size} ranks; re-encode with "
+                            "a smaller --shard-size so there are several shards per rank and worker")
+        self.shape = tuple(self.manifest["latent_shape"])
+        self.scaling_factor = float(self.manifest["scaling_factor"])
+        self.shift_factor = float(self.manifest["shift_factor"])
+        self.rank, self.world_size, self.seed, self.strict = rank, world_size, seed, strict
+        self.shuffle_buffer = shuffle_buffer
+        # a worker without a shard would only add start-up time
+        self.num_workers = min(num_workers, len(self.urls[rank::world_size]))
+        self.device = torch.device(device)
+        self.corrupt_shards: dict[str, str] = {}  # url -> error, over all epochs
+        self.epoch, self.consumed = 0, 0
+        self._stream = None  # the current epoch's DataLoader iterator
+        self._pending = None  # (mean, std) of a chunk on self.device, not consumed yet
+        self._replay = 0  # samples to drop after a resume
+        self._epoch_samples = 0  # read in the current epoch: none at its end means nothing is readable
+
+    @property
+    def skipped_shards(self) -> int:
+        """Damaged shards skipped so far (each counted once, however many epochs met it)."""
+        return len(self.corrupt_shards)
+
+    def to(self, device) -> LatentShards:
+        """Sets the device batch() returns on (and pins the workers' chunks in memory for CUDA)."""
+        self.device = torch.device(device)
+        if self._pending is not None:
+            self._pending = tuple(t.to(self.device) for t in self._pending)
+        return self
+
+    def batch(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """(size, C, h, w) float32 on the device: (mean + std * noise - shift_factor) * scaling_factor for
+        the next `size` samples of the stream; the noise comes from `generator` alone, so a seeded generator
+        repeats it."""
+        means, stds, taken = [], [], 0
+        while taken < size:
+            if self._pending is None:
+                self._pending = self._next_chunk()
+            mean, std = self._pending
+            n = min(size - taken, len(mean))
+            means.append(mean[:n]), stds.append(std[:n])
+            self._pending = (mean[n:], std[n:]) if n < len(mean) else None
+            self.consumed += n
+            taken += n
+        mean, std = torch.cat(means).float(), torch.cat(stds).float()
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(self.device)
+        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+
+    def state_dict(self) -> dict:
+        """The position: epoch and samples this rank consumed in it (and the seed the order came from)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: the next batch() replays that epoch and skips the consumed samples.
+
+        The same stream needs the same shards, rank, world_size and num_workers as when it was saved.
+        """
+        self.epoch, self.consumed, self.seed = int(state["epoch"]), int(state["consumed"]), int(state["seed"])
+        self._stream, self._pending, self._replay = None, None, self.consumed
+
+    def epoch_keys(self, epoch: int) -> list[str]:
+        """The sample keys of `epoch` in this rank's stream order (for tests and inspection)."""
+        chunks = self._loader(epoch)
+        return [key for chunk in chunks if "keys" in chunk for key in chunk["keys"]]
+
+    def _loader(self, epoch: int) -> DataLoader:
+        dataset = EpochStream(self.urls, self.shape, self._expected, epoch, seed=self.seed, rank=self.rank,
+                              world_size=self.world_size, shuffle_buffer=self.shuffle_buffer)
+        # batch_size=None: the workers' chunks pass through as they are; one loader per epoch, since
+        # the epoch is part of every worker's shard order and seed
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _next_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._stream is None:
+                self._stream, self._epoch_samples = iter(self._loader(self.epoch)), 0
+            chunk = next(self._stream, None)
+            if chunk is None:  # end of the epoch
+                self._stream = None
+                if self._epoch_samples == 0:
+                    first = next(iter(self.corrupt_shards.items()), None)
+                    raise DataError(
+                        f"no readable samples in the {len(self.urls[self.rank::self.world_size])} shards of rank "
+                        f"{self.rank}" + (f" (e.g. {first[0]}: {first[1]})" if first else "")
+                        + "; check the shards, or re-encode them with stmd_fast.data.encode")
+                self.epoch, self.consumed, self._replay = self.epoch + 1, 0, 0
+                continue
+            if "skipped" in chunk:
+                self._skip_shard(chunk["skipped"], chunk["error"])
+                continue
+            self._epoch_samples += len(chunk["keys"])
+            mean, std = chunk["mean"], chunk["std"]
+            if self._replay:  # resuming: these were consumed before the state was saved
+                drop = min(self._replay, len(mean))
+                mean, std, self._replay = mean[drop:], std[drop:], self._replay - drop
+                if not len(mean):
+                    continue
+            # non_blocking: the copy from pinned memory overlaps with the caller's GPU work
+            return mean.to(self.device, non_blocking=True), std.to(self.device, non_blocking=True)
+
+    def _skip_shard(self, url: str, error: str) -> None:
+        if self.strict:
+            raise DataError(f"{url}: damaged shard ({error}); delete it and rerun stmd_fast.data.encode with the "
+                            "same arguments to rewrite it, or pass strict=False to skip it")
+        if url not in self.corrupt_shards:
+            warnings.warn(f"skipping damaged shard {url} ({error}); the samples before the damage are used",
+                          stacklevel=4)
+        self.corrupt_shards[url] = error
+
+
+@torch.no_grad()
+def decode_latents(vae, z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Model-space latents (what LatentShards.batch returns and the samplers make) -> images in
+    [-1, 1] through the VAE's decoder, `batch_size` at a time; undoes batch()'s shift and scale."""
+    parts = [vae.decode((part / scaling_factor + shift_factor).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+             for part in z.split(batch_size)]
+    return torch.cat(parts).to(z.device)

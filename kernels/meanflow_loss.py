@@ -1,0 +1,105 @@
+"""Fused Mean Flow target and adaptive loss (math.md section 4).
+
+    u_tgt = stopgrad(v - h du/dt),  h = t - r
+    l_i   = ||u_i - u_tgt,i||^2 (summed over the sample's dimensions)
+    loss  = mean_i stopgrad(w_i) l_i,  w_i = 1 / (l_i + c)^p
+
+reference:  meanflow_loss_reference   plain PyTorch (eager: about 10 elementwise passes)
+kernel:     pass 1 reads u, v, du/dt and h once, writes delta = u - u_tgt (fp32) and per-chunk
+            partial sums of delta^2 (summed in a fixed order: deterministic, no atomics);
+            pass 2 turns delta into d loss / d u = 2 w_i delta / B in u's dtype. The forward
+            thus returns the loss, the per-sample ||delta||^2 and the gradient, and the
+            backward is one multiply by the incoming scalar gradient.
+API:        meanflow_loss(u, dudt, v, h, c, p) -> (loss, per-sample ||delta||^2, detached)
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dispatch import HAS_TRITON, use_triton
+
+
+def meanflow_loss_reference(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor]:
+    """Loss and per-sample ||delta||^2 (detached); math in fp32 whatever the input dtypes."""
+    shape = (-1,) + (1,) * (v.ndim - 1)
+    u_tgt = (v.float() - h.float().reshape(shape) * dudt.float()).detach()
+    sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
+    weight = (sq.detach() + c).pow(-p)
+    return (weight * sq).mean(), sq.detach()
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _delta_kernel(u_ptr, dudt_ptr, v_ptr, h_ptr, delta_ptr, partial_ptr, D, N_CHUNKS, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        base = b.to(tl.int64) * D
+        u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dudt = tl.load(dudt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + b).to(tl.float32)
+        delta = u - (v - h * dudt)
+        tl.store(delta_ptr + base + offs, delta, mask=mask)
+        tl.store(partial_ptr + b * N_CHUNKS + chunk, tl.sum(delta * delta, axis=0))
+
+    @triton.jit
+    def _grad_kernel(delta_ptr, sq_ptr, grad_ptr, D, coef, c, p, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        base = b.to(tl.int64) * D
+        weight = tl.exp(-p * tl.log(tl.load(sq_ptr + b) + c))  # (l + c)^-p
+        delta = tl.load(delta_ptr + base + offs, mask=mask, other=0.0)
+        tl.store(grad_ptr + base + offs, (coef * weight * delta).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.custom_op("stmd_fast::meanflow_loss", mutates_args=())
+def _meanflow_loss_op(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    b = u.shape[0]
+    d = u[0].numel()
+    u, dudt, v, h = u.contiguous(), dudt.contiguous(), v.contiguous(), h.contiguous()
+    block = min(4096, triton.next_power_of_2(d))
+    n_chunks = triton.cdiv(d, block)
+    delta = torch.empty(u.shape, device=u.device, dtype=torch.float32)
+    partial = torch.empty(b, n_chunks, device=u.device, dtype=torch.float32)
+    _delta_kernel[(b, n_chunks)](u, dudt, v, h, delta, partial, d, n_chunks, BLOCK=block)
+    sq = partial.sum(1)
+    grad = delta if u.dtype == torch.float32 else torch.empty_like(u)  # fp32: scale delta in place
+    _grad_kernel[(b, n_chunks)](delta, sq, grad, d, 2.0 / b, c, p, BLOCK=block)
+    loss = ((sq + c).pow(-p) * sq).mean()
+    return loss, sq, grad
+
+
+@_meanflow_loss_op.register_fake
+def _(u, dudt, v, h, c, p):
+    return u.new_empty((), dtype=torch.float32), u.new_empty(u.shape[0], dtype=torch.float32), torch.empty_like(u)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])  # ||delta||^2 and the gradient are outputs, not terms
+
+
+def _backward(ctx, grad_loss, grad_sq, grad_grad):
+    # Only u gets a gradient: the target (v, du/dt, h) is stop-gradient, and so are the
+    # per-sample ||delta||^2 and the weights.
+    (grad_u,) = ctx.saved_tensors
+    return grad_u * grad_loss, None, None, None, None, None
+
+
+_meanflow_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def meanflow_loss(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor]:
+    """Adaptive Mean Flow loss and per-sample ||delta||^2: the fused kernel on CUDA (backend
+    "auto"), the reference elsewhere. The gradient flows to u only."""
+    if not use_triton(u):
+        return meanflow_loss_reference(u, dudt, v, h, c, p)
+    loss, sq, _ = _meanflow_loss_op(u, dudt.detach(), v.detach(), h.detach(), float(c), float(p))
+    return loss, sq.detach()

@@ -1,0 +1,102 @@
+"""The benchmarks' smoke runs (what CI can run), and the FLOP count behind their MFU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run_smoke(script: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last)  # each benchmark ends with one JSON line
+
+
+class LinearNet(nn.Module):
+    """u = W z (bias-free): every FLOP of a step has a closed form."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.lin = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, z, cond, times):
+        return self.lin(z)
+
+
+def test_step_flops_count_forward_tangent_and_backward():
+    from train_step import count_step_flops
+
+    from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise, flow_matching_loss
+
+    from stmd_fast.models import use_tangent_layers
+
+    batch, dim = 8, 32
+    net = LinearNet(dim)
+    x0 = torch.randn(batch, dim)
+    noise = draw_noise(x0, ObjectiveConfig(), torch.Generator().manual_seed(0))
+    matmul = 2 * batch * dim * dim
+
+    def meanflow(x, n):
+        return compute_loss("meanflow", net, x, n, ObjectiveConfig())
+
+    # plain nn.Linear under the JVP: forward, tangent W v, and x @ 0 for the weight's materialised
+    # zero tangent, then the weight gradient (the input needs none) = 4 matmuls
+    assert count_step_flops(meanflow, x0, noise) == 4 * matmul
+    use_tangent_layers(net)  # what build_net does: the zero-tangent matmul is gone
+    assert count_step_flops(meanflow, x0, noise) == 3 * matmul
+    # flow matching: forward and weight gradient, no tangent
+    assert count_step_flops(lambda x, n: flow_matching_loss("meanflow", net, x, n), x0, noise) == 2 * matmul
+
+
+def test_flow_matching_loss_is_the_objective_at_r_equal_t():
+    from stmd_fast.models import NetConfig, build_net
+    from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise, flow_matching_loss
+
+    torch.manual_seed(0)
+    net = build_net(NetConfig(kind="mlp", width=16, depth=1, time_freqs=8), (3,), True, 3)
+    cfg = ObjectiveConfig(flow_matching_fraction=1.0, adaptive_p=0.0)  # r = t, plain squared error
+    x0 = torch.randn(10, 3)
+    noise = draw_noise(x0, cfg, torch.Generator().manual_seed(1))
+    loss, _ = compute_loss("stmd", net, x0, noise, cfg)
+    mse, _ = flow_matching_loss("stmd", net, x0, noise)
+    torch.testing.assert_close(loss, 3 * mse)  # sum over the 3 dimensions vs mean over them
+    with pytest.raises(ValueError, match="r = t step"):
+        flow_matching_loss("ddpm", net, x0, noise)
+
+
+@pytest.mark.slow
+def test_train_step_smoke():
+    result = run_smoke("train_step.py")
+    rows = {(r["variant"], r["objective"]): r for r in result["rows"]}
+    assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")}
+    assert result["environment"]["torch"] == torch.__version__
+    for (variant, objective), row in rows.items():
+        assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
+        assert 0 < row["mfu_pct"]
+    # the JVP step does more work than the flow-matching step of the same network
+    assert rows[("eager fp32", "stmd")]["gflop_per_step"] > rows[("eager fp32", "flow matching")]["gflop_per_step"]
+    assert rows[("eager fp32", "stmd")]["speedup_vs_eager"] == 1.0
+
+
+@pytest.mark.slow
+def test_sample_smoke():
+    result = run_smoke("sample.py")
+    nfes = sorted({r["nfe"] for r in result["rows"]})
+    assert nfes == [1, 2, 4, 8]  # stmd's (N, M) grid
+    assert {r["variant"] for r in result["rows"]} == {"eager fp32", "compiled fp32"}
+
+
+@pytest.mark.slow
+def test_kernels_smoke():
+    result = run_smoke("kernels.py")
+    kernels = {r["kernel"] for r in result["rows"]}
+    assert len(kernels) == 3 and result["copy_gbps"] > 0
+    assert all(r["ms"] > 0 for r in result["rows"])

@@ -1,0 +1,134 @@
+"""The celeba-latent path end to end on tiny stand-ins: images -> VAE shards -> DiT training
+-> checkpoint -> samples decoded to images; and the preset's checks on bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stmd_fast import config, load_checkpoint
+from stmd_fast.config import TrainConfig
+from stmd_fast.data import encode as enc
+from stmd_fast.models import NetConfig
+from stmd_fast.sample import main as sample_main
+from stmd_fast.train import main as train_main
+from stmd_fast.train import train
+
+R = 16  # image resolution of the stand-in shards: latents (4, 8, 8) with the tiny VAE
+TINY_DIT = NetConfig(kind="dit", width=32, depth=1, heads=2, patch_size=4, time_freqs=16)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=R)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, vae_dir) -> str:
+    images = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+    out = tmp_path_factory.mktemp("shards")
+    enc.main(["--images", str(images), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--device", "cpu", "--shard-size", "3"])
+    return str(out / "shard-{000000..000003}.tar")
+
+
+@pytest.fixture
+def at_test_resolution(monkeypatch):
+    """The preset expects 256-pixel shards; the stand-ins are 16 pixels."""
+    monkeypatch.setitem(config.LATENT_RESOLUTION, "celeba-latent", R)
+
+
+def tiny_config(shards, vae_dir, out, **overrides) -> TrainConfig:
+    settings = dict(preset="celeba-latent", data=shards, vae=str(vae_dir), net=TINY_DIT, batch_size=4, steps=4,
+                    lr=1e-3, ckpt_every=2, log_every=1, sample_every=0, data_workers=0, device="cpu", out=str(out))
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_dit_trains_from_shards_and_samples_decode_to_images(shards, vae_dir, tmp_path, at_test_resolution):
+    run = tmp_path / "run"
+    ckpt = train(tiny_config(shards, vae_dir, run))
+    assert len(losses(run)) == 4 and all(np.isfinite(losses(run)))
+    grid = Image.open(run / "samples" / "step_00000004.png")
+    assert grid.size == (8 * (R + 1) + 1,) * 2  # 64 decoded R x R images, 8 x 8 with 1-pixel padding
+
+    model = load_checkpoint(ckpt)
+    assert model.data_kind == "latent" and model.data_shape == (4, R // 2, R // 2)
+    z = model.sample(3, steps=2, generator=torch.Generator().manual_seed(0))
+    images = model.decode(z)
+    assert images.shape == (3, 3, R, R) and images.abs().max() <= 1
+    out = tmp_path / "samples.png"
+    assert sample_main([str(run), "--num", "4", "--seed", "0", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * (R + 1) + 1,) * 2
+
+
+@pytest.mark.slow
+def test_resume_continues_the_stream_exactly(shards, vae_dir, tmp_path, at_test_resolution):
+    train(tiny_config(shards, vae_dir, tmp_path / "full"))
+    train(tiny_config(shards, vae_dir, tmp_path / "part", steps=2))
+    train(tiny_config(shards, vae_dir, tmp_path / "part"), resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")  # the data position came back with the checkpoint
+
+
+def test_preset_needs_shards_and_a_vae(capsys, tmp_path):
+    assert train_main(["--preset", "celeba-latent", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "stmd_fast.data.encode" in err and "--data" in err and "--vae" in err
+
+
+def test_shards_at_another_resolution_are_refused_before_training(capsys, shards, vae_dir, tmp_path):
+    run = tmp_path / "run"
+    code = train_main(["--preset", "celeba-latent", "--data", shards, "--vae", str(vae_dir), "--out", str(run),
+                       "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "256" in err and str(R) in err
+    assert not (run / "checkpoints").exists()
+
+
+def test_shards_from_another_vae_are_refused(capsys, shards, tmp_path, at_test_resolution):
+    code = train_main(["--preset", "celeba-latent", "--data", shards, "--vae", str(tmp_path / "other-vae"),
+                       "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert code == 2
+    assert "other-vae" in capsys.readouterr().err
+
+
+def test_a_vae_that_does_not_load_is_refused_before_training(capsys, shards, vae_dir, tmp_path, monkeypatch,
+                                                             at_test_resolution):
+    # the manifest names vae_dir; the folder is there at check time but its weights are gone
+    broken = tmp_path / "vae"
+    broken.mkdir()
+    (broken / "config.json").write_text((vae_dir / "config.json").read_text())
+    manifest_dir = Path(shards).parent
+    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    monkeypatch.setitem(manifest, "vae", str(broken))
+    from stmd_fast.data import latents
+
+    monkeypatch.setattr(latents, "read_manifest", lambda folder: manifest)
+    run = tmp_path / "run"
+    code = train_main(["--preset", "celeba-latent", "--data", shards, "--vae", str(broken), "--out", str(run),
+                       "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "could not load an AutoencoderKL" in err
+    assert not (run / "checkpoints").exists()

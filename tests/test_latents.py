@@ -1,0 +1,406 @@
+"""The latent pipeline: stmd_fast.data.encode (images -> shards) and stmd_fast.data.latents.LatentShards.
+
+A tiny randomly initialised AutoencoderKL (downsampling 2) stands in for the SD VAE, and the images
+are synthetic files of assorted sizes, modes and formats, one of them corrupt. The references are
+computed here: the VAE run directly on the module's own preprocessing, and the shards read back raw.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stmd_fast.data import encode as enc
+from stmd_fast.data.datasets import DataError
+from stmd_fast.data.latents import LatentShards
+
+ROOT = Path(__file__).resolve().parents[1]
+R = 16  # resolution: latents (4, 8, 8)
+SHARD_SIZE = 2
+# (relative path, size, PIL mode): portrait, landscape, square, odd sizes, upscaled, nested, upper-case suffix
+IMAGES = [("a.png", (40, 30), "RGB"), ("b.jpg", (24, 48), "RGB"), ("c.png", (33, 33), "L"),
+          ("d.png", (50, 20), "RGBA"), ("e.jpeg", (12, 9), "RGB"), ("sub/f.JPG", (64, 40), "RGB"),
+          ("sub/g.PNG", (17, 31), "P"), ("sub/deeper/h.png", (16, 16), "RGB"), ("i.jpg", (30, 45), "RGB")]
+CORRUPT = "broken.png"  # third of the 10 sources in sorted order
+
+
+def _write_image(path: Path, size: tuple[int, int], mode: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # a gradient plus noise: structure for the resize to act on, different in every image
+    base = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.3, 1, h)[:, None, None]
+    pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode == "RGBA":
+        image.putalpha(128)
+    elif mode in ("L", "P"):
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vae")
+    _tiny_vae().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(vae_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for seed, (name, size, mode) in enumerate(IMAGES):
+        _write_image(root / name, size, mode, seed)
+    (root / CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (root / "notes.txt").write_text("not an image: ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, image_dir, vae_dir) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--batch-size", "1", "--device", "cpu", "--flip", "--shard-size", str(SHARD_SIZE), "--workers", "2"])
+    return out
+
+
+def _pattern(folder: Path, n: int = 5) -> str:
+    return str(folder / f"shard-{{000000..{n - 1:06d}}}.tar")
+
+
+def _read_samples(folder: Path) -> dict[str, dict]:
+    """Every sample of every shard, read with tarfile and numpy only: key -> {"mean", "std", "src", "shard"}."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, entry = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                value = data.decode() if entry == "src.txt" else np.load(io.BytesIO(data))
+                samples.setdefault(key, {"shard": shard.name})[entry.split(".")[0]] = value
+    return samples
+
+
+def _direct(vae, image_dir: Path, src: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE run on one image, preprocessed by the encoder's own function: fp16 (mean, std)."""
+    x, error = enc.load_image(image_dir / src, R)
+    assert error is None
+    x = x[None].flip(-1) if flip else x[None]
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    return dist.mean[0].half(), dist.std[0].half()
+
+
+# --- encode -------------------------------------------------------------------------------------
+
+
+def test_manifest_describes_the_shards(shards, vae, vae_dir):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    n = len(IMAGES)
+    assert manifest["complete"] is True
+    assert manifest["images"] == n and manifest["count"] == 2 * n  # each image and its flip
+    assert manifest["latent_shape"] == [4, R // 2, R // 2]
+    assert manifest["vae"] == str(vae_dir) and manifest["resolution"] == R
+    assert manifest["scaling_factor"] == vae.config.scaling_factor and manifest["shift_factor"] == 0.0
+    assert manifest["flip"] is True and manifest["shard_size"] == SHARD_SIZE
+    assert manifest["shards"] == [f"shard-{k:06d}.tar" for k in range(5)]  # 10 sources, 2 per shard
+    assert [s["path"] for s in manifest["skipped"]] == [CORRUPT] and manifest["skipped"][0]["error"]
+    assert sorted(p.name for p in shards.iterdir()) == sorted(manifest["shards"] + ["manifest.json"])
+
+
+def test_shards_hold_the_vae_encoding_of_each_image_and_its_flip(shards, vae, image_dir):
+    samples = _read_samples(shards)
+    sources = sorted(name for name, _, _ in IMAGES)
+    assert sorted(k for k in samples if not k.endswith("_flip")) == [
+        f"{sorted(sources + [CORRUPT]).index(s):09d}" for s in sources]  # the index in the sorted list
+    assert len(samples) == 2 * len(IMAGES)
+    for key, sample in samples.items():
+        assert sample["mean"].dtype == np.float16 and sample["mean"].shape == (4, R // 2, R // 2)
+        mean, std = _direct(vae, image_dir, sample["src"], flip=key.endswith("_flip"))
+        # bit for bit: the fixture encoded one image per call, as the reference does
+        assert torch.equal(torch.from_numpy(sample["mean"]), mean) and torch.equal(torch.from_numpy(sample["std"]), std)
+    flipped = samples[f"{1:09d}_flip"]["mean"]
+    assert not np.array_equal(flipped, samples[f"{1:09d}"]["mean"])  # the flip is really another image
+
+
+def test_batched_encoding_keeps_each_latent_with_its_image(shards, tmp_path, image_dir, vae_dir):
+    out = tmp_path / "batched"
+    enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--batch-size", "4", "--shard-size", "7", "--device", "cpu"])
+    one_by_one = {s["src"]: s for k, s in _read_samples(shards).items() if not k.endswith("_flip")}
+    batched = _read_samples(out)
+    assert sorted(s["src"] for s in batched.values()) == sorted(one_by_one)
+    for sample in batched.values():
+        # CPU kernels may round differently per batch size: allow one fp16 step
+        for entry in ("mean", "std"):
+            torch.testing.assert_close(torch.from_numpy(sample[entry]),
+                                       torch.from_numpy(one_by_one[sample["src"]][entry]), rtol=1e-3, atol=1e-4)
+
+
+def test_preprocess_crops_the_center_square_in_model_range():
+    # 80x40, white but for black 10-pixel sides: 4x down to 20x10, whose center 10x10 is the middle 40
+    # columns; the white reaches 10 pixels beyond them, past the reach of the bicubic filter (8 at 4x)
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, 10:70] = 255
+    for image in (Image.fromarray(pixels), Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90)):
+        x = enc.preprocess(image, 10)
+        assert x.shape == (3, 10, 10) and x.dtype == torch.float32
+        assert torch.equal(x, torch.ones_like(x))
+
+
+def test_rerun_skips_finished_shards_and_redoes_a_crashed_one(tmp_path, image_dir, vae_dir, monkeypatch):
+    out = tmp_path / "shards"
+    args = ["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+            "--batch-size", "1", "--device", "cpu", "--shard-size", "2", "--limit", "4"]
+    groups = enc.shard_groups(enc.list_images(image_dir, 4), 2)  # a.png, b.jpg, broken.png, c.png in 2 shards
+    readable = [[p for p in group if p != CORRUPT] for group in groups]  # one encode call per image
+    real_encode, calls = enc.encode, []
+
+    def crash_in_shard_1(vae, images):
+        calls.append(len(images))
+        if len(calls) == len(readable[0]) + 1:  # the first image of shard 1
+            raise KeyboardInterrupt
+        return real_encode(vae, images)
+
+    monkeypatch.setattr(enc, "encode", crash_in_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        enc.main(args)
+    assert (out / "shard-000000.tar").exists() and (out / "shard-000001.tar.tmp").exists()
+    assert not (out / "shard-000001.tar").exists()  # never a half shard under the final name
+    with pytest.raises(DataError, match="did not finish"):
+        LatentShards(str(out / "shard-000000.tar"))
+    mtime = (out / "shard-000000.tar").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(enc, "encode", lambda vae, images: calls.append(len(images)) or real_encode(vae, images))
+    manifest = enc.main(args)
+    assert calls == [1] * len(readable[1])  # only shard 1's images
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == mtime
+    assert not (out / "shard-000001.tar.tmp").exists()
+    assert manifest["complete"] and manifest["images"] == 3 and manifest["count"] == 3
+    assert [s["path"] for s in manifest["skipped"]] == [CORRUPT]  # remembered from the first run
+
+    calls.clear()
+    enc.main(args)
+    assert calls == []  # everything finished: nothing encoded
+    with pytest.raises(DataError, match="other settings.*resolution 16 -> 8"):
+        enc.main([*args[:5], "8", *args[6:]])
+
+
+def test_a_latent_beyond_float16_stops_the_encoding_naming_the_image(tmp_path, image_dir, vae_dir, monkeypatch):
+    real_encode = enc.encode
+
+    def overflow(vae, images):
+        mean, std = real_encode(vae, images)
+        mean[-1, 0, 0, 0] = np.inf
+        return mean, std
+
+    monkeypatch.setattr(enc, "encode", overflow)
+    with pytest.raises(DataError, match=r"^(a\.png|b\.jpg): the VAE returned non-finite latents"):
+        enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--limit", "2",
+                  "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
+# --- LatentShards -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_cover_each_sample_once_per_epoch(shards, world_size, workers):
+    every = sorted(_read_samples(shards))
+    for epoch in (0, 1):
+        keys = [k for rank in range(world_size)
+                for k in LatentShards(_pattern(shards), rank=rank, world_size=world_size, num_workers=workers,
+                                      shuffle_buffer=4).epoch_keys(epoch)]
+        assert sorted(keys) == every  # disjoint and complete
+
+
+def test_epochs_are_reshuffled_and_ranks_agree_on_the_shard_order(shards):
+    data = LatentShards(_pattern(shards), num_workers=0, shuffle_buffer=8)
+    assert data.epoch_keys(0) != data.epoch_keys(1)
+    assert data.epoch_keys(0) == LatentShards(_pattern(shards), num_workers=0, shuffle_buffer=8).epoch_keys(0)
+    assert data.epoch_keys(0) != LatentShards(_pattern(shards), num_workers=0, shuffle_buffer=8,
+                                              seed=1).epoch_keys(0)
+
+
+def test_batch_is_a_draw_from_each_latent_distribution(shards):
+    samples = _read_samples(shards)
+    data = LatentShards(_pattern(shards), num_workers=0, shuffle_buffer=8)
+    assert data.kind == "latent" and data.shape == (4, R // 2, R // 2)
+    n = len(samples)
+    keys = data.epoch_keys(0) + data.epoch_keys(1)
+    start = 0
+    for size in (5, n):  # the second batch runs past the end of epoch 0
+        x = data.batch(size, torch.Generator().manual_seed(size))
+        assert x.shape == (size, 4, R // 2, R // 2) and x.dtype == torch.float32
+        mean = torch.stack([torch.from_numpy(samples[k]["mean"]) for k in keys[start:start + size]]).float()
+        std = torch.stack([torch.from_numpy(samples[k]["std"]) for k in keys[start:start + size]]).float()
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(size))
+        torch.testing.assert_close(x, (mean + std * noise) * data.scaling_factor, rtol=0, atol=0)  # no shift
+        start += size
+    assert data.state_dict() == {"epoch": 1, "consumed": 5, "seed": 0}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_restored_loader_continues_identically(shards, workers):
+    def loader():
+        return LatentShards(_pattern(shards), num_workers=workers, shuffle_buffer=4, seed=3)
+
+    data, g = loader(), torch.Generator().manual_seed(0)
+    for _ in range(3):
+        data.batch(7, g)  # 21 samples: into epoch 1 (18 per epoch)
+    state = data.state_dict()
+    assert state == {"epoch": 1, "consumed": 3, "seed": 3}
+    expected = [data.batch(7, torch.Generator().manual_seed(i)) for i in range(4)]  # on into epoch 2
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for i, x in enumerate(expected):
+        torch.testing.assert_close(resumed.batch(7, torch.Generator().manual_seed(i)), x, rtol=0, atol=0)
+    assert resumed.state_dict() == data.state_dict()
+
+
+def _damage(shards: Path, tmp_path: Path, which: dict[int, str]) -> Path:
+    """A copy of the shards with shard k cut in half ("truncated"), replaced by "garbage", or "short":
+    a well-formed tar of its first sample only (as if cut at a member boundary)."""
+    out = tmp_path / "damaged"
+    shutil.copytree(shards, out)
+    for k, how in which.items():
+        path = out / f"shard-{k:06d}.tar"
+        data = path.read_bytes()
+        if how == "short":
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar, tarfile.open(path, "w") as short:
+                for member in tar.getmembers()[:3]:  # mean.npy, src.txt, std.npy of one sample
+                    short.addfile(member, tar.extractfile(member))
+        else:
+            path.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_shards_are_skipped_with_a_warning_and_counted(shards, tmp_path, workers):
+    damaged = _damage(shards, tmp_path, {1: "truncated", 2: "short", 3: "garbage"})
+    data = LatentShards(_pattern(damaged), num_workers=workers, shuffle_buffer=4)
+    with pytest.warns(UserWarning) as record:
+        for _ in range(4):  # more than two epochs of what is left
+            data.batch(8, torch.Generator().manual_seed(0))
+    messages = " ".join(str(w.message) for w in record)
+    assert messages.count("skipping damaged shard") == 3  # once per shard, not per epoch
+    assert "shard-000001.tar (ReadError" in messages
+    by_shard = {}
+    for key, sample in _read_samples(shards).items():
+        by_shard.setdefault(sample["shard"], set()).add(key)
+    short = f"shard-000002.tar (ends after 1 of {len(by_shard['shard-000002.tar'])} samples)"
+    assert "shard-000003.tar (ReadError" in messages and short in messages
+    assert data.skipped_shards == 3 and data.epoch >= 2
+    keys = set(data.epoch_keys(0))
+    assert len(keys) == len(data.epoch_keys(0))  # no sample twice
+    intact = by_shard["shard-000000.tar"] | by_shard["shard-000004.tar"]
+    truncated = by_shard["shard-000001.tar"]
+    assert len(keys & by_shard["shard-000002.tar"]) == 1  # the short shard's one sample is used
+    assert not keys & by_shard["shard-000003.tar"]
+    assert intact <= keys and keys & truncated != truncated  # the part before the cut at most
+
+    strict = LatentShards(_pattern(damaged), num_workers=workers, shuffle_buffer=4, strict=True)
+    with pytest.raises(DataError, match=r"shard-00000[123]\.tar: damaged shard"):
+        for _ in range(3):
+            strict.batch(8, torch.Generator())
+
+
+def test_all_shards_damaged_raises_instead_of_hanging(shards, tmp_path):
+    damaged = _damage(shards, tmp_path, {k: "garbage" for k in range(5)})
+    data = LatentShards(_pattern(damaged), num_workers=2)
+    outcome = []
+
+    def draw():
+        try:
+            data.batch(4, torch.Generator())
+        except Exception as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=draw, daemon=True)
+    with pytest.warns(UserWarning):
+        thread.start()
+        thread.join(timeout=60)
+    assert not thread.is_alive(), "batch() hung on shards without a readable sample"
+    assert isinstance(outcome[0], DataError) and "no readable samples in the 5 shards" in str(outcome[0])
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_a_folder_without_images_fails_before_the_vae_loads(tmp_path, vae_dir, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    monkeypatch.setattr(enc, "load_vae", lambda *a: pytest.fail("the VAE was loaded"))
+    with pytest.raises(DataError, match="no JPEG/PNG images under"):
+        enc.main(["--images", str(tmp_path / "empty"), "--vae", str(vae_dir), "--out", str(tmp_path / "o"),
+                  "--device", "cpu"])
+
+
+@pytest.mark.parametrize("vae", ["missing-folder", "images-folder"])
+def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
+    path = tmp_path / "nothing here" if vae == "missing-folder" else image_dir  # a folder without config.json
+    with pytest.raises(DataError, match="could not load an AutoencoderKL.*save_pretrained"):
+        enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+
+
+def test_shards_of_another_vae_or_resolution_are_refused(shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    LatentShards(_pattern(shards), expect_vae=manifest["vae"], expect_resolution=R)  # the matching preset
+    with pytest.raises(DataError, match=f"encoded with VAE .* at resolution {R}, the preset expects "
+                                        f"stabilityai/sd-vae-ft-ema at {R}; re-encode"):
+        LatentShards(_pattern(shards), expect_vae="stabilityai/sd-vae-ft-ema")
+    with pytest.raises(DataError, match="the preset expects .* at 256"):
+        LatentShards(_pattern(shards), expect_resolution=256)
+
+
+def test_missing_shards_or_manifest_are_data_errors(shards, tmp_path):
+    with pytest.raises(DataError, match="5 of 10 shard files are missing, the first: .*shard-000005.tar"):
+        LatentShards(_pattern(shards, 10))
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(shards / "shard-000000.tar", lone)
+    with pytest.raises(DataError, match="no manifest.json"):
+        LatentShards(str(lone / "shard-000000.tar"))
+    with pytest.raises(DataError, match="5 shards cannot be split over 8 ranks"):
+        LatentShards(_pattern(shards), rank=0, world_size=8)
+
+
+# --- benchmark ----------------------------------------------------------------------------------
+
+
+def test_data_benchmark_smoke(shards):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), _pattern(shards), "--smoke",
+                           "--no-save"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "data"
+    assert result["results"] and all(row["samples_per_s"] > 0 for row in result["results"])
