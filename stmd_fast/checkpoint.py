@@ -41,9 +41,12 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, ema_net: torch.nn.Module,
+def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_net: torch.nn.Module | dict,
                     train_state: dict, meta: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the `keep` newest."""
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest.
+
+    net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0). Under torchrun
+    only rank 0 calls this; a process killed mid-write leaves at most a .tmp-* folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -51,7 +54,8 @@ def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, ema_net: tor
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, module in zip(WEIGHT_FILES, (net, ema_net)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / name)
+        state = module if isinstance(module, dict) else module.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "config.json").write_text(json.dumps({**meta, "format": FORMAT_VERSION, "step": step}, indent=2))
     for f in tmp.iterdir():

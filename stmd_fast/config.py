@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
 from .models import NetConfig, dit_config
 from .objectives import METHODS, ObjectiveConfig
@@ -66,6 +67,7 @@ class TrainConfig:
     steps: int = 4000
     """Optimizer steps in total (a resumed run continues to this number)."""
     batch_size: int = 64
+    """The GLOBAL batch: under torchrun with K processes each trains on batch_size / K (K must divide it)."""
     lr: float = 1e-3
     """AdamW learning rate, constant after warm-up."""
     warmup_steps: int = 0
@@ -82,6 +84,10 @@ class TrainConfig:
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager."""
     kernels: str = "auto"
     """Triton kernels: auto (on CUDA) | reference (PyTorch everywhere) | triton (CUDA only)."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (a full replica per process, gradients averaged by an explicit all-reduce) |
+    fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded). Ignored without torchrun
+    (ddp), refused there for fsdp. See stmd_fast/distributed.py."""
     out: str | None = None
     """Run directory; default runs/<preset>-<method>."""
     ckpt_every: int = 1000
@@ -113,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.kernels not in BACKENDS:
             raise ValueError(f"unknown kernels {self.kernels!r}: choose one of {', '.join(BACKENDS)}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"unknown parallel mode {self.parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: choose fp32 or bf16")
         if self.sample_grid not in TIME_GRIDS:

@@ -1,6 +1,15 @@
 """python -m stmd_fast.sample CKPT: draw samples (or inpaint) with a trained checkpoint.
 
 Images go to a PNG grid (or .npy with --out *.npy, values in [-1, 1]); vectors to .npy.
+
+python -m stmd_fast.sample --exported sampler.pt2 runs a sampler written by python -m
+stmd_fast.export instead (N, M and the grid are baked into it), or its AOTInductor package
+(sampler.aoti.pt2, told apart by its contents). The noise is drawn on the CPU from --seed
+exactly as the eager sampler draws it, --batch-size samples at a time, so the samples equal
+those of the checkpoint on the CPU with the same --seed and --batch-size (up to float rounding);
+the program runs on them its static batch at a time (the last batch padded). This path does
+not load the training code (models, checkpoint, train). A latent model's program returns
+latents: they go to .npy as they are, or to a .png decoded through --vae.
 """
 from __future__ import annotations
 
@@ -12,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import resolve_device
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -23,14 +30,20 @@ DEFAULT_STEPS = {"stmd": 1, "meanflow": 1, "ddpm": 100}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stmd_fast.sample", description=__doc__.splitlines()[0])
     add = p.add_argument
-    add("checkpoint", metavar="CKPT", help="a run directory (its newest checkpoint) or a checkpoints/step_* directory")
+    add("checkpoint", metavar="CKPT", nargs="?",
+        help="a run directory (its newest checkpoint) or a checkpoints/step_* directory (or give --exported)")
+    add("--exported", metavar="PT2", help="run a sampler written by python -m stmd_fast.export (a .pt2 program, or "
+        "its .aoti.pt2 AOTInductor package) instead of a checkpoint; it fixes N, M and the grid")
     add("--steps", type=int, help="N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm]")
-    add("--flow-steps", type=int, default=1, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
+    add("--flow-steps", type=int, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
     add("--num", type=int, default=64, help="number of samples (completions with --inpaint) [default: 64]")
-    add("--batch-size", type=int, default=256, help="samples per network batch [default: 256]")
+    add("--batch-size", type=int, default=256, help="samples per network batch; with --exported, samples per noise "
+        "draw (the program runs its own static batch) [default: 256]")
     add("--seed", type=int, default=0, help="[default: 0]")
-    add("--grid", choices=TIME_GRIDS, default="uniform", help="diffusion time grid [default: uniform]")
-    add("--weights", choices=("ema", "model"), default="ema", help="[default: ema]")
+    add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: uniform]")
+    add("--weights", choices=("ema", "model"), help="[default: ema]")
+    add("--vae", help="with --exported of a latent model and a .png --out: the VAE (folder or hub id) that decodes "
+        "the latents [default: none; the program's metadata names the one it was trained with]")
     add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
@@ -66,9 +79,105 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     return x.expand(c, h, w).clone()
 
 
+def prepare_out(out: Path) -> None:
+    if out.suffix not in (".png", ".npy"):
+        raise ValueError(f"--out must end in .png or .npy, got {out.name}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+
+
+def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
+    """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint)."""
+    x = x.float().cpu()
+    if out.suffix == ".npy":
+        np.save(out, x.numpy())
+        return
+    from torchvision.utils import save_image
+
+    from .data.datasets import to_unit_range
+
+    if observed is not None:  # first tile: the observation, unobserved pixels grey
+        x = torch.cat([(observed * mask)[None], x])
+    x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
+    save_image(to_unit_range(x), out, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+
+
+def main_exported(args) -> int:
+    """sample --exported: no checkpoint, no training code (models, checkpoint, train are not imported)."""
+    from .export import open_exported, sample_exported
+
+    try:
+        if args.checkpoint is not None:
+            raise ValueError("give a checkpoint or --exported, not both")
+        baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
+                                          ("--grid", args.grid), ("--weights", args.weights),
+                                          ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
+        if baked:
+            raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
+                             f"are baked into the program (re-export to change them; inpainting needs the checkpoint)")
+        if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
+            raise ValueError("--num, --batch-size and --zoom must be at least 1")
+        run, meta = open_exported(args.exported)
+        kind, device = meta["data_kind"], torch.device(meta["device"])
+        try:
+            wanted = device if args.device == "auto" else torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu or cuda") from None
+        if wanted.type != device.type:
+            raise ValueError(f"{args.exported} was exported for {device}, not {args.device}: re-export with "
+                             f"--device {args.device}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{args.exported} was exported for {device}, and CUDA is not available here: "
+                             f"re-export with --device cpu")
+        decoded = kind == "latent" and args.vae is not None
+        out = Path(args.out or ("samples.png" if kind == "image" or decoded else "samples.npy"))
+        if kind != "latent" and args.vae is not None:
+            raise ValueError(f"--vae decodes latents; this program makes {kind}s")
+        if kind == "vector" and out.suffix != ".npy":
+            raise ValueError(f"this program makes vectors: use --out with .npy, not {out.name}")
+        if kind == "latent" and out.suffix == ".png" and args.vae is None:
+            raise ValueError(f"this program returns latents (no VAE inside): write them with --out *.npy, or decode "
+                             f"them with --vae (its metadata names {meta.get('latent', {}).get('vae')})")
+        if decoded and out.suffix != ".png":
+            raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
+        prepare_out(out)
+        vae = None
+        if decoded:
+            from .data.encode import load_vae
+
+            vae = load_vae(args.vae, device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
+    if vae is not None:
+        from .data.latents import decode_latents
+
+        latent = meta["latent"]
+        x = decode_latents(vae, x.to(device), latent["scaling_factor"], latent["shift_factor"], args.batch_size)
+    write_samples(x, out, args.zoom)
+    print(f"{len(x)} samples (exported {meta['method']}, N={meta['steps']}, M={meta['flow_steps']}, NFE {meta['nfe']}, "
+          f"batch {meta['batch']}{', decoded' if vae is not None else ''}) -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.exported is not None:
+        return main_exported(args)
+    from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
+    from .config import resolve_device
+
+    args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
+    args.grid, args.weights = args.grid or "uniform", args.weights or "ema"
     try:
+        if args.checkpoint is None:
+            raise ValueError("give a checkpoint (CKPT) or --exported PT2")
+        if args.vae is not None:
+            raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
         model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
         check_steps(model.method, steps, args.flow_steps)
@@ -83,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
         if vectors and out.suffix != ".npy":
             raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
-        if out.suffix not in (".png", ".npy"):
-            raise ValueError(f"--out must end in .png or .npy, got {out.name}")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+        prepare_out(out)
         observed = mask = None
         if args.inpaint:
             observed = read_array(args.inpaint, model.data_shape, "--inpaint image")
@@ -104,18 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
     if model.data_kind == "latent" and out.suffix == ".png":
         x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
-    x = x.float().cpu()
-    if out.suffix == ".npy":
-        np.save(out, x.numpy())
-    else:
-        from torchvision.utils import save_image
-
-        from .data.datasets import to_unit_range
-
-        if observed is not None:  # first tile: the observation, unobserved pixels grey
-            x = torch.cat([(observed * mask)[None], x])
-        x = torch.nn.functional.interpolate(x, scale_factor=args.zoom, mode="nearest") if args.zoom > 1 else x
-        save_image(to_unit_range(x), out, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+    write_samples(x, out, args.zoom, observed, mask)
     print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
           f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}) -> {out}")
     return 0

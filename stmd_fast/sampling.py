@@ -4,22 +4,100 @@ One loop serves all three methods; only the way x0_hat is made differs:
   stmd      x0_hat ~ p(x_0 | x_s) by M steps of the conditional flow map from fresh noise;
   ddpm      x0_hat = E[x_0 | x_s] = (x_s - sigma_s eps) / alpha_s, one call;
   meanflow  x0_hat by M steps of the unconditional flow map (ignores x_s: exact at s = 1).
-Then the exact bridge q(x_{s'} | x_s, x0_hat) draws the next state. Every step draws
-fresh noise from `generator`. Inpainting (section 7) is a projection of x0_hat.
+Then the exact bridge q(x_{s'} | x_s, x0_hat) draws the next state. Inpainting (section 7)
+is a projection of x0_hat.
+
+Randomness is data: every draw of the sampler is one standard normal tensor shaped like the
+batch, in a fixed order (noise_names): the start x_1, then per diffusion step the flow map's
+start z_k (stmd) and the bridge's noise eps_k (all steps but the last, which lands on s = 0
+exactly). sample() draws them lazily from `generator` and runs the loop (run_plan); an
+exported sampler (export.py) runs the same loop on the same tensors given as an input, so
+a seed gives the same samples both ways. The schedule's constants are computed once, in
+float64, before the loop (sampler_plan): the loop itself is tensor arithmetic on the noise.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .schedule import alpha_sigma, bridge_sample, time_grid
+from .schedule import alpha_sigma, bridge_coefficients, time_grid
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
+METHOD_NAMES = ("stmd", "meanflow", "ddpm")
 
 
-def _randn(shape, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+def _randn(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=device or generator.device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transition s_from -> s_to with its schedule constants as Python floats (values of the
+    sampling dtype, so they multiply exactly like the 0-dim tensors they were computed as)."""
+
+    s_from: float
+    s_to: float
+    alpha: float
+    """alpha_{s_from} (DDPM's x0_hat)."""
+    sigma: float
+    """sigma_{s_from} (DDPM's x0_hat)."""
+    bridge: tuple[float, float, float] | None
+    """(c_xs, c_x0, tau) of q(x_{s_to} | x_{s_from}, x0_hat); None at s_to = 0, where the bridge
+    is a point mass at x0_hat (returned exactly, so an inpainting projection survives)."""
+
+
+def make_step(s_from: float, s_to: float, dtype: torch.dtype = torch.float32) -> Step:
+    s, s_prev = torch.tensor(s_from, dtype=torch.float64), torch.tensor(s_to, dtype=torch.float64)
+    alpha, sigma = alpha_sigma(s, dtype)
+    bridge = None if s_to == 0.0 else tuple(c.item() for c in bridge_coefficients(s, s_prev, dtype))
+    return Step(s_from, s_to, alpha.item(), sigma.item(), bridge)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything Algorithm 2 needs besides the network and the noise, fixed for (method, N, M, grid)."""
+
+    method: str
+    steps: int
+    flow_steps: int
+    grid: str
+    dtype: torch.dtype
+    transitions: tuple[Step, ...]
+    noise_names: tuple[str, ...]
+    """The noise tensors the loop consumes, in order; each is shaped like the batch."""
+
+
+def sampler_plan(method: str, steps: int, flow_steps: int, grid: str = "uniform",
+                 dtype: torch.dtype = torch.float32) -> Plan:
+    """Check (method, N, M, grid) and compute the schedule's constants (float64 inside)."""
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
+    check_steps(method, steps, flow_steps)
+    s_grid = time_grid(steps, grid).tolist()
+    transitions = () if method == "meanflow" else tuple(
+        make_step(s_from, s_to, dtype) for s_from, s_to in zip(s_grid[:-1], s_grid[1:]))
+    names = ["x_1"]
+    for k, step in enumerate(transitions):
+        names += [f"z_{k}"] if method == "stmd" else []
+        names += [f"eps_{k}"] if step.bridge is not None else []
+    return Plan(method, steps, flow_steps, grid, dtype, transitions, tuple(names))
+
+
+def iter_sampler_noise(plan: Plan, num: int, data_shape: tuple[int, ...], generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The plan's noise tensors, drawn one at a time (lazily: a long DDPM chain holds one at a time)."""
+    for _ in plan.noise_names:
+        yield _randn((num, *data_shape), generator, plan.dtype)
+
+
+def draw_sampler_noise(method: str, num: int, data_shape: tuple[int, ...], steps: int, flow_steps: int,
+                       generator: torch.Generator, dtype: torch.dtype = torch.float32,
+                       grid: str = "uniform") -> list[torch.Tensor]:
+    """All noise tensors sample() would draw from `generator`, in its order (see noise_names):
+    sample_from_noise(net, ..., draw_sampler_noise(...)) == sample(net, ..., generator)."""
+    plan = sampler_plan(method, steps, flow_steps, grid, dtype)
+    return list(iter_sampler_noise(plan, num, data_shape, generator))
 
 
 def flow_map(net, z: torch.Tensor, cond: torch.Tensor | None, s: float | None, flow_steps: int) -> torch.Tensor:
@@ -33,17 +111,61 @@ def flow_map(net, z: torch.Tensor, cond: torch.Tensor | None, s: float | None, f
     return z
 
 
+def _x0_hat(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: torch.Tensor | None) -> torch.Tensor:
+    """x0_hat at diffusion time step.s_from: flow map from the noise z (stmd, meanflow) or the mean (ddpm)."""
+    if method == "stmd":
+        return flow_map(net, z, x, step.s_from, flow_steps)
+    if method == "meanflow":
+        return flow_map(net, z, None, None, flow_steps)
+    eps = net(x, None, torch.full((x.shape[0], 1), step.s_from, device=x.device)).to(x.dtype)
+    return (x - step.sigma * eps) / step.alpha
+
+
+def _transition(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: torch.Tensor | None,
+                eps: torch.Tensor | None, project: Projection | None) -> torch.Tensor:
+    x0_hat = _x0_hat(net, method, x, step, flow_steps, z)
+    if project is not None:
+        x0_hat = project(x0_hat)
+    if step.bridge is None:
+        return x0_hat
+    c_xs, c_x0, tau = step.bridge
+    return c_xs * x + c_x0 * x0_hat + tau * eps
+
+
+def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection | None = None) -> torch.Tensor:
+    """Algorithm 2 on given noise: the loop behind sample() and the exported samplers.
+
+    noise: the plan's noise tensors in order (a list, a stacked tensor, or a lazy iterator)."""
+    draws = iter(noise)
+
+    def draw(name: str) -> torch.Tensor:
+        x = next(draws, None)
+        if x is None:
+            raise ValueError(f"ran out of noise at {name!r}: {plan.method} with N={plan.steps} takes "
+                             f"{len(plan.noise_names)} tensors ({', '.join(plan.noise_names)})")
+        return x
+
+    x = draw("x_1")
+    if plan.method == "meanflow":
+        x0 = flow_map(net, x, None, None, plan.flow_steps)
+        x = project(x0) if project is not None else x0
+    for k, step in enumerate(plan.transitions):
+        z = draw(f"z_{k}") if plan.method == "stmd" else None
+        eps = draw(f"eps_{k}") if step.bridge is not None else None
+        x = _transition(net, plan.method, x, step, plan.flow_steps, z, eps, project)
+    if next(draws, None) is not None:
+        raise ValueError(f"too much noise: {plan.method} with N={plan.steps} takes {len(plan.noise_names)} "
+                         f"tensors ({', '.join(plan.noise_names)})")
+    return x
+
+
 def denoise(net, method: str, x: torch.Tensor, s: float, flow_steps: int, generator: torch.Generator) -> torch.Tensor:
     """x0_hat for a batch x at diffusion time s: a posterior sample (stmd, meanflow) or mean (ddpm)."""
-    if method == "stmd":
-        return flow_map(net, _randn(x.shape, generator, x.dtype), x, s, flow_steps)
-    if method == "meanflow":
-        return flow_map(net, _randn(x.shape, generator, x.dtype), None, None, flow_steps)
-    if method == "ddpm":
-        alpha, sigma = alpha_sigma(torch.tensor(s, dtype=torch.float64), x.dtype)
-        eps = net(x, None, torch.full((x.shape[0], 1), s, device=x.device)).to(x.dtype)
-        return (x - sigma.item() * eps) / alpha.item()
-    raise ValueError(f"unknown method {method!r}")
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {method!r}")
+    step = make_step(s, 0.0, x.dtype)
+    z = None if method == "ddpm" else _randn(x.shape, generator, x.dtype)
+    return _x0_hat(net, method, x, step, flow_steps, z)
 
 
 def check_steps(method: str, steps: int, flow_steps: int) -> None:
@@ -69,10 +191,21 @@ def transition(net, method: str, x: torch.Tensor, s_from: float, s_to: float, fl
     For DDPM this is the posterior-mean bridge step (exact only for small steps)."""
     if not 0.0 <= s_to < s_from <= 1.0:
         raise ValueError(f"a transition needs 0 <= s_to < s_from <= 1, got s_from={s_from}, s_to={s_to}")
-    x0_hat = denoise(net, method, x, s_from, flow_steps, generator)
-    if project is not None:
-        x0_hat = project(x0_hat)
-    return bridge_sample(x, x0_hat, s_from, s_to, generator)
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown method {method!r}")
+    step = make_step(s_from, s_to, x.dtype)
+    z = None if method == "ddpm" else _randn(x.shape, generator, x.dtype)
+    eps = None if step.bridge is None else _randn(x.shape, generator, x.dtype, x.device)
+    return _transition(net, method, x, step, flow_steps, z, eps, project)
+
+
+@torch.no_grad()
+def sample_from_noise(net, method: str, noise: Sequence[torch.Tensor] | torch.Tensor, steps: int, flow_steps: int,
+                      grid: str = "uniform", project: Projection | None = None) -> torch.Tensor:
+    """Algorithm 2 on given noise (draw_sampler_noise's list, or those tensors stacked on a new
+    first axis); samples shaped like one noise tensor."""
+    plan = sampler_plan(method, steps, flow_steps, grid, noise[0].dtype if len(noise) else torch.float32)
+    return run_plan(net, plan, noise, project)
 
 
 @torch.no_grad()
@@ -81,15 +214,8 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
     """Algorithm 2: x ~ N(0, I) at s = 1, then N transitions down the grid to s = 0.
 
     Returns `num` samples on the generator's device. NFE per sample: see nfe()."""
-    check_steps(method, steps, flow_steps)
-    x = _randn((num, *data_shape), generator)
-    if method == "meanflow":
-        x0 = flow_map(net, x, None, None, flow_steps)
-        return project(x0) if project is not None else x0
-    s_grid = time_grid(steps, grid).tolist()
-    for s_from, s_to in zip(s_grid[:-1], s_grid[1:]):
-        x = transition(net, method, x, s_from, s_to, flow_steps, generator, project)
-    return x
+    plan = sampler_plan(method, steps, flow_steps, grid)
+    return run_plan(net, plan, iter_sampler_noise(plan, num, data_shape, generator), project)
 
 
 def inpainting_projection(observed: torch.Tensor, mask: torch.Tensor) -> Projection:

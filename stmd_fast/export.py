@@ -1,0 +1,290 @@
+"""python -m stmd_fast.export CKPT: a few-step sampler as a torch.export program (.pt2).
+
+The program is Algorithm 2 for one fixed (method, N, M, grid) with the checkpoint's EMA
+weights baked in. It takes ONE input and returns the samples:
+
+  noise    float32 (K, B, *data_shape): the K standard normal tensors the sampler consumes, in
+           the order stmd_fast.sampling.sampler_plan(...).noise_names lists (x_1, then per
+           diffusion step z_k for STMD and eps_k for every step but the last) and that
+           stmd_fast.json stores under "noise": K = 2N for STMD (x_1, N starts z_k, N - 1 bridge
+           draws eps_k: the last step lands on s = 0 exactly), N for DDPM, 1 for Mean Flow.
+  returns  float32 (B, *data_shape): images in [-1, 1], vectors, or, for a latent model, the
+           LATENTS (the VAE decode is not part of the program; stmd_fast.json holds the VAE id
+           and its scaling/shift factors, and `sample --exported --vae` decodes).
+
+The batch B is STATIC: the program takes exactly --batch samples per call (docs/design.md: a
+dynamic batch through diffusers' U-Net hits a shape guard at batch 64); callers pad a short
+batch and drop the padding, as `python -m stmd_fast.sample --exported` does. The noise is an input, not drawn
+inside, because Inductor replaces torch.randn with its own generator: with the noise drawn by
+draw_sampler_noise from torch.Generator().manual_seed(S), the program gives the eager
+sampler's samples for seed S.
+
+The graph is traced with the kernels' pure-PyTorch references (kernels.dispatch backend
+"reference"), so it holds only aten ops and loads with torch.export.load alone, without
+stmd_fast. Its metadata is the extra file stmd_fast.json (EXPORT_FORMAT, method, N, M, grid,
+batch, data shape and kind, noise names, latent VAE). --aoti also compiles it with
+AOTInductor into OUT.aoti.pt2 (torch._inductor.aoti_load_package runs it; needs a C++
+compiler, and CUDA for a CUDA export).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
+
+EXPORT_FORMAT = 1
+META_FILE = "stmd_fast.json"
+
+
+class ExportError(ValueError):
+    """Bad input to the export: printed as one line 'error: ...', exit code 2."""
+
+
+class Sampler(torch.nn.Module):
+    """net + Algorithm 2 for a fixed plan: forward(noise (K, B, *data_shape)) -> samples (B, *data_shape)."""
+
+    def __init__(self, net: torch.nn.Module, plan):
+        super().__init__()
+        self.net, self.plan = net, plan
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        return run_plan(self.net, self.plan, noise)
+
+
+def aoti_path(out: str | Path) -> Path:
+    """Where --aoti writes the AOTInductor package: sampler.pt2 -> sampler.aoti.pt2."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".pt2") + ".aoti.pt2")
+
+
+def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str = "uniform"):
+    """(ExportedProgram, metadata) of `model`'s sampler with a static batch (the model's net as it is:
+    load_checkpoint(..., weights='ema') for the EMA weights)."""
+    from . import __version__
+    from .kernels import dispatch
+
+    if batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {batch}")
+    plan = sampler_plan(model.method, steps, flow_steps, grid)
+    device = model.device
+    noise = torch.zeros(len(plan.noise_names), batch, *model.data_shape, device=device)
+    sampler = Sampler(model.net, plan).eval()
+    with dispatch.backend("reference"), torch.no_grad():
+        program = torch.export.export(sampler, (noise,), strict=False)
+    meta = {
+        "format": EXPORT_FORMAT,
+        "stmd_fast_version": __version__,
+        "method": model.method,
+        "steps": steps,
+        "flow_steps": flow_steps,
+        "nfe": nfe(model.method, steps, flow_steps),
+        "grid": grid,
+        "batch": batch,
+        "data_shape": list(model.data_shape),
+        "data_kind": model.data_kind,
+        "dtype": "float32",
+        "device": str(device),
+        "inputs": [{"name": "noise", "shape": list(noise.shape), "dtype": "float32"}],
+        "noise": list(plan.noise_names),
+        "output": {"shape": [batch, *model.data_shape],
+                   "is": "latents (not decoded)" if model.data_kind == "latent" else f"{model.data_kind}s"},
+        "weights": "ema",
+        "checkpoint_step": model.meta.get("step"),
+    }
+    if model.data_kind == "latent":
+        latent = model.meta["latent"]
+        meta["latent"] = {key: latent.get(key) for key in ("vae", "scaling_factor", "shift_factor", "resolution")}
+    return program, meta
+
+
+def save(program, meta: dict, path: str | Path) -> None:
+    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta)})
+
+
+def read_export_meta(raw: str | None, path) -> dict:
+    """The metadata (stmd_fast.json's text) of an exported sampler, or ExportError saying to re-export."""
+    if not raw:
+        raise ExportError(f"{path} has no {META_FILE}: it was not written by python -m stmd_fast.export; "
+                          f"re-export the checkpoint with this version")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ExportError(f"{path}: its {META_FILE} is not JSON: re-export the checkpoint with this version") from None
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path} has export format {meta.get('format')}, this stmd_fast reads format "
+                          f"{EXPORT_FORMAT}: re-export the checkpoint with this version")
+    return meta
+
+
+def open_exported(path: str | Path):
+    """(run, meta) of an exported sampler: a .pt2 program (torch.export.load) or an AOTInductor package
+    (torch._inductor.aoti_load_package), told apart by their contents. run(noise) -> samples.
+    ExportError (one line) for anything else, before any deserialization where possible."""
+    file = Path(path)
+    if not file.is_file():
+        raise ExportError(f"--exported {path} does not exist")
+    if file.suffix != ".pt2" or not zipfile.is_zipfile(file):
+        raise ExportError(f"--exported {path} is not a .pt2 archive: pass a file written by python -m stmd_fast.export")
+    with zipfile.ZipFile(file) as archive:
+        names = archive.namelist()
+        aoti = any("/data/aotinductor/" in name for name in names)
+        extra = [name for name in names if name.endswith(f"/extra/{META_FILE}")]
+        raw = None if aoti or not extra else archive.read(extra[0]).decode()
+    if aoti:
+        from torch._inductor import aoti_load_package
+
+        try:
+            runner = aoti_load_package(str(file))
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"--exported {path}: the AOTInductor package does not load here ({reason}): it runs "
+                              f"only on the platform and device it was built for; re-export with --aoti here") from None
+        meta = read_export_meta(runner.get_metadata().get(META_FILE), path)
+
+        def run(noise: torch.Tensor) -> torch.Tensor:
+            out = runner(noise)
+            return out[0] if isinstance(out, (list, tuple)) else out
+    else:
+        meta = read_export_meta(raw, path)  # checked before deserializing: another format may not even load
+        module = torch.export.load(str(file)).module()
+
+        def run(noise: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return module(noise)
+    return run, meta
+
+
+@torch.no_grad()
+def sample_exported(run, meta: dict, num: int, generator: torch.Generator, batch_size: int = 256) -> torch.Tensor:
+    """`num` samples from an exported sampler (open_exported) on the CPU.
+
+    The noise is drawn exactly as the eager sampler draws it, `batch_size` samples at a time
+    (Model.sample(num, ..., generator, batch_size=batch_size) with the same generator gives the
+    same samples, up to float rounding); each draw is fed to the program meta["batch"] samples at
+    a time, the last piece padded with zeros and the padding dropped."""
+    plan = sampler_plan(meta["method"], meta["steps"], meta["flow_steps"], meta["grid"])
+    if list(plan.noise_names) != meta["noise"]:
+        raise ExportError(f"the program takes the noise {meta['noise']}, this stmd_fast draws {list(plan.noise_names)}: "
+                          f"re-export the checkpoint with this version")
+    batch, shape, device = meta["batch"], tuple(meta["data_shape"]), torch.device(meta["device"])
+    parts = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        noise = torch.stack(list(iter_sampler_noise(plan, n, shape, generator)))  # (K, n, *shape)
+        for i in range(0, n, batch):
+            piece = noise[:, i:i + batch]
+            m = piece.shape[1]
+            if m < batch:  # the program's batch is static
+                piece = torch.cat([piece, piece.new_zeros(len(plan.noise_names), batch - m, *shape)], dim=1)
+            # contiguous: an AOTInductor package reads its input with the strides it was compiled for
+            parts.append(run(piece.to(device).contiguous())[:m].cpu())
+    return torch.cat(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m stmd_fast.export", description=__doc__.splitlines()[0],
+        epilog="The program takes exactly --batch samples per call (static batch: callers pad the last batch) as "
+               "one float32 input, noise (K, B, *data_shape) with K = 2N (stmd), N (ddpm) or 1 (meanflow) standard "
+               "normal tensors in the order its stmd_fast.json lists, and returns (B, *data_shape): images in "
+               "[-1, 1], vectors, or for a latent model the latents (no VAE decode inside). It holds only aten ops "
+               "and loads with torch.export.load alone. Run it with: python -m stmd_fast.sample --exported OUT "
+               "--num K --seed S --out FILE. Exit codes: 2 bad input (nothing exported), 1 --aoti could not build "
+               "(OUT is still written).")
+    add = p.add_argument
+    add("checkpoint", metavar="CKPT", help="a run directory (its newest checkpoint) or a checkpoints/step_* directory")
+    add("--steps", type=int, help="N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm]")
+    add("--flow-steps", type=int, default=1, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
+    add("--batch", type=int, default=64,
+        help="the program's static batch: it takes exactly this many samples per call [default: 64]")
+    add("--grid", choices=("uniform", "quadratic"), default="uniform", help="diffusion time grid [default: uniform]")
+    add("--device", default="auto", help="auto | cpu | cuda: the device the program runs on [default: auto]")
+    add("--out", default="sampler.pt2", help="the program, a .pt2 file [default: sampler.pt2]")
+    add("--aoti", action="store_true",
+        help="also compile an AOTInductor package OUT.aoti.pt2 (needs a C++ compiler) [default: off]")
+    return p
+
+
+def check_out(out: Path) -> None:
+    if out.suffix != ".pt2":
+        raise ExportError(f"--out must end in .pt2, got {out.name}")
+    if out.is_dir():
+        raise ExportError(f"cannot write --out {out}: it is a directory: choose a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):  # the real test of writability (permissions, read-only file systems)
+            pass
+    except OSError as err:
+        raise ExportError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+    from .config import resolve_device
+    from .sample import DEFAULT_STEPS
+    from .sampling import check_steps
+
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        device = resolve_device(args.device)
+        ckpt = find_checkpoint(args.checkpoint)
+        if ckpt is None:
+            raise ExportError(f"no checkpoint in {args.checkpoint}: pass a run directory (with checkpoints/) "
+                              f"or a checkpoints/step_* directory")
+        method = read_meta(ckpt)["config"]["method"]
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS[method]
+        check_steps(method, steps, args.flow_steps)
+        if args.batch < 1:
+            raise ExportError(f"--batch must be at least 1, got {args.batch}")
+        if not (ckpt / "ema.safetensors").is_file():
+            raise ExportError(f"{ckpt} has no ema.safetensors: the exported sampler uses the EMA weights; "
+                              f"export a checkpoint saved by python -m stmd_fast.train")
+        check_out(out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    try:
+        model = load_checkpoint(ckpt, device=device, weights="ema")
+        start = time.perf_counter()
+        program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
+        meta["checkpoint"] = str(ckpt)
+        save(program, meta, out)
+    except BaseException:
+        if created and out.exists() and out.stat().st_size == 0:  # check_out's probe
+            out.unlink()
+        raise
+    what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
+        f"{model.data_kind}s"
+    print(f"exported {method} N={steps} M={args.flow_steps} ({args.grid} grid, NFE {meta['nfe']}) from {ckpt} "
+          f"in {time.perf_counter() - start:.1f} s -> {out}: input noise {tuple(meta['inputs'][0]['shape'])} "
+          f"({', '.join(meta['noise'])}), output {what} {tuple(meta['output']['shape'])}; static batch {args.batch} "
+          f"on {device}")
+    if args.aoti:
+        package = aoti_path(out)
+        start = time.perf_counter()
+        try:
+            from torch._inductor import aoti_compile_and_package
+
+            aoti_compile_and_package(  # the metadata rides along as AOTI's own metadata
+                program, package_path=str(package), inductor_configs={"aot_inductor.metadata": {META_FILE: json.dumps(meta)}})
+        except Exception as err:  # no compiler, unsupported platform, Inductor bugs
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: --aoti: AOTInductor could not build {package} on this machine ({type(err).__name__}: "
+                  f"{reason}); {out} was written and runs without it", file=sys.stderr)
+            return 1
+        print(f"AOTInductor package built in {time.perf_counter() - start:.1f} s -> {package}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

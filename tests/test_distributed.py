@@ -1,0 +1,252 @@
+"""Multi-process training: torchrun with 2 processes on CPU (gloo), the gmm MLP and a tiny U-Net.
+
+What is checked, against a one-process run with the same global batch and seed:
+1. --parallel ddp (explicit gradient all-reduce): the final weights and EMA equal one process's
+   to float rounding (ATOL; the reduction order differs), and the logged losses too;
+2. ...and a run with the all-reduce switched off (STMD_FAST_SKIP_GRAD_SYNC=1, a test-only hook)
+   does NOT: the check has teeth; the trainer's own replica check reports it as well;
+3. elastic restart: rank 1 dies at step 5 (STMD_FAST_FAIL_AT_STEP, test-only), torchrun
+   --max-restarts=1 restarts both with the same command, training resumes from step 4 and ends
+   bit-identical to an uninterrupted 2-process run; every checkpoint loads, each step logged once;
+4. checkpoints move between 1 and 2 processes (and FSDP) and continue;
+5. bad input is one line before any work;
+6. --parallel fsdp (FSDP2 fully_shard on gloo, JVP through the sharded module) equals one process.
+
+Each torchrun launch takes 5-10 s on 2 cores (two Python + torch start-ups); the file about 1 min.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import stmd_fast
+from stmd_fast.train import main
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+REPO = Path(__file__).resolve().parents[1]
+ATOL = 1e-5  # weights after 6 AdamW steps of lr 1e-3; measured between 1 and 2 processes: 5e-7
+STEPS = 6
+GMM = ["--preset", "gmm", "--batch-size", "16", "--lr", "1e-3", "--steps", STEPS, "--log-every", "1",
+       "--ckpt-every", "2", "--sample-every", "0", "--keep-checkpoints", "10", "--device", "cpu"]
+
+
+def torchrun(*args, nproc: int = 2, env: dict | None = None, restarts: int = 0) -> subprocess.CompletedProcess:
+    """python -m torch.distributed.run --standalone ... -m stmd_fast.train ARGS (one thread per process)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           f"--max-restarts={restarts}", "-m", "stmd_fast.train", *map(str, args)]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    full_env.update(OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=240)
+
+
+def launched(*args, **kwargs) -> subprocess.CompletedProcess:
+    result = torchrun(*args, **kwargs)
+    assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result
+
+
+def weights(run: Path, step: int, which: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / f"{which}.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, reference: Path, step: int = STEPS, atol: float = ATOL) -> None:
+    """Weights and EMA at `step` equal the reference run's within atol, though training moved them."""
+    for which in ("model", "ema"):
+        diff = max_diff(weights(run, step, which), weights(reference, step, which))
+        assert diff <= atol, f"{which}: {run.name} differs from {reference.name} by {diff:.3g} > {atol}"
+    moved = max_diff(weights(reference, step), weights(reference, 2))
+    assert moved > 100 * atol, f"the weights barely moved ({moved:.3g}): the comparison would prove nothing"
+
+
+def in_process(*args) -> None:
+    assert main([str(a) for a in args]) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def one_proc(runs) -> Path:
+    """The reference: one process, no torchrun."""
+    in_process(*GMM, "--out", runs / "one")
+    return runs / "one"
+
+
+@pytest.fixture(scope="module")
+def two_proc(runs) -> Path:
+    result = launched(*GMM, "--out", runs / "two")
+    assert "2 processes (ddp), 8 of the batch 16 each" in result.stdout
+    assert "hold different" not in result.stdout  # the trainer compared the ranks' weights and EMA at each checkpoint
+    return runs / "two"
+
+
+# ----------------------------------------------------------------------------- 1, 2. gradient sync
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(one_proc, two_proc):
+    assert_same_run(two_proc, one_proc)
+    one, two = metrics(one_proc), metrics(two_proc)
+    assert [m["step"] for m in two] == list(range(1, STEPS + 1))  # rank 0 logs, once per step
+    for a, b in zip(one, two):  # the logged loss is the mean over the ranks' halves = the global batch's
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["lr"] == a["lr"]
+
+
+@pytest.mark.slow
+def test_the_check_catches_an_unsynchronised_run(one_proc, two_proc, runs):
+    result = launched(*GMM, "--out", runs / "nosync", env={"STMD_FAST_SKIP_GRAD_SYNC": "1"})
+    assert "hold different weights or EMA" in result.stdout  # the trainer's replica check saw it
+    for which in ("model", "ema"):
+        diff = max_diff(weights(runs / "nosync", STEPS, which), weights(one_proc, STEPS, which))
+        assert diff > 100 * ATOL, f"{which}: without the all-reduce the run still matches ({diff:.3g})"
+
+
+@pytest.mark.slow
+def test_tiny_unet_two_processes_equal_one(tmp_path):
+    images = tmp_path / "tiny.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (32, 1, 8, 8), dtype=np.uint8))
+    args = ["--data", images, "--batch-size", "8", "--lr", "1e-3", "--steps", 4, "--log-every", "2",
+            "--ckpt-every", "2", "--sample-every", "0", "--keep-checkpoints", "5", "--device", "cpu"]
+    in_process(*args, "--out", tmp_path / "one")
+    launched(*args, "--out", tmp_path / "two")
+    # Not max |diff| <= ATOL here: the gradient of an attention key bias is 0 in exact arithmetic (a
+    # constant added to every logit of a query), so it is pure rounding noise, which AdamW divides by
+    # its own size: such entries move by up to ~lr * noise / eps, differently for any reduction order
+    # (measured 4e-5 between 1 and 2 processes). So: the distance between the two runs' weights is
+    # tiny next to the distance training moved them (measured 4e-4 synced, 2.2 unsynchronised).
+    for which in ("model", "ema"):
+        one, two = (torch.cat([w[k].flatten() for k in sorted(w)])
+                    for w in (weights(tmp_path / "one", 4, which), weights(tmp_path / "two", 4, which)))
+        first = weights(tmp_path / "one", 2)
+        moved = (one - torch.cat([first[k].flatten() for k in sorted(first)])).norm()
+        assert (two - one).norm() <= 1e-2 * moved and (two - one).abs().max() <= 1e-3, which
+
+
+# ----------------------------------------------------------------------------- 3. elastic restart
+
+@pytest.mark.slow
+def test_elastic_restart_resumes_from_the_last_checkpoint(two_proc, runs):
+    run = runs / "elastic"
+    result = launched(*GMM, "--out", run, restarts=1, env={"STMD_FAST_FAIL_AT_STEP": "5"})
+    assert "resumed from" in result.stdout and "step_00000004" in result.stdout
+    assert "torchrun restart 1" in result.stdout
+    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))  # each step once
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(two_proc)]
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == [f"step_{s:08d}" for s in (2, 4, 6)]  # no .tmp-* left over
+    for ckpt in ckpts:
+        for which in ("ema", "model"):
+            stmd_fast.load_checkpoint(ckpt, weights=which)  # none is corrupt
+    for which in ("model", "ema"):  # resume restores weights, optimizer, RNG: bit-exact on CPU
+        a, b = weights(run, STEPS, which), weights(two_proc, STEPS, which)
+        assert all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_a_restart_resumes_only_checkpoints_of_its_own_job(one_proc, tmp_path, monkeypatch):
+    """Without --resume, a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) continues the run only
+    from a checkpoint its own job wrote (TORCHELASTIC_RUN_ID); a first attempt never does."""
+    from stmd_fast.train import resolve_config
+
+    run = shutil.copytree(one_proc, tmp_path / "run")
+    for ckpt in (run / "checkpoints").iterdir():  # as if job-a had written them
+        meta = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**meta, "torchelastic_run_id": "job-a"}))
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+
+    def resumes(restart_count: int, run_id: str) -> bool:
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart_count))
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        return resolve_config({"out": str(run), "preset": "gmm", "steps": 8})[1]
+
+    assert resumes(1, "job-a")
+    assert not resumes(1, "job-b")  # another job's checkpoints: refused later as without torchrun
+    assert not resumes(0, "job-a")  # the first attempt: a fresh run, refused into a dir with checkpoints
+
+
+# ----------------------------------------------------------------------------- 4. checkpoints across process counts
+
+def truncated_copy(run: Path, to: Path, last_step: int) -> Path:
+    """The run as it was when checkpoint `last_step` had just been written."""
+    shutil.copytree(run, to)
+    for ckpt in (to / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > last_step:
+            shutil.rmtree(ckpt)
+    return to
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_continues_in_one_process(one_proc, two_proc, runs, capsys):
+    run = truncated_copy(two_proc, runs / "two-then-one", 4)
+    in_process("--out", run, "--resume", "--device", "cpu")
+    assert "resumed from" in capsys.readouterr().out
+    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
+    assert_same_run(run, one_proc)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_continues_in_two(one_proc, runs):
+    run = truncated_copy(one_proc, runs / "one-then-two", 4)
+    result = launched("--out", run, "--resume")
+    assert "resumed from" in result.stdout and "2 processes" in result.stdout
+    assert [m["step"] for m in metrics(run)] == list(range(1, STEPS + 1))
+    assert_same_run(run, one_proc)
+
+
+# ----------------------------------------------------------------------------- 5. bad input
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    result = torchrun("--preset", "gmm", "--batch-size", "15", "--device", "cpu", "--out", run)
+    assert result.returncode != 0  # torchrun itself exits 1 for any failed worker
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr  # said once, by rank 0
+    assert "--batch-size 15" in errors[0] and "2 processes" in errors[0] and "16" in errors[0]
+    assert "exitcode  : 2" in result.stderr  # the trainer's user-error code (torchrun then stops the other rank)
+    assert "stmd_fast/train.py" not in result.stderr  # no traceback from the trainer
+    assert not run.exists()  # refused before any work
+
+
+def test_fsdp_without_torchrun_is_one_line(tmp_path, capsys):
+    assert main(["--preset", "gmm", "--parallel", "fsdp", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --parallel fsdp") and "torchrun" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- 6. FSDP2
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one(one_proc, runs):
+    run = runs / "fsdp"
+    result = launched(*GMM, "--out", run, "--parallel", "fsdp")
+    assert "2 processes (fsdp)" in result.stdout
+    assert (run / "samples" / f"step_{STEPS:08d}.npy").exists()  # the sharded EMA gathered for rank 0's samples
+    assert_same_run(run, one_proc)
+    # its unsharded checkpoint continues in one process (a saved --parallel fsdp is dropped there)
+    cont = truncated_copy(run, runs / "fsdp-then-one", 4)
+    in_process("--out", cont, "--resume", "--device", "cpu")
+    assert_same_run(cont, one_proc)
