@@ -100,3 +100,10 @@ def test_kernels_smoke():
     kernels = {r["kernel"] for r in result["rows"]}
     assert len(kernels) == 3 and result["copy_gbps"] > 0
     assert all(r["ms"] > 0 for r in result["rows"])
+
+
+def test_precision_smoke_measures_bf16_against_float64():
+    result = run_smoke("precision.py")
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert rows["fp32"]["rel_err_target"] < 1e-5  # fp32 agrees with float64 to rounding
+    assert rows["bf16 autocast"]["rel_err_target"] > 10 * rows["fp32"]["rel_err_target"]  # bf16 is measurably coarser
