@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors (fp32 only).
@@ -8,3 +9,27 @@ import torch
 # the Triton path.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> str:
+    """A weights file in torch-fidelity's format from a randomly initialised InceptionV3.
+
+    Its constructor always loads weights, so loading is stubbed out while it is built. Convolutions
+    are re-initialised He-normal: with PyTorch's default init the 2048 features vanish (~1e-8) and
+    every distance would be ~0, testing nothing.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tfi, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+            for module in net.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)

@@ -83,6 +83,31 @@ def test_dit_trains_from_shards_and_samples_decode_to_images(shards, vae_dir, tm
 
 
 @pytest.mark.slow
+def test_evaluate_sweep_scores_decoded_images_with_fid(shards, vae_dir, tmp_path, at_test_resolution,
+                                                      random_inception):
+    """evaluate sweep decodes a latent checkpoint's samples through its VAE and computes FID
+    against real images of the decoded size."""
+    from stmd_fast.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    train(tiny_config(shards, vae_dir, run, steps=2))
+    reference = tmp_path / "real.npy"
+    np.save(reference, np.random.default_rng(1).integers(0, 256, (8, 3, R, R), dtype=np.uint8))
+    out = tmp_path / "eval"
+    assert evaluate_main(["sweep", str(run), "--stmd", "1x1", "--num", "8", "--batch-size", "8",
+                          "--metric", "fid", "--inception-weights", random_inception, "--reference", str(reference),
+                          "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["metric"] == "FID" and np.isfinite(row["value"]) and row["value"] > 0
+    # latents of the wrong shape would not even reach the metric: the reference must be images
+    bad = tmp_path / "latents.npy"
+    np.save(bad, np.zeros((8, 4, R // 2, R // 2), dtype=np.float32))
+    assert evaluate_main(["sweep", str(run), "--stmd", "1x1", "--num", "8", "--metric", "fid",
+                          "--inception-weights", random_inception, "--reference", str(bad),
+                          "--device", "cpu", "--out", str(tmp_path / "eval2")]) == 2
+
+
+@pytest.mark.slow
 def test_resume_continues_the_stream_exactly(shards, vae_dir, tmp_path, at_test_resolution):
     train(tiny_config(shards, vae_dir, tmp_path / "full"))
     train(tiny_config(shards, vae_dir, tmp_path / "part", steps=2))

@@ -231,30 +231,6 @@ def test_inception_weights_path_missing(tmp_path):
         FrechetDistance(None, inception_weights=str(tmp_path / "nope.pth"))
 
 
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory) -> str:
-    """A weights file in torch-fidelity's format from a randomly initialised InceptionV3.
-
-    Its constructor always loads weights, so loading is stubbed out while it is built. Convolutions
-    are re-initialised He-normal: with PyTorch's default init the 2048 features vanish (~1e-8) and
-    every distance would be ~0, testing nothing.
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tfi, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-            for module in net.modules():
-                if isinstance(module, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    torch.save(net.state_dict(), path)
-    return str(path)
-
-
 def test_inception_fid_from_a_local_weights_file(random_inception):
     from torchmetrics.image.fid import NoTrainInceptionV3
 
