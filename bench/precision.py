@@ -68,6 +68,9 @@ def main(argv=None) -> int:
         model = load_checkpoint(args.ckpt, "cpu")
         net, method = model.net, model.method
         preset = model.meta["config"]["preset"]
+        if model.meta["config"]["data"] is not None or model.data_kind != "image":
+            sys.exit(f"error: {args.ckpt} was trained on --data or latents: this measurement draws a batch of "
+                     f"its preset's images; use a checkpoint of an image preset (digits, mnist, cifar10)")
         x0 = load_preset(preset).batch(args.batch, torch.Generator().manual_seed(args.seed))
     else:
         method, preset = "stmd", "digits"

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def count_step_flops(loss_fn, x0, noise) -> int:
-    """FLOPs of one loss + backward (the tangent's matmuls included: forward AD runs aten ops too)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one loss + backward (the tangent's matmuls included: forward AD runs aten ops too),
+    counted on the PyTorch references: FlopCounterMode cannot see inside the Triton custom ops."""
+    with dispatch.backend("reference"), FlopCounterMode(display=False) as counter:
         loss, _ = loss_fn(x0, noise)
         loss.backward()
     return counter.get_total_flops()

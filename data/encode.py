@@ -39,7 +39,7 @@ from .datasets import DataError
 
 FORMAT = "stmd_fast.latents/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-SETTINGS = ("format", "vae", "resolution", "flip", "shard_size")  # a rerun must match these to reuse shards
+SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a rerun must match these to reuse shards
 # PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
 # (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     root, out = Path(args.images), Path(args.out)
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
     settings = {"format": FORMAT, "vae": args.vae, "resolution": args.resolution, "flip": args.flip,
-                "shard_size": args.shard_size}
+                "shard_size": args.shard_size, "source": str(root.resolve())}
     finished = check_previous(previous_manifest(out), settings, out)
     vae = load_vae(args.vae, device)
     shape = latent_shape(vae, args.resolution)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "images": sum(s["images"] for s in info), "latent_shape": shape, "dtype": "float16",
                 "scaling_factor": float(vae.config.scaling_factor),
                 # SD3/FLUX-style VAEs shift before scaling: model latents = (z - shift_factor) * scaling_factor
-                "shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0), "source": str(root),
+                "shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0),
                 "pattern": f"shard-{{000000..{len(groups) - 1:06d}}}.tar", "shards": [s["name"] for s in info],
                 "skipped": skipped, "shard_info": info}
 

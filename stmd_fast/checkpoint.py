@@ -112,14 +112,19 @@ class Model:
         (loaded on first use from the path or hub id in its config)."""
         if self.data_kind != "latent":
             raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
-        from .data.encode import load_vae
         from .data.latents import decode_latents
 
         latent = self.meta["latent"]
-        if self._vae is None:
-            self._vae = load_vae(latent["vae"], self.device)
-        return decode_latents(self._vae, z.to(self.device), latent["scaling_factor"], latent["shift_factor"],
+        return decode_latents(self.load_vae(), z.to(self.device), latent["scaling_factor"], latent["shift_factor"],
                               batch_size)
+
+    def load_vae(self):
+        """The latent model's VAE, loaded once (call it early: a bad path fails before sampling)."""
+        from .data.encode import load_vae
+
+        if self._vae is None:
+            self._vae = load_vae(self.meta["latent"]["vae"], self.device)
+        return self._vae
 
     @property
     def device(self) -> torch.device:

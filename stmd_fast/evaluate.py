@@ -79,8 +79,8 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
     """The real images to compare with, in model space, and a name for the stats cache."""
     if meta["config"]["data"] is not None:
         if not args.reference:
-            raise EvalError("these checkpoints were trained on --data FILE.npy: give --reference FILE.npy "
-                            "(held-out images of the same shape) to compare with")
+            raise EvalError("these checkpoints were trained on --data (a .npy or latent shards): give --reference "
+                            "FILE.npy (held-out real images of the shape they make, decoded size for latents)")
         from .data.datasets import DataError, load_npy
 
         try:
@@ -171,6 +171,8 @@ def sweep(args) -> int:
     rows = []
     for ckpt, meta in found:
         model = load_checkpoint(ckpt, device=device)
+        if model.data_kind == "latent":
+            model.load_vae()  # before sampling: an unreachable VAE fails now
         several = methods.count(model.method) > 1
         for n, m in tqdm(settings[model.method], desc=f"{model.method} {ckpt.parent.parent.name}", disable=None):
             t0 = time.perf_counter()
@@ -386,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")
             sp.add_argument("--reference-split", choices=("train", "test"), default="test",
                             help="real images to compare with [default: test]")
-            sp.add_argument("--reference", metavar="FILE.npy", help="real images for checkpoints trained on --data")
+            sp.add_argument("--reference", metavar="FILE.npy", help="real images for checkpoints trained on --data (.npy or latent shards)")
             sp.add_argument("--cache-dir", default="runs/reference-stats",
                             help="cache of reference statistics [default: runs/reference-stats]")
 

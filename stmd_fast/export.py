@@ -12,7 +12,7 @@ weights baked in. It takes ONE input and returns the samples:
            LATENTS (the VAE decode is not part of the program; stmd_fast.json holds the VAE id
            and its scaling/shift factors, and `sample --exported --vae` decodes).
 
-The batch B is STATIC: the program takes exactly --batch samples per call (docs/design.md: a
+The batch B is STATIC: the program takes exactly --batch samples per call (the design notes: a
 dynamic batch through diffusers' U-Net hits a shape guard at batch 64); callers pad a short
 batch and drop the padding, as `python -m stmd_fast.sample --exported` does. The noise is an input, not drawn
 inside, because Inductor replaces torch.randn with its own generator: with the noise drawn by

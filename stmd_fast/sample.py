@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if vectors and out.suffix != ".npy":
             raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
         prepare_out(out)
+        if model.data_kind == "latent" and out.suffix == ".png":
+            model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
         observed = mask = None
         if args.inpaint:
             observed = read_array(args.inpaint, model.data_shape, "--inpaint image")

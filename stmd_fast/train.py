@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", c
 
 # Flags that may differ from the checkpoint's config when resuming; any other flag given
 # with --resume must equal the checkpoint's value (a run is one experiment).
-RESUME_OVERRIDABLE = {"steps", "device", "compile", "kernels", "parallel", "data_workers", "ckpt_every",
+RESUME_OVERRIDABLE = {"steps", "device", "compile", "kernels", "parallel", "ckpt_every",
                       "keep_checkpoints", "sample_every", "log_every"}
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
@@ -610,17 +610,19 @@ def assert_compiled(verbose: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .data.datasets import DataError
+
     try:
         cfg, resume = resolve_config(vars(args))
         train(cfg, resume)
-    except (UserError, TrainingDiverged) as err:
+    except (UserError, TrainingDiverged, DataError) as err:  # DataError: e.g. latent shards unreadable mid-run
         ctx = distributed.from_env()
         if not ctx.is_main:
             # Every rank meets the same error and rank 0 says it: torchrun stops this process while it
             # waits. Only an error of this rank alone is still printed, after the wait.
             time.sleep(5)
         print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
-        return 2 if isinstance(err, UserError) else 1
+        return 2 if isinstance(err, (UserError, DataError)) else 1
     except KeyboardInterrupt:
         return 130
     return 0
