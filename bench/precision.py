@@ -25,7 +25,7 @@ from common import environment, finish, print_table  # noqa: E402
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.models import build_net  # noqa: E402
-from stmd_fast.objectives import ObjectiveConfig, _diffuse, draw_noise  # noqa: E402
+from stmd_fast.objectives import ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
 from stmd_fast.schedule import per_sample  # noqa: E402
 
 
@@ -34,22 +34,12 @@ def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool)
     net = copy.deepcopy(net).to(dtype)
     x0 = x0.to(dtype)
     noise = type(noise)(*(n.to(dtype) for n in noise))
-    t, r = noise.t, noise.r
-    tb = per_sample(t, x0)
-    z_t = (1 - tb) * x0 + tb * noise.e
-    v = noise.e - x0
     cond, s = (_diffuse(x0, noise), noise.s) if method == "stmd" else (None, None)
-
-    def u_fn(z, t_, h_):
-        times = torch.stack([t_, h_] if s is None else [t_, h_, s], dim=1)
-        return net(z, cond, times)
-
-    ones = torch.ones_like(t)
     context = torch.autocast(x0.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with context, torch.no_grad():
-        u, dudt = torch.func.jvp(u_fn, (z_t, t, t - r), (v, ones, ones))
+        u, dudt, v, h = meanflow_jvp(net, x0, noise, cond, s)  # the trainer's own JVP
     u, dudt = u.double(), dudt.double()
-    return u, dudt, v.double() - per_sample(t - r, x0).double() * dudt
+    return u, dudt, v.double() - per_sample(h, x0).double() * dudt
 
 
 def main(argv=None) -> int:

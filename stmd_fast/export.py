@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
+from .schedule import TIME_GRIDS
 
 EXPORT_FORMAT = 1
 META_FILE = "stmd_fast.json"
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flow-steps", type=int, default=1, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
     add("--batch", type=int, default=64,
         help="the program's static batch: it takes exactly this many samples per call [default: 64]")
-    add("--grid", choices=("uniform", "quadratic"), default="uniform", help="diffusion time grid [default: uniform]")
+    add("--grid", choices=TIME_GRIDS, default="uniform", help="diffusion time grid [default: uniform]")
     add("--device", default="auto", help="auto | cpu | cuda: the device the program runs on [default: auto]")
     add("--out", default="sampler.pt2", help="the program, a .pt2 file [default: sampler.pt2]")
     add("--aoti", action="store_true",

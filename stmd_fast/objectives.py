@@ -77,8 +77,9 @@ def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generato
     return Noise(s, xi, r, t, e)
 
 
-def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
-    """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
+def meanflow_jvp(net, x0, noise: Noise, cond, s):
+    """u(z_t, r, t | cond, s) and du/dt by one torch.func.jvp, with v = e - x_0 and h = t - r:
+    what the STMD (cond = x_s, s given) and Mean Flow (cond = s = None) targets are made of."""
     t, r = noise.t, noise.r
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
@@ -92,6 +93,12 @@ def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
     # Tangents (v, 0, 1) for (z, r, t) are (v, 1, 1) for (z, t, h = t - r).
     ones = torch.ones_like(t)
     u, dudt = torch.func.jvp(u_fn, (z_t, t, h), (v, ones, ones))
+    return u, dudt, v, h
+
+
+def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
+    """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
+    u, dudt, v, h = meanflow_jvp(net, x0, noise, cond, s)
     # u_tgt = stopgrad(v - (t - r) du/dt); loss = mean(stopgrad(w) ||u - u_tgt||^2), w = 1 / (. + c)^p.
     # Returns the raw mean ||delta||^2 too (the adaptive loss reads ~1 by design).
     loss, sq = meanflow_loss(u, dudt, v, h, cfg.adaptive_c, cfg.adaptive_p)  # fused kernel on CUDA
