@@ -3,91 +3,277 @@
 A checkpoint is a directory RUN/checkpoints/step_XXXXXXXX/ holding
   model.safetensors   the trained weights        ema.safetensors   the EMA weights
   train_state.pt      optimizer, scheduler, RNG   config.json       resolved config + metadata
-It is written under a temporary name and renamed into place (atomic on POSIX), so a crash
-or kill mid-write never leaves a broken checkpoint: at worst a .tmp-* folder that the next
-save removes. find_checkpoint never looks at .tmp-* folders.
+config.json records the size and SHA-256 of the three other files, checked on load, so a
+truncated, overwritten or bit-flipped file is found and named; weights are also checked finite
+on load, and a checkpoint of non-finite weights is never written.
+
+What no kill can leave half-done (the order of operations, each step fsynced):
+  save:     write .tmp-step_X/, fsync its files and itself -> rename to step_X -> fsync checkpoints/
+  rotation: rename an old step_Y to .del-step_Y -> fsync checkpoints/ -> delete it
+  same step saved again: step_X -> .replaced-step_X, then the new one -> step_X, then delete
+Loaders read step_* folders (and a .replaced-step_X whose step_X is missing: a kill between the two
+renames), never a half-written or half-deleted one; the next save (or recover_leftovers) deletes the
+.tmp-* and .del-* folders and puts back a .replaced-step_X whose replacement never arrived. Rotation keeps the newest intact checkpoint even when newer ones are damaged.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .config import TrainConfig, same_device
+from .files import fsync_path, write_atomic, write_bytes_durably
 from .models import build_net
 from .objectives import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
 FORMAT_VERSION = 1
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+STATE_FILE = "train_state.pt"
+CHECKED_FILES = (*WEIGHT_FILES, STATE_FILE)  # sizes and SHA-256 in config.json
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, incomplete or unreadable; the message names the file."""
+
+
+class NonFiniteState(CheckpointError):
+    """save_checkpoint was handed weights or optimizer state holding NaN or inf (nothing was written)."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    """Replace `path` by `obj` as JSON: a reader (or a kill) sees the old file or the new one, never half."""
+    write_atomic(path, json.dumps(obj, indent=2).encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _nonfinite(tensors: dict, where: str) -> str | None:
+    """Names the first floating tensor of `tensors` (nested dicts/lists) holding NaN or inf, else None."""
+    for key, value in tensors.items() if isinstance(tensors, dict) else enumerate(tensors):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"{where}[{key!r}]"
+        elif isinstance(value, (dict, list, tuple)):
+            found = _nonfinite(value, f"{where}[{key!r}]")
+            if found:
+                return found
+    return None
+
+
+def _state(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_net: torch.nn.Module | dict,
                     train_state: dict, meta: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the `keep` newest.
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest (never the newest intact).
 
     net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0). Under torchrun
-    only rank 0 calls this; a process killed mid-write leaves at most a .tmp-* folder."""
+    only rank 0 calls this. NonFiniteState (nothing written) if a weight or optimizer tensor holds NaN or
+    inf; OSError (e.g. a full disk) leaves no partial checkpoint behind."""
+    files = {name: _state(module) for name, module in zip(WEIGHT_FILES, (net, ema_net))}
+    bad = next(filter(None, (_nonfinite(state, name) for name, state in files.items())), None) \
+        or _nonfinite(train_state, STATE_FILE)
+    if bad:
+        raise NonFiniteState(f"not saving step {step}: {bad} holds NaN or inf")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    for leftover in root.glob(".tmp-*"):  # from a crash during an earlier save
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in zip(WEIGHT_FILES, (net, ema_net)):
-        state = module if isinstance(module, dict) else module.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "config.json").write_text(json.dumps({**meta, "format": FORMAT_VERSION, "step": step}, indent=2))
-    for f in tmp.iterdir():
-        _fsync(f)
-    replaced = None
-    if final.exists():  # the same step saved again (e.g. an interrupt right after a save): move it aside first
-        replaced = root / f".tmp-old-{final.name}"
+    new_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    if new_root:
+        fsync_path(root.parent)
+    recover_leftovers(run_dir)
+    tmp.mkdir()
+    try:
+        record = {}
+        for name in CHECKED_FILES:
+            if name == STATE_FILE:
+                buffer = io.BytesIO()
+                torch.save(train_state, buffer)
+                data = buffer.getvalue()
+            else:
+                data = save_safetensors(files.pop(name))
+            write_bytes_durably(tmp / name, data)
+            record[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            del data
+        write_bytes_durably(tmp / "config.json", json.dumps(
+            {**meta, "format": FORMAT_VERSION, "step": step, "files": record}, indent=2).encode())
+        fsync_path(tmp)  # the folder's entries
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replaced = root / f".replaced-{final.name}"
+    if final.exists():  # the same step saved again: the old one stays whole until the new one is in place
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _fsync(root)  # the rename is on disk before anything older is deleted
-    if replaced is not None:
+    fsync_path(root)  # the rename is on disk before anything older is deleted
+    if replaced.exists():
         shutil.rmtree(replaced)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    _rotate(root, keep, final)
     return final
 
 
+def _rotate(root: Path, keep: int, final: Path) -> None:
+    """Delete all but the `keep` newest step_* folders, sparing `final` (just written) and, if a newer
+    folder than it exists, the newest of those that verifies: rotation never deletes the newest intact one."""
+    folders = sorted(root.glob("step_*"))
+    spared = {final, *folders[-keep:]}
+    newer_intact = next((c for c in reversed(folders) if c.name > final.name and _intact(c)), None)
+    if newer_intact is not None:
+        spared.add(newer_intact)
+    doomed = [old for old in folders if old not in spared]
+    for old in doomed:
+        os.replace(old, root / f".del-{old.name}")  # out of the loaders' sight before it is half deleted
+    if doomed:
+        fsync_path(root)
+        for old in doomed:
+            shutil.rmtree(root / f".del-{old.name}")
+
+
+def recover_leftovers(run_dir: str | Path) -> None:
+    """Tidy what a kill during save or rotation left in RUN/checkpoints: delete .tmp-* and .del-*
+    folders; put a .replaced-step_X back if its replacement step_X never arrived."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for leftover in root.glob(".replaced-step_*"):
+        original = root / leftover.name.removeprefix(".replaced-")
+        if original.exists():
+            shutil.rmtree(leftover)
+        else:
+            os.replace(leftover, original)
+            fsync_path(root)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint folders, newest first (damaged ones included, half-written or half-deleted
+    ones never): the step_* folders, and a .replaced-step_X whose replacement a kill stopped short of."""
+    root = Path(run_dir) / "checkpoints"
+    found = {p.name: p for p in root.glob("step_*") if p.is_dir()}
+    for orphan in root.glob(".replaced-step_*"):  # whole: it is deleted only once step_X is in place
+        found.setdefault(orphan.name.removeprefix(".replaced-"), orphan)
+    return [found[name] for name in sorted(found, reverse=True)]
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A step_* folder, or any folder holding a checkpoint's files (not a run directory)."""
+    return path.name.startswith("step_") or any((path / name).is_file() for name in CHECKED_FILES)
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    """A checkpoint directory itself, or the newest step_* folder of a run directory, unverified
+    (newest_intact finds the newest one that verifies)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / WEIGHT_FILES[0]).is_file():
+    if is_checkpoint_dir(path):
         return path
-    found = sorted((path / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+    found = list_checkpoints(path)
+    return found[0] if found else None
 
 
 def read_meta(ckpt: Path) -> dict:
-    meta = json.loads((ckpt / "config.json").read_text())
+    """config.json of a checkpoint; CheckpointError naming the file if it is missing, not JSON or of
+    another format."""
+    path = Path(ckpt) / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {ckpt} is not a whole checkpoint") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}): "
+                              f"the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint's metadata: the checkpoint is damaged")
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{ckpt} has checkpoint format {meta.get('format')}, this stmd_fast reads "
-                         f"format {FORMAT_VERSION}: use the stmd_fast version that wrote it")
+        raise CheckpointError(f"{ckpt} has checkpoint format {meta.get('format')}, this stmd_fast reads "
+                              f"format {FORMAT_VERSION}: use the stmd_fast version that wrote it")
     return meta
+
+
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """The checkpoint's metadata once every file is present with the size and SHA-256 config.json
+    records; CheckpointError naming the first file that is not. (Finiteness is checked by load_weights.)"""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    record = meta.get("files", {})  # absent in checkpoints written before checksums: presence only
+    for name in CHECKED_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        expected = record.get(name)
+        if expected is None:
+            continue
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} has {size} bytes, {expected['bytes']} were written: the file is "
+                                  f"truncated or overwritten")
+        if file_sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} fails its SHA-256 check: its bytes changed after it was written "
+                                  f"(a damaged disk or an edit)")
+    return meta
+
+
+def _intact(ckpt: Path) -> bool:
+    try:
+        verify_checkpoint(ckpt)
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
+def newest_intact(path: str | Path) -> tuple[Path, dict, list[str]]:
+    """(checkpoint, its metadata, why each newer one was passed over) for a run directory: the newest
+    checkpoint that verifies; for a checkpoint directory: itself, verified. FileNotFoundError if there
+    is no checkpoint, CheckpointError if none is intact."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        return path, verify_checkpoint(path), []  # named by the user: no fallback
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
+                                f"or a checkpoints/step_* directory")
+    damaged = []
+    for ckpt in candidates:
+        try:
+            return ckpt, verify_checkpoint(ckpt), damaged
+        except (CheckpointError, OSError) as err:
+            damaged.append(str(err))
+    raise CheckpointError(f"none of the {len(candidates)} checkpoints in {path / 'checkpoints'} is intact "
+                          f"(newest: {damaged[0]})")
+
+
+def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One weights file of a checkpoint, on `device`; CheckpointError naming the file if it does not
+    parse or holds NaN or inf."""
+    path = Path(ckpt) / name
+    try:
+        state = load_safetensors(path.read_bytes())
+    except Exception as err:  # safetensors' SafetensorError, a missing file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
+    bad = _nonfinite(state, name)
+    if bad:
+        raise CheckpointError(f"{path}: {bad.removeprefix(name)} holds NaN or inf: these weights cannot be used; "
+                              f"take an earlier checkpoint")
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def build_net_from_meta(meta: dict) -> torch.nn.Module:
@@ -175,21 +361,25 @@ class Model:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:
-    """Load a checkpoint directory (or a run directory's newest checkpoint) for sampling.
+    """Load a checkpoint directory, or a run directory's newest intact checkpoint (with a warning naming
+    the damaged newer ones it passed over), for sampling. Every file is verified against the checksums
+    in its config.json and the weights must be finite: CheckpointError naming the file otherwise.
 
     weights: 'ema' (default, what samples use) or 'model' (the raw trained weights)."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
-                                f"or a checkpoints/step_* directory")
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    meta = read_meta(ckpt)
-    net = build_net_from_meta(meta)
+    ckpt, meta, damaged = newest_intact(path)
+    if damaged:
+        warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=2)
     try:
-        net.load_state_dict(load_file(ckpt / f"{weights}.safetensors"))
+        net = build_net_from_meta(meta)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "
+                              f"({type(err).__name__}: {err}): was it edited?") from None
+    try:
+        net.load_state_dict(load_weights(ckpt, f"{weights}.safetensors"))
     except RuntimeError as err:
-        raise ValueError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
-                         f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
+                              f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
     net.eval().requires_grad_(False).to(device)
     return Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)

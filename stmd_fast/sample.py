@@ -14,13 +14,16 @@ latents: they go to .npy as they are, or to a .png decoded through --vae.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .files import check_writable, write_atomic
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -54,23 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = False) -> torch.Tensor:
     """An image (C, H, W) from .png/.jpg (mapped to [-1, 1], or {0, 1} for a mask) or .npy (as given)."""
+    from PIL import Image  # torchvision's decode_image is deprecated since 0.29
+
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{what} {path} does not exist")
     c, h, w = shape
-    if file.suffix == ".npy":
-        x = torch.from_numpy(np.load(file, allow_pickle=False)).float()
-        x = x.reshape(x.shape[-3:] if x.ndim > 3 and math.prod(x.shape[:-3]) == 1 else x.shape)  # (1, C, H, W)
-        x = x[None] if x.ndim == 2 else x
-        if as_mask:
-            x = (x != 0).float()
-    else:
-        from PIL import Image  # torchvision's decode_image is deprecated since 0.29
-
-        with Image.open(file) as image:
-            pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
-        x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-        x = (x > 127).float() if as_mask else x / 127.5 - 1
+    try:
+        if file.suffix == ".npy":
+            x = torch.from_numpy(np.load(file, allow_pickle=False)).float()
+            x = x.reshape(x.shape[-3:] if x.ndim > 3 and math.prod(x.shape[:-3]) == 1 else x.shape)  # (1, C, H, W)
+            x = x[None] if x.ndim == 2 else x
+            if as_mask:
+                x = (x != 0).float()
+        else:
+            with Image.open(file) as image:
+                pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
+            x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
+            x = (x > 127).float() if as_mask else x / 127.5 - 1
+    # PIL: not an image / truncated (OSError, UnidentifiedImageError), broken chunks (SyntaxError), bombs;
+    # numpy: not an .npy, pickled objects, a non-numeric dtype (ValueError, TypeError, EOFError)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{what} {path} is not a readable image: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''} (give a .png/.jpg, or an .npy of "
+                         f"shape {shape})") from None
     if x.ndim != 3 or tuple(x.shape[-2:]) != (h, w) or x.shape[0] not in (1, c):
         raise ValueError(f"{what} {path} has shape {tuple(x.shape)}, the model makes {shape} images: "
                          f"resize it to {h}x{w} first")
@@ -80,28 +90,40 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
 
 
 def prepare_out(out: Path) -> None:
+    """Checked before sampling: the suffix, and that the file can be written."""
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png or .npy, got {out.name}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+    check_writable(out, "--out")
 
 
 def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
-    """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint)."""
+    """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint);
+    rendered in memory and written atomically (a full disk leaves no partial file: OSError)."""
     x = x.float().cpu()
+    buffer = io.BytesIO()
     if out.suffix == ".npy":
-        np.save(out, x.numpy())
-        return
-    from torchvision.utils import save_image
+        np.save(buffer, x.numpy())
+    else:
+        from torchvision.utils import save_image
 
-    from .data.datasets import to_unit_range
+        from .data.datasets import to_unit_range
 
-    if observed is not None:  # first tile: the observation, unobserved pixels grey
-        x = torch.cat([(observed * mask)[None], x])
-    x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
-    save_image(to_unit_range(x), out, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+        if observed is not None:  # first tile: the observation, unobserved pixels grey
+            x = torch.cat([(observed * mask)[None], x])
+        x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
+        save_image(to_unit_range(x), buffer, format="png", nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+    write_atomic(out, buffer.getvalue())
+
+
+def write_or_say(x: torch.Tensor, out: Path, *args) -> bool:
+    """write_samples, with a failed write (a full disk, the folder gone) as one line on stderr."""
+    try:
+        write_samples(x, out, *args)
+        return True
+    except OSError as err:
+        print(f"error: could not write --out {out}: {err.strerror or err}: nothing was written; free space or "
+              f"choose another --out", file=sys.stderr)
+        return False
 
 
 def main_exported(args) -> int:
@@ -158,7 +180,8 @@ def main_exported(args) -> int:
 
         latent = meta["latent"]
         x = decode_latents(vae, x.to(device), latent["scaling_factor"], latent["shift_factor"], args.batch_size)
-    write_samples(x, out, args.zoom)
+    if not write_or_say(x, out, args.zoom):
+        return 1
     print(f"{len(x)} samples (exported {meta['method']}, N={meta['steps']}, M={meta['flow_steps']}, NFE {meta['nfe']}, "
           f"batch {meta['batch']}{', decoded' if vae is not None else ''}) -> {out}")
     return 0
@@ -178,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a checkpoint (CKPT) or --exported PT2")
         if args.vae is not None:
             raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
-        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
+        with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
+            warnings.simplefilter("always")
+            model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
+        for note in notes:
+            print(f"note: {note.message}", file=sys.stderr)
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
         check_steps(model.method, steps, args.flow_steps)
         if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
@@ -210,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
     if model.data_kind == "latent" and out.suffix == ".png":
         x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
-    write_samples(x, out, args.zoom, observed, mask)
+    if not write_or_say(x, out, args.zoom, observed, mask):
+        return 1
     print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
           f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}) -> {out}")
     return 0
