@@ -6,6 +6,7 @@ The preset names the data and the network; every field can be overridden from th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,10 +130,16 @@ class TrainConfig:
                      "sample_steps", "sample_flow_steps", "sample_ddpm_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.sample_every < 0:
-            raise ValueError("need lr > 0, 0 <= ema_decay < 1, warmup_steps >= 0 and sample_every >= 0")
-        if self.data_workers < 0:
-            raise ValueError(f"--data-workers must be at least 0, got {self.data_workers}")
+        for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        # NaN fails every comparison: each check says "in range" and is negated, so NaN and inf are refused
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"--lr must be a finite number in (0, 1], got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
             self.out = f"runs/{Path(self.data).stem if own_data else self.preset}-{self.method}"

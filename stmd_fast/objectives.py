@@ -8,6 +8,7 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,10 +49,17 @@ class ObjectiveConfig:
     """The c of the adaptive weight."""
 
     def __post_init__(self):
-        if not 0.0 <= self.flow_matching_fraction <= 1.0:
-            raise ValueError(f"flow_matching_fraction must be in [0, 1], got {self.flow_matching_fraction}")
-        if self.time_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
-            raise ValueError("need time_std > 0, adaptive_c > 0 and adaptive_p >= 0")
+        finite = math.isfinite
+        in_range = {  # written as "in range" (NaN fails every comparison, so NaN is refused too)
+            "time_mean": (finite(self.time_mean), "a finite number"),
+            "time_std": (finite(self.time_std) and self.time_std > 0, "a finite number > 0"),
+            "flow_matching_fraction": (0 <= self.flow_matching_fraction <= 1, "in [0, 1]"),
+            "adaptive_p": (finite(self.adaptive_p) and self.adaptive_p >= 0, "a finite number >= 0"),
+            "adaptive_c": (finite(self.adaptive_c) and self.adaptive_c > 0, "a finite number > 0"),
+        }
+        for name, (ok, what) in in_range.items():
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)}")
 
 
 class Noise(NamedTuple):

@@ -455,3 +455,22 @@ def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
     assert sample("--exported", fake, "--out", out) == 2
     assert_one_line_error(capsys, "no loadable program", "re-export")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- train: every option checked first
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "2"), ("--weight-decay", "-1"),
+    ("--weight-decay", "nan"), ("--ema-decay", "1"), ("--ema-decay", "nan"), ("--time-mean", "nan"),
+    ("--time-mean", "inf"), ("--time-std", "0"), ("--time-std", "nan"), ("--adaptive-p", "nan"),
+    ("--adaptive-p", "-1"), ("--adaptive-c", "0"), ("--adaptive-c", "inf"), ("--flow-matching-fraction", "nan"),
+    ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"), ("--data-workers", "-1"),
+    ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"),
+])
+def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, value):
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main([*GMM, "--steps", "1", "--out", str(run), flag, value]) == 2
+    assert_one_line_error(capsys, flag, value)
+    assert not run.exists()
