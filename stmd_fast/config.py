@@ -61,6 +61,9 @@ class TrainConfig:
     shards' manifest, and sample grids decode through it."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
+    strict_data: bool = False
+    """Latent presets: stop at the first damaged shard or sample (its checksum, shape or values wrong)
+    instead of skipping it; skipped ones are counted in the log and metrics.jsonl either way."""
     data_dir: str = "datasets"
     """Where mnist / cifar10 files live (torchvision's layout)."""
     download: bool = False

@@ -474,3 +474,194 @@ def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, val
     assert train_main([*GMM, "--steps", "1", "--out", str(run), flag, value]) == 2
     assert_one_line_error(capsys, flag, value)
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- train: resume, NaN, lock, signals, disk
+
+def train(*args) -> int:
+    from stmd_fast.train import main as train_main
+
+    return train_main([str(a) for a in args])
+
+
+def metrics_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("three") / "run"
+    assert train(*GMM, "--steps", 6, "--ckpt-every", 2, "--keep-checkpoints", 3, "--out", run) == 0
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "bit flip in train state", "missing train state",
+                                    "garbled config", "missing weights"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(capsys, three_checkpoints, tmp_path, damage):
+    """The newest checkpoint damaged: --resume continues from the one before, says which and why, sets the
+    damaged one aside (kept, renamed damaged-step_*), and ends where an undamaged resume ends."""
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    DAMAGE[damage](run / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000004 at step 4" in out
+    assert "step_00000006" in out and NAMED[damage] in out and "damaged-step_00000006" in out
+    assert (run / "checkpoints" / "damaged-step_00000006").is_dir()
+    assert metrics_steps(run) == list(range(1, 9))
+    reference = tmp_path / "reference"
+    shutil.copytree(three_checkpoints, reference)
+    assert train("--out", reference, "--resume", "--steps", 8, "--device", "cpu") == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(run / "checkpoints" / "step_00000008" / name)
+        b = load_file(reference / "checkpoints" / "step_00000008" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5-6 redone exactly
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, three_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    for ckpt in list_checkpoints(run):
+        DAMAGE["bit flip in ema"](ckpt)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "none of the 3 checkpoints", "intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing deleted or moved
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: the loss stays finite while the update makes the weights NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_weights_that_turn_nan_under_a_finite_loss_stop_at_a_finite_checkpoint(capsys, tmp_path, monkeypatch):
+    """Step 4's loss is finite but its gradient NaN: the weights after step 4 are NaN. The checkpoint at
+    step 4 is refused, the run stops naming step 2 (finite), and nothing older was rotated away."""
+    import stmd_fast.train as train_module
+
+    real, calls = train_module.compute_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss, error = real(*args, **kwargs)
+        return (NaNGradient.apply(loss) if len(calls) == 4 else loss), error
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 8, "--ckpt-every", 2, "--log-every", 100, "--keep-checkpoints", 1,
+                 "--out", run) == 1
+    line = assert_one_line_error(capsys, "step_00000002")
+    assert "NaN" in line or "non-finite" in line
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        load_weights(run / "checkpoints" / "step_00000002", name)  # finite
+    assert hidden_or_partial(run / "checkpoints") == []
+
+
+def _wait_for_lock(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not ((run / ".lock").exists() and f"pid {process.pid} " in (run / ".lock").read_text() + " "):
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "the run never took its lock"
+        time.sleep(0.05)
+
+
+def test_a_second_run_or_a_resume_into_a_live_run_is_one_line(capsys, tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    live = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000", "--ckpt-every",
+                             "5", "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        _wait_for_lock(run, live)
+        metrics_before = (run / "metrics.jsonl").read_bytes() if (run / "metrics.jsonl").exists() else b""
+        assert train(*GMM, "--steps", 3, "--out", run) == 2
+        assert_one_line_error(capsys, "in use by another training run", f"pid {live.pid}")
+        while not list_checkpoints(run):  # a resume needs a checkpoint to get as far as the lock
+            assert live.poll() is None
+            time.sleep(0.05)
+        assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") == 2
+        assert_one_line_error(capsys, "in use by another training run", f"pid {live.pid}")
+        assert (run / "metrics.jsonl").read_bytes()[:len(metrics_before)] == metrics_before  # untouched
+    finally:
+        live.kill()
+        live.wait()
+    assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") in (0, 2)  # the lock died with it
+
+
+def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 3, "--ckpt-every", 100, "--out", run) == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint (steps 1-3 logged)
+    assert train(*GMM, "--steps", 4, "--ckpt-every", 100, "--out", run) == 0
+    assert metrics_steps(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5, 1.5, 3.0])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, delay):
+    """SIGINT while torch imports, the data loads or the network is built: no traceback, exit 130, at most
+    one line on stderr; once training runs, Ctrl-C saves and says how to resume (stdout)."""
+    import time
+
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000",
+                                "--ckpt-every", "1000000", "--out", str(run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(delay)
+    process.send_signal(2)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    assert "Traceback" not in out
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_batch_size(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train(*GMM, "--batch-size", 10 ** 12, "--steps", 1, "--out", run) == 2
+    assert_one_line_error(capsys, "--batch-size 1000000000000", "memory")
+    assert not list_checkpoints(run)
+
+
+def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
+    """The disk fills while the step-4 checkpoint is written: exit 1, one line naming the intact step-2
+    checkpoint, no partial file or temporary folder left."""
+    real = files.write_bytes_durably
+    run = tmp_path / "run"
+
+    def full_at_step_4(path, data):
+        if "step_00000004" in str(path) and "model" in Path(path).name:
+            Path(path).write_bytes(data[:10])
+            Path(path).unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt_module, "write_bytes_durably", full_at_step_4)
+    assert train(*GMM, "--steps", 8, "--ckpt-every", 2, "--keep-checkpoints", 1, "--out", run) == 1
+    assert_one_line_error(capsys, "No space left on device", "step_00000002")
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    verify_checkpoint(run / "checkpoints" / "step_00000002")
+    assert hidden_or_partial(run) == []
+
+
+def test_train_on_a_real_full_disk_is_one_line(tiny_disk):
+    """A real 64 KiB file system (root only): whatever write fails first, one line and exit 1, in a child
+    process (a C++ writer that aborts would show here)."""
+    run = tiny_disk / "run"
+    result = subprocess.run([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "4", "--out", str(run)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode in (1, 2), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "No space left on device" in lines[0], result.stderr
+    for ckpt in list_checkpoints(run):
+        verify_checkpoint(ckpt)
