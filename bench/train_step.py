@@ -4,7 +4,7 @@
     python bench/train_step.py --preset mnist --variants "eager fp32,compiled fp32"   # the CPU target
     python bench/train_step.py --smoke                              # tiny CPU version (CI)
 
-Each variant times the trainer's own step (stmd_fast.train.make_train_step: noise draw, loss
+Each variant times the trainer's own step (stmd_fast.engine.make_train_step: noise draw, loss
 with its JVP, backward, AdamW, EMA) for the objective and for the plain flow-matching step of
 the same network (no JVP), so "what the JVP costs" is a ratio measured in the same run.
 Reports median ms/step, img/s, TFLOP/s and MFU (FLOPs of forward + tangent + backward counted
@@ -30,7 +30,7 @@ from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.models import build_net, count_params  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
-from stmd_fast.train import make_train_step  # noqa: E402
+from stmd_fast.engine import make_train_step  # noqa: E402
 
 # name -> (torch.compile, precision, kernel backend)
 VARIANTS = {
