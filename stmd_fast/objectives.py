@@ -23,12 +23,13 @@ class Method:
     name: str
     conditional: bool  # the network sees x_s (concatenated on channels)
     times: tuple[str, ...]  # the time inputs fed to the network, in order
+    error_name: str = "delta_sq"  # what compute_loss's raw error is, as metrics.jsonl names it
 
 
 METHODS = {
     "stmd": Method("stmd", True, ("t", "t - r", "s")),
     "meanflow": Method("meanflow", False, ("t", "t - r")),
-    "ddpm": Method("ddpm", False, ("s",)),
+    "ddpm": Method("ddpm", False, ("s",), "eps_mse"),
 }
 
 
