@@ -28,7 +28,7 @@ from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, m
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
-from stmd_fast.models import build_net, count_params  # noqa: E402
+from stmd_fast.models import count_params  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
 from stmd_fast.engine import make_train_step  # noqa: E402
 
@@ -70,7 +70,7 @@ def run_variant(name, objective, cfg, data_shape, batch, device, args, peak_tflo
     compile_, precision, kernels = VARIANTS[name]
     torch.manual_seed(0)
     method = METHODS[cfg.method]
-    net = build_net(cfg.net, data_shape, method.conditional, len(method.times)).to(device)
+    net = method.build_net(cfg.net, data_shape).to(device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
@@ -116,12 +116,12 @@ def main(argv=None) -> int:
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
     batch = args.batch or cfg.batch_size
-    objectives = [args.method] + ([] if args.no_flow_matching or args.method == "ddpm" else ["flow matching"])
+    objectives = [args.method] + ([] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"])
 
     env = environment(device)
     peak = measured_matmul_tflops(device, torch.bfloat16, quick=args.smoke)
     method = METHODS[args.method]
-    n_params = count_params(build_net(cfg.net, data_shape, method.conditional, len(method.times)))
+    n_params = count_params(method.build_net(cfg.net, data_shape))
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | measured bf16 matmul peak {peak:.1f} TFLOP/s")
     flops: dict = {}

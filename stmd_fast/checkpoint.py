@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, same_device
-from .models import build_net
 from .objectives import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
@@ -92,8 +91,7 @@ def read_meta(ckpt: Path) -> dict:
 
 def build_net_from_meta(meta: dict) -> torch.nn.Module:
     cfg = TrainConfig(**meta["config"])
-    method = METHODS[cfg.method]
-    return build_net(cfg.net, tuple(meta["data_shape"]), method.conditional, len(method.times))
+    return METHODS[cfg.method].build_net(cfg.net, tuple(meta["data_shape"]))
 
 
 class Model:

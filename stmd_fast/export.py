@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .objectives import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
 
@@ -230,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import find_checkpoint, load_checkpoint, read_meta
     from .config import resolve_device
-    from .sample import DEFAULT_STEPS
     from .sampling import check_steps
 
     out = Path(args.out)
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"no checkpoint in {args.checkpoint}: pass a run directory (with checkpoints/) "
                               f"or a checkpoints/step_* directory")
         method = read_meta(ckpt)["config"]["method"]
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[method]
+        steps = args.steps if args.steps is not None else METHODS[method].default_steps
         check_steps(method, steps, args.flow_steps)
         if args.batch < 1:
             raise ExportError(f"--batch must be at least 1, got {args.batch}")

@@ -9,28 +9,14 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
+from .models import NetConfig, build_net
 from .schedule import alpha_sigma, per_sample
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    conditional: bool  # the network sees x_s (concatenated on channels)
-    times: tuple[str, ...]  # the time inputs fed to the network, in order
-    error_name: str = "delta_sq"  # what compute_loss's raw error is, as metrics.jsonl names it
-
-
-METHODS = {
-    "stmd": Method("stmd", True, ("t", "t - r", "s")),
-    "meanflow": Method("meanflow", False, ("t", "t - r")),
-    "ddpm": Method("ddpm", False, ("s",), "eps_mse"),
-}
 
 
 @dataclass
@@ -112,33 +98,97 @@ def _diffuse(x0: torch.Tensor, noise: Noise) -> torch.Tensor:
     return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
 
 
+def _stmd_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    return _jvp_meanflow(net, x0, noise, cfg, cond=_diffuse(x0, noise), s=noise.s)
+
+
+def _meanflow_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
+
+
+def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    mse = F.mse_loss(net(_diffuse(x0, noise), None, noise.s[:, None]).float(), noise.xi.float())
+    return mse, mse.detach()
+
+
 def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
     """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
     (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
-    if method == "meanflow":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
-    x_s = _diffuse(x0, noise)
-    if method == "stmd":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
-    if method == "ddpm":
-        mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
-        return mse, mse.detach()
-    raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")
+    return get_method(method).loss(net, x0, noise, cfg)
 
 
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
     """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
     on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
     time it beside compute_loss to measure what the JVP costs."""
-    if method not in ("stmd", "meanflow"):
+    if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
     t = noise.t
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
     zero = torch.zeros_like(t)
-    if method == "stmd":
+    if get_method(method).conditional:
         u = net(z_t, _diffuse(x0, noise), torch.stack([t, zero, noise.s], dim=1))
     else:
         u = net(z_t, None, torch.stack([t, zero], dim=1))
     mse = F.mse_loss(u.float(), (noise.e - x0).float())
     return mse, mse.detach()
+
+
+# ----------------------------------------------------------------------------- methods
+
+@dataclass(frozen=True)
+class Method:
+    """What differs between STMD and its two baselines, in one place: the rest of the package asks
+    the method, never its name. The sampler (sampling.py) reads `flow`, `diffusion` and
+    `conditional` to make x0_hat and name its noise; the trainer reads the rest."""
+
+    name: str
+    label: str  # as the messages name it
+    conditional: bool  # the network sees x_s (concatenated on channels) and s
+    times: tuple[str, ...]  # the time inputs fed to the network, in order
+    flow: bool  # x0_hat by M steps of a flow map from fresh noise (else the eps-prediction mean, one call)
+    diffusion: bool  # takes N diffusion steps down the time grid (Mean Flow samples at s = 1 only)
+    loss: Callable  # (net, x0, noise, cfg) -> (loss, raw error)
+    error_name: str  # what the raw error is, as metrics.jsonl names it
+    default_steps: int  # N of `python -m stmd_fast.sample` without --steps
+
+    def build_net(self, net_cfg: NetConfig, data_shape: tuple[int, ...]):
+        """The network this method trains and samples, for data of data_shape (per sample)."""
+        return build_net(net_cfg, data_shape, self.conditional, len(self.times))
+
+    def check_steps(self, steps: int, flow_steps: int) -> None:
+        """Refuse (N, M) settings this method cannot take, before any network call."""
+        if steps < 1 or flow_steps < 1:
+            raise ValueError(f"need steps >= 1 and flow_steps >= 1, got N={steps}, M={flow_steps}")
+        if not self.flow and flow_steps != 1:
+            raise ValueError(f"{self.label} makes x0_hat in one network call: use flow_steps=1 (NFE = steps)")
+        if not self.diffusion and steps != 1:
+            raise ValueError(f"{self.label} has no diffusion steps: use steps=1 and set flow_steps (NFE = flow_steps)")
+
+    def nfe(self, steps: int, flow_steps: int) -> int:
+        """Network evaluations per sample: STMD N*M, DDPM N, Mean Flow M."""
+        return (steps if self.diffusion else 1) * (flow_steps if self.flow else 1)
+
+    def grid_steps(self, cfg) -> tuple[int, int]:
+        """(N, M) of the trainer's sample grids from its config (TrainConfig's sample_* fields)."""
+        if not self.flow:
+            return cfg.sample_ddpm_steps, 1
+        return (cfg.sample_steps if self.diffusion else 1), cfg.sample_flow_steps
+
+
+METHODS = {
+    "stmd": Method("stmd", "STMD", True, ("t", "t - r", "s"), flow=True, diffusion=True, loss=_stmd_loss,
+                   error_name="delta_sq", default_steps=1),
+    "meanflow": Method("meanflow", "Mean Flow", False, ("t", "t - r"), flow=True, diffusion=False,
+                       loss=_meanflow_loss, error_name="delta_sq", default_steps=1),
+    "ddpm": Method("ddpm", "DDPM", False, ("s",), flow=False, diffusion=True, loss=_ddpm_loss,
+                   error_name="eps_mse", default_steps=100),
+}
+
+
+def get_method(name: str) -> Method:
+    """METHODS[name], or a ValueError naming the choices."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
+    return METHODS[name]

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .objectives import METHODS
 from .sampling import sample
 
 
@@ -102,8 +103,7 @@ def write_samples(ema_net, cfg, data, device, path: Path, decode=None) -> Path:
 
     from .data.datasets import to_unit_range
 
-    steps = {"ddpm": cfg.sample_ddpm_steps, "meanflow": 1}.get(cfg.method, cfg.sample_steps)
-    flow_steps = 1 if cfg.method == "ddpm" else cfg.sample_flow_steps
+    steps, flow_steps = METHODS[cfg.method].grid_steps(cfg)
     generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
     x = sample(ema_net, cfg.method, 64, data.shape, steps, flow_steps, generator, cfg.sample_grid).float().cpu()
     path.parent.mkdir(exist_ok=True)

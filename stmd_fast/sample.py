@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .objectives import METHODS
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
-DEFAULT_STEPS = {"stmd": 1, "meanflow": 1, "ddpm": 100}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vae is not None:
             raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
         model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
+        steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
         check_steps(model.method, steps, args.flow_steps)
         if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
             raise ValueError("--num, --batch-size and --zoom must be at least 1")

@@ -25,7 +25,7 @@ from .config import LATENT_RESOLUTION, PRECISIONS, PRESETS, TrainConfig, net_for
 from .engine import make_train_step
 from .kernels import dispatch
 from .kernels.dispatch import BACKENDS
-from .models import build_net, count_params
+from .models import count_params
 from .objectives import METHODS, compute_loss
 from .parallel import Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
@@ -262,10 +262,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
         decode = partial(decode_latents, vae, scaling_factor=data.scaling_factor, shift_factor=data.shift_factor)
     if cfg.net is None:
         cfg.net = net_for_shape(data.shape)
-    method = METHODS[cfg.method]
     torch.manual_seed(cfg.seed)  # network init
     try:
-        net = build_net(cfg.net, data.shape, method.conditional, len(method.times)).to(device)
+        net = METHODS[cfg.method].build_net(cfg.net, data.shape).to(device)
     except ValueError as err:
         raise UserError(f"the network does not fit the data: {err}") from None
     data = data.to(device)
