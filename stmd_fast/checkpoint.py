@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, same_device
-from .objectives import METHODS
+from .methods import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
 FORMAT_VERSION = 1

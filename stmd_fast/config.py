@@ -14,7 +14,8 @@ import torch
 from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
 from .models import NetConfig, dit_config
-from .objectives import METHODS, ObjectiveConfig
+from .methods import METHODS
+from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")

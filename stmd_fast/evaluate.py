@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, read_meta
 from .config import resolve_device
-from .objectives import METHODS
+from .methods import METHODS
 from .sampling import check_steps, nfe
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID

@@ -11,10 +11,10 @@ samples come out float32 by default, posterior quantities in the dtype of x_s.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
+from .cli import one_line_errors
 from .sampling import check_steps
 from .schedule import alpha_sigma, bridge_sample
 
@@ -382,6 +382,7 @@ def check_gmm_model(model, run) -> None:
         raise ValueError(f"{run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
 
 
+@one_line_errors(ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     """python -m stmd_fast.gmm RUN: how close a gmm-preset model's one-step transition is to the exact one."""
     import argparse
@@ -397,14 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     p.add_argument("--seed", type=int, default=0, help="[default: 0]")
     args = p.parse_args(argv)
-    try:
-        model = load_checkpoint(args.run)
-        check_gmm_model(model, args.run)
-        d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,
-                                 args.points, args.num, args.seed)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = load_checkpoint(args.run)
+    check_gmm_model(model, args.run)
+    d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,
+                             args.points, args.num, args.seed)
     print(f"energy distance to the exact transition s={args.s_from} -> {args.s_to} "
           f"({args.points} states x {args.num} draws):")
     print(f"  {model.method} (M={args.flow_steps}): {d['learned']:.4f}")

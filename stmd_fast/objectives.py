@@ -9,13 +9,13 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
-from .models import NetConfig, build_net
+from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
 from .schedule import alpha_sigma, per_sample
 
 
@@ -111,6 +111,9 @@ def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
     return mse, mse.detach()
 
 
+LOSSES = {"stmd": _stmd_loss, "meanflow": _meanflow_loss, "ddpm": _ddpm_loss}  # Method.loss
+
+
 def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
     """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
     (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
@@ -133,62 +136,3 @@ def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Ob
         u = net(z_t, None, torch.stack([t, zero], dim=1))
     mse = F.mse_loss(u.float(), (noise.e - x0).float())
     return mse, mse.detach()
-
-
-# ----------------------------------------------------------------------------- methods
-
-@dataclass(frozen=True)
-class Method:
-    """What differs between STMD and its two baselines, in one place: the rest of the package asks
-    the method, never its name. The sampler (sampling.py) reads `flow`, `diffusion` and
-    `conditional` to make x0_hat and name its noise; the trainer reads the rest."""
-
-    name: str
-    label: str  # as the messages name it
-    conditional: bool  # the network sees x_s (concatenated on channels) and s
-    times: tuple[str, ...]  # the time inputs fed to the network, in order
-    flow: bool  # x0_hat by M steps of a flow map from fresh noise (else the eps-prediction mean, one call)
-    diffusion: bool  # takes N diffusion steps down the time grid (Mean Flow samples at s = 1 only)
-    loss: Callable  # (net, x0, noise, cfg) -> (loss, raw error)
-    error_name: str  # what the raw error is, as metrics.jsonl names it
-    default_steps: int  # N of `python -m stmd_fast.sample` without --steps
-
-    def build_net(self, net_cfg: NetConfig, data_shape: tuple[int, ...]):
-        """The network this method trains and samples, for data of data_shape (per sample)."""
-        return build_net(net_cfg, data_shape, self.conditional, len(self.times))
-
-    def check_steps(self, steps: int, flow_steps: int) -> None:
-        """Refuse (N, M) settings this method cannot take, before any network call."""
-        if steps < 1 or flow_steps < 1:
-            raise ValueError(f"need steps >= 1 and flow_steps >= 1, got N={steps}, M={flow_steps}")
-        if not self.flow and flow_steps != 1:
-            raise ValueError(f"{self.label} makes x0_hat in one network call: use flow_steps=1 (NFE = steps)")
-        if not self.diffusion and steps != 1:
-            raise ValueError(f"{self.label} has no diffusion steps: use steps=1 and set flow_steps (NFE = flow_steps)")
-
-    def nfe(self, steps: int, flow_steps: int) -> int:
-        """Network evaluations per sample: STMD N*M, DDPM N, Mean Flow M."""
-        return (steps if self.diffusion else 1) * (flow_steps if self.flow else 1)
-
-    def grid_steps(self, cfg) -> tuple[int, int]:
-        """(N, M) of the trainer's sample grids from its config (TrainConfig's sample_* fields)."""
-        if not self.flow:
-            return cfg.sample_ddpm_steps, 1
-        return (cfg.sample_steps if self.diffusion else 1), cfg.sample_flow_steps
-
-
-METHODS = {
-    "stmd": Method("stmd", "STMD", True, ("t", "t - r", "s"), flow=True, diffusion=True, loss=_stmd_loss,
-                   error_name="delta_sq", default_steps=1),
-    "meanflow": Method("meanflow", "Mean Flow", False, ("t", "t - r"), flow=True, diffusion=False,
-                       loss=_meanflow_loss, error_name="delta_sq", default_steps=1),
-    "ddpm": Method("ddpm", "DDPM", False, ("s",), flow=False, diffusion=True, loss=_ddpm_loss,
-                   error_name="eps_mse", default_steps=100),
-}
-
-
-def get_method(name: str) -> Method:
-    """METHODS[name], or a ValueError naming the choices."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-    return METHODS[name]

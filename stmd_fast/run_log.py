@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .objectives import METHODS
+from .methods import METHODS
 from .sampling import sample
 
 

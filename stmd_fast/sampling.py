@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .objectives import get_method
+from .methods import get_method
 from .schedule import alpha_sigma, bridge_coefficients, time_grid
 
 Projection = Callable[[torch.Tensor], torch.Tensor]

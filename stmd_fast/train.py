@@ -21,12 +21,15 @@ import torch
 
 from . import distributed, parallel
 from .checkpoint import find_checkpoint, read_meta, write_json_atomic
+from .cli import UserError, one_line_errors
 from .config import LATENT_RESOLUTION, PRECISIONS, PRESETS, TrainConfig, net_for_shape, resolve_device
+from .data.datasets import DataError
 from .engine import make_train_step
 from .kernels import dispatch
 from .kernels.dispatch import BACKENDS
+from .methods import METHODS
 from .models import count_params
-from .objectives import METHODS, compute_loss
+from .objectives import compute_loss
 from .parallel import Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
 from .schedule import TIME_GRIDS
@@ -46,10 +49,6 @@ PAPER_PARAMS = {
     "cifar10": (37.5e6, "UNet2DModel with the channels, layers and attention the paper lists gives this; the paper does "
                         "not list the rest (head size, time-embedding width, mid block) that makes up its 37.5M"),
 }
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, before any expensive work."""
 
 
 class TrainingDiverged(Exception):
@@ -186,7 +185,7 @@ def elastic_restart_of_this_run(out: str) -> bool:
 def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dist()):
     """The preset's (or --data's) training set: TensorData, or the gmm's GaussianMixture; latent shards
     are split over the torchrun ranks (each reads every K-th shard)."""
-    from .data.datasets import DataError, load_npy, load_preset
+    from .data.datasets import load_npy, load_preset
     from .gmm import default_mixture
 
     if cfg.preset in LATENT_RESOLUTION and (cfg.data is None or cfg.vae is None):
@@ -252,7 +251,6 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
     data = load_training_data(cfg, ctx)
     decode = None
     if data.kind == "latent" and ctx.is_main:  # load the VAE now (rank 0 draws the grids): a bad --vae fails here
-        from .data.datasets import DataError
         from .data.encode import load_vae
         from .data.latents import decode_latents
         try:
@@ -458,21 +456,11 @@ def with_checks(train_step, cfg: TrainConfig, ctx: distributed.Dist, step: int):
     return checked
 
 
+@one_line_errors(UserError, DataError, failures=(TrainingDiverged,))  # DataError: e.g. latent shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data.datasets import DataError
-
     try:
-        cfg, resume = resolve_config(vars(args))
-        train(cfg, resume)
-    except (UserError, TrainingDiverged, DataError) as err:  # DataError: e.g. latent shards unreadable mid-run
-        ctx = distributed.from_env()
-        if not ctx.is_main:
-            # Every rank meets the same error and rank 0 says it: torchrun stops this process while it
-            # waits. Only an error of this rank alone is still printed, after the wait.
-            time.sleep(5)
-        print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
-        return 2 if isinstance(err, (UserError, DataError)) else 1
+        train(*resolve_config(vars(args)))
     except KeyboardInterrupt:
         return 130
     return 0
