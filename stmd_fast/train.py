@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -21,28 +21,22 @@ import torch
 
 from . import distributed, parallel
 from .checkpoint import find_checkpoint, read_meta, write_json_atomic
-from .cli import UserError, one_line_errors
-from .config import LATENT_RESOLUTION, PRECISIONS, PRESETS, TrainConfig, net_for_shape, resolve_device
+from .cli import UserError, add_dataclass_flags, one_line_errors
+from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape, resolve_device
 from .data.datasets import DataError
 from .engine import make_train_step
 from .kernels import dispatch
-from .kernels.dispatch import BACKENDS
 from .methods import METHODS
 from .models import count_params
-from .objectives import compute_loss
+from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
-from .schedule import TIME_GRIDS
 from .training_state import TrainingState
 
 # torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
 # torch.func.jvp: not ours to fix, and noise in every run's output.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
-# Flags that may differ from the checkpoint's config when resuming; any other flag given
-# with --resume must equal the checkpoint's value (a run is one experiment).
-RESUME_OVERRIDABLE = {"steps", "device", "compile", "kernels", "parallel", "ckpt_every",
-                      "keep_checkpoints", "sample_every", "log_every"}
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
     "mnist": (1.1e6, "the paper's '1 layer per block' gives 0.71M in UNet2DModel; 2 layers per block reproduce its count"),
@@ -58,7 +52,6 @@ class TrainingDiverged(Exception):
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()  # digits preset defaults, shown in --help
     p = argparse.ArgumentParser(
         prog="python -m stmd_fast.train",
         description="Train STMD (a conditional Mean Flow that samples p(x_0 | x_s)), or the Mean Flow / DDPM "
@@ -70,60 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
                "--max-restarts=N a restarted job continues from its last checkpoint.",
         argument_default=argparse.SUPPRESS,  # so we know which flags were given explicitly
     )
-    add = p.add_argument
-    add("--preset", choices=list(PRESETS), help="data and network: digits (sklearn 8x8, no download), gmm (2-D "
-        "Gaussian mixture, MLP), mnist, cifar10 (paper settings, files from --data-dir), celeba-latent (DiT-M/2 "
-        "on SD-VAE latents, shards from --data) [default: digits]")
-    add("--method", choices=list(METHODS), help="stmd | meanflow (unconditional) | ddpm (eps) [default: stmd]")
-    add("--data", metavar="FILE.npy|SHARDS", help="your own array: (N, D) vectors -> MLP, (N, C, H, W) images -> "
-        "U-Net; uint8 images are scaled to [-1, 1], floats used as given. With celeba-latent: the latent shards, "
-        "e.g. 'SHARDS/shard-{000000..000099}.tar' (quote the braces)")
-    add("--vae", help="latent presets: the VAE the shards were encoded with, a local folder or hub id (checked "
-        "against the shards' manifest; sample grids decode through it) [default: celeba-latent: "
-        "stabilityai/sd-vae-ft-ema]")
-    add("--data-workers", type=int, help=f"latent presets: DataLoader workers reading the shards [default: {d.data_workers}]")
-    add("--data-dir", help=f"where mnist/cifar10 files are, torchvision's layout [default: {d.data_dir}]")
-    add("--download", action="store_true", help="let torchvision download mnist/cifar10 into --data-dir")
-    add("--steps", type=int, help=f"total optimizer steps [default: preset's; digits {d.steps}]")
-    add("--batch-size", type=int, help=f"the GLOBAL batch: under torchrun with K processes each trains on "
-        f"batch-size / K (K must divide it) and the gradients are averaged, so the run matches one process's at "
-        f"the same batch and --lr [default: preset's; digits {d.batch_size}]")
-    add("--lr", type=float, help=f"AdamW learning rate [default: preset's; digits {d.lr}]")
-    add("--warmup-steps", type=int, help=f"linear lr warm-up [default: {d.warmup_steps}]")
-    add("--weight-decay", type=float, help=f"AdamW weight decay [default: {d.weight_decay}]")
-    add("--ema-decay", type=float, help=f"EMA of weights for sampling [default: preset's; digits {d.ema_decay}]")
-    add("--seed", type=int, help=f"seeds the network init, data order and all noise [default: {d.seed}]")
-    add("--device", help="auto | cpu | cuda | cuda:N [default: auto = cuda if available]")
-    add("--precision", choices=PRECISIONS, help="bf16 = autocast network math, fp32 weights/optimizer [default: fp32]")
-    add("--compile", action="store_true", help="torch.compile the JVP + loss (cold compile takes 1-2 min on a CPU)")
-    add("--kernels", choices=BACKENDS, help="auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, "
-        "JVP flash attention), PyTorch on CPU; reference = PyTorch everywhere; triton = kernels, CUDA only "
-        "[default: auto]")
-    add("--parallel", choices=distributed.PARALLEL_MODES, help="under torchrun: ddp = a full replica per process, "
-        "gradients averaged by an all-reduce after each backward; fsdp = FSDP2 fully_shard (parameters, gradients "
-        "and optimizer state sharded, for large DiTs). Checkpoints are unsharded either way, so a run resumes with "
-        f"any number of processes or mode [default: {d.parallel}]")
-    add("--out", help="run directory [default: runs/<preset or data name>-<method>]")
-    add("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; only "
-        f"{', '.join(sorted(RESUME_OVERRIDABLE))} may change")
-    add("--ckpt-every", type=int, help=f"checkpoint interval in steps (and at the end) [default: preset's; digits {d.ckpt_every}]")
-    add("--keep-checkpoints", type=int, help=f"newest checkpoints kept [default: {d.keep_checkpoints}]")
-    add("--sample-every", type=int, help=f"sample grid interval, 0 = only at the end [default: preset's; digits {d.sample_every}]")
-    add("--log-every", type=int, help=f"metrics/progress interval [default: preset's; digits {d.log_every}]")
-    add("--sample-steps", type=int, help=f"N of the sample grids (STMD) [default: {d.sample_steps}]")
-    add("--sample-flow-steps", type=int, help=f"M of the sample grids (STMD, Mean Flow) [default: {d.sample_flow_steps}]")
-    add("--sample-ddpm-steps", type=int, help=f"N of the sample grids (DDPM) [default: {d.sample_ddpm_steps}]")
-    add("--sample-grid", choices=TIME_GRIDS, help="diffusion time grid of the sampler [default: uniform]")
-    o = d.objective
-    add("--flow-matching-fraction", type=float, help=f"fraction of the batch with r = t [default: {o.flow_matching_fraction}]")
-    add("--adaptive-p", type=float, help=f"adaptive weight 1/(l + c)^p; 0 = plain L2 [default: {o.adaptive_p}]")
-    add("--adaptive-c", type=float, help=f"[default: {o.adaptive_c}]")
-    add("--time-mean", type=float, help=f"logit-normal mean of (r, t) [default: {o.time_mean}]")
-    add("--time-std", type=float, help=f"logit-normal std of (r, t) [default: {o.time_std}]")
+    presets = [make() for make in PRESETS.values()]
+    digits = PRESETS["digits"]()  # the defaults --help shows
+
+    def default(name: str) -> str | None:
+        value = getattr(digits, name)
+        if name != "preset" and any(getattr(cfg, name) != value for cfg in presets):
+            return "preset's" if value is None else f"preset's; digits {value}"
+        return None if value is None else str(value)
+
+    add_dataclass_flags(p, TrainConfig, default)
+    add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
+                   f"only {', '.join(sorted(RESUME_OVERRIDABLE))} may change")
     return p
 
 
-OBJECTIVE_FLAGS = {"flow_matching_fraction", "adaptive_p", "adaptive_c", "time_mean", "time_std"}
+OBJECTIVE_FLAGS = {f.name for f in fields(ObjectiveConfig)}
 
 
 def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
