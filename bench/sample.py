@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, median, peak_memory_mb, print_table, reset_peak_memory, time_ms  # noqa: E402
 
-from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.objectives import METHODS  # noqa: E402
 from stmd_fast.sampling import nfe, sample  # noqa: E402

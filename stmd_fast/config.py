@@ -9,8 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
 from .models import NetConfig, dit_config
@@ -19,32 +18,6 @@ from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N', checked against this
-    machine; ValueError naming the fix otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 (the current device) are the same device; torch.Generator('cuda') reports no index."""
-    def index(d):
-        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
-    return a.type == b.type and index(a) == index(b)
 
 
 def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | None = None, resumable: bool = False):

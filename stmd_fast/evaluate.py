@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, read_meta
-from .config import resolve_device
+from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
 

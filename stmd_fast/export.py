@@ -232,7 +232,7 @@ def check_out(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import find_checkpoint, load_checkpoint, read_meta
-    from .config import resolve_device
+    from .devices import resolve_device
     from .sampling import check_steps
 
     out = Path(args.out)

@@ -143,21 +143,19 @@ def main_exported(args) -> int:
     if decoded and out.suffix != ".png":
         raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
     prepare_out(out)
-    vae = None
+    decode = None
     if decoded:
-        from .data.encode import load_vae
-
-        vae = load_vae(args.vae, device)
-
-    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
-    if vae is not None:
-        from .data.latents import decode_latents
+        from .data.vae import latent_decoder
 
         latent = meta["latent"]
-        x = decode_latents(vae, x.to(device), latent["scaling_factor"], latent["shift_factor"], args.batch_size)
+        decode = latent_decoder(args.vae, device, latent["scaling_factor"], latent["shift_factor"])
+
+    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
+    if decode is not None:
+        x = decode(x.to(device), args.batch_size)
     write_samples(x, out, args.zoom)
     print(f"{len(x)} samples (exported {meta['method']}, N={meta['steps']}, M={meta['flow_steps']}, NFE {meta['nfe']}, "
-          f"batch {meta['batch']}{', decoded' if vae is not None else ''}) -> {out}")
+          f"batch {meta['batch']}{', decoded' if decode is not None else ''}) -> {out}")
     return 0
 
 
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.exported is not None:
         return main_exported(args)
     from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
-    from .config import resolve_device
+    from .devices import resolve_device
 
     args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
     args.grid, args.weights = args.grid or "uniform", args.weights or "ema"

@@ -22,8 +22,9 @@ import torch
 from . import distributed, parallel
 from .checkpoint import find_checkpoint, read_meta, write_json_atomic
 from .cli import UserError, add_dataclass_flags, one_line_errors
-from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape, resolve_device
+from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape
 from .data.datasets import DataError
+from .devices import resolve_device
 from .engine import make_train_step
 from .kernels import dispatch
 from .methods import METHODS
@@ -139,10 +140,9 @@ def elastic_restart_of_this_run(out: str) -> bool:
 # ----------------------------------------------------------------------------- setup
 
 def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dist()):
-    """The preset's (or --data's) training set: TensorData, or the gmm's GaussianMixture; latent shards
+    """The preset's (or --data's) training set: TensorData, or the gmm preset's GaussianMixture; latent shards
     are split over the torchrun ranks (each reads every K-th shard)."""
     from .data.datasets import load_npy, load_preset
-    from .gmm import default_mixture
 
     if cfg.preset in LATENT_RESOLUTION and (cfg.data is None or cfg.vae is None):
         raise UserError(f"the {cfg.preset} preset trains on VAE latents: encode the images once with "
@@ -157,8 +157,6 @@ def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dis
                                 world_size=ctx.world_size)
         if cfg.data is not None:
             return load_npy(cfg.data)
-        if cfg.preset == "gmm":
-            return default_mixture()
         return load_preset(cfg.preset, "train", cfg.data_dir, cfg.download)
     except DataError as err:
         raise UserError(str(err)) from None
@@ -207,13 +205,11 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
     data = load_training_data(cfg, ctx)
     decode = None
     if data.kind == "latent" and ctx.is_main:  # load the VAE now (rank 0 draws the grids): a bad --vae fails here
-        from .data.encode import load_vae
-        from .data.latents import decode_latents
+        from .data.vae import latent_decoder
         try:
-            vae = load_vae(cfg.vae, device)
+            decode = latent_decoder(cfg.vae, device, data.scaling_factor, data.shift_factor)
         except DataError as err:
             raise UserError(str(err)) from None
-        decode = partial(decode_latents, vae, scaling_factor=data.scaling_factor, shift_factor=data.shift_factor)
     if cfg.net is None:
         cfg.net = net_for_shape(data.shape)
     torch.manual_seed(cfg.seed)  # network init
