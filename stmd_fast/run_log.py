@@ -92,11 +92,11 @@ class RunLog:
     def samples(self, ema_net, cfg, data, device: torch.device, step: int, decode=None) -> None:
         """Rank 0 writes a sample grid of the EMA weights (ema_net is None elsewhere)."""
         if self.is_main:
-            grid = write_samples(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
+            grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
             self.bar.write(f"step {step}: samples -> {grid}")
 
 
-def write_samples(ema_net, cfg, data, device, path: Path, decode=None) -> Path:
+def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> Path:
     """A grid (images; latents decoded by `decode`) or .npy (vectors) of 64 samples from the
     EMA weights, always from the same noise so grids are comparable across steps."""
     from torchvision.utils import save_image
