@@ -39,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-from .files import check_writable, write_atomic
+from .cli import one_line_errors
+from .files import WriteFailed, check_writable, write_atomic
+from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
 
@@ -237,30 +239,26 @@ def check_out(out: Path) -> None:
         raise ExportError(str(err)) from None
 
 
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import load_checkpoint, newest_intact
-    from .config import resolve_device
-    from .sample import DEFAULT_STEPS
+    from .devices import resolve_device
     from .sampling import check_steps
 
     out = Path(args.out)
-    try:
-        device = resolve_device(args.device)
-        ckpt, ckpt_meta, passed_over = newest_intact(args.checkpoint)
-        method = ckpt_meta["config"]["method"]
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[method]
-        check_steps(method, steps, args.flow_steps)
-        if args.batch < 1:
-            raise ExportError(f"--batch must be at least 1, got {args.batch}")
-        check_out(out)
-        model = load_checkpoint(ckpt, device=device, weights="ema")
-        if passed_over:
-            print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
-                  file=sys.stderr)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    ckpt, ckpt_meta, passed_over = newest_intact(args.checkpoint)
+    method = ckpt_meta["config"]["method"]
+    steps = args.steps if args.steps is not None else METHODS[method].default_steps
+    check_steps(method, steps, args.flow_steps)
+    if args.batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {args.batch}")
+    check_out(out)
+    model = load_checkpoint(ckpt, device=device, weights="ema")
+    if passed_over:
+        print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
+              file=sys.stderr)
 
     start = time.perf_counter()
     program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
@@ -268,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         save(program, meta, out)
     except OSError as err:
-        print(f"error: could not write --out {out}: {err.strerror or err}: nothing was written; free space or "
-              f"choose another --out", file=sys.stderr)
-        return 1
+        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; free space "
+                          f"or choose another --out") from None
     what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
         f"{model.data_kind}s"
     print(f"exported {method} N={steps} M={args.flow_steps} ({args.grid} grid, NFE {meta['nfe']}) from {ckpt} "

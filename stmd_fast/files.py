@@ -17,6 +17,11 @@ from pathlib import Path
 LOCK_FILE = ".lock"
 
 
+class WriteFailed(Exception):
+    """An output could not be written (a full disk, a vanished folder); nothing partial is left. The
+    message is the one line the command line prints (exit code 1)."""
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a folder (which makes its entries durable: a rename, a new file)."""
     fd = os.open(path, os.O_RDONLY)
