@@ -208,9 +208,10 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
-def verify_checkpoint(ckpt: str | Path) -> dict:
+def verify_checkpoint(ckpt: str | Path, finite: bool = False) -> dict:
     """The checkpoint's metadata once every file is present with the size and SHA-256 config.json
-    records; CheckpointError naming the first file that is not. (Finiteness is checked by load_weights.)"""
+    records (and, with finite, both weight files load and hold no NaN or inf); CheckpointError naming
+    the first file that does not."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     record = meta.get("files", {})  # absent in checkpoints written before checksums: presence only
@@ -228,6 +229,9 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
         if file_sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} fails its SHA-256 check: its bytes changed after it was written "
                                   f"(a damaged disk or an edit)")
+    if finite:
+        for name in WEIGHT_FILES:
+            load_weights(ckpt, name)
     return meta
 
 
@@ -239,13 +243,13 @@ def _intact(ckpt: Path) -> bool:
         return False
 
 
-def newest_intact(path: str | Path) -> tuple[Path, dict, list[str]]:
+def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, list[str]]:
     """(checkpoint, its metadata, why each newer one was passed over) for a run directory: the newest
-    checkpoint that verifies; for a checkpoint directory: itself, verified. FileNotFoundError if there
-    is no checkpoint, CheckpointError if none is intact."""
+    checkpoint that verifies (verify_checkpoint(ckpt, finite)); for a checkpoint directory: itself,
+    verified. FileNotFoundError if there is no checkpoint, CheckpointError if none is intact."""
     path = Path(path)
     if is_checkpoint_dir(path):
-        return path, verify_checkpoint(path), []  # named by the user: no fallback
+        return path, verify_checkpoint(path, finite), []  # named by the user: no fallback
     candidates = list_checkpoints(path)
     if not candidates:
         raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
@@ -253,7 +257,7 @@ def newest_intact(path: str | Path) -> tuple[Path, dict, list[str]]:
     damaged = []
     for ckpt in candidates:
         try:
-            return ckpt, verify_checkpoint(ckpt), damaged
+            return ckpt, verify_checkpoint(ckpt, finite), damaged
         except (CheckpointError, OSError) as err:
             damaged.append(str(err))
     raise CheckpointError(f"none of the {len(candidates)} checkpoints in {path / 'checkpoints'} is intact "
@@ -274,6 +278,29 @@ def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> d
         raise CheckpointError(f"{path}: {bad.removeprefix(name)} holds NaN or inf: these weights cannot be used; "
                               f"take an earlier checkpoint")
     return {k: v.to(device) for k, v in state.items()}
+
+
+def load_train_state(ckpt: Path, device: str | torch.device) -> dict:
+    """train_state.pt of a checkpoint (optimizer, scheduler, RNG, step); CheckpointError naming it if unreadable."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # pickle errors, a truncated zip
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to damaged-step_X beside it: out of the loaders' and the rotation's
+    sight, kept for the user to inspect or delete."""
+    target = ckpt.with_name(f"damaged-{ckpt.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"damaged-{ckpt.name}-{n}")
+    os.replace(ckpt, target)
+    fsync_path(ckpt.parent)
+    return target
 
 
 def build_net_from_meta(meta: dict) -> torch.nn.Module:

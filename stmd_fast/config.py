@@ -49,7 +49,7 @@ class TrainConfig:
     shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
-    strict_data: bool = False
+    strict_data: bool = option(False, resumable=True)
     """Latent presets: stop at the first damaged shard or sample (its checksum, shape or values wrong)
     instead of skipping it; skipped ones are counted in the log and metrics.jsonl either way."""
     data_dir: str = "datasets"

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .checkpoint import save_checkpoint
+from .checkpoint import NonFiniteState, load_train_state, load_weights, save_checkpoint
 from .parallel import Single
 
 
@@ -33,11 +32,11 @@ class TrainingState:
     def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
         """Fresh (ckpt None) or restored from the checkpoint directory ckpt. Collective under torchrun."""
         if ckpt is not None:
-            net.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+            net.load_state_dict(load_weights(ckpt, "model.safetensors", device))
         distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=strategy.ema_buffers)
         if ckpt is not None:
-            ema.module.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(device)))
+            ema.module.load_state_dict(load_weights(ckpt, "ema.safetensors", device))
         strategy.prepare(net, ema, device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
@@ -45,7 +44,7 @@ class TrainingState:
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
         state = cls(net, ema, optimizer, scheduler, generator, data)
         if ckpt is not None:
-            state._restore(torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True),
+            state._restore(load_train_state(ckpt, device),
                            cfg.seed, device, strategy)
         return state
 
@@ -83,9 +82,20 @@ class TrainingState:
             elif saved.get("data") is not None:  # another split of the shards: replay the saved epoch from its start
                 self.data.load_state_dict({**saved["data"], "consumed": 0})
 
+    def weights_finite(self) -> bool:
+        """Whether the weights and EMA hold no NaN or inf on every rank (one collective; each rank checks
+        its own copy or shards)."""
+        tensors = [*self.net.parameters(), *self.ema.module.parameters()]
+        local = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).all()
+        return bool(distributed.gather(local.double()[None]).min() > 0)
+
     def save(self, out: Path, meta: dict, keep: int, strategy: Single) -> Path:
         """Write checkpoints/step_N on rank 0; every rank takes part in the gathers first and waits at
-        the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory."""
+        the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory.
+        NonFiniteState on every rank (nothing written) if the weights or EMA hold NaN or inf."""
+        if not self.weights_finite():
+            raise NonFiniteState(f"the weights became non-finite by step {self.step} (while the loss was still "
+                                 f"finite): not saved")
         *weights, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
         streams = strategy.streams(self.generator, self.data)
         final = out / "checkpoints" / f"step_{self.step:08d}"
