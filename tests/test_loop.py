@@ -3,6 +3,7 @@ put together by hand, checked bit for bit against the same run written out as a 
 seeded steps, the way the trainer computed it before it was split into parts."""
 import json
 import signal
+from contextlib import ExitStack
 from functools import partial
 
 import pytest
@@ -30,7 +31,12 @@ def config(out) -> TrainConfig:
 
 def drive(cfg: TrainConfig, stop_at_once: bool = False):
     """prepare_run -> start_state -> make_train_step -> loop, as train() does, without the CLI."""
-    run = prepare_run(cfg, resume=False, ctx=distributed.Dist())
+    with ExitStack() as held:  # the run directory's lock, as train() holds it
+        run = prepare_run(cfg, resume=False, ctx=distributed.Dist(), held=held)
+        return drive_prepared(cfg, run, stop_at_once)
+
+
+def drive_prepared(cfg: TrainConfig, run, stop_at_once: bool):
     state = start_state(cfg, run, resume=False)
     step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net, state.optimizer,
                            state.scheduler, state.ema, cfg.compile, cfg.precision, run.device)
