@@ -13,7 +13,9 @@ What no kill can leave half-done (the order of operations, each step fsynced):
   same step saved again: step_X -> .replaced-step_X, then the new one -> step_X, then delete
 Loaders read step_* folders (and a .replaced-step_X whose step_X is missing: a kill between the two
 renames), never a half-written or half-deleted one; the next save (or recover_leftovers) deletes the
-.tmp-* and .del-* folders and puts back a .replaced-step_X whose replacement never arrived. Rotation keeps the newest intact checkpoint even when newer ones are damaged.
+.tmp-* and .del-* folders and puts back a .replaced-step_X whose replacement never arrived. Rotation
+keeps the newest intact checkpoint even when newer ones are damaged. tests/test_survival.py kills a
+save at each of its file-system operations in turn and checks all of this.
 """
 from __future__ import annotations
 

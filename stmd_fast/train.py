@@ -39,8 +39,8 @@ from .cli import UserError, add_dataclass_flags, one_line_errors
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape
 from .data.datasets import DataError
 from .devices import resolve_device
-from .files import RunLocked, WriteFailed, run_lock
 from .engine import make_train_step
+from .files import RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
 from .methods import METHODS
 from .models import count_params
