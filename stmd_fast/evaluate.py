@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+from .checkpoint import load_checkpoint, newest_intact
 from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
@@ -55,10 +55,14 @@ def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
     """Each checkpoint's metadata; all must be image models of one dataset (checked before any work)."""
     found = []
     for p in paths:
-        ckpt = find_checkpoint(p)
-        if ckpt is None:
-            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories")
-        found.append((ckpt, read_meta(ckpt)))
+        try:
+            ckpt, meta, passed_over = newest_intact(p)  # verified: a damaged one is named here, before any work
+        except FileNotFoundError:
+            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories") from None
+        if passed_over:
+            print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
+                  file=sys.stderr)
+        found.append((ckpt, meta))
     kinds = {(dataset_of(m), tuple(m["data_shape"]), m["data_kind"]) for _, m in found}
     if len(kinds) > 1:
         listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
