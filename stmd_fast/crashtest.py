@@ -5,7 +5,8 @@ nothing was lost (README, "What survives what"). Run it on the machine and file 
 2. the same run started, SIGKILLed at a random moment (start-up, mid-step, mid-checkpoint or
    mid-rotation alike), and started again (--resume once it has a checkpoint), --kills times;
    after every kill each visible checkpoint must verify (sizes, SHA-256);
-3. once, a second process started into the live run's --out must be refused in one line;
+3. once, a second process started into a live run's --out (a long run of its own) must be refused
+   in one line;
 4. the run finished: metrics.jsonl must hold each step once, in order, and the final weights
    and EMA must equal the reference's bit for bit (resume is exact on the CPU).
 
@@ -50,19 +51,21 @@ def check_visible_checkpoints(out: Path) -> str | None:
     return None
 
 
-def second_run_refused(out: Path, steps: int) -> str | None:
-    """Start a run, then (once it holds the lock and a checkpoint exists) a second one with --resume into
-    the same --out: None if the second was refused with a one-line error naming the lock, else what
-    happened."""
-    first = start(out, steps)
+def second_run_refused(out: Path) -> str | None:
+    """Start a long run into `out`, then (once it holds the lock and has a checkpoint) a second one with
+    --resume into the same --out: None if the second was refused with a one-line error naming the lock,
+    else what happened."""
+    first = subprocess.Popen(train_command(out, 10 ** 9, resume=False), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         lock = out / ".lock"
         while not (lock.exists() and f"pid {first.pid} " in lock.read_text() + " " and list_checkpoints(out)):
             if first.poll() is not None or time.time() > deadline:
                 return f"the first run ended (exit {first.returncode}) before it held the lock and a checkpoint"
             time.sleep(0.05)
-        second = subprocess.run(train_command(out, steps, resume=True), capture_output=True, text=True, timeout=300)
+        second = subprocess.run(train_command(out, 10 ** 9, resume=True), capture_output=True, text=True,
+                                timeout=600)
         lines = second.stderr.strip().splitlines()
         if second.returncode != 2 or len(lines) != 1 or "in use by another training run" not in lines[0]:
             return f"the second run gave exit {second.returncode}: {second.stderr.strip()[-300:]}"
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     try:
         reference, crashed = root / "reference", root / "crashed"
-        for folder in (reference, crashed):
+        for folder in (reference, crashed, root / "live"):
             shutil.rmtree(folder, ignore_errors=True)
         began = time.perf_counter()
         done = subprocess.run(train_command(reference, args.steps, resume=False), capture_output=True, text=True)
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
         kills = 0
         for attempt in range(args.kills):
-            if attempt == args.kills // 2:  # once, mid-way: a second process into the live run
-                refused = second_run_refused(crashed, args.steps)
+            if attempt == args.kills // 2:  # once, mid-way: a second process into a live run
+                refused = second_run_refused(root / "live")
                 print(f"second run into the live --out: {'refused in one line' if refused is None else refused}")
                 if refused:
                     problems.append(f"second run: {refused}")
