@@ -681,3 +681,14 @@ def test_train_on_a_real_full_disk_is_one_line(tiny_disk):
     assert len(lines) == 1 and lines[0].startswith("error:") and "No space left on device" in lines[0], result.stderr
     for ckpt in list_checkpoints(run):
         verify_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+def test_the_crash_test_passes(tmp_path, capsys):
+    """python -m stmd_fast.crashtest end to end, small: random SIGKILLs, a second run refused, and the
+    finished run equal to an uninterrupted one (its own checks; exit 0 only if all held)."""
+    from stmd_fast.crashtest import main as crashtest_main
+
+    assert crashtest_main(["--kills", "2", "--steps", "20", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "refused in one line" in out and json.loads(out.strip().splitlines()[-1])["ok"] is True
