@@ -391,7 +391,7 @@ def test_api_edited_method_is_refused(image_run, tmp_path):
 
 # ----------------------------------------------------------------------------- 9. --help
 
-NO_DEFAULT = {"--resume", "--download", "--compile", "--data", "--help"}
+NO_DEFAULT = {"--resume", "--download", "--compile", "--strict-data", "--data", "--help"}
 
 
 def test_help_states_every_default(capsys, monkeypatch):
