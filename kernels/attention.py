@@ -49,8 +49,10 @@ if HAS_TRITON:
         """a @ b accumulated in fp32: 16-bit operands ("bf16") on their own MMA, fp32 operands
         as TF32 ("tf32") or three TF32 MMAs of split operands ("tf32x3", fp32 accuracy)."""
         if PRECISION == "bf16":
-            return tl.dot(a, b)
-        return tl.dot(a, b, input_precision=PRECISION)
+            out = tl.dot(a, b)
+        else:
+            out = tl.dot(a, b, input_precision=PRECISION)
+        return out
 
     @triton.jit
     def _block_and_head(L, BLOCK: tl.constexpr):
