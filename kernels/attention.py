@@ -16,7 +16,7 @@ Layout: kernels on contiguous (B, H, L, d) tensors, one program per (query or ke
 on a 1-D grid; the head dim is padded to BLOCK_D = max(16, next_power_of_2(d)) with masked
 loads because tl.dot needs dimensions >= 16; the sequence tails are masked (any L >= 1).
 Blocks, warps and stages per GPU target: launch.py. Other dtypes (float64, float16), head dims
-over 128 and GPUs before sm_80 run the reference, with a one-time warning.
+over 64 and GPUs before sm_80 run the reference, with a one-time warning.
 """
 from __future__ import annotations
 

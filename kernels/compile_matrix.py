@@ -10,8 +10,8 @@ shared memory fits the target's limit (launch.SMEM_LIMITS) and its spill stores 
 launch.spill_budget. Compiles run in parallel and are cached by Triton (and the ptxas report
 here, keyed by the PTX), so a second run takes seconds.
 
-Shapes: attention at padded head dims 16 (the U-Net presets' head dim 8), 64 (DiT-S/B/M/L,
-the celeba-latent preset) and, in bf16, 128 (the widest the kernel takes; DiT-XL's 72); the loss kernel
+Shapes: attention at padded head dims 16 (the U-Net presets' head dim 8) and 64 (DiT-S/B/M/L,
+the celeba-latent preset, and the widest the kernel takes); the loss kernel
 at the smallest and largest block (digits' 64 values per sample, 4096 for 4 x 32 x 32 latents
 and up); the time features at the presets' 32 and 256 frequencies. Must run without
 TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
@@ -33,7 +33,7 @@ from pathlib import Path
 from .launch import (ATTENTION_KERNELS, KB, PRECISIONS, SMEM_LIMITS, TARGETS, attention_config,
                      padded_head_dim, spill_budget)
 
-ATTENTION_HEAD_DIMS = (8, 64, 128)
+ATTENTION_HEAD_DIMS = (8, 64)
 LOSS_SIZES = (64, 4096)
 TIME_FREQS = (32, 256)
 
@@ -50,7 +50,7 @@ def entries() -> list[dict]:
     for cap in TARGETS:
         for kernel in ATTENTION_KERNELS:
             for precision in PRECISIONS:
-                for head_dim in (d for d in ATTENTION_HEAD_DIMS if precision == "bf16" or d <= 64):
+                for head_dim in ATTENTION_HEAD_DIMS:
                     cfg = attention_config(kernel, head_dim, precision, cap)
                     out.append({"kernel": f"attention {kernel}", "dtype": "bf16" if precision == "bf16" else "fp32",
                                 "precision": precision, "shape": f"head dim {head_dim}", "target": cap,

@@ -6,8 +6,8 @@ What fits depends on the target's shared memory per block (opt-in maximum):
 
     sm_80 (A100) 163 KB    sm_86 / sm_89 / sm_120 (RTX 30xx / 40xx / 50xx) 99 KB    sm_90 (H100/H200) 227 KB
 
-The table below picks blocks, warps and stages per (kernel, operand precision, padded head
-dim, shared-memory class). Every entry is compiled ahead of time for sm_80, 86, 89, 90 and 120
+The table below picks blocks, warps and stages per (kernel, operand precision, shared-memory
+class) for padded head dims up to 64. Every entry is compiled ahead of time for sm_80, 86, 89, 90 and 120
 by tests/test_kernel_compile.py (python -m stmd_fast.kernels.compile_matrix prints the table),
 which asserts that it fits the target's shared memory and spills at most SPILL_BUDGET.
 """
@@ -24,7 +24,7 @@ KB = 1024
 # Capability"); the compile-matrix test checks every configuration against these.
 SMEM_LIMITS = {(8, 0): 163 * KB, (8, 6): 99 * KB, (8, 9): 99 * KB, (9, 0): 227 * KB, (12, 0): 99 * KB}
 TARGETS = tuple(SMEM_LIMITS)
-MAX_HEAD_DIM = {torch.bfloat16: 128, torch.float32: 64}  # wider heads run the reference
+MAX_HEAD_DIM = 64  # padded head dims 16..64 (every preset); wider heads run the reference
 
 # Register spills allowed per thread, in bytes of spill stores (ptxas -v). Why these: a spill
 # goes to local memory through L1, so a few dozen bytes in a loop body cost little next to the
@@ -52,27 +52,23 @@ def _smem_class(capability: tuple[int, int]) -> str:
     return "large" if SMEM_LIMITS.get(tuple(capability), 0) >= 163 * KB else "small"
 
 
-# (kernel, precision, padded head dim <= 64 or 128) -> {shared-memory class: Config}.
+# (kernel, precision, padded head dim <= 64) -> {shared-memory class: Config}.
 # kernel: "fwd" (forward, also sampling), "fwd_tangent" (forward with the JVP tangent),
-# "bwd_dkdv" and "bwd_dq" (the backward). precision: the operands' tl.dot precision (fp32 heads
-# wider than 64 have no entry: no configuration fits the 99 KB targets without kilobytes of
-# spills, so they run the reference). Chosen from ptxas reports of the compile matrix: 4 warps
+# "bwd_dkdv" and "bwd_dq" (the backward). precision: the operands' tl.dot precision. Heads wider
+# than 64 (DiT-XL's 72) have no entry: with the tangent, no 4-warp tiling we compiled at 128
+# kept spills under budget on every target, so they run the reference. Chosen from ptxas reports of the compile matrix: 4 warps
 # (8 made ptxas spill kilobytes on sm_80), tiles whose fp32 accumulators fit the registers.
 _ATTENTION = {
     ("fwd", "bf16", 64): {"small": Config(64, 64, 4, 3), "large": Config(64, 64, 4, 3)},
-    ("fwd", "bf16", 128): {"small": Config(64, 32, 4, 2), "large": Config(64, 32, 4, 2)},
     ("fwd", "tf32", 64): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("fwd", "tf32x3", 64): {"small": Config(64, 32, 4, 2), "large": Config(64, 32, 4, 3)},
-    ("fwd_tangent", "bf16", 64): {"small": Config(64, 64, 4, 2), "large": Config(64, 64, 4, 3)},
-    ("fwd_tangent", "bf16", 128): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
+    ("fwd_tangent", "bf16", 64): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("fwd_tangent", "tf32", 64): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("fwd_tangent", "tf32x3", 64): {"small": Config(16, 32, 4, 2), "large": Config(16, 32, 4, 2)},
     ("bwd_dkdv", "bf16", 64): {"small": Config(32, 64, 4, 2), "large": Config(32, 64, 4, 2)},
-    ("bwd_dkdv", "bf16", 128): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("bwd_dkdv", "tf32", 64): {"small": Config(32, 64, 4, 2), "large": Config(32, 64, 4, 2)},
     ("bwd_dkdv", "tf32x3", 64): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("bwd_dq", "bf16", 64): {"small": Config(64, 64, 4, 2), "large": Config(64, 64, 4, 2)},
-    ("bwd_dq", "bf16", 128): {"small": Config(32, 32, 4, 2), "large": Config(32, 32, 4, 2)},
     ("bwd_dq", "tf32", 64): {"small": Config(64, 32, 4, 2), "large": Config(64, 32, 4, 2)},
     ("bwd_dq", "tf32x3", 64): {"small": Config(32, 32, 4, 2), "large": Config(64, 32, 4, 2)},
 }
@@ -103,7 +99,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 def attention_config(kernel: str, head_dim: int, precision: str, capability: tuple[int, int]) -> Config:
     """Blocks, warps and stages of one attention kernel on a target (what the host wrappers launch)."""
     block_d = padded_head_dim(head_dim)
-    return _ATTENTION[(kernel, precision, 64 if block_d <= 64 else 128)][_smem_class(capability)]
+    assert block_d <= MAX_HEAD_DIM, f"head dim {head_dim}: wider than the kernel's {MAX_HEAD_DIM}"
+    return _ATTENTION[(kernel, precision, MAX_HEAD_DIM)][_smem_class(capability)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,8 +112,8 @@ def attention_unsupported(q: torch.Tensor) -> str | None:
     """Why the attention kernel cannot run on q (then the reference does), or None."""
     if q.dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {q.dtype} (the kernel takes float32 and bfloat16)"
-    if q.shape[-1] > MAX_HEAD_DIM[q.dtype]:
-        return f"head dim {q.shape[-1]} in {q.dtype} (the kernel takes up to {MAX_HEAD_DIM[q.dtype]})"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the kernel takes up to {MAX_HEAD_DIM})"
     if q.is_cuda and device_capability(q.device.index or 0) < (8, 0):
         return f"compute capability {device_capability(q.device.index or 0)} (bf16/TF32 tensor cores need sm_80+)"
     return None
