@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sample-ddpm-steps", type=int, help=f"N of the sample grids (DDPM) [default: {d.sample_ddpm_steps}]")
     add("--sample-grid", choices=TIME_GRIDS, help="diffusion time grid of the sampler [default: uniform]")
     o = d.objective
-    add("--flow-matching-fraction", type=float, help=f"fraction of the batch with r = t [default: {o.flow_matching_fraction}]")
+    add("--flow-matching-fraction", type=float, help=f"fraction of the batch with r = t, exact in every block of rows "
+        f"(0.75: 3 of every 4 rows; the batch per process must be whole blocks) [default: {o.flow_matching_fraction}]")
     add("--adaptive-p", type=float, help=f"adaptive weight 1/(l + c)^p; 0 = plain L2 [default: {o.adaptive_p}]")
     add("--adaptive-c", type=float, help=f"[default: {o.adaptive_c}]")
     add("--time-mean", type=float, help=f"logit-normal mean of (r, t) [default: {o.time_mean}]")
