@@ -4,7 +4,7 @@
     python bench/train_step.py --preset mnist --variants "compiled fp32,public recipe"   # the CPU targets
     python bench/train_step.py --smoke                              # tiny CPU version (CI)
 
-Each stmd_fast variant times the trainer's own step (stmd_fast.train.make_train_step: noise
+Each stmd_fast variant times the trainer's own step (stmd_fast.engine.make_train_step: noise
 draw, loss with its JVP on the r < t rows, backward, fused AdamW, EMA) for the objective and
 for the plain flow-matching step of the same network (no JVP), so "what the JVP costs" is a
 ratio measured in the same run. The "public recipe" variants time the official PyTorch Mean
@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, median, peak_memory_mb,  # noqa: E402
                     print_table, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
 
-from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
+from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
-from stmd_fast.models import build_net, count_params  # noqa: E402
+from stmd_fast.models import count_params  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
-from stmd_fast.train import make_optimizer, make_train_step  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -122,14 +123,14 @@ def build_runner(name, objective, cfg, data_shape, batch, device):
     variant = VARIANTS[name]
     torch.manual_seed(0)
     method = METHODS[cfg.method]
-    net = build_net(cfg.net, data_shape, method.conditional, len(method.times)).to(device)
+    net = method.build_net(cfg.net, data_shape).to(device)
     scheduler_fn = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)  # noqa: E731
     generator = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(batch, *data_shape, device=device, generator=generator)
     if variant.public:
         loss_fn = partial(compute_loss, cfg.method, net, cfg=cfg.objective, full_batch_jvp=True)
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ema_net = build_net(cfg.net, data_shape, method.conditional, len(method.times)).to(device)
+        ema_net = method.build_net(cfg.net, data_shape).to(device)
         ema_net.load_state_dict(net.state_dict())
         step = public_recipe_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema_net, cfg.ema_decay)
     else:
@@ -164,15 +165,15 @@ def main(argv=None) -> int:
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
     batch = args.batch or cfg.batch_size
-    if args.method == "ddpm" and any(VARIANTS[v].public for v in names):
+    if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
         names = [v for v in names if not VARIANTS[v].public]  # the public recipe is a Mean Flow engine
-    fm = [] if args.no_flow_matching or args.method == "ddpm" else ["flow matching"]
+    fm = [] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"]
     runs = [(name, objective) for name in names for objective in [args.method] + ([] if VARIANTS[name].public else fm)]
 
     env = environment(device)
     peak = measured_matmul_tflops(device, torch.bfloat16, quick=args.smoke)
     method = METHODS[args.method]
-    n_params = count_params(build_net(cfg.net, data_shape, method.conditional, len(method.times)))
+    n_params = count_params(method.build_net(cfg.net, data_shape))
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | measured bf16 matmul peak {peak:.1f} TFLOP/s | "
           f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps")

@@ -16,21 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
+from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
 from .schedule import alpha_sigma, per_sample
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    conditional: bool  # the network sees x_s (concatenated on channels)
-    times: tuple[str, ...]  # the time inputs fed to the network, in order
-
-
-METHODS = {
-    "stmd": Method("stmd", True, ("t", "t - r", "s")),
-    "meanflow": Method("meanflow", False, ("t", "t - r")),
-    "ddpm": Method("ddpm", False, ("s",)),
-}
 
 
 MAX_JVP_BLOCK = 1024  # the largest block of rows jvp_block may need
@@ -191,33 +178,41 @@ def _diffuse(x0: torch.Tensor, noise: Noise) -> torch.Tensor:
     return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
 
 
+def _stmd_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    return _jvp_meanflow(net, x0, noise, cfg, _diffuse(x0, noise), noise.s, full_batch_jvp)
+
+
+def _meanflow_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    return _jvp_meanflow(net, x0, noise, cfg, None, None, full_batch_jvp)
+
+
+def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    mse = F.mse_loss(net(_diffuse(x0, noise), None, noise.s[:, None]).float(), noise.xi.float())
+    return mse, mse.detach()
+
+
+LOSSES = {"stmd": _stmd_loss, "meanflow": _meanflow_loss, "ddpm": _ddpm_loss}  # Method.loss
+
+
 def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig,
                  full_batch_jvp: bool = False):
     """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
     (STMD, Mean Flow) or the eps mean squared error (DDPM). The JVP runs on the rows with r < t
     only (split_meanflow); full_batch_jvp runs it on every row instead, as the official Mean Flow
     code does: the same loss and gradients, more work (the reference the tests and benchmarks use)."""
-    if method == "meanflow":
-        return _jvp_meanflow(net, x0, noise, cfg, None, None, full_batch_jvp)
-    x_s = _diffuse(x0, noise)
-    if method == "stmd":
-        return _jvp_meanflow(net, x0, noise, cfg, x_s, noise.s, full_batch_jvp)
-    if method == "ddpm":
-        mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
-        return mse, mse.detach()
-    raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")
+    return get_method(method).loss(net, x0, noise, cfg, full_batch_jvp)
 
 
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
     """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
     on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
     time it beside compute_loss to measure what the JVP costs."""
-    if method not in ("stmd", "meanflow"):
+    if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
     t = noise.t
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
-    cond, s = (_diffuse(x0, noise), noise.s) if method == "stmd" else (None, None)
+    cond, s = (_diffuse(x0, noise), noise.s) if get_method(method).conditional else (None, None)
     u = net(z_t, cond, _times(t, torch.zeros_like(t), s))
     mse = F.mse_loss(u.float(), (noise.e - x0).float())
     return mse, mse.detach()

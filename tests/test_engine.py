@@ -11,7 +11,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS, ObjectiveConfig, compute_loss, draw_noise, jvp_rows
-from stmd_fast.train import main, make_ema_update, make_optimizer, make_train_step
+from stmd_fast.engine import make_ema_update, make_optimizer, make_train_step
+from stmd_fast.train import main
 
 NETS = {  # (config, data shape): tiny versions of the three networks
     "mlp": (NetConfig(kind="mlp", width=32, depth=2, time_freqs=16), (3,)),
