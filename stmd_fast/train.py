@@ -25,12 +25,12 @@ from .cli import UserError, add_dataclass_flags, one_line_errors
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape
 from .data.datasets import DataError
 from .devices import resolve_device
-from .engine import make_train_step
+from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
 from .kernels import dispatch
 from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
-from .parallel import Single
+from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
 from .training_state import TrainingState
 
@@ -195,6 +195,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
     try:
         device = distributed.process_device(ctx, resolve_device(cfg.device))
         distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size)
+        if cfg.method != "ddpm":  # the JVP rows are a fixed count per block of the batch
+            cfg.objective.check_batch(cfg.batch_size // ctx.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.kernels == "triton" and device.type != "cuda" and not dispatch.interpret_mode():
@@ -287,8 +289,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             clean_exit = True
             return find_checkpoint(run.out)
         train_step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net,
-                                     state.optimizer, state.scheduler, state.ema, cfg.compile, cfg.precision,
-                                     run.device, sync_grads=run.strategy.sync_grads(run.net))
+                                     state.optimizer, state.scheduler, state.ema, cfg.ema_decay, cfg.compile,
+                                     cfg.precision, run.device, sync_grads=run.strategy.sync_grads(run.net),
+                                     cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, ctx, state.step)
         t_start = time.perf_counter()
         with StopRequest() as stop, dispatch.backend(cfg.kernels), \
