@@ -10,22 +10,25 @@ potential of x0_hat and resampled when the effective sample size falls.
 Why the weights are right. Take x0_hat_k into the state, so that the model's path is
   p(x_1) prod_k p(x0_hat_k | x_{s_k}) q(x_{s_{k-1}} | x_{s_k}, x0_hat_k),   with x_0 = x0_hat_1.
 Define the intermediate targets gamma_k = (path up to x0_hat_k) x G_k(x0_hat_k) with the tempered
-likelihood G_k = N(y; A x0_hat_k, sigma_y^2 I)^{lambda_k}, lambda_k = temper(s_k) for k > 1 and
-lambda_1 = 1 on the last step. Since the proposal is the model's own transition, it cancels in
-gamma_k / (gamma_{k+1} x proposal) and the incremental weight is G_k(x0_hat_k) / G_{k+1}(x0_hat_{k+1})
-(G_{N+1} = 1). The product telescopes to G_1(x0_hat_1) = N(y; A x_0, sigma_y^2 I): the final target
-is the model's path law times the exact likelihood, whose x_0-marginal is p_model(x_0 | y). Any
-positive G_k (any tempering) keeps this; the tempering only decides where resampling spends its
-particles. With systematic resampling (unbiased) this is a standard SMC sampler, so weighted
-averages over the K particles converge to posterior expectations as K -> infinity (errors
+likelihood G_k = N(y; A x0_hat_k, (sigma_y^2 + rho^2(s_k)) I), its variance inflated by
+rho^2 = temper(s_k) (default sigma_s^2 / alpha_s^2: flat at s = 1, vanishing at the data), for k > 1,
+and the exact G_1 = N(y; A x0_hat_1, sigma_y^2 I) on the last step. Since the proposal is the model's
+own transition, it cancels in gamma_k / (gamma_{k+1} x proposal) and the incremental weight is
+G_k(x0_hat_k) / G_{k+1}(x0_hat_{k+1}) (G_{N+1} = 1). The product telescopes to G_1(x0_hat_1) =
+N(y; A x_0, sigma_y^2 I): the final target is the model's path law times the exact likelihood,
+whose x_0-marginal is p_model(x_0 | y). Any positive G_k keeps this; the tempering only decides
+where resampling spends its particles, and keeps the ratios G_k / G_{k+1} tame (an exponent
+tempering L^lambda made them heavy-tailed: tiny intermediate likelihoods of a random x0_hat,
+divided out later). With systematic resampling (unbiased) this is a standard SMC sampler
+(Del Moral 2004), so weighted averages over the K particles converge to posterior expectations as K -> infinity (errors
 O(1/sqrt K) for bounded test functions), at ANY step count N; and the running product of the
 mean incremental weights is an unbiased estimate of the evidence p_model(y).
 
 So the sampler is exact in the limit exactly when the model's transitions are: STMD's sampled
 x0_hat draws the true p(x_0 | x_s) (up to training error), while DDPM's mean x0_hat makes its
 chain's p_model(x_0) differ from the data law for large steps, and no number of particles
-removes that bias. (For STMD, N(y; A x0_hat_k, .) is also an unbiased one-sample estimate of the
-ideal look-ahead potential p(y | x_{s_k}) = E[N(y; A x_0, .) | x_{s_k}].)
+removes that bias. (For STMD, N(y; A x0_hat_k, .) is also an unbiased one-sample estimate of
+the look-ahead potential E[N(y; A x_0, .) | x_{s_k}], the ideal one at rho = 0.)
 """
 from __future__ import annotations
 
@@ -37,15 +40,18 @@ import torch
 
 from .operators import LinearOperator
 from .sampling import Step, _randn, _x0_hat, bridge, make_step, sampler_plan
+from .schedule import alpha_sigma
 
 Denoiser = Callable[[torch.Tensor, Step, torch.Generator], torch.Tensor]
 """x0_hat for a batch of states x at step.s_from: (x, step, generator) -> x0_hat."""
 
 
-def linear_temper(s: float) -> float:
-    """lambda(s) = 1 - s: no weight at s = 1 (x0_hat there says nothing about y for DDPM, which
-    divides by alpha_1 = 0.007), the full likelihood near the data."""
-    return 1.0 - s
+def noise_to_signal(s: float) -> float:
+    """rho^2(s) = sigma_s^2 / alpha_s^2: the variance of x_0 given x_s under a flat prior. Added to
+    sigma_y^2 in the intermediate likelihoods, it flattens them where x0_hat says little (at s = 1,
+    rho^2 = 2.3e4: DDPM's x0_hat there divides by alpha_1 = 0.007) and vanishes towards the data."""
+    alpha, sigma = alpha_sigma(torch.tensor(s, dtype=torch.float64), torch.float64)
+    return float(sigma**2 / alpha**2)
 
 
 @dataclass
@@ -111,12 +117,13 @@ def network_denoiser(net, method: str, flow_steps: int) -> Denoiser:
 def smc_sample(denoise: Denoiser, method: str, operator: LinearOperator, y: torch.Tensor, sigma_y: float,
                particles: int, data_shape: tuple[int, ...], steps: int, flow_steps: int, generator: torch.Generator,
                grid: str = "uniform", ess_threshold: float = 0.5,
-               temper: Callable[[float], float] = linear_temper) -> SMCResult:
+               temper: Callable[[float], float] = noise_to_signal) -> SMCResult:
     """SMC posterior sampling (see the module docstring) for G observations y: (G, *measurement_shape),
     K = `particles` per observation, over the (method, N, M, grid) loop of Algorithm 2.
 
-    Resamples (systematically) the steps where ESS < ess_threshold * K (0: never, 1: always, except
-    on a tie at K); the final particles keep their weights (SMCResult.draw picks by them)."""
+    temper(s) -> rho^2 >= 0: the intermediate likelihood at step s is N(y; A x0_hat, (sigma_y^2 + rho^2) I)
+    (the last step's is exact). Resamples (systematically) the steps where ESS < ess_threshold * K
+    (0: never, 1: always); the final particles keep their weights (SMCResult.draw picks by them)."""
     if not sigma_y > 0:
         raise ValueError(f"SMC weights by the likelihood N(y; A x, sigma_y^2 I): need sigma_y > 0, got {sigma_y} "
                          f"(for noiseless y use the DDNM projection)")
@@ -138,9 +145,8 @@ def smc_sample(denoise: Denoiser, method: str, operator: LinearOperator, y: torc
     ess_log, resampled_log = [], []
     for step in transitions:
         x0_hat = denoise(x, step, generator)
-        lam = 1.0 if step.bridge is None else float(temper(step.s_from))
-        log_g = (lam * operator.log_likelihood(x0_hat, y_rows, sigma_y).view(g, k) if lam != 0
-                 else torch.zeros(g, k, dtype=torch.float64, device=device))
+        rho2 = 0.0 if step.bridge is None else float(temper(step.s_from))
+        log_g = operator.log_likelihood(x0_hat, y_rows, math.sqrt(sigma_y**2 + rho2)).view(g, k)
         log_w = log_w + log_g - log_g_prev
         norm = torch.logsumexp(log_w, 1)
         log_z, log_w = log_z + norm, log_w - norm[:, None]

@@ -222,11 +222,11 @@ def test_smc_without_resampling_weights_each_path_by_its_exact_likelihood():
 def test_smc_evidence_is_unbiased_with_exact_transitions(ess_threshold):
     """With the exact transitions the SMC's evidence estimate is unbiased for p(y), known in closed
     form (GaussianMixture.observe): wrong incremental weights or a biased resampler would move
-    its mean. 3000 independent runs of K = 8 particles, N = 3; tolerance 5 standard errors."""
+    its mean. 3000 independent runs of K = 8 particles, N = 8; tolerance 5 standard errors."""
     mixture, op, sigma = default_mixture(), Matrix(MATRIX), 0.15
     y = torch.tensor([1.1])
     _, log_py = mixture.observe(MATRIX, y, sigma)
-    r = smc_sample(exact_denoiser(mixture), "stmd", op, y.expand(3000, 1), sigma, 8, (2,), 3, 1, gen(21),
+    r = smc_sample(exact_denoiser(mixture), "stmd", op, y.expand(3000, 1), sigma, 8, (2,), 8, 1, gen(21),
                    ess_threshold=ess_threshold)
     z = (r.log_evidence - log_py).exp()
     assert r.resampled.any()
@@ -315,8 +315,8 @@ def test_posterior_sample_api(image_model):
     y = op(torch.randn(1, 1, 8, 8, generator=gen(30)))[0]
     x = image_model.posterior_sample(y, op, steps=2, flow_steps=1, num=3, generator=gen(31))
     assert x.shape == (3, 1, 8, 8) and (op(x) - y).abs().max() < 1e-5
-    again = image_model.posterior_sample(y, op, steps=2, flow_steps=1, num=3, generator=gen(31), batch_size=2)
-    torch.testing.assert_close(again, x)  # one generator, drawn in batches
+    again = image_model.posterior_sample(y, op, steps=2, flow_steps=1, num=3, generator=gen(31))
+    assert torch.equal(again, x)  # seeded
     noisy = image_model.posterior_sample(y, op, sigma_y=0.1, steps=2, num=2, generator=gen(32))
     assert noisy.shape == (2, 1, 8, 8)
     smc = image_model.posterior_sample(y, op, sigma_y=0.1, particles=4, steps=2, num=3, generator=gen(33))
