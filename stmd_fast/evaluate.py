@@ -302,11 +302,11 @@ def posterior(args) -> int:
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
              "|---|---|---|" + "---|" * (len(particles) + 1)]
-    for run, model in models.items():
+    for run, method in [("exact kernel", "exact")] + [(run, model.method) for run, model in models.items()]:
         for n in steps:
             cells = {r["K"]: r["energy"] for r in rows if r["model"] == run and r["N"] == n}
-            lines.append(f"| {run} | {model.method} | {n} | " + " | ".join(f"{cells[k]:.4f}" for k in particles)
-                         + f" | {cells[None]:.4f} |")
+            lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" for k in particles)
+                         + (f" | {cells[None]:.4f} |" if None in cells else " | - |"))
     lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
     (out / "posterior.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -416,7 +416,8 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     models: label -> stmd_fast.Model (DDPM runs with M = 1, the others with flow_steps). For each model, N in `steps` and K in `particles`: SMC
     (stmd_fast.smc) with K particles, `runs` independent runs per y, one weighted draw per run;
     and DDNM+ (operators.DDNM in the sampler loop, `runs` chains). Each distance compares `runs`
-    draws with `runs` exact draws; the floor row compares two exact sets. Returns rows
+    draws with `runs` exact draws; the floor row compares two exact sets, and the 'exact kernel' rows run
+    SMC over the true transitions (what a perfect STMD would give at that K). Returns rows
     {"model", "method", "sampler" ('smc', 'ddnm+' or 'exact'), "N", "K", "energy"}.
     """
     from tqdm import tqdm
@@ -434,8 +435,21 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     floor = sum(energy_distance(post.sample(runs, torch.Generator().manual_seed(seed + 10_001 + i)), t)
                 for i, (post, t) in enumerate(zip(exact, truth))) / observations
     rows = [{"model": "exact", "method": "exact", "sampler": "exact", "N": None, "K": None, "energy": floor}]
-    total = len(models) * len(steps) * (len(particles) + 1) * observations
+    total = (len(models) + 1) * len(steps) * (len(particles) + 1) * observations
     with tqdm(total=total, unit="cell", desc="posterior grid", disable=None if progress else True) as bar:
+        # SMC over the exact transitions (x0_hat ~ the true p(x_0 | x_s)): what a perfect STMD would give at each K
+        for n in steps:
+            for k in particles:
+                energy = 0.0
+                for i, y in enumerate(ys):
+                    gen = torch.Generator().manual_seed(seed + 100 * i + k)
+                    r = smc_sample(lambda x, step, g: mixture.posterior_sample(x, step.s_from, g), "stmd", op,
+                                   y.expand(runs, -1), sigma_y, k, mixture.shape, n, 1, gen)
+                    energy += energy_distance(r.draw(gen), truth[i]) / observations
+                    bar.update(1)
+                rows.append({"model": "exact kernel", "method": "exact", "sampler": "smc", "N": n, "K": k,
+                             "energy": energy})
+            bar.update(observations)
         for label, model in models.items():
             m = 1 if model.method == "ddpm" else flow_steps  # DDPM makes x0_hat in one call
             denoise = network_denoiser(model.net, model.method, m)

@@ -186,7 +186,8 @@ def test_posterior_grid_command(tmp_path, capsys):
     assert evaluate(args) == 0
     result = json.loads((tmp_path / "post" / "posterior.json").read_text())
     cells = [(r["model"].split("/")[-1], r["sampler"], r["N"], r["K"]) for r in result["rows"]]
-    assert len(cells) == 1 + 2 * 2 * 3 and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
+    assert len(cells) == 1 + 2 * 2 + 2 * 2 * 3 and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
+    assert ("exact kernel", "smc", 2, 3) in cells
     assert all(np.isfinite(r["energy"]) for r in result["rows"])
     md = (tmp_path / "post" / "posterior.md").read_text()
     assert "SMC K = 3" in md and "DDNM+" in md
