@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from .methods import get_method
 from .operators import LinearOperator
 from .sampling import Step, _randn, _x0_hat, bridge, make_step, sampler_plan
 from .schedule import alpha_sigma
@@ -107,7 +108,7 @@ def systematic_resample(weights: torch.Tensor, generator: torch.Generator | None
 def network_denoiser(net, method: str, flow_steps: int) -> Denoiser:
     """The sampler's own x0_hat (sampling._x0_hat), drawing the flow noise z from the generator."""
     def denoise(x: torch.Tensor, step: Step, generator: torch.Generator) -> torch.Tensor:
-        z = None if method == "ddpm" else _randn(x.shape, generator, x.dtype)
+        z = _randn(x.shape, generator, x.dtype) if get_method(method).flow else None
         return _x0_hat(net, method, x, step, flow_steps, z)
 
     return denoise
