@@ -480,3 +480,45 @@ def test_sample_unwritable_out_is_a_one_line_error(capsys, gmm_run, tmp_path):
     blocker.write_text("x")
     assert sample(gmm_run, "--num", 2, "--out", blocker / "x.npy") == 2
     assert_one_line_error(capsys, "--out")
+
+
+# ----------------------------------------------------------------------------- 9. inverse problems
+
+def test_inverse_sr_noiseless_reproduces_the_measurement(capsys, image_run, inpaint_files, tmp_path):
+    image, _, pixels = inpaint_files
+    out = tmp_path / "sr.npy"
+    assert sample(image_run, "--inverse", "sr2", "--observed", image, "--num", 3, "--steps", 2, "--out", out) == 0
+    x = torch.from_numpy(np.load(out))
+    truth = torch.from_numpy(pixels.astype(np.float32) / np.float32(127.5) - np.float32(1))
+    y = torch.nn.functional.avg_pool2d(truth, 2)
+    assert x.shape == (3, 1, 8, 8)
+    assert (torch.nn.functional.avg_pool2d(x, 2) - y).abs().max() < 1e-5
+    assert "DDNM" in capsys.readouterr().out
+
+
+def test_inverse_smc_takes_the_measurement_at_its_own_size(capsys, image_run, tmp_path):
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros((1, 2, 2), np.float32))
+    out = tmp_path / "s.png"
+    assert sample(image_run, "--inverse", "sr4", "--observed", y, "--sigma-y", 0.1, "--particles", 3, "--num", 2,
+                  "--steps", 2, "--out", out) == 0
+    assert tuple(read_png(out).shape[-2:]) == grid_size(3)  # A^+ y + 2 samples
+    assert "SMC K=3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--inverse", "sr2"], ["--observed"]),
+    (["--inverse", "sr2", "--observed", "IMG", "--particles", "4"], ["--sigma-y > 0"]),
+    (["--particles", "4"], ["--inverse"]),
+    (["--inverse", "gray", "--observed", "IMG"], ["RGB"]),
+    (["--inverse", "inpaint", "--observed", "IMG"], ["--mask"]),
+    (["--inverse", "sr4", "--observed", "SMALL"], ["sr4 measurement (1, 2, 2)", "(1, 8, 8)"]),
+])
+def test_inverse_bad_input_is_one_line(capsys, image_run, inpaint_files, tmp_path, args, words):
+    image, _, _ = inpaint_files
+    small = tmp_path / "small.png"
+    write_png(np.zeros((1, 5, 5), dtype=np.uint8), small)
+    args = [str(image) if a == "IMG" else str(small) if a == "SMALL" else a for a in args]
+    assert sample(image_run, *args, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, *words)
+    assert not (tmp_path / "x.npy").exists()
