@@ -22,7 +22,7 @@ from .models import build_net
 from .objectives import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: U-Net time embedding as scale-shift after the norm (issue 17)
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 
