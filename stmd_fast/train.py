@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import signal
 import sys
@@ -30,7 +31,7 @@ from .config import LATENT_RESOLUTION, PRECISIONS, PRESETS, TrainConfig, net_for
 from .kernels import dispatch
 from .kernels.dispatch import BACKENDS
 from .models import build_net, count_params
-from .objectives import METHODS, Noise, compute_loss, draw_noise
+from .objectives import METHODS, S_SAMPLERS, TIME_SAMPLERS, Noise, ObjectiveConfig, compute_loss, draw_noise
 from .sampling import sample
 from .schedule import TIME_GRIDS
 
@@ -121,12 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flow-matching-fraction", type=float, help=f"fraction of the batch with r = t [default: {o.flow_matching_fraction}]")
     add("--adaptive-p", type=float, help=f"adaptive weight 1/(l + c)^p; 0 = plain L2 [default: {o.adaptive_p}]")
     add("--adaptive-c", type=float, help=f"[default: {o.adaptive_c}]")
-    add("--time-mean", type=float, help=f"logit-normal mean of (r, t) [default: {o.time_mean}]")
-    add("--time-std", type=float, help=f"logit-normal std of (r, t) [default: {o.time_std}]")
+    add("--time-sampler", choices=TIME_SAMPLERS, help="law of (r, t): pair = max/min of two LN(time-mean, "
+        "time-std) draws (Mean Flow); separate = t ~ LN(time-mean, time-std), r ~ LN(r-mean, r-std), r = min(r, t); "
+        f"mixture = separate with probability --mixture-weight, else pair [default: preset's; digits {o.time_sampler}]")
+    add("--time-mean", type=float, help=f"logit-normal mean of t (pair: of both draws) [default: preset's; digits {o.time_mean}]")
+    add("--time-std", type=float, help=f"logit-normal std of t (pair: of both draws) [default: preset's; digits {o.time_std}]")
+    add("--r-mean", type=float, help=f"separate/mixture: logit-normal mean of r [default: preset's; digits {o.r_mean}]")
+    add("--r-std", type=float, help=f"separate/mixture: logit-normal std of r [default: preset's; digits {o.r_std}]")
+    add("--mixture-weight", type=float, help=f"mixture: share of rows from separate [default: {o.mixture_weight}]")
+    add("--s-sampler", choices=S_SAMPLERS, help="law of the diffusion time s: uniform = U(0, 1]; grid = with "
+        "probability --s-grid-fraction a point k/N of the N-step sampler's grid, N from --s-grid-steps "
+        f"[default: preset's; digits {o.s_sampler}]")
+    add("--s-grid-fraction", type=float, help=f"grid: share of s on the grids [default: {o.s_grid_fraction}]")
+    add("--s-grid-steps", type=int, nargs="+", help=f"grid: the N whose grids are drawn [default: "
+        f"{' '.join(map(str, o.s_grid_steps))}]")
     return p
 
 
-OBJECTIVE_FLAGS = {"flow_matching_fraction", "adaptive_p", "adaptive_c", "time_mean", "time_std"}
+OBJECTIVE_FLAGS = {f.name for f in dataclasses.fields(ObjectiveConfig)}
 
 
 def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
@@ -160,9 +173,9 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
                             f"not {value}: drop the flag, or use a new --out to start another run")
     for key, value in objective.items():
-        if saved["objective"][key] != value:
+        if saved["objective"].get(key) != value:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} "
-                            f"{saved['objective'][key]}, not {value}")
+                            f"{saved['objective'].get(key)}, not {value}")
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
