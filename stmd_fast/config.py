@@ -9,101 +9,96 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
 from .models import NetConfig, dit_config
-from .objectives import METHODS, ObjectiveConfig
+from .methods import METHODS
+from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N', checked against this
-    machine; ValueError naming the fix otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | None = None, resumable: bool = False):
+    """A TrainConfig field with what its command-line flag needs besides the docstring under it:
+    the choices, a metavar, and whether --resume may change it (resumable)."""
+    return field(default=default, metadata={"choices": choices, "metavar": metavar, "resumable": resumable})
 
 
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 (the current device) are the same device; torch.Generator('cuda') reports no index."""
-    def index(d):
-        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
-    return a.type == b.type and index(a) == index(b)
+PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent")  # PRESETS below, in this order
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "digits"
-    """Data and network: digits | gmm | mnist | cifar10 | celeba-latent (see PRESETS)."""
-    method: str = "stmd"
+    """Every training option, once: `python -m stmd_fast.train` makes a flag of each field (its
+    docstring is the help; cli.add_dataclass_flags), and presets fill them (PRESETS)."""
+
+    preset: str = option("digits", choices=PRESET_NAMES)
+    """Data and network: digits (sklearn 8x8, no download), gmm (2-D Gaussian mixture, MLP), mnist, cifar10
+    (paper settings, files from --data-dir), celeba-latent (DiT-M/2 on SD-VAE latents, shards from --data)."""
+    method: str = option("stmd", choices=tuple(METHODS))
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
-    data: str | None = None
-    """Path to the user's own .npy array, (N, D) vectors or (N, C, H, W) images; replaces the preset's data.
-    For celeba-latent: the latent shards, e.g. 'SHARDS/shard-{000000..000099}.tar' (stmd_fast.data.encode)."""
+    data: str | None = option(None, metavar="FILE.npy|SHARDS")
+    """Your own array: (N, D) vectors -> MLP, (N, C, H, W) images -> U-Net; uint8 images are scaled to [-1, 1],
+    floats used as given. With celeba-latent: the latent shards (python -m stmd_fast.data.encode), e.g.
+    'SHARDS/shard-{000000..000099}.tar' (quote the braces)."""
     vae: str | None = None
-    """Latent presets: the VAE the shards were encoded with (local folder or hub id); checked against the
-    shards' manifest, and sample grids decode through it."""
+    """Latent presets: the VAE the shards were encoded with, a local folder or hub id (checked against the
+    shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
     data_dir: str = "datasets"
     """Where mnist / cifar10 files live (torchvision's layout)."""
     download: bool = False
-    """Let torchvision download mnist / cifar10 into data_dir."""
-    steps: int = 4000
+    """Let torchvision download mnist / cifar10 into --data-dir."""
+    steps: int = option(4000, resumable=True)
     """Optimizer steps in total (a resumed run continues to this number)."""
     batch_size: int = 64
-    """The GLOBAL batch: under torchrun with K processes each trains on batch_size / K (K must divide it)."""
+    """The GLOBAL batch: under torchrun with K processes each trains on batch-size / K (K must divide it) and
+    the gradients are averaged, so the run matches one process's at the same batch and --lr."""
     lr: float = 1e-3
     """AdamW learning rate, constant after warm-up."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     ema_decay: float = 0.999
     """EMA of the weights, used for samples and checkpoints' sampling weights."""
     seed: int = 0
-    device: str = "auto"
+    """Seeds the network init, data order and all noise."""
+    device: str = option("auto", resumable=True)
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
-    precision: str = "fp32"
-    """fp32, or bf16 autocast for network math (fp32 master weights and optimizer state)."""
-    compile: bool = False
-    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager."""
-    kernels: str = "auto"
-    """Triton kernels: auto (on CUDA) | reference (PyTorch everywhere) | triton (CUDA only)."""
-    parallel: str = "ddp"
-    """Under torchrun: ddp (a full replica per process, gradients averaged by an explicit all-reduce) |
-    fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded). Ignored without torchrun
-    (ddp), refused there for fsdp. See stmd_fast/distributed.py."""
+    precision: str = option("fp32", choices=PRECISIONS)
+    """fp32, or bf16: autocast network math (fp32 master weights and optimizer state)."""
+    compile: bool = option(False, resumable=True)
+    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager (cold compile takes 1-2 min
+    on a CPU)."""
+    kernels: str = option("auto", choices=BACKENDS, resumable=True)
+    """auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, JVP flash attention), PyTorch on
+    CPU; reference = PyTorch everywhere; triton = kernels, CUDA only."""
+    parallel: str = option("ddp", choices=PARALLEL_MODES, resumable=True)
+    """Under torchrun: ddp = a full replica per process, gradients averaged by an explicit all-reduce after each
+    backward; fsdp = FSDP2 fully_shard (parameters, gradients and optimizer state sharded, for large DiTs).
+    Checkpoints are unsharded either way, so a run resumes with any number of processes or mode. Ignored
+    without torchrun (ddp), refused there for fsdp. See stmd_fast/distributed.py."""
     out: str | None = None
-    """Run directory; default runs/<preset>-<method>."""
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
+    """Run directory; default runs/<preset or data name>-<method>."""
+    ckpt_every: int = option(1000, resumable=True)
+    """Checkpoint interval in steps (and at the end)."""
+    keep_checkpoints: int = option(2, resumable=True)
     """How many most recent checkpoints to keep."""
-    sample_every: int = 1000
+    sample_every: int = option(1000, resumable=True)
     """Write a sample grid (EMA weights) every this many steps and at the end; 0 = only at the end."""
-    log_every: int = 50
+    log_every: int = option(50, resumable=True)
     """Append to metrics.jsonl and refresh the progress bar every this many steps."""
     sample_steps: int = 1
-    """N of the sample grids (diffusion steps; DDPM uses sample_ddpm_steps)."""
+    """N of the sample grids (STMD diffusion steps; DDPM uses --sample-ddpm-steps)."""
     sample_flow_steps: int = 1
-    """M of the sample grids (flow steps per diffusion step)."""
+    """M of the sample grids (flow steps per diffusion step; STMD, Mean Flow)."""
     sample_ddpm_steps: int = 100
     """N of DDPM's sample grids."""
-    sample_grid: str = "uniform"
+    sample_grid: str = option("uniform", choices=TIME_GRIDS)
     """Diffusion time grid of the sampler: uniform | quadratic."""
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -197,6 +192,10 @@ def _celeba_latent() -> TrainConfig:
 
 
 PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent}
+assert tuple(PRESETS) == PRESET_NAMES
+RESUME_OVERRIDABLE = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
+"""Flags that may differ from the checkpoint's config when resuming; any other flag given with --resume must
+equal the checkpoint's value (a run is one experiment)."""
 LATENT_RESOLUTION = {"celeba-latent": 256}
 """Image resolution each latent preset's shards must be encoded at (checked against their manifest)."""
 PRESET_DATA_SHAPES = {"digits": (1, 8, 8), "gmm": (2,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),

@@ -9,27 +9,18 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
+from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
 from .schedule import alpha_sigma, per_sample
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    conditional: bool  # the network sees x_s (concatenated on channels)
-    times: tuple[str, ...]  # the time inputs fed to the network, in order
-
-
-METHODS = {
-    "stmd": Method("stmd", True, ("t", "t - r", "s")),
-    "meanflow": Method("meanflow", False, ("t", "t - r")),
-    "ddpm": Method("ddpm", False, ("s",)),
-}
+MAX_JVP_BLOCK = 1024  # the largest block of rows jvp_block may need
 
 
 TIME_SAMPLERS = ("pair", "separate", "mixture")
@@ -66,7 +57,8 @@ class ObjectiveConfig:
     mixture_weight: float = 0.5
     """mixture: probability that a row is drawn from `separate` rather than `pair`."""
     flow_matching_fraction: float = 0.75
-    """Fraction of the batch with r = t (there the loss is conditional flow matching)."""
+    """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
+    block of rows, not a coin per row: see jvp_block."""
     s_sampler: str = "uniform"
     """Law of the diffusion time s (STMD): uniform | grid (see S_SAMPLERS)."""
     s_grid_fraction: float = 0.5
@@ -91,6 +83,30 @@ class ObjectiveConfig:
             raise ValueError(f"s_grid_steps must be step counts of at least 1, got {self.s_grid_steps}")
         if self.time_std <= 0 or self.r_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
             raise ValueError("need time_std > 0, r_std > 0, adaptive_c > 0 and adaptive_p >= 0")
+        self.jvp_block  # noqa: B018 (validates the fraction)
+
+    @property
+    def jvp_block(self) -> tuple[int, int]:
+        """(k, P): in every block of P consecutive rows of a batch the first k rows are drawn with
+        r < t and go through the JVP, the other P - k get r = t and a plain forward; k / P = 1 -
+        flow_matching_fraction in lowest terms (0.75 -> (1, 4)). A count fixed per block keeps the
+        compiled graph's shapes static, and a block that does not depend on the batch keeps every
+        slice of a batch (torchrun's ranks) laid out as the whole."""
+        jvp = Fraction(1 - self.flow_matching_fraction).limit_denominator(MAX_JVP_BLOCK)
+        if abs(float(jvp) - (1 - self.flow_matching_fraction)) > 1e-9:
+            raise ValueError(f"flow_matching_fraction {self.flow_matching_fraction} is no fraction with a "
+                             f"denominator up to {MAX_JVP_BLOCK}: the JVP runs on a fixed count of rows per block; "
+                             f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.4g}")
+        return jvp.numerator, jvp.denominator
+
+    def check_batch(self, batch: int) -> None:
+        """The batch (per process) must be whole blocks of jvp_block; one line saying how, if not."""
+        k, block = self.jvp_block
+        if batch % block:
+            raise ValueError(f"--flow-matching-fraction {self.flow_matching_fraction} runs the JVP on {k} of "
+                             f"every {block} rows, so the batch per process ({batch}) must be a multiple of "
+                             f"{block}: change the batch, or use a fraction that is a multiple of 1/{batch}, "
+                             f"e.g. {round(self.flow_matching_fraction * batch) / batch:.4g}")
 
 
 class Noise(NamedTuple):
@@ -98,7 +114,7 @@ class Noise(NamedTuple):
 
     s: torch.Tensor  # diffusion time in (0, 1]
     xi: torch.Tensor  # forward-process noise: x_s = alpha_s x_0 + sigma_s xi
-    r: torch.Tensor  # flow times r <= t
+    r: torch.Tensor  # flow times r <= t; r = t exactly outside the JVP rows (ObjectiveConfig.jvp_block)
     t: torch.Tensor
     e: torch.Tensor  # flow prior sample: z_t = (1 - t) x_0 + t e
 
@@ -138,15 +154,28 @@ def sample_diffusion_times(b: int, cfg: ObjectiveConfig, generator: torch.Genera
 
 
 def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator) -> Noise:
-    """Draw s (cfg.s_sampler), (r, t) (cfg.time_sampler) with r = t on flow_matching_fraction of the
-    batch, and xi, e ~ N(0, I)."""
+    """Draw s (cfg.s_sampler), (r, t) (cfg.time_sampler) for every row, then set r = t outside
+    the JVP rows: the first k rows of every block of P (cfg.jvp_block) keep their r < t. Which rows
+    is fixed, how many is exact: the rows of a batch are exchangeable draws of the data, so each row
+    still has r < t with probability k / P and the law's (r, t) when it does. xi, e ~ N(0, I)."""
     b, dev = x0.shape[0], x0.device
     s = sample_diffusion_times(b, cfg, generator, dev)
     t, r = sample_flow_times(b, cfg, generator, dev)
-    r = torch.where(torch.rand(b, generator=generator, device=dev) < cfg.flow_matching_fraction, t, r)
+    r = torch.where(jvp_rows(b, cfg, dev), r, t)
     xi = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     e = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     return Noise(s, xi, r, t, e)
+
+
+def jvp_rows(batch: int, cfg: ObjectiveConfig, device=None) -> torch.Tensor:
+    """(batch,) bool: the rows drawn with r < t, the first k of every block of P (cfg.jvp_block)."""
+    k, block = cfg.jvp_block
+    return torch.arange(batch, device=device) % block < k
+
+
+def _times(t, h, s) -> torch.Tensor:
+    """The network's time input: (t, t - r) or, given s, (t, t - r, s)."""
+    return torch.stack([t, h] if s is None else [t, h, s], dim=1)
 
 
 def meanflow_jvp(net, x0, noise: Noise, cond, s):
@@ -159,8 +188,7 @@ def meanflow_jvp(net, x0, noise: Noise, cond, s):
     h = t - r
 
     def u_fn(z, t_, h_):  # x_s and s are closed over: held fixed under the JVP
-        times = torch.stack([t_, h_] if s is None else [t_, h_, s], dim=1)
-        return net(z, cond, times)
+        return net(z, cond, _times(t_, h_, s))
 
     # Tangents (v, 0, 1) for (z, r, t) are (v, 1, 1) for (z, t, h = t - r).
     ones = torch.ones_like(t)
@@ -168,9 +196,47 @@ def meanflow_jvp(net, x0, noise: Noise, cond, s):
     return u, dudt, v, h
 
 
-def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s):
+def split_meanflow(net, x0, noise: Noise, cond, s, cfg: ObjectiveConfig):
+    """meanflow_jvp's (u, du/dt, v, h) for the whole batch with the JVP on the JVP rows only
+    (cfg.jvp_block) and a plain forward on the rows with r = t, where the target
+    v - (t - r) du/dt = v needs no du/dt (returned as 0 there). Per-row networks make this the
+    full-batch JVP's u on every row and its du/dt wherever t - r != 0: the same loss and gradients."""
+    k, block = cfg.jvp_block
+    b = x0.shape[0]
+    cfg.check_batch(b)
+    if k == block:  # every row needs du/dt
+        return meanflow_jvp(net, x0, noise, cond, s)
+    n = b // block
+
+    def rows(x, first: bool):  # the JVP rows (first) or the others, as a batch; shapes are static
+        if x is None:
+            return None
+        x = x.unflatten(0, (n, block))
+        return (x[:, :k] if first else x[:, k:]).flatten(0, 1)
+
+    def interleave(a, rest):  # inverse of rows(): back to the batch's order
+        return torch.cat([a.unflatten(0, (n, k)), rest.unflatten(0, (n, block - k))], dim=1).flatten(0, 1)
+
+    v, h = noise.e - x0, noise.t - noise.r
+    # The JVP before the plain forward: torch 2.14's Dynamo failed to trace torch.func.jvp after a
+    # plain call of the same network (no dual level at make_dual) and silently ran the loss eagerly.
+    if k > 0:
+        u_j, dudt_j, _, _ = meanflow_jvp(net, rows(x0, True), Noise(*(rows(x, True) for x in noise)),
+                                         rows(cond, True), rows(s, True))
+    x_f, t_f = rows(x0, False), rows(noise.t, False)
+    tb = per_sample(t_f, x_f)
+    u_f = net((1 - tb) * x_f + tb * rows(noise.e, False), rows(cond, False), _times(t_f, rows(h, False), rows(s, False)))
+    if k == 0:  # flow matching on every row
+        return u_f, torch.zeros_like(u_f), v, h
+    return interleave(u_j, u_f), interleave(dudt_j, dudt_j.new_zeros(u_f.shape)), v, h
+
+
+def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s, full_batch_jvp: bool):
     """Shared body of STMD (cond = x_s, s given) and Mean Flow (cond = s = None)."""
-    u, dudt, v, h = meanflow_jvp(net, x0, noise, cond, s)
+    if full_batch_jvp:
+        u, dudt, v, h = meanflow_jvp(net, x0, noise, cond, s)
+    else:
+        u, dudt, v, h = split_meanflow(net, x0, noise, cond, s, cfg)
     # u_tgt = stopgrad(v - (t - r) du/dt); loss = mean(stopgrad(w) ||u - u_tgt||^2), w = 1 / (. + c)^p.
     # Returns the raw mean ||delta||^2 too (the adaptive loss reads ~1 by design).
     loss, sq = meanflow_loss(u, dudt, v, h, cfg.adaptive_c, cfg.adaptive_p)  # fused kernel on CUDA
@@ -183,33 +249,41 @@ def _diffuse(x0: torch.Tensor, noise: Noise) -> torch.Tensor:
     return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
 
 
-def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+def _stmd_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    return _jvp_meanflow(net, x0, noise, cfg, _diffuse(x0, noise), noise.s, full_batch_jvp)
+
+
+def _meanflow_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    return _jvp_meanflow(net, x0, noise, cfg, None, None, full_batch_jvp)
+
+
+def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
+    mse = F.mse_loss(net(_diffuse(x0, noise), None, noise.s[:, None]).float(), noise.xi.float())
+    return mse, mse.detach()
+
+
+LOSSES = {"stmd": _stmd_loss, "meanflow": _meanflow_loss, "ddpm": _ddpm_loss}  # Method.loss
+
+
+def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig,
+                 full_batch_jvp: bool = False):
     """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
-    (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
-    if method == "meanflow":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
-    x_s = _diffuse(x0, noise)
-    if method == "stmd":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
-    if method == "ddpm":
-        mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
-        return mse, mse.detach()
-    raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")
+    (STMD, Mean Flow) or the eps mean squared error (DDPM). The JVP runs on the rows with r < t
+    only (split_meanflow); full_batch_jvp runs it on every row instead, as the official Mean Flow
+    code does: the same loss and gradients, more work (the reference the tests and benchmarks use)."""
+    return get_method(method).loss(net, x0, noise, cfg, full_batch_jvp)
 
 
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
     """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
     on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
     time it beside compute_loss to measure what the JVP costs."""
-    if method not in ("stmd", "meanflow"):
+    if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
     t = noise.t
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
-    zero = torch.zeros_like(t)
-    if method == "stmd":
-        u = net(z_t, _diffuse(x0, noise), torch.stack([t, zero, noise.s], dim=1))
-    else:
-        u = net(z_t, None, torch.stack([t, zero], dim=1))
+    cond, s = (_diffuse(x0, noise), noise.s) if get_method(method).conditional else (None, None)
+    u = net(z_t, cond, _times(t, torch.zeros_like(t), s))
     mse = F.mse_loss(u.float(), (noise.e - x0).float())
     return mse, mse.detach()
