@@ -8,7 +8,7 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -44,7 +44,7 @@ class ObjectiveConfig:
     """Time sampling and loss weighting. Defaults: Mean Flow's ImageNet recipe; presets set their own
     (config.py says where each comes from)."""
 
-    time_sampler: str = "pair"
+    time_sampler: str = field(default="pair", metadata={"choices": TIME_SAMPLERS})
     """Law of (r, t): pair | separate | mixture (see TIME_SAMPLERS)."""
     time_mean: float = -0.4
     """Logit-normal mean of t (pair: of both draws)."""
@@ -59,7 +59,7 @@ class ObjectiveConfig:
     flow_matching_fraction: float = 0.75
     """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
     block of rows, not a coin per row: see jvp_block."""
-    s_sampler: str = "uniform"
+    s_sampler: str = field(default="uniform", metadata={"choices": S_SAMPLERS})
     """Law of the diffusion time s (STMD): uniform | grid (see S_SAMPLERS)."""
     s_grid_fraction: float = 0.5
     """grid: probability that s is a point of a sampling grid rather than U(0, 1]."""
