@@ -26,7 +26,7 @@ from .sampling import check_steps, inpainting_projection, sample, transition
 if TYPE_CHECKING:
     from .operators import LinearOperator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: U-Net time embedding as scale-shift after the norm (issue 17)
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 
 

@@ -8,7 +8,7 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -23,27 +23,66 @@ from .schedule import alpha_sigma, per_sample
 MAX_JVP_BLOCK = 1024  # the largest block of rows jvp_block may need
 
 
+TIME_SAMPLERS = ("pair", "separate", "mixture")
+"""Laws of the flow times (r, t), r <= t, before r = t is set on flow_matching_fraction of the batch:
+  pair      t, r = max and min of two LN(time_mean, time_std) draws (Mean Flow's sampler; its ImageNet
+            setting is LN(-0.4, 1.0), its paper's CIFAR-10 setting LN(-2.0, 2.0)).
+  separate  t ~ LN(time_mean, time_std), r ~ LN(r_mean, r_std), r = min(r, t): independent laws, so r can
+            sit near 0 while t spreads over [0, 1] (py-meanflow's cifar10_v1: t LN(-0.6, 1.6), r LN(-4, 1.6)).
+  mixture   each row from `separate` with probability mixture_weight, else from `pair`: the one-step pairs
+            (r near 0, t near 1) of separate and the short steps of pair in one batch.
+LN(m, s) is the logit-normal law: sigmoid of N(m, s^2)."""
+S_SAMPLERS = ("uniform", "grid")
+"""Laws of the diffusion time s (STMD):
+  uniform   s ~ U(0, 1].
+  grid      with probability s_grid_fraction, s = k / N with N drawn from s_grid_steps and k from 1..N: the
+            times the uniform N-step sampler conditions on (every chain starts at s = 1); else U(0, 1]."""
+
+
 @dataclass
 class ObjectiveConfig:
-    """Time sampling and loss weighting (Mean Flow's defaults)."""
+    """Time sampling and loss weighting. Defaults: Mean Flow's ImageNet recipe; presets set their own
+    (config.py says where each comes from)."""
 
+    time_sampler: str = field(default="pair", metadata={"choices": TIME_SAMPLERS})
+    """Law of (r, t): pair | separate | mixture (see TIME_SAMPLERS)."""
     time_mean: float = -0.4
-    """Mean of the logit-normal draws of (r, t)."""
+    """Logit-normal mean of t (pair: of both draws)."""
     time_std: float = 1.0
-    """Std of the logit-normal draws of (r, t)."""
+    """Logit-normal std of t (pair: of both draws)."""
+    r_mean: float = -4.0
+    """separate / mixture: logit-normal mean of r (before r = min(r, t))."""
+    r_std: float = 1.6
+    """separate / mixture: logit-normal std of r."""
+    mixture_weight: float = 0.5
+    """mixture: probability that a row is drawn from `separate` rather than `pair`."""
     flow_matching_fraction: float = 0.75
     """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
     block of rows, not a coin per row: see jvp_block."""
+    s_sampler: str = field(default="uniform", metadata={"choices": S_SAMPLERS})
+    """Law of the diffusion time s (STMD): uniform | grid (see S_SAMPLERS)."""
+    s_grid_fraction: float = 0.5
+    """grid: probability that s is a point of a sampling grid rather than U(0, 1]."""
+    s_grid_steps: tuple[int, ...] = (1, 2, 4, 8)
+    """grid: the step counts N whose uniform grids k / N (k = 1..N) are drawn from, N uniform over these."""
     adaptive_p: float = 1.0
     """Adaptive weight w = 1 / (||delta||^2 + c)^p; p = 0 gives the plain squared error."""
     adaptive_c: float = 1e-3
     """The c of the adaptive weight."""
 
     def __post_init__(self):
-        if not 0.0 <= self.flow_matching_fraction <= 1.0:
-            raise ValueError(f"flow_matching_fraction must be in [0, 1], got {self.flow_matching_fraction}")
-        if self.time_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
-            raise ValueError("need time_std > 0, adaptive_c > 0 and adaptive_p >= 0")
+        self.s_grid_steps = tuple(int(n) for n in self.s_grid_steps)
+        if self.time_sampler not in TIME_SAMPLERS:
+            raise ValueError(f"unknown time sampler {self.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+        if self.s_sampler not in S_SAMPLERS:
+            raise ValueError(f"unknown s sampler {self.s_sampler!r}: choose one of {', '.join(S_SAMPLERS)}")
+        for name in ("flow_matching_fraction", "mixture_weight", "s_grid_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.s_grid_steps or min(self.s_grid_steps) < 1:
+            raise ValueError(f"s_grid_steps must be step counts of at least 1, got {self.s_grid_steps}")
+        if self.time_std <= 0 or self.r_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
+            raise ValueError("need time_std > 0, r_std > 0, adaptive_c > 0 and adaptive_p >= 0")
         self.jvp_block  # noqa: B018 (validates the fraction)
 
     @property
@@ -73,23 +112,55 @@ class ObjectiveConfig:
 class Noise(NamedTuple):
     """Every random draw of one training step (shapes: (B,) times, x0-shaped noises)."""
 
-    s: torch.Tensor  # diffusion time, U(0, 1]
+    s: torch.Tensor  # diffusion time in (0, 1]
     xi: torch.Tensor  # forward-process noise: x_s = alpha_s x_0 + sigma_s xi
     r: torch.Tensor  # flow times r <= t; r = t exactly outside the JVP rows (ObjectiveConfig.jvp_block)
     t: torch.Tensor
     e: torch.Tensor  # flow prior sample: z_t = (1 - t) x_0 + t e
 
 
+def _logit_normal(b: int, mean: float, std: float, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(b, generator=generator, device=device) * std + mean)
+
+
+def _pair(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device):
+    pair = torch.sigmoid(torch.randn(b, 2, generator=generator, device=device) * cfg.time_std + cfg.time_mean)
+    return pair.max(dim=1).values, pair.min(dim=1).values
+
+
+def sample_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None):
+    """(t, r), r <= t, for b rows from cfg.time_sampler (r = t is applied afterwards, by draw_noise)."""
+    if cfg.time_sampler == "pair":
+        return _pair(b, cfg, generator, device)
+    t_sep = _logit_normal(b, cfg.time_mean, cfg.time_std, generator, device)
+    r_sep = torch.minimum(_logit_normal(b, cfg.r_mean, cfg.r_std, generator, device), t_sep)
+    if cfg.time_sampler == "separate":
+        return t_sep, r_sep
+    t_pair, r_pair = _pair(b, cfg, generator, device)
+    use_sep = torch.rand(b, generator=generator, device=device) < cfg.mixture_weight
+    return torch.where(use_sep, t_sep, t_pair), torch.where(use_sep, r_sep, r_pair)
+
+
+def sample_diffusion_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None) -> torch.Tensor:
+    """s in (0, 1] for b rows from cfg.s_sampler."""
+    s = 1.0 - torch.rand(b, generator=generator, device=device)  # U(0, 1]
+    if cfg.s_sampler == "uniform":
+        return s
+    steps = torch.tensor(cfg.s_grid_steps, device=device, dtype=s.dtype)
+    n = steps[torch.randint(len(steps), (b,), generator=generator, device=device)]
+    k = torch.floor(torch.rand(b, generator=generator, device=device) * n) + 1  # 1..N
+    on_grid = torch.rand(b, generator=generator, device=device) < cfg.s_grid_fraction
+    return torch.where(on_grid, k / n, s)
+
+
 def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator) -> Noise:
-    """Draw s ~ U(0, 1], xi, e ~ N(0, I) and logit-normal (r, t) for every row, then set r = t
-    outside the JVP rows: the first k rows of every block of P (cfg.jvp_block) keep their r < t.
-    Which rows is fixed, how many is exact: the rows of a batch are exchangeable draws of the
-    data, so each row still has r < t with probability k / P and the law's (r, t) when it does."""
+    """Draw s (cfg.s_sampler), (r, t) (cfg.time_sampler) for every row, then set r = t outside
+    the JVP rows: the first k rows of every block of P (cfg.jvp_block) keep their r < t. Which rows
+    is fixed, how many is exact: the rows of a batch are exchangeable draws of the data, so each row
+    still has r < t with probability k / P and the law's (r, t) when it does. xi, e ~ N(0, I)."""
     b, dev = x0.shape[0], x0.device
-    s = 1.0 - torch.rand(b, generator=generator, device=dev)  # (0, 1]
-    logits = torch.randn(b, 2, generator=generator, device=dev) * cfg.time_std + cfg.time_mean
-    pair = torch.sigmoid(logits)
-    t, r = pair.max(dim=1).values, pair.min(dim=1).values
+    s = sample_diffusion_times(b, cfg, generator, dev)
+    t, r = sample_flow_times(b, cfg, generator, dev)
     r = torch.where(jvp_rows(b, cfg, dev), r, t)
     xi = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     e = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)

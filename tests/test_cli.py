@@ -121,6 +121,8 @@ def image_run(tmp_path_factory, image_npy) -> Path:
 @pytest.mark.parametrize("flag, value, choices", [
     ("--preset", "imagenet", ("digits", "gmm", "mnist", "cifar10")),
     ("--method", "flowmatch", ("stmd", "meanflow", "ddpm")),
+    ("--time-sampler", "cifar", ("pair", "separate", "mixture")),
+    ("--s-sampler", "beta", ("uniform", "grid")),
 ])
 def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, value, choices):
     with pytest.raises(SystemExit) as exc:
@@ -131,6 +133,21 @@ def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, valu
     for choice in choices:
         assert choice in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sampler_flags_reach_the_run_config(tmp_path):
+    """Every time-sampler flag lands in the run's objective (what draw_noise reads), the rest keep the preset's."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--out", run, "--time-sampler", "mixture", "--mixture-weight", 0.25,
+                 "--r-mean", -3, "--r-std", 1.2, "--s-sampler", "grid", "--s-grid-fraction", 0.4,
+                 "--s-grid-steps", 1, 2) == 0
+    objective = json.loads((run / "config.json").read_text())["config"]["objective"]
+    assert objective["time_sampler"] == "mixture" and objective["mixture_weight"] == 0.25
+    assert objective["r_mean"] == -3 and objective["r_std"] == 1.2
+    assert objective["s_sampler"] == "grid" and objective["s_grid_fraction"] == 0.4
+    assert list(objective["s_grid_steps"]) == [1, 2]
+    from stmd_fast.config import PRESETS
+    assert objective["time_mean"] == PRESETS["gmm"]().objective.time_mean
 
 
 # ----------------------------------------------------------------------------- 2-4. data and --out
