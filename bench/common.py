@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -144,6 +145,15 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
+def record(benchmark: str, row: dict) -> None:
+    """Append one measured row as a JSON line to $STMD_BENCH_JSONL (bench/gpu_check.py sets it),
+    so a run cut short by its time budget keeps every row measured before the cut."""
+    path = os.environ.get("STMD_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"benchmark": benchmark, "row": row}) + "\n")
+
+
 def finish(name: str, result: dict, save: bool) -> None:
     """Print the final JSON line; with save, merge it under `name` into the device/date file."""
     if save:
@@ -158,3 +168,19 @@ def finish(name: str, result: dict, save: bool) -> None:
         tmp.replace(path)
         print(f"saved under '{name}' in {path}")
     print(json.dumps({"benchmark": name, **result}))
+
+
+def time_ms_interleaved(fns: dict, device: torch.device, iters: int) -> dict:
+    """Wall time of `iters` calls of each of `fns` (name -> callable, already warmed up), taken in
+    rounds: one call of each per round, the order rotated every round. A shared machine's load,
+    which drifts over seconds, then hits every callable alike; each call is synchronised."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    synchronize(device)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times

@@ -26,6 +26,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -37,7 +38,10 @@ from .files import fsync_path, write_atomic, write_bytes_durably
 from .methods import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .operators import LinearOperator
+
+FORMAT_VERSION = 2  # 2: U-Net time embedding as scale-shift after the norm (issue 17)
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILE = "train_state.pt"
 CHECKED_FILES = (*WEIGHT_FILES, STATE_FILE)  # sizes and SHA-256 in config.json
@@ -383,6 +387,42 @@ class Model:
         generator = self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
+
+    def posterior_sample(self, y: torch.Tensor, operator: "LinearOperator", sigma_y: float = 0.0,
+                         particles: int | None = None, steps: int = 1, flow_steps: int = 1, num: int = 1,
+                         generator: torch.Generator | None = None, grid: str = "uniform",
+                         batch_size: int | None = None) -> torch.Tensor:
+        """`num` draws of x_0 given one measurement y = A x_0 + sigma_y n (y without a batch axis;
+        operator: stmd_fast.operators), as (num, *data_shape).
+
+        particles=None: DDNM (sigma_y = 0: A x = y exactly) or DDNM+ (sigma_y > 0) inside the sampler
+        loop, one chain per draw. particles=K: SMC (stmd_fast/smc.py), each draw one particle picked
+        by weight from its own run of K (num * K chains); its law tends to the model's exact
+        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch."""
+        from .operators import DDNM
+        from .smc import network_denoiser, smc_sample
+
+        check_steps(self.method, steps, flow_steps)
+        operator.check(self.data_shape)
+        y = y.to(self.device)
+        expected = tuple(operator(torch.zeros(1, *self.data_shape, device=self.device)).shape[1:])
+        if tuple(y.shape) != expected:
+            raise ValueError(f"y has shape {tuple(y.shape)}; {operator.name} measures {self.data_shape} samples "
+                             f"as {expected}")
+        if not sigma_y >= 0:
+            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        generator = self._generator(generator)
+        if particles is None:
+            hook = DDNM(operator, y, sigma_y)
+            return self._batched(num, batch_size, lambda n: sample(
+                self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=hook))
+        if particles < 1:
+            raise ValueError(f"need particles >= 1, got {particles} (or particles=None for DDNM)")
+        denoise = network_denoiser(self.net, self.method, flow_steps)
+        runs = None if batch_size is None else max(1, batch_size // particles)
+        return self._batched(num, runs, lambda n: smc_sample(
+            denoise, self.method, operator, y.expand(n, *y.shape), sigma_y, particles, self.data_shape, steps,
+            flow_steps, generator, grid).draw(generator))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:

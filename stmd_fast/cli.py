@@ -56,15 +56,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
     and metavar from the field's metadata (config.option). bool fields are switches."""
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool"):
+        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool", "tuple[int, ...]"):
             continue
         flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
         if f.type == "bool":
             parser.add_argument(flag, action="store_true", help=text)
             continue
         default = default_text(f.name)
-        kwargs = {"type": {"int": int, "float": float}.get(f.type, str),
+        kwargs = {"type": {"int": int, "float": float, "tuple[int, ...]": int}.get(f.type, str),
                   "help": f"{text} [default: {default}]" if default is not None else text}
+        if f.type == "tuple[int, ...]":
+            kwargs["nargs"] = "+"
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
         if f.metadata.get("metavar"):

@@ -146,16 +146,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Time samplers with their sources (the paper gives none of its own; math.md section 4):
+MEANFLOW_IMAGENET = ObjectiveConfig(time_sampler="pair", time_mean=-0.4, time_std=1.0, flow_matching_fraction=0.75,
+                                    adaptive_p=1.0)
+"""Mean Flow's ImageNet 256 latent-DiT recipe (its paper's default): LN(-0.4, 1) pairs, 75% r = t, p = 1."""
+MEANFLOW_CIFAR10 = ObjectiveConfig(time_sampler="separate", time_mean=-0.6, time_std=1.6, r_mean=-4.0, r_std=1.6,
+                                   flow_matching_fraction=0.25, adaptive_p=0.75)
+"""Mean Flow's improved CIFAR-10 U-Net recipe (official PyTorch code, configs/cifar10_v1): t LN(-0.6, 1.6) and
+r LN(-4, 1.6) drawn separately, r = min(r, t), 25% r = t, p = 0.75."""
+
+
 def _digits() -> TrainConfig:
     # Sized to finish in a few minutes on 2 CPU cores with recognizable digits.
+    # Times: Mean Flow's ImageNet recipe until the README's time-sampler experiment is finished.
     return TrainConfig(preset="digits", steps=4000, batch_size=64, lr=1e-3, ema_decay=0.999,
-                       net=NetConfig(channels=(16, 32), norm_groups=8, head_dim=8, time_freqs=32))
+                       net=NetConfig(channels=(16, 32), norm_groups=8, head_dim=8, time_freqs=32),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))
 
 
 def _gmm() -> TrainConfig:
     return TrainConfig(preset="gmm", steps=4000, batch_size=256, lr=1e-3, ema_decay=0.999,
                        ckpt_every=1000, sample_every=0,
-                       net=NetConfig(kind="mlp", width=256, depth=4, time_freqs=32))
+                       net=NetConfig(kind="mlp", width=256, depth=4, time_freqs=32),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))  # the mixture lost at s <= 0.8 (README)
 
 
 def _mnist() -> TrainConfig:
@@ -164,25 +177,28 @@ def _mnist() -> TrainConfig:
     # parameters; UNet2DModel gives 0.71M with 1 layer and 1.07M with 2, so we take 2.
     return TrainConfig(preset="mnist", steps=150_000, batch_size=64, lr=5e-4, ema_decay=0.9995,
                        ckpt_every=5000, sample_every=5000, log_every=100,
-                       net=NetConfig(channels=(32, 64, 32), layers_per_block=2, attention_levels=(1,)))
+                       net=NetConfig(channels=(32, 64, 32), layers_per_block=2, attention_levels=(1,)),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))  # as digits, its nearest measured data
 
 
 def _cifar10() -> TrainConfig:
     # Paper appendix D: channels (128, 256, 256, 256), 2 layers per block, attention at
-    # 16x16 (level 1), lr 1e-4, 450K iterations, batch 64, EMA 0.9995.
+    # 16x16 (level 1), lr 1e-4, 450K iterations, batch 64, EMA 0.9995. Times: Mean Flow's CIFAR-10 recipe.
     return TrainConfig(preset="cifar10", steps=450_000, batch_size=64, lr=1e-4, ema_decay=0.9995,
                        ckpt_every=10_000, sample_every=10_000, log_every=100,
                        net=NetConfig(channels=(128, 256, 256, 256), layers_per_block=2, attention_levels=(1,),
-                                     time_freqs=128))
+                                     time_freqs=128),
+                       objective=dataclasses.replace(MEANFLOW_CIFAR10))
 
 
 def _celeba_latent() -> TrainConfig:
     # Paper section 5: a latent DiT-M/2 (Mean Flow's) on CelebA through the SD VAE (sd-vae-ft-ema);
     # 256x256 images -> 4x32x32 latents. Its appendix lost the iterations, batch size and step size:
     # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999) and 200K steps.
+    # Times: Mean Flow's latent-DiT (ImageNet 256) recipe, the nearest setting with evidence.
     return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
                        vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000, log_every=100,
-                       net=dit_config("DiT-M/2"))
+                       net=dit_config("DiT-M/2"), objective=dataclasses.replace(MEANFLOW_IMAGENET))
 
 
 PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent}

@@ -26,6 +26,7 @@ import torch
 from .cli import one_line_errors
 from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
+from .operators import OPERATOR_NAMES, make_operator
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -52,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
     add("--inpaint", metavar="IMAGE", help="observed image (.png, or .npy in model space [-1, 1]) to complete")
-    add("--mask", metavar="MASK", help="with --inpaint: .png or .npy, nonzero/white = observed pixel")
+    add("--mask", metavar="MASK", help="with --inpaint or --inverse inpaint: .png or .npy, nonzero/white = observed pixel")
+    add("--inverse", choices=OPERATOR_NAMES, help="sample the posterior of a linear measurement y = A x + sigma_y n: "
+        "sr4/sr2 (average pooling), gray (channel mean), inpaint (with --mask); give y with --observed")
+    add("--observed", metavar="IMAGE", help="with --inverse: the measurement y at its own size (e.g. 2x2 for sr4 "
+        "of 8x8), or an image of the model's size, which is measured through A (plus sigma_y noise, seeded)")
+    add("--sigma-y", type=float, help="with --inverse: measurement noise std in model units ([-1, 1] images); 0 = "
+        "exact y (DDNM), > 0 DDNM+ or SMC [default: 0]")
+    add("--particles", type=int, help="with --inverse: SMC posterior sampling with K particles per sample (needs "
+        "--sigma-y > 0; each sample is one weighted draw from its own run of K) [default: DDNM(+)]")
     return p
 
 
@@ -88,6 +97,23 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} {path} contains NaN or inf")
     return x.expand(c, h, w).clone()
+
+
+def read_observation(path: str, operator, data_shape: tuple[int, ...], sigma_y: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """y for --inverse: an image of the model's size, measured through A (plus sigma_y noise), or the
+    measurement itself at its own size (e.g. 2x2 for sr4 of 8x8 digits)."""
+    y_shape = tuple(operator(torch.zeros(1, *data_shape)).shape[1:])
+    for shape, what in ((tuple(data_shape), "image"), (y_shape, "measurement")):
+        try:
+            x = read_array(path, shape, f"--observed {what}")
+        except ValueError as err:
+            if "has shape" not in str(err):
+                raise
+            continue
+        return operator.measure(x[None].double(), sigma_y, generator)[0].float() if what == "image" else x
+    raise ValueError(f"--observed {path} must be an image of the model's shape {tuple(data_shape)} or the "
+                     f"{operator.name} measurement {y_shape}")
 
 
 def prepare_out(out: Path) -> None:
@@ -197,33 +223,63 @@ def main(argv: list[str] | None = None) -> int:
     check_steps(model.method, steps, args.flow_steps)
     if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
         raise ValueError("--num, --batch-size and --zoom must be at least 1")
-    if (args.inpaint is None) != (args.mask is None):
-        raise ValueError("--inpaint and --mask go together: give both")
+    if args.inverse is None:
+        extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
+                                ("--particles", args.particles)) if v is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with --inverse OPERATOR")
+        if (args.inpaint is None) != (args.mask is None):
+            raise ValueError("--inpaint and --mask go together: give both")
+    else:
+        args.sigma_y = args.sigma_y or 0.0
+        if args.inpaint is not None:
+            raise ValueError("--inpaint is noiseless inpainting; with --inverse give the image with --observed")
+        if args.observed is None:
+            raise ValueError(f"--inverse {args.inverse} needs the measurement: --observed IMAGE")
+        if (args.inverse == "inpaint") != (args.mask is not None):
+            raise ValueError("--mask goes with --inverse inpaint (and inpaint needs it)")
+        if args.sigma_y < 0:
+            raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+        if args.particles is not None and (args.particles < 1 or args.sigma_y == 0):
+            raise ValueError("--particles K (SMC, K >= 1) weights by the likelihood of a noisy y: give --sigma-y > 0")
     vectors = model.data_kind == "vector"
-    if args.inpaint and model.data_kind != "image":
-        raise ValueError(f"--inpaint needs a pixel-space image model; this checkpoint makes {model.data_kind}s "
-                         f"(a pixel mask does not carry over to latents)")
+    if (args.inpaint or args.inverse) and model.data_kind != "image":
+        raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "
+                         f"checkpoint makes {model.data_kind}s (a pixel operator does not carry over to latents)")
     out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
     if vectors and out.suffix != ".npy":
         raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
-    observed = mask = None
+    observed = mask = operator = None
+    if args.inpaint or args.mask:
+        mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
     if args.inpaint:
         observed = read_array(args.inpaint, model.data_shape, "--inpaint image")
-        mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
+    if args.inverse:
+        operator = make_operator(args.inverse, mask)
+        operator.check(model.data_shape)
+        y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,
+                             torch.Generator().manual_seed(args.seed))
+        # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels black)
+        observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    if observed is None:
+    if operator is not None:
+        x = model.posterior_sample(y, operator, args.sigma_y, args.particles, steps, args.flow_steps, args.num,
+                                   generator, args.grid, args.batch_size)
+    elif observed is None:
         x = model.sample(args.num, steps, args.flow_steps, generator, args.grid, batch_size=args.batch_size)
     else:
         x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
     if model.data_kind == "latent" and out.suffix == ".png":
         x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
     write_samples(x, out, args.zoom, observed, mask)
+    how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
+        f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
     print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
-          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}) -> {out}")
+          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
     return 0
 
 

@@ -39,13 +39,13 @@ from .cli import UserError, add_dataclass_flags, one_line_errors
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape
 from .data.datasets import DataError
 from .devices import resolve_device
-from .engine import make_train_step
+from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
 from .files import RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
 from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
-from .parallel import Single
+from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
 from .training_state import TrainingState
 
@@ -220,6 +220,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     try:
         device = distributed.process_device(ctx, resolve_device(cfg.device))
         distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size)
+        if cfg.method != "ddpm":  # the JVP rows are a fixed count per block of the batch
+            cfg.objective.check_batch(cfg.batch_size // ctx.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.kernels == "triton" and device.type != "cuda" and not dispatch.interpret_mode():
@@ -331,8 +333,9 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
             clean_exit = True
             return find_checkpoint(run.out)
         train_step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net,
-                                     state.optimizer, state.scheduler, state.ema, cfg.compile, cfg.precision,
-                                     run.device, sync_grads=run.strategy.sync_grads(run.net))
+                                     state.optimizer, state.scheduler, state.ema, cfg.ema_decay, cfg.compile,
+                                     cfg.precision, run.device, sync_grads=run.strategy.sync_grads(run.net),
+                                     cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, run, state)
         t_start = time.perf_counter()
         with StopRequest() as stop, dispatch.backend(cfg.kernels), \

@@ -15,7 +15,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
 from .checkpoint import NonFiniteState, load_train_state, load_weights, save_checkpoint
-from .parallel import Single
+from .engine import make_optimizer
+from .parallel import Sharded, Single
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainingState:
         if ckpt is not None:
             ema.module.load_state_dict(load_weights(ckpt, "ema.safetensors", device))
         strategy.prepare(net, ema, device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay, sharded=isinstance(strategy, Sharded))
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))

@@ -241,6 +241,19 @@ def test_fsdp_without_torchrun_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_fsdp_refused_on_torch_2_11(monkeypatch):
+    # torch 2.11's FSDP2 all-gather fails inside torch.func.jvp: refused before any work, naming the fix
+    from stmd_fast import distributed
+
+    launched = distributed.Dist(rank=0, world_size=2, local_rank=0, launched=True)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(ValueError, match=r"--parallel fsdp needs torch >= 2.12.*--parallel ddp"):
+        distributed.check_parallel(launched, "fsdp", 64)
+    distributed.check_parallel(launched, "ddp", 64)  # ddp is fine there
+    monkeypatch.setattr(torch, "__version__", "2.14.1")
+    distributed.check_parallel(launched, "fsdp", 64)
+
+
 # ----------------------------------------------------------------------------- 6. FSDP2
 
 @pytest.mark.slow
