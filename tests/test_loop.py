@@ -39,7 +39,7 @@ def drive(cfg: TrainConfig, stop_at_once: bool = False):
 def drive_prepared(cfg: TrainConfig, run, stop_at_once: bool):
     state = start_state(cfg, run, resume=False)
     step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net, state.optimizer,
-                           state.scheduler, state.ema, cfg.compile, cfg.precision, run.device)
+                           state.scheduler, state.ema, cfg.ema_decay, cfg.compile, cfg.precision, run.device)
     with StopRequest() as stop, RunLog(run.out, cfg.steps, state.step, is_main=True) as log:
         if stop_at_once:
             stop.signal = signal.SIGTERM  # as if Ctrl-C came during the first step
