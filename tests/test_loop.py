@@ -51,7 +51,8 @@ def plain_run(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     net = build_net(cfg.net, (2,), True, 3)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused, as the trainer's (engine.make_optimizer): fused and multi-tensor AdamW round differently
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps))
     generator = torch.Generator().manual_seed(cfg.seed)
     data, losses = default_mixture(), []
