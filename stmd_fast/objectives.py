@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -105,12 +104,16 @@ class ObjectiveConfig:
         flow_matching_fraction in lowest terms (0.75 -> (1, 4)). A count fixed per block keeps the
         compiled graph's shapes static, and a block that does not depend on the batch keeps every
         slice of a batch (torchrun's ranks) laid out as the whole."""
-        jvp = Fraction(1 - self.flow_matching_fraction).limit_denominator(MAX_JVP_BLOCK)
-        if abs(float(jvp) - (1 - self.flow_matching_fraction)) > 1e-9:
-            raise ValueError(f"flow_matching_fraction {self.flow_matching_fraction} is no fraction with a "
-                             f"denominator up to {MAX_JVP_BLOCK}: the JVP runs on a fixed count of rows per block; "
-                             f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.4g}")
-        return jvp.numerator, jvp.denominator
+        # plain int/float arithmetic, not fractions.Fraction: Dynamo (torch 2.11) cannot trace
+        # float(Fraction) when a config is built inside a compiled function
+        share = 1 - self.flow_matching_fraction
+        for block in range(1, MAX_JVP_BLOCK + 1):  # the smallest block gives lowest terms
+            k = round(share * block)
+            if abs(k / block - share) <= 1e-9:
+                return k, block
+        raise ValueError(f"flow_matching_fraction {self.flow_matching_fraction} is no fraction with a "
+                         f"denominator up to {MAX_JVP_BLOCK}: the JVP runs on a fixed count of rows per block; "
+                         f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.4g}")
 
     def check_batch(self, batch: int) -> None:
         """The batch (per process) must be whole blocks of jvp_block; one line saying how, if not."""
