@@ -76,8 +76,11 @@ class ObjectiveConfig:
             "time_mean": (finite(self.time_mean), "a finite number"),
             "time_std": (finite(self.time_std) and self.time_std > 0, "a finite number > 0"),
             "flow_matching_fraction": (0 <= self.flow_matching_fraction <= 1, "in [0, 1]"),
+            "mixture_weight": (0 <= self.mixture_weight <= 1, "in [0, 1]"),
+            "s_grid_fraction": (0 <= self.s_grid_fraction <= 1, "in [0, 1]"),
             "adaptive_p": (finite(self.adaptive_p) and self.adaptive_p >= 0, "a finite number >= 0"),
             "adaptive_c": (finite(self.adaptive_c) and self.adaptive_c > 0, "a finite number > 0"),
+            "r_mean": (finite(self.r_mean), "a finite number"),
             "r_std": (finite(self.r_std) and self.r_std > 0, "a finite number > 0"),
         }
         for name, (ok, what) in in_range.items():
@@ -88,13 +91,8 @@ class ObjectiveConfig:
             raise ValueError(f"unknown time sampler {self.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
         if self.s_sampler not in S_SAMPLERS:
             raise ValueError(f"unknown s sampler {self.s_sampler!r}: choose one of {', '.join(S_SAMPLERS)}")
-        for name in ("flow_matching_fraction", "mixture_weight", "s_grid_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.s_grid_steps or min(self.s_grid_steps) < 1:
             raise ValueError(f"s_grid_steps must be step counts of at least 1, got {self.s_grid_steps}")
-        if self.time_std <= 0 or self.r_std <= 0 or self.adaptive_c <= 0 or self.adaptive_p < 0:
-            raise ValueError("need time_std > 0, r_std > 0, adaptive_c > 0 and adaptive_p >= 0")
         self.jvp_block  # noqa: B018 (validates the fraction)
 
     @property

@@ -550,10 +550,11 @@ def test_grid_s_sampler_puts_the_grids_mass_on_their_points():
 @pytest.mark.parametrize("bad, words", [
     (dict(time_sampler="cifar"), ("cifar", "pair, separate, mixture")),
     (dict(s_sampler="beta"), ("beta", "uniform, grid")),
-    (dict(mixture_weight=1.5), ("mixture_weight",)),
-    (dict(s_grid_fraction=-0.1), ("s_grid_fraction",)),
+    (dict(mixture_weight=1.5), ("--mixture-weight", "in [0, 1]")),
+    (dict(s_grid_fraction=-0.1), ("--s-grid-fraction", "in [0, 1]")),
     (dict(s_grid_steps=(0, 2)), ("s_grid_steps",)),
-    (dict(r_std=0.0), ("r_std",)),
+    (dict(r_std=0.0), ("--r-std", "> 0")),
+    (dict(r_mean=float("nan")), ("--r-mean", "finite")),
 ])
 def test_objective_config_rejects_bad_samplers(bad, words):
     with pytest.raises(ValueError) as err:

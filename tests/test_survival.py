@@ -465,7 +465,8 @@ def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
     ("--time-mean", "inf"), ("--time-std", "0"), ("--time-std", "nan"), ("--adaptive-p", "nan"),
     ("--adaptive-p", "-1"), ("--adaptive-c", "0"), ("--adaptive-c", "inf"), ("--flow-matching-fraction", "nan"),
     ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"), ("--data-workers", "-1"),
-    ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"),
+    ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"), ("--r-mean", "nan"), ("--r-std", "0"),
+    ("--mixture-weight", "nan"), ("--s-grid-fraction", "2"),
 ])
 def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, value):
     from stmd_fast.train import main as train_main
