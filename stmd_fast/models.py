@@ -47,6 +47,9 @@ class NetConfig:
     """DiT: patch size (the token grid is H / patch_size x W / patch_size)."""
     time_freqs: int = 64
     """Sinusoidal features per time input (t, t - r, s)."""
+    dropout: float = 0.0
+    """Dropout probability while training: in the U-Net's residual blocks, in the DiT's MLPs. Sampling
+    runs the network in eval mode, without it."""
     time_scale: float = 10.0
     """Times in [0, 1] are multiplied by this before the sinusoids (highest frequency in rad per
     unit time). Not DDPM's 1000: du/dt flows through these features, and on digits STMD's
@@ -65,6 +68,10 @@ class NetConfig:
                 raise ValueError(f"attention_levels {self.attention_levels} must be in 0..{len(self.channels) - 1}")
         if self.time_freqs % 2:
             raise ValueError("time_freqs must be even (cos and sin halves)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.kind == "mlp":
+            raise ValueError("dropout is an option of the U-Net and the DiT, not of the MLP for vectors")
 
 
 class TimeEmbedding(nn.Module):
@@ -192,6 +199,7 @@ class UNet(nn.Module):
             norm_num_groups=cfg.norm_groups,
             attention_head_dim=cfg.head_dim,
             add_attention=cfg.mid_attention,
+            dropout=cfg.dropout,
         )
         self.unet.time_proj = self.unet.time_embedding = None  # replaced by self.time_embed
         self.time_embed = TimeEmbedding(num_times, cfg.time_freqs, cfg.time_scale, 4 * cfg.channels[0])
@@ -237,6 +245,28 @@ class MLP(nn.Module):
         return self.out(F.silu(h))
 
 
+UNET_WIDTHS = {"S": 32, "B": 64, "L": 128}
+"""--unet sizes: the channels of the first level; every deeper level has twice as many."""
+
+
+def unet_config(size: str, image_shape: tuple[int, ...]) -> NetConfig:
+    """A U-Net of size S, B or L laid out for (C, H, W) images: halve H and W down to 4 to 8 pixels (at
+    most 6 levels), attention at the first level of at most 16 pixels, 2 residual blocks per level.
+    For 32 pixels, L is the cifar10 preset's U-Net (128, 256, 256, 256)."""
+    if size not in UNET_WIDTHS:
+        raise ValueError(f"--unet {size}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
+    _, height, width = image_shape
+    sides = [min(height, width)]
+    while height % 2 == 0 and width % 2 == 0 and sides[-1] > 4 and len(sides) < 6:  # a halving must be exact
+        height, width = height // 2, width // 2
+        sides.append(min(height, width))
+    base = UNET_WIDTHS[size]
+    attention = next(level for level, side in enumerate(sides) if side <= 16 or level == len(sides) - 1)
+    return NetConfig(channels=(base,) + (2 * base,) * (len(sides) - 1), layers_per_block=2,
+                     attention_levels=(attention,), norm_groups=min(32, base // 4), head_dim=base // 2,
+                     time_freqs=base)
+
+
 def dit_config(name: str, **overrides) -> NetConfig:
     """NetConfig of a DiT of the registry (stmd_fast.dit.DIT_MODELS), e.g. 'DiT-M/2'."""
     from .dit import DIT_MODELS, DIT_SIZES
@@ -258,7 +288,8 @@ def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, nu
         from .dit import DiT
 
         net = DiT(tuple(data_shape), conditional, num_times, patch_size=cfg.patch_size, hidden_size=cfg.width,
-                  depth=cfg.depth, num_heads=cfg.heads, time_freqs=cfg.time_freqs, time_scale=cfg.time_scale)
+                  depth=cfg.depth, num_heads=cfg.heads, time_freqs=cfg.time_freqs, time_scale=cfg.time_scale,
+                  dropout=cfg.dropout)
     else:
         net = (UNet if cfg.kind == "unet" else MLP)(cfg, tuple(data_shape), conditional, num_times)
     return use_tangent_layers(net)
