@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -76,14 +77,14 @@ class WandbLogger:
         root = Path(run_dir) / "wandb"
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run-id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
-                              id=run_id, resume="allow", dir=str(root), config=config, mode=mode,
+                              id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,  # into RUN/wandb/
                               # no console capture (the progress bar stays ours), no system-metrics sampler
                               settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
-        self._image = wandb.Image
+        self._wandb = wandb
         self.mode = mode
         if mode == "offline":
             print(f"W&B: offline (set WANDB_MODE=online or WANDB_API_KEY to go online); the run is kept in "
@@ -97,10 +98,12 @@ class WandbLogger:
     def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """image: (C, H, W) in [0, 1]."""
         pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
-        self.run.log({tag: self._image(pixels)}, step=step)
+        self.run.log({tag: self._wandb.Image(pixels)}, step=step)
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before W&B's service process has written the run file; teardown waits for it
+        self._wandb.teardown()
 
 
 def open_loggers(names, run_dir: Path, config: dict, start_step: int = 0) -> list:
