@@ -174,10 +174,24 @@ class Model:
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:
+def ema_file(decay: float | None, ema_decay: float) -> str:
+    """The file of a checkpoint that holds the EMA of `decay`: the run's ema_decay (or None) in
+    ema.safetensors, each of its further ema_decays in ema-DECAY.safetensors."""
+    return "ema.safetensors" if decay is None or decay == ema_decay else f"ema-{decay}.safetensors"
+
+
+def ema_decays_of(meta: dict) -> list[float]:
+    """Every EMA decay a checkpoint holds, its main one (ema.safetensors) first."""
+    return [meta["config"]["ema_decay"], *meta["config"].get("ema_decays", [])]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+                    ema: float | None = None) -> Model:
     """Load a checkpoint directory (or a run directory's newest checkpoint) for sampling.
 
-    weights: 'ema' (default, what samples use) or 'model' (the raw trained weights)."""
+    weights: 'ema' (default, what samples use) or 'model' (the raw trained weights).
+    ema: with weights 'ema', which EMA by its decay (a run keeps --ema-decay and each of --ema-decays);
+    default: --ema-decay's."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
@@ -185,9 +199,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     meta = read_meta(ckpt)
+    if ema is not None and (weights != "ema" or ema not in ema_decays_of(meta)):
+        kept = ", ".join(map(str, ema_decays_of(meta)))
+        raise ValueError(f"--ema {ema}: " + (f"{ckpt} keeps the EMA decays {kept}; pick one of them"
+                                             if weights == "ema" else "is for the EMA weights, not --weights model"))
+    file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
     net = build_net_from_meta(meta)
     try:
-        net.load_state_dict(load_file(ckpt / f"{weights}.safetensors"))
+        net.load_state_dict(load_file(ckpt / file))
     except RuntimeError as err:
         raise ValueError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
                          f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None

@@ -13,7 +13,8 @@ import torch
 
 from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
-from .models import NetConfig, dit_config
+from .dit import DIT_MODELS
+from .models import UNET_WIDTHS, NetConfig, dit_config, unet_config
 from .objectives import METHODS, ObjectiveConfig
 from .schedule import TIME_GRIDS
 
@@ -49,15 +50,29 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 @dataclass
 class TrainConfig:
     preset: str = "digits"
-    """Data and network: digits | gmm | mnist | cifar10 | celeba-latent (see PRESETS)."""
+    """Data and network: digits | gmm | mnist | cifar10 | celeba-latent | images | latent (see PRESETS).
+    With --data and no --preset: images for a folder of images, latent for latent shards, digits' settings
+    for a .npy array."""
     method: str = "stmd"
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
     data: str | None = None
-    """Path to the user's own .npy array, (N, D) vectors or (N, C, H, W) images; replaces the preset's data.
-    For celeba-latent: the latent shards, e.g. 'SHARDS/shard-{000000..000099}.tar' (stmd_fast.data.encode)."""
+    """Your own data, replacing the preset's: a .npy array ((N, D) vectors or (N, C, H, W) images), a folder
+    of JPEG/PNG images (preset images), or latent shards of stmd_fast.data.encode (presets latent and
+    celeba-latent): their folder, or a pattern such as 'SHARDS/shard-{000000..000099}.tar'."""
     vae: str | None = None
     """Latent presets: the VAE the shards were encoded with (local folder or hub id); checked against the
-    shards' manifest, and sample grids decode through it."""
+    shards' manifest, and sample grids decode through it. Preset latent: the manifest's by default."""
+    resolution: int = 64
+    """Image folder (--data DIR): the square size, in pixels, that every image is resized and center-cropped to."""
+    flip: bool = False
+    """Images: mirror each training image left-right with probability 1/2. For latents, mirror the images
+    when encoding instead (stmd_fast.data.encode --flip)."""
+    unet: str | None = None
+    """Image data: a U-Net of size S | B | L laid out for the resolution (models.unet_config; L at 32 pixels
+    is the cifar10 network). Default: B for an image folder, the preset's own network otherwise."""
+    dit: str | None = None
+    """Latent data: a DiT of the registry (stmd_fast.dit.DIT_MODELS), e.g. DiT-B/2, whose patch divides the
+    latent size. Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
     data_dir: str = "datasets"
@@ -70,16 +85,29 @@ class TrainConfig:
     """The GLOBAL batch: under torchrun with K processes each trains on batch_size / K (K must divide it)."""
     lr: float = 1e-3
     """AdamW learning rate, constant after warm-up."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (beta1, beta2). Mean Flow's DiT recipe (celeba-latent, latent) uses beta2 = 0.95."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0."""
     weight_decay: float = 0.0
+    dropout: float = 0.0
+    """Dropout probability while training, in the U-Net's residual blocks and the DiT's MLPs (sampling runs
+    in eval mode, without it). Adds randomness inside the compiled step, so compiled and eager losses no
+    longer agree sample for sample."""
     ema_decay: float = 0.999
     """EMA of the weights, used for samples and checkpoints' sampling weights."""
+    ema_decays: tuple[float, ...] = ()
+    """Further EMA decays kept beside ema_decay, e.g. 0.9999 0.99995: each is saved in checkpoints
+    (ema-DECAY.safetensors) and measured by fd_every; sample and evaluate pick one with --ema DECAY."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
     precision: str = "fp32"
     """fp32, or bf16 autocast for network math (fp32 master weights and optimizer state)."""
+    tf32: bool = True
+    """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on
+    tensor cores, as the official PyTorch Mean Flow code does; --no-tf32 for full fp32. No effect on a CPU
+    or under bf16."""
     compile: bool = False
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager."""
     kernels: str = "auto"
@@ -105,6 +133,18 @@ class TrainConfig:
     """N of DDPM's sample grids."""
     sample_grid: str = "uniform"
     """Diffusion time grid of the sampler: uniform | quadratic."""
+    fd_every: int = 0
+    """Measure each EMA's FD (digits, mnist: on the FD classifier's features) or Inception FID (other images,
+    latents decoded) every this many steps and at the end, with the sample grids' N and M; 0 = never."""
+    fd_num: int = 1000
+    """Samples per FD measurement, against as many training images (latents: decoded training latents)."""
+    fd_classifier: str | None = None
+    """digits / mnist: the FD classifier's run (python -m stmd_fast.evaluate train-classifier); default
+    runs/classifier-<preset>."""
+    inception_weights: str | None = None
+    """Inception FID offline: the weights file (the error without it names the file to fetch)."""
+    log: tuple[str, ...] = ()
+    """Also send metrics.jsonl's records and the sample grids to tensorboard and/or wandb (optional extras)."""
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
@@ -131,6 +171,19 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.sample_every < 0:
             raise ValueError("need lr > 0, 0 <= ema_decay < 1, warmup_steps >= 0 and sample_every >= 0")
+        self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"--adam-betas takes two numbers in [0, 1), got {' '.join(map(str, self.adam_betas))}")
+        decays = (self.ema_decay,) + self.ema_decays
+        if not all(0 <= d < 1 for d in decays) or len(set(decays)) != len(decays):
+            raise ValueError(f"EMA decays must be distinct and in [0, 1), got --ema-decay {self.ema_decay} "
+                             f"--ema-decays {' '.join(map(str, self.ema_decays))}")
+        if self.resolution < 1 or self.fd_every < 0 or self.fd_num < 2 or not 0 <= self.dropout < 1:
+            raise ValueError("need --resolution >= 1, --fd-every >= 0, --fd-num >= 2 and 0 <= --dropout < 1")
+        if self.unet is not None and self.unet not in UNET_WIDTHS:
+            raise ValueError(f"--unet {self.unet}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
+        if self.dit is not None and self.dit not in DIT_MODELS:
+            raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
         if self.data_workers < 0:
             raise ValueError(f"--data-workers must be at least 0, got {self.data_workers}")
         if self.out is None:
@@ -174,23 +227,71 @@ def _cifar10() -> TrainConfig:
 def _celeba_latent() -> TrainConfig:
     # Paper section 5: a latent DiT-M/2 (Mean Flow's) on CelebA through the SD VAE (sd-vae-ft-ema);
     # 256x256 images -> 4x32x32 latents. Its appendix lost the iterations, batch size and step size:
-    # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999) and 200K steps.
-    return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
-                       vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000, log_every=100,
-                       net=dit_config("DiT-M/2"))
+    # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999, Adam beta2 0.95: the official
+    # code's configs/default.py) and 200K steps.
+    return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, adam_betas=(0.9, 0.95),
+                       ema_decay=0.9999, vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000,
+                       log_every=100, net=dit_config("DiT-M/2"))
 
 
-PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent}
-LATENT_RESOLUTION = {"celeba-latent": 256}
-"""Image resolution each latent preset's shards must be encoded at (checked against their manifest)."""
+def _latent() -> TrainConfig:
+    # Any encoded folder: latent shape, VAE and resolution come from the shards' manifest, the DiT from
+    # --dit (default by latent size, models chosen in train). celeba-latent's recipe otherwise, plus a
+    # short warm-up (a fresh DiT at lr 1e-4 with beta2 0.95 takes its first steps more gently) and a
+    # second, slower EMA.
+    return dataclasses.replace(_celeba_latent(), preset="latent", vae=None, warmup_steps=1000,
+                               ema_decays=(0.99995,), net=None)
+
+
+def _images() -> TrainConfig:
+    # A folder of your own images at --resolution, a U-Net sized for it (--unet, default B). The cifar10
+    # preset's lr, batch and EMA (paper appendix D) with a warm-up and the official PyTorch Mean Flow
+    # code's extra, slower EMA.
+    return TrainConfig(preset="images", steps=100_000, batch_size=64, lr=1e-4, warmup_steps=1000,
+                       ema_decay=0.9995, ema_decays=(0.9999,), ckpt_every=5000, sample_every=5000,
+                       log_every=100, net=None)
+
+
+PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent,
+           "images": _images, "latent": _latent}
+LATENT_RESOLUTION = {"celeba-latent": 256, "latent": None}
+"""Image resolution each latent preset's shards must be encoded at (checked against their manifest;
+None: any, read from the manifest)."""
 PRESET_DATA_SHAPES = {"digits": (1, 8, 8), "gmm": (2,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
                       "celeba-latent": (4, 32, 32)}
 """Per-sample shape of each preset's data (the benchmarks build synthetic batches of it)."""
 
 
 def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
-    """Network for the user's own data (--data): the gmm MLP for vectors, the digits U-Net
+    """Network for the user's own .npy array (--data): the gmm MLP for vectors, the digits U-Net
     for images up to 16 pixels, the mnist U-Net above."""
     if len(shape) == 1:
         return _gmm().net
     return _digits().net if max(shape[1:]) <= 16 else _mnist().net
+
+
+def preset_for_data(data: str | None) -> str:
+    """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern or a
+    folder with manifest.json), images for any other folder, digits (its settings, the network chosen
+    from the array's shape) for a .npy file or no --data."""
+    if data is None:
+        return "digits"
+    path = Path(data).expanduser()
+    if data.endswith(".tar") or (path / "manifest.json").is_file():
+        return "latent"
+    return "images" if path.is_dir() else "digits"
+
+
+def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) -> NetConfig:
+    """The network for the loaded data: --dit for latents (default by latent size on preset latent),
+    --unet for images (default B on an image folder), else the preset's, or for a .npy the one its shape
+    picks. ValueError (one line, listing the valid choices) for a --dit that does not fit."""
+    from .dit import choose_dit
+
+    if data_kind == "latent" and (cfg.dit is not None or cfg.net is None):
+        return dit_config(choose_dit(cfg.dit, data_shape))
+    if data_kind == "image" and (cfg.unet is not None or cfg.net is None and cfg.preset == "images"):
+        return unet_config(cfg.unet or "B", data_shape)
+    if cfg.dit is not None or cfg.unet is not None:
+        raise ValueError(f"--dit is for latent data and --unet for images; this run's data is {data_kind}")
+    return cfg.net if cfg.net is not None else net_for_shape(data_shape)

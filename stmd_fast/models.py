@@ -47,9 +47,6 @@ class NetConfig:
     """DiT: patch size (the token grid is H / patch_size x W / patch_size)."""
     time_freqs: int = 64
     """Sinusoidal features per time input (t, t - r, s)."""
-    dropout: float = 0.0
-    """Dropout probability while training: in the U-Net's residual blocks, in the DiT's MLPs. Sampling
-    runs the network in eval mode, without it."""
     time_scale: float = 10.0
     """Times in [0, 1] are multiplied by this before the sinusoids (highest frequency in rad per
     unit time). Not DDPM's 1000: du/dt flows through these features, and on digits STMD's
@@ -68,10 +65,6 @@ class NetConfig:
                 raise ValueError(f"attention_levels {self.attention_levels} must be in 0..{len(self.channels) - 1}")
         if self.time_freqs % 2:
             raise ValueError("time_freqs must be even (cos and sin halves)")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dropout and self.kind == "mlp":
-            raise ValueError("dropout is an option of the U-Net and the DiT, not of the MLP for vectors")
 
 
 class TimeEmbedding(nn.Module):
@@ -174,7 +167,8 @@ class UNet(nn.Module):
     blocks our embedding of all time inputs instead (the blocks take any `temb`).
     """
 
-    def __init__(self, cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int):
+    def __init__(self, cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int,
+                 dropout: float = 0.0):
         super().__init__()
         from diffusers import UNet2DModel
         from diffusers.models.attention_processor import Attention
@@ -199,7 +193,7 @@ class UNet(nn.Module):
             norm_num_groups=cfg.norm_groups,
             attention_head_dim=cfg.head_dim,
             add_attention=cfg.mid_attention,
-            dropout=cfg.dropout,
+            dropout=dropout,
         )
         self.unet.time_proj = self.unet.time_embedding = None  # replaced by self.time_embed
         self.time_embed = TimeEmbedding(num_times, cfg.time_freqs, cfg.time_scale, 4 * cfg.channels[0])
@@ -279,19 +273,27 @@ def dit_config(name: str, **overrides) -> NetConfig:
                         "time_freqs": 256, **overrides})
 
 
-def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int) -> nn.Module:
-    """The network for data of `data_shape` (without batch), checked against cfg.kind."""
+def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int,
+              dropout: float = 0.0) -> nn.Module:
+    """The network for data of `data_shape` (without batch), checked against cfg.kind.
+
+    dropout: a training option, not part of the architecture (no parameters; a checkpoint loads the same
+    without it): in the U-Net's residual blocks, in the DiT's MLPs; eval mode turns it off."""
     want_rank = {"unet": 3, "mlp": 1, "dit": 3}[cfg.kind]
     if len(data_shape) != want_rank:
         raise ValueError(f"a {cfg.kind} network takes data of rank {want_rank} per sample, got shape {tuple(data_shape)}")
+    if not 0 <= dropout < 1 or (dropout and cfg.kind == "mlp"):
+        raise ValueError(f"dropout {dropout}: must be in [0, 1), and is for the U-Net and the DiT, not the MLP")
     if cfg.kind == "dit":
         from .dit import DiT
 
         net = DiT(tuple(data_shape), conditional, num_times, patch_size=cfg.patch_size, hidden_size=cfg.width,
                   depth=cfg.depth, num_heads=cfg.heads, time_freqs=cfg.time_freqs, time_scale=cfg.time_scale,
-                  dropout=cfg.dropout)
+                  dropout=dropout)
+    elif cfg.kind == "unet":
+        net = UNet(cfg, tuple(data_shape), conditional, num_times, dropout)
     else:
-        net = (UNet if cfg.kind == "unet" else MLP)(cfg, tuple(data_shape), conditional, num_times)
+        net = MLP(cfg, tuple(data_shape), conditional, num_times)
     return use_tangent_layers(net)
 
 

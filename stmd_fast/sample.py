@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="[default: 0]")
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: uniform]")
     add("--weights", choices=("ema", "model"), help="[default: ema]")
+    add("--ema", type=float, metavar="DECAY", help="which EMA, by its decay: a run keeps --ema-decay and each of "
+        "--ema-decays [default: --ema-decay's]")
     add("--vae", help="with --exported of a latent model and a .png --out: the VAE (folder or hub id) that decodes "
         "the latents [default: none; the program's metadata names the one it was trained with]")
     add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
@@ -112,7 +114,7 @@ def main_exported(args) -> int:
         if args.checkpoint is not None:
             raise ValueError("give a checkpoint or --exported, not both")
         baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
-                                          ("--grid", args.grid), ("--weights", args.weights),
+                                          ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
                                           ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
         if baked:
             raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("give a checkpoint (CKPT) or --exported PT2")
         if args.vae is not None:
             raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
-        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
+        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
+                                ema=args.ema)
         steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
         check_steps(model.method, steps, args.flow_steps)
         if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
