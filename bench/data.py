@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, print_table, synchronize  # noqa: E402
 
-from stmd_fast.config import resolve_device  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.data.latents import LatentShards, read_manifest  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, measured_copy_gbps, median, print_table, time_ms  # noqa: E402
 
-from stmd_fast.config import resolve_device  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.kernels.attention import attention, attention_reference  # noqa: E402
 from stmd_fast.kernels.meanflow_loss import meanflow_loss, meanflow_loss_reference  # noqa: E402

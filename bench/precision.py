@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, print_table  # noqa: E402
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
-from stmd_fast.models import build_net  # noqa: E402
-from stmd_fast.objectives import ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
+from stmd_fast.objectives import METHODS, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
 from stmd_fast.schedule import per_sample  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool)
     net = copy.deepcopy(net).to(dtype)
     x0 = x0.to(dtype)
     noise = type(noise)(*(n.to(dtype) for n in noise))
-    cond, s = (_diffuse(x0, noise), noise.s) if method == "stmd" else (None, None)
+    cond, s = (_diffuse(x0, noise), noise.s) if METHODS[method].conditional else (None, None)
     context = torch.autocast(x0.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with context, torch.no_grad():
         u, dudt, v, h = meanflow_jvp(net, x0, noise, cond, s)  # the trainer's own JVP
@@ -65,9 +64,9 @@ def main(argv=None) -> int:
     else:
         method, preset = "stmd", "digits"
         torch.manual_seed(args.seed)
-        net = build_net(PRESETS[preset]().net, PRESET_DATA_SHAPES[preset], True, 3)
+        net = METHODS[method].build_net(PRESETS[preset]().net, PRESET_DATA_SHAPES[preset])
         x0 = torch.randn(args.batch, *PRESET_DATA_SHAPES[preset])
-    if method not in ("stmd", "meanflow"):
+    if not METHODS[method].flow:
         sys.exit(f"error: {args.ckpt} is a {method} checkpoint: the JVP belongs to stmd and meanflow")
     net = net.float().eval()
     # r < t on every sample (r = t has no du/dt term to measure)

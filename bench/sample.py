@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, finish, median, peak_memory_mb, print_table, reset_peak_memory, time_ms  # noqa: E402
 
-from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
-from stmd_fast.models import build_net  # noqa: E402
 from stmd_fast.objectives import METHODS  # noqa: E402
 from stmd_fast.sampling import nfe, sample  # noqa: E402
 
@@ -58,7 +58,7 @@ def load_net(args, device):
     cfg = PRESETS[args.preset]()
     method = METHODS[args.method]
     torch.manual_seed(0)
-    net = build_net(cfg.net, PRESET_DATA_SHAPES[args.preset], method.conditional, len(method.times))
+    net = method.build_net(cfg.net, PRESET_DATA_SHAPES[args.preset])
     return net.to(device).eval(), args.method, PRESET_DATA_SHAPES[args.preset]
 
 

@@ -4,7 +4,7 @@
     python bench/train_step.py --preset mnist --variants "eager fp32,compiled fp32"   # the CPU target
     python bench/train_step.py --smoke                              # tiny CPU version (CI)
 
-Each variant times the trainer's own step (stmd_fast.train.make_train_step: noise draw, loss
+Each variant times the trainer's own step (stmd_fast.engine.make_train_step: noise draw, loss
 with its JVP, backward, AdamW, EMA) for the objective and for the plain flow-matching step of
 the same network (no JVP), so "what the JVP costs" is a ratio measured in the same run.
 Reports median ms/step, img/s, TFLOP/s and MFU (FLOPs of forward + tangent + backward counted
@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, median, peak_memory_mb,  # noqa: E402
                     print_table, reset_peak_memory, time_ms)
 
-from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, resolve_device  # noqa: E402
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
+from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
-from stmd_fast.models import build_net, count_params  # noqa: E402
+from stmd_fast.models import count_params  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
-from stmd_fast.train import make_train_step  # noqa: E402
+from stmd_fast.engine import make_train_step  # noqa: E402
 
 # name -> (torch.compile, precision, kernel backend)
 VARIANTS = {
@@ -70,7 +71,7 @@ def run_variant(name, objective, cfg, data_shape, batch, device, args, peak_tflo
     compile_, precision, kernels = VARIANTS[name]
     torch.manual_seed(0)
     method = METHODS[cfg.method]
-    net = build_net(cfg.net, data_shape, method.conditional, len(method.times)).to(device)
+    net = method.build_net(cfg.net, data_shape).to(device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
@@ -116,12 +117,12 @@ def main(argv=None) -> int:
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
     batch = args.batch or cfg.batch_size
-    objectives = [args.method] + ([] if args.no_flow_matching or args.method == "ddpm" else ["flow matching"])
+    objectives = [args.method] + ([] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"])
 
     env = environment(device)
     peak = measured_matmul_tflops(device, torch.bfloat16, quick=args.smoke)
     method = METHODS[args.method]
-    n_params = count_params(build_net(cfg.net, data_shape, method.conditional, len(method.times)))
+    n_params = count_params(method.build_net(cfg.net, data_shape))
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | measured bf16 matmul peak {peak:.1f} TFLOP/s")
     flops: dict = {}

@@ -198,14 +198,19 @@ def load_cifar10(root: str, split: str = "train", download: bool = False) -> Ten
 
 
 def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", download: bool = False) -> TensorData:
-    """The `split` of an image preset's dataset: digits, mnist or cifar10."""
+    """The `split` of a preset's dataset: digits, mnist or cifar10 images, or the gmm preset's mixture
+    (a GaussianMixture: the same batch() interface, and no splits)."""
+    if preset == "gmm":
+        from .gmm import default_mixture
+
+        return default_mixture()
     if preset == "digits":
         return load_digits(split)
     if preset == "mnist":
         return load_mnist(data_dir, split, download)
     if preset == "cifar10":
         return load_cifar10(data_dir, split, download)
-    raise DataError(f"no image dataset for preset {preset!r}: image presets are digits, mnist and cifar10")
+    raise DataError(f"no dataset for preset {preset!r}: the presets with data here are gmm, digits, mnist and cifar10")
 
 
 def load_npy(path: str) -> TensorData:

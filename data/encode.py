@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
+from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
 
 FORMAT = "stmd_fast.latents/1"
 SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a rerun must match these to reuse shards
@@ -78,31 +79,6 @@ def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | 
             return preprocess(image, resolution), None
     except UNREADABLE as error:
         return None, f"{type(error).__name__}: {error}"
-
-
-def load_vae(name_or_path: str, device: torch.device):
-    """diffusers' AutoencoderKL in eval mode on `device`, or DataError saying what to pass instead."""
-    from diffusers import AutoencoderKL  # imported here: diffusers is slow to import
-
-    try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
-    except Exception as error:  # OSError, huggingface_hub's validation and connection errors, bad configs
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"--vae {name_or_path}: could not load an AutoencoderKL ({reason}); pass a local folder saved with "
-            "save_pretrained (config.json + weights; for a whole pipeline, its vae/ subfolder) or a hub id "
-            "reachable from this machine"
-        ) from None
-    return vae.eval().requires_grad_(False).to(device)
-
-
-def latent_shape(vae, resolution: int) -> list[int]:
-    """[C, h, w] of one latent; each encoder block but the last halves the resolution."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor "
-                        f"{factor}; pick one that is (e.g. {resolution // factor * factor or factor})")
-    return [vae.config.latent_channels, resolution // factor, resolution // factor]
 
 
 @torch.no_grad()
@@ -191,8 +167,7 @@ def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # imported here: config pulls in the models, which the loader (it imports this module) never needs
-    from stmd_fast.config import resolve_device
+    from stmd_fast.devices import resolve_device
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -36,6 +36,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .datasets import DataError
 from .encode import FORMAT
+from .vae import decode_latents  # noqa: F401 (importable from here too)
 
 CHUNK = 64  # samples per worker -> main process transfer: one pickle per chunk, not per sample
 # What a damaged shard raises while read: tarfile's errors, truncated streams, bad .npy bytes,
@@ -292,12 +293,3 @@ class LatentShards:
                           stacklevel=4)
         self.corrupt_shards[url] = error
 
-
-@torch.no_grad()
-def decode_latents(vae, z: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0,
-                   batch_size: int = 64) -> torch.Tensor:
-    """Model-space latents (what LatentShards.batch returns and the samplers make) -> images in
-    [-1, 1] through the VAE's decoder, `batch_size` at a time; undoes batch()'s shift and scale."""
-    parts = [vae.decode((part / scaling_factor + shift_factor).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
-             for part in z.split(batch_size)]
-    return torch.cat(parts).to(z.device)

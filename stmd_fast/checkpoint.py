@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig, same_device
-from .models import build_net
-from .objectives import METHODS
+from .config import TrainConfig
+from .devices import same_device
+from .methods import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
 FORMAT_VERSION = 1
@@ -92,8 +92,7 @@ def read_meta(ckpt: Path) -> dict:
 
 def build_net_from_meta(meta: dict) -> torch.nn.Module:
     cfg = TrainConfig(**meta["config"])
-    method = METHODS[cfg.method]
-    return build_net(cfg.net, tuple(meta["data_shape"]), method.conditional, len(method.times))
+    return METHODS[cfg.method].build_net(cfg.net, tuple(meta["data_shape"]))
 
 
 class Model:
@@ -105,26 +104,23 @@ class Model:
 
     def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
-        self._vae = None
+        self._decode = None
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """A latent model's samples -> images in [-1, 1] through the VAE it was trained with
         (loaded on first use from the path or hub id in its config)."""
         if self.data_kind != "latent":
             raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
-        from .data.latents import decode_latents
-
-        latent = self.meta["latent"]
-        return decode_latents(self.load_vae(), z.to(self.device), latent["scaling_factor"], latent["shift_factor"],
-                              batch_size)
+        return self.load_vae()(z.to(self.device), batch_size)
 
     def load_vae(self):
-        """The latent model's VAE, loaded once (call it early: a bad path fails before sampling)."""
-        from .data.encode import load_vae
+        """The latent model's VAE decoder, loaded once (call it early: a bad path fails before sampling)."""
+        from .data.vae import latent_decoder
 
-        if self._vae is None:
-            self._vae = load_vae(self.meta["latent"]["vae"], self.device)
-        return self._vae
+        if self._decode is None:
+            latent = self.meta["latent"]
+            self._decode = latent_decoder(latent["vae"], self.device, latent["scaling_factor"], latent["shift_factor"])
+        return self._decode
 
     @property
     def device(self) -> torch.device:

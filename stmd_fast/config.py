@@ -9,142 +9,139 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
-from .kernels.dispatch import BACKENDS
 from .dit import DIT_MODELS
+from .kernels.dispatch import BACKENDS
+from .loggers import LOGGERS
+from .methods import METHODS
 from .models import UNET_WIDTHS, NetConfig, dit_config, unet_config
-from .objectives import METHODS, ObjectiveConfig
+from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N', checked against this
-    machine; ValueError naming the fix otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | tuple[str, ...] | None = None,
+           resumable: bool = False):
+    """A TrainConfig field with what its command-line flag needs besides the docstring under it:
+    the choices, a metavar, and whether --resume may change it (resumable)."""
+    return field(default=default, metadata={"choices": choices, "metavar": metavar, "resumable": resumable})
 
 
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 (the current device) are the same device; torch.Generator('cuda') reports no index."""
-    def index(d):
-        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
-    return a.type == b.type and index(a) == index(b)
+PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent", "images", "latent")  # PRESETS below, in this order
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "digits"
-    """Data and network: digits | gmm | mnist | cifar10 | celeba-latent | images | latent (see PRESETS).
-    With --data and no --preset: images for a folder of images, latent for latent shards, digits' settings
-    for a .npy array."""
-    method: str = "stmd"
+    """Every training option, once: `python -m stmd_fast.train` makes a flag of each field (its
+    docstring is the help; cli.add_dataclass_flags), and presets fill them (PRESETS)."""
+
+    preset: str = option("digits", choices=PRESET_NAMES)
+    """Data and network: digits (sklearn 8x8, no download), gmm (2-D Gaussian mixture, MLP), mnist, cifar10
+    (paper settings, files from --data-dir), celeba-latent (DiT-M/2 on SD-VAE latents, shards from --data),
+    images (your folder of images, a U-Net sized by --unet), latent (any encoded shards, a DiT chosen by
+    --dit). With --data and no --preset: images for a folder of images, latent for latent shards, digits'
+    settings for a .npy array."""
+    method: str = option("stmd", choices=tuple(METHODS))
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
-    data: str | None = None
-    """Your own data, replacing the preset's: a .npy array ((N, D) vectors or (N, C, H, W) images), a folder
-    of JPEG/PNG images (preset images), or latent shards of stmd_fast.data.encode (presets latent and
-    celeba-latent): their folder, or a pattern such as 'SHARDS/shard-{000000..000099}.tar'."""
+    data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS")
+    """Your own data, replacing the preset's: a folder of JPEG/PNG images (preset images, at --resolution);
+    latent shards of stmd_fast.data.encode (presets latent, celeba-latent), their folder or a pattern such as
+    'SHARDS/shard-{000000..000099}.tar' (quote the braces); or a .npy array: (N, D) vectors -> MLP,
+    (N, C, H, W) images -> U-Net, uint8 images scaled to [-1, 1], floats used as given."""
     vae: str | None = None
-    """Latent presets: the VAE the shards were encoded with (local folder or hub id); checked against the
-    shards' manifest, and sample grids decode through it. Preset latent: the manifest's by default."""
+    """Latent presets: the VAE the shards were encoded with, a local folder or hub id (checked against the
+    shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema; latent's:
+    the manifest's."""
     resolution: int = 64
     """Image folder (--data DIR): the square size, in pixels, that every image is resized and center-cropped to."""
     flip: bool = False
-    """Images: mirror each training image left-right with probability 1/2. For latents, mirror the images
-    when encoding instead (stmd_fast.data.encode --flip)."""
-    unet: str | None = None
-    """Image data: a U-Net of size S | B | L laid out for the resolution (models.unet_config; L at 32 pixels
-    is the cifar10 network). Default: B for an image folder, the preset's own network otherwise."""
-    dit: str | None = None
-    """Latent data: a DiT of the registry (stmd_fast.dit.DIT_MODELS), e.g. DiT-B/2, whose patch divides the
-    latent size. Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
+    """Images: mirror each training image left-right with probability 1/2 (latents: encode with --flip instead)."""
+    unet: str | None = option(None, choices=tuple(UNET_WIDTHS))
+    """Image data: a U-Net of this size laid out for the resolution (models.unet_config; L at 32 pixels is the
+    cifar10 network). Default: B for an image folder, the preset's own network otherwise."""
+    dit: str | None = option(None, metavar="NAME")
+    """Latent data: a DiT of the registry, DiT-{S,B,M,L,XL}/{2,4,8}, whose patch divides the latent size.
+    Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
     data_dir: str = "datasets"
     """Where mnist / cifar10 files live (torchvision's layout)."""
     download: bool = False
-    """Let torchvision download mnist / cifar10 into data_dir."""
-    steps: int = 4000
+    """Let torchvision download mnist / cifar10 into --data-dir."""
+    steps: int = option(4000, resumable=True)
     """Optimizer steps in total (a resumed run continues to this number)."""
     batch_size: int = 64
-    """The GLOBAL batch: under torchrun with K processes each trains on batch_size / K (K must divide it)."""
+    """The GLOBAL batch: under torchrun with K processes each trains on batch-size / K (K must divide it) and
+    the gradients are averaged, so the run matches one process's at the same batch and --lr."""
     lr: float = 1e-3
     """AdamW learning rate, constant after warm-up."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), metavar=("B1", "B2"))
     """AdamW's (beta1, beta2). Mean Flow's DiT recipe (celeba-latent, latent) uses beta2 = 0.95."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     dropout: float = 0.0
-    """Dropout probability while training, in the U-Net's residual blocks and the DiT's MLPs (sampling runs
-    in eval mode, without it). Adds randomness inside the compiled step, so compiled and eager losses no
-    longer agree sample for sample."""
+    """Dropout while training, in the U-Net's residual blocks and the DiT's MLPs (sampling runs without it).
+    Adds randomness inside the compiled step, so compiled and eager losses no longer agree sample for sample."""
     ema_decay: float = 0.999
     """EMA of the weights, used for samples and checkpoints' sampling weights."""
-    ema_decays: tuple[float, ...] = ()
+    ema_decays: tuple[float, ...] = option((), metavar="DECAY")
     """Further EMA decays kept beside ema_decay, e.g. 0.9999 0.99995: each is saved in checkpoints
     (ema-DECAY.safetensors) and measured by fd_every; sample and evaluate pick one with --ema DECAY."""
     seed: int = 0
-    device: str = "auto"
+    """Seeds the network init, data order and all noise."""
+    device: str = option("auto", resumable=True)
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
-    precision: str = "fp32"
-    """fp32, or bf16 autocast for network math (fp32 master weights and optimizer state)."""
+    precision: str = option("fp32", choices=PRECISIONS)
+    """fp32, or bf16: autocast network math (fp32 master weights and optimizer state)."""
     tf32: bool = True
-    """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on
-    tensor cores, as the official PyTorch Mean Flow code does; --no-tf32 for full fp32. No effect on a CPU
-    or under bf16."""
-    compile: bool = False
-    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager."""
-    kernels: str = "auto"
-    """Triton kernels: auto (on CUDA) | reference (PyTorch everywhere) | triton (CUDA only)."""
-    parallel: str = "ddp"
-    """Under torchrun: ddp (a full replica per process, gradients averaged by an explicit all-reduce) |
-    fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded). Ignored without torchrun
-    (ddp), refused there for fsdp. See stmd_fast/distributed.py."""
+    """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on tensor
+    cores, as the official PyTorch Mean Flow code sets; --no-tf32 for full fp32. No effect on a CPU or under bf16."""
+    compile: bool = option(False, resumable=True)
+    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager (cold compile takes 1-2 min
+    on a CPU)."""
+    kernels: str = option("auto", choices=BACKENDS, resumable=True)
+    """auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, JVP flash attention), PyTorch on
+    CPU; reference = PyTorch everywhere; triton = kernels, CUDA only."""
+    parallel: str = option("ddp", choices=PARALLEL_MODES, resumable=True)
+    """Under torchrun: ddp = a full replica per process, gradients averaged by an explicit all-reduce after each
+    backward; fsdp = FSDP2 fully_shard (parameters, gradients and optimizer state sharded, for large DiTs).
+    Checkpoints are unsharded either way, so a run resumes with any number of processes or mode. Ignored
+    without torchrun (ddp), refused there for fsdp. See stmd_fast/distributed.py."""
     out: str | None = None
-    """Run directory; default runs/<preset>-<method>."""
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
+    """Run directory; default runs/<preset or data name>-<method>."""
+    ckpt_every: int = option(1000, resumable=True)
+    """Checkpoint interval in steps (and at the end)."""
+    keep_checkpoints: int = option(2, resumable=True)
     """How many most recent checkpoints to keep."""
-    sample_every: int = 1000
+    sample_every: int = option(1000, resumable=True)
     """Write a sample grid (EMA weights) every this many steps and at the end; 0 = only at the end."""
-    log_every: int = 50
+    log_every: int = option(50, resumable=True)
     """Append to metrics.jsonl and refresh the progress bar every this many steps."""
     sample_steps: int = 1
-    """N of the sample grids (diffusion steps; DDPM uses sample_ddpm_steps)."""
+    """N of the sample grids (STMD diffusion steps; DDPM uses --sample-ddpm-steps)."""
     sample_flow_steps: int = 1
-    """M of the sample grids (flow steps per diffusion step)."""
+    """M of the sample grids (flow steps per diffusion step; STMD, Mean Flow)."""
     sample_ddpm_steps: int = 100
     """N of DDPM's sample grids."""
-    sample_grid: str = "uniform"
+    sample_grid: str = option("uniform", choices=TIME_GRIDS)
     """Diffusion time grid of the sampler: uniform | quadratic."""
-    fd_every: int = 0
+    fd_every: int = option(0, resumable=True)
     """Measure each EMA's FD (digits, mnist: on the FD classifier's features) or Inception FID (other images,
     latents decoded) every this many steps and at the end, with the sample grids' N and M; 0 = never."""
-    fd_num: int = 1000
+    fd_num: int = option(1000, resumable=True)
     """Samples per FD measurement, against as many training images (latents: decoded training latents)."""
-    fd_classifier: str | None = None
+    fd_classifier: str | None = option(None, metavar="DIR", resumable=True)
     """digits / mnist: the FD classifier's run (python -m stmd_fast.evaluate train-classifier); default
     runs/classifier-<preset>."""
-    inception_weights: str | None = None
+    inception_weights: str | None = option(None, metavar="FILE", resumable=True)
     """Inception FID offline: the weights file (the error without it names the file to fetch)."""
-    log: tuple[str, ...] = ()
-    """Also send metrics.jsonl's records and the sample grids to tensorboard and/or wandb (optional extras)."""
+    log: tuple[str, ...] = option((), choices=LOGGERS, resumable=True)
+    """Also send metrics.jsonl's records and the sample grids to tensorboard and/or wandb (pip install -e
+    ".[tensorboard]" or ".[wandb]"; W&B runs offline unless WANDB_MODE=online or WANDB_API_KEY is set)."""
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
@@ -236,17 +233,17 @@ def _celeba_latent() -> TrainConfig:
 
 def _latent() -> TrainConfig:
     # Any encoded folder: latent shape, VAE and resolution come from the shards' manifest, the DiT from
-    # --dit (default by latent size, models chosen in train). celeba-latent's recipe otherwise, plus a
-    # short warm-up (a fresh DiT at lr 1e-4 with beta2 0.95 takes its first steps more gently) and a
-    # second, slower EMA.
+    # --dit (default by latent size, chosen in train). celeba-latent's recipe otherwise, plus a short
+    # warm-up (a fresh DiT at lr 1e-4 with beta2 0.95 takes its first steps more gently) and a second,
+    # slower EMA.
     return dataclasses.replace(_celeba_latent(), preset="latent", vae=None, warmup_steps=1000,
                                ema_decays=(0.99995,), net=None)
 
 
 def _images() -> TrainConfig:
     # A folder of your own images at --resolution, a U-Net sized for it (--unet, default B). The cifar10
-    # preset's lr, batch and EMA (paper appendix D) with a warm-up and the official PyTorch Mean Flow
-    # code's extra, slower EMA.
+    # preset's lr, batch and EMA (paper appendix D) with a warm-up and, as the official PyTorch Mean Flow
+    # code keeps, a second, slower EMA.
     return TrainConfig(preset="images", steps=100_000, batch_size=64, lr=1e-4, warmup_steps=1000,
                        ema_decay=0.9995, ema_decays=(0.9999,), ckpt_every=5000, sample_every=5000,
                        log_every=100, net=None)
@@ -254,6 +251,10 @@ def _images() -> TrainConfig:
 
 PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent,
            "images": _images, "latent": _latent}
+assert tuple(PRESETS) == PRESET_NAMES
+RESUME_OVERRIDABLE = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
+"""Flags that may differ from the checkpoint's config when resuming; any other flag given with --resume must
+equal the checkpoint's value (a run is one experiment)."""
 LATENT_RESOLUTION = {"celeba-latent": 256, "latent": None}
 """Image resolution each latent preset's shards must be encoded at (checked against their manifest;
 None: any, read from the manifest)."""

@@ -297,9 +297,8 @@ def skip_grad_sync_for_tests() -> bool:
     return os.environ.get("STMD_FAST_SKIP_GRAD_SYNC") == "1"
 
 
-def fail_for_tests(ctx: Dist, step: int) -> None:
-    """TEST ONLY: STMD_FAST_FAIL_AT_STEP=k kills rank 1 (os._exit(1), no cleanup) as it starts step k of
-    the first attempt of a torchrun job, to test the elastic restart."""
+def fail_at_step_for_tests(ctx: Dist) -> int | None:
+    """TEST ONLY: STMD_FAST_FAIL_AT_STEP=k makes rank 1 exit (os._exit(1), no cleanup) as it starts step k
+    of the first attempt of a torchrun job, to test the elastic restart; None when not asked for here."""
     at = os.environ.get("STMD_FAST_FAIL_AT_STEP")
-    if at is not None and int(at) == step and ctx.rank == 1 and ctx.restart_count == 0:
-        os._exit(1)
+    return int(at) if at is not None and ctx.rank == 1 and ctx.restart_count == 0 else None

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import find_checkpoint, load_checkpoint, read_meta
-from .config import resolve_device
+from .devices import resolve_device
+from .methods import METHODS
 from .sampling import check_steps, nfe
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
@@ -157,7 +158,7 @@ def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
 
 
 def line_label(method: str, flow_steps: int, ckpt: Path, several: bool) -> str:
-    label = f"{method} M={flow_steps}" if method == "stmd" else method
+    label = f"{method} M={flow_steps}" if METHODS[method].conditional else method
     return f"{label} ({ckpt.parent.parent.name})" if several else label
 
 
@@ -241,7 +242,7 @@ def kernel(args) -> int:
     out = writable_dir(args.out)
     report = {}
     for run, model in models:
-        fs = flow_steps if model.method != "ddpm" else [1]
+        fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(run)).strip("_")  # unique, and safe in a file name
         report[name] = {"run": str(run), "method": model.method, "rows": rows}

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import one_line_errors
+from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
 
@@ -226,33 +228,29 @@ def check_out(out: Path) -> None:
         raise ExportError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
 
 
+@one_line_errors(ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import find_checkpoint, load_checkpoint, read_meta
-    from .config import resolve_device
-    from .sample import DEFAULT_STEPS
+    from .devices import resolve_device
     from .sampling import check_steps
 
     out = Path(args.out)
     created = not out.exists()
-    try:
-        device = resolve_device(args.device)
-        ckpt = find_checkpoint(args.checkpoint)
-        if ckpt is None:
-            raise ExportError(f"no checkpoint in {args.checkpoint}: pass a run directory (with checkpoints/) "
-                              f"or a checkpoints/step_* directory")
-        method = read_meta(ckpt)["config"]["method"]
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[method]
-        check_steps(method, steps, args.flow_steps)
-        if args.batch < 1:
-            raise ExportError(f"--batch must be at least 1, got {args.batch}")
-        if not (ckpt / "ema.safetensors").is_file():
-            raise ExportError(f"{ckpt} has no ema.safetensors: the exported sampler uses the EMA weights; "
-                              f"export a checkpoint saved by python -m stmd_fast.train")
-        check_out(out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    ckpt = find_checkpoint(args.checkpoint)
+    if ckpt is None:
+        raise ExportError(f"no checkpoint in {args.checkpoint}: pass a run directory (with checkpoints/) "
+                          f"or a checkpoints/step_* directory")
+    method = read_meta(ckpt)["config"]["method"]
+    steps = args.steps if args.steps is not None else METHODS[method].default_steps
+    check_steps(method, steps, args.flow_steps)
+    if args.batch < 1:
+        raise ExportError(f"--batch must be at least 1, got {args.batch}")
+    if not (ckpt / "ema.safetensors").is_file():
+        raise ExportError(f"{ckpt} has no ema.safetensors: the exported sampler uses the EMA weights; "
+                          f"export a checkpoint saved by python -m stmd_fast.train")
+    check_out(out)
 
     try:
         model = load_checkpoint(ckpt, device=device, weights="ema")

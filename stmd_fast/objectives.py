@@ -15,21 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
+from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
 from .schedule import alpha_sigma, per_sample
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    conditional: bool  # the network sees x_s (concatenated on channels)
-    times: tuple[str, ...]  # the time inputs fed to the network, in order
-
-
-METHODS = {
-    "stmd": Method("stmd", True, ("t", "t - r", "s")),
-    "meanflow": Method("meanflow", False, ("t", "t - r")),
-    "ddpm": Method("ddpm", False, ("s",)),
-}
 
 
 @dataclass
@@ -111,31 +98,39 @@ def _diffuse(x0: torch.Tensor, noise: Noise) -> torch.Tensor:
     return per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * noise.xi
 
 
+def _stmd_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    return _jvp_meanflow(net, x0, noise, cfg, cond=_diffuse(x0, noise), s=noise.s)
+
+
+def _meanflow_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
+
+
+def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
+    mse = F.mse_loss(net(_diffuse(x0, noise), None, noise.s[:, None]).float(), noise.xi.float())
+    return mse, mse.detach()
+
+
+LOSSES = {"stmd": _stmd_loss, "meanflow": _meanflow_loss, "ddpm": _ddpm_loss}  # Method.loss
+
+
 def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig):
     """Loss of one batch; returns (loss, raw_error) where raw_error is the mean ||delta||^2
     (STMD, Mean Flow) or the eps mean squared error (DDPM)."""
-    if method == "meanflow":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=None, s=None)
-    x_s = _diffuse(x0, noise)
-    if method == "stmd":
-        return _jvp_meanflow(net, x0, noise, cfg, cond=x_s, s=noise.s)
-    if method == "ddpm":
-        mse = F.mse_loss(net(x_s, None, noise.s[:, None]).float(), noise.xi.float())
-        return mse, mse.detach()
-    raise ValueError(f"unknown method {method!r}: use one of {sorted(METHODS)}")
+    return get_method(method).loss(net, x0, noise, cfg)
 
 
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
     """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
     on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
     time it beside compute_loss to measure what the JVP costs."""
-    if method not in ("stmd", "meanflow"):
+    if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
     t = noise.t
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e
     zero = torch.zeros_like(t)
-    if method == "stmd":
+    if get_method(method).conditional:
         u = net(z_t, _diffuse(x0, noise), torch.stack([t, zero, noise.s], dim=1))
     else:
         u = net(z_t, None, torch.stack([t, zero], dim=1))

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import one_line_errors
+from .methods import METHODS
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
-DEFAULT_STEPS = {"stmd": 1, "meanflow": 1, "ddpm": 100}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,101 +111,92 @@ def main_exported(args) -> int:
     """sample --exported: no checkpoint, no training code (models, checkpoint, train are not imported)."""
     from .export import open_exported, sample_exported
 
+    if args.checkpoint is not None:
+        raise ValueError("give a checkpoint or --exported, not both")
+    baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
+                                      ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
+                                      ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
+    if baked:
+        raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
+                         f"are baked into the program (re-export to change them; inpainting needs the checkpoint)")
+    if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
+        raise ValueError("--num, --batch-size and --zoom must be at least 1")
+    run, meta = open_exported(args.exported)
+    kind, device = meta["data_kind"], torch.device(meta["device"])
     try:
-        if args.checkpoint is not None:
-            raise ValueError("give a checkpoint or --exported, not both")
-        baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
-                                          ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
-                                          ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
-        if baked:
-            raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
-                             f"are baked into the program (re-export to change them; inpainting needs the checkpoint)")
-        if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
-            raise ValueError("--num, --batch-size and --zoom must be at least 1")
-        run, meta = open_exported(args.exported)
-        kind, device = meta["data_kind"], torch.device(meta["device"])
-        try:
-            wanted = device if args.device == "auto" else torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu or cuda") from None
-        if wanted.type != device.type:
-            raise ValueError(f"{args.exported} was exported for {device}, not {args.device}: re-export with "
-                             f"--device {args.device}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{args.exported} was exported for {device}, and CUDA is not available here: "
-                             f"re-export with --device cpu")
-        decoded = kind == "latent" and args.vae is not None
-        out = Path(args.out or ("samples.png" if kind == "image" or decoded else "samples.npy"))
-        if kind != "latent" and args.vae is not None:
-            raise ValueError(f"--vae decodes latents; this program makes {kind}s")
-        if kind == "vector" and out.suffix != ".npy":
-            raise ValueError(f"this program makes vectors: use --out with .npy, not {out.name}")
-        if kind == "latent" and out.suffix == ".png" and args.vae is None:
-            raise ValueError(f"this program returns latents (no VAE inside): write them with --out *.npy, or decode "
-                             f"them with --vae (its metadata names {meta.get('latent', {}).get('vae')})")
-        if decoded and out.suffix != ".png":
-            raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
-        prepare_out(out)
-        vae = None
-        if decoded:
-            from .data.encode import load_vae
-
-            vae = load_vae(args.vae, device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
-    if vae is not None:
-        from .data.latents import decode_latents
+        wanted = device if args.device == "auto" else torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu or cuda") from None
+    if wanted.type != device.type:
+        raise ValueError(f"{args.exported} was exported for {device}, not {args.device}: re-export with "
+                         f"--device {args.device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{args.exported} was exported for {device}, and CUDA is not available here: "
+                         f"re-export with --device cpu")
+    decoded = kind == "latent" and args.vae is not None
+    out = Path(args.out or ("samples.png" if kind == "image" or decoded else "samples.npy"))
+    if kind != "latent" and args.vae is not None:
+        raise ValueError(f"--vae decodes latents; this program makes {kind}s")
+    if kind == "vector" and out.suffix != ".npy":
+        raise ValueError(f"this program makes vectors: use --out with .npy, not {out.name}")
+    if kind == "latent" and out.suffix == ".png" and args.vae is None:
+        raise ValueError(f"this program returns latents (no VAE inside): write them with --out *.npy, or decode "
+                         f"them with --vae (its metadata names {meta.get('latent', {}).get('vae')})")
+    if decoded and out.suffix != ".png":
+        raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
+    prepare_out(out)
+    decode = None
+    if decoded:
+        from .data.vae import latent_decoder
 
         latent = meta["latent"]
-        x = decode_latents(vae, x.to(device), latent["scaling_factor"], latent["shift_factor"], args.batch_size)
+        decode = latent_decoder(args.vae, device, latent["scaling_factor"], latent["shift_factor"])
+
+    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
+    if decode is not None:
+        x = decode(x.to(device), args.batch_size)
     write_samples(x, out, args.zoom)
     print(f"{len(x)} samples (exported {meta['method']}, N={meta['steps']}, M={meta['flow_steps']}, NFE {meta['nfe']}, "
-          f"batch {meta['batch']}{', decoded' if vae is not None else ''}) -> {out}")
+          f"batch {meta['batch']}{', decoded' if decode is not None else ''}) -> {out}")
     return 0
 
 
+@one_line_errors(ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.exported is not None:
         return main_exported(args)
     from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
-    from .config import resolve_device
+    from .devices import resolve_device
 
     args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
     args.grid, args.weights = args.grid or "uniform", args.weights or "ema"
-    try:
-        if args.checkpoint is None:
-            raise ValueError("give a checkpoint (CKPT) or --exported PT2")
-        if args.vae is not None:
-            raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
-        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
-                                ema=args.ema)
-        steps = args.steps if args.steps is not None else DEFAULT_STEPS[model.method]
-        check_steps(model.method, steps, args.flow_steps)
-        if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
-            raise ValueError("--num, --batch-size and --zoom must be at least 1")
-        if (args.inpaint is None) != (args.mask is None):
-            raise ValueError("--inpaint and --mask go together: give both")
-        vectors = model.data_kind == "vector"
-        if args.inpaint and model.data_kind != "image":
-            raise ValueError(f"--inpaint needs a pixel-space image model; this checkpoint makes {model.data_kind}s "
-                             f"(a pixel mask does not carry over to latents)")
-        out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
-        if vectors and out.suffix != ".npy":
-            raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
-        prepare_out(out)
-        if model.data_kind == "latent" and out.suffix == ".png":
-            model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
-        observed = mask = None
-        if args.inpaint:
-            observed = read_array(args.inpaint, model.data_shape, "--inpaint image")
-            mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.checkpoint is None:
+        raise ValueError("give a checkpoint (CKPT) or --exported PT2")
+    if args.vae is not None:
+        raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
+    model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
+                            ema=args.ema)
+    steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
+    check_steps(model.method, steps, args.flow_steps)
+    if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
+        raise ValueError("--num, --batch-size and --zoom must be at least 1")
+    if (args.inpaint is None) != (args.mask is None):
+        raise ValueError("--inpaint and --mask go together: give both")
+    vectors = model.data_kind == "vector"
+    if args.inpaint and model.data_kind != "image":
+        raise ValueError(f"--inpaint needs a pixel-space image model; this checkpoint makes {model.data_kind}s "
+                         f"(a pixel mask does not carry over to latents)")
+    out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
+    if vectors and out.suffix != ".npy":
+        raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
+    prepare_out(out)
+    if model.data_kind == "latent" and out.suffix == ".png":
+        model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
+    observed = mask = None
+    if args.inpaint:
+        observed = read_array(args.inpaint, model.data_shape, "--inpaint image")
+        mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
     if observed is None:

@@ -1,6 +1,7 @@
 """Algorithm 2 (math.md section 5): N diffusion steps x M flow steps, and its baselines.
 
-One loop serves all three methods; only the way x0_hat is made differs:
+One loop serves all three methods; only the way x0_hat is made differs (objectives.Method's
+`flow`, `diffusion` and `conditional`):
   stmd      x0_hat ~ p(x_0 | x_s) by M steps of the conditional flow map from fresh noise;
   ddpm      x0_hat = E[x_0 | x_s] = (x_s - sigma_s eps) / alpha_s, one call;
   meanflow  x0_hat by M steps of the unconditional flow map (ignores x_s: exact at s = 1).
@@ -22,10 +23,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .methods import get_method
 from .schedule import alpha_sigma, bridge_coefficients, time_grid
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
-METHOD_NAMES = ("stmd", "meanflow", "ddpm")
 
 
 def _randn(shape, generator: torch.Generator, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -72,15 +73,14 @@ class Plan:
 def sampler_plan(method: str, steps: int, flow_steps: int, grid: str = "uniform",
                  dtype: torch.dtype = torch.float32) -> Plan:
     """Check (method, N, M, grid) and compute the schedule's constants (float64 inside)."""
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHOD_NAMES)}")
-    check_steps(method, steps, flow_steps)
+    m = get_method(method)
+    m.check_steps(steps, flow_steps)
     s_grid = time_grid(steps, grid).tolist()
-    transitions = () if method == "meanflow" else tuple(
+    transitions = () if not m.diffusion else tuple(
         make_step(s_from, s_to, dtype) for s_from, s_to in zip(s_grid[:-1], s_grid[1:]))
     names = ["x_1"]
     for k, step in enumerate(transitions):
-        names += [f"z_{k}"] if method == "stmd" else []
+        names += [f"z_{k}"] if m.flow else []
         names += [f"eps_{k}"] if step.bridge is not None else []
     return Plan(method, steps, flow_steps, grid, dtype, transitions, tuple(names))
 
@@ -113,10 +113,9 @@ def flow_map(net, z: torch.Tensor, cond: torch.Tensor | None, s: float | None, f
 
 def _x0_hat(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: torch.Tensor | None) -> torch.Tensor:
     """x0_hat at diffusion time step.s_from: flow map from the noise z (stmd, meanflow) or the mean (ddpm)."""
-    if method == "stmd":
-        return flow_map(net, z, x, step.s_from, flow_steps)
-    if method == "meanflow":
-        return flow_map(net, z, None, None, flow_steps)
+    m = get_method(method)
+    if m.flow:  # the conditional map sees x_s and s; the unconditional one ignores x_s (exact at s = 1)
+        return flow_map(net, z, x, step.s_from, flow_steps) if m.conditional else flow_map(net, z, None, None, flow_steps)
     eps = net(x, None, torch.full((x.shape[0], 1), step.s_from, device=x.device)).to(x.dtype)
     return (x - step.sigma * eps) / step.alpha
 
@@ -145,12 +144,13 @@ def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection
                              f"{len(plan.noise_names)} tensors ({', '.join(plan.noise_names)})")
         return x
 
+    m = get_method(plan.method)
     x = draw("x_1")
-    if plan.method == "meanflow":
+    if not m.diffusion:  # Mean Flow: x0_hat straight from x_1
         x0 = flow_map(net, x, None, None, plan.flow_steps)
         x = project(x0) if project is not None else x0
     for k, step in enumerate(plan.transitions):
-        z = draw(f"z_{k}") if plan.method == "stmd" else None
+        z = draw(f"z_{k}") if m.flow else None
         eps = draw(f"eps_{k}") if step.bridge is not None else None
         x = _transition(net, plan.method, x, step, plan.flow_steps, z, eps, project)
     if next(draws, None) is not None:
@@ -161,26 +161,19 @@ def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection
 
 def denoise(net, method: str, x: torch.Tensor, s: float, flow_steps: int, generator: torch.Generator) -> torch.Tensor:
     """x0_hat for a batch x at diffusion time s: a posterior sample (stmd, meanflow) or mean (ddpm)."""
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}")
     step = make_step(s, 0.0, x.dtype)
-    z = None if method == "ddpm" else _randn(x.shape, generator, x.dtype)
+    z = _randn(x.shape, generator, x.dtype) if get_method(method).flow else None
     return _x0_hat(net, method, x, step, flow_steps, z)
 
 
 def check_steps(method: str, steps: int, flow_steps: int) -> None:
     """Refuse (N, M) settings a method cannot take, before any network call."""
-    if steps < 1 or flow_steps < 1:
-        raise ValueError(f"need steps >= 1 and flow_steps >= 1, got N={steps}, M={flow_steps}")
-    if method == "ddpm" and flow_steps != 1:
-        raise ValueError("DDPM makes x0_hat in one network call: use flow_steps=1 (NFE = steps)")
-    if method == "meanflow" and steps != 1:
-        raise ValueError("Mean Flow has no diffusion steps: use steps=1 and set flow_steps (NFE = flow_steps)")
+    get_method(method).check_steps(steps, flow_steps)
 
 
 def nfe(method: str, steps: int, flow_steps: int) -> int:
     """Network evaluations per sample: STMD N*M, DDPM N, Mean Flow M."""
-    return {"stmd": steps * flow_steps, "ddpm": steps, "meanflow": flow_steps}[method]
+    return get_method(method).nfe(steps, flow_steps)
 
 
 @torch.no_grad()
@@ -191,10 +184,8 @@ def transition(net, method: str, x: torch.Tensor, s_from: float, s_to: float, fl
     For DDPM this is the posterior-mean bridge step (exact only for small steps)."""
     if not 0.0 <= s_to < s_from <= 1.0:
         raise ValueError(f"a transition needs 0 <= s_to < s_from <= 1, got s_from={s_from}, s_to={s_to}")
-    if method not in METHOD_NAMES:
-        raise ValueError(f"unknown method {method!r}")
     step = make_step(s_from, s_to, x.dtype)
-    z = None if method == "ddpm" else _randn(x.shape, generator, x.dtype)
+    z = _randn(x.shape, generator, x.dtype) if get_method(method).flow else None
     eps = None if step.bridge is None else _randn(x.shape, generator, x.dtype, x.device)
     return _transition(net, method, x, step, flow_steps, z, eps, project)
 

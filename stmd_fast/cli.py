@@ -1,0 +1,80 @@
+"""What the command lines of the package share: flags made from a config dataclass (its fields and the
+docstrings under them, so each option is described once), and bad input ending in one line on stderr
+with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import textwrap
+import time
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input found by the trainer: printed as one line, before any expensive work."""
+
+
+def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = ()):
+    """Decorator for a CLI's main(argv) -> int: an exception of user_errors prints `error: ...` as one line
+    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; anything
+    else is a bug and keeps its traceback. Under torchrun every rank meets the same error and rank 0
+    says it: the others wait so torchrun stops them first, and only an error of one rank alone is
+    still printed, after the wait, with its rank."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except user_errors + failures as err:
+                from .distributed import from_env
+
+                ctx = from_env()
+                if not ctx.is_main:
+                    time.sleep(5)
+                print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
+                return 1 if isinstance(err, failures) else 2
+        return run
+    return wrap
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal after it), on one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)}
+
+
+TUPLE_FLAGS = {"tuple[float, float]": (float, 2), "tuple[float, ...]": (float, "+"), "tuple[str, ...]": (str, "+")}
+"""Tuple fields as flags that take several values: (type of each, argparse nargs)."""
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Callable[[str], str | None],
+                        skip: tuple[str, ...] = ()) -> None:
+    """A flag --field-name per field of cls (fields in skip and nested configs aside): its docstring as the
+    help, followed by default_text(name) when that is not None; the type from the annotation, and choices
+    and metavar from the field's metadata (config.option). bool fields are switches; tuple fields take
+    several values (TUPLE_FLAGS)."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        if f.type == "bool":  # a switch; one that is on by default gets its --no- form
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            parser.add_argument(flag, action=action, help=text)
+            continue
+        default = default_text(f.name)
+        kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "float": float}.get(f.type, str), None))
+        kwargs = {"type": kind, "help": f"{text} [default: {default}]" if default is not None else text}
+        if nargs is not None:
+            kwargs["nargs"] = nargs
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        parser.add_argument(flag, **kwargs)

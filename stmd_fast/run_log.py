@@ -1,0 +1,134 @@
+"""What a run shows and leaves behind besides checkpoints: the progress bar, metrics.jsonl and the
+sample grids, all on rank 0; and the per-interval sums of loss and error, which every rank keeps on
+its device and gathers once per log interval (the one CPU-GPU sync of the loop)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .methods import METHODS
+from .sampling import sample
+
+
+class IntervalSums:
+    """Loss and error summed on the device, and the first step whose loss was not finite: no sync per step."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.error = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.t_start = self.t_log = time.perf_counter()
+        self.step_log = step
+
+    def add(self, loss: torch.Tensor, error: torch.Tensor, step: int) -> None:
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), step, self.first_bad_step)
+        self.loss += loss
+        self.error += error
+
+    def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float):
+        """One collective: every rank's sums, first bad step and stop request. Returns (record, first bad
+        step or None, whether any rank asked to stop) and starts the next interval."""
+        mine = torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double(),
+                            torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+        ranks = distributed.gather(mine).tolist()
+        bad = [int(r[2]) for r in ranks if r[2] >= 0]
+        n = step - self.step_log
+        dt = time.perf_counter() - self.t_log
+        record = {"step": step, "loss": sum(r[0] for r in ranks) / world / n,
+                  error_name: sum(r[1] for r in ranks) / world / n,
+                  "lr": lr, "img_per_s": n * batch_size / dt,
+                  "ms_per_step": 1e3 * dt / n, "elapsed_s": time.perf_counter() - self.t_start}
+        self.loss.zero_()
+        self.error.zero_()
+        self.t_log, self.step_log = time.perf_counter(), step
+        return record, (min(bad) if bad else None), any(r[3] for r in ranks)
+
+
+class RunLog:
+    """Progress bar, metrics.jsonl and sample grids of a run directory; silent off rank 0. A context
+    manager: the bar and the metrics file are closed on the way out."""
+
+    def __init__(self, out: Path, steps: int, step: int, is_main: bool):
+        self.out, self.steps, self.is_main = out, steps, is_main
+        self.metrics = (out / "metrics.jsonl").open("a") if is_main else None
+        self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def write(self, message: str) -> None:
+        if self.is_main:
+            self.bar.write(message)
+
+    def record(self, record: dict) -> None:
+        """Append one interval's record to metrics.jsonl and show it."""
+        if not self.is_main:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        error_name = list(record)[2]
+        status = (f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "
+                  f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
+        if self.bar.disable:
+            print(f"step {record['step']}/{self.steps} | {status}", flush=True)
+        else:
+            self.bar.set_postfix_str(status)
+
+    def samples(self, ema_net, cfg, data, device: torch.device, step: int, decode=None) -> None:
+        """Rank 0 writes a sample grid of the EMA weights (ema_net is None elsewhere)."""
+        if self.is_main:
+            grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
+            self.bar.write(f"step {step}: samples -> {grid}")
+
+
+def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> Path:
+    """A grid (images; latents decoded by `decode`) or .npy (vectors) of 64 samples from the
+    EMA weights, always from the same noise so grids are comparable across steps."""
+    from torchvision.utils import save_image
+
+    from .data.datasets import to_unit_range
+
+    steps, flow_steps = METHODS[cfg.method].grid_steps(cfg)
+    generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
+    x = sample(ema_net, cfg.method, 64, data.shape, steps, flow_steps, generator, cfg.sample_grid).float().cpu()
+    path.parent.mkdir(exist_ok=True)
+    if data.kind == "latent":
+        x = decode(x.to(device)).cpu()
+    if data.kind in ("image", "latent"):
+        path = path.with_suffix(".png")
+        save_image(to_unit_range(x), path, nrow=8, padding=1)
+    else:
+        path = path.with_suffix(".npy")
+        np.save(path, x.numpy())
+    return path
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop the metrics logged after the checkpoint (they will be logged again), and a last
+    line cut short by a killed process."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and kept(line)]
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)

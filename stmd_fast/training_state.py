@@ -1,0 +1,102 @@
+"""The training state: everything a checkpoint holds, built fresh or restored from one, and saved.
+
+Weights (model.safetensors, ema.safetensors) and train_state.pt: step, optimizer, lr schedule,
+the generator that draws every batch and noise, the EMA's count, and the data stream's position
+(latent shards), per rank where each rank streams its own. Restoring all of it makes a resumed run
+bit-identical to an uninterrupted one (tests/test_train.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from . import distributed
+from .checkpoint import save_checkpoint
+from .parallel import Single
+
+
+@dataclass
+class TrainingState:
+    net: torch.nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # data order and every noise draw
+    data: object
+    step: int = 0
+
+    @classmethod
+    def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
+        """Fresh (ckpt None) or restored from the checkpoint directory ckpt. Collective under torchrun."""
+        if ckpt is not None:
+            net.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+        distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=strategy.ema_buffers)
+        if ckpt is not None:
+            ema.module.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(device)))
+        strategy.prepare(net, ema, device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
+        generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
+        state = cls(net, ema, optimizer, scheduler, generator, data)
+        if ckpt is not None:
+            state._restore(torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True),
+                           cfg.seed, device, strategy)
+        return state
+
+    def _restore(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
+        strategy.load_optimizer(self.net, self.optimizer, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.ema.n_averaged.copy_(saved["ema_n_averaged"])
+        self.step = saved["step"]
+        self._restore_stream(saved, seed, device, strategy)
+
+    def _restore_stream(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
+        """Put the generator and the data position back where the checkpoint left them: exactly when the
+        stream is shared by all ranks (in-memory data, any number of processes) or each rank has its own
+        saved state (latent shards, same number of processes); otherwise reseeded from (seed, step, rank)
+        and the latent epoch replayed from its start, which continues correctly but not bit-identically."""
+        ctx, step = strategy.ctx, saved["step"]
+        if strategy.per_rank_data:
+            ranks = saved.get("ranks")
+            mine = ranks[ctx.rank] if ranks is not None and len(ranks) == ctx.world_size else None
+        else:
+            mine = {"generator": saved["generator"], "data": saved.get("data")} if "ranks" not in saved else None
+        if mine is not None and saved["generator_device"] == device.type:
+            self.generator.set_state(mine["generator"].cpu())
+        else:
+            self.generator.manual_seed(strategy.seed(seed + step))
+            if ctx.is_main:
+                why = (f"the run moved from {saved['generator_device']} to {device.type}" if mine is not None else
+                       f"the run's {saved.get('world_size', 1)} data streams (one per process) became "
+                       f"{ctx.world_size if strategy.per_rank_data else 1}; the shards' epoch restarts")
+                print(f"note: {why}: noise reseeded from (seed, step), so it continues correctly but not "
+                      f"bit-identically")
+        if hasattr(self.data, "load_state_dict"):
+            if mine is not None and mine.get("data") is not None:
+                self.data.load_state_dict(mine["data"])
+            elif saved.get("data") is not None:  # another split of the shards: replay the saved epoch from its start
+                self.data.load_state_dict({**saved["data"], "consumed": 0})
+
+    def save(self, out: Path, meta: dict, keep: int, strategy: Single) -> Path:
+        """Write checkpoints/step_N on rank 0; every rank takes part in the gathers first and waits at
+        the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory."""
+        *weights, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
+        streams = strategy.streams(self.generator, self.data)
+        final = out / "checkpoints" / f"step_{self.step:08d}"
+        if strategy.ctx.is_main:
+            train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                           "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
+                           "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world}
+            if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
+                train_state["data"] = self.data.state_dict()
+            if streams is not None:  # every rank's generator and position
+                train_state["ranks"] = streams
+            final = save_checkpoint(out, self.step, *weights, train_state, meta, keep)
+        distributed.barrier()
+        return final
