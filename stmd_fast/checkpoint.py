@@ -42,18 +42,19 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_net: torch.nn.Module | dict,
-                    train_state: dict, meta: dict, keep: int) -> Path:
+                    train_state: dict, meta: dict, keep: int, extra_weights: dict | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the `keep` newest.
 
-    net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0). Under torchrun
-    only rank 0 calls this; a process killed mid-write leaves at most a .tmp-* folder."""
+    net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0); extra_weights:
+    {file name: module or state dict} written beside them (the further EMAs). Under torchrun only rank 0
+    calls this; a process killed mid-write leaves at most a .tmp-* folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
     for leftover in root.glob(".tmp-*"):  # from a crash during an earlier save
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, module in zip(WEIGHT_FILES, (net, ema_net)):
+    for name, module in [*zip(WEIGHT_FILES, (net, ema_net)), *(extra_weights or {}).items()]:
         state = module if isinstance(module, dict) else module.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
     torch.save(train_state, tmp / "train_state.pt")

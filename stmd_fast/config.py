@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
-from .dit import DIT_MODELS
 from .kernels.dispatch import BACKENDS
 from .loggers import LOGGERS
 from .methods import METHODS
@@ -179,8 +178,11 @@ class TrainConfig:
             raise ValueError("need --resolution >= 1, --fd-every >= 0, --fd-num >= 2 and 0 <= --dropout < 1")
         if self.unet is not None and self.unet not in UNET_WIDTHS:
             raise ValueError(f"--unet {self.unet}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
-        if self.dit is not None and self.dit not in DIT_MODELS:
-            raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
+        if self.dit is not None:
+            from .dit import DIT_MODELS  # imported here: timm is slow to import, and only DiT runs need it
+
+            if self.dit not in DIT_MODELS:
+                raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
         if self.data_workers < 0:
             raise ValueError(f"--data-workers must be at least 0, got {self.data_workers}")
         if self.out is None:

@@ -1,6 +1,7 @@
 """The training state: everything a checkpoint holds, built fresh or restored from one, and saved.
 
-Weights (model.safetensors, ema.safetensors) and train_state.pt: step, optimizer, lr schedule,
+Weights (model.safetensors, ema.safetensors, ema-DECAY.safetensors for each further EMA decay) and
+train_state.pt: step, optimizer, lr schedule,
 the generator that draws every batch and noise, the EMA's count, and the data stream's position
 (latent shards), per rank where each rank streams its own. Restoring all of it makes a resumed run
 bit-identical to an uninterrupted one (tests/test_train.py).
@@ -15,14 +16,42 @@ from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .checkpoint import save_checkpoint
+from .checkpoint import ema_file, save_checkpoint
 from .parallel import Single
+
+
+class EMAs:
+    """One AveragedModel per EMA decay, all updated after every step. The first decay (the run's
+    ema_decay) is the main EMA: ema.safetensors and the sample grids. Where the trainer uses an
+    AveragedModel (update_parameters, module, n_averaged) this stands in for it."""
+
+    def __init__(self, net: torch.nn.Module, decays: tuple[float, ...], use_buffers: bool):
+        self.by_decay = {d: AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=use_buffers)
+                         for d in decays}
+        self.main = next(iter(self.by_decay.values()))
+        for average in self.by_decay.values():
+            average.module.eval()  # sampled only: no dropout in the EMA nets
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.main.module
+
+    @property
+    def n_averaged(self) -> torch.Tensor:
+        return self.main.n_averaged  # updated together: every EMA has the same count
+
+    def modules(self) -> dict[float, torch.nn.Module]:
+        return {decay: average.module for decay, average in self.by_decay.items()}
+
+    def update_parameters(self, net: torch.nn.Module) -> None:
+        for average in self.by_decay.values():
+            average.update_parameters(net)
 
 
 @dataclass
 class TrainingState:
     net: torch.nn.Module
-    ema: AveragedModel
+    ema: EMAs
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # data order and every noise draw
@@ -35,11 +64,13 @@ class TrainingState:
         if ckpt is not None:
             net.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
         distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
-        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=strategy.ema_buffers)
+        ema = EMAs(net, (cfg.ema_decay, *cfg.ema_decays), use_buffers=strategy.ema_buffers)
         if ckpt is not None:
-            ema.module.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(device)))
+            for decay, module in ema.modules().items():
+                module.load_state_dict(load_file(ckpt / ema_file(decay, cfg.ema_decay), device=str(device)))
         strategy.prepare(net, ema, device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                      weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
@@ -52,7 +83,8 @@ class TrainingState:
     def _restore(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
         strategy.load_optimizer(self.net, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.ema.n_averaged.copy_(saved["ema_n_averaged"])
+        for average in self.ema.by_decay.values():
+            average.n_averaged.copy_(saved["ema_n_averaged"])
         self.step = saved["step"]
         self._restore_stream(saved, seed, device, strategy)
 
@@ -86,7 +118,8 @@ class TrainingState:
     def save(self, out: Path, meta: dict, keep: int, strategy: Single) -> Path:
         """Write checkpoints/step_N on rank 0; every rank takes part in the gathers first and waits at
         the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory."""
-        *weights, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
+        weights, emas, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
+        main, *extra = emas.items()  # (decay, module or full state dict), the main EMA first
         streams = strategy.streams(self.generator, self.data)
         final = out / "checkpoints" / f"step_{self.step:08d}"
         if strategy.ctx.is_main:
@@ -97,6 +130,7 @@ class TrainingState:
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position
                 train_state["ranks"] = streams
-            final = save_checkpoint(out, self.step, *weights, train_state, meta, keep)
+            final = save_checkpoint(out, self.step, weights, main[1], train_state, meta, keep,
+                                    extra_weights={ema_file(decay, main[0]): state for decay, state in extra})
         distributed.barrier()
         return final

@@ -77,12 +77,14 @@ def test_latents_encoded_at_any_size_train_with_the_dit_chosen(demo, tiny_dits, 
 
 def test_a_dit_that_does_not_fit_is_one_line_listing_the_choices(demo, tiny_dits, tmp_path, capsys):
     shards = encoded(demo, 48)  # 6x6 latents: patch 2 only
-    for name, why in [("DiT-Q/2", "not in the registry"), ("DiT-S/4", "does not divide the latents 6x6")]:
+    fits = [n for n in dit.DIT_MODELS if n.endswith("/2")]
+    for name, why, choices in [("DiT-Q/2", "not in the registry", list(dit.DIT_MODELS)),  # refused before any data
+                               ("DiT-S/4", "does not divide the latents 6x6", fits)]:
         run = tmp_path / name.replace("/", "-")
         assert train_main(["--data", str(shards), "--dit", name, "--out", str(run), *QUICK]) == 2
         err = capsys.readouterr().err.strip()
         assert why in err and len(err.splitlines()) == 1
-        assert err.endswith("choose one of " + ", ".join(n for n in dit.DIT_MODELS if n.endswith("/2")))
+        assert err.endswith("choose one of " + ", ".join(choices))
         assert not (run / "checkpoints").exists()
 
 
@@ -135,48 +137,52 @@ def test_every_ema_is_kept_and_each_is_its_own_average(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_loggers_and_fid_during_training_in_a_real_run(demo, tmp_path, random_inception, monkeypatch):
-    """--log tensorboard wandb --fd-every 2: both loggers hold exactly metrics.jsonl's records (FID of each
-    EMA included) and the sample grids; the logged FID equals one recomputed from the checkpoint."""
+def test_loggers_and_fd_during_training_in_a_real_run(tmp_path, monkeypatch):
+    """--log tensorboard wandb --fd-every 2 on digits: both loggers hold exactly metrics.jsonl's records (the
+    FD of each EMA included) and the sample grids; the logged FD equals one recomputed from the checkpoint.
+    FD here is on a random-weight digits classifier (evaluate's FD path): Inception FID's 2048-d matrix
+    square root takes minutes on 2 CPU cores, and TrainingFD takes either metric from evaluate alike."""
     from test_loggers import tensorboard_scalars, wandb_history
 
+    from stmd_fast.classifier import FeatureClassifier, save_classifier
+    from stmd_fast.data.datasets import load_digits
     from stmd_fast.fd_monitor import SEED_OFFSET
     from stmd_fast.metrics import FrechetDistance
     from stmd_fast.sampling import sample
 
+    torch.manual_seed(0)
+    classifier = FeatureClassifier((1, 8, 8)).eval()
+    save_classifier(classifier, tmp_path / "classifier", {"dataset": "digits", "test_accuracy": 0.0})
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run = tmp_path / "run"
-    assert train_main(["--data", str(demo / "images"), "--resolution", "16", "--unet", "S", "--steps", "4",
-                       "--batch-size", "4", "--log-every", "1", "--sample-every", "2", "--ckpt-every", "4",
-                       "--ema-decays", "0.9", "--fd-every", "2", "--fd-num", "8", "--inception-weights",
-                       random_inception, "--log", "tensorboard", "wandb", "--device", "cpu", "--out", str(run)]) == 0
+    assert train_main(["--steps", "4", "--batch-size", "8", "--log-every", "1", "--sample-every", "2",
+                       "--ckpt-every", "4", "--ema-decays", "0.9", "--fd-every", "2", "--fd-num", "64",
+                       "--fd-classifier", str(tmp_path / "classifier"), "--log", "tensorboard", "wandb",
+                       "--device", "cpu", "--out", str(run)]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    fid_keys = ["FID/ema0.9995", "FID/ema0.9"]
-    assert all(k in records[1] and k in records[3] for k in fid_keys) and not any(k in records[0] for k in fid_keys)
+    fd_keys = ["FD/ema0.999", "FD/ema0.9"]
+    assert all(k in records[1] and k in records[3] for k in fd_keys) and not any(k in records[0] for k in fd_keys)
 
     scalars, images = tensorboard_scalars(run / "tensorboard")
-    for key in ("loss", "delta_sq", "lr", "img_per_s", *fid_keys):
+    for key in ("loss", "delta_sq", "lr", "img_per_s", *fd_keys):
         assert scalars[key] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records if key in r]
     assert images == {"samples": [2, 4]}
     rows = wandb_history(run)
     assert [row["_step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
-    for key in ("loss", *fid_keys):
+    for key in ("loss", *fd_keys):
         assert [row[key] for row in rows if key in row] == [r[key] for r in records if key in r]
     assert [row["_step"] for row in rows if "samples/_type" in row] == [2, 4]
 
-    # FID of the 0.9 EMA at step 4, recomputed from the checkpoint: the same samples, the same reference
-    from stmd_fast.data.images import load_image_folder
-
+    # FD of the 0.9 EMA at step 4, recomputed from the checkpoint: the same samples, the same reference
     model = load_checkpoint(run, ema=0.9)
-    generator = torch.Generator().manual_seed(SEED_OFFSET)
-    x = sample(model.net, "stmd", 8, (3, 16, 16), 1, 1, generator, "uniform")
-    real = load_image_folder(demo / "images", 16).all()
-    picked = torch.randperm(len(real), generator=torch.Generator().manual_seed(SEED_OFFSET))[:8]
-    metric = FrechetDistance(None, inception_weights=random_inception)
+    x = sample(model.net, "stmd", 64, (1, 8, 8), 1, 1, torch.Generator().manual_seed(SEED_OFFSET), "uniform")
+    real = load_digits("train").all()
+    picked = torch.randperm(len(real), generator=torch.Generator().manual_seed(SEED_OFFSET))[:64]
+    metric = FrechetDistance(classifier)
     metric.set_reference(real[picked])
-    assert metric.score(x) == pytest.approx(records[3]["FID/ema0.9"], rel=1e-5)
+    assert metric.score(x) == pytest.approx(records[3]["FD/ema0.9"], rel=1e-5)
 
 
 def readme_walkthrough() -> list[list[str]]:
