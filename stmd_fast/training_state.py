@@ -48,6 +48,14 @@ class EMAs:
             average.update_parameters(net)
 
 
+def dropout_rng_state(device: torch.device) -> dict:
+    """torch's global generator (and the CUDA one on a GPU): where dropout's masks come from."""
+    state = {"device": device.type, "cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
 @dataclass
 class TrainingState:
     net: torch.nn.Module
@@ -75,6 +83,8 @@ class TrainingState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
         state = cls(net, ema, optimizer, scheduler, generator, data)
+        if ckpt is None and strategy.world > 1 and cfg.dropout:  # distinct dropout masks on every rank
+            torch.manual_seed(distributed.rank_seed(cfg.seed, strategy.rank))
         if ckpt is not None:
             state._restore(torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True),
                            cfg.seed, device, strategy)
@@ -87,6 +97,20 @@ class TrainingState:
             average.n_averaged.copy_(saved["ema_n_averaged"])
         self.step = saved["step"]
         self._restore_stream(saved, seed, device, strategy)
+        self._restore_dropout_rng(saved, seed, device, strategy)
+
+    @staticmethod
+    def _restore_dropout_rng(saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
+        """Dropout draws its masks from torch's global generator (nn.Dropout takes no generator): one process
+        restores rank 0's saved state (exact resume); K processes reseed each rank from (seed, step, rank),
+        distinct masks per rank, continuing correctly but not bit-identically."""
+        state = saved.get("dropout_rng")
+        if strategy.world == 1 and state is not None and state["device"] == device.type:
+            torch.set_rng_state(state["cpu"].cpu())
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        elif strategy.world > 1:
+            torch.manual_seed(distributed.rank_seed(seed + saved["step"], strategy.rank))
 
     def _restore_stream(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
         """Put the generator and the data position back where the checkpoint left them: exactly when the
@@ -125,7 +149,8 @@ class TrainingState:
         if strategy.ctx.is_main:
             train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
-                           "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world}
+                           "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world,
+                           "dropout_rng": dropout_rng_state(self.generator.device)}
             if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position

@@ -143,3 +143,18 @@ def test_dropout_keeps_the_jvp_exact_and_is_off_in_eval(cfg, shape):
     assert not torch.equal(f(t, seed=5), f(t, seed=6))  # dropout is on while training
     net.eval()
     assert torch.equal(f(t, seed=5), f(t, seed=6))
+
+
+def test_use_tf32_sets_and_clears_cuda_fp32_math():
+    """--tf32 on CUDA: matmuls and convolutions of fp32 tensors in TF32, or full fp32 (flags only; no GPU needed)."""
+    from stmd_fast.devices import use_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        use_tf32(True)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        use_tf32(False)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

@@ -137,6 +137,24 @@ def test_every_ema_is_kept_and_each_is_its_own_average(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_resume_with_dropout_and_several_emas_equals_the_uninterrupted_run(tmp_path):
+    """Dropout's masks come from torch's global generator, which the checkpoint keeps: losses, weights and
+    every EMA after resuming equal an uninterrupted run's, bit for bit on CPU."""
+    common = ["--dropout", "0.2", "--flip", "--ema-decays", "0.9", "--adam-betas", "0.8", "0.95", "--batch-size", "8",
+              "--log-every", "1", "--ckpt-every", "2", "--sample-every", "0", "--device", "cpu"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train_main(common + ["--steps", "4", "--out", str(full)]) == 0
+    assert train_main(common + ["--steps", "2", "--out", str(part)]) == 0
+    torch.manual_seed(123)  # whatever the global generator holds now, the checkpoint's state is restored
+    assert train_main(common + ["--steps", "4", "--out", str(part), "--resume"]) == 0
+    assert losses(part) == losses(full)
+    for weights in ("model.safetensors", "ema.safetensors", "ema-0.9.safetensors"):
+        a, b = (load_file(run / "checkpoints" / "step_00000004" / weights) for run in (full, part))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_meta(find_checkpoint(full))["config"]["adam_betas"] == [0.8, 0.95]
+
+
+@pytest.mark.slow
 def test_loggers_and_fd_during_training_in_a_real_run(tmp_path, monkeypatch):
     """--log tensorboard wandb --fd-every 2 on digits: both loggers hold exactly metrics.jsonl's records (the
     FD of each EMA included) and the sample grids; the logged FD equals one recomputed from the checkpoint.
