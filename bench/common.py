@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -142,6 +143,15 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def record(benchmark: str, row: dict) -> None:
+    """Append one measured row as a JSON line to $STMD_BENCH_JSONL (bench/gpu_check.py sets it),
+    so a run cut short by its time budget keeps every row measured before the cut."""
+    path = os.environ.get("STMD_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"benchmark": benchmark, "row": row}) + "\n")
 
 
 def finish(name: str, result: dict, save: bool) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, measured_copy_gbps, median, print_table, time_ms  # noqa: E402
+from common import environment, finish, measured_copy_gbps, median, print_table, record, time_ms  # noqa: E402
 
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
             else:
                 row["tflops"] = work["flops"] / (ms * 1e-3) / 1e12
             rows.append(row)
+            record("kernels", row)
             print(f"  {name:>24} | {impl:>29} | {ms:.3f} ms", flush=True)
     print()
     print_table(rows, ["kernel", "impl", "ms", "gb_per_s", "pct_of_copy", "tflops"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, median, peak_memory_mb, print_table, reset_peak_memory, time_ms  # noqa: E402
+from common import environment, finish, median, peak_memory_mb, print_table, record, reset_peak_memory, time_ms  # noqa: E402
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
             rows.append({"variant": name, "N": steps, "M": flow_steps, "nfe": nfe(method, steps, flow_steps),
                          "latency_ms": ms, "img_per_s": args.batch / (ms * 1e-3),
                          "peak_mem_mb": peak_memory_mb(device)})
+            record(f"sample/{args.preset}/{args.method}", rows[-1])
             print(f"  {name:>22} | NFE {rows[-1]['nfe']:>3} | {ms:.2f} ms", flush=True)
     for row in rows:
         base = next((r for r in rows if r["variant"] == "eager fp32" and r["nfe"] == row["nfe"]

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, median, peak_memory_mb,  # noqa: E402
-                    print_table, reset_peak_memory, time_ms)
+                    print_table, record, reset_peak_memory, time_ms)
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
@@ -80,8 +80,11 @@ def run_variant(name, objective, cfg, data_shape, batch, device, args, peak_tflo
     x0 = torch.randn(batch, *data_shape, device=device, generator=generator)
     key = (objective, cfg.method)
     if key not in flops:
-        flops[key] = count_step_flops(partial(loss, cfg.method, net, cfg=cfg.objective), x0,
-                                      draw_noise(x0, cfg.objective, generator))
+        # counted eagerly in fp32 on 2 samples and scaled: matmul and convolution FLOPs are linear
+        # in the batch, and the full batch of a large network would not fit in memory uncompiled
+        few = min(2, batch)
+        flops[key] = count_step_flops(partial(loss, cfg.method, net, cfg=cfg.objective), x0[:few],
+                                      draw_noise(x0[:few], cfg.objective, generator)) * batch // few
         net.zero_grad(set_to_none=True)
     with dispatch.backend(kernels):
         if compile_:
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
     for name in names:
         for objective in objectives:
             rows.append(run_variant(name, objective, cfg, data_shape, batch, device, args, peak, flops))
+            record(f"train_step/{args.preset}/{args.method}", rows[-1])
             print(f"  {name:>24} | {rows[-1]['objective']:>13} | {rows[-1]['ms_per_step']:.2f} ms/step", flush=True)
     for row in rows:  # speed-ups against the eager fp32 reference of the same objective
         base = next((r for r in rows if r["variant"] == "eager fp32" and r["objective"] == row["objective"]), None)

@@ -12,9 +12,11 @@ Gradients flow through the primal output only: the tangent output is marked non-
 (Mean Flow's regression target, which contains the tangent, is stop-gradient), so a backward
 through the tangent raises instead of silently returning a wrong gradient.
 
-Layout: kernels on contiguous (B, H, L, d) tensors, one program per (query or key block, b*h);
-the head dim is padded to BLOCK_D = max(16, next_power_of_2(d)) with masked loads because
-tl.dot needs dimensions >= 16; the sequence tails are masked (any L >= 1).
+Layout: kernels on contiguous (B, H, L, d) tensors, one program per (query or key block, b*h)
+on a 1-D grid; the head dim is padded to BLOCK_D = max(16, next_power_of_2(d)) with masked
+loads because tl.dot needs dimensions >= 16; the sequence tails are masked (any L >= 1).
+Blocks, warps and stages per GPU target: launch.py. Other dtypes (float64, float16), head dims
+over 64 and GPUs before sm_80 run the reference, with a one-time warning.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import torch
 from torch import Tensor
 
 from .dispatch import HAS_TRITON, interpret_mode, make_dual, split_dual, use_triton
+from .launch import (attention_config, attention_unsupported, device_capability, dot_precision, padded_head_dim,
+                     warn_fallback)
 
 if HAS_TRITON:
     import triton
@@ -42,8 +46,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr):
-        """a @ b accumulated in fp32; PRECISION ("ieee" or "tf32") only matters for fp32 inputs."""
-        return tl.dot(a, b, input_precision=PRECISION)
+        """a @ b accumulated in fp32: 16-bit operands ("bf16") on their own MMA, fp32 operands
+        as TF32 ("tf32") or three TF32 MMAs of split operands ("tf32x3", fp32 accuracy)."""
+        if PRECISION == "bf16":
+            out = tl.dot(a, b)
+        else:
+            out = tl.dot(a, b, input_precision=PRECISION)
+        return out
+
+    @triton.jit
+    def _block_and_head(L, BLOCK: tl.constexpr):
+        """(first row of this program's block, b * H + h) from a 1-D grid of cdiv(L, BLOCK) * B * H
+        programs: grid dimension 0 allows 2**31 - 1 programs (dimension 1 only 65535, which a
+        large batch of heads would exceed); consecutive programs share a head's keys (L2 reuse)."""
+        n_blocks = tl.cdiv(L, BLOCK)
+        pid = tl.program_id(0)
+        return (pid % n_blocks) * BLOCK, (pid // n_blocks).to(tl.int64)
 
     @triton.jit
     def _attn_fwd_kernel(Q, K, V, QT, KT, VT, O, OT, LSE, L, D, scale,
@@ -55,8 +73,8 @@ if HAS_TRITON:
         Tangent (WITH_TANGENT): dS = (q_t k^T + q k_t^T) scale, mu_i = sum_j P_ij dS_ij,
         O_t = P (dS - mu) v + P v_t, accumulated with the same running-max rescaling as O.
         """
-        start_m = tl.program_id(0) * BLOCK_M
-        base = tl.program_id(1).to(tl.int64) * L * D  # int64: B*H*L*d may exceed 2**31
+        start_m, bh = _block_and_head(L, BLOCK_M)
+        base = bh * L * D  # int64: B*H*L*d may exceed 2**31
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -102,7 +120,7 @@ if HAS_TRITON:
 
         o = acc / l_i[:, None]
         tl.store(O + q_ptrs, o.to(O.dtype.element_ty), mask=q_mask)
-        tl.store(LSE + tl.program_id(1).to(tl.int64) * L + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=mask_m)
+        tl.store(LSE + bh * L + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=mask_m)
         if WITH_TANGENT:
             mu = acc_mu / l_i
             o_t = acc_t / l_i[:, None] - mu[:, None] * o
@@ -116,8 +134,7 @@ if HAS_TRITON:
 
         Each program owns its dK, dV rows, so no atomics are needed.
         """
-        start_n = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1).to(tl.int64)
+        start_n, bh = _block_and_head(L, BLOCK_N)
         base = bh * L * D
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -155,8 +172,7 @@ if HAS_TRITON:
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                             PRECISION: tl.constexpr):
         """One block of queries against all key blocks: dQ = dS K scale, dS = P (dP - Delta)."""
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1).to(tl.int64)
+        start_m, bh = _block_and_head(L, BLOCK_M)
         base = bh * L * D
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -186,24 +202,17 @@ if HAS_TRITON:
         tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's fp32 matmul setting (the reference's matmuls do too): full
-    fp32 ("ieee") by default, TF32 tensor cores after torch.set_float32_matmul_precision("high")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _launch_config(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): small blocks under the interpreter (its cost grows
-    with the block area, not the parallelism); 64x64 on a GPU, halved keys for the widest heads
-    (the tangent doubles the accumulators held in registers)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpret_mode():
-        return 16, 16, block_d, 1
-    if block_d >= 128:
-        return 64, 32, block_d, 8
-    return 64, 64, block_d, 4
+def _launch(kernel: str, q: Tensor) -> tuple[int, int, int, dict]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, launch options) of one attention kernel for q's device and
+    dtype: the per-target table in launch.py on a GPU; small blocks under the interpreter (its
+    cost grows with the block area, not the parallelism)."""
+    block_d = padded_head_dim(q.shape[-1])
+    precision = dot_precision(q.dtype)
+    if interpret_mode() and not q.is_cuda:
+        return 16, 16, block_d, {"PRECISION": precision, "num_warps": 1}
+    cfg = attention_config(kernel, q.shape[-1], precision, device_capability(q.device.index or 0))
+    return cfg.block_m, cfg.block_n, block_d, {"PRECISION": precision, "num_warps": cfg.num_warps,
+                                               "num_stages": cfg.num_stages}
 
 
 def _forward(q, k, v, q_t, k_t, v_t, scale):
@@ -219,11 +228,10 @@ def _forward(q, k, v, q_t, k_t, v_t, scale):
         o_t = torch.empty_like(q)
     else:
         q_t = k_t = v_t = o_t = q  # never read: WITH_TANGENT=False compiles the tangent code out
-    block_m, block_n, block_d, num_warps = _launch_config(D)
-    grid = (triton.cdiv(L, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, q_t, k_t, v_t, o, o_t, lse, L, D, scale,
-                           WITH_TANGENT=with_tangent, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                           PRECISION=_dot_precision(q.dtype), num_warps=num_warps)
+    block_m, block_n, block_d, options = _launch("fwd_tangent" if with_tangent else "fwd", q)
+    _attn_fwd_kernel[(triton.cdiv(L, block_m) * B * H,)](
+        q, k, v, q_t, k_t, v_t, o, o_t, lse, L, D, scale,
+        WITH_TANGENT=with_tangent, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **options)
     return o, (o_t if with_tangent else None), lse
 
 
@@ -238,14 +246,14 @@ def attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, grad_
     delta = (grad_o.float() * o.float()).sum(-1)  # Delta_i = rowsum(dO * O) = sum_j P_ij dP_ij
     grad_o = grad_o.to(q.dtype)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, block_d, num_warps = _launch_config(D)
-    precision = _dot_precision(q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(L, block_n), B * H)](
+    block_m, block_n, block_d, options = _launch("bwd_dkdv", q)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(L, block_n) * B * H,)](
         q, k, v, grad_o, lse, delta, dk, dv, L, D, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, block_m), B * H)](
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **options)
+    block_m, block_n, block_d, options = _launch("bwd_dq", q)
+    _attn_bwd_dq_kernel[(triton.cdiv(L, block_m) * B * H,)](
         q, k, v, grad_o, lse, delta, dq, L, D, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **options)
     return dq, dk, dv
 
 
@@ -312,6 +320,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     tangent together; a missing tangent (an input that is constant for the jvp) counts as zero.
     """
     if not use_triton(q):
+        return attention_reference(q, k, v, scale)
+    unsupported = attention_unsupported(q)
+    if unsupported is not None:
+        warn_fallback("attention", unsupported)
         return attention_reference(q, k, v, scale)
     q_p, q_t = split_dual(q)
     k_p, k_t = split_dual(k)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import HAS_TRITON, use_triton
+from .launch import warn_fallback
 
 
 def meanflow_loss_reference(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor]:
@@ -59,12 +60,17 @@ if HAS_TRITON:
         tl.store(grad_ptr + base + offs, (coef * weight * delta).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def block_size(values_per_sample: int) -> int:
+    """Values per program: one power of two up to 4096 (32 per thread at the default 4 warps)."""
+    return min(4096, triton.next_power_of_2(values_per_sample))
+
+
 @torch.library.custom_op("stmd_fast::meanflow_loss", mutates_args=())
 def _meanflow_loss_op(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
     b = u.shape[0]
     d = u[0].numel()
     u, dudt, v, h = u.contiguous(), dudt.contiguous(), v.contiguous(), h.contiguous()
-    block = min(4096, triton.next_power_of_2(d))
+    block = block_size(d)
     n_chunks = triton.cdiv(d, block)
     delta = torch.empty(u.shape, device=u.device, dtype=torch.float32)
     partial = torch.empty(b, n_chunks, device=u.device, dtype=torch.float32)
@@ -100,6 +106,10 @@ def meanflow_loss(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: fl
     """Adaptive Mean Flow loss and per-sample ||delta||^2: the fused kernel on CUDA (backend
     "auto"), the reference elsewhere. The gradient flows to u only."""
     if not use_triton(u):
+        return meanflow_loss_reference(u, dudt, v, h, c, p)
+    if u.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # the kernel computes in fp32: a float64 loss would silently lose its precision
+        warn_fallback("meanflow_loss", f"dtype {u.dtype} (the kernel takes 16- and 32-bit floats)")
         return meanflow_loss_reference(u, dudt, v, h, c, p)
     loss, sq, _ = _meanflow_loss_op(u, dudt.detach(), v.detach(), h.detach(), float(c), float(p))
     return loss, sq.detach()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import HAS_TRITON, make_dual, split_dual, use_triton
+from .launch import warn_fallback
 
 LOG_BASE = math.log(10000.0)
 
@@ -75,9 +76,10 @@ if HAS_TRITON:
         tl.store(grad_times_ptr + rows, dtime, mask=row_ok)
 
 
-def _launch_settings(n_rows: int, freqs: int):
+def launch_settings(n_rows: int, freqs: int):
+    """(grid, BLOCK_R, BLOCK_F): a row of freqs / 2 angles per program row, 2K angles per program."""
     block_f = triton.next_power_of_2(max(freqs // 2, 1))
-    block_r = max(1, min(64, 4096 // block_f))  # about 4K angles per program
+    block_r = max(1, min(64, 2048 // block_f))  # 2K angles per program: 16 per thread at 4 warps (4K spill)
     return (triton.cdiv(n_rows, block_r),), block_r, block_f
 
 
@@ -86,7 +88,7 @@ def _forward(times: Tensor, tangent: Tensor | None, freqs: int, scale: float) ->
     b, k = times.shape
     out = times.new_empty(b, k * freqs)
     out_t = torch.empty_like(out) if tangent is not None else out  # out_t unused without a tangent
-    grid, block_r, block_f = _launch_settings(b * k, freqs)
+    grid, block_r, block_f = launch_settings(b * k, freqs)
     _time_features_fwd_kernel[grid](times, tangent.contiguous() if tangent is not None else times, out, out_t,
                                     b * k, scale, freqs // 2, LOG_BASE=LOG_BASE, HAS_TANGENT=tangent is not None,
                                     BLOCK_R=block_r, BLOCK_F=block_f)
@@ -107,7 +109,7 @@ def _time_features_dual_op(times: Tensor, tangent: Tensor, freqs: int, scale: fl
 def _time_features_backward_op(times: Tensor, grad: Tensor, freqs: int, scale: float) -> Tensor:
     times = times.contiguous()
     grad_times = torch.empty_like(times)
-    grid, block_r, block_f = _launch_settings(times.numel(), freqs)
+    grid, block_r, block_f = launch_settings(times.numel(), freqs)
     _time_features_bwd_kernel[grid](times, grad.contiguous(), grad_times, times.numel(), scale, freqs // 2,
                                     LOG_BASE=LOG_BASE, BLOCK_R=block_r, BLOCK_F=block_f)
     return grad_times
@@ -153,7 +155,11 @@ def time_features(times: Tensor, freqs: int, scale: float) -> Tensor:
     "auto"), the reference otherwise. Works under torch.func.jvp and torch.compile."""
     if freqs % 2:
         raise ValueError("freqs must be even (cos and sin halves)")
-    if times.dtype != torch.float32 or not use_triton(times):
+    if times.dtype != torch.float32:
+        if times.is_cuda and use_triton(times):
+            warn_fallback("time_features", f"dtype {times.dtype} (the kernel takes float32 times)")
+        return time_features_reference(times, freqs, scale)
+    if not use_triton(times):
         return time_features_reference(times, freqs, scale)
     primal, tangent = split_dual(times)
     if tangent is None:

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # conftest.py does this too; kept for a run w
 import pytest  # noqa: E402
 
 import stmd_fast.kernels.attention as attn_mod  # noqa: E402
-from stmd_fast.kernels import dispatch  # noqa: E402
+from stmd_fast.kernels import dispatch, launch  # noqa: E402
 from stmd_fast.kernels.attention import attention, attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,9 +141,9 @@ def test_gradients_through_jvp_primal(L):
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 def test_widest_head(dtype, atol, rtol):
-    """d = 128, the widest head (its own launch settings on a GPU): output, tangent, gradients."""
-    q, k, v, q_t, k_t, v_t, w = _inputs(1, 1, 40, 128, dtype, n=7, seed=8)
-    scale = 128 ** -0.5
+    """d = 64, the widest head the kernel takes (kernels/launch.py): output, tangent, gradients."""
+    q, k, v, q_t, k_t, v_t, w = _inputs(1, 1, 40, 64, dtype, n=7, seed=8)
+    scale = 64 ** -0.5
     q, k, v = [x.requires_grad_() for x in (q, k, v)]
     with dispatch.backend("triton"):
         o, o_t = torch.func.jvp(lambda a, b, c: attention(a, b, c, scale), (q, k, v), (q_t, k_t, v_t))
@@ -153,6 +153,16 @@ def test_widest_head(dtype, atol, rtol):
     _close(o_t, ref_t, atol, rtol)
     for g, ref in zip(grads, _ref_grads(q, k, v, w, scale)):
         _close(g, ref, atol, rtol)
+
+
+def test_wider_head_runs_the_reference_with_a_warning():
+    q, k, v, q_t, k_t, v_t, w = _inputs(1, 1, 9, 72, torch.float32, n=7, seed=9)  # DiT-XL's head dim
+    with dispatch.backend("triton"), pytest.warns(RuntimeWarning, match="head dim 72"):
+        launch._warned.clear()
+        o, o_t = torch.func.jvp(lambda a, b, c: attention(a, b, c, 0.1), (q, k, v), (q_t, k_t, v_t))
+    ref_o, ref_t = _ref_jvp((q, k, v), (q_t, k_t, v_t), 0.1)
+    _close(o, ref_o, 1e-5, 1e-5)
+    _close(o_t, ref_t, 1e-5, 1e-5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,54 @@
+"""bench/gpu_check.sh: its stages fit the GPU's time, a failing or overrunning stage is logged and
+the next one runs, and the --dry-run rehearsal (what CI runs) passes every stage on the CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_check  # noqa: E402
+
+
+def test_stage_budgets_fit_the_gpu_time():
+    assert sum(s.budget_s for s in gpu_check.STAGES) <= gpu_check.GPU_BUDGET_S <= 9 * 60
+    assert [s.name for s in gpu_check.STAGES][:2] == ["environment", "cuda tests"]  # correctness before speed
+    for stage in gpu_check.STAGES:  # python3 everywhere, results never into bench/results
+        assert "--no-save" in stage.gpu or "pytest" in stage.gpu or "--environment" in stage.gpu
+
+
+def test_a_failing_and_an_overrunning_stage_are_logged_and_the_next_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "DRY_RUN_TIMEOUT_S", 2)
+    py = sys.executable
+    stages = [gpu_check.Stage("fails", 1, [], [py, "-c", "print('boom'); raise SystemExit(3)"]),
+              gpu_check.Stage("hangs", 1, [], [py, "-c", "import time; print('waiting', flush=True); time.sleep(60)"]),
+              gpu_check.Stage("works", 1, [], [py, "-c", "print('fine')"])]
+    results = gpu_check.run_stages(stages, tmp_path, dry_run=True)
+    assert [r["status"] for r in results] == ["failed (exit 3)", "out of time (2 s)", "ok"]
+    assert results[1]["seconds"] < 30  # killed, not waited for
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "boom" in log and "waiting" in log and "fine" in log
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [x["stage"] for x in lines] == ["fails", "hangs", "works"]
+
+
+@pytest.mark.slow
+def test_dry_run_passes_every_stage(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + (tmp_path / "gpu_check.log").read_text()[-4000:]
+    for stage in gpu_check.STAGES:  # the table shows every stage with its GPU budget
+        assert f"budget {stage.budget_s} s" in proc.stdout and stage.name in proc.stdout
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    stages = [x for x in lines if "stage" in x]
+    assert [x["stage"] for x in stages] == [s.name for s in gpu_check.STAGES]
+    assert all(x["status"] == "ok" for x in stages)
+    rows = [x for x in lines if "row" in x]  # measured rows, appended by the benchmarks as they ran
+    benchmarks = {x["benchmark"] for x in rows}
+    assert {"environment", "kernels", "train_step/gmm/stmd", "sample/gmm/stmd"} <= benchmarks, benchmarks
+    env = next(x["row"] for x in rows if x["benchmark"] == "environment")
+    assert env["torch"] and env["commit"]
+    assert all(r["row"]["ms_per_step"] > 0 for r in rows if r["benchmark"].startswith("train_step"))

@@ -1,0 +1,88 @@
+"""Every Triton kernel compiled ahead of time for sm_80, 86, 89, 90 and 120 with the launch
+settings the host wrappers use (kernels/compile_matrix.py): it compiles, fits the target's
+shared memory and spills within budget. No GPU needed: Triton targets a GPUTarget, ptxas reports.
+Also the per-target table's coverage and the reference fallback's one-time warning."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from stmd_fast.kernels import dispatch, launch
+from stmd_fast.kernels.attention import attention, attention_reference
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_fits_and_spills_within_budget_on_every_target():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compiles, not the interpreter
+    proc = subprocess.run([sys.executable, "-m", "stmd_fast.kernels.compile_matrix"], capture_output=True,
+                          text=True, env=env, timeout=3600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failed = [f"{r['kernel']} {r['precision']} {r['shape']} {r['target']}: {r['error']}" for r in rows if r["error"]]
+    assert proc.returncode == 0 and not failed, "\n".join(failed) + proc.stderr[-3000:]
+    # the whole matrix, not a subset: every kernel x dtype x shape x target
+    from stmd_fast.kernels.compile_matrix import entries
+    assert len(rows) == len(entries())
+    assert {r["target"] for r in rows} == {"sm_80", "sm_86", "sm_89", "sm_90", "sm_120"}
+    for r in rows:
+        assert 0 <= r["smem"] <= r["smem_limit"] and 0 < r["regs"] <= 255 and r["spill_stores"] <= r["budget"]
+    attention_rows = {(r["kernel"], r["precision"], r["shape"]) for r in rows if r["kernel"].startswith("attention")}
+    for kernel in launch.ATTENTION_KERNELS:  # the presets' head dims 8 (U-Nets) and 64 (DiT) in every precision
+        for precision in launch.PRECISIONS:
+            for head_dim in (8, 64):
+                assert (f"attention {kernel}", precision, f"head dim {head_dim}") in attention_rows
+
+
+def test_every_preset_head_dim_has_a_launch_setting_on_every_target():
+    for cap in launch.TARGETS:
+        for kernel in launch.ATTENTION_KERNELS:
+            for precision in launch.PRECISIONS:
+                for head_dim in (8, 16, 40, 64):
+                    cfg = launch.attention_config(kernel, head_dim, precision, cap)
+                    assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.num_warps in (4, 8)
+
+
+def test_fp32_follows_torchs_matmul_precision():
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert launch.dot_precision(torch.float32) == "tf32x3"  # fp32-accurate
+    assert launch.dot_precision(torch.bfloat16) == "bf16"
+    try:
+        torch.set_float32_matmul_precision("high")  # the user allows TF32 (so does allow_tf32 = True)
+        assert launch.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_unsupported_inputs_say_why():
+    x = lambda d, dtype: torch.zeros(1, 1, 4, d, dtype=dtype)  # noqa: E731
+    assert launch.attention_unsupported(x(64, torch.float32)) is None
+    assert launch.attention_unsupported(x(64, torch.bfloat16)) is None
+    assert "float64" in launch.attention_unsupported(x(64, torch.float64))
+    assert "float16" in launch.attention_unsupported(x(64, torch.float16))
+    assert "head dim 72" in launch.attention_unsupported(x(72, torch.float32))  # DiT-XL
+    assert "head dim 128" in launch.attention_unsupported(x(128, torch.bfloat16))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.interpret_mode()), reason="needs CUDA or the interpreter")
+def test_float64_falls_back_to_the_reference_with_one_warning_also_compiled():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64).to(device) for _ in range(3))
+    launch._warned.clear()
+    with dispatch.backend("triton"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention(q, k, v, 0.3)
+        out2 = attention(q, k, v, 0.3)
+        torch._dynamo.reset()
+        out3 = torch.compile(lambda a, b, c: attention(a, b, c, 0.3), fullgraph=True)(q, k, v)  # no graph break
+    messages = [str(w.message) for w in caught if "runs the PyTorch reference" in str(w.message)]
+    assert messages == ["stmd_fast.kernels: attention runs the PyTorch reference for dtype torch.float64 "
+                        "(the kernel takes float32 and bfloat16)"]
+    ref = attention_reference(q, k, v, 0.3)
+    for o in (out, out2, out3):
+        torch.testing.assert_close(o, ref)
