@@ -291,10 +291,10 @@ def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) ->
     picks. ValueError (one line, listing the valid choices) for a --dit that does not fit."""
     from .dit import choose_dit
 
+    if (cfg.dit is not None and data_kind != "latent") or (cfg.unet is not None and data_kind != "image"):
+        raise ValueError(f"--dit is for latent data and --unet for images; this run's data are {data_kind}s")
     if data_kind == "latent" and (cfg.dit is not None or cfg.net is None):
         return dit_config(choose_dit(cfg.dit, data_shape))
     if data_kind == "image" and (cfg.unet is not None or cfg.net is None and cfg.preset == "images"):
         return unet_config(cfg.unet or "B", data_shape)
-    if cfg.dit is not None or cfg.unet is not None:
-        raise ValueError(f"--dit is for latent data and --unet for images; this run's data is {data_kind}")
     return cfg.net if cfg.net is not None else net_for_shape(data_shape)

@@ -10,6 +10,7 @@ from PIL import Image
 from stmd_fast.config import _cifar10
 from stmd_fast.data.datasets import DataError, TensorData
 from stmd_fast.data.images import load_image_folder
+from stmd_fast import dit
 from stmd_fast.dit import DIT_MODELS, choose_dit
 from stmd_fast.models import NetConfig, build_net, unet_config
 
@@ -158,3 +159,17 @@ def test_use_tf32_sets_and_clears_cuda_fp32_math():
         assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_choose_net_follows_the_data_and_refuses_a_flag_for_other_data():
+    from stmd_fast.config import PRESETS, choose_net
+
+    images, latent, digits = PRESETS["images"](), PRESETS["latent"](), PRESETS["digits"]()
+    assert choose_net(images, (3, 32, 32), "image") == unet_config("B", (3, 32, 32))
+    assert choose_net(latent, (4, 16, 16), "latent").width == dit.DIT_SIZES["B"][1]
+    assert choose_net(digits, (1, 8, 8), "image") == digits.net  # a preset keeps its own network
+    digits.unet = "S"
+    assert choose_net(digits, (1, 8, 8), "image") == unet_config("S", (1, 8, 8))
+    latent.unet = "S"
+    with pytest.raises(ValueError, match="--unet for images"):
+        choose_net(latent, (4, 16, 16), "latent")
