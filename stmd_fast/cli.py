@@ -66,7 +66,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
         flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
         if f.type == "bool":  # a switch; one that is on by default gets its --no- form
             action = argparse.BooleanOptionalAction if f.default is True else "store_true"
-            parser.add_argument(flag, action=action, help=text)
+            parser.add_argument(flag, action=action, help=f"{text} [default: {'on' if f.default else 'off'}]")
             continue
         default = default_text(f.name)
         kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "float": float}.get(f.type, str), None))

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         value = getattr(digits, name)
         if name != "preset" and any(getattr(cfg, name) != value for cfg in presets):
             return "preset's" if value is None else f"preset's; digits {value}"
-        return None if value is None else str(value)
+        return "unset" if value is None else str(value)
 
     add_dataclass_flags(p, TrainConfig, default)
     add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)))
