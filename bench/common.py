@@ -168,3 +168,19 @@ def finish(name: str, result: dict, save: bool) -> None:
         tmp.replace(path)
         print(f"saved under '{name}' in {path}")
     print(json.dumps({"benchmark": name, **result}))
+
+
+def time_ms_interleaved(fns: dict, device: torch.device, iters: int) -> dict:
+    """Wall time of `iters` calls of each of `fns` (name -> callable, already warmed up), taken in
+    rounds: one call of each per round, the order rotated every round. A shared machine's load,
+    which drifts over seconds, then hits every callable alike; each call is synchronised."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    synchronize(device)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times

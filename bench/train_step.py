@@ -1,20 +1,30 @@
 """Train-step throughput, variants side by side in one run.
 
     python bench/train_step.py --preset cifar10 --method stmd     # on a GPU: all variants
-    python bench/train_step.py --preset mnist --variants "eager fp32,compiled fp32"   # the CPU target
+    python bench/train_step.py --preset mnist --variants "compiled fp32,public recipe"   # the CPU targets
     python bench/train_step.py --smoke                              # tiny CPU version (CI)
 
-Each variant times the trainer's own step (stmd_fast.engine.make_train_step: noise draw, loss
-with its JVP, backward, AdamW, EMA) for the objective and for the plain flow-matching step of
-the same network (no JVP), so "what the JVP costs" is a ratio measured in the same run.
+Each stmd_fast variant times the trainer's own step (stmd_fast.engine.make_train_step: noise
+draw, loss with its JVP on the r < t rows, backward, fused AdamW, EMA) for the objective and
+for the plain flow-matching step of the same network (no JVP), so "what the JVP costs" is a
+ratio measured in the same run. The "public recipe" variants time the official PyTorch Mean
+Flow code's engine (Gsunshine/py-meanflow) on the same network, noise and loss:
+torch.compile around loss + backward (a graph break at backward), the JVP over the whole
+batch, the default (unfused) optimizer, and an EMA updated every 16 steps by a per-parameter
+float64 loop with decay^16; its JVP and loss run in fp32 (autocast off), so it has one variant.
+By default the variants are interleaved step by step (round robin, after every variant's
+warm-up), so the load of a shared machine hits them alike; --sequential runs each variant's
+steps back to back (what per-variant GPU power and utilisation need).
 Reports median ms/step, img/s, TFLOP/s and MFU (FLOPs of forward + tangent + backward counted
-by torch.utils.flop_counter, against the bf16 matmul peak measured here), peak memory, and on
-a GPU the median power and utilisation (nvidia-ml-py).
+by torch.utils.flop_counter, against the bf16 matmul peak measured here), peak memory, the
+objective / flow-matching ratio, the speed-up over the public recipe, and on a GPU (with
+--sequential) the median power and utilisation (nvidia-ml-py).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,22 +34,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, median, peak_memory_mb,  # noqa: E402
-                    print_table, record, reset_peak_memory, time_ms)
+                    print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
+from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.models import count_params  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
-from stmd_fast.engine import make_train_step  # noqa: E402
 
-# name -> (torch.compile, precision, kernel backend)
+
+@dataclass(frozen=True)
+class Variant:
+    compile: bool
+    precision: str
+    kernels: str  # the kernel backend (stmd_fast.kernels.dispatch)
+    public: bool = False  # the public Mean Flow recipe's engine instead of ours
+
+
 VARIANTS = {
-    "eager fp32": (False, "fp32", "reference"),
-    "compiled fp32": (True, "fp32", "reference"),
-    "compiled bf16": (True, "bf16", "reference"),
-    "compiled bf16 + triton": (True, "bf16", "triton"),
+    "eager fp32": Variant(False, "fp32", "reference"),
+    "compiled fp32": Variant(True, "fp32", "reference"),
+    "compiled bf16": Variant(True, "bf16", "reference"),
+    "compiled bf16 + triton": Variant(True, "bf16", "triton"),
+    "public recipe": Variant(True, "fp32", "reference", public=True),  # its JVP runs in fp32 even under bf16
 }
+PUBLIC_EMA_PERIOD = 16  # the public recipe updates its EMA every 16 steps, with decay^16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (triton needs CUDA) [default: all]")
     p.add_argument("--no-flow-matching", action="store_true", help="skip the flow-matching rows")
+    p.add_argument("--sequential", action="store_true", help="time each variant's steps back to back (GPU power "
+                   "and utilisation per variant) instead of interleaving the variants step by step")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (the first one compiles)")
     p.add_argument("--iters", type=int, default=30, help="timed steps")
     p.add_argument("--device", default="auto")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, not saved")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
+                   "compiled and public recipe, not saved")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     return p
 
@@ -67,86 +90,149 @@ def count_step_flops(loss_fn, x0, noise) -> int:
     return counter.get_total_flops()
 
 
-def run_variant(name, objective, cfg, data_shape, batch, device, args, peak_tflops, flops):
-    compile_, precision, kernels = VARIANTS[name]
+def public_recipe_step(loss_fn, net, optimizer, scheduler, ema_net, ema_decay: float):
+    """The official PyTorch Mean Flow code's step, rebuilt on our network and loss: torch.compile
+    around loss + backward (Dynamo breaks the graph at backward and compiles both sides), then the
+    optimizer, the lr schedule and an EMA every PUBLIC_EMA_PERIOD steps (float64, per parameter)."""
+    def loss_and_backward(x0, noise):
+        loss, error = loss_fn(x0, noise)
+        loss.backward()
+        return loss.detach(), error
+
+    compiled = torch.compile(loss_and_backward)
+    decay = ema_decay ** PUBLIC_EMA_PERIOD
+    steps = [0]
+
+    def step(x0, noise):
+        optimizer.zero_grad(set_to_none=True)
+        loss, error = compiled(x0, noise)
+        optimizer.step()
+        scheduler.step()
+        steps[0] += 1
+        if steps[0] % PUBLIC_EMA_PERIOD == 0:
+            with torch.no_grad():
+                for p, q in zip(net.parameters(), ema_net.parameters()):
+                    q.copy_((q.double() + (1 - decay) * (p.double() - q.double())).float())
+        return loss, error
+
+    return step
+
+
+def build_runner(name, objective, cfg, data_shape, batch, device):
+    """A zero-argument callable running one training step of the variant (noise drawn inside)."""
+    variant = VARIANTS[name]
     torch.manual_seed(0)
     method = METHODS[cfg.method]
     net = method.build_net(cfg.net, data_shape).to(device)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
-    loss = compute_loss if objective == cfg.method else flow_matching_loss
+    scheduler_fn = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)  # noqa: E731
     generator = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(batch, *data_shape, device=device, generator=generator)
-    key = (objective, cfg.method)
-    if key not in flops:
-        # counted eagerly in fp32 on 2 samples and scaled: matmul and convolution FLOPs are linear
-        # in the batch, and the full batch of a large network would not fit in memory uncompiled
-        few = min(2, batch)
-        flops[key] = count_step_flops(partial(loss, cfg.method, net, cfg=cfg.objective), x0[:few],
-                                      draw_noise(x0[:few], cfg.objective, generator)) * batch // few
-        net.zero_grad(set_to_none=True)
-    with dispatch.backend(kernels):
-        if compile_:
-            torch._dynamo.reset()  # each variant compiles afresh
-        step = make_train_step(partial(loss, cfg.method, net, cfg=cfg.objective), net, optimizer, scheduler, ema,
-                               compile_, precision, device)
-        reset_peak_memory(device)
-        with GpuTelemetry(device) as telemetry:
-            times = time_ms(lambda: step(x0, draw_noise(x0, cfg.objective, generator)), device,
-                            args.warmup, args.iters)
-    ms = median(times)
-    tflops = flops[key] / (ms * 1e-3) / 1e12
-    return {"variant": name, "objective": objective if objective == cfg.method else "flow matching",
-            "ms_per_step": ms, "img_per_s": batch / (ms * 1e-3), "tflops": tflops,
-            "mfu_pct": 100 * tflops / peak_tflops, "peak_mem_mb": peak_memory_mb(device),
-            "gflop_per_step": flops[key] / 1e9, **telemetry.summary()}
+    if variant.public:
+        loss_fn = partial(compute_loss, cfg.method, net, cfg=cfg.objective, full_batch_jvp=True)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ema_net = method.build_net(cfg.net, data_shape).to(device)
+        ema_net.load_state_dict(net.state_dict())
+        step = public_recipe_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema_net, cfg.ema_decay)
+    else:
+        loss = compute_loss if objective == cfg.method else flow_matching_loss
+        loss_fn = partial(loss, cfg.method, net, cfg=cfg.objective)
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay)
+        step = make_train_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema, cfg.ema_decay,
+                               variant.compile, variant.precision, device)
+
+    def run():
+        with dispatch.backend(variant.kernels):
+            return step(x0, draw_noise(x0, cfg.objective, generator))
+
+    return run, loss_fn, net, x0, generator
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         args.preset, args.batch, args.warmup, args.iters, args.device = "gmm", 16, 2, 3, "cpu"
-        args.variants, args.no_save = "eager fp32,compiled fp32", True
+        args.variants, args.no_save = "eager fp32,compiled fp32,public recipe", True
     device = resolve_device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         sys.exit(f"error: unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-    if device.type != "cuda" and any(VARIANTS[v][2] == "triton" for v in names):
+    if device.type != "cuda" and any(VARIANTS[v].kernels == "triton" for v in names):
         print("note: skipping the triton variant: the kernels run on CUDA (on a CPU only in the tests' interpreter)")
-        names = [v for v in names if VARIANTS[v][2] != "triton"]
+        names = [v for v in names if VARIANTS[v].kernels != "triton"]
     cfg = PRESETS[args.preset]()
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
     batch = args.batch or cfg.batch_size
-    objectives = [args.method] + ([] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"])
+    if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
+        names = [v for v in names if not VARIANTS[v].public]  # the public recipe is a Mean Flow engine
+    fm = [] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"]
+    runs = [(name, objective) for name in names for objective in [args.method] + ([] if VARIANTS[name].public else fm)]
 
     env = environment(device)
     peak = measured_matmul_tflops(device, torch.bfloat16, quick=args.smoke)
     method = METHODS[args.method]
     n_params = count_params(method.build_net(cfg.net, data_shape))
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
-          f"batch {batch} | measured bf16 matmul peak {peak:.1f} TFLOP/s")
-    flops: dict = {}
-    rows = []
-    for name in names:
-        for objective in objectives:
-            rows.append(run_variant(name, objective, cfg, data_shape, batch, device, args, peak, flops))
-            record(f"train_step/{args.preset}/{args.method}", rows[-1])
-            print(f"  {name:>24} | {rows[-1]['objective']:>13} | {rows[-1]['ms_per_step']:.2f} ms/step", flush=True)
-    for row in rows:  # speed-ups against the eager fp32 reference of the same objective
-        base = next((r for r in rows if r["variant"] == "eager fp32" and r["objective"] == row["objective"]), None)
+          f"batch {batch} | measured bf16 matmul peak {peak:.1f} TFLOP/s | "
+          f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps")
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64  # every variant's compiled loss stays live for the interleaving
+    flops, runners, rows = {}, {}, {}
+    for key in runs:  # build, count FLOPs, warm up (compiles): one variant after another
+        name, objective = key
+        base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+        reset_peak_memory(device)
+        run, loss_fn, net, x0, generator = build_runner(name, objective, cfg, data_shape, batch, device)
+        flop_key = (objective, VARIANTS[name].public)
+        if flop_key not in flops:
+            # counted eagerly in fp32 on one block of rows (cfg.objective.jvp_block, 4 by default) and
+            # scaled: matmul and convolution FLOPs are linear in the batch, and the full batch of a
+            # large network would not fit in memory uncompiled
+            few = min(cfg.objective.jvp_block[1], batch)
+            flops[flop_key] = count_step_flops(loss_fn, x0[:few], draw_noise(x0[:few], cfg.objective, generator)) \
+                * batch // few
+            net.zero_grad(set_to_none=True)
+        for _ in range(args.warmup):
+            run()
+        synchronize(device)
+        rows[key] = {"variant": name, "objective": objective, "peak_mem_mb": peak_memory_mb(device) - base_mb,
+                     "gflop_per_step": flops[flop_key] / 1e9}
+        runners[key] = run
+        print(f"  warmed up {name} | {objective}", flush=True)
+    if args.sequential:
+        for key, run in runners.items():
+            with GpuTelemetry(device) as telemetry:
+                rows[key]["times"] = time_ms(run, device, 0, args.iters)
+            rows[key].update(telemetry.summary())
+    else:
+        for key, times in time_ms_interleaved(runners, device, args.iters).items():
+            rows[key]["times"] = times
+    for row in rows.values():
+        ms = median(row.pop("times"))
+        tflops = row["gflop_per_step"] * 1e9 / (ms * 1e-3) / 1e12
+        row.update(ms_per_step=ms, img_per_s=batch / (ms * 1e-3), tflops=tflops, mfu_pct=100 * tflops / peak)
+    rows = list(rows.values())
+    for row in rows:
+        same = lambda name: next((r for r in rows if r["variant"] == name and r["objective"] == row["objective"]),  # noqa: E731
+                                 None)
+        base = same("eager fp32")
         row["speedup_vs_eager"] = base["ms_per_step"] / row["ms_per_step"] if base else None
-        fm = next((r for r in rows if r["variant"] == row["variant"] and r["objective"] == "flow matching"), None)
-        row["step_vs_flow_matching"] = (row["ms_per_step"] / fm["ms_per_step"]
-                                        if fm and row["objective"] != "flow matching" else None)
+        fm_row = next((r for r in rows if r["variant"] == row["variant"] and r["objective"] == "flow matching"), None)
+        row["step_vs_flow_matching"] = (row["ms_per_step"] / fm_row["ms_per_step"]
+                                        if fm_row and row["objective"] != "flow matching" else None)
+        public = same("public recipe")
+        row["speedup_vs_public"] = (public["ms_per_step"] / row["ms_per_step"]
+                                    if public and not VARIANTS[row["variant"]].public else None)
+        record(f"train_step/{args.preset}/{args.method}", row)
     print()
     print_table(rows, ["variant", "objective", "ms_per_step", "img_per_s", "tflops", "mfu_pct", "peak_mem_mb",
-                       "speedup_vs_eager", "step_vs_flow_matching", "power_w", "gpu_util_pct"])
+                       "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching", "speedup_vs_public",
+                       "power_w", "gpu_util_pct"])
     result = {"environment": env, "preset": args.preset, "method": args.method, "batch": batch,
               "params": n_params, "bf16_peak_tflops": peak, "warmup": args.warmup, "iters": args.iters,
-              "rows": rows}
+              "interleaved": not args.sequential, "rows": rows}
     finish(f"train_step/{args.preset}/{args.method}", result, save=not args.no_save)
     return 0
 

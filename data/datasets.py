@@ -17,6 +17,9 @@ import torch
 
 SPLITS = ("train", "test")
 KINDS = {"image": 4, "vector": 2}  # kind -> rank of `values`, sample axis included
+# Float data is used as given, but the VP diffusion mixes it with unit-variance noise: data of magnitude
+# 1e4 and more cannot be learned (and 1e19 overflows the loss's squares in float32). Refused at load.
+MAX_ABS = 1e4
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -216,8 +219,9 @@ def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", d
 def load_npy(path: str) -> TensorData:
     """The user's own array saved with np.save: (N, D) -> 'vector', (N, C, H, W) -> 'image'.
 
-    uint8 images are pixels 0..255 (mapped to [-1, 1] when drawn); everything else becomes float32
-    and is used as given, so scale it to roughly unit range yourself.
+    Integer images are pixels 0..255 (mapped to [-1, 1] when drawn; other integer values are refused);
+    everything else becomes float32 and is used as given, so scale it to roughly unit range yourself
+    (magnitudes beyond MAX_ABS are refused).
     """
     file = Path(path)
     if not file.is_file():
@@ -244,8 +248,12 @@ def load_npy(path: str) -> TensorData:
     if array.size == 0:
         raise DataError(f"{path}: shape {array.shape} holds no data; save at least one non-empty sample")
 
-    if kind == "image" and array.dtype == np.uint8:
-        values = torch.from_numpy(array)
+    if kind == "image" and np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise DataError(f"{path}: integer images with values in [{low}, {high}]; integer images are read as "
+                            "pixels 0..255: save uint8 pixels, or float32 already scaled to [-1, 1]")
+        values = torch.from_numpy(array.astype(np.uint8))  # pixels in any integer dtype: scaled when drawn
     else:
         with np.errstate(over="ignore"):  # overflow to inf is reported just below, as a DataError
             values = torch.from_numpy(array.astype(np.float32))
@@ -257,4 +265,9 @@ def load_npy(path: str) -> TensorData:
                 f"{path}: {n_nan} NaN and {n_inf} inf values (after conversion to float32); "
                 "drop or replace them, e.g. x = np.nan_to_num(x), and save again"
             )
+        largest = float(values.abs().max())
+        if largest > MAX_ABS:
+            raise DataError(f"{path}: values up to {largest:.3g} in magnitude; the diffusion assumes data of about "
+                            f"unit scale (its noise has std 1) and refuses beyond {MAX_ABS:g}: standardize, e.g. "
+                            "x = (x - x.mean(0)) / x.std(0), and save again")
     return TensorData(file.stem, values, kind)

@@ -7,6 +7,8 @@ and encoded with diffusers' AutoencoderKL. The distribution is stored, not one s
 trainer draws a fresh latent every time it sees the image. Per sample, the shard holds:
 
     KEY.mean.npy, KEY.std.npy   float16 (C, R/f, R/f): the latent distribution (f: the VAE's downsampling)
+    KEY.sha256.txt              SHA-256 of the two .npy files' bytes (mean's, then std's): the loader
+                                checks it and skips a sample whose bytes changed (a damaged disk)
     KEY.src.txt                 the image's path relative to DIR
 
 KEY is the image's index in the sorted file list (9 digits); with --flip, KEY_flip holds the encoding
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -35,11 +38,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import fsync_path, temp_sibling, write_atomic
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
 from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
 
-FORMAT = "stmd_fast.latents/1"
+FORMAT = "stmd_fast.latents/2"  # /2: a SHA-256 per sample
 SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a rerun must match these to reuse shards
 
 
@@ -107,9 +111,10 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
     # One TarWriter per shard instead of a run-long ShardWriter: each shard is written under a
     # temporary name and renamed only once complete, so a crash never leaves a half shard under the
     # final name, and shard k always holds the same images, so a rerun can skip finished shards.
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # a rerun overwrites what a killed run left
     samples, skipped = 0, []
-    with wds.TarWriter(str(tmp)) as sink:
+    # in Python file I/O, so a full disk is an OSError (main says it in one line)
+    with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
         for batch, loaded in loaded_batches(pool, root, sources, args.batch_size, args.resolution):
             good = [(index[p], p, image) for p, (image, _) in zip(batch, loaded) if image is not None]
             skipped += [{"path": p, "error": error} for p, (_, error) in zip(batch, loaded) if error is not None]
@@ -124,12 +129,26 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
                         raise DataError(f"{good[int(np.argmin(finite))][1]}: the VAE returned non-finite latents (or "
                                         "beyond float16's range); check the VAE on this image, or move the image out")
                     for (number, p, _), m, s in zip(good, mean, std):
-                        sink.write({"__key__": f"{number:09d}{suffix}", "mean.npy": m, "std.npy": s, "src.txt": p})
+                        m, s = npy_bytes(m), npy_bytes(s)
+                        sink.write({"__key__": f"{number:09d}{suffix}", "mean.npy": m, "std.npy": s,
+                                    "sha256.txt": sample_sha256(m, s), "src.txt": p})
                         samples += 1
             bar.update(len(batch))
+    fsync_path(tmp)
     os.replace(tmp, path)
     return {"name": path.name, "sources_sha1": digest(sources), "images": len(sources) - len(skipped),
             "samples": samples, "skipped": skipped}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sample_sha256(mean_npy: bytes, std_npy: bytes) -> str:
+    """The per-sample checksum: SHA-256 of the mean's .npy bytes followed by the std's."""
+    return hashlib.sha256(mean_npy + std_npy).hexdigest()
 
 
 def digest(sources: list[str]) -> str:
@@ -149,9 +168,20 @@ def previous_manifest(folder: Path) -> dict | None:
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     # temp file + rename: a reader (or a crash) never sees half a manifest
-    tmp = folder / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / "manifest.json")
+    write_atomic(folder / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be a folder this process can write into (made if missing); DataError before the VAE loads."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: pass a folder for the shards (it is made if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temp_sibling(out / "manifest.json")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"cannot write to --out {out}: {error.strerror or error}: choose a writable folder") from None
 
 
 def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
@@ -164,6 +194,14 @@ def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
         raise DataError(f"{out} holds shards encoded with other settings ({differ}); "
                         f"pass a new --out, or delete {out} to re-encode")
     return {info["name"]: info for info in previous.get("shard_info", [])}
+
+
+def write_failed(out: Path, name: str, error: OSError, finished: int) -> DataError:
+    """A write that failed (a full disk): its temporary file is gone, the finished shards are kept."""
+    for leftover in [*out.glob("shard-*.tar.tmp"), *out.glob(".tmp-*manifest.json")]:
+        leftover.unlink(missing_ok=True)
+    return DataError(f"could not write {out / name}: {error.strerror or error}; no partial file is left, the "
+                     f"{finished} shards written before are kept: free space and rerun the same command to continue")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -182,10 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
     settings = {"format": FORMAT, "vae": args.vae, "resolution": args.resolution, "flip": args.flip,
                 "shard_size": args.shard_size, "source": str(root.resolve())}
+    check_out_folder(out)
     finished = check_previous(previous_manifest(out), settings, out)
     vae = load_vae(args.vae, device)
     shape = latent_shape(vae, args.resolution)
-    out.mkdir(parents=True, exist_ok=True)
 
     groups = shard_groups(sources, args.shard_size)
     index = {p: i for i, p in enumerate(sources)}
@@ -210,15 +248,21 @@ def main(argv: list[str] | None = None) -> dict:
                 info.append(done)  # finished by an earlier run, with the same images
                 bar.update(len(group))
                 continue
-            info.append(encode_shard(out / name, group, index, vae, pool, root, args, bar))
-            write_manifest(out, manifest(complete=False))  # progress: what a rerun may skip
+            try:
+                info.append(encode_shard(out / name, group, index, vae, pool, root, args, bar))
+                write_manifest(out, manifest(complete=False))  # progress: what a rerun may skip
+            except OSError as error:
+                raise write_failed(out, name, error, len(info)) from None
     bar.close()
 
     result = manifest(complete=True)
     if result["images"] == 0:
         raise DataError(f"none of the {len(sources)} images under {root} could be read (first: "
                         f"{result['skipped'][0]['path']}: {result['skipped'][0]['error']}); check the files")
-    write_manifest(out, result)
+    try:
+        write_manifest(out, result)
+    except OSError as error:
+        raise write_failed(out, "manifest.json", error, len(info)) from None
     stale = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in set(names))
     if stale:
         print(f"note: {len(stale)} shard files in {out} are not part of this encoding (e.g. {stale[0]}, "

@@ -149,6 +149,37 @@ class GaussianMixture:
         x0 = self.posterior_sample(x_s, s_from, generator)
         return _bridge64(x_s, x0, s_from, s_to, generator)
 
+    def observe(self, matrix, y, sigma_y: float) -> tuple["GaussianMixture", float]:
+        """The exact posterior of a linear measurement y = A x_0 + sigma_y n (n ~ N(0, I)):
+
+            p(x_0 | y) = sum_k w_k N(m_k, C_k),   w_k ~ pi_k N(y; A mu_k, A S_k A^T + sigma_y^2 I)
+            G_k = S_k A^T (A S_k A^T + sigma_y^2 I)^{-1}
+            m_k = mu_k + G_k (y - A mu_k),        C_k = S_k - G_k A S_k
+
+        and the log evidence log p(y). matrix: (m, D); y: (m,); sigma_y > 0 (with sigma_y = 0 the
+        posterior lives on the affine set A x = y and has no density in D dimensions)."""
+        a = torch.as_tensor(matrix, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.float64).flatten()
+        if a.ndim != 2 or a.shape[1] != self.shape[0] or y.shape != (a.shape[0],):
+            raise ValueError(f"need A of shape (m, {self.shape[0]}) and y of shape (m,), got {tuple(a.shape)} and "
+                             f"{tuple(y.shape)}")
+        if not sigma_y > 0:
+            raise ValueError(f"the posterior of a noisy measurement needs sigma_y > 0, got {sigma_y}")
+        pi, mu, cov, _ = self._params(torch.device("cpu"))
+        cross = cov @ a.T  # S_k A^T: (K, D, m)
+        marg = a @ cross + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)  # A S_k A^T + sigma^2 I
+        marg_chol = torch.linalg.cholesky(marg)
+        r = (y - mu @ a.T).unsqueeze(-1)  # (K, m, 1)
+        white = torch.linalg.solve_triangular(marg_chol, r, upper=False).squeeze(-1)
+        logdet = 2 * torch.log(torch.diagonal(marg_chol, dim1=-2, dim2=-1)).sum(-1)
+        log_lik = -0.5 * ((white**2).sum(-1) + logdet + a.shape[0] * math.log(2 * math.pi))
+        log_joint = torch.log(pi) + log_lik
+        gain = torch.cholesky_solve(cross.transpose(-1, -2), marg_chol).transpose(-1, -2)  # (K, D, m)
+        means = mu + (gain @ r).squeeze(-1)
+        covs = cov - gain @ cross.transpose(-1, -2)
+        covs = 0.5 * (covs + covs.transpose(-1, -2))
+        return GaussianMixture(torch.softmax(log_joint, 0), means, covs), float(torch.logsumexp(log_joint, 0))
+
     def mean_transition(self, x_s: torch.Tensor, s_from: float, s_to: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """The best possible DDPM step: the bridge from x0_hat = E[x_0 | x_s], a Gaussian.
         It has the right mean but misses the posterior's spread (all of it, at s_to = 0)."""

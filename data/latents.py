@@ -35,13 +35,17 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .datasets import DataError
-from .encode import FORMAT
+from .encode import FORMAT, sample_sha256
 from .vae import decode_latents  # noqa: F401 (importable from here too)
 
 CHUNK = 64  # samples per worker -> main process transfer: one pickle per chunk, not per sample
-# What a damaged shard raises while read: tarfile's errors, truncated streams, bad .npy bytes,
-# a sample missing an entry (KeyError) or of the wrong shape (ValueError).
-CORRUPT = (tarfile.TarError, OSError, EOFError, ValueError, KeyError)
+# What a damaged shard raises while its tar stream is read: tarfile's errors, truncated streams.
+# The rest of that shard is skipped; a sample whose own bytes are damaged is skipped alone.
+CORRUPT = (tarfile.TarError, OSError, EOFError, ValueError)
+
+
+class DamagedSample(ValueError):
+    """One sample's entries are missing, unparsable, of the wrong shape, fail the checksum or are not finite."""
 
 
 def read_manifest(folder: Path) -> dict:
@@ -97,9 +101,28 @@ def worker_split(shards: list[str]) -> tuple[list[str], int]:
     return shards[worker::workers], worker
 
 
+def decode_sample(sample: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) fp16 of one sample from its tar entries, or DamagedSample saying what is wrong."""
+    missing = [k for k in ("mean.npy", "std.npy", "sha256.txt") if k not in sample]
+    if missing:
+        raise DamagedSample(f"no {', '.join(missing)}")
+    if sample_sha256(sample["mean.npy"], sample["std.npy"]) != bytes(sample["sha256.txt"]).decode(errors="replace"):
+        raise DamagedSample("fails its SHA-256 check")
+    try:
+        mean, std = (np.load(io.BytesIO(sample[k]), allow_pickle=False) for k in ("mean.npy", "std.npy"))
+    except (ValueError, OSError, EOFError) as error:
+        raise DamagedSample(f"unparsable .npy ({error})") from None
+    if mean.shape != shape or std.shape != shape:
+        raise DamagedSample(f"shapes {mean.shape}, {std.shape}, the manifest says {shape}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise DamagedSample("holds NaN or inf")
+    return mean, std
+
+
 def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, int]):
-    """Yields {"key", "mean", "std"} (fp16 numpy) per sample, or {"skipped": url, "error"} for a damaged
-    shard (the samples read before the damage were yielded already).
+    """Yields {"key", "mean", "std"} (fp16 numpy) per intact sample, {"damaged": key, "url", "error"} per
+    damaged sample (skipped), and {"skipped": url, "error"} for a shard whose tar stream breaks (the
+    samples read before the break were yielded already).
 
     `expected` (path -> samples, from the manifest) catches a tar cut at a member boundary, which
     tarfile reads as a clean end.
@@ -110,12 +133,13 @@ def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, i
             # opened here, not by webdataset's url_opener, which leaves closing the file to the GC
             with open(url, "rb") as stream:
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                    mean, std = (np.load(io.BytesIO(sample[k]), allow_pickle=False) for k in ("mean.npy", "std.npy"))
-                    if mean.shape != shape or std.shape != shape:
-                        raise ValueError(f"sample {sample['__key__']} has shapes {mean.shape}, {std.shape}, "
-                                         f"the manifest says {shape}")
-                    yield {"key": sample["__key__"], "mean": mean, "std": std}
                     count += 1
+                    try:
+                        mean, std = decode_sample(sample, shape)
+                    except DamagedSample as error:
+                        yield {"damaged": sample["__key__"], "url": url, "error": str(error)}
+                        continue
+                    yield {"key": sample["__key__"], "mean": mean, "std": std}
         except CORRUPT as error:
             reason = error.args[0] if error.args else ""  # webdataset appends the stream to args
             yield {"skipped": url, "error": f"{type(error).__name__}: {reason}"}
@@ -128,7 +152,7 @@ def chunked(records, size: int):
     """Stacks records into {"keys", "mean", "std"} chunks of `size` (fp16 tensors); skip markers pass through."""
     keys, means, stds = [], [], []
     for record in records:
-        if "skipped" in record:
+        if "key" not in record:
             yield record
             continue
         keys.append(record["key"]), means.append(record["mean"]), stds.append(record["std"])
@@ -158,7 +182,9 @@ class EpochStream(IterableDataset):
 class LatentShards:
     """An endless, resumable stream of latents for one DDP rank; batch() is the trainer's interface.
 
-    Damaged shards are skipped with a warning and counted in skipped_shards (strict=True: DataError).
+    A damaged sample (its checksum, shape or values wrong) is skipped and counted in skipped_samples; a
+    shard whose tar stream breaks is skipped from there on and counted in skipped_shards; each with a
+    warning the first time (strict=True: DataError instead).
     """
 
     kind = "latent"
@@ -199,6 +225,8 @@ class LatentShards:
         self.num_workers = min(num_workers, len(self.urls[rank::world_size]))
         self.device = torch.device(device)
         self.corrupt_shards: dict[str, str] = {}  # url -> error, over all epochs
+        self.damaged_samples: dict[str, str] = {}  # "url:key" -> error, over all epochs
+        self._warned: set[str] = set()  # shards whose damaged samples were reported
         self.epoch, self.consumed = 0, 0
         self._stream = None  # the current epoch's DataLoader iterator
         self._pending = None  # (mean, std) of a chunk on self.device, not consumed yet
@@ -209,6 +237,11 @@ class LatentShards:
     def skipped_shards(self) -> int:
         """Damaged shards skipped so far (each counted once, however many epochs met it)."""
         return len(self.corrupt_shards)
+
+    @property
+    def skipped_samples(self) -> int:
+        """Damaged samples skipped so far (each counted once, however many epochs met it)."""
+        return len(self.damaged_samples)
 
     def to(self, device) -> LatentShards:
         """Sets the device batch() returns on (and pins the workers' chunks in memory for CUDA)."""
@@ -278,6 +311,9 @@ class LatentShards:
             if "skipped" in chunk:
                 self._skip_shard(chunk["skipped"], chunk["error"])
                 continue
+            if "damaged" in chunk:
+                self._skip_sample(chunk["url"], chunk["damaged"], chunk["error"])
+                continue
             self._epoch_samples += len(chunk["keys"])
             mean, std = chunk["mean"], chunk["std"]
             if self._replay:  # resuming: these were consumed before the state was saved
@@ -291,9 +327,19 @@ class LatentShards:
     def _skip_shard(self, url: str, error: str) -> None:
         if self.strict:
             raise DataError(f"{url}: damaged shard ({error}); delete it and rerun stmd_fast.data.encode with the "
-                            "same arguments to rewrite it, or pass strict=False to skip it")
+                            "same arguments to rewrite it, or drop --strict-data to skip it")
         if url not in self.corrupt_shards:
             warnings.warn(f"skipping damaged shard {url} ({error}); the samples before the damage are used",
                           stacklevel=4)
         self.corrupt_shards[url] = error
+
+    def _skip_sample(self, url: str, key: str, error: str) -> None:
+        if self.strict:
+            raise DataError(f"{url}: sample {key} is damaged ({error}); delete the shard and rerun "
+                            "stmd_fast.data.encode with the same arguments to rewrite it, or drop --strict-data")
+        if url not in self._warned:  # once per shard: a badly damaged one would flood the log
+            self._warned.add(url)
+            warnings.warn(f"skipping damaged sample {key} of {url} ({error}); later ones are counted, not "
+                          "reported", stacklevel=4)
+        self.damaged_samples[f"{url}:{key}"] = error
 

@@ -3,92 +3,320 @@
 A checkpoint is a directory RUN/checkpoints/step_XXXXXXXX/ holding
   model.safetensors   the trained weights        ema.safetensors   the EMA weights
   train_state.pt      optimizer, scheduler, RNG   config.json       resolved config + metadata
-It is written under a temporary name and renamed into place (atomic on POSIX), so a crash
-or kill mid-write never leaves a broken checkpoint: at worst a .tmp-* folder that the next
-save removes. find_checkpoint never looks at .tmp-* folders.
+  ema-D.safetensors   each further EMA (--ema-decays D)
+config.json records the size and SHA-256 of every other file (checked_files), checked on load, so a
+truncated, overwritten or bit-flipped file is found and named; weights are also checked finite
+on load, and a checkpoint of non-finite weights is never written.
+
+What no kill can leave half-done (the order of operations, each step fsynced):
+  save:     write .tmp-step_X/, fsync its files and itself -> rename to step_X -> fsync checkpoints/
+  rotation: rename an old step_Y to .del-step_Y -> fsync checkpoints/ -> delete it
+  same step saved again: step_X -> .replaced-step_X, then the new one -> step_X, then delete
+Loaders read step_* folders (and a .replaced-step_X whose step_X is missing: a kill between the two
+renames), never a half-written or half-deleted one; the next save (or recover_leftovers) deletes the
+.tmp-* and .del-* folders and puts back a .replaced-step_X whose replacement never arrived. Rotation
+keeps the newest intact checkpoint even when newer ones are damaged. tests/test_survival.py kills a
+save at each of its file-system operations in turn and checks all of this.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from .config import TrainConfig
 from .devices import same_device
+from .files import fsync_path, write_atomic, write_bytes_durably
 from .methods import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .operators import LinearOperator
+
+FORMAT_VERSION = 2  # 2: U-Net time embedding as scale-shift after the norm (issue 17)
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+STATE_FILE = "train_state.pt"
+CHECKED_FILES = (*WEIGHT_FILES, STATE_FILE)  # sizes and SHA-256 in config.json
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, incomplete or unreadable; the message names the file."""
+
+
+class NonFiniteState(CheckpointError):
+    """save_checkpoint was handed weights or optimizer state holding NaN or inf (nothing was written)."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    """Replace `path` by `obj` as JSON: a reader (or a kill) sees the old file or the new one, never half."""
+    write_atomic(path, json.dumps(obj, indent=2).encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _nonfinite(tensors: dict, where: str) -> str | None:
+    """Names the first floating tensor of `tensors` (nested dicts/lists) holding NaN or inf, else None."""
+    for key, value in tensors.items() if isinstance(tensors, dict) else enumerate(tensors):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"{where}[{key!r}]"
+        elif isinstance(value, (dict, list, tuple)):
+            found = _nonfinite(value, f"{where}[{key!r}]")
+            if found:
+                return found
+    return None
+
+
+def _state(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_net: torch.nn.Module | dict,
                     train_state: dict, meta: dict, keep: int, extra_weights: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the `keep` newest.
+    """Write checkpoint `step` atomically, then delete all but the `keep` newest (never the newest intact).
 
     net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0); extra_weights:
-    {file name: module or state dict} written beside them (the further EMAs). Under torchrun only rank 0
-    calls this; a process killed mid-write leaves at most a .tmp-* folder."""
+    {file name: module or state dict} written (and checksummed) beside them (the further EMAs). Under torchrun
+    only rank 0 calls this. NonFiniteState (nothing written) if a weight or optimizer tensor holds NaN or
+    inf; OSError (e.g. a full disk) leaves no partial checkpoint behind."""
+    files = {name: _state(module) for name, module in [*zip(WEIGHT_FILES, (net, ema_net)), *(extra_weights or {}).items()]}
+    bad = next(filter(None, (_nonfinite(state, name) for name, state in files.items())), None) \
+        or _nonfinite(train_state, STATE_FILE)
+    if bad:
+        raise NonFiniteState(f"not saving step {step}: {bad} holds NaN or inf")
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
-    for leftover in root.glob(".tmp-*"):  # from a crash during an earlier save
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in [*zip(WEIGHT_FILES, (net, ema_net)), *(extra_weights or {}).items()]:
-        state = module if isinstance(module, dict) else module.state_dict()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name)
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "config.json").write_text(json.dumps({**meta, "format": FORMAT_VERSION, "step": step}, indent=2))
-    for f in tmp.iterdir():
-        _fsync(f)
-    replaced = None
-    if final.exists():  # the same step saved again (e.g. an interrupt right after a save): move it aside first
-        replaced = root / f".tmp-old-{final.name}"
+    new_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    if new_root:
+        fsync_path(root.parent)
+    recover_leftovers(run_dir)
+    tmp.mkdir()
+    try:
+        record = {}
+        for name in (*files, STATE_FILE):
+            if name == STATE_FILE:
+                buffer = io.BytesIO()
+                torch.save(train_state, buffer)
+                data = buffer.getvalue()
+            else:
+                data = save_safetensors(files.pop(name))
+            write_bytes_durably(tmp / name, data)
+            record[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            del data
+        write_bytes_durably(tmp / "config.json", json.dumps(
+            {**meta, "format": FORMAT_VERSION, "step": step, "files": record}, indent=2).encode())
+        fsync_path(tmp)  # the folder's entries
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replaced = root / f".replaced-{final.name}"
+    if final.exists():  # the same step saved again: the old one stays whole until the new one is in place
         os.replace(final, replaced)
     os.replace(tmp, final)
-    _fsync(root)  # the rename is on disk before anything older is deleted
-    if replaced is not None:
+    fsync_path(root)  # the rename is on disk before anything older is deleted
+    if replaced.exists():
         shutil.rmtree(replaced)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    _rotate(root, keep, final)
     return final
 
 
+def _rotate(root: Path, keep: int, final: Path) -> None:
+    """Delete all but the `keep` newest step_* folders, sparing `final` (just written) and, if a newer
+    folder than it exists, the newest of those that verifies: rotation never deletes the newest intact one."""
+    folders = sorted(root.glob("step_*"))
+    spared = {final, *folders[-keep:]}
+    newer_intact = next((c for c in reversed(folders) if c.name > final.name and _intact(c)), None)
+    if newer_intact is not None:
+        spared.add(newer_intact)
+    doomed = [old for old in folders if old not in spared]
+    for old in doomed:
+        os.replace(old, root / f".del-{old.name}")  # out of the loaders' sight before it is half deleted
+    if doomed:
+        fsync_path(root)
+        for old in doomed:
+            shutil.rmtree(root / f".del-{old.name}")
+
+
+def recover_leftovers(run_dir: str | Path) -> None:
+    """Tidy what a kill during save or rotation left in RUN/checkpoints: delete .tmp-* and .del-*
+    folders; put a .replaced-step_X back if its replacement step_X never arrived."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for leftover in root.glob(".replaced-step_*"):
+        original = root / leftover.name.removeprefix(".replaced-")
+        if original.exists():
+            shutil.rmtree(leftover)
+        else:
+            os.replace(leftover, original)
+            fsync_path(root)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint folders, newest first (damaged ones included, half-written or half-deleted
+    ones never): the step_* folders, and a .replaced-step_X whose replacement a kill stopped short of."""
+    root = Path(run_dir) / "checkpoints"
+    found = {p.name: p for p in root.glob("step_*") if p.is_dir()}
+    for orphan in root.glob(".replaced-step_*"):  # whole: it is deleted only once step_X is in place
+        found.setdefault(orphan.name.removeprefix(".replaced-"), orphan)
+    return [found[name] for name in sorted(found, reverse=True)]
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A step_* folder, or any folder holding a checkpoint's files (not a run directory)."""
+    return path.name.startswith("step_") or any((path / name).is_file() for name in CHECKED_FILES)
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory itself, or the newest checkpoint of a run directory."""
+    """A checkpoint directory itself, or the newest step_* folder of a run directory, unverified
+    (newest_intact finds the newest one that verifies)."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / WEIGHT_FILES[0]).is_file():
+    if is_checkpoint_dir(path):
         return path
-    found = sorted((path / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+    found = list_checkpoints(path)
+    return found[0] if found else None
 
 
 def read_meta(ckpt: Path) -> dict:
-    meta = json.loads((ckpt / "config.json").read_text())
+    """config.json of a checkpoint; CheckpointError naming the file if it is missing, not JSON or of
+    another format."""
+    path = Path(ckpt) / "config.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {ckpt} is not a whole checkpoint") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}): "
+                              f"the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint's metadata: the checkpoint is damaged")
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{ckpt} has checkpoint format {meta.get('format')}, this stmd_fast reads "
-                         f"format {FORMAT_VERSION}: use the stmd_fast version that wrote it")
+        raise CheckpointError(f"{ckpt} has checkpoint format {meta.get('format')}, this stmd_fast reads "
+                              f"format {FORMAT_VERSION}: use the stmd_fast version that wrote it")
     return meta
+
+
+def verify_checkpoint(ckpt: str | Path, finite: bool = False) -> dict:
+    """The checkpoint's metadata once every file is present with the size and SHA-256 config.json
+    records (and, with finite, both weight files load and hold no NaN or inf); CheckpointError naming
+    the first file that does not."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    record = meta.get("files", {})  # absent in checkpoints written before checksums: presence only
+    for name in checked_files(meta):
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        expected = record.get(name)
+        if expected is None:
+            continue
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} has {size} bytes, {expected['bytes']} were written: the file is "
+                                  f"truncated or overwritten")
+        if file_sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} fails its SHA-256 check: its bytes changed after it was written "
+                                  f"(a damaged disk or an edit)")
+    if finite:
+        for name in checked_files(meta):
+            if name != STATE_FILE:
+                load_weights(ckpt, name)
+    return meta
+
+
+def checked_files(meta: dict) -> list[str]:
+    """The files a checkpoint must hold, checked against config.json: model, every EMA, train_state."""
+    config = meta.get("config", {})
+    extra = [ema_file(d, config["ema_decay"]) for d in config.get("ema_decays", [])] if "ema_decay" in config else []
+    return [*WEIGHT_FILES, *extra, STATE_FILE]
+
+
+def _intact(ckpt: Path) -> bool:
+    try:
+        verify_checkpoint(ckpt)
+        return True
+    except (CheckpointError, OSError):
+        return False
+
+
+def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, list[str]]:
+    """(checkpoint, its metadata, why each newer one was passed over) for a run directory: the newest
+    checkpoint that verifies (verify_checkpoint(ckpt, finite)); for a checkpoint directory: itself,
+    verified. FileNotFoundError if there is no checkpoint, CheckpointError if none is intact."""
+    path = Path(path)
+    if is_checkpoint_dir(path):
+        return path, verify_checkpoint(path, finite), []  # named by the user: no fallback
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
+                                f"or a checkpoints/step_* directory")
+    damaged = []
+    for ckpt in candidates:
+        try:
+            return ckpt, verify_checkpoint(ckpt, finite), damaged
+        except (CheckpointError, OSError) as err:
+            damaged.append(str(err))
+    raise CheckpointError(f"none of the {len(candidates)} checkpoints in {path / 'checkpoints'} is intact "
+                          f"(newest: {damaged[0]})")
+
+
+def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """One weights file of a checkpoint, on `device`; CheckpointError naming the file if it does not
+    parse or holds NaN or inf."""
+    path = Path(ckpt) / name
+    try:
+        state = load_safetensors(path.read_bytes())
+    except Exception as err:  # safetensors' SafetensorError, a missing file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
+    bad = _nonfinite(state, name)
+    if bad:
+        raise CheckpointError(f"{path}: {bad.removeprefix(name)} holds NaN or inf: these weights cannot be used; "
+                              f"take an earlier checkpoint")
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def load_train_state(ckpt: Path, device: str | torch.device) -> dict:
+    """train_state.pt of a checkpoint (optimizer, scheduler, RNG, step); CheckpointError naming it if unreadable."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # pickle errors, a truncated zip
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to damaged-step_X beside it: out of the loaders' and the rotation's
+    sight, kept for the user to inspect or delete."""
+    target = ckpt.with_name(f"damaged-{ckpt.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"damaged-{ckpt.name}-{n}")
+    os.replace(ckpt, target)
+    fsync_path(ckpt.parent)
+    return target
 
 
 def build_net_from_meta(meta: dict) -> torch.nn.Module:
@@ -170,6 +398,42 @@ class Model:
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
+    def posterior_sample(self, y: torch.Tensor, operator: "LinearOperator", sigma_y: float = 0.0,
+                         particles: int | None = None, steps: int = 1, flow_steps: int = 1, num: int = 1,
+                         generator: torch.Generator | None = None, grid: str = "uniform",
+                         batch_size: int | None = None) -> torch.Tensor:
+        """`num` draws of x_0 given one measurement y = A x_0 + sigma_y n (y without a batch axis;
+        operator: stmd_fast.operators), as (num, *data_shape).
+
+        particles=None: DDNM (sigma_y = 0: A x = y exactly) or DDNM+ (sigma_y > 0) inside the sampler
+        loop, one chain per draw. particles=K: SMC (stmd_fast/smc.py), each draw one particle picked
+        by weight from its own run of K (num * K chains); its law tends to the model's exact
+        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch."""
+        from .operators import DDNM
+        from .smc import network_denoiser, smc_sample
+
+        check_steps(self.method, steps, flow_steps)
+        operator.check(self.data_shape)
+        y = y.to(self.device)
+        expected = tuple(operator(torch.zeros(1, *self.data_shape, device=self.device)).shape[1:])
+        if tuple(y.shape) != expected:
+            raise ValueError(f"y has shape {tuple(y.shape)}; {operator.name} measures {self.data_shape} samples "
+                             f"as {expected}")
+        if not sigma_y >= 0:
+            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        generator = self._generator(generator)
+        if particles is None:
+            hook = DDNM(operator, y, sigma_y)
+            return self._batched(num, batch_size, lambda n: sample(
+                self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=hook))
+        if particles < 1:
+            raise ValueError(f"need particles >= 1, got {particles} (or particles=None for DDNM)")
+        denoise = network_denoiser(self.net, self.method, flow_steps)
+        runs = None if batch_size is None else max(1, batch_size // particles)
+        return self._batched(num, runs, lambda n: smc_sample(
+            denoise, self.method, operator, y.expand(n, *y.shape), sigma_y, particles, self.data_shape, steps,
+            flow_steps, generator, grid).draw(generator))
+
 
 def ema_file(decay: float | None, ema_decay: float) -> str:
     """The file of a checkpoint that holds the EMA of `decay`: the run's ema_decay (or None) in
@@ -184,28 +448,32 @@ def ema_decays_of(meta: dict) -> list[float]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
                     ema: float | None = None) -> Model:
-    """Load a checkpoint directory (or a run directory's newest checkpoint) for sampling.
+    """Load a checkpoint directory, or a run directory's newest intact checkpoint (with a warning naming
+    the damaged newer ones it passed over), for sampling. Every file is verified against the checksums
+    in its config.json and the weights must be finite: CheckpointError naming the file otherwise.
 
     weights: 'ema' (default, what samples use) or 'model' (the raw trained weights).
     ema: with weights 'ema', which EMA by its decay (a run keeps --ema-decay and each of --ema-decays);
     default: --ema-decay's."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
-                                f"or a checkpoints/step_* directory")
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    meta = read_meta(ckpt)
+    ckpt, meta, damaged = newest_intact(path)
+    if damaged:
+        warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=2)
     if ema is not None and (weights != "ema" or ema not in ema_decays_of(meta)):
         kept = ", ".join(map(str, ema_decays_of(meta)))
         raise ValueError(f"--ema {ema}: " + (f"{ckpt} keeps the EMA decays {kept}; pick one of them"
                                              if weights == "ema" else "is for the EMA weights, not --weights model"))
     file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
-    net = build_net_from_meta(meta)
     try:
-        net.load_state_dict(load_file(ckpt / file))
+        net = build_net_from_meta(meta)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "
+                              f"({type(err).__name__}: {err}): was it edited?") from None
+    try:
+        net.load_state_dict(load_weights(ckpt, file))
     except RuntimeError as err:
-        raise ValueError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
-                         f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
+                              f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
     net.eval().requires_grad_(False).to(device)
     return Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)

@@ -49,7 +49,7 @@ def field_docs(cls) -> dict[str, str]:
             and isinstance(b.value.value, str)}
 
 
-TUPLE_FLAGS = {"tuple[float, float]": (float, 2), "tuple[float, ...]": (float, "+"), "tuple[str, ...]": (str, "+")}
+TUPLE_FLAGS = {"tuple[int, ...]": (int, "+"), "tuple[float, float]": (float, 2), "tuple[float, ...]": (float, "+"), "tuple[str, ...]": (str, "+")}
 """Tuple fields as flags that take several values: (type of each, argparse nargs)."""
 
 

@@ -6,6 +6,7 @@ The preset names the data and the network; every field can be overridden from th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class TrainConfig:
     Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
+    strict_data: bool = option(False, resumable=True)
+    """Latent presets: stop at the first damaged shard or sample (its checksum, shape or values wrong)
+    instead of skipping it; skipped ones are counted in the log and metrics.jsonl either way."""
     data_dir: str = "datasets"
     """Where mnist / cifar10 files live (torchvision's layout)."""
     download: bool = False
@@ -165,8 +169,16 @@ class TrainConfig:
                      "sample_steps", "sample_flow_steps", "sample_ddpm_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.ema_decay < 1 or self.warmup_steps < 0 or self.sample_every < 0:
-            raise ValueError("need lr > 0, 0 <= ema_decay < 1, warmup_steps >= 0 and sample_every >= 0")
+        for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        # NaN fails every comparison: each check says "in range" and is negated, so NaN and inf are refused
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"--lr must be a finite number in (0, 1], got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas takes two numbers in [0, 1), got {' '.join(map(str, self.adam_betas))}")
@@ -183,8 +195,6 @@ class TrainConfig:
 
             if self.dit not in DIT_MODELS:
                 raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
-        if self.data_workers < 0:
-            raise ValueError(f"--data-workers must be at least 0, got {self.data_workers}")
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
             self.out = f"runs/{Path(self.data).stem if own_data else self.preset}-{self.method}"
@@ -193,16 +203,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Time samplers with their sources (the paper gives none of its own; math.md section 4):
+MEANFLOW_IMAGENET = ObjectiveConfig(time_sampler="pair", time_mean=-0.4, time_std=1.0, flow_matching_fraction=0.75,
+                                    adaptive_p=1.0)
+"""Mean Flow's ImageNet 256 latent-DiT recipe (its paper's default): LN(-0.4, 1) pairs, 75% r = t, p = 1."""
+MEANFLOW_CIFAR10 = ObjectiveConfig(time_sampler="separate", time_mean=-0.6, time_std=1.6, r_mean=-4.0, r_std=1.6,
+                                   flow_matching_fraction=0.25, adaptive_p=0.75)
+"""Mean Flow's improved CIFAR-10 U-Net recipe (official PyTorch code, configs/cifar10_v1): t LN(-0.6, 1.6) and
+r LN(-4, 1.6) drawn separately, r = min(r, t), 25% r = t, p = 0.75."""
+
+
 def _digits() -> TrainConfig:
     # Sized to finish in a few minutes on 2 CPU cores with recognizable digits.
+    # Times: Mean Flow's ImageNet recipe until the README's time-sampler experiment is finished.
     return TrainConfig(preset="digits", steps=4000, batch_size=64, lr=1e-3, ema_decay=0.999,
-                       net=NetConfig(channels=(16, 32), norm_groups=8, head_dim=8, time_freqs=32))
+                       net=NetConfig(channels=(16, 32), norm_groups=8, head_dim=8, time_freqs=32),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))
 
 
 def _gmm() -> TrainConfig:
     return TrainConfig(preset="gmm", steps=4000, batch_size=256, lr=1e-3, ema_decay=0.999,
                        ckpt_every=1000, sample_every=0,
-                       net=NetConfig(kind="mlp", width=256, depth=4, time_freqs=32))
+                       net=NetConfig(kind="mlp", width=256, depth=4, time_freqs=32),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))  # the mixture lost at s <= 0.8 (README)
 
 
 def _mnist() -> TrainConfig:
@@ -211,16 +234,18 @@ def _mnist() -> TrainConfig:
     # parameters; UNet2DModel gives 0.71M with 1 layer and 1.07M with 2, so we take 2.
     return TrainConfig(preset="mnist", steps=150_000, batch_size=64, lr=5e-4, ema_decay=0.9995,
                        ckpt_every=5000, sample_every=5000, log_every=100,
-                       net=NetConfig(channels=(32, 64, 32), layers_per_block=2, attention_levels=(1,)))
+                       net=NetConfig(channels=(32, 64, 32), layers_per_block=2, attention_levels=(1,)),
+                       objective=dataclasses.replace(MEANFLOW_IMAGENET))  # as digits, its nearest measured data
 
 
 def _cifar10() -> TrainConfig:
     # Paper appendix D: channels (128, 256, 256, 256), 2 layers per block, attention at
-    # 16x16 (level 1), lr 1e-4, 450K iterations, batch 64, EMA 0.9995.
+    # 16x16 (level 1), lr 1e-4, 450K iterations, batch 64, EMA 0.9995. Times: Mean Flow's CIFAR-10 recipe.
     return TrainConfig(preset="cifar10", steps=450_000, batch_size=64, lr=1e-4, ema_decay=0.9995,
                        ckpt_every=10_000, sample_every=10_000, log_every=100,
                        net=NetConfig(channels=(128, 256, 256, 256), layers_per_block=2, attention_levels=(1,),
-                                     time_freqs=128))
+                                     time_freqs=128),
+                       objective=dataclasses.replace(MEANFLOW_CIFAR10))
 
 
 def _celeba_latent() -> TrainConfig:
@@ -228,9 +253,10 @@ def _celeba_latent() -> TrainConfig:
     # 256x256 images -> 4x32x32 latents. Its appendix lost the iterations, batch size and step size:
     # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999, Adam beta2 0.95: the official
     # code's configs/default.py) and 200K steps.
+    # Times: Mean Flow's latent-DiT (ImageNet 256) recipe, the nearest setting with evidence.
     return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, adam_betas=(0.9, 0.95),
                        ema_decay=0.9999, vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000,
-                       log_every=100, net=dit_config("DiT-M/2"))
+                       log_every=100, net=dit_config("DiT-M/2"), objective=dataclasses.replace(MEANFLOW_IMAGENET))
 
 
 def _latent() -> TrainConfig:
@@ -245,10 +271,10 @@ def _latent() -> TrainConfig:
 def _images() -> TrainConfig:
     # A folder of your own images at --resolution, a U-Net sized for it (--unet, default B). The cifar10
     # preset's lr, batch and EMA (paper appendix D) with a warm-up and, as the official PyTorch Mean Flow
-    # code keeps, a second, slower EMA.
+    # code keeps, a second, slower EMA. Times: Mean Flow's CIFAR-10 recipe, as cifar10.
     return TrainConfig(preset="images", steps=100_000, batch_size=64, lr=1e-4, warmup_steps=1000,
                        ema_decay=0.9995, ema_decays=(0.9999,), ckpt_every=5000, sample_every=5000,
-                       log_every=100, net=None)
+                       log_every=100, net=None, objective=dataclasses.replace(MEANFLOW_CIFAR10))
 
 
 PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent,

@@ -97,6 +97,10 @@ def process_device(ctx: Dist, device: torch.device) -> torch.device:
     return torch.device("cuda", ctx.local_rank)
 
 
+def torch_older_than(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
+
+
 def check_parallel(ctx: Dist, parallel: str, batch_size: int) -> None:
     """ValueError (one line, naming the fix) for a --parallel / --batch-size that cannot run here."""
     if parallel not in PARALLEL_MODES:
@@ -104,6 +108,9 @@ def check_parallel(ctx: Dist, parallel: str, batch_size: int) -> None:
     if parallel == "fsdp" and not ctx.launched:
         raise ValueError("--parallel fsdp shards the model over processes: launch with torchrun "
                          "--nproc_per_node=K -m stmd_fast.train ..., or drop --parallel fsdp for one process")
+    if parallel == "fsdp" and ctx.launched and torch_older_than(2, 12):
+        raise ValueError(f"--parallel fsdp needs torch >= 2.12 (this is {torch.__version__}): torch 2.11's FSDP2 "
+                         "all-gather fails inside torch.func.jvp; use --parallel ddp, or upgrade torch")
     if batch_size % ctx.world_size:
         lower = batch_size // ctx.world_size * ctx.world_size
         raise ValueError(f"--batch-size {batch_size} is the global batch and must split evenly over the "

@@ -4,6 +4,8 @@
   sweep CKPT [CKPT ...] --out DIR            FD (or FID) over each method's (N, M) settings
   kernel RUN [RUN ...] --out DIR             gmm: distance of learned transitions to the exact kernel
   inpaint CKPT --mask center|pixels|half     FD, PSNR and diversity of completions of held-out images
+  posterior RUN [RUN ...] --out DIR          gmm: distance of SMC / DDNM+ posterior samples to the exact p(x_0 | y)
+  inverse CKPT --operator sr4|sr2|gray|inpaint   PSNR, FD, diversity and consistency ||A x - y|| of posterior samples
 
 Everything is seeded: the same --seed gives the same numbers.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+from .checkpoint import load_checkpoint, newest_intact
 from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
@@ -55,10 +57,14 @@ def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
     """Each checkpoint's metadata; all must be image models of one dataset (checked before any work)."""
     found = []
     for p in paths:
-        ckpt = find_checkpoint(p)
-        if ckpt is None:
-            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories")
-        found.append((ckpt, read_meta(ckpt)))
+        try:
+            ckpt, meta, passed_over = newest_intact(p)  # verified: a damaged one is named here, before any work
+        except FileNotFoundError:
+            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories") from None
+        if passed_over:
+            print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
+                  file=sys.stderr)
+        found.append((ckpt, meta))
     kinds = {(dataset_of(m), tuple(m["data_shape"]), m["data_kind"]) for _, m in found}
     if len(kinds) > 1:
         listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
@@ -261,6 +267,60 @@ def kernel(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- posterior (gmm)
+
+POSTERIOR_MATRIX = [[1.0, 0.0]]  # observe the first coordinate: posteriors with two modes on the 8-circle
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise EvalError(f"{flag} takes comma-separated integers, e.g. 1,2,4") from None
+    if min(values) < 1 or len(set(values)) != len(values):
+        raise EvalError(f"{flag} takes distinct integers >= 1, got {text}")
+    return values
+
+
+def posterior(args) -> int:
+    from .gmm import check_gmm_model, default_mixture, posterior_grid
+
+    steps, particles = parse_ints(args.steps, "--steps"), parse_ints(args.particles, "--particles")
+    if not args.sigma_y > 0:
+        raise EvalError(f"--sigma-y must be > 0 (the exact posterior of a noiseless y has no density), got {args.sigma_y}")
+    if args.runs < 2 or args.observations < 1:
+        raise EvalError("need --runs >= 2 (energy distance is a U-statistic) and --observations >= 1")
+    models = {}
+    for run in args.runs_dirs:
+        try:
+            model = load_checkpoint(run)
+        except FileNotFoundError as err:
+            raise EvalError(str(err)) from None
+        check_gmm_model(model, run)
+        for n in steps:
+            check_steps(model.method, n, args.flow_steps if model.method != "ddpm" else 1)
+        models[str(run)] = model
+    out = writable_dir(args.out)
+    rows = posterior_grid(models, default_mixture(), POSTERIOR_MATRIX, args.sigma_y, steps, particles,
+                          args.observations, args.runs, args.flow_steps, args.seed)
+    result = {"matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
+              "runs": args.runs, "flow_steps": args.flow_steps, "seed": args.seed, "rows": rows}
+    (out / "posterior.json").write_text(json.dumps(result, indent=2))
+    floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
+    lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
+             "|---|---|---|" + "---|" * (len(particles) + 1)]
+    for run, method in [("exact kernel", "exact")] + [(run, model.method) for run, model in models.items()]:
+        for n in steps:
+            cells = {r["K"]: r["energy"] for r in rows if r["model"] == run and r["N"] == n}
+            lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" for k in particles)
+                         + (f" | {cells[None]:.4f} |" if None in cells else " | - |"))
+    lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
+    (out / "posterior.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out}/posterior.json and posterior.md")
+    return 0
+
+
 # ----------------------------------------------------------------------------- inpainting
 
 def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator) -> torch.Tensor:
@@ -329,6 +389,75 @@ def inpaint(args) -> int:
     save_image(to_unit_range(tiles), grid, nrow=len(tiles) // shown, padding=1)
     print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
           f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f} -> {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inverse problems (images)
+
+def inverse(args) -> int:
+    from torchvision.utils import save_image
+
+    from .data.datasets import to_unit_range
+    from .metrics import diversity, psnr
+    from .operators import make_operator
+
+    (ckpt, meta), = checkpoint_metas([args.checkpoint])
+    if meta["data_kind"] != "image":
+        raise EvalError("inverse evaluates pixel-space image models; this checkpoint makes latents")
+    shape = tuple(meta["data_shape"])
+    try:
+        check_steps(meta["config"]["method"], args.steps, args.flow_steps)
+        mask_gen = torch.Generator().manual_seed(args.seed)
+        masks = [make_mask(args.mask, shape, mask_gen) if args.operator == "inpaint" else None
+                 for _ in range(args.images)]
+        operators = [make_operator(args.operator, m) for m in masks]
+        operators[0].check(shape)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    if args.completions < 2:
+        raise EvalError("--completions must be at least 2: diversity is the spread between completions")
+    if args.particles is not None and not args.sigma_y > 0:
+        raise EvalError("--particles (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
+    if args.sigma_y < 0:
+        raise EvalError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+    out = writable_dir(args.out)
+    device = resolve_device(args.device)
+    metric, images = prepare_metric(meta, args, device)
+    images = images[: args.images]
+    model = load_checkpoint(ckpt, device=device)
+    generator = torch.Generator(model.device).manual_seed(args.seed)
+    noise_gen = torch.Generator().manual_seed(args.seed + 1)
+    samples, residuals, observed = [], [], []
+    for truth, op in tqdm(list(zip(images, operators)), desc=f"inverse ({args.operator})", disable=None):
+        y = op.measure(truth[None].double(), args.sigma_y, noise_gen)[0].float()
+        x = model.posterior_sample(y.to(device), op, args.sigma_y, args.particles, args.steps, args.flow_steps,
+                                   args.completions, generator, batch_size=args.batch_size).float().cpu()
+        samples.append(x)
+        residuals.append(op.residual(x, y).flatten(1).norm(dim=1) / op.measurement_dim(shape) ** 0.5)
+        observed.append(op.pinv(y[None])[0] if args.operator != "inpaint" else y * op.mask - (1 - op.mask))
+    samples = torch.stack(samples, 1)  # (K, B, C, H, W)
+    sampler = "ddnm" if args.sigma_y == 0 else ("ddnm+" if args.particles is None else f"smc K={args.particles}")
+    result = {
+        "checkpoint": str(ckpt), "method": model.method, "operator": args.operator,
+        "mask": args.mask if args.operator == "inpaint" else None, "sigma_y": args.sigma_y, "sampler": sampler,
+        "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,
+        "seed": args.seed, "metric": metric.name,
+        "fd": metric.score(samples.flatten(0, 1)),
+        "psnr_db": psnr(samples, images.expand_as(samples)).mean().item(),
+        "diversity": diversity(samples),
+        "consistency_rms": torch.stack(residuals).mean().item(),
+    }
+    name = f"inverse_{args.operator}{'_' + args.mask if args.operator == 'inpaint' else ''}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    shown = min(8, len(images))  # rows: what A^+ makes of y, completions, truth
+    tiles = []
+    for i in range(shown):
+        tiles += [observed[i], *samples[: min(6, args.completions), i], images[i]]
+    tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
+    save_image(to_unit_range(tiles), out / f"{name}.png", nrow=len(tiles) // shown, padding=1)
+    print(f"{model.method} {args.operator} ({sampler}, sigma_y={args.sigma_y}, N={args.steps}, M={args.flow_steps}): "
+          f"{metric.name} {result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f}, "
+          f"RMS ||A x - y|| {result['consistency_rms']:.2e} -> {out}")
     return 0
 
 
@@ -426,6 +555,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--zoom", type=int, default=1, help="enlarge the grid's pixels K times [default: 1]")
     common(i)
 
+    v = sub.add_parser("inverse", help="PSNR, FD, diversity and consistency of posterior samples for an operator")
+    v.add_argument("checkpoint", metavar="CKPT")
+    v.add_argument("--operator", choices=("sr4", "sr2", "gray", "inpaint"), required=True)
+    v.add_argument("--mask", choices=("center", "pixels", "half"), default="center",
+                   help="with --operator inpaint [default: center]")
+    v.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise; 0: DDNM [default: 0]")
+    v.add_argument("--particles", type=int, help="SMC with K particles per completion [default: none, DDNM(+)]")
+    v.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
+    v.add_argument("--completions", type=int, default=8, help="samples per image [default: 8]")
+    v.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
+    v.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
+    v.add_argument("--zoom", type=int, default=1, help="enlarge the grid's pixels K times [default: 1]")
+    common(v)
+
+    q = sub.add_parser("posterior", help="gmm: energy distance of SMC and DDNM+ posterior samples to the exact posterior")
+    q.add_argument("runs_dirs", nargs="+", metavar="RUN")
+    q.add_argument("--steps", default="1,2,4,8", help="N values [default: 1,2,4,8]")
+    q.add_argument("--particles", default="1,4,16,64", help="SMC particle counts K [default: 1,4,16,64]")
+    q.add_argument("--flow-steps", type=int, default=1, help="M for STMD / Mean Flow [default: 1]")
+    q.add_argument("--sigma-y", type=float, default=0.1, help="measurement noise [default: 0.1]")
+    q.add_argument("--observations", type=int, default=4, help="measurements y, each of a fresh x_0 [default: 4]")
+    q.add_argument("--runs", type=int, default=1000, help="independent runs (draws) per y and cell [default: 1000]")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--seed", type=int, default=0, help="[default: 0]")
+
     c = sub.add_parser("train-classifier", help="train the FD feature classifier and report its test accuracy")
     c.add_argument("--preset", choices=FD_PRESETS, required=True)
     c.add_argument("--steps", type=int, default=2000, help="[default: 2000]")
@@ -436,10 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"sweep": sweep, "kernel": kernel, "inpaint": inpaint, "train-classifier": train_classifier_cmd}
+    commands = {"sweep": sweep, "kernel": kernel, "inpaint": inpaint, "posterior": posterior, "inverse": inverse,
+                "train-classifier": train_classifier_cmd}
     try:
-        for name in ("num", "batch_size", "images", "points", "steps", "zoom"):
-            if getattr(args, name, 1) < 1:
+        for name in ("num", "batch_size", "images", "points", "steps", "zoom", "particles"):
+            value = getattr(args, name, 1)  # posterior's --steps is a list, --particles may be absent
+            if isinstance(value, int) and value < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
         return commands[args.command](args)
     except (EvalError, ValueError, FileNotFoundError) as err:  # bad input, found before sampling

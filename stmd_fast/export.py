@@ -29,7 +29,9 @@ compiler, and CUDA for a CUDA export).
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import sys
 import time
 import zipfile
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .cli import one_line_errors
+from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
@@ -108,7 +111,11 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str = "
 
 
 def save(program, meta: dict, path: str | Path) -> None:
-    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta)})
+    """Serialized in memory, then written atomically (files.py: a full disk is an OSError and leaves no
+    partial .pt2, where torch.export.save to a path can abort the process)."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
+    write_atomic(path, buffer.getvalue())
 
 
 def read_export_meta(raw: str | None, path) -> dict:
@@ -156,7 +163,15 @@ def open_exported(path: str | Path):
             return out[0] if isinstance(out, (list, tuple)) else out
     else:
         meta = read_export_meta(raw, path)  # checked before deserializing: another format may not even load
-        module = torch.export.load(str(file)).module()
+        logger = logging.getLogger("torch.export")  # it logs a traceback before its own generic error
+        logger.disabled = True
+        try:
+            module = torch.export.load(str(file)).module()
+        except Exception:  # a zip with our metadata but no (or a broken) program
+            raise ExportError(f"--exported {path}: holds no loadable program (torch.export.load fails on it): "
+                              f"re-export the checkpoint with python -m stmd_fast.export") from None
+        finally:
+            logger.disabled = False
 
         def run(noise: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -218,50 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
 def check_out(out: Path) -> None:
     if out.suffix != ".pt2":
         raise ExportError(f"--out must end in .pt2, got {out.name}")
-    if out.is_dir():
-        raise ExportError(f"cannot write --out {out}: it is a directory: choose a file path")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "ab"):  # the real test of writability (permissions, read-only file systems)
-            pass
-    except OSError as err:
-        raise ExportError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+        check_writable(out, "--out")
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
-@one_line_errors(ValueError, FileNotFoundError)
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import find_checkpoint, load_checkpoint, read_meta
+    from .checkpoint import load_checkpoint, newest_intact
     from .devices import resolve_device
     from .sampling import check_steps
 
     out = Path(args.out)
-    created = not out.exists()
     device = resolve_device(args.device)
-    ckpt = find_checkpoint(args.checkpoint)
-    if ckpt is None:
-        raise ExportError(f"no checkpoint in {args.checkpoint}: pass a run directory (with checkpoints/) "
-                          f"or a checkpoints/step_* directory")
-    method = read_meta(ckpt)["config"]["method"]
+    ckpt, ckpt_meta, passed_over = newest_intact(args.checkpoint)
+    method = ckpt_meta["config"]["method"]
     steps = args.steps if args.steps is not None else METHODS[method].default_steps
     check_steps(method, steps, args.flow_steps)
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
-    if not (ckpt / "ema.safetensors").is_file():
-        raise ExportError(f"{ckpt} has no ema.safetensors: the exported sampler uses the EMA weights; "
-                          f"export a checkpoint saved by python -m stmd_fast.train")
     check_out(out)
+    model = load_checkpoint(ckpt, device=device, weights="ema")
+    if passed_over:
+        print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
+              file=sys.stderr)
 
+    start = time.perf_counter()
+    program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
+    meta["checkpoint"] = str(ckpt)
     try:
-        model = load_checkpoint(ckpt, device=device, weights="ema")
-        start = time.perf_counter()
-        program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
-        meta["checkpoint"] = str(ckpt)
         save(program, meta, out)
-    except BaseException:
-        if created and out.exists() and out.stat().st_size == 0:  # check_out's probe
-            out.unlink()
-        raise
+    except OSError as err:
+        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; free space "
+                          f"or choose another --out") from None
     what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
         f"{model.data_kind}s"
     print(f"exported {method} N={steps} M={args.flow_steps} ({args.grid} grid, NFE {meta['nfe']}) from {ckpt} "
@@ -274,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from torch._inductor import aoti_compile_and_package
 
+            buffer = io.BytesIO()  # in memory, then written atomically (as save above)
             aoti_compile_and_package(  # the metadata rides along as AOTI's own metadata
-                program, package_path=str(package), inductor_configs={"aot_inductor.metadata": {META_FILE: json.dumps(meta)}})
+                program, package_path=buffer, inductor_configs={"aot_inductor.metadata": {META_FILE: json.dumps(meta)}})
+            write_atomic(package, buffer.getvalue())
         except Exception as err:  # no compiler, unsupported platform, Inductor bugs
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"error: --aoti: AOTInductor could not build {package} on this machine ({type(err).__name__}: "

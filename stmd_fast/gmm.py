@@ -207,6 +207,76 @@ def transition_distances(model, mixture: GaussianMixture, s_from: float = 0.5, s
     return {"learned": row["energy_model"], "mean_bridge": row["energy_mean_bridge"], "exact_floor": row["energy_floor"]}
 
 
+def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: float, steps: list[int],
+                   particles: list[int], observations: int = 4, runs: int = 1000, flow_steps: int = 1, seed: int = 0,
+                   progress: bool = True) -> list[dict]:
+    """Energy distance between posterior samplers and the exact p(x_0 | y) (GaussianMixture.observe)
+    for y = A x_0 + sigma_y n, averaged over `observations` y's (x_0 drawn from the mixture, seeded).
+
+    models: label -> stmd_fast.Model (DDPM runs with M = 1, the others with flow_steps). For each model, N in `steps` and K in `particles`: SMC
+    (stmd_fast.smc) with K particles, `runs` independent runs per y, one weighted draw per run;
+    and DDNM+ (operators.DDNM in the sampler loop, `runs` chains). Each distance compares `runs`
+    draws with `runs` exact draws; the floor row compares two exact sets, and the 'exact kernel' rows run
+    SMC over the true transitions (what a perfect STMD would give at that K). Returns rows
+    {"model", "method", "sampler" ('smc', 'ddnm+' or 'exact'), "N", "K", "energy"}.
+    """
+    from tqdm import tqdm
+
+    from .operators import DDNM, Matrix
+    from .sampling import sample
+    from .smc import network_denoiser, smc_sample
+
+    op = Matrix(matrix)
+    g = torch.Generator().manual_seed(seed)
+    x0 = mixture.sample(observations, g, torch.float64)
+    ys = op.measure(x0, sigma_y, g).float()
+    exact = [mixture.observe(matrix, y, sigma_y)[0] for y in ys]
+    truth = [post.sample(runs, torch.Generator().manual_seed(seed + 1 + i)) for i, post in enumerate(exact)]
+    floor = sum(energy_distance(post.sample(runs, torch.Generator().manual_seed(seed + 10_001 + i)), t)
+                for i, (post, t) in enumerate(zip(exact, truth))) / observations
+    rows = [{"model": "exact", "method": "exact", "sampler": "exact", "N": None, "K": None, "energy": floor}]
+    total = (len(models) + 1) * len(steps) * (len(particles) + 1) * observations
+    with tqdm(total=total, unit="cell", desc="posterior grid", disable=None if progress else True) as bar:
+        # SMC over the exact transitions (x0_hat ~ the true p(x_0 | x_s)): what a perfect STMD would give at each K
+        for n in steps:
+            for k in particles:
+                energy = 0.0
+                for i, y in enumerate(ys):
+                    gen = torch.Generator().manual_seed(seed + 100 * i + k)
+                    r = smc_sample(lambda x, step, g: mixture.posterior_sample(x, step.s_from, g), "stmd", op,
+                                   y.expand(runs, -1), sigma_y, k, mixture.shape, n, 1, gen)
+                    energy += energy_distance(r.draw(gen), truth[i]) / observations
+                    bar.update(1)
+                rows.append({"model": "exact kernel", "method": "exact", "sampler": "smc", "N": n, "K": k,
+                             "energy": energy})
+            bar.update(observations)
+        for label, model in models.items():
+            m = 1 if model.method == "ddpm" else flow_steps  # DDPM makes x0_hat in one call
+            denoise = network_denoiser(model.net, model.method, m)
+            for n in steps:
+                check_steps(model.method, n, m)
+                cells = {k: 0.0 for k in particles}
+                ddnm = 0.0
+                for i, y in enumerate(ys):
+                    y = y.to(model.device)
+                    for k in particles:
+                        gen = torch.Generator(model.device).manual_seed(seed + 100 * i + k)
+                        r = smc_sample(denoise, model.method, op, y.expand(runs, -1), sigma_y, k, mixture.shape, n,
+                                       m, gen)
+                        cells[k] += energy_distance(r.draw(gen).cpu(), truth[i]) / observations
+                        bar.update(1)
+                    gen = torch.Generator(model.device).manual_seed(seed + 100 * i)
+                    x = sample(model.net, model.method, runs, mixture.shape, n, m, gen,
+                               project=DDNM(op, y, sigma_y))
+                    ddnm += energy_distance(x.cpu(), truth[i]) / observations
+                    bar.update(1)
+                rows += [{"model": label, "method": model.method, "sampler": "smc", "N": n, "K": k, "energy": e}
+                         for k, e in cells.items()]
+                rows.append({"model": label, "method": model.method, "sampler": "ddnm+", "N": n, "K": None,
+                             "energy": ddnm})
+    return rows
+
+
 def check_gmm_model(model, run) -> None:
     """The exact kernel is known only for the built-in mixture: refuse any other model."""
     if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:

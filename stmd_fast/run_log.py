@@ -3,6 +3,7 @@ sample grids, all on rank 0; and the per-interval sums of loss and error, which 
 its device and gathers once per log interval (the one CPU-GPU sync of the loop)."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .files import write_atomic
 from .methods import METHODS
 from .sampling import sample
 
@@ -32,11 +34,15 @@ class IntervalSums:
         self.loss += loss
         self.error += error
 
-    def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float):
-        """One collective: every rank's sums, first bad step and stop request. Returns (record, first bad
-        step or None, whether any rank asked to stop) and starts the next interval."""
-        mine = torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double(),
-                            torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+    def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float,
+              skipped: dict[str, int] | None = None):
+        """One collective: every rank's sums, first bad step, stop request and counts of skipped damaged
+        data (latent shards: summed over the ranks into the record). Returns (record, first bad step or
+        None, whether any rank asked to stop) and starts the next interval."""
+        skipped = skipped or {}
+        flags = torch.tensor([float(stop_requested), *map(float, skipped.values())], dtype=torch.float64,
+                             device=self.device)
+        mine = torch.cat([torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double()]), flags])
         ranks = distributed.gather(mine).tolist()
         bad = [int(r[2]) for r in ranks if r[2] >= 0]
         n = step - self.step_log
@@ -45,6 +51,7 @@ class IntervalSums:
                   error_name: sum(r[1] for r in ranks) / world / n,
                   "lr": lr, "img_per_s": n * batch_size / dt,
                   "ms_per_step": 1e3 * dt / n, "elapsed_s": time.perf_counter() - self.t_start}
+        record.update({name: int(sum(r[4 + i] for r in ranks)) for i, name in enumerate(skipped)})
         self.loss.zero_()
         self.error.zero_()
         self.t_log, self.step_log = time.perf_counter(), step
@@ -88,6 +95,8 @@ class RunLog:
         error_name = list(record)[2]
         status = (f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "
                   f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
+        if record.get("skipped_shards") or record.get("skipped_samples"):  # damaged latent data, skipped
+            status += f" | skipped {record['skipped_shards']} shards, {record['skipped_samples']} samples"
         if self.bar.disable:
             print(f"step {record['step']}/{self.steps} | {status}", flush=True)
         else:
@@ -116,12 +125,17 @@ def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> tu
     path.parent.mkdir(exist_ok=True)
     if data.kind == "latent":
         x = decode(x.to(device)).cpu()
+    buffer = io.BytesIO()  # rendered in memory, written atomically (files.py)
     if data.kind in ("image", "latent"):
         grid = make_grid(to_unit_range(x), nrow=8, padding=1)
-        save_image(grid, path.with_suffix(".png"))
-        return path.with_suffix(".png"), grid
-    np.save(path.with_suffix(".npy"), x.numpy())
-    return path.with_suffix(".npy"), None
+        path = path.with_suffix(".png")
+        save_image(grid, buffer, format="png")
+    else:
+        grid = None
+        path = path.with_suffix(".npy")
+        np.save(buffer, x.numpy())
+    write_atomic(path, buffer.getvalue())
+    return path, grid
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -135,6 +149,4 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if line and kept(line)]
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        tmp.replace(path)
+        write_atomic(path, "".join(line + "\n" for line in lines).encode())

@@ -14,15 +14,19 @@ latents: they go to .npy as they are, or to a .png decoded through --vae.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .cli import one_line_errors
+from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
+from .operators import OPERATOR_NAMES, make_operator
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -51,29 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
     add("--inpaint", metavar="IMAGE", help="observed image (.png, or .npy in model space [-1, 1]) to complete")
-    add("--mask", metavar="MASK", help="with --inpaint: .png or .npy, nonzero/white = observed pixel")
+    add("--mask", metavar="MASK", help="with --inpaint or --inverse inpaint: .png or .npy, nonzero/white = observed pixel")
+    add("--inverse", choices=OPERATOR_NAMES, help="sample the posterior of a linear measurement y = A x + sigma_y n: "
+        "sr4/sr2 (average pooling), gray (channel mean), inpaint (with --mask); give y with --observed")
+    add("--observed", metavar="IMAGE", help="with --inverse: the measurement y at its own size (e.g. 2x2 for sr4 "
+        "of 8x8), or an image of the model's size, which is measured through A (plus sigma_y noise, seeded)")
+    add("--sigma-y", type=float, help="with --inverse: measurement noise std in model units ([-1, 1] images); 0 = "
+        "exact y (DDNM), > 0 DDNM+ or SMC [default: 0]")
+    add("--particles", type=int, help="with --inverse: SMC posterior sampling with K particles per sample (needs "
+        "--sigma-y > 0; each sample is one weighted draw from its own run of K) [default: DDNM(+)]")
     return p
 
 
 def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = False) -> torch.Tensor:
     """An image (C, H, W) from .png/.jpg (mapped to [-1, 1], or {0, 1} for a mask) or .npy (as given)."""
+    from PIL import Image  # torchvision's decode_image is deprecated since 0.29
+
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{what} {path} does not exist")
     c, h, w = shape
-    if file.suffix == ".npy":
-        x = torch.from_numpy(np.load(file, allow_pickle=False)).float()
-        x = x.reshape(x.shape[-3:] if x.ndim > 3 and math.prod(x.shape[:-3]) == 1 else x.shape)  # (1, C, H, W)
-        x = x[None] if x.ndim == 2 else x
-        if as_mask:
-            x = (x != 0).float()
-    else:
-        from PIL import Image  # torchvision's decode_image is deprecated since 0.29
-
-        with Image.open(file) as image:
-            pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
-        x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-        x = (x > 127).float() if as_mask else x / 127.5 - 1
+    try:
+        if file.suffix == ".npy":
+            x = torch.from_numpy(np.load(file, allow_pickle=False)).float()
+            x = x.reshape(x.shape[-3:] if x.ndim > 3 and math.prod(x.shape[:-3]) == 1 else x.shape)  # (1, C, H, W)
+            x = x[None] if x.ndim == 2 else x
+            if as_mask:
+                x = (x != 0).float()
+        else:
+            with Image.open(file) as image:
+                pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
+            x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
+            x = (x > 127).float() if as_mask else x / 127.5 - 1
+    # PIL: not an image / truncated (OSError, UnidentifiedImageError), broken chunks (SyntaxError), bombs;
+    # numpy: not an .npy, pickled objects, a non-numeric dtype (ValueError, TypeError, EOFError)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{what} {path} is not a readable image: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''} (give a .png/.jpg, or an .npy of "
+                         f"shape {shape})") from None
     if x.ndim != 3 or tuple(x.shape[-2:]) != (h, w) or x.shape[0] not in (1, c):
         raise ValueError(f"{what} {path} has shape {tuple(x.shape)}, the model makes {shape} images: "
                          f"resize it to {h}x{w} first")
@@ -82,29 +101,51 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     return x.expand(c, h, w).clone()
 
 
+def read_observation(path: str, operator, data_shape: tuple[int, ...], sigma_y: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """y for --inverse: an image of the model's size, measured through A (plus sigma_y noise), or the
+    measurement itself at its own size (e.g. 2x2 for sr4 of 8x8 digits)."""
+    y_shape = tuple(operator(torch.zeros(1, *data_shape)).shape[1:])
+    for shape, what in ((tuple(data_shape), "image"), (y_shape, "measurement")):
+        try:
+            x = read_array(path, shape, f"--observed {what}")
+        except ValueError as err:
+            if "has shape" not in str(err):
+                raise
+            continue
+        return operator.measure(x[None].double(), sigma_y, generator)[0].float() if what == "image" else x
+    raise ValueError(f"--observed {path} must be an image of the model's shape {tuple(data_shape)} or the "
+                     f"{operator.name} measurement {y_shape}")
+
+
 def prepare_out(out: Path) -> None:
+    """Checked before sampling: the suffix, and that the file can be written."""
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png or .npy, got {out.name}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot write --out {out}: {err.strerror or err}: choose a writable path") from None
+    check_writable(out, "--out")
 
 
 def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
-    """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint)."""
+    """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint);
+    rendered in memory and written atomically (a full disk leaves no partial file: WriteFailed)."""
     x = x.float().cpu()
+    buffer = io.BytesIO()
     if out.suffix == ".npy":
-        np.save(out, x.numpy())
-        return
-    from torchvision.utils import save_image
+        np.save(buffer, x.numpy())
+    else:
+        from torchvision.utils import save_image
 
-    from .data.datasets import to_unit_range
+        from .data.datasets import to_unit_range
 
-    if observed is not None:  # first tile: the observation, unobserved pixels grey
-        x = torch.cat([(observed * mask)[None], x])
-    x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
-    save_image(to_unit_range(x), out, nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+        if observed is not None:  # first tile: the observation, unobserved pixels grey
+            x = torch.cat([(observed * mask)[None], x])
+        x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
+        save_image(to_unit_range(x), buffer, format="png", nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+    try:
+        write_atomic(out, buffer.getvalue())
+    except OSError as err:
+        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; free space "
+                          f"or choose another --out") from None
 
 
 def main_exported(args) -> int:
@@ -161,7 +202,7 @@ def main_exported(args) -> int:
     return 0
 
 
-@one_line_errors(ValueError, FileNotFoundError)
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed,))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.exported is not None:
@@ -175,39 +216,73 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give a checkpoint (CKPT) or --exported PT2")
     if args.vae is not None:
         raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
-    model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
-                            ema=args.ema)
+    with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
+        warnings.simplefilter("always")
+        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
+                                ema=args.ema)
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
     steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
     check_steps(model.method, steps, args.flow_steps)
     if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
         raise ValueError("--num, --batch-size and --zoom must be at least 1")
-    if (args.inpaint is None) != (args.mask is None):
-        raise ValueError("--inpaint and --mask go together: give both")
+    if args.inverse is None:
+        extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
+                                ("--particles", args.particles)) if v is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with --inverse OPERATOR")
+        if (args.inpaint is None) != (args.mask is None):
+            raise ValueError("--inpaint and --mask go together: give both")
+    else:
+        args.sigma_y = args.sigma_y or 0.0
+        if args.inpaint is not None:
+            raise ValueError("--inpaint is noiseless inpainting; with --inverse give the image with --observed")
+        if args.observed is None:
+            raise ValueError(f"--inverse {args.inverse} needs the measurement: --observed IMAGE")
+        if (args.inverse == "inpaint") != (args.mask is not None):
+            raise ValueError("--mask goes with --inverse inpaint (and inpaint needs it)")
+        if args.sigma_y < 0:
+            raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+        if args.particles is not None and (args.particles < 1 or args.sigma_y == 0):
+            raise ValueError("--particles K (SMC, K >= 1) weights by the likelihood of a noisy y: give --sigma-y > 0")
     vectors = model.data_kind == "vector"
-    if args.inpaint and model.data_kind != "image":
-        raise ValueError(f"--inpaint needs a pixel-space image model; this checkpoint makes {model.data_kind}s "
-                         f"(a pixel mask does not carry over to latents)")
+    if (args.inpaint or args.inverse) and model.data_kind != "image":
+        raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "
+                         f"checkpoint makes {model.data_kind}s (a pixel operator does not carry over to latents)")
     out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
     if vectors and out.suffix != ".npy":
         raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
-    observed = mask = None
+    observed = mask = operator = None
+    if args.inpaint or args.mask:
+        mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
     if args.inpaint:
         observed = read_array(args.inpaint, model.data_shape, "--inpaint image")
-        mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
+    if args.inverse:
+        operator = make_operator(args.inverse, mask)
+        operator.check(model.data_shape)
+        y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,
+                             torch.Generator().manual_seed(args.seed))
+        # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels black)
+        observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    if observed is None:
+    if operator is not None:
+        x = model.posterior_sample(y, operator, args.sigma_y, args.particles, steps, args.flow_steps, args.num,
+                                   generator, args.grid, args.batch_size)
+    elif observed is None:
         x = model.sample(args.num, steps, args.flow_steps, generator, args.grid, batch_size=args.batch_size)
     else:
         x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
     if model.data_kind == "latent" and out.suffix == ".png":
         x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
     write_samples(x, out, args.zoom, observed, mask)
+    how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
+        f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
     print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
-          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}) -> {out}")
+          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
     return 0
 
 

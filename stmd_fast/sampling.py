@@ -5,8 +5,10 @@ One loop serves all three methods; only the way x0_hat is made differs (objectiv
   stmd      x0_hat ~ p(x_0 | x_s) by M steps of the conditional flow map from fresh noise;
   ddpm      x0_hat = E[x_0 | x_s] = (x_s - sigma_s eps) / alpha_s, one call;
   meanflow  x0_hat by M steps of the unconditional flow map (ignores x_s: exact at s = 1).
-Then the exact bridge q(x_{s'} | x_s, x0_hat) draws the next state. Inpainting (section 7)
-is a projection of x0_hat.
+Then the exact bridge q(x_{s'} | x_s, x0_hat) draws the next state. Inverse problems (section 7)
+hook in between: a Projection maps x0_hat (inpainting), a BridgeHook also sees the step and may
+reshape the bridge noise (DDNM+, operators.DDNM). The SMC posterior sampler (smc.py) runs the
+same pieces (_x0_hat, bridge) with weights and resampling between them.
 
 Randomness is data: every draw of the sampler is one standard normal tensor shaped like the
 batch, in a fixed order (noise_names): the start x_1, then per diffusion step the flow map's
@@ -120,18 +122,39 @@ def _x0_hat(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: t
     return (x - step.sigma * eps) / step.alpha
 
 
-def _transition(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: torch.Tensor | None,
-                eps: torch.Tensor | None, project: Projection | None) -> torch.Tensor:
-    x0_hat = _x0_hat(net, method, x, step, flow_steps, z)
-    if project is not None:
-        x0_hat = project(x0_hat)
+class BridgeHook:
+    """A correction of x0_hat that also sees the bridge step and may reshape the bridge's noise
+    (DDNM+ does both). Called as hook(x0_hat, step, eps) -> (x0_hat, eps); step is None for Mean
+    Flow's single x0 (no bridge), and step.bridge and eps are None on the last step (s' = 0)."""
+
+    def __call__(self, x0_hat: torch.Tensor, step: "Step | None", eps: torch.Tensor | None):
+        raise NotImplementedError
+
+
+def _correct(project, x0_hat: torch.Tensor, step: Step | None, eps: torch.Tensor | None):
+    """Apply a Projection (x0_hat only) or a BridgeHook (x0_hat and the bridge noise)."""
+    if project is None:
+        return x0_hat, eps
+    if isinstance(project, BridgeHook):
+        return project(x0_hat, step, eps)
+    return project(x0_hat), eps
+
+
+def bridge(x: torch.Tensor, x0_hat: torch.Tensor, step: Step, eps: torch.Tensor | None) -> torch.Tensor:
+    """x_{s_to} = c_xs x + c_x0 x0_hat + tau eps ~ q(x_{s_to} | x_{s_from} = x, x0_hat); x0_hat itself at s_to = 0."""
     if step.bridge is None:
         return x0_hat
     c_xs, c_x0, tau = step.bridge
     return c_xs * x + c_x0 * x0_hat + tau * eps
 
 
-def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection | None = None) -> torch.Tensor:
+def _transition(net, method: str, x: torch.Tensor, step: Step, flow_steps: int, z: torch.Tensor | None,
+                eps: torch.Tensor | None, project: Projection | BridgeHook | None) -> torch.Tensor:
+    x0_hat, eps = _correct(project, _x0_hat(net, method, x, step, flow_steps, z), step, eps)
+    return bridge(x, x0_hat, step, eps)
+
+
+def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection | BridgeHook | None = None) -> torch.Tensor:
     """Algorithm 2 on given noise: the loop behind sample() and the exported samplers.
 
     noise: the plan's noise tensors in order (a list, a stacked tensor, or a lazy iterator)."""
@@ -147,8 +170,7 @@ def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection
     m = get_method(plan.method)
     x = draw("x_1")
     if not m.diffusion:  # Mean Flow: x0_hat straight from x_1
-        x0 = flow_map(net, x, None, None, plan.flow_steps)
-        x = project(x0) if project is not None else x0
+        x = _correct(project, flow_map(net, x, None, None, plan.flow_steps), None, None)[0]
     for k, step in enumerate(plan.transitions):
         z = draw(f"z_{k}") if m.flow else None
         eps = draw(f"eps_{k}") if step.bridge is not None else None
@@ -178,7 +200,7 @@ def nfe(method: str, steps: int, flow_steps: int) -> int:
 
 @torch.no_grad()
 def transition(net, method: str, x: torch.Tensor, s_from: float, s_to: float, flow_steps: int,
-               generator: torch.Generator, project: Projection | None = None) -> torch.Tensor:
+               generator: torch.Generator, project: Projection | BridgeHook | None = None) -> torch.Tensor:
     """Draw x_{s_to} ~ p(x_{s_to} | x_{s_from} = x) for a batch: x0_hat, then the exact bridge.
 
     For DDPM this is the posterior-mean bridge step (exact only for small steps)."""
@@ -192,7 +214,7 @@ def transition(net, method: str, x: torch.Tensor, s_from: float, s_to: float, fl
 
 @torch.no_grad()
 def sample_from_noise(net, method: str, noise: Sequence[torch.Tensor] | torch.Tensor, steps: int, flow_steps: int,
-                      grid: str = "uniform", project: Projection | None = None) -> torch.Tensor:
+                      grid: str = "uniform", project: Projection | BridgeHook | None = None) -> torch.Tensor:
     """Algorithm 2 on given noise (draw_sampler_noise's list, or those tensors stacked on a new
     first axis); samples shaped like one noise tensor."""
     plan = sampler_plan(method, steps, flow_steps, grid, noise[0].dtype if len(noise) else torch.float32)
@@ -201,7 +223,7 @@ def sample_from_noise(net, method: str, noise: Sequence[torch.Tensor] | torch.Te
 
 @torch.no_grad()
 def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, flow_steps: int,
-           generator: torch.Generator, grid: str = "uniform", project: Projection | None = None) -> torch.Tensor:
+           generator: torch.Generator, grid: str = "uniform", project: Projection | BridgeHook | None = None) -> torch.Tensor:
     """Algorithm 2: x ~ N(0, I) at s = 1, then N transitions down the grid to s = 0.
 
     Returns `num` samples on the generator's device. NFE per sample: see nfe()."""
@@ -211,18 +233,8 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
 
 def inpainting_projection(observed: torch.Tensor, mask: torch.Tensor) -> Projection:
     """DDNM projection for a mask A = m: x0 <- m * y + (1 - m) * x0 (m = 1 observed)."""
-    try:
-        fits = torch.broadcast_shapes(mask.shape, observed.shape) == observed.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not fit the observation {tuple(observed.shape)}")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("the mask must be 0 (missing) or 1 (observed): observed pixels are kept exactly")
-    m = mask.to(observed.dtype)
-    known = m * observed
+    from .operators import Mask  # operators imports this module
 
-    def project(x0: torch.Tensor) -> torch.Tensor:
-        return known + (1 - m) * x0
-
-    return project
+    operator = Mask(mask)
+    operator.check(tuple(observed.shape))
+    return lambda x0: operator.project(x0, observed)

@@ -7,13 +7,26 @@ one training loop -> checkpoints, sample grids, metrics.jsonl in the run directo
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import signal
 import sys
+
+
+def _interrupted_at_import(signum, frame):
+    sys.stderr.write("interrupted during start-up, before the first step; no checkpoint was written\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":  # a Ctrl-C while torch and the rest import (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, _interrupted_at_import)
+
+# ruff: noqa: E402 (the imports below come after that handler on purpose)
+import argparse
+import errno
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -21,18 +34,20 @@ from pathlib import Path
 import torch
 
 from . import distributed, parallel
-from .checkpoint import find_checkpoint, read_meta, write_json_atomic
+from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, list_checkpoints, newest_intact,
+                         recover_leftovers, set_aside, write_json_atomic)
 from .cli import UserError, add_dataclass_flags, one_line_errors
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
 from .devices import resolve_device, use_tf32
-from .engine import make_train_step
+from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
+from .files import RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
-from .parallel import Single
+from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, keep_metrics_until
 from .training_state import TrainingState
 
@@ -49,7 +64,11 @@ PAPER_PARAMS = {
 
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or inf."""
+    """The loss, or the weights, became NaN or inf."""
+
+
+class GradientSyncFailed(Exception):
+    """Under torchrun the replicas' weights differ after a step: the gradient all-reduce did not happen."""
 
 
 # ----------------------------------------------------------------------------- flags
@@ -104,13 +123,13 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         raise UserError(str(err)) from None
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
-    ckpt = find_checkpoint(cfg.out)
-    if ckpt is None:
-        raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start")
     try:
-        saved = read_meta(ckpt)["config"]
-    except ValueError as err:
-        raise UserError(str(err)) from None
+        saved = newest_intact(cfg.out, finite=True)[1]["config"]
+    except FileNotFoundError:
+        raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start") \
+            from None
+    except CheckpointError as err:
+        raise UserError(f"--resume: {err}") from None
     for key, value in top.items():
         if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) != value:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
@@ -130,12 +149,11 @@ def elastic_restart_of_this_run(out: str) -> bool:
     holds a checkpoint that this job (same TORCHELASTIC_RUN_ID) wrote: continue from it instead of refusing.
     A first attempt, a checkpoint of another job, or no checkpoint: False (a fresh start, as without torchrun)."""
     ctx = distributed.from_env()
-    ckpt = find_checkpoint(out) if ctx.restart_count > 0 else None
-    if ckpt is None:
+    if ctx.restart_count == 0:
         return False
     try:
-        return read_meta(ckpt).get("torchelastic_run_id") == ctx.run_id
-    except (ValueError, OSError):
+        return newest_intact(out)[1].get("torchelastic_run_id") == ctx.run_id
+    except (FileNotFoundError, CheckpointError, OSError):
         return False
 
 
@@ -162,7 +180,7 @@ def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dis
             from .data.latents import LatentShards
             return LatentShards(cfg.data, expect_vae=cfg.vae, expect_resolution=LATENT_RESOLUTION[cfg.preset],
                                 num_workers=cfg.data_workers, seed=cfg.seed, rank=ctx.rank,
-                                world_size=ctx.world_size)
+                                world_size=ctx.world_size, strict=cfg.strict_data)
         if cfg.data is not None and Path(cfg.data).expanduser().is_dir():
             from .data.images import load_image_folder
             return with_flip(load_image_folder(cfg.data, cfg.resolution), cfg.flip)
@@ -182,17 +200,23 @@ def with_flip(data, flip: bool):
     return dataclasses.replace(data, flip=True)
 
 
-def prepare_run_dir(out: Path, resume: bool, probe: bool = True) -> None:
-    """Create --out and check it is writable (probe: rank 0 only under torchrun, so ranks never race on
-    the probe file); refuse a fresh run into a directory that holds checkpoints."""
+def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
+    """Create --out and check it is writable; take its lock into `held` (one live run per directory);
+    refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone probes and locks
+    under torchrun (its ranks are one run)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if probe:
+        if main:
             probe_file = out / ".write-test"
             probe_file.write_text("ok")
             probe_file.unlink()
     except OSError as err:
         raise UserError(f"cannot write to --out {out}: {err.strerror or err}: choose a writable directory") from None
+    if main:
+        try:
+            held.enter_context(run_lock(out))
+        except RunLocked as err:
+            raise UserError(str(err)) from None
     if not resume and find_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out")
 
@@ -211,11 +235,14 @@ class Run:
     fd: object = None  # --fd-every: the TrainingFD that measures the EMAs (rank 0)
 
 
-def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
-    """Check everything the user gave, before expensive work; load the data and build the network."""
+def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: ExitStack) -> Run:
+    """Check everything the user gave, before expensive work; lock the run directory (into `held`), load
+    the data and build the network."""
     try:
         device = distributed.process_device(ctx, resolve_device(cfg.device))
         distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size)
+        if cfg.method != "ddpm":  # the JVP rows are a fixed count per block of the batch
+            cfg.objective.check_batch(cfg.batch_size // ctx.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.kernels == "triton" and device.type != "cuda" and not dispatch.interpret_mode():
@@ -228,7 +255,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist) -> Run:
     if device.type == "cuda":  # --tf32 is about fp32 math: under bf16 autocast the matmuls are bf16 anyway
         use_tf32(cfg.tf32 and cfg.precision == "fp32")
     out = Path(cfg.out)
-    prepare_run_dir(out, resume, probe=ctx.is_main)
+    prepare_run_dir(out, resume, held, main=ctx.is_main)
     data = load_training_data(cfg, ctx)
     if data.kind == "latent" and cfg.vae is None:
         cfg.vae = data.manifest["vae"]  # preset latent: the VAE the shards were encoded with
@@ -282,18 +309,30 @@ def print_summary(cfg: TrainConfig, run: Run) -> None:
 
 
 def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
-    """The training state, fresh or from the newest checkpoint; config.json written and, on resume,
-    metrics.jsonl cut back to the checkpoint's step."""
+    """The training state, fresh or from the newest intact checkpoint (newer damaged ones are set aside
+    as damaged-step_*, and said); config.json written and metrics.jsonl cut back to the checkpoint's
+    step (to nothing on a fresh start: what a run killed before its first checkpoint logged)."""
     ctx = run.strategy.ctx
-    ckpt = find_checkpoint(run.out) if resume else None
+    ckpt, passed_over = None, []
+    if resume and ctx.is_main:  # under the run's lock
+        recover_leftovers(run.out)  # what a kill during a save or rotation left
+        try:
+            ckpt, _, passed_over = newest_intact(run.out, finite=True)
+        except CheckpointError as err:  # damaged since resolve_config looked
+            raise UserError(f"--resume: {err}") from None
+        damaged = [c for c in list_checkpoints(run.out) if c.name > ckpt.name]
+        passed_over = [f"{reason}; set aside as {set_aside(c).name}" for c, reason in zip(damaged, passed_over)]
+    if resume and ctx.distributed:  # the other ranks read the checkpoint rank 0 settled on
+        distributed.barrier()
+        ckpt = ckpt or newest_intact(run.out)[0]
     state = TrainingState.build(cfg, run.net, run.data, run.device, run.strategy, ckpt)
     if ctx.is_main:
+        keep_metrics_until(run.out / "metrics.jsonl", state.step)
         if ckpt is not None:
-            keep_metrics_until(run.out / "metrics.jsonl", state.step)
             again = f" (torchrun restart {ctx.restart_count})" if ctx.restart_count else ""
             print(f"resumed from {ckpt} at step {state.step}{again}")
-        elif ctx.restart_count:  # restarted before this job's first checkpoint: log from scratch
-            keep_metrics_until(run.out / "metrics.jsonl", 0)
+            for note in passed_over:
+                print(f"note: the newest intact checkpoint was taken; passed over {note}")
         write_json_atomic(run.out / "config.json", run.meta)
     return state
 
@@ -314,7 +353,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     checkpoints; the others wait for it at a barrier after each checkpoint.
     """
     ctx = distributed.from_env()
-    run = prepare_run(cfg, resume, ctx)
+    with ExitStack() as held:  # the run directory's lock (rank 0), released however train() ends
+        run = prepare_run(cfg, resume, ctx, held)
+        return train_run(cfg, run, resume)
+
+
+def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
+    """train() once the run is prepared (and its directory locked): the process group, the state, the loop."""
+    ctx = run.strategy.ctx
     distributed.setup(ctx, run.device)  # torchrun: the process group; every user error above came before it
     clean_exit = False
     try:
@@ -325,9 +371,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             clean_exit = True
             return find_checkpoint(run.out)
         train_step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net,
-                                     state.optimizer, state.scheduler, state.ema, cfg.compile, cfg.precision,
-                                     run.device, sync_grads=run.strategy.sync_grads(run.net))
-        train_step = with_checks(train_step, cfg, ctx, state.step)
+                                     state.optimizer, state.scheduler, state.ema, cfg.ema_decay, cfg.compile,
+                                     cfg.precision, run.device, sync_grads=run.strategy.sync_grads(run.net),
+                                     cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
+        train_step = with_checks(train_step, cfg, run, state)
         t_start = time.perf_counter()
         loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
         with StopRequest() as stop, dispatch.backend(cfg.kernels), \
@@ -337,7 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f} s; checkpoint {last}")
         clean_exit = True
         return last
-    except (TrainingDiverged, Stopped):
+    except (TrainingDiverged, GradientSyncFailed, Stopped):
         clean_exit = True  # every rank saw it in the same gather
         raise
     finally:
@@ -352,8 +399,16 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     sums = IntervalSums(run.device, state.step)
     last_good = find_checkpoint(run.out)
     while state.step < cfg.steps:
-        x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
-        loss, error = train_step(x0, noise)
+        try:
+            x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
+            loss, error = train_step(x0, noise)
+        except RuntimeError as err:  # torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError
+            if not out_of_memory(err):
+                raise
+            raise UserError(f"--batch-size {cfg.batch_size} does not fit in the memory of {run.device} "
+                            f"({str(err).strip().splitlines()[0][:160]}): lower --batch-size; "
+                            + (f"the last good checkpoint {last_good} is intact" if last_good else
+                               "no checkpoint was written")) from None
         state.step += 1
         log.step()
         sums.add(loss, error, state.step)
@@ -364,7 +419,8 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 or (stop.requested and not strategy.ctx.distributed)):
             continue
         record, bad_step, stopping = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
-                                                METHODS[cfg.method].error_name, state.scheduler.get_last_lr()[0])
+                                                METHODS[cfg.method].error_name, state.scheduler.get_last_lr()[0],
+                                                skipped_counts(state.data))
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
@@ -376,7 +432,17 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if sample_due or at_end:
             log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         if step % cfg.ckpt_every == 0 or at_end:
-            last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
+            try:
+                last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
+            except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
+                where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
+                raise TrainingDiverged(f"{err}; stopped, {where} (its weights are finite). Try a lower --lr, "
+                                       f"--precision fp32 or another --seed") from None
+            except OSError as err:  # a full disk: save_checkpoint left no partial checkpoint
+                where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
+                raise WriteFailed(f"could not write the step {step} checkpoint in {run.out}: "
+                                  f"{err.strerror or err}; stopped, {where}: free space, then resume with --resume") \
+                    from None
         if stopping:
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             log.write(f"stopped by signal {stop.signal or 'on another rank'} at step {step}; checkpoint {last_good}; "
@@ -439,14 +505,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def with_checks(train_step, cfg: TrainConfig, ctx: distributed.Dist, step: int):
-    """train_step, plus what runs around its first call only (--compile: a graph was made) and the test
-    hook of tests/test_distributed.py (STMD_FAST_FAIL_AT_STEP); unwrapped when neither applies, so the
-    hot loop holds no such branch."""
+def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
+    """train_step, plus what runs around its first calls only: --compile made a graph (call 1); under
+    torchrun with replicas, the ranks' weights agree after the first two steps of this process (a
+    missing gradient all-reduce stops the run there, not at the first checkpoint); and the test hook
+    of tests/test_distributed.py (STMD_FAST_FAIL_AT_STEP). Unwrapped when none applies, so the hot
+    loop holds no such branch."""
+    ctx = run.strategy.ctx
     fail_at = distributed.fail_at_step_for_tests(ctx)
-    if not cfg.compile and fail_at is None:
+    sync_check = isinstance(run.strategy, parallel.Replicas)
+    if not cfg.compile and fail_at is None and not sync_check:
         return train_step
-    calls = [step]
+    start, calls = state.step, [state.step]
 
     def checked(x0, noise):
         calls[0] += 1
@@ -455,18 +525,46 @@ def with_checks(train_step, cfg: TrainConfig, ctx: distributed.Dist, step: int):
         out = train_step(x0, noise)
         if cfg.compile and calls[0] == 1:
             assert_compiled(verbose=ctx.is_main)
+        if sync_check and calls[0] - start <= 2 and not distributed.replicas_agree(state.net):
+            # every rank gathered the same fingerprints, so every rank raises here
+            raise GradientSyncFailed(f"the {ctx.world_size} processes hold different weights after step "
+                                     f"{calls[0]}: the gradients were not all-reduced; stopped before any "
+                                     f"checkpoint of diverged replicas was written")
         return out
 
     return checked
 
 
-@one_line_errors(UserError, DataError, failures=(TrainingDiverged,))  # DataError: e.g. latent shards unreadable mid-run
+def skipped_counts(data) -> dict[str, int] | None:
+    """Damaged shards and samples the latent stream skipped so far (None for in-memory data)."""
+    if not hasattr(data, "skipped_shards"):
+        return None
+    return {"skipped_shards": data.skipped_shards, "skipped_samples": data.skipped_samples}
+
+
+def out_of_memory(err: RuntimeError) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's plain RuntimeError saying the same."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) \
+        or "out of memory" in str(err).lower()
+
+
+@one_line_errors(UserError, DataError, CheckpointError,
+                 failures=(TrainingDiverged, GradientSyncFailed, WriteFailed))  # DataError: e.g. shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is a KeyboardInterrupt
     try:
         train(*resolve_config(vars(args)))
-    except KeyboardInterrupt:
+    except Stopped:  # after a checkpoint; the resume command was printed
         return 130
+    except KeyboardInterrupt:
+        print("interrupted during start-up, before the first step; no checkpoint was written", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        raise WriteFailed(f"could not write {err.filename or 'to --out'}: {err.strerror}; stopped, the "
+                          f"checkpoints are as they were: free space, then resume with --resume") from None
     return 0
 
 

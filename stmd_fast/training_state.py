@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .checkpoint import ema_file, save_checkpoint
-from .parallel import Single
+from .checkpoint import NonFiniteState, ema_file, load_train_state, load_weights, save_checkpoint
+from .engine import make_optimizer
+from .parallel import Sharded, Single
 
 
 class EMAs:
@@ -70,15 +70,15 @@ class TrainingState:
     def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
         """Fresh (ckpt None) or restored from the checkpoint directory ckpt. Collective under torchrun."""
         if ckpt is not None:
-            net.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+            net.load_state_dict(load_weights(ckpt, "model.safetensors", device))
         distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
         ema = EMAs(net, (cfg.ema_decay, *cfg.ema_decays), use_buffers=strategy.ema_buffers)
         if ckpt is not None:
             for decay, module in ema.modules().items():
-                module.load_state_dict(load_file(ckpt / ema_file(decay, cfg.ema_decay), device=str(device)))
+                module.load_state_dict(load_weights(ckpt, ema_file(decay, cfg.ema_decay), device))
         strategy.prepare(net, ema, device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                      weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay, sharded=isinstance(strategy, Sharded),
+                                   betas=tuple(cfg.adam_betas))
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
@@ -86,7 +86,7 @@ class TrainingState:
         if ckpt is None and strategy.world > 1 and cfg.dropout:  # distinct dropout masks on every rank
             torch.manual_seed(distributed.rank_seed(cfg.seed, strategy.rank))
         if ckpt is not None:
-            state._restore(torch.load(ckpt / "train_state.pt", map_location=device, weights_only=True),
+            state._restore(load_train_state(ckpt, device),
                            cfg.seed, device, strategy)
         return state
 
@@ -139,9 +139,20 @@ class TrainingState:
             elif saved.get("data") is not None:  # another split of the shards: replay the saved epoch from its start
                 self.data.load_state_dict({**saved["data"], "consumed": 0})
 
+    def weights_finite(self) -> bool:
+        """Whether the weights and EMA hold no NaN or inf on every rank (one collective; each rank checks
+        its own copy or shards)."""
+        tensors = [*self.net.parameters(), *(p for m in self.ema.modules().values() for p in m.parameters())]
+        local = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).all()
+        return bool(distributed.gather(local.double()[None]).min() > 0)
+
     def save(self, out: Path, meta: dict, keep: int, strategy: Single) -> Path:
         """Write checkpoints/step_N on rank 0; every rank takes part in the gathers first and waits at
-        the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory."""
+        the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory.
+        NonFiniteState on every rank (nothing written) if the weights or any EMA hold NaN or inf."""
+        if not self.weights_finite():
+            raise NonFiniteState(f"the weights became non-finite by step {self.step} (while the loss was still "
+                                 f"finite): not saved")
         weights, emas, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
         main, *extra = emas.items()  # (decay, module or full state dict), the main EMA first
         streams = strategy.streams(self.generator, self.data)

@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +37,45 @@ def random_inception(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(net.state_dict(), path)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- file systems that refuse writes
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@contextmanager
+def _mounted(path: Path, options: str):
+    if not _mount_tmpfs(path, options):
+        pytest.skip("needs root and mount for a real tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """An existing folder nobody can write into: chmod 555 as a user, a read-only tmpfs as root (root
+    ignores permissions)."""
+    path = tmp_path / "readonly"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    with _mounted(path, "ro,size=64k") as mounted:
+        yield mounted
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real file system with 64 KiB free (root only; skipped elsewhere)."""
+    with _mounted(tmp_path / "tiny", "size=64k") as mounted:
+        yield mounted

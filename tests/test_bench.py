@@ -34,24 +34,27 @@ class LinearNet(nn.Module):
 def test_step_flops_count_forward_tangent_and_backward():
     from train_step import count_step_flops
 
-    from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise, flow_matching_loss
-
     from stmd_fast.models import use_tangent_layers
+    from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise, flow_matching_loss
 
     batch, dim = 8, 32
     net = LinearNet(dim)
     x0 = torch.randn(batch, dim)
-    noise = draw_noise(x0, ObjectiveConfig(), torch.Generator().manual_seed(0))
+    noise = draw_noise(x0, ObjectiveConfig(), torch.Generator().manual_seed(0))  # 2 of the 8 rows have r < t
     matmul = 2 * batch * dim * dim
 
-    def meanflow(x, n):
-        return compute_loss("meanflow", net, x, n, ObjectiveConfig())
+    def meanflow(full_batch_jvp):
+        return lambda x, n: compute_loss("meanflow", net, x, n, ObjectiveConfig(), full_batch_jvp=full_batch_jvp)
 
-    # plain nn.Linear under the JVP: forward, tangent W v, and x @ 0 for the weight's materialised
-    # zero tangent, then the weight gradient (the input needs none) = 4 matmuls
-    assert count_step_flops(meanflow, x0, noise) == 4 * matmul
+    # plain nn.Linear under a full-batch JVP: forward, tangent W v, and x @ 0 for the weight's
+    # materialised zero tangent, then the weight gradient (the input needs none) = 4 matmuls
+    assert count_step_flops(meanflow(True), x0, noise) == 4 * matmul
+    # the JVP on the 2 rows with r < t only: those three products on a quarter of the batch, a plain
+    # forward on the rest, the weight gradient on all
+    assert count_step_flops(meanflow(False), x0, noise) == (3 / 4 + 3 / 4 + 1) * matmul
     use_tangent_layers(net)  # what build_net does: the zero-tangent matmul is gone
-    assert count_step_flops(meanflow, x0, noise) == 3 * matmul
+    assert count_step_flops(meanflow(True), x0, noise) == 3 * matmul
+    assert count_step_flops(meanflow(False), x0, noise) == (2 / 4 + 3 / 4 + 1) * matmul
     # flow matching: forward and weight gradient, no tangent
     assert count_step_flops(lambda x, n: flow_matching_loss("meanflow", net, x, n), x0, noise) == 2 * matmul
 
@@ -76,14 +79,20 @@ def test_flow_matching_loss_is_the_objective_at_r_equal_t():
 def test_train_step_smoke():
     result = run_smoke("train_step.py")
     rows = {(r["variant"], r["objective"]): r for r in result["rows"]}
-    assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")}
-    assert result["environment"]["torch"] == torch.__version__
+    assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")} | {
+        ("public recipe", "stmd")}
+    assert result["environment"]["torch"] == torch.__version__ and result["interleaved"]
     for (variant, objective), row in rows.items():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
         assert 0 < row["mfu_pct"]
-    # the JVP step does more work than the flow-matching step of the same network
-    assert rows[("eager fp32", "stmd")]["gflop_per_step"] > rows[("eager fp32", "flow matching")]["gflop_per_step"]
+    # the JVP step does more work than the flow-matching step of the same network, and the public
+    # recipe's full-batch JVP more than ours on the r < t rows
+    ours, public = rows[("compiled fp32", "stmd")], rows[("public recipe", "stmd")]
+    assert ours["gflop_per_step"] > rows[("eager fp32", "flow matching")]["gflop_per_step"]
+    assert public["gflop_per_step"] > ours["gflop_per_step"]
     assert rows[("eager fp32", "stmd")]["speedup_vs_eager"] == 1.0
+    assert ours["speedup_vs_public"] == pytest.approx(public["ms_per_step"] / ours["ms_per_step"])
+    assert public["speedup_vs_public"] is None
 
 
 @pytest.mark.slow

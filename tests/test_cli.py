@@ -121,6 +121,8 @@ def image_run(tmp_path_factory, image_npy) -> Path:
 @pytest.mark.parametrize("flag, value, choices", [
     ("--preset", "imagenet", ("digits", "gmm", "mnist", "cifar10")),
     ("--method", "flowmatch", ("stmd", "meanflow", "ddpm")),
+    ("--time-sampler", "cifar", ("pair", "separate", "mixture")),
+    ("--s-sampler", "beta", ("uniform", "grid")),
 ])
 def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, value, choices):
     with pytest.raises(SystemExit) as exc:
@@ -131,6 +133,21 @@ def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, valu
     for choice in choices:
         assert choice in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sampler_flags_reach_the_run_config(tmp_path):
+    """Every time-sampler flag lands in the run's objective (what draw_noise reads), the rest keep the preset's."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--out", run, "--time-sampler", "mixture", "--mixture-weight", 0.25,
+                 "--r-mean", -3, "--r-std", 1.2, "--s-sampler", "grid", "--s-grid-fraction", 0.4,
+                 "--s-grid-steps", 1, 2) == 0
+    objective = json.loads((run / "config.json").read_text())["config"]["objective"]
+    assert objective["time_sampler"] == "mixture" and objective["mixture_weight"] == 0.25
+    assert objective["r_mean"] == -3 and objective["r_std"] == 1.2
+    assert objective["s_sampler"] == "grid" and objective["s_grid_fraction"] == 0.4
+    assert list(objective["s_grid_steps"]) == [1, 2]
+    from stmd_fast.config import PRESETS
+    assert objective["time_mean"] == PRESETS["gmm"]().objective.time_mean
 
 
 # ----------------------------------------------------------------------------- 2-4. data and --out
@@ -391,7 +408,7 @@ def test_api_edited_method_is_refused(image_run, tmp_path):
 
 # ----------------------------------------------------------------------------- 9. --help
 
-NO_DEFAULT = {"--resume", "--download", "--compile", "--data", "--help"}
+NO_DEFAULT = {"--resume", "--download", "--compile", "--strict-data", "--data", "--help"}
 
 
 def test_help_states_every_default(capsys, monkeypatch):
@@ -480,3 +497,45 @@ def test_sample_unwritable_out_is_a_one_line_error(capsys, gmm_run, tmp_path):
     blocker.write_text("x")
     assert sample(gmm_run, "--num", 2, "--out", blocker / "x.npy") == 2
     assert_one_line_error(capsys, "--out")
+
+
+# ----------------------------------------------------------------------------- 9. inverse problems
+
+def test_inverse_sr_noiseless_reproduces_the_measurement(capsys, image_run, inpaint_files, tmp_path):
+    image, _, pixels = inpaint_files
+    out = tmp_path / "sr.npy"
+    assert sample(image_run, "--inverse", "sr2", "--observed", image, "--num", 3, "--steps", 2, "--out", out) == 0
+    x = torch.from_numpy(np.load(out))
+    truth = torch.from_numpy(pixels.astype(np.float32) / np.float32(127.5) - np.float32(1))
+    y = torch.nn.functional.avg_pool2d(truth, 2)
+    assert x.shape == (3, 1, 8, 8)
+    assert (torch.nn.functional.avg_pool2d(x, 2) - y).abs().max() < 1e-5
+    assert "DDNM" in capsys.readouterr().out
+
+
+def test_inverse_smc_takes_the_measurement_at_its_own_size(capsys, image_run, tmp_path):
+    y = tmp_path / "y.npy"
+    np.save(y, np.zeros((1, 2, 2), np.float32))
+    out = tmp_path / "s.png"
+    assert sample(image_run, "--inverse", "sr4", "--observed", y, "--sigma-y", 0.1, "--particles", 3, "--num", 2,
+                  "--steps", 2, "--out", out) == 0
+    assert tuple(read_png(out).shape[-2:]) == grid_size(3)  # A^+ y + 2 samples
+    assert "SMC K=3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--inverse", "sr2"], ["--observed"]),
+    (["--inverse", "sr2", "--observed", "IMG", "--particles", "4"], ["--sigma-y > 0"]),
+    (["--particles", "4"], ["--inverse"]),
+    (["--inverse", "gray", "--observed", "IMG"], ["RGB"]),
+    (["--inverse", "inpaint", "--observed", "IMG"], ["--mask"]),
+    (["--inverse", "sr4", "--observed", "SMALL"], ["sr4 measurement (1, 2, 2)", "(1, 8, 8)"]),
+])
+def test_inverse_bad_input_is_one_line(capsys, image_run, inpaint_files, tmp_path, args, words):
+    image, _, _ = inpaint_files
+    small = tmp_path / "small.png"
+    write_png(np.zeros((1, 5, 5), dtype=np.uint8), small)
+    args = [str(image) if a == "IMG" else str(small) if a == "SMALL" else a for a in args]
+    assert sample(image_run, *args, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, *words)
+    assert not (tmp_path / "x.npy").exists()

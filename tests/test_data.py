@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -224,6 +225,32 @@ def test_npy_uint8_images_stay_pixels(tmp_path):
     assert data.kind == "image" and data.shape == (2, 4, 4) and data.values.dtype == torch.uint8
     assert torch.equal(data.values, torch.from_numpy(x))
     assert torch.equal(data.all(), torch.from_numpy(x).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
+def test_npy_integer_images_are_pixels_in_any_integer_dtype(tmp_path, dtype):
+    """int64 pixels 0..255 (what np.array(list_of_ints) gives) are scaled like uint8, not used unscaled."""
+    x = _distinct_rows(6, 2 * 4 * 4, seed=5).reshape(6, 2, 4, 4)
+    np.save(tmp_path / "pix.npy", x.astype(dtype))
+    data = load_npy(str(tmp_path / "pix.npy"))
+    assert data.values.dtype == torch.uint8 and torch.equal(data.values, torch.from_numpy(x))
+    assert torch.equal(data.all(), torch.from_numpy(x).float() / 127.5 - 1)
+
+
+def test_npy_integer_images_outside_0_255_are_refused(tmp_path):
+    np.save(tmp_path / "deep.npy", np.array([0, 4095]).reshape(2, 1, 1, 1))
+    with pytest.raises(DataError, match=r"integer images with values in \[0, 4095\].*save uint8 pixels"):
+        load_npy(str(tmp_path / "deep.npy"))
+
+
+@pytest.mark.parametrize("largest", [1e30, -2e4])
+def test_npy_data_far_beyond_unit_scale_is_refused(tmp_path, largest):
+    """1e30 would train until the NaN stop; the message says to standardize."""
+    np.save(tmp_path / "big.npy", np.array([[largest, 0.0], [1.0, 2.0]], dtype=np.float32))
+    with pytest.raises(DataError, match=re.escape(f"values up to {abs(largest):.3g} in magnitude")):
+        load_npy(str(tmp_path / "big.npy"))
+    np.save(tmp_path / "fine.npy", np.array([[9e3, 0.0]], dtype=np.float32))  # below MAX_ABS: used as given
+    assert load_npy(str(tmp_path / "fine.npy")).values[0, 0] == 9e3
 
 
 def test_npy_integer_vectors_are_not_treated_as_pixels(tmp_path):

@@ -148,3 +148,51 @@ def test_kernel_writes_table_json_and_heat_maps(tmp_path):
     table = (out / "kernel.md").read_text().splitlines()[2:]
     assert len(table) == 13 * 3
     assert len(list(out.glob("kernel_*_M*.png"))) == 3  # stmd M=1, M=2; ddpm M=1
+
+
+@pytest.mark.parametrize("operator,extra", [("sr4", []), ("inpaint", ["--mask", "center"]),
+                                            ("sr2", ["--sigma-y", "0.2", "--particles", "3"])])
+def test_inverse_evaluation(runs, tmp_path, operator, extra):
+    args = ["inverse", str(runs / "stmd"), "--operator", operator, "--images", "4", "--completions", "3", "--steps",
+            "2", "--classifier", str(runs / "classifier"), "--cache-dir", str(runs / "cache"), "--out", str(tmp_path),
+            *extra]
+    assert evaluate(args) == 0
+    name = f"inverse_{operator}{'_center' if operator == 'inpaint' else ''}"
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["images"] == 4 and np.isfinite(result["fd"]) and np.isfinite(result["psnr_db"])
+    assert result["diversity"] > 0
+    if "--sigma-y" not in extra:  # noiseless DDNM: the samples reproduce y
+        assert result["consistency_rms"] < 1e-5
+    else:
+        assert result["sampler"] == "smc K=3"
+    assert evaluate(args) == 0  # seeded
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == result
+
+
+def test_inverse_refuses_bad_settings(runs, tmp_path, capsys):
+    base = ["inverse", str(runs / "stmd"), "--classifier", str(runs / "classifier"), "--out", str(tmp_path)]
+    assert evaluate(base + ["--operator", "gray"]) == 2
+    one_line_error(capsys, "RGB")
+    assert evaluate(base + ["--operator", "sr2", "--particles", "4"]) == 2
+    one_line_error(capsys, "--sigma-y")
+
+
+def test_posterior_grid_command(tmp_path, capsys):
+    for method in ("stmd", "ddpm"):
+        assert train(["--preset", "gmm", "--method", method, "--steps", "2", "--batch-size", "8", "--sample-every", "0",
+                      "--out", str(tmp_path / method)]) == 0
+    args = ["posterior", str(tmp_path / "stmd"), str(tmp_path / "ddpm"), "--steps", "1,2", "--particles", "1,3",
+            "--observations", "2", "--runs", "20", "--out", str(tmp_path / "post")]
+    assert evaluate(args) == 0
+    result = json.loads((tmp_path / "post" / "posterior.json").read_text())
+    cells = [(r["model"].split("/")[-1], r["sampler"], r["N"], r["K"]) for r in result["rows"]]
+    assert len(cells) == 1 + 2 * 2 + 2 * 2 * 3 and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
+    assert ("exact kernel", "smc", 2, 3) in cells
+    assert all(np.isfinite(r["energy"]) for r in result["rows"])
+    md = (tmp_path / "post" / "posterior.md").read_text()
+    assert "SMC K = 3" in md and "DDNM+" in md
+    assert evaluate(args) == 0  # seeded
+    assert json.loads((tmp_path / "post" / "posterior.json").read_text()) == result
+    capsys.readouterr()
+    assert evaluate(args[:-2] + ["--sigma-y", "0", "--out", str(tmp_path / "p2")]) == 2
+    one_line_error(capsys, "--sigma-y")

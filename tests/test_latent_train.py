@@ -157,3 +157,42 @@ def test_a_vae_that_does_not_load_is_refused_before_training(capsys, shards, vae
     err = capsys.readouterr().err
     assert "could not load an AutoencoderKL" in err
     assert not (run / "checkpoints").exists()
+
+
+def _damage_one_sample(shards: str, tmp_path: Path) -> str:
+    """A copy of the shards with 16 bytes flipped inside one sample's mean.npy (shard 1): only the
+    per-sample checksum can tell."""
+    import shutil
+    import tarfile
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(Path(shards).parent, folder)
+    shard = folder / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".mean.npy"))
+    data = bytearray(shard.read_bytes())
+    middle = member.offset_data + member.size // 2
+    data[middle:middle + 16] = bytes(b ^ 0xA5 for b in data[middle:middle + 16])
+    shard.write_bytes(bytes(data))
+    return str(folder / Path(shards).name)
+
+
+def test_a_damaged_sample_is_skipped_and_counted_in_metrics_or_stops_strict_runs(shards, vae_dir, tmp_path,
+                                                                                 at_test_resolution):
+    """12 samples, 4 steps of 4: the first epoch (and the damaged sample in it) is read by step 3. The
+    run trains on the 11 intact ones and metrics.jsonl counts the skipped sample from then on; with
+    --strict-data it stops with a DataError naming the shard and the sample."""
+    from stmd_fast.data.datasets import DataError
+
+    damaged = _damage_one_sample(shards, tmp_path)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping damaged sample"):
+        train(tiny_config(damaged, vae_dir, run))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in records][-1] == 1 and all(r["skipped_shards"] == 0 for r in records)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    with pytest.raises(DataError, match=r"shard-000001.tar: sample \d+ is damaged .*--strict-data"):
+        train(tiny_config(damaged, vae_dir, tmp_path / "strict", strict_data=True))
+    from stmd_fast.train import build_parser
+
+    assert build_parser().parse_args(["--strict-data"]).strict_data is True

@@ -103,7 +103,7 @@ def _read_samples(folder: Path) -> dict[str, dict]:
             for member in tar.getmembers():
                 key, entry = member.name.split(".", 1)
                 data = tar.extractfile(member).read()
-                value = data.decode() if entry == "src.txt" else np.load(io.BytesIO(data))
+                value = data.decode() if entry.endswith(".txt") else np.load(io.BytesIO(data))
                 samples.setdefault(key, {"shard": shard.name})[entry.split(".")[0]] = value
     return samples
 
@@ -297,7 +297,7 @@ def _damage(shards: Path, tmp_path: Path, which: dict[int, str]) -> Path:
         data = path.read_bytes()
         if how == "short":
             with tarfile.open(fileobj=io.BytesIO(data)) as tar, tarfile.open(path, "w") as short:
-                for member in tar.getmembers()[:3]:  # mean.npy, src.txt, std.npy of one sample
+                for member in tar.getmembers()[:4]:  # mean.npy, sha256.txt, src.txt, std.npy of one sample
                     short.addfile(member, tar.extractfile(member))
         else:
             path.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
@@ -404,3 +404,112 @@ def test_data_benchmark_smoke(shards):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "data"
     assert result["results"] and all(row["samples_per_s"] > 0 for row in result["results"])
+
+
+# --- integrity: damaged bytes, full disk, bad --out --------------------------------------------
+
+
+def _overwrite(shard: Path, offset: int, n: int = 16) -> None:
+    data = bytearray(shard.read_bytes())
+    data[offset:offset + n] = bytes((b ^ 0xA5) for b in data[offset:offset + n])
+    shard.write_bytes(bytes(data))
+
+
+def test_bytes_overwritten_inside_a_sample_skip_that_sample_alone(shards, tmp_path):
+    """16 bytes flipped in the middle of one sample's mean.npy: the tar still reads, the values parse
+    and are finite, and only the per-sample SHA-256 tells. That sample is skipped and counted; every
+    other sample is read unchanged; strict mode stops naming the shard and the sample."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    shard = damaged / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".mean.npy"))
+    _overwrite(shard, member.offset_data + member.size // 2)
+    key = member.name.split(".")[0]
+    data = LatentShards(_pattern(damaged), num_workers=0, shuffle_buffer=0)
+    keys = data.epoch_keys(0)
+    assert key not in keys and len(keys) == len(_read_samples(shards)) - 1
+    with pytest.warns(UserWarning, match=f"skipping damaged sample {key} of .*shard-000001.tar .fails its SHA-256"):
+        data.batch(2 * len(keys), torch.Generator())  # through epoch 0 and into epoch 1
+    assert data.skipped_samples == 1 and data.skipped_shards == 0  # counted once over the two epochs
+    strict = LatentShards(_pattern(damaged), num_workers=0, shuffle_buffer=0, strict=True)
+    with pytest.raises(DataError, match=f"shard-000001.tar: sample {key} is damaged .*--strict-data"):
+        for _ in range(3):
+            strict.batch(8, torch.Generator())
+
+
+def test_bytes_overwritten_anywhere_never_yield_a_changed_sample(shards, tmp_path):
+    """Wherever 16 bytes are overwritten in a shard (tar headers, .npy headers, data, checksums), every
+    sample the reader yields equals the original bit for bit; the damage shows as skipped samples or a
+    skipped shard, never as wrong latents."""
+    from stmd_fast.data.latents import read_shards
+
+    original = _read_samples(shards)
+    shard = shards / "shard-000002.tar"
+    size = shard.stat().st_size
+    expected = {str(tmp_path / "s.tar"): sum(1 for s in original.values() if s["shard"] == shard.name)}
+    shape = tuple(json.loads((shards / "manifest.json").read_text())["latent_shape"])
+    for offset in range(0, size - 16, 97):
+        copy = tmp_path / "s.tar"
+        shutil.copy(shard, copy)
+        _overwrite(copy, offset)
+        records = list(read_shards([str(copy)], shape, expected))
+        for record in records:
+            if "key" in record:
+                np.testing.assert_array_equal(record["mean"], original[record["key"]]["mean"])
+                np.testing.assert_array_equal(record["std"], original[record["key"]]["std"])
+        if all("key" in r for r in records):  # nothing flagged: the bytes hit tar padding or a file name's
+            assert len(records) == expected[str(copy)], f"offset {offset}: a sample vanished unflagged"
+
+
+def test_encode_refuses_an_out_that_is_a_file_before_the_vae_loads(tmp_path, image_dir, vae_dir, monkeypatch):
+    monkeypatch.setattr(enc, "load_vae", lambda *a: pytest.fail("the VAE was loaded"))
+    blocker = tmp_path / "shards"
+    blocker.write_text("a file")
+    with pytest.raises(DataError, match=f"--out {blocker} is a file: pass a folder"):
+        enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--out", str(blocker), "--device", "cpu"])
+    with pytest.raises(DataError, match="cannot write to --out"):
+        enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--out", str(blocker / "below"),
+                  "--device", "cpu"])
+    assert blocker.read_text() == "a file"
+
+
+def test_encode_into_a_read_only_folder_is_refused_before_the_vae_loads(image_dir, vae_dir, monkeypatch,
+                                                                        readonly_dir):
+    monkeypatch.setattr(enc, "load_vae", lambda *a: pytest.fail("the VAE was loaded"))
+    with pytest.raises(DataError, match="cannot write to --out .*choose a writable folder"):
+        enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--out", str(readonly_dir / "shards"),
+                  "--device", "cpu"])
+
+
+def test_encode_on_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, image_dir, vae_dir,
+                                                                             monkeypatch):
+    """The disk fills while shard 1 is written: a DataError (one line, the __main__ prints it) naming the
+    shard, no partial shard or temporary file left, shard 0 kept; the rerun encodes only the rest."""
+    out = tmp_path / "shards"
+    args = ["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+            "--batch-size", "1", "--device", "cpu", "--shard-size", "2", "--limit", "4"]
+    real_open = open
+    opened = []
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            super().write(bytes(data)[:10])
+            raise OSError(28, "No space left on device")
+
+    def full_second_shard(path, mode="r", *a, **k):
+        if "w" in mode and str(path).endswith("shard-000001.tar.tmp"):
+            opened.append(path)
+            return FullDisk(path, "w")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(enc, "open", full_second_shard, raising=False)
+    with pytest.raises(DataError) as info:
+        enc.main(args)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and opened
+    assert "shard-000001.tar: No space left on device" in message and "the 1 shards written before are kept" in message
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]
+    monkeypatch.undo()
+    manifest = enc.main(args)
+    assert manifest["complete"] and manifest["shards"] == ["shard-000000.tar", "shard-000001.tar"]

@@ -3,6 +3,7 @@ put together by hand, checked bit for bit against the same run written out as a 
 seeded steps, the way the trainer computed it before it was split into parts."""
 import json
 import signal
+from contextlib import ExitStack
 from functools import partial
 
 import pytest
@@ -30,10 +31,15 @@ def config(out) -> TrainConfig:
 
 def drive(cfg: TrainConfig, stop_at_once: bool = False):
     """prepare_run -> start_state -> make_train_step -> loop, as train() does, without the CLI."""
-    run = prepare_run(cfg, resume=False, ctx=distributed.Dist())
+    with ExitStack() as held:  # the run directory's lock, as train() holds it
+        run = prepare_run(cfg, resume=False, ctx=distributed.Dist(), held=held)
+        return drive_prepared(cfg, run, stop_at_once)
+
+
+def drive_prepared(cfg: TrainConfig, run, stop_at_once: bool):
     state = start_state(cfg, run, resume=False)
     step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net, state.optimizer,
-                           state.scheduler, state.ema, cfg.compile, cfg.precision, run.device)
+                           state.scheduler, state.ema, cfg.ema_decay, cfg.compile, cfg.precision, run.device)
     with StopRequest() as stop, RunLog(run.out, cfg.steps, state.step, is_main=True) as log:
         if stop_at_once:
             stop.signal = signal.SIGTERM  # as if Ctrl-C came during the first step
@@ -45,7 +51,8 @@ def plain_run(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     net = build_net(cfg.net, (2,), True, 3)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused, as the trainer's (engine.make_optimizer): fused and multi-tensor AdamW round differently
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps))
     generator = torch.Generator().manual_seed(cfg.seed)
     data, losses = default_mixture(), []

@@ -1,4 +1,5 @@
 """Crash and resume edge cases, device checks, and input validation of shared helpers."""
+import hashlib
 import json
 import shutil
 
@@ -30,6 +31,15 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path):
     assert losses == [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
 
 
+def reseal(path) -> None:
+    """Record an edited checkpoint file's new size and SHA-256 in its config.json (as if written so)."""
+    meta_path = path.parent / "config.json"
+    meta = json.loads(meta_path.read_text())
+    data = path.read_bytes()
+    meta["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta_path.write_text(json.dumps(meta))
+
+
 def test_resume_on_another_device_type_reseeds_and_says_so(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(GMM + ["--steps", "2", "--out", str(run)]) == 0
@@ -37,6 +47,7 @@ def test_resume_on_another_device_type_reseeds_and_says_so(tmp_path, capsys):
     state = torch.load(state_path, weights_only=True)
     state["generator_device"] = "cuda"  # as if it had been trained on a GPU
     torch.save(state, state_path)
+    reseal(state_path)
     capsys.readouterr()
     assert main(GMM + ["--steps", "4", "--out", str(run), "--resume"]) == 0
     assert "reseeded" in capsys.readouterr().out

@@ -1,0 +1,161 @@
+"""python -m stmd_fast.crashtest: kill a training run at random moments, resume it, and check that
+nothing was lost (README, "What survives what"). Run it on the machine and file system you train on.
+
+1. an uninterrupted reference run (the gmm preset on the CPU, a few hundred steps);
+2. the same run started, SIGKILLed at a random moment (start-up, mid-step, mid-checkpoint or
+   mid-rotation alike), and started again (--resume once it has a checkpoint), --kills times;
+   after every kill each visible checkpoint must verify (sizes, SHA-256);
+3. once, a second process started into a live run's --out (a long run of its own) must be refused
+   in one line;
+4. the run finished: metrics.jsonl must hold each step once, in order, and the final weights
+   and EMA must equal the reference's bit for bit (resume is exact on the CPU).
+
+Prints one line per kill and a final JSON line; exit code 0 if everything held, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .checkpoint import list_checkpoints, newest_intact, verify_checkpoint
+
+
+def train_command(out: Path, steps: int, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "stmd_fast.train", "--preset", "gmm", "--steps", str(steps), "--batch-size", "64",
+            "--ckpt-every", "7", "--keep-checkpoints", "2", "--log-every", "1", "--sample-every", "0",
+            "--device", "cpu", "--out", str(out), *(["--resume"] if resume else [])]
+
+
+def start(out: Path, steps: int) -> subprocess.Popen:
+    return subprocess.Popen(train_command(out, steps, resume=bool(list_checkpoints(out))),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def check_visible_checkpoints(out: Path) -> str | None:
+    """None if every checkpoint folder the loaders see verifies, else the first problem."""
+    for ckpt in list_checkpoints(out):
+        try:
+            verify_checkpoint(ckpt)
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            return str(err)
+    return None
+
+
+def second_run_refused(out: Path) -> str | None:
+    """Start a long run into `out`, then (once it holds the lock and has a checkpoint) a second one with
+    --resume into the same --out: None if the second was refused with a one-line error naming the lock,
+    else what happened."""
+    first = subprocess.Popen(train_command(out, 10 ** 9, resume=False), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        lock = out / ".lock"
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text() + " " and list_checkpoints(out)):
+            if first.poll() is not None or time.time() > deadline:
+                return f"the first run ended (exit {first.returncode}) before it held the lock and a checkpoint"
+            time.sleep(0.05)
+        second = subprocess.run(train_command(out, 10 ** 9, resume=True), capture_output=True, text=True,
+                                timeout=600)
+        lines = second.stderr.strip().splitlines()
+        if second.returncode != 2 or len(lines) != 1 or "in use by another training run" not in lines[0]:
+            return f"the second run gave exit {second.returncode}: {second.stderr.strip()[-300:]}"
+        return None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stmd_fast.crashtest", description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish [default: 12]")
+    p.add_argument("--steps", type=int, default=300, help="steps of the test run [default: 300]")
+    p.add_argument("--seed", type=int, default=0, help="seeds the kill times [default: 0]")
+    p.add_argument("--dir", help="where the runs go (kept); default: a temporary folder, removed at the end")
+    args = p.parse_args(argv)
+    if args.kills < 1 or args.steps < 20:
+        p.error("need --kills >= 1 and --steps >= 20")
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="stmd-crashtest-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    problems: list[str] = []
+    try:
+        reference, crashed = root / "reference", root / "crashed"
+        for folder in (reference, crashed, root / "live"):
+            shutil.rmtree(folder, ignore_errors=True)
+        began = time.perf_counter()
+        done = subprocess.run(train_command(reference, args.steps, resume=False), capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"the reference run failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        wall = time.perf_counter() - began
+        print(f"reference: {args.steps} steps in {wall:.1f} s (start-up included); killing the test run up to "
+              f"{args.kills} times at random moments in [0, {0.7 * wall:.1f}] s after each start")
+
+        kills = 0
+        for attempt in range(args.kills):
+            if attempt == args.kills // 2:  # once, mid-way: a second process into a live run
+                refused = second_run_refused(root / "live")
+                print(f"second run into the live --out: {'refused in one line' if refused is None else refused}")
+                if refused:
+                    problems.append(f"second run: {refused}")
+            process = start(crashed, args.steps)
+            at = rng.uniform(0, 0.7 * wall)  # short of a whole run, so that most starts are killed
+            try:
+                process.wait(timeout=at)
+                finished = True
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                finished = False
+            if finished and process.returncode != 0:
+                problems.append(f"start {attempt + 1} failed (exit {process.returncode}): "
+                                f"{process.stderr.read().strip()[-300:]}")
+                break
+            broken = check_visible_checkpoints(crashed)
+            try:
+                newest = newest_intact(crashed)[0].name
+            except (FileNotFoundError, ValueError):
+                newest = "none yet"
+            kills += not finished
+            print(f"start {attempt + 1:3d}: {'finished' if finished else f'SIGKILL after {at:5.2f} s'}; newest "
+                  f"intact checkpoint {newest}" + (f"; BROKEN: {broken}" if broken else ""))
+            if broken:
+                problems.append(f"after start {attempt + 1}: {broken}")
+            if finished:
+                break
+        final = subprocess.run(train_command(crashed, args.steps, resume=bool(list_checkpoints(crashed))),
+                               capture_output=True, text=True)
+        if final.returncode != 0:
+            problems.append(f"the final resume failed: {final.stderr.strip()[-300:]}")
+        else:
+            steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+            if steps != list(range(1, args.steps + 1)):
+                problems.append(f"metrics.jsonl does not hold each step once in order ({len(steps)} lines)")
+            for name in ("model.safetensors", "ema.safetensors"):
+                a = load_file(newest_intact(reference)[0] / name)
+                b = load_file(newest_intact(crashed)[0] / name)
+                if a.keys() != b.keys() or any(not a[k].equal(b[k]) for k in a):
+                    problems.append(f"the final {name} differs from the uninterrupted run's")
+        verdict = {"kills": kills, "steps": args.steps, "ok": not problems, "problems": problems}
+        print(("survived" if not problems else "FAILED") + f": {kills} kills; "
+              + ("every checkpoint intact, metrics once per step, final weights equal the uninterrupted run's"
+                 if not problems else "; ".join(problems)))
+        print(json.dumps(verdict))
+        return 0 if not problems else 1
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Writing files so that no kill and no full disk leaves a partial one, and the run directory's lock.
+
+Every output of stmd_fast (checkpoints, sample grids, exported programs, latent shards, manifests)
+is serialized in memory and written here with Python file I/O, to a temporary name beside the
+target, fsynced, then renamed over it: a reader or a crash sees the old file or the new one, never
+half; a full disk is an OSError (ENOSPC) that removes the temporary file. (torch's C++ writers,
+torch.save and torch.export.save to a path, can abort the whole process on a full disk instead.)
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class WriteFailed(Exception):
+    """An output could not be written (a full disk, a vanished folder); nothing partial is left. The
+    message is the one line the command line prints (exit code 1)."""
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (which makes its entries durable: a rename, a new file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write, flush and fsync `path`; a failed write (e.g. ENOSPC) removes the partial file and re-raises."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+
+
+def temp_sibling(path: Path) -> Path:
+    """Where `path` is written before the rename: hidden, in the same folder (a rename across file
+    systems would not be atomic), named per process so two writers never share it."""
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Replace `path` by `data`: written to a temporary sibling, fsynced, renamed over it."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    write_bytes_durably(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """ValueError naming `flag` unless `path` (a file to be written) can be created: its folder is made
+    and a temporary sibling written and removed, the only test that holds for read-only file systems,
+    permissions and root alike. Run it before expensive work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {flag} {path}: it is a directory: give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_sibling(path)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write {flag} {path}: {err.strerror or err}: choose a writable path") from None
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """One training process per run directory: flock(2) on RUN/.lock, held while the block runs.
+
+    The kernel releases the lock whenever the process ends, however it ends (an exception, SIGKILL,
+    the OOM killer), so there is never a stale lock to clean up by hand. The file stays (deleting it
+    would let two processes lock two different files) and names the holder for the error message.
+    flock is advisory: stmd_fast's commands respect it; other programs are not stopped by it."""
+    import fcntl  # POSIX only: imported here so the package imports elsewhere
+
+    path = Path(run_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            raise RunLocked(f"{run_dir} is in use by another training run ({holder}): wait for it to end, "
+                            f"or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,0 +1,329 @@
+"""Inverse problems: operators against their dense matrices, DDNM / DDNM+ in the sampler loop,
+SMC weights and resampling against brute force and exact evidences, the GMM posterior of a
+linear measurement against importance sampling, and the Python API."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stmd_fast import sampling
+from stmd_fast.checkpoint import Model
+from stmd_fast.gmm import GaussianMixture, default_mixture, energy_distance
+from stmd_fast.models import NetConfig, build_net
+from stmd_fast.objectives import METHODS
+from stmd_fast.operators import DDNM, AvgPool, Grayscale, Mask, Matrix, make_operator
+from stmd_fast.sampling import make_step
+from stmd_fast.smc import ess, smc_sample, systematic_indices
+
+UNET = dict(kind="unet", channels=(8, 16), norm_groups=4, head_dim=4, time_freqs=16,
+            attention_levels=(1,), mid_attention=True)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_net(method: str, shape: tuple[int, ...], seed: int = 0):
+    torch.manual_seed(seed)
+    m = METHODS[method]
+    return build_net(NetConfig(**UNET), shape, m.conditional, len(m.times)).eval().requires_grad_(False)
+
+
+def random_mask(shape, seed):
+    return (torch.rand(shape, generator=gen(seed)) < 0.5).double()
+
+
+# (operator, data shape): each kind, on awkward shapes
+OPERATORS = {
+    "mask": (lambda: Mask(random_mask((1, 4, 3), 1)), (2, 4, 3)),
+    "sr2": (lambda: AvgPool(2), (2, 4, 6)),
+    "sr4": (lambda: AvgPool(4), (1, 8, 4)),
+    "gray": (lambda: Grayscale(), (3, 2, 3)),
+    "matrix": (lambda: Matrix(torch.randn(3, 5, generator=gen(2), dtype=torch.float64)), (5,)),
+}
+
+
+def dense(op, shape) -> torch.Tensor:
+    """The matrix of op on flattened samples: column j is A e_j."""
+    d = math.prod(shape)
+    basis = torch.eye(d, dtype=torch.float64).reshape(d, *shape)
+    return op(basis).reshape(d, -1).T
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+def test_operator_against_its_dense_matrix(name):
+    """A^+ equals torch.linalg.pinv of the dense A, the Penrose identities hold, the singular
+    values are the dense ones, and range_scale is V diag(f(s)) V^T."""
+    make, shape = OPERATORS[name]
+    op = make()
+    op.check(shape)
+    a = dense(op, shape)
+    y_shape = op(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:]
+    m = math.prod(y_shape)
+    a_pinv = op.pinv(torch.eye(m, dtype=torch.float64).reshape(m, *y_shape)).reshape(m, -1).T
+    torch.testing.assert_close(a_pinv, torch.linalg.pinv(a), atol=1e-12, rtol=0)
+    torch.testing.assert_close(a @ a_pinv @ a, a, atol=1e-12, rtol=0)  # A A^+ A = A
+    torch.testing.assert_close(a_pinv @ a @ a_pinv, a_pinv, atol=1e-12, rtol=0)  # A^+ A A^+ = A^+
+    _, s, vh = torch.linalg.svd(a, full_matrices=False)
+    nonzero = s > 1e-9
+    distinct = op.singular_values()
+    assert torch.allclose(s[nonzero].min(), distinct.min()) and torch.allclose(s[nonzero].max(), distinct.max())
+    assert op.measurement_dim(shape) == int(nonzero.sum())
+    factors = torch.rand(len(distinct), generator=gen(3), dtype=torch.float64) + 0.5
+    # the dense V diag(f(s_i)) V^T, f looked up by singular value
+    f = factors[(s[nonzero, None] - distinct[None]).abs().argmin(1)]
+    v = vh[nonzero].T
+    x = torch.randn(4, *shape, generator=gen(4), dtype=torch.float64)
+    expected = (x.reshape(4, -1) @ v * f) @ v.T
+    torch.testing.assert_close(op.range_scale(x, factors).reshape(4, -1), expected, atol=1e-12, rtol=0)
+    # the projection: A of it is y, and it keeps x0's null-space part
+    y = op(torch.randn(4, *shape, generator=gen(5), dtype=torch.float64))
+    p = op.project(x, y)
+    torch.testing.assert_close(op(p), y, atol=1e-12, rtol=0)
+    null = torch.eye(a.shape[1], dtype=torch.float64) - a_pinv @ a
+    torch.testing.assert_close(p.reshape(4, -1) @ null, x.reshape(4, -1) @ null, atol=1e-12, rtol=0)
+
+
+def test_operator_checks_are_one_line_errors():
+    with pytest.raises(ValueError, match="divide"):
+        AvgPool(4).check((1, 6, 8))
+    with pytest.raises(ValueError, match="RGB"):
+        Grayscale().check((1, 8, 8))
+    with pytest.raises(ValueError, match="full row rank"):
+        Matrix([[1.0, 2.0], [2.0, 4.0]])
+    with pytest.raises(ValueError, match="0 .missing. or 1"):
+        Mask(torch.full((1, 2, 2), 0.5))
+    with pytest.raises(ValueError, match="unknown operator 'blur'"):
+        make_operator("blur")
+    with pytest.raises(ValueError, match="sigma_y > 0"):
+        AvgPool(2).log_likelihood(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1), 0.0)
+
+
+def test_log_likelihood_is_the_gaussian_density():
+    op = Matrix(torch.randn(2, 3, generator=gen(6), dtype=torch.float64))
+    x, y = torch.randn(5, 3, generator=gen(7), dtype=torch.float64), torch.randn(5, 2, generator=gen(8), dtype=torch.float64)
+    from scipy.stats import multivariate_normal
+
+    ref = [multivariate_normal(mean=(op.matrix @ xi).numpy(), cov=0.3**2 * np.eye(2)).logpdf(yi.numpy()) for xi, yi in zip(x, y)]
+    np.testing.assert_allclose(op.log_likelihood(x, y, 0.3).numpy(), ref, rtol=1e-12)
+    # a mask measures only its observed entries: unobserved entries of y do not count
+    mask = Mask(torch.tensor([1.0, 0.0, 1.0]))
+    x3 = torch.randn(4, 3, generator=gen(9), dtype=torch.float64)
+    y3 = torch.randn(4, 3, generator=gen(10), dtype=torch.float64)
+    ref = -0.5 * ((x3 - y3)[:, [0, 2]] ** 2).sum(1) / 0.2**2 - math.log(2 * math.pi * 0.2**2)
+    torch.testing.assert_close(mask.log_likelihood(x3, y3, 0.2), ref)
+
+
+# ----------------------------------------------------------------------------- DDNM and DDNM+
+
+@pytest.mark.parametrize("method,steps,flow_steps", [("stmd", 3, 2), ("ddpm", 4, 1), ("meanflow", 1, 2)])
+@pytest.mark.parametrize("name", ["inpaint", "sr2", "sr4", "gray"])
+def test_noiseless_ddnm_outputs_satisfy_the_measurement(name, method, steps, flow_steps):
+    shape = (3, 8, 8) if name == "gray" else (1, 8, 8)
+    op = make_operator(name, random_mask((1, 8, 8), 11).float() if name == "inpaint" else None)
+    net = tiny_net(method, shape)
+    y = op(torch.randn(1, *shape, generator=gen(12)))[0]
+    outs = [sampling.sample(net, method, 3, shape, steps, flow_steps, gen(seed), project=DDNM(op, y))
+            for seed in (13, 14)]
+    for out in outs:  # float32 rounding, relative to the (untrained) network's scale
+        assert (op(out) - y).abs().max() < 1e-6 * (1 + out.abs().max())
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # still stochastic in the null space
+
+
+@pytest.mark.parametrize("c_x0,tau", [(0.9, 0.5), (0.9, 0.05), (0.3, 0.2)])
+def test_ddnm_plus_keeps_the_bridge_noise_budget(c_x0, tau):
+    """With x0_hat at the truth, c_x0 (x0_hat' - x_0) + tau eps' is the noise the step adds: the
+    measurement noise DDNM+ injects plus the shrunk bridge noise. Both are linear in (n, eps), so
+    its covariance is computed exactly from the images of basis vectors: it must be tau^2 I, the
+    bridge's own, in every regime (lambda = 1 for large singular values, < 1 for small ones)."""
+    u, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen(15), dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen(16), dtype=torch.float64))
+    op = Matrix(u @ torch.diag(torch.tensor([2.0, 0.5, 0.1], dtype=torch.float64)) @ v[:, :3].T)
+    sigma_y = 0.1
+    step = sampling.Step(0.5, 0.2, 0.3, 0.9, (0.5, c_x0, tau))
+    x = torch.randn(1, 4, generator=gen(17), dtype=torch.float64)
+    # n -> injected noise: y = A x + sigma n, x0_hat = x
+    n_basis = torch.eye(3, dtype=torch.float64)
+    injected = torch.stack([c_x0 * (DDNM(op, op(x)[0] + sigma_y * n, sigma_y)(x, step, None)[0][0] - x[0]) for n in n_basis])
+    e_basis = torch.eye(4, dtype=torch.float64)
+    shrunk = tau * DDNM(op, op(x)[0], sigma_y)(x, step, e_basis)[1]
+    cov = injected.T @ injected + shrunk.T @ shrunk
+    torch.testing.assert_close(cov, tau**2 * torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
+    # sigma_y = 0 is DDNM's projection, bridge noise untouched
+    y = op(torch.randn(1, 4, generator=gen(18), dtype=torch.float64))[0]
+    x0, eps = DDNM(op, y, 0.0)(x, step, e_basis)
+    torch.testing.assert_close(x0, op.project(x, y))
+    assert torch.equal(eps, e_basis)
+
+
+# ----------------------------------------------------------------------------- SMC
+
+def naive_systematic(w: list[float], u: float) -> list[int]:
+    """Particle j takes the first i with (u + j) / K < w_0 + ... + w_i."""
+    k, out = len(w), []
+    for j in range(k):
+        target, total = (u + j) / k, 0.0
+        for i, wi in enumerate(w):
+            total += wi
+            if target < total:
+                break
+        out.append(i)
+    return out
+
+
+def test_systematic_resampling_against_brute_force():
+    """Over a fine grid of u, the indices equal a naive loop's; each index appears floor(K w_i)
+    or ceil(K w_i) times; and averaged over u the count is K w_i (exactly, up to the grid)."""
+    w = torch.softmax(torch.randn(3, 7, generator=gen(19), dtype=torch.float64) * 2, -1)
+    grid = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
+    counts = torch.zeros(3, 7, dtype=torch.float64)
+    for u in grid:
+        idx = systematic_indices(w, u.expand(3, 1))
+        for g in range(3):
+            assert idx[g].tolist() == naive_systematic(w[g].tolist(), float(u))
+        c = torch.nn.functional.one_hot(idx, 7).sum(1).double()
+        assert ((c == torch.floor(7 * w)) | (c == torch.ceil(7 * w))).all()
+        counts += c
+    torch.testing.assert_close(counts / len(grid), 7 * w, atol=2e-3, rtol=0)
+    assert torch.allclose(ess(torch.full((1, 4), 0.25, dtype=torch.float64)), torch.tensor([4.0], dtype=torch.float64))
+
+
+MATRIX = [[1.0, 0.0]]  # observe the first coordinate of the 2-D gmm: a two-mode posterior
+
+
+def exact_denoiser(mixture: GaussianMixture):
+    """x0_hat ~ the exact p(x_0 | x_s): SMC over exact transitions."""
+    return lambda x, step, g: mixture.posterior_sample(x, step.s_from, g)
+
+
+def mean_denoiser(mixture: GaussianMixture):
+    """x0_hat = E[x_0 | x_s]: the best DDPM, biased for large steps."""
+    return lambda x, step, g: mixture.posterior_mean(x, step.s_from)
+
+
+def test_smc_without_resampling_weights_each_path_by_its_exact_likelihood():
+    """The incremental weights telescope: with resampling off, the final weights are the
+    normalised exact likelihoods N(y; A x_0, sigma^2) of the final particles, whatever the
+    tempering, and the evidence is their mean."""
+    mixture, op, sigma = default_mixture(), Matrix(MATRIX), 0.2
+    y = torch.tensor([[0.7], [-1.2]])
+    r = smc_sample(exact_denoiser(mixture), "stmd", op, y, sigma, 16, (2,), 4, 1, gen(20), ess_threshold=0.0,
+                   temper=lambda s: 0.3 + 0.5 * s)
+    log_lik = op.log_likelihood(r.particles.reshape(-1, 2), y.repeat_interleave(16, 0), sigma).view(2, 16)
+    torch.testing.assert_close(r.weights, torch.softmax(log_lik, 1))
+    torch.testing.assert_close(r.log_evidence, torch.logsumexp(log_lik, 1) - math.log(16))
+    assert not r.resampled.any()
+
+
+@pytest.mark.parametrize("ess_threshold", [1.0, 0.5])
+def test_smc_evidence_is_unbiased_with_exact_transitions(ess_threshold):
+    """With the exact transitions the SMC's evidence estimate is unbiased for p(y), known in closed
+    form (GaussianMixture.observe): wrong incremental weights or a biased resampler would move
+    its mean. 3000 independent runs of K = 8 particles, N = 8; tolerance 5 standard errors."""
+    mixture, op, sigma = default_mixture(), Matrix(MATRIX), 0.15
+    y = torch.tensor([1.1])
+    _, log_py = mixture.observe(MATRIX, y, sigma)
+    r = smc_sample(exact_denoiser(mixture), "stmd", op, y.expand(3000, 1), sigma, 8, (2,), 8, 1, gen(21),
+                   ess_threshold=ess_threshold)
+    z = (r.log_evidence - log_py).exp()
+    assert r.resampled.any()
+    assert abs(z.mean() - 1) < 5 * z.std() / math.sqrt(len(z)), (z.mean(), z.std())
+
+
+def test_smc_converges_to_the_exact_posterior_and_a_biased_prior_stays_biased():
+    """One draw per run from 1500 runs: with exact transitions the energy distance to the exact
+    posterior falls with K to the noise floor; with the posterior-mean (DDPM) transition it stays
+    far off, however many particles."""
+    mixture, op, sigma = default_mixture(), Matrix(MATRIX), 0.1
+    y = torch.tensor([1.05])
+    post, _ = mixture.observe(MATRIX, y, sigma)
+    exact = post.sample(1500, gen(22))
+
+    def distance(denoise, k, seed):
+        r = smc_sample(denoise, "stmd", op, y.expand(1500, 1), sigma, k, (2,), 2, 1, gen(seed))
+        return energy_distance(r.draw(gen(seed + 1)), exact)
+
+    floor = abs(energy_distance(post.sample(1500, gen(23)), exact))
+    exact_k1, exact_k64 = distance(exact_denoiser(mixture), 1, 24), distance(exact_denoiser(mixture), 64, 26)
+    mean_k64 = distance(mean_denoiser(mixture), 64, 28)
+    assert exact_k1 > 0.3  # K = 1 is the unguided prior
+    assert exact_k64 < 0.02 + 3 * floor, (exact_k64, floor)
+    assert mean_k64 > 10 * exact_k64, (mean_k64, exact_k64)
+
+
+def test_smc_input_checks():
+    op, y = Matrix(MATRIX), torch.zeros(1, 1)
+    den = exact_denoiser(default_mixture())
+    with pytest.raises(ValueError, match="sigma_y > 0"):
+        smc_sample(den, "stmd", op, y, 0.0, 4, (2,), 2, 1, gen(0))
+    with pytest.raises(ValueError, match="particles >= 1"):
+        smc_sample(den, "stmd", op, y, 0.1, 0, (2,), 2, 1, gen(0))
+    with pytest.raises(ValueError, match="vectors of size 2"):
+        smc_sample(den, "stmd", op, y, 0.1, 4, (3,), 2, 1, gen(0))
+
+
+# ----------------------------------------------------------------------------- the exact GMM posterior of y
+
+PI = np.array([0.5, 0.3, 0.2])
+MU = np.array([[-1.0, 0.5], [1.2, -0.3], [0.2, 1.5]])
+S = np.array([[[0.3, 0.1], [0.1, 0.2]], [[0.05, -0.02], [-0.02, 0.4]], [[0.1, 0.0], [0.0, 0.1]]])
+
+
+@pytest.mark.parametrize("matrix,y,sigma", [([[1.0, 0.5]], [0.4], 0.3), ([[1.0, 0.0], [0.3, -1.0]], [0.8, 0.2], 0.5)])
+def test_measurement_posterior_matches_importance_sampling(matrix, y, sigma):
+    """Prior draws weighted by N(y; A x, sigma^2 I): the weighted mean and second moment agree with
+    the closed-form posterior within 5 delta-method standard errors, and the mean weight with p(y)."""
+    mixture = GaussianMixture(PI, MU, S)
+    post, log_py = mixture.observe(matrix, y, sigma)
+    rng = np.random.default_rng(0)
+    n = 400_000
+    k = rng.choice(3, size=n, p=PI)
+    x0 = MU[k] + np.einsum("nij,nj->ni", np.linalg.cholesky(S)[k], rng.standard_normal((n, 2)))
+    a, yv = np.asarray(matrix), np.asarray(y)
+    m = len(yv)
+    lik = np.exp(-((x0 @ a.T - yv) ** 2).sum(1) / (2 * sigma**2)) / (2 * math.pi * sigma**2) ** (m / 2)
+    assert abs(lik.mean() - math.exp(log_py)) < 5 * lik.std() / math.sqrt(n)
+    w, mu, cov = (t.numpy() for t in (post.weights, post.means, post.covs))
+    mean = w @ mu
+    second = np.einsum("k,kij->ij", w, cov + np.einsum("ki,kj->kij", mu, mu))
+    for f, exact in ((x0, mean), (np.einsum("ni,nj->nij", x0, x0).reshape(n, 4), second.reshape(4))):
+        est = lik @ f / lik.sum()
+        se = np.sqrt((lik[:, None] ** 2 * (f - est) ** 2).sum(0)) / lik.sum()
+        assert np.all(np.abs(est - exact) < 5 * se), (est, exact, se)
+
+
+def test_measurement_posterior_input_checks():
+    mixture = default_mixture()
+    with pytest.raises(ValueError, match="sigma_y > 0"):
+        mixture.observe(MATRIX, [0.0], 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        mixture.observe([[1.0, 0.0, 0.0]], [0.0], 0.1)
+
+
+# ----------------------------------------------------------------------------- Model.posterior_sample
+
+@pytest.fixture(scope="module")
+def image_model():
+    return Model(tiny_net("stmd", (1, 8, 8)), "stmd", (1, 8, 8), "image", {})
+
+
+def test_posterior_sample_api(image_model):
+    op = AvgPool(2)
+    y = op(torch.randn(1, 1, 8, 8, generator=gen(30)))[0]
+    x = image_model.posterior_sample(y, op, steps=2, flow_steps=1, num=3, generator=gen(31))
+    assert x.shape == (3, 1, 8, 8) and (op(x) - y).abs().max() < 1e-5
+    again = image_model.posterior_sample(y, op, steps=2, flow_steps=1, num=3, generator=gen(31))
+    assert torch.equal(again, x)  # seeded
+    noisy = image_model.posterior_sample(y, op, sigma_y=0.1, steps=2, num=2, generator=gen(32))
+    assert noisy.shape == (2, 1, 8, 8)
+    smc = image_model.posterior_sample(y, op, sigma_y=0.1, particles=4, steps=2, num=3, generator=gen(33))
+    assert smc.shape == (3, 1, 8, 8) and torch.isfinite(smc).all()
+    with pytest.raises(ValueError, match="y has shape"):
+        image_model.posterior_sample(torch.zeros(1, 8, 8), op, generator=gen(0))
+    with pytest.raises(ValueError, match="sigma_y > 0"):
+        image_model.posterior_sample(y, op, particles=4, generator=gen(0))
+    with pytest.raises(ValueError, match="RGB"):
+        image_model.posterior_sample(y, Grayscale(), generator=gen(0))

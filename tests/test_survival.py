@@ -1,0 +1,694 @@
+"""What survives what: kills during checkpoint writes and rotation, damaged checkpoints and shards, a
+second run in one folder, full disks and read-only outputs (README, "What survives what").
+
+A kill is simulated faithfully: the save runs in a forked child that calls os._exit (no cleanup, no
+finally) at the k-th file-system operation, for every k, including half-written files and half-
+deleted folders. A full disk is a real tiny tmpfs where the tests run as root and may mount one, and
+otherwise a write that raises OSError(ENOSPC) where the bytes would hit the disk.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import stmd_fast.checkpoint as ckpt_module
+import stmd_fast.files as files
+from stmd_fast.checkpoint import (CheckpointError, NonFiniteState, list_checkpoints, load_weights, newest_intact,
+                                  recover_leftovers, save_checkpoint, verify_checkpoint)
+from stmd_fast.files import RunLocked, run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert lines[0].startswith("error:"), lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- file-system fixtures
+
+@pytest.fixture
+def disk_full_after(monkeypatch):
+    """Make every durable write of stmd_fast fail with ENOSPC after `n` bytes have reached the file, as a
+    full disk does (the partial file is left to the code under test to remove)."""
+    real_open = open
+
+    def install(n: int = 100):
+        class FullFile(io.FileIO):
+            written = 0
+
+            def write(self, data):
+                room = n - FullFile.written
+                if len(data) > room:
+                    super().write(bytes(data)[:max(room, 0)])
+                    FullFile.written = n
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                FullFile.written += len(data)
+                return super().write(data)
+
+        def full_open(path, mode="r", *args, **kwargs):
+            if "w" in mode and "b" in mode:
+                return FullFile(path, "w")
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(files, "open", full_open, raising=False)
+        import stmd_fast.data.encode as encode
+        monkeypatch.setattr(encode, "open", full_open, raising=False)
+
+    return install
+
+
+def hidden_or_partial(folder: Path) -> list[str]:
+    """Files a failed write must not leave: temporaries and anything empty."""
+    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".tmp") or p.name.endswith(".tmp")
+                  or (p.is_file() and p.stat().st_size == 0))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+META = {"config": {}, "data_shape": [2], "data_kind": "vector"}
+
+
+def _save(run: Path, step: int, keep: int = 2, value: float | None = None) -> Path:
+    net = torch.nn.Linear(2, 2)
+    torch.nn.init.constant_(net.weight, float(step if value is None else value))
+    state = {"step": step, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}}}
+    return save_checkpoint(run, step, net, net, state, META, keep=keep)
+
+
+def _weight(ckpt: Path) -> float:
+    return float(load_file(ckpt / "model.safetensors")["weight"][0, 0])
+
+
+def _flip_a_bit(path: Path, where: float = 0.9) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated model": lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:50]),
+    "bit flip in ema": lambda c: _flip_a_bit(c / "ema.safetensors"),
+    "bit flip in train state": lambda c: _flip_a_bit(c / "train_state.pt", 0.5),
+    "missing train state": lambda c: (c / "train_state.pt").unlink(),
+    "missing weights": lambda c: (c / "model.safetensors").unlink(),
+    "garbled config": lambda c: (c / "config.json").write_text("{\"config\": {"),
+    "empty config": lambda c: (c / "config.json").write_text(""),
+    "config of another format": lambda c: (c / "config.json").write_text(
+        json.dumps({**json.loads((c / "config.json").read_text()), "format": 99})),
+}
+NAMED = {"truncated model": "model.safetensors", "bit flip in ema": "ema.safetensors",
+         "bit flip in train state": "train_state.pt", "missing train state": "train_state.pt",
+         "missing weights": "model.safetensors", "garbled config": "config.json", "empty config": "config.json",
+         "config of another format": "format 99"}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_found(tmp_path, damage):
+    for step in (1, 2, 3):
+        _save(tmp_path, step, keep=3)
+    newest = tmp_path / "checkpoints" / "step_00000003"
+    DAMAGE[damage](newest)
+    with pytest.raises(CheckpointError, match=NAMED[damage]) as info:
+        verify_checkpoint(newest)
+    assert len(str(info.value).splitlines()) == 1
+    ckpt, meta, passed_over = newest_intact(tmp_path)
+    assert ckpt.name == "step_00000002" and meta["step"] == 2
+    assert len(passed_over) == 1 and NAMED[damage] in passed_over[0]
+    with pytest.raises(CheckpointError, match=NAMED[damage]):  # named by the user: no fallback
+        newest_intact(newest)
+
+
+def test_non_finite_weights_are_refused_naming_the_file(tmp_path):
+    """A weights file whose bytes pass the checksum but hold NaN (written by another tool, or a
+    checkpoint from before checksums) is refused on load, naming the file and the tensor."""
+    ckpt = _save(tmp_path, 1)
+    weights = load_file(ckpt / "ema.safetensors")
+    weights["bias"][1] = float("nan")
+    save_file(weights, ckpt / "ema.safetensors")
+    meta = json.loads((ckpt / "config.json").read_text())
+    del meta["files"]  # as a checkpoint written before checksums
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    verify_checkpoint(ckpt)  # present and parsable: only the values are wrong
+    load_weights(ckpt, "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: \['bias'\] holds NaN or inf"):
+        load_weights(ckpt, "ema.safetensors")
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    _save(tmp_path, 1)
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 1] = float("inf")
+    with pytest.raises(NonFiniteState, match=r"model.safetensors\['weight'\]"):
+        save_checkpoint(tmp_path, 2, net, torch.nn.Linear(2, 2), {"step": 2}, META, keep=1)
+    with pytest.raises(NonFiniteState, match=r"train_state.pt\['optimizer'\]\['state'\]\[0\]\['exp_avg'\]"):
+        save_checkpoint(tmp_path, 2, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2),
+                        {"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}, META, keep=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_rotation_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    """keep=1 with a newer damaged folder (left by a run that fell back): the one just written and the
+    damaged newer one survive; the older intact one goes."""
+    for step in (1, 2, 5):
+        _save(tmp_path, step, keep=3)
+    DAMAGE["bit flip in ema"](tmp_path / "checkpoints" / "step_00000005")
+    _save(tmp_path, 3, keep=1)
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000003"]
+    assert newest_intact(tmp_path)[0].name == "step_00000003"
+    # a newer INTACT folder than the one written is spared too, as the newest intact one
+    _save(tmp_path, 7, keep=3)
+    _save(tmp_path, 4, keep=1)
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step_00000007", "step_00000004"]
+
+
+def _kill_at(k: int, action) -> int | None:
+    """Run action() in a forked child that dies (os._exit, no cleanup, no finally) at its k-th file-system
+    operation: a write (after half its bytes), a rename, or a folder deletion (after one file). Returns
+    None if it died, else the number of operations it made."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        count = [0]
+
+        def due() -> bool:
+            count[0] += 1
+            return count[0] == k
+
+        real_write, real_replace, real_rmtree = files.write_bytes_durably, os.replace, shutil.rmtree
+
+        def write(path, data):
+            if due():
+                Path(path).write_bytes(data[:len(data) // 2])
+                os._exit(9)
+            real_write(path, data)
+
+        def replace(a, b):
+            if due():
+                os._exit(9)
+            real_replace(a, b)
+
+        def rmtree(path, *args, **kwargs):
+            if due():
+                victim = next((p for p in Path(path).rglob("*") if p.is_file()), None)
+                if victim is not None:
+                    victim.unlink()
+                os._exit(9)
+            real_rmtree(path, *args, **kwargs)
+
+        ckpt_module.write_bytes_durably = files.write_bytes_durably = write
+        os.replace, shutil.rmtree = replace, rmtree
+        try:
+            action()
+        except BaseException:
+            os._exit(8)
+        os._exit(100 + count[0])
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 8, "the action failed in the child"
+    return None if code == 9 else code - 100
+
+
+@pytest.mark.parametrize("scenario", ["new step with rotation", "same step saved again"])
+def test_a_kill_at_any_point_of_a_save_leaves_every_visible_checkpoint_intact(tmp_path, scenario):
+    """Steps 1, 2 exist (keep 2); then step 3 is saved (rotation deletes step 1), or step 2 again. Killed at
+    each file-system operation in turn: the loaders see only intact checkpoints, the newest of them is the
+    old newest or the new one, and the next save tidies up and rotates as usual."""
+    base = tmp_path / "base"
+    _save(base, 1)
+    _save(base, 2)
+    step, value = (3, 3.0) if scenario == "new step with rotation" else (2, 20.0)
+    run = tmp_path / "counting"
+    shutil.copytree(base, run)
+    operations = _kill_at(10_000, lambda: _save(run, step, value=value))
+    assert operations is not None and operations >= 6
+    for k in range(1, operations + 1):
+        run = tmp_path / f"kill{k}"
+        shutil.copytree(base, run)
+        assert _kill_at(k, lambda: _save(run, step, value=value)) is None
+        for folder in list_checkpoints(run):
+            verify_checkpoint(folder)  # CheckpointError here would be a half checkpoint in sight
+        newest, meta, passed_over = newest_intact(run)
+        assert not passed_over
+        seen_before = (meta["step"], _weight(newest))
+        assert seen_before in {(2, 2.0), (step, value)}, f"killed at operation {k}"
+        # tidying up keeps what the loaders saw (a .replaced-step_X goes back to its name); the next save
+        # (a later step) leaves only step_* folders, `keep` of them
+        recover_leftovers(run)
+        seen = newest_intact(run)
+        assert (seen[1]["step"], _weight(seen[0])) == seen_before
+        assert seen[0].name == f"step_{meta['step']:08d}"
+        _save(run, 9)
+        assert [c.name for c in (run / "checkpoints").iterdir() if not c.name.startswith("step_")] == []
+        assert [c.name for c in list_checkpoints(run)] == ["step_00000009", seen[0].name]
+
+
+# ----------------------------------------------------------------------------- run lock
+
+def test_the_run_lock_admits_one_holder_and_is_released_by_any_exit(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(RunLocked, match=f"in use by another training run .pid {os.getpid()}.*another --out"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released on exit
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from stmd_fast.files import run_lock
+        with run_lock({str(tmp_path)!r}):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    with run_lock(tmp_path):  # the kernel released it
+        pass
+
+
+
+# ----------------------------------------------------------------------------- sample and export CLIs
+
+GMM = ["--preset", "gmm", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def gmm_run(tmp_path_factory) -> Path:
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path_factory.mktemp("gmm") / "run"
+    assert train_main([*GMM, "--steps", "2", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    from stmd_fast.train import main as train_main
+
+    data = tmp_path_factory.mktemp("data") / "tiny.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (16, 1, 8, 8), dtype=np.uint8))
+    run = data.parent / "run"
+    assert train_main(["--data", str(data), "--steps", "1", "--batch-size", "4", "--device", "cpu",
+                       "--out", str(run)]) == 0
+    return run
+
+
+def sample(*args) -> int:
+    from stmd_fast.sample import main as sample_main
+
+    return sample_main([str(a) for a in args] + ["--device", "cpu"])
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Fails the test if sampling starts: checks must come before the work."""
+    from stmd_fast.checkpoint import Model
+
+    monkeypatch.setattr(Model, "sample", lambda *a, **k: pytest.fail("sampled before refusing"))
+    monkeypatch.setattr(Model, "inpaint", lambda *a, **k: pytest.fail("sampled before refusing"))
+
+
+NOT_IMAGES = {
+    "text.png": lambda p: p.write_text("not a picture"),
+    "truncated.png": lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20),
+    "garbage.npy": lambda p: p.write_bytes(b"\x93NUMPY garbage"),
+    "pickled.npy": lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+    "strings.npy": lambda p: np.save(p, np.array([["a", "b"]])),
+    "folder.png": lambda p: p.mkdir(),
+}
+
+
+@pytest.mark.parametrize("flag", ["--inpaint", "--mask"])
+@pytest.mark.parametrize("name", list(NOT_IMAGES))
+def test_inpaint_or_mask_that_is_not_an_image_is_one_line(capsys, image_run, tmp_path, no_sampling, flag, name):
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((1, 8, 8), dtype=np.float32))
+    bad = tmp_path / name
+    NOT_IMAGES[name](bad)
+    files_ = {"--inpaint": good, "--mask": good, flag: bad}
+    out = tmp_path / "x.png"
+    assert sample(image_run, "--inpaint", files_["--inpaint"], "--mask", files_["--mask"], "--out", out) == 2
+    assert_one_line_error(capsys, flag, name)
+    assert not out.exists()
+
+
+def test_sample_into_a_read_only_folder_fails_before_sampling(capsys, gmm_run, readonly_dir, no_sampling):
+    out = readonly_dir / "x.npy"
+    assert sample(gmm_run, "--num", 2, "--out", out) == 2
+    assert_one_line_error(capsys, "cannot write --out", str(out))
+
+
+def test_sample_on_a_full_disk_is_one_line_and_leaves_no_file(capsys, gmm_run, tmp_path, disk_full_after):
+    out = tmp_path / "x.npy"
+    disk_full_after(100)
+    assert sample(gmm_run, "--num", 64, "--out", out) == 1
+    assert_one_line_error(capsys, "could not write --out", "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_on_a_real_full_disk(capsys, image_run, tiny_disk):
+    (tiny_disk / "filler").write_bytes(b"\0" * (60 << 10))
+    out = tiny_disk / "x.png"
+    assert sample(image_run, "--num", 256, "--zoom", 8, "--out", out) == 1  # a ~300 KB grid
+    assert_one_line_error(capsys, "could not write --out", "No space left on device")
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+def test_sample_falls_back_past_a_damaged_newest_checkpoint_and_says_so(capsys, gmm_run, tmp_path):
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path / "run"
+    shutil.copytree(gmm_run, run)
+    assert train_main(["--out", str(run), "--resume", "--steps", "3", "--keep-checkpoints", "3"]) == 0
+    DAMAGE["truncated model"](run / "checkpoints" / "step_00000003")
+    capsys.readouterr()
+    assert sample(run, "--num", 2, "--out", tmp_path / "x.npy") == 0
+    err = capsys.readouterr().err
+    assert "note: using" in err and "step_00000002" in err and "step_00000003/model.safetensors" in err
+    assert sample(run / "checkpoints" / "step_00000003", "--num", 2, "--out", tmp_path / "y.npy") == 2
+    assert_one_line_error(capsys, "step_00000003/model.safetensors", "truncated")
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_sample_refuses_nan_weights_naming_the_file(capsys, gmm_run, tmp_path):
+    """NaN written into a weights file with its checksum recomputed (the worst case: only the values are
+    wrong) is refused with exit 2 instead of all-NaN samples with exit 0."""
+    ckpt = tmp_path / "step_00000002"
+    shutil.copytree(sorted((gmm_run / "checkpoints").glob("step_*"))[-1], ckpt)
+    weights = load_file(ckpt / "ema.safetensors")
+    first = next(iter(weights))
+    weights[first].view(-1)[0] = float("nan")
+    save_file(weights, ckpt / "ema.safetensors")
+    meta = json.loads((ckpt / "config.json").read_text())
+    data = (ckpt / "ema.safetensors").read_bytes()
+    import hashlib
+    meta["files"]["ema.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    out = tmp_path / "x.npy"
+    assert sample(ckpt, "--num", 2, "--out", out) == 2
+    assert_one_line_error(capsys, "ema.safetensors", first, "NaN or inf")
+    assert not out.exists()
+
+
+def export(*args) -> int:
+    from stmd_fast.export import main as export_main
+
+    return export_main([str(a) for a in args] + ["--device", "cpu"])
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_file(capsys, gmm_run, tmp_path, disk_full_after):
+    out = tmp_path / "s.pt2"
+    disk_full_after(1000)
+    assert export(gmm_run, "--out", out) == 1
+    assert_one_line_error(capsys, "could not write --out", "No space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_on_a_real_full_disk_does_not_abort(gmm_run, tiny_disk):
+    """In a child process: torch.export.save straight to a full disk could abort the process (C++)."""
+    out = tiny_disk / "s.pt2"
+    result = subprocess.run([sys.executable, "-m", "stmd_fast.export", str(gmm_run), "--out", str(out),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not write --out"), result.stderr
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_export_into_a_read_only_folder_is_refused_before_work(capsys, gmm_run, readonly_dir):
+    assert export(gmm_run, "--out", readonly_dir / "s.pt2") == 2
+    assert_one_line_error(capsys, "cannot write --out")
+
+
+def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
+    """A zip holding our metadata file but no program (an interrupted copy, a hand-made archive)."""
+    from stmd_fast.export import EXPORT_FORMAT, META_FILE
+
+    fake = tmp_path / "s.pt2"
+    meta = {"format": EXPORT_FORMAT, "data_kind": "vector", "device": "cpu"}
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr(f"s/extra/{META_FILE}", json.dumps(meta))
+    out = tmp_path / "x.npy"
+    assert sample("--exported", fake, "--out", out) == 2
+    assert_one_line_error(capsys, "no loadable program", "re-export")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- train: every option checked first
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "2"), ("--weight-decay", "-1"),
+    ("--weight-decay", "nan"), ("--ema-decay", "1"), ("--ema-decay", "nan"), ("--time-mean", "nan"),
+    ("--time-mean", "inf"), ("--time-std", "0"), ("--time-std", "nan"), ("--adaptive-p", "nan"),
+    ("--adaptive-p", "-1"), ("--adaptive-c", "0"), ("--adaptive-c", "inf"), ("--flow-matching-fraction", "nan"),
+    ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"), ("--data-workers", "-1"),
+    ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"),
+])
+def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, value):
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main([*GMM, "--steps", "1", "--out", str(run), flag, value]) == 2
+    assert_one_line_error(capsys, flag, value)
+    assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- train: resume, NaN, lock, signals, disk
+
+def train(*args) -> int:
+    from stmd_fast.train import main as train_main
+
+    return train_main([str(a) for a in args])
+
+
+def metrics_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("three") / "run"
+    assert train(*GMM, "--steps", 6, "--ckpt-every", 2, "--keep-checkpoints", 3, "--out", run) == 0
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "bit flip in train state", "missing train state",
+                                    "garbled config", "missing weights"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(capsys, three_checkpoints, tmp_path, damage):
+    """The newest checkpoint damaged: --resume continues from the one before, says which and why, sets the
+    damaged one aside (kept, renamed damaged-step_*), and ends where an undamaged resume ends."""
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    DAMAGE[damage](run / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000004 at step 4" in out
+    assert "step_00000006" in out and NAMED[damage] in out and "damaged-step_00000006" in out
+    assert (run / "checkpoints" / "damaged-step_00000006").is_dir()
+    assert metrics_steps(run) == list(range(1, 9))
+    reference = tmp_path / "reference"
+    shutil.copytree(three_checkpoints, reference)
+    assert train("--out", reference, "--resume", "--steps", 8, "--device", "cpu") == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(run / "checkpoints" / "step_00000008" / name)
+        b = load_file(reference / "checkpoints" / "step_00000008" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5-6 redone exactly
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, three_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    for ckpt in list_checkpoints(run):
+        DAMAGE["bit flip in ema"](ckpt)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "none of the 3 checkpoints", "intact")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing deleted or moved
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: the loss stays finite while the update makes the weights NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_weights_that_turn_nan_under_a_finite_loss_stop_at_a_finite_checkpoint(capsys, tmp_path, monkeypatch):
+    """Step 4's loss is finite but its gradient NaN: the weights after step 4 are NaN. The checkpoint at
+    step 4 is refused, the run stops naming step 2 (finite), and nothing older was rotated away."""
+    import stmd_fast.train as train_module
+
+    real, calls = train_module.compute_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss, error = real(*args, **kwargs)
+        return (NaNGradient.apply(loss) if len(calls) == 4 else loss), error
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 8, "--ckpt-every", 2, "--log-every", 100, "--keep-checkpoints", 1,
+                 "--out", run) == 1
+    line = assert_one_line_error(capsys, "step_00000002")
+    assert "NaN" in line or "non-finite" in line
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        load_weights(run / "checkpoints" / "step_00000002", name)  # finite
+    assert hidden_or_partial(run / "checkpoints") == []
+
+
+def _wait_for_lock(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not ((run / ".lock").exists() and f"pid {process.pid} " in (run / ".lock").read_text() + " "):
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "the run never took its lock"
+        time.sleep(0.05)
+
+
+def test_a_second_run_or_a_resume_into_a_live_run_is_one_line(capsys, tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    live = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000", "--ckpt-every",
+                             "5", "--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        _wait_for_lock(run, live)
+        metrics_before = (run / "metrics.jsonl").read_bytes() if (run / "metrics.jsonl").exists() else b""
+        assert train(*GMM, "--steps", 3, "--out", run) == 2
+        assert_one_line_error(capsys, "in use by another training run", f"pid {live.pid}")
+        while not list_checkpoints(run):  # a resume needs a checkpoint to get as far as the lock
+            assert live.poll() is None
+            time.sleep(0.05)
+        assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") == 2
+        assert_one_line_error(capsys, "in use by another training run", f"pid {live.pid}")
+        assert (run / "metrics.jsonl").read_bytes()[:len(metrics_before)] == metrics_before  # untouched
+    finally:
+        live.kill()
+        live.wait()
+    assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") in (0, 2)  # the lock died with it
+
+
+def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 3, "--ckpt-every", 100, "--out", run) == 0
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint (steps 1-3 logged)
+    assert train(*GMM, "--steps", 4, "--ckpt-every", 100, "--out", run) == 0
+    assert metrics_steps(run) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("moment", ["importing torch", "network built", "training"])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, moment):
+    """SIGINT while torch imports, right after the network is built, or once training runs: no
+    traceback, exit 130, at most one line on stderr; in training a checkpoint is saved first and the
+    resume command printed."""
+    import time
+
+    if moment == "importing torch" and not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc to see torch being imported")
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000",
+                                "--ckpt-every", "1000000", "--out", str(run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if moment == "importing torch":  # torch's shared library is mapped: its import is under way
+        maps = Path(f"/proc/{process.pid}/maps")
+        while "libtorch" not in maps.read_text():
+            time.sleep(0.002)
+    else:
+        wanted = "parameters" if moment == "network built" else "step 3/"
+        lines = []
+        while not lines or wanted not in lines[-1]:
+            lines.append(process.stdout.readline())
+            assert lines[-1], f"the run ended early: {process.stderr.read()}"
+    process.send_signal(2)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
+    if moment == "training":
+        assert "stopped by signal 2" in out and "--resume" in out
+        assert len(list_checkpoints(run)) == 1
+    else:
+        assert not list_checkpoints(run) and "interrupted during start-up" in err
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_batch_size(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train(*GMM, "--batch-size", 10 ** 12, "--steps", 1, "--out", run) == 2
+    assert_one_line_error(capsys, "--batch-size 1000000000000", "memory")
+    assert not list_checkpoints(run)
+
+
+def test_train_on_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
+    """The disk fills while the step-4 checkpoint is written: exit 1, one line naming the intact step-2
+    checkpoint, no partial file or temporary folder left."""
+    real = files.write_bytes_durably
+    run = tmp_path / "run"
+
+    def full_at_step_4(path, data):
+        if "step_00000004" in str(path) and "model" in Path(path).name:
+            Path(path).write_bytes(data[:10])
+            Path(path).unlink()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt_module, "write_bytes_durably", full_at_step_4)
+    assert train(*GMM, "--steps", 8, "--ckpt-every", 2, "--keep-checkpoints", 1, "--out", run) == 1
+    assert_one_line_error(capsys, "No space left on device", "step_00000002")
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    verify_checkpoint(run / "checkpoints" / "step_00000002")
+    assert hidden_or_partial(run) == []
+
+
+def test_train_on_a_real_full_disk_is_one_line(tiny_disk):
+    """A real 64 KiB file system (root only): whatever write fails first, one line and exit 1, in a child
+    process (a C++ writer that aborts would show here)."""
+    run = tiny_disk / "run"
+    result = subprocess.run([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "4", "--out", str(run)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode in (1, 2), result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "No space left on device" in lines[0], result.stderr
+    for ckpt in list_checkpoints(run):
+        verify_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+def test_the_crash_test_passes(tmp_path, capsys):
+    """python -m stmd_fast.crashtest end to end, small: random SIGKILLs, a second run refused, and the
+    finished run equal to an uninterrupted one (its own checks; exit 0 only if all held)."""
+    from stmd_fast.crashtest import main as crashtest_main
+
+    assert crashtest_main(["--kills", "2", "--steps", "20", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "refused in one line" in out and json.loads(out.strip().splitlines()[-1])["ok"] is True
