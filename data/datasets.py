@@ -45,6 +45,8 @@ class TensorData:
     """'image' (N, C, H, W) or 'vector' (N, D)."""
     labels: torch.Tensor | None = None
     """(N,) int64 class labels where the dataset has them (digits, MNIST, CIFAR-10), else None."""
+    flip: bool = False
+    """Images: batch() mirrors each drawn image left-right with probability 1/2 (augmentation)."""
 
     def __post_init__(self) -> None:
         # Checked once here so that batch() and the trainer can trust the layout.
@@ -59,6 +61,8 @@ class TensorData:
             raise DataError(
                 f"{self.name}: values have dtype {self.values.dtype}; store uint8 pixels or float32"
             )
+        if self.flip and self.kind != "image":
+            raise DataError(f"{self.name}: horizontal flip is for images, not {self.kind} data; drop --flip")
         if self.labels is not None and (
             self.labels.dtype != torch.int64 or tuple(self.labels.shape) != (len(self),)
         ):
@@ -78,16 +82,20 @@ class TensorData:
     def to(self, device: torch.device | str) -> TensorData:
         """The same data with `values` (and `labels`) on `device` (dtype kept, so uint8 images stay small)."""
         labels = None if self.labels is None else self.labels.to(device)
-        return TensorData(self.name, self.values.to(device), self.kind, labels)
+        return TensorData(self.name, self.values.to(device), self.kind, labels, self.flip)
 
     def batch(self, size: int, generator: torch.Generator) -> torch.Tensor:
         """`size` samples drawn with replacement, float32 in model space, on the generator's device.
 
-        The indices come from `generator` alone, so a seeded generator reproduces the batch.
+        The indices (and, with flip, which images are mirrored) come from `generator` alone, so a
+        seeded generator reproduces the batch. Without flip the draws are the same as before flip existed.
         """
         indices = self._draw(size, generator)
         # No-op moves when the data already lives on the generator's device (the fast path).
         rows = self.values[indices.to(self.values.device)].to(generator.device)
+        if self.flip:
+            mirror = torch.rand(size, generator=generator, device=generator.device) < 0.5
+            rows = torch.where(mirror[:, None, None, None], rows.flip(-1), rows)
         return _to_model_space(rows)
 
     def labelled_batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,14 +40,11 @@ from tqdm import tqdm
 
 from ..files import fsync_path, temp_sibling, write_atomic
 from .datasets import DataError
+from .images import UNREADABLE, list_images, resize_center_crop
 from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
 
 FORMAT = "stmd_fast.latents/2"  # /2: a SHA-256 per sample
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a rerun must match these to reuse shards
-# PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
-# (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,19 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
-    """Relative paths (posix) of the JPEG/PNG files under `folder`, sorted so shards are reproducible."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"--images {folder}: not a folder; pass the folder that holds your JPEG/PNG images")
-    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise DataError(f"no JPEG/PNG images under {folder}; pass the folder that holds them "
-                        f"(searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
-    return paths[:limit] if limit is not None else paths
-
-
 def shard_groups(sources: list[str], shard_size: int) -> list[list[str]]:
     """The source images of each shard: the sorted list in a fixed shuffled order, cut every shard_size."""
     order = list(sources)
@@ -88,19 +72,8 @@ def shard_groups(sources: list[str], shard_size: int) -> list[list[str]]:
 
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
-    """A PIL image -> (3, R, R) float32 in [-1, 1]: shorter side resized to R (bicubic), then center crop.
-
-    Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
-    already antialiased (no need for the repeated box halving of older pipelines).
-    """
-    image = image.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
-    scale = resolution / min(image.size)
-    size = [max(resolution, round(side * scale)) for side in image.size]
-    image = image.resize(size, Image.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1
+    """A PIL image -> (3, R, R) float32 in [-1, 1]: resize_center_crop (shorter side to R, bicubic, center crop)."""
+    return resize_center_crop(image, resolution).float() / 127.5 - 1
 
 
 def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:

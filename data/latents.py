@@ -75,7 +75,8 @@ def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: in
         raise DataError(
             f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}, "
             f"the preset expects {vae} at {resolution}; re-encode with python -m stmd_fast.data.encode "
-            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or pick the preset that matches"
+            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or train with --preset latent, which "
+            f"takes any encoding (its VAE and resolution from the manifest)"
         )
 
 
@@ -193,6 +194,9 @@ class LatentShards:
                  seed: int = 0, strict: bool = False, device="cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        folder = Path(urls).expanduser()
+        if folder.is_dir():  # the folder encode wrote: its manifest names the shards
+            urls = str(folder / read_manifest(folder)["pattern"])
         self.urls = expand_urls(urls)
         missing = [u for u in self.urls if not Path(u).is_file()]
         if missing:

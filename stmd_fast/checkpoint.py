@@ -3,7 +3,8 @@
 A checkpoint is a directory RUN/checkpoints/step_XXXXXXXX/ holding
   model.safetensors   the trained weights        ema.safetensors   the EMA weights
   train_state.pt      optimizer, scheduler, RNG   config.json       resolved config + metadata
-config.json records the size and SHA-256 of the three other files, checked on load, so a
+  ema-D.safetensors   each further EMA (--ema-decays D)
+config.json records the size and SHA-256 of every other file (checked_files), checked on load, so a
 truncated, overwritten or bit-flipped file is found and named; weights are also checked finite
 on load, and a checkpoint of non-finite weights is never written.
 
@@ -87,13 +88,14 @@ def _state(module: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_net: torch.nn.Module | dict,
-                    train_state: dict, meta: dict, keep: int) -> Path:
+                    train_state: dict, meta: dict, keep: int, extra_weights: dict | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the `keep` newest (never the newest intact).
 
-    net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0). Under torchrun
+    net, ema_net: the modules, or their full state dicts (what FSDP gathers onto rank 0); extra_weights:
+    {file name: module or state dict} written (and checksummed) beside them (the further EMAs). Under torchrun
     only rank 0 calls this. NonFiniteState (nothing written) if a weight or optimizer tensor holds NaN or
     inf; OSError (e.g. a full disk) leaves no partial checkpoint behind."""
-    files = {name: _state(module) for name, module in zip(WEIGHT_FILES, (net, ema_net))}
+    files = {name: _state(module) for name, module in [*zip(WEIGHT_FILES, (net, ema_net)), *(extra_weights or {}).items()]}
     bad = next(filter(None, (_nonfinite(state, name) for name, state in files.items())), None) \
         or _nonfinite(train_state, STATE_FILE)
     if bad:
@@ -109,7 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module | dict, ema_n
     tmp.mkdir()
     try:
         record = {}
-        for name in CHECKED_FILES:
+        for name in (*files, STATE_FILE):
             if name == STATE_FILE:
                 buffer = io.BytesIO()
                 torch.save(train_state, buffer)
@@ -221,7 +223,7 @@ def verify_checkpoint(ckpt: str | Path, finite: bool = False) -> dict:
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     record = meta.get("files", {})  # absent in checkpoints written before checksums: presence only
-    for name in CHECKED_FILES:
+    for name in checked_files(meta):
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
@@ -236,9 +238,17 @@ def verify_checkpoint(ckpt: str | Path, finite: bool = False) -> dict:
             raise CheckpointError(f"{path} fails its SHA-256 check: its bytes changed after it was written "
                                   f"(a damaged disk or an edit)")
     if finite:
-        for name in WEIGHT_FILES:
-            load_weights(ckpt, name)
+        for name in checked_files(meta):
+            if name != STATE_FILE:
+                load_weights(ckpt, name)
     return meta
+
+
+def checked_files(meta: dict) -> list[str]:
+    """The files a checkpoint must hold, checked against config.json: model, every EMA, train_state."""
+    config = meta.get("config", {})
+    extra = [ema_file(d, config["ema_decay"]) for d in config.get("ema_decays", [])] if "ema_decay" in config else []
+    return [*WEIGHT_FILES, *extra, STATE_FILE]
 
 
 def _intact(ckpt: Path) -> bool:
@@ -425,24 +435,43 @@ class Model:
             flow_steps, generator, grid).draw(generator))
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> Model:
+def ema_file(decay: float | None, ema_decay: float) -> str:
+    """The file of a checkpoint that holds the EMA of `decay`: the run's ema_decay (or None) in
+    ema.safetensors, each of its further ema_decays in ema-DECAY.safetensors."""
+    return "ema.safetensors" if decay is None or decay == ema_decay else f"ema-{decay}.safetensors"
+
+
+def ema_decays_of(meta: dict) -> list[float]:
+    """Every EMA decay a checkpoint holds, its main one (ema.safetensors) first."""
+    return [meta["config"]["ema_decay"], *meta["config"].get("ema_decays", [])]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+                    ema: float | None = None) -> Model:
     """Load a checkpoint directory, or a run directory's newest intact checkpoint (with a warning naming
     the damaged newer ones it passed over), for sampling. Every file is verified against the checksums
     in its config.json and the weights must be finite: CheckpointError naming the file otherwise.
 
-    weights: 'ema' (default, what samples use) or 'model' (the raw trained weights)."""
+    weights: 'ema' (default, what samples use) or 'model' (the raw trained weights).
+    ema: with weights 'ema', which EMA by its decay (a run keeps --ema-decay and each of --ema-decays);
+    default: --ema-decay's."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     ckpt, meta, damaged = newest_intact(path)
     if damaged:
         warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=2)
+    if ema is not None and (weights != "ema" or ema not in ema_decays_of(meta)):
+        kept = ", ".join(map(str, ema_decays_of(meta)))
+        raise ValueError(f"--ema {ema}: " + (f"{ckpt} keeps the EMA decays {kept}; pick one of them"
+                                             if weights == "ema" else "is for the EMA weights, not --weights model"))
+    file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
     try:
         net = build_net_from_meta(meta)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "
                               f"({type(err).__name__}: {err}): was it edited?") from None
     try:
-        net.load_state_dict(load_weights(ckpt, f"{weights}.safetensors"))
+        net.load_state_dict(load_weights(ckpt, file))
     except RuntimeError as err:
         raise CheckpointError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
                               f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None

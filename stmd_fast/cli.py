@@ -49,24 +49,30 @@ def field_docs(cls) -> dict[str, str]:
             and isinstance(b.value.value, str)}
 
 
+TUPLE_FLAGS = {"tuple[int, ...]": (int, "+"), "tuple[float, float]": (float, 2), "tuple[float, ...]": (float, "+"), "tuple[str, ...]": (str, "+")}
+"""Tuple fields as flags that take several values: (type of each, argparse nargs)."""
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Callable[[str], str | None],
                         skip: tuple[str, ...] = ()) -> None:
     """A flag --field-name per field of cls (fields in skip and nested configs aside): its docstring as the
     help, followed by default_text(name) when that is not None; the type from the annotation, and choices
-    and metavar from the field's metadata (config.option). bool fields are switches."""
+    and metavar from the field's metadata (config.option). bool fields are switches; tuple fields take
+    several values (TUPLE_FLAGS)."""
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool", "tuple[int, ...]"):
+        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
             continue
         flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=text)
+        if f.type == "bool":  # a switch; one that is on by default gets its --no- form
+            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+            parser.add_argument(flag, action=action, help=f"{text} [default: {'on' if f.default else 'off'}]")
             continue
         default = default_text(f.name)
-        kwargs = {"type": {"int": int, "float": float, "tuple[int, ...]": int}.get(f.type, str),
-                  "help": f"{text} [default: {default}]" if default is not None else text}
-        if f.type == "tuple[int, ...]":
-            kwargs["nargs"] = "+"
+        kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "float": float}.get(f.type, str), None))
+        kwargs = {"type": kind, "help": f"{text} [default: {default}]" if default is not None else text}
+        if nargs is not None:
+            kwargs["nargs"] = nargs
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
         if f.metadata.get("metavar"):

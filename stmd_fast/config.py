@@ -13,21 +13,23 @@ from pathlib import Path
 from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
 from .kernels.dispatch import BACKENDS
-from .models import NetConfig, dit_config
+from .loggers import LOGGERS
 from .methods import METHODS
+from .models import UNET_WIDTHS, NetConfig, dit_config, unet_config
 from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
 PRECISIONS = ("fp32", "bf16")
 
 
-def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | None = None, resumable: bool = False):
+def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | tuple[str, ...] | None = None,
+           resumable: bool = False):
     """A TrainConfig field with what its command-line flag needs besides the docstring under it:
     the choices, a metavar, and whether --resume may change it (resumable)."""
     return field(default=default, metadata={"choices": choices, "metavar": metavar, "resumable": resumable})
 
 
-PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent")  # PRESETS below, in this order
+PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent", "images", "latent")  # PRESETS below, in this order
 
 
 @dataclass
@@ -37,16 +39,31 @@ class TrainConfig:
 
     preset: str = option("digits", choices=PRESET_NAMES)
     """Data and network: digits (sklearn 8x8, no download), gmm (2-D Gaussian mixture, MLP), mnist, cifar10
-    (paper settings, files from --data-dir), celeba-latent (DiT-M/2 on SD-VAE latents, shards from --data)."""
+    (paper settings, files from --data-dir), celeba-latent (DiT-M/2 on SD-VAE latents, shards from --data),
+    images (your folder of images, a U-Net sized by --unet), latent (any encoded shards, a DiT chosen by
+    --dit). With --data and no --preset: images for a folder of images, latent for latent shards, digits'
+    settings for a .npy array."""
     method: str = option("stmd", choices=tuple(METHODS))
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
-    data: str | None = option(None, metavar="FILE.npy|SHARDS")
-    """Your own array: (N, D) vectors -> MLP, (N, C, H, W) images -> U-Net; uint8 images are scaled to [-1, 1],
-    floats used as given. With celeba-latent: the latent shards (python -m stmd_fast.data.encode), e.g.
-    'SHARDS/shard-{000000..000099}.tar' (quote the braces)."""
+    data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS")
+    """Your own data, replacing the preset's: a folder of JPEG/PNG images (preset images, at --resolution);
+    latent shards of stmd_fast.data.encode (presets latent, celeba-latent), their folder or a pattern such as
+    'SHARDS/shard-{000000..000099}.tar' (quote the braces); or a .npy array: (N, D) vectors -> MLP,
+    (N, C, H, W) images -> U-Net, uint8 images scaled to [-1, 1], floats used as given."""
     vae: str | None = None
     """Latent presets: the VAE the shards were encoded with, a local folder or hub id (checked against the
-    shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema."""
+    shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema; latent's:
+    the manifest's."""
+    resolution: int = 64
+    """Image folder (--data DIR): the square size, in pixels, that every image is resized and center-cropped to."""
+    flip: bool = False
+    """Images: mirror each training image left-right with probability 1/2 (latents: encode with --flip instead)."""
+    unet: str | None = option(None, choices=tuple(UNET_WIDTHS))
+    """Image data: a U-Net of this size laid out for the resolution (models.unet_config; L at 32 pixels is the
+    cifar10 network). Default: B for an image folder, the preset's own network otherwise."""
+    dit: str | None = option(None, metavar="NAME")
+    """Latent data: a DiT of the registry, DiT-{S,B,M,L,XL}/{2,4,8}, whose patch divides the latent size.
+    Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
     data_workers: int = 2
     """Latent presets: DataLoader worker processes reading the shards."""
     strict_data: bool = option(False, resumable=True)
@@ -63,18 +80,29 @@ class TrainConfig:
     the gradients are averaged, so the run matches one process's at the same batch and --lr."""
     lr: float = 1e-3
     """AdamW learning rate, constant after warm-up."""
+    adam_betas: tuple[float, float] = option((0.9, 0.999), metavar=("B1", "B2"))
+    """AdamW's (beta1, beta2). Mean Flow's DiT recipe (celeba-latent, latent) uses beta2 = 0.95."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    dropout: float = 0.0
+    """Dropout while training, in the U-Net's residual blocks and the DiT's MLPs (sampling runs without it).
+    Adds randomness inside the compiled step, so compiled and eager losses no longer agree sample for sample."""
     ema_decay: float = 0.999
     """EMA of the weights, used for samples and checkpoints' sampling weights."""
+    ema_decays: tuple[float, ...] = option((), metavar="DECAY")
+    """Further EMA decays kept beside ema_decay, e.g. 0.9999 0.99995: each is saved in checkpoints
+    (ema-DECAY.safetensors) and measured by fd_every; sample and evaluate pick one with --ema DECAY."""
     seed: int = 0
     """Seeds the network init, data order and all noise."""
     device: str = option("auto", resumable=True)
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
     precision: str = option("fp32", choices=PRECISIONS)
     """fp32, or bf16: autocast network math (fp32 master weights and optimizer state)."""
+    tf32: bool = True
+    """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on tensor
+    cores, as the official PyTorch Mean Flow code sets; --no-tf32 for full fp32. No effect on a CPU or under bf16."""
     compile: bool = option(False, resumable=True)
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager (cold compile takes 1-2 min
     on a CPU)."""
@@ -104,6 +132,19 @@ class TrainConfig:
     """N of DDPM's sample grids."""
     sample_grid: str = option("uniform", choices=TIME_GRIDS)
     """Diffusion time grid of the sampler: uniform | quadratic."""
+    fd_every: int = option(0, resumable=True)
+    """Measure each EMA's FD (digits, mnist: on the FD classifier's features) or Inception FID (other images,
+    latents decoded) every this many steps and at the end, with the sample grids' N and M; 0 = never."""
+    fd_num: int = option(1000, resumable=True)
+    """Samples per FD measurement, against as many training images (latents: decoded training latents)."""
+    fd_classifier: str | None = option(None, metavar="DIR", resumable=True)
+    """digits / mnist: the FD classifier's run (python -m stmd_fast.evaluate train-classifier); default
+    runs/classifier-<preset>."""
+    inception_weights: str | None = option(None, metavar="FILE", resumable=True)
+    """Inception FID offline: the weights file (the error without it names the file to fetch)."""
+    log: tuple[str, ...] = option((), choices=LOGGERS, resumable=True)
+    """Also send metrics.jsonl's records and the sample grids to tensorboard and/or wandb (pip install -e
+    ".[tensorboard]" or ".[wandb]"; W&B runs offline unless WANDB_MODE=online or WANDB_API_KEY is set)."""
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
@@ -138,6 +179,22 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"--adam-betas takes two numbers in [0, 1), got {' '.join(map(str, self.adam_betas))}")
+        decays = (self.ema_decay,) + self.ema_decays
+        if not all(0 <= d < 1 for d in decays) or len(set(decays)) != len(decays):
+            raise ValueError(f"EMA decays must be distinct and in [0, 1), got --ema-decay {self.ema_decay} "
+                             f"--ema-decays {' '.join(map(str, self.ema_decays))}")
+        if self.resolution < 1 or self.fd_every < 0 or self.fd_num < 2 or not 0 <= self.dropout < 1:
+            raise ValueError("need --resolution >= 1, --fd-every >= 0, --fd-num >= 2 and 0 <= --dropout < 1")
+        if self.unet is not None and self.unet not in UNET_WIDTHS:
+            raise ValueError(f"--unet {self.unet}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
+        if self.dit is not None:
+            from .dit import DIT_MODELS  # imported here: timm is slow to import, and only DiT runs need it
+
+            if self.dit not in DIT_MODELS:
+                raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
             self.out = f"runs/{Path(self.data).stem if own_data else self.preset}-{self.method}"
@@ -194,28 +251,76 @@ def _cifar10() -> TrainConfig:
 def _celeba_latent() -> TrainConfig:
     # Paper section 5: a latent DiT-M/2 (Mean Flow's) on CelebA through the SD VAE (sd-vae-ft-ema);
     # 256x256 images -> 4x32x32 latents. Its appendix lost the iterations, batch size and step size:
-    # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999) and 200K steps.
+    # we take Mean Flow's DiT recipe (lr 1e-4, batch 256, EMA 0.9999, Adam beta2 0.95: the official
+    # code's configs/default.py) and 200K steps.
     # Times: Mean Flow's latent-DiT (ImageNet 256) recipe, the nearest setting with evidence.
-    return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
-                       vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000, log_every=100,
-                       net=dit_config("DiT-M/2"), objective=dataclasses.replace(MEANFLOW_IMAGENET))
+    return TrainConfig(preset="celeba-latent", steps=200_000, batch_size=256, lr=1e-4, adam_betas=(0.9, 0.95),
+                       ema_decay=0.9999, vae="stabilityai/sd-vae-ft-ema", ckpt_every=5000, sample_every=5000,
+                       log_every=100, net=dit_config("DiT-M/2"), objective=dataclasses.replace(MEANFLOW_IMAGENET))
 
 
-PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent}
+def _latent() -> TrainConfig:
+    # Any encoded folder: latent shape, VAE and resolution come from the shards' manifest, the DiT from
+    # --dit (default by latent size, chosen in train). celeba-latent's recipe otherwise, plus a short
+    # warm-up (a fresh DiT at lr 1e-4 with beta2 0.95 takes its first steps more gently) and a second,
+    # slower EMA.
+    return dataclasses.replace(_celeba_latent(), preset="latent", vae=None, warmup_steps=1000,
+                               ema_decays=(0.99995,), net=None)
+
+
+def _images() -> TrainConfig:
+    # A folder of your own images at --resolution, a U-Net sized for it (--unet, default B). The cifar10
+    # preset's lr, batch and EMA (paper appendix D) with a warm-up and, as the official PyTorch Mean Flow
+    # code keeps, a second, slower EMA. Times: Mean Flow's CIFAR-10 recipe, as cifar10.
+    return TrainConfig(preset="images", steps=100_000, batch_size=64, lr=1e-4, warmup_steps=1000,
+                       ema_decay=0.9995, ema_decays=(0.9999,), ckpt_every=5000, sample_every=5000,
+                       log_every=100, net=None, objective=dataclasses.replace(MEANFLOW_CIFAR10))
+
+
+PRESETS = {"digits": _digits, "gmm": _gmm, "mnist": _mnist, "cifar10": _cifar10, "celeba-latent": _celeba_latent,
+           "images": _images, "latent": _latent}
 assert tuple(PRESETS) == PRESET_NAMES
 RESUME_OVERRIDABLE = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
 """Flags that may differ from the checkpoint's config when resuming; any other flag given with --resume must
 equal the checkpoint's value (a run is one experiment)."""
-LATENT_RESOLUTION = {"celeba-latent": 256}
-"""Image resolution each latent preset's shards must be encoded at (checked against their manifest)."""
+LATENT_RESOLUTION = {"celeba-latent": 256, "latent": None}
+"""Image resolution each latent preset's shards must be encoded at (checked against their manifest;
+None: any, read from the manifest)."""
 PRESET_DATA_SHAPES = {"digits": (1, 8, 8), "gmm": (2,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32),
                       "celeba-latent": (4, 32, 32)}
 """Per-sample shape of each preset's data (the benchmarks build synthetic batches of it)."""
 
 
 def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
-    """Network for the user's own data (--data): the gmm MLP for vectors, the digits U-Net
+    """Network for the user's own .npy array (--data): the gmm MLP for vectors, the digits U-Net
     for images up to 16 pixels, the mnist U-Net above."""
     if len(shape) == 1:
         return _gmm().net
     return _digits().net if max(shape[1:]) <= 16 else _mnist().net
+
+
+def preset_for_data(data: str | None) -> str:
+    """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern or a
+    folder with manifest.json), images for any other folder, digits (its settings, the network chosen
+    from the array's shape) for a .npy file or no --data."""
+    if data is None:
+        return "digits"
+    path = Path(data).expanduser()
+    if data.endswith(".tar") or (path / "manifest.json").is_file():
+        return "latent"
+    return "images" if path.is_dir() else "digits"
+
+
+def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) -> NetConfig:
+    """The network for the loaded data: --dit for latents (default by latent size on preset latent),
+    --unet for images (default B on an image folder), else the preset's, or for a .npy the one its shape
+    picks. ValueError (one line, listing the valid choices) for a --dit that does not fit."""
+    from .dit import choose_dit
+
+    if (cfg.dit is not None and data_kind != "latent") or (cfg.unet is not None and data_kind != "image"):
+        raise ValueError(f"--dit is for latent data and --unet for images; this run's data are {data_kind}s")
+    if data_kind == "latent" and (cfg.dit is not None or cfg.net is None):
+        return dit_config(choose_dit(cfg.dit, data_shape))
+    if data_kind == "image" and (cfg.unet is not None or cfg.net is None and cfg.preset == "images"):
+        return unet_config(cfg.unet or "B", data_shape)
+    return cfg.net if cfg.net is not None else net_for_shape(data_shape)

@@ -28,3 +28,14 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     def index(d):
         return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else None)
     return a.type == b.type and index(a) == index(b)
+
+
+def use_tf32(enabled: bool) -> None:
+    """CUDA matmuls and convolutions of fp32 tensors in TF32 (inputs rounded to a 10-bit mantissa on tensor
+    cores, fp32 accumulation) or in full fp32 (IEEE). Process-wide; no effect on CPU math."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is refused
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled

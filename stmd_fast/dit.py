@@ -48,12 +48,13 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-zero: c -> shift/scale/gate of attention and MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"),
+                       drop=dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def attn(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ class DiT(nn.Module):
 
     def __init__(self, data_shape: tuple[int, int, int], conditional: bool, num_times: int, *,
                  patch_size: int, hidden_size: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, time_freqs: int = 256, time_scale: float = 10.0):
+                 mlp_ratio: float = 4.0, time_freqs: int = 256, time_scale: float = 10.0, dropout: float = 0.0):
         super().__init__()
         if len(data_shape) != 3:
             raise ValueError(f"a DiT takes (C, H, W) data, got shape {tuple(data_shape)}")
@@ -108,7 +109,7 @@ class DiT(nn.Module):
         self.t_embedders = nn.ModuleList(
             nn.Sequential(nn.Linear(time_freqs, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             for _ in range(num_times))
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, channels)
         self.initialize_weights()
 
@@ -175,6 +176,30 @@ def _factory(size: str, patch_size: int):
 
 
 DIT_MODELS = {f"DiT-{size}/{p}": _factory(size, p) for size in DIT_SIZES for p in (2, 4, 8)}
+
+
+def dit_patch(name: str) -> int:
+    return int(name.rsplit("/", 1)[1])
+
+
+def choose_dit(name: str | None, latent_shape: tuple[int, ...]) -> str:
+    """The registry name to train on latents of `latent_shape` (C, H, W): `name` once checked, or by
+    default DiT-S/2 for latents up to 8 x 8, DiT-B/2 up to 16 x 16 and DiT-M/2 (the paper's) above.
+    ValueError, listing the names that fit, for a name not in the registry or a patch that does not
+    divide H and W."""
+    _, height, width = latent_shape
+    fits = [n for n in DIT_MODELS if height % dit_patch(n) == 0 and width % dit_patch(n) == 0]
+    if not fits:
+        raise ValueError(f"latents {height}x{width}: no DiT patch size (2, 4, 8) divides them; encode at a "
+                         f"resolution that gives an even latent size")
+    if name is None:
+        side = max(height, width)
+        return f"DiT-{'S' if side <= 8 else 'B' if side <= 16 else 'M'}/2"
+    if name not in fits:
+        why = ("is not in the registry" if name not in DIT_MODELS else
+               f"has patch {dit_patch(name)}, which does not divide the latents {height}x{width}")
+        raise ValueError(f"--dit {name} {why}; choose one of {', '.join(fits)}")
+    return name
 
 
 def dit_param_count(name: str, data_shape=(4, 32, 32), conditional: bool = True, num_times: int = 3, **kwargs) -> int:

@@ -86,12 +86,14 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
     """The real images to compare with, in model space, and a name for the stats cache."""
     if meta["config"]["data"] is not None:
         if not args.reference:
-            raise EvalError("these checkpoints were trained on --data (a .npy or latent shards): give --reference "
-                            "FILE.npy (held-out real images of the shape they make, decoded size for latents)")
+            raise EvalError("these checkpoints were trained on --data (a .npy, an image folder or latent shards): give "
+                            "--reference FILE.npy or DIR (held-out real images; decoded size for latents)")
         from .data.datasets import DataError, load_npy
+        from .data.images import load_image_folder
 
         try:
-            ref = load_npy(args.reference)
+            ref = (load_image_folder(args.reference, image_shape(meta)[-1]) if Path(args.reference).is_dir()
+                   else load_npy(args.reference))
         except DataError as err:
             raise EvalError(f"--reference: {err}") from None
         name = f"npy-{Path(args.reference).stem}"
@@ -177,7 +179,7 @@ def sweep(args) -> int:
     methods = [m["config"]["method"] for _, m in found]
     rows = []
     for ckpt, meta in found:
-        model = load_checkpoint(ckpt, device=device)
+        model = load_checkpoint(ckpt, device=device, ema=args.ema)
         if model.data_kind == "latent":
             model.load_vae()  # before sampling: an unreachable VAE fails now
         several = methods.count(model.method) > 1
@@ -357,7 +359,7 @@ def inpaint(args) -> int:
     device = resolve_device(args.device)
     metric, images = prepare_metric(meta, args, device)
     images = images[: args.images]
-    model = load_checkpoint(ckpt, device=device)
+    model = load_checkpoint(ckpt, device=device, ema=args.ema)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     mask_gen = torch.Generator().manual_seed(args.seed)
     masks, completions = [], []
@@ -518,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")
             sp.add_argument("--reference-split", choices=("train", "test"), default="test",
                             help="real images to compare with [default: test]")
-            sp.add_argument("--reference", metavar="FILE.npy", help="real images for checkpoints trained on --data (.npy or latent shards)")
+            sp.add_argument("--reference", metavar="FILE.npy|DIR",
+                            help="real images for checkpoints trained on --data (.npy, an image folder or latent "
+                                 "shards): a .npy of images, or a folder of images (read at the checkpoint's size)")
+            sp.add_argument("--ema", type=float, metavar="DECAY",
+                            help="which EMA, by its decay: a run keeps --ema-decay and each of --ema-decays "
+                                 "[default: --ema-decay's]")
             sp.add_argument("--cache-dir", default="runs/reference-stats",
                             help="cache of reference statistics [default: runs/reference-stats]")
 

@@ -30,11 +30,11 @@ class Method:
 
         return LOSSES[self.name]
 
-    def build_net(self, net_cfg, data_shape: tuple[int, ...]):
+    def build_net(self, net_cfg, data_shape: tuple[int, ...], dropout: float = 0.0):
         """The network this method trains and samples, for data of data_shape (per sample)."""
         from .models import build_net  # the same: only training and checkpoint loading need the networks
 
-        return build_net(net_cfg, data_shape, self.conditional, len(self.times))
+        return build_net(net_cfg, data_shape, self.conditional, len(self.times), dropout)
 
     def check_steps(self, steps: int, flow_steps: int) -> None:
         """Refuse (N, M) settings this method cannot take, before any network call."""

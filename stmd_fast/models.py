@@ -168,7 +168,8 @@ class UNet(nn.Module):
     block applies it as h = GroupNorm(h) * (1 + scale) + shift, so no group size can cancel it.
     """
 
-    def __init__(self, cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int):
+    def __init__(self, cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int,
+                 dropout: float = 0.0):
         super().__init__()
         from diffusers import UNet2DModel
         from diffusers.models.attention_processor import Attention
@@ -198,6 +199,7 @@ class UNet(nn.Module):
             resnet_time_scale_shift="scale_shift",
             attention_head_dim=cfg.head_dim,
             add_attention=cfg.mid_attention,
+            dropout=dropout,
         )
         self.unet.time_proj = self.unet.time_embedding = None  # replaced by self.time_embed
         self.time_embed = TimeEmbedding(num_times, cfg.time_freqs, cfg.time_scale, 4 * cfg.channels[0])
@@ -243,6 +245,28 @@ class MLP(nn.Module):
         return self.out(F.silu(h))
 
 
+UNET_WIDTHS = {"S": 32, "B": 64, "L": 128}
+"""--unet sizes: the channels of the first level; every deeper level has twice as many."""
+
+
+def unet_config(size: str, image_shape: tuple[int, ...]) -> NetConfig:
+    """A U-Net of size S, B or L laid out for (C, H, W) images: halve H and W down to 4 to 8 pixels (at
+    most 6 levels), attention at the first level of at most 16 pixels, 2 residual blocks per level.
+    For 32 pixels, L is the cifar10 preset's U-Net (128, 256, 256, 256)."""
+    if size not in UNET_WIDTHS:
+        raise ValueError(f"--unet {size}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
+    _, height, width = image_shape
+    sides = [min(height, width)]
+    while height % 2 == 0 and width % 2 == 0 and sides[-1] > 4 and len(sides) < 6:  # a halving must be exact
+        height, width = height // 2, width // 2
+        sides.append(min(height, width))
+    base = UNET_WIDTHS[size]
+    attention = next(level for level, side in enumerate(sides) if side <= 16 or level == len(sides) - 1)
+    return NetConfig(channels=(base,) + (2 * base,) * (len(sides) - 1), layers_per_block=2,
+                     attention_levels=(attention,), norm_groups=min(32, base // 4), head_dim=base // 2,
+                     time_freqs=base)
+
+
 def dit_config(name: str, **overrides) -> NetConfig:
     """NetConfig of a DiT of the registry (stmd_fast.dit.DIT_MODELS), e.g. 'DiT-M/2'."""
     from .dit import DIT_MODELS, DIT_SIZES
@@ -255,18 +279,27 @@ def dit_config(name: str, **overrides) -> NetConfig:
                         "time_freqs": 256, **overrides})
 
 
-def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int) -> nn.Module:
-    """The network for data of `data_shape` (without batch), checked against cfg.kind."""
+def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, num_times: int,
+              dropout: float = 0.0) -> nn.Module:
+    """The network for data of `data_shape` (without batch), checked against cfg.kind.
+
+    dropout: a training option, not part of the architecture (no parameters; a checkpoint loads the same
+    without it): in the U-Net's residual blocks, in the DiT's MLPs; eval mode turns it off."""
     want_rank = {"unet": 3, "mlp": 1, "dit": 3}[cfg.kind]
     if len(data_shape) != want_rank:
         raise ValueError(f"a {cfg.kind} network takes data of rank {want_rank} per sample, got shape {tuple(data_shape)}")
+    if not 0 <= dropout < 1 or (dropout and cfg.kind == "mlp"):
+        raise ValueError(f"dropout {dropout}: must be in [0, 1), and is for the U-Net and the DiT, not the MLP")
     if cfg.kind == "dit":
         from .dit import DiT
 
         net = DiT(tuple(data_shape), conditional, num_times, patch_size=cfg.patch_size, hidden_size=cfg.width,
-                  depth=cfg.depth, num_heads=cfg.heads, time_freqs=cfg.time_freqs, time_scale=cfg.time_scale)
+                  depth=cfg.depth, num_heads=cfg.heads, time_freqs=cfg.time_freqs, time_scale=cfg.time_scale,
+                  dropout=dropout)
+    elif cfg.kind == "unet":
+        net = UNet(cfg, tuple(data_shape), conditional, num_times, dropout)
     else:
-        net = (UNet if cfg.kind == "unet" else MLP)(cfg, tuple(data_shape), conditional, num_times)
+        net = MLP(cfg, tuple(data_shape), conditional, num_times)
     return use_tangent_layers(net)
 
 

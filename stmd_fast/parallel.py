@@ -56,15 +56,16 @@ class Single:
         return None
 
     def full_states(self, net, ema, optimizer, step: int):
-        """(net weights, EMA weights, optimizer state) as a checkpoint stores them. Collective."""
-        return net, ema.module, optimizer.state_dict()
+        """(net weights, {decay: EMA weights}, optimizer state) as a checkpoint stores them. Collective."""
+        return net, ema.modules(), optimizer.state_dict()
 
     def load_optimizer(self, net, optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
 
-    def ema_for_samples(self, ema):
-        """The EMA net rank 0 samples from (None on the other ranks). Collective."""
-        return ema.module if self.ctx.is_main else None
+    def for_sampling(self, ema_net):
+        """The EMA net (ema.module, or any of ema.modules()) that rank 0 samples from (None on the other
+        ranks). Collective."""
+        return ema_net if self.ctx.is_main else None
 
     def streams(self, generator: torch.Generator, data) -> list | None:
         """Every rank's generator and data position when each rank has its own. Collective."""
@@ -98,17 +99,17 @@ class Sharded(Single):
 
     def prepare(self, net, ema, device):
         self.sampling_net = copy.deepcopy(ema.module) if self.ctx.is_main else None
-        distributed.shard(net, ema.module, device=device)
+        distributed.shard(net, *ema.modules().values(), device=device)
 
     def full_states(self, net, ema, optimizer, step):
-        return (distributed.full_model_state(net), distributed.full_model_state(ema.module),
-                distributed.full_optimizer_state(net, optimizer))
+        emas = {decay: distributed.full_model_state(module) for decay, module in ema.modules().items()}
+        return distributed.full_model_state(net), emas, distributed.full_optimizer_state(net, optimizer)
 
     def load_optimizer(self, net, optimizer, state):
         distributed.load_full_optimizer_state(net, optimizer, state)
 
-    def ema_for_samples(self, ema):
-        full = distributed.full_model_state(ema.module)  # gather the shards into rank 0's plain copy
+    def for_sampling(self, ema_net):
+        full = distributed.full_model_state(ema_net)  # gather the shards into rank 0's plain copy
         if self.ctx.is_main:
             self.sampling_net.load_state_dict(full)
         return self.sampling_net

@@ -62,8 +62,8 @@ class RunLog:
     """Progress bar, metrics.jsonl and sample grids of a run directory; silent off rank 0. A context
     manager: the bar and the metrics file are closed on the way out."""
 
-    def __init__(self, out: Path, steps: int, step: int, is_main: bool):
-        self.out, self.steps, self.is_main = out, steps, is_main
+    def __init__(self, out: Path, steps: int, step: int, is_main: bool, loggers=()):
+        self.out, self.steps, self.is_main, self.loggers = out, steps, is_main, list(loggers)
         self.metrics = (out / "metrics.jsonl").open("a") if is_main else None
         self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
 
@@ -74,6 +74,8 @@ class RunLog:
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        for logger in self.loggers:
+            logger.close()
 
     def step(self) -> None:
         self.bar.update(1)
@@ -88,6 +90,8 @@ class RunLog:
             return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        for logger in self.loggers:  # --log: the same record, the same step
+            logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
         error_name = list(record)[2]
         status = (f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "
                   f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
@@ -101,14 +105,17 @@ class RunLog:
     def samples(self, ema_net, cfg, data, device: torch.device, step: int, decode=None) -> None:
         """Rank 0 writes a sample grid of the EMA weights (ema_net is None elsewhere)."""
         if self.is_main:
-            grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
-            self.bar.write(f"step {step}: samples -> {grid}")
+            path, grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
+            self.bar.write(f"step {step}: samples -> {path}")
+            for logger in self.loggers if grid is not None else ():
+                logger.log_image(step, "samples", grid)
 
 
-def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> Path:
+def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> tuple[Path, torch.Tensor | None]:
     """A grid (images; latents decoded by `decode`) or .npy (vectors) of 64 samples from the
-    EMA weights, always from the same noise so grids are comparable across steps."""
-    from torchvision.utils import save_image
+    EMA weights, always from the same noise so grids are comparable across steps. Returns the file
+    and, for images, the grid as saved ((C, H, W) in [0, 1], for the loggers)."""
+    from torchvision.utils import make_grid, save_image
 
     from .data.datasets import to_unit_range
 
@@ -120,13 +127,15 @@ def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> Pa
         x = decode(x.to(device)).cpu()
     buffer = io.BytesIO()  # rendered in memory, written atomically (files.py)
     if data.kind in ("image", "latent"):
+        grid = make_grid(to_unit_range(x), nrow=8, padding=1)
         path = path.with_suffix(".png")
-        save_image(to_unit_range(x), buffer, format="png", nrow=8, padding=1)
+        save_image(grid, buffer, format="png")
     else:
+        grid = None
         path = path.with_suffix(".npy")
         np.save(buffer, x.numpy())
     write_atomic(path, buffer.getvalue())
-    return path
+    return path, grid
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

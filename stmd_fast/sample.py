@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="[default: 0]")
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: uniform]")
     add("--weights", choices=("ema", "model"), help="[default: ema]")
+    add("--ema", type=float, metavar="DECAY", help="which EMA, by its decay: a run keeps --ema-decay and each of "
+        "--ema-decays [default: --ema-decay's]")
     add("--vae", help="with --exported of a latent model and a .png --out: the VAE (folder or hub id) that decodes "
         "the latents [default: none; the program's metadata names the one it was trained with]")
     add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
@@ -153,7 +155,7 @@ def main_exported(args) -> int:
     if args.checkpoint is not None:
         raise ValueError("give a checkpoint or --exported, not both")
     baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
-                                      ("--grid", args.grid), ("--weights", args.weights),
+                                      ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
                                       ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
     if baked:
         raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
@@ -216,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
     with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
         warnings.simplefilter("always")
-        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights)
+        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
+                                ema=args.ema)
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
     steps = args.steps if args.steps is not None else METHODS[model.method].default_steps

@@ -7,6 +7,7 @@ one training loop -> checkpoints, sample grids, metrics.jsonl in the run directo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -36,12 +37,13 @@ from . import distributed, parallel
 from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, list_checkpoints, newest_intact,
                          recover_leftovers, set_aside, write_json_atomic)
 from .cli import UserError, add_dataclass_flags, one_line_errors
-from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, net_for_shape
+from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
-from .devices import resolve_device
+from .devices import resolve_device, use_tf32
 from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
 from .files import RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
+from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         value = getattr(digits, name)
         if name != "preset" and any(getattr(cfg, name) != value for cfg in presets):
             return "preset's" if value is None else f"preset's; digits {value}"
-        return None if value is None else str(value)
+        return "unset" if value is None else str(value)
 
     add_dataclass_flags(p, TrainConfig, default)
     add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)))
@@ -108,7 +110,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     resume = given.pop("resume", False)
     top = {k: v for k, v in given.items() if k not in OBJECTIVE_FLAGS}
     objective = {k: v for k, v in given.items() if k in OBJECTIVE_FLAGS}
-    fresh = PRESETS[top.get("preset", "digits")]().to_dict()
+    fresh = PRESETS[top.get("preset") or preset_for_data(top.get("data"))]().to_dict()
     fresh.update(top)
     fresh["objective"].update(objective)
     if "data" in top and fresh["preset"] not in LATENT_RESOLUTION:
@@ -162,22 +164,40 @@ def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dis
     are split over the torchrun ranks (each reads every K-th shard)."""
     from .data.datasets import load_npy, load_preset
 
-    if cfg.preset in LATENT_RESOLUTION and (cfg.data is None or cfg.vae is None):
+    latent = cfg.preset in LATENT_RESOLUTION
+    if latent and (cfg.data is None or cfg.vae is None and cfg.preset != "latent"):
         raise UserError(f"the {cfg.preset} preset trains on VAE latents: encode the images once with "
                         f"python -m stmd_fast.data.encode --images DIR --vae VAE --resolution "
-                        f"{LATENT_RESOLUTION[cfg.preset]} --out SHARDS, then pass "
-                        f"--data 'SHARDS/shard-{{000000..N}}.tar' --vae VAE")
+                        f"{LATENT_RESOLUTION[cfg.preset] or 'R'} --out SHARDS, then pass --data SHARDS"
+                        f"{' --vae VAE' if cfg.preset != 'latent' else ''}")
+    if cfg.preset == "images" and cfg.data is None:
+        raise UserError("the images preset trains on your own images: pass --data DIR (a folder of JPEG/PNG files)")
+    if cfg.flip and latent:
+        raise UserError("--flip mirrors pixel images; latents are encoded images: mirror them when encoding "
+                        "(python -m stmd_fast.data.encode --flip) and drop --flip here")
     try:
-        if cfg.preset in LATENT_RESOLUTION:
+        if latent:
             from .data.latents import LatentShards
             return LatentShards(cfg.data, expect_vae=cfg.vae, expect_resolution=LATENT_RESOLUTION[cfg.preset],
                                 num_workers=cfg.data_workers, seed=cfg.seed, rank=ctx.rank,
                                 world_size=ctx.world_size, strict=cfg.strict_data)
+        if cfg.data is not None and Path(cfg.data).expanduser().is_dir():
+            from .data.images import load_image_folder
+            return with_flip(load_image_folder(cfg.data, cfg.resolution), cfg.flip)
         if cfg.data is not None:
-            return load_npy(cfg.data)
-        return load_preset(cfg.preset, "train", cfg.data_dir, cfg.download)
+            return with_flip(load_npy(cfg.data), cfg.flip)
+        return with_flip(load_preset(cfg.preset, "train", cfg.data_dir, cfg.download), cfg.flip)
     except DataError as err:
         raise UserError(str(err)) from None
+
+
+def with_flip(data, flip: bool):
+    """The data with --flip's random mirroring on (TensorData images only)."""
+    if not flip:
+        return data
+    if getattr(data, "kind", None) != "image":
+        raise UserError(f"--flip mirrors images; this run's data are {getattr(data, 'kind', 'vectors')}s: drop --flip")
+    return dataclasses.replace(data, flip=True)
 
 
 def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
@@ -212,6 +232,7 @@ class Run:
     meta: dict  # config.json and every checkpoint's meta.json
     strategy: Single
     decode: object = None  # latent data: the VAE decoder for sample grids (rank 0)
+    fd: object = None  # --fd-every: the TrainingFD that measures the EMAs (rank 0)
 
 
 def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: ExitStack) -> Run:
@@ -227,9 +248,17 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if cfg.kernels == "triton" and device.type != "cuda" and not dispatch.interpret_mode():
         raise UserError(f"--kernels triton runs on CUDA, not on {device}: use --kernels auto (PyTorch references "
                         f"on a CPU) or --device cuda")
+    try:
+        check_loggers(cfg.log)
+    except LoggerUnavailable as err:
+        raise UserError(str(err)) from None
+    if device.type == "cuda":  # --tf32 is about fp32 math: under bf16 autocast the matmuls are bf16 anyway
+        use_tf32(cfg.tf32 and cfg.precision == "fp32")
     out = Path(cfg.out)
     prepare_run_dir(out, resume, held, main=ctx.is_main)
     data = load_training_data(cfg, ctx)
+    if data.kind == "latent" and cfg.vae is None:
+        cfg.vae = data.manifest["vae"]  # preset latent: the VAE the shards were encoded with
     decode = None
     if data.kind == "latent" and ctx.is_main:  # load the VAE now (rank 0 draws the grids): a bad --vae fails here
         from .data.vae import latent_decoder
@@ -237,11 +266,13 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
             decode = latent_decoder(cfg.vae, device, data.scaling_factor, data.shift_factor)
         except DataError as err:
             raise UserError(str(err)) from None
-    if cfg.net is None:
-        cfg.net = net_for_shape(data.shape)
+    try:
+        cfg.net = choose_net(cfg, data.shape, data.kind)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     torch.manual_seed(cfg.seed)  # network init
     try:
-        net = METHODS[cfg.method].build_net(cfg.net, data.shape).to(device)
+        net = METHODS[cfg.method].build_net(cfg.net, data.shape, cfg.dropout).to(device)
     except ValueError as err:
         raise UserError(f"the network does not fit the data: {err}") from None
     data = data.to(device)
@@ -251,7 +282,14 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
                           "resolution": data.manifest["resolution"]}
     if ctx.launched:  # lets a torchrun restart of this job tell its own checkpoints from another run's
         meta["torchelastic_run_id"] = ctx.run_id
-    run = Run(out, device, data, net, meta, parallel.choose(ctx, cfg.parallel, cfg.batch_size, data), decode)
+    fd = None
+    if cfg.fd_every and ctx.is_main:  # the metric and its reference statistics now: a missing classifier fails here
+        from .fd_monitor import TrainingFD
+        try:
+            fd = TrainingFD(cfg, meta, data, device, *METHODS[cfg.method].grid_steps(cfg), decode)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    run = Run(out, device, data, net, meta, parallel.choose(ctx, cfg.parallel, cfg.batch_size, data), decode, fd)
     if ctx.is_main:
         print_summary(cfg, run)
     return run
@@ -338,8 +376,9 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                                      cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, run, state)
         t_start = time.perf_counter()
+        loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
         with StopRequest() as stop, dispatch.backend(cfg.kernels), \
-                RunLog(run.out, cfg.steps, state.step, ctx.is_main) as log:
+                RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
             last = loop(cfg, run, state, train_step, log, stop)
         if ctx.is_main:
             print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f} s; checkpoint {last}")
@@ -375,7 +414,8 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         sums.add(loss, error, state.step)
         step = state.step
         sample_due = bool(cfg.sample_every) and step % cfg.sample_every == 0
-        if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or step == cfg.steps
+        fd_due = bool(cfg.fd_every) and (step % cfg.fd_every == 0 or step == cfg.steps)
+        if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
                 or (stop.requested and not strategy.ctx.distributed)):
             continue
         record, bad_step, stopping = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
@@ -385,10 +425,12 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
                                    f"Try a lower --lr, --precision fp32 or another --seed")
+        if fd_due:
+            record.update(measure_fd(run, state.ema))
         log.record(record)
         at_end = step == cfg.steps or stopping
         if sample_due or at_end:
-            log.samples(strategy.ema_for_samples(state.ema), cfg, state.data, run.device, step, run.decode)
+            log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         if step % cfg.ckpt_every == 0 or at_end:
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
@@ -408,6 +450,16 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             raise Stopped
     return last_good
 
+
+
+def measure_fd(run: Run, ema) -> dict[str, float]:
+    """{"FD/emaD" or "FID/emaD": value} for every EMA, measured on rank 0 ({} elsewhere). Collective."""
+    values = {}
+    for decay, module in ema.modules().items():
+        net = run.strategy.for_sampling(module)
+        if net is not None:
+            values[f"{run.fd.name}/ema{decay}"] = run.fd.measure(net)
+    return values
 
 
 def assert_compiled(verbose: bool = True) -> None:

@@ -1,6 +1,7 @@
 """The training state: everything a checkpoint holds, built fresh or restored from one, and saved.
 
-Weights (model.safetensors, ema.safetensors) and train_state.pt: step, optimizer, lr schedule,
+Weights (model.safetensors, ema.safetensors, ema-DECAY.safetensors for each further EMA decay) and
+train_state.pt: step, optimizer, lr schedule,
 the generator that draws every batch and noise, the EMA's count, and the data stream's position
 (latent shards), per rank where each rank streams its own. Restoring all of it makes a resumed run
 bit-identical to an uninterrupted one (tests/test_train.py).
@@ -14,15 +15,51 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .checkpoint import NonFiniteState, load_train_state, load_weights, save_checkpoint
+from .checkpoint import NonFiniteState, ema_file, load_train_state, load_weights, save_checkpoint
 from .engine import make_optimizer
 from .parallel import Sharded, Single
+
+
+class EMAs:
+    """One AveragedModel per EMA decay, all updated after every step. The first decay (the run's
+    ema_decay) is the main EMA: ema.safetensors and the sample grids. Where the trainer uses an
+    AveragedModel (update_parameters, module, n_averaged) this stands in for it."""
+
+    def __init__(self, net: torch.nn.Module, decays: tuple[float, ...], use_buffers: bool):
+        self.by_decay = {d: AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=use_buffers)
+                         for d in decays}
+        self.main = next(iter(self.by_decay.values()))
+        for average in self.by_decay.values():
+            average.module.eval()  # sampled only: no dropout in the EMA nets
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.main.module
+
+    @property
+    def n_averaged(self) -> torch.Tensor:
+        return self.main.n_averaged  # updated together: every EMA has the same count
+
+    def modules(self) -> dict[float, torch.nn.Module]:
+        return {decay: average.module for decay, average in self.by_decay.items()}
+
+    def update_parameters(self, net: torch.nn.Module) -> None:
+        for average in self.by_decay.values():
+            average.update_parameters(net)
+
+
+def dropout_rng_state(device: torch.device) -> dict:
+    """torch's global generator (and the CUDA one on a GPU): where dropout's masks come from."""
+    state = {"device": device.type, "cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 @dataclass
 class TrainingState:
     net: torch.nn.Module
-    ema: AveragedModel
+    ema: EMAs
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # data order and every noise draw
@@ -35,15 +72,19 @@ class TrainingState:
         if ckpt is not None:
             net.load_state_dict(load_weights(ckpt, "model.safetensors", device))
         distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
-        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=strategy.ema_buffers)
+        ema = EMAs(net, (cfg.ema_decay, *cfg.ema_decays), use_buffers=strategy.ema_buffers)
         if ckpt is not None:
-            ema.module.load_state_dict(load_weights(ckpt, "ema.safetensors", device))
+            for decay, module in ema.modules().items():
+                module.load_state_dict(load_weights(ckpt, ema_file(decay, cfg.ema_decay), device))
         strategy.prepare(net, ema, device)
-        optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay, sharded=isinstance(strategy, Sharded))
+        optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay, sharded=isinstance(strategy, Sharded),
+                                   betas=tuple(cfg.adam_betas))
         warmup = cfg.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0)
         generator = torch.Generator(device).manual_seed(strategy.seed(cfg.seed))
         state = cls(net, ema, optimizer, scheduler, generator, data)
+        if ckpt is None and strategy.world > 1 and cfg.dropout:  # distinct dropout masks on every rank
+            torch.manual_seed(distributed.rank_seed(cfg.seed, strategy.rank))
         if ckpt is not None:
             state._restore(load_train_state(ckpt, device),
                            cfg.seed, device, strategy)
@@ -52,9 +93,24 @@ class TrainingState:
     def _restore(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
         strategy.load_optimizer(self.net, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.ema.n_averaged.copy_(saved["ema_n_averaged"])
+        for average in self.ema.by_decay.values():
+            average.n_averaged.copy_(saved["ema_n_averaged"])
         self.step = saved["step"]
         self._restore_stream(saved, seed, device, strategy)
+        self._restore_dropout_rng(saved, seed, device, strategy)
+
+    @staticmethod
+    def _restore_dropout_rng(saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
+        """Dropout draws its masks from torch's global generator (nn.Dropout takes no generator): one process
+        restores rank 0's saved state (exact resume); K processes reseed each rank from (seed, step, rank),
+        distinct masks per rank, continuing correctly but not bit-identically."""
+        state = saved.get("dropout_rng")
+        if strategy.world == 1 and state is not None and state["device"] == device.type:
+            torch.set_rng_state(state["cpu"].cpu())
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+        elif strategy.world > 1:
+            torch.manual_seed(distributed.rank_seed(seed + saved["step"], strategy.rank))
 
     def _restore_stream(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
         """Put the generator and the data position back where the checkpoint left them: exactly when the
@@ -86,28 +142,31 @@ class TrainingState:
     def weights_finite(self) -> bool:
         """Whether the weights and EMA hold no NaN or inf on every rank (one collective; each rank checks
         its own copy or shards)."""
-        tensors = [*self.net.parameters(), *self.ema.module.parameters()]
+        tensors = [*self.net.parameters(), *(p for m in self.ema.modules().values() for p in m.parameters())]
         local = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).all()
         return bool(distributed.gather(local.double()[None]).min() > 0)
 
     def save(self, out: Path, meta: dict, keep: int, strategy: Single) -> Path:
         """Write checkpoints/step_N on rank 0; every rank takes part in the gathers first and waits at
         the end, so nobody runs ahead while rank 0 writes. Returns the checkpoint directory.
-        NonFiniteState on every rank (nothing written) if the weights or EMA hold NaN or inf."""
+        NonFiniteState on every rank (nothing written) if the weights or any EMA hold NaN or inf."""
         if not self.weights_finite():
             raise NonFiniteState(f"the weights became non-finite by step {self.step} (while the loss was still "
                                  f"finite): not saved")
-        *weights, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
+        weights, emas, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
+        main, *extra = emas.items()  # (decay, module or full state dict), the main EMA first
         streams = strategy.streams(self.generator, self.data)
         final = out / "checkpoints" / f"step_{self.step:08d}"
         if strategy.ctx.is_main:
             train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
-                           "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world}
+                           "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world,
+                           "dropout_rng": dropout_rng_state(self.generator.device)}
             if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position
                 train_state["ranks"] = streams
-            final = save_checkpoint(out, self.step, *weights, train_state, meta, keep)
+            final = save_checkpoint(out, self.step, weights, main[1], train_state, meta, keep,
+                                    extra_weights={ema_file(decay, main[0]): state for decay, state in extra})
         distributed.barrier()
         return final

@@ -19,10 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS
+from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS, choose_net
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS
 
+DATA_DEFINED = {"images": ((3, 32, 32), "image"), "latent": ((4, 32, 32), "latent")}
+"""Presets whose network follows the data (net None): an example of it, the network choose_net picks."""
 DEAD = 1e-8  # relative to the largest gradient of its kind: round-off is ~1e-16, live paths ~1e-2..1
 
 
@@ -30,8 +32,12 @@ def tiny_instance(preset: str) -> tuple[NetConfig, tuple[int, ...]]:
     """The preset's network kind and block structure at a test's size. U-Net: channels and
     groups divided by the same factor (group sizes unchanged, so a dead group shows), small
     images. DiT: 2 blocks of width 64 on a small latent. MLP: the preset's own."""
-    cfg = PRESETS[preset]().net
-    shape = PRESET_DATA_SHAPES[preset]
+    preset_cfg = PRESETS[preset]()
+    if preset_cfg.net is None:
+        shape, kind = DATA_DEFINED[preset]
+        cfg = choose_net(preset_cfg, shape, kind)
+    else:
+        cfg, shape = preset_cfg.net, PRESET_DATA_SHAPES[preset]
     if cfg.kind == "unet":
         k = max(1, max(cfg.channels) // 32)
         assert cfg.norm_groups % k == 0 and all(c % k == 0 for c in cfg.channels)

@@ -1,0 +1,66 @@
+"""A tiny stand-in for your own data, to try the own-images walkthrough (README) on a CPU in minutes:
+
+    python -m stmd_fast.data.example --out demo      # demo/images/*.png and demo/vae/ (a random tiny VAE)
+
+The images are synthetic: a colored disc and a colored square on a two-color gradient, at random
+places and sizes, saved at assorted sizes and aspect ratios (the loaders resize and crop them). The
+VAE is diffusers' AutoencoderKL with random weights and SD's layout in miniature (4 latent channels,
+downsampling 8), so encode, train and decode run as they would with stabilityai/sd-vae-ft-ema; its
+latents mean nothing, so latent samples look like noise. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def synthetic_image(rng: np.random.Generator) -> Image.Image:
+    """One RGB image: a gradient background, a disc and a square, in random colors, places and sizes."""
+    width, height = (int(v) for v in rng.integers(48, 112, size=2))
+    top, bottom = rng.integers(0, 256, size=(2, 3))
+    ramp = np.linspace(0, 1, height)[:, None, None]
+    pixels = (top * (1 - ramp) + bottom * ramp).repeat(width, axis=1).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    for shape in ("ellipse", "rectangle"):
+        size = int(rng.integers(min(width, height) // 5, min(width, height) // 2))
+        x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        getattr(draw, shape)((x, y, x + size, y + size), fill=color)
+    return image
+
+
+def tiny_vae():
+    """A random AutoencoderKL shaped like SD's VAE in miniature: 4 latent channels, downsampling 8."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64).eval()
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for images/ and vae/")
+    p.add_argument("--num", type=int, default=64, help="number of images [default: 64]")
+    p.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    args = p.parse_args(argv)
+    if args.num < 1:
+        p.error(f"--num {args.num}: must be at least 1")
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    for i in range(args.num):
+        synthetic_image(rng).save(out / "images" / f"{i:04d}.png")
+    torch.manual_seed(args.seed)
+    tiny_vae().save_pretrained(out / "vae")
+    print(f"wrote {args.num} images to {out / 'images'} and a random tiny VAE to {out / 'vae'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

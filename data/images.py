@@ -1,0 +1,85 @@
+"""A folder of your own images, as pixels: the data of pixel-space training, and the reading that
+stmd_fast.data.encode shares before its VAE.
+
+    data = load_image_folder("~/textures", resolution=64)   # TensorData (N, C, 64, 64) uint8
+
+Each image is resized (shorter side to R, bicubic) and center-cropped to R x R. A folder whose images
+are all grayscale gives one channel, anything else three (RGB; alpha is dropped). Files that are not
+readable images are skipped, counted and named; a folder with none at all is a DataError.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .datasets import DataError, TensorData
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
+# (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
+    """Relative paths (posix) of the JPEG/PNG files under `folder`, sorted so that runs are reproducible."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--images {folder}: not a folder; pass the folder that holds your JPEG/PNG images")
+    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"no JPEG/PNG images under {folder}; pass the folder that holds them "
+                        f"(searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
+    return paths[:limit] if limit is not None else paths
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
+    """A PIL image -> (3, R, R) uint8 RGB: shorter side resized to R (bicubic), then the center crop.
+
+    Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
+    already antialiased (no need for the repeated box halving of older pipelines).
+    """
+    image = image.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
+    scale = resolution / min(image.size)
+    size = [max(resolution, round(side * scale)) for side in image.size]
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def read_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool]:
+    """(the (3, R, R) uint8 image, None, whether it was grayscale), or (None, why, False) for a file
+    that cannot be read as an image."""
+    try:
+        with Image.open(path) as image:
+            return resize_center_crop(image, resolution), None, image.mode in GRAYSCALE_MODES
+    except UNREADABLE as error:
+        return None, f"{type(error).__name__}: {error}", False
+
+
+def load_image_folder(folder: str | Path, resolution: int, workers: int | None = None) -> TensorData:
+    """Every JPEG/PNG under `folder` (recursively) as (N, C, R, R) uint8 pixels; C = 1 if all are grayscale."""
+    if resolution < 1:
+        raise DataError(f"--resolution {resolution}: must be at least 1")
+    root = Path(folder).expanduser()
+    paths = list_images(root)
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
+        loaded = list(pool.map(lambda p: read_image(root / p, resolution), paths))
+    images = [image for image, _, _ in loaded if image is not None]
+    skipped = [(p, why) for p, (_, why, _) in zip(paths, loaded) if why is not None]
+    if not images:
+        raise DataError(f"none of the {len(paths)} images under {folder} could be read (first: {skipped[0][0]}: "
+                        f"{skipped[0][1]}); check the files")
+    if skipped:
+        print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}, e.g. {skipped[0][0]}: {skipped[0][1]}")
+    values = torch.stack(images)
+    if all(gray for image, _, gray in loaded if image is not None):
+        values = values[:, :1].contiguous()  # R = G = B after convert("RGB"): keep one channel
+    return TensorData(root.name or str(root), values, "image")

@@ -1,0 +1,75 @@
+"""FD / FID of the EMA weights, measured during training every --fd-every steps (rank 0).
+
+The metric is evaluate's: FD on the FD classifier's features for the digits and mnist presets,
+Inception FID for any other images (latent samples decoded through the run's VAE first). The
+reference is --fd-num training images (latents: decoded training latents, i.e. VAE reconstructions,
+drawn from a reader of their own so that the training stream is untouched), drawn once with a seed
+of its own; every measurement samples --fd-num images from the same noise, with the sample grids'
+N and M. So values at different steps compare the weights alone.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+
+from .sampling import sample
+
+SEED_OFFSET = 2_000_003  # reference draw and sampling noise: apart from the training generator's seed
+
+
+class TrainingFD:
+    """fd = TrainingFD(cfg, meta, data, device, steps, flow_steps, decode); fd.measure(ema_net) -> float.
+
+    Built before training (it loads the classifier or the Inception weights and computes the reference
+    statistics): a missing classifier or unreachable Inception weights is a ValueError naming the fix.
+    `name` is "FD" or "FID".
+    """
+
+    def __init__(self, cfg, meta: dict, data, device: torch.device, steps: int, flow_steps: int, decode=None,
+                 batch_size: int = 256):
+        from .evaluate import EvalError, build_metric
+
+        if data.kind == "vector":
+            raise ValueError("--fd-every measures images: for the gmm preset use python -m stmd_fast.evaluate kernel")
+        self.cfg, self.device, self.decode = cfg, device, decode
+        self.steps, self.flow_steps, self.batch_size = steps, flow_steps, batch_size
+        self.shape = tuple(meta["data_shape"])
+        options = Namespace(metric="auto", inception_weights=cfg.inception_weights, classifier=cfg.fd_classifier,
+                            batch_size=batch_size)
+        try:
+            self.metric = build_metric(meta, options, device)
+        except EvalError as err:
+            raise ValueError(f"--fd-every: {err}") from None
+        self.name = self.metric.name
+        self.metric.set_reference(self._reference(data))
+
+    def _reference(self, data) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.cfg.seed + SEED_OFFSET)
+        if data.kind == "latent":
+            from .data.latents import LatentShards
+
+            # a reader of its own (one process, no workers): the training stream's position stays as it is
+            shards = LatentShards(self.cfg.data, seed=self.cfg.seed + SEED_OFFSET, num_workers=0)
+            return self._decoded(shards.batch(self.cfg.fd_num, generator).to(self.device))
+        values = data.to("cpu")
+        picked = torch.randperm(len(values), generator=generator)[:self.cfg.fd_num]  # without replacement
+        return values.all()[picked]
+
+    def _decoded(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(x).float() if self.decode is not None else x.float()
+
+    @torch.no_grad()
+    def measure(self, ema_net) -> float:
+        """FD of `ema_net`'s samples (eval mode) against the reference; the same noise every time."""
+        generator = torch.Generator(self.device).manual_seed(self.cfg.seed + SEED_OFFSET)
+        was_training = ema_net.training
+        ema_net.eval()
+        chunks = []
+        for start in range(0, self.cfg.fd_num, self.batch_size):
+            n = min(self.batch_size, self.cfg.fd_num - start)
+            x = sample(ema_net, self.cfg.method, n, self.shape, self.steps, self.flow_steps, generator,
+                       self.cfg.sample_grid)
+            chunks.append(self._decoded(x).cpu())
+        ema_net.train(was_training)
+        return self.metric.score(torch.cat(chunks))

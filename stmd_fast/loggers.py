@@ -1,0 +1,124 @@
+"""Training curves where researchers already look: TensorBoard and Weights & Biases.
+
+    python -m stmd_fast.train --log tensorboard        # RUN/tensorboard/, then: tensorboard --logdir RUN
+    python -m stmd_fast.train --log wandb              # RUN/wandb/, offline unless W&B is set up to go online
+
+Both are optional extras (pip install -e ".[tensorboard]" or ".[wandb]"), imported only when
+asked for; a missing one is a one-line error naming the extra, raised before any training. Each
+logger receives what metrics.jsonl receives (the same record, the same steps) and the sample
+grids as images. Only rank 0 opens a logger (the trainer's job).
+
+W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set, and says which it is
+and where the run is kept: an offline run uploads later with `wandb sync RUN/wandb/offline-run-*`.
+A resumed training run continues the same W&B run (its id is kept in RUN/wandb/run-id) and
+TensorBoard drops the events after the checkpoint (they are logged again), as metrics.jsonl does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+LOGGERS = ("tensorboard", "wandb")
+# the package each logger imports, and the extra of pyproject.toml that installs it
+_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+class LoggerUnavailable(ValueError):
+    """An unknown logger, or its package is not installed: the message names the fix."""
+
+
+def check_loggers(names: tuple[str, ...] | list[str]) -> None:
+    """LoggerUnavailable unless every name is a logger whose package is installed (nothing imported)."""
+    for name in names:
+        if name not in LOGGERS:
+            raise LoggerUnavailable(f"--log {name}: unknown logger; choose from {', '.join(LOGGERS)}")
+        if importlib.util.find_spec(_PACKAGE[name]) is None:
+            raise LoggerUnavailable(f"--log {name} needs the {_PACKAGE[name]} package: "
+                                    f"pip install -e \".[{name}]\" (or pip install {_PACKAGE[name]})")
+
+
+class TensorBoardLogger:
+    """Scalars and images into RUN/tensorboard/ through torch's SummaryWriter."""
+
+    def __init__(self, run_dir: Path, config: dict, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(run_dir) / "tensorboard"
+        # purge_step: a resumed run drops the events logged after its checkpoint; they are logged again
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step or None)
+        if not start_step:
+            self.writer.add_text("config", _as_markdown(config), 0)
+        print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {run_dir})")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # once per log interval: the curves are live
+
+    def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """image: (C, H, W) in [0, 1]."""
+        self.writer.add_image(tag, image, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLogger:
+    """Scalars and images into a W&B run kept in RUN/wandb/ (offline unless set up to go online)."""
+
+    def __init__(self, run_dir: Path, config: dict, start_step: int = 0, project: str = "stmd_fast"):
+        import wandb
+
+        root = Path(run_dir) / "wandb"
+        root.mkdir(parents=True, exist_ok=True)
+        id_file = root / "run-id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
+                              id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,  # into RUN/wandb/
+                              # no console capture (the progress bar stays ours), no system-metrics sampler
+                              settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        self._wandb = wandb
+        self.mode = mode
+        if mode == "offline":
+            print(f"W&B: offline (set WANDB_MODE=online or WANDB_API_KEY to go online); the run is kept in "
+                  f"{Path(self.run.dir).parent}: upload it later with wandb sync {Path(self.run.dir).parent}")
+        else:
+            print(f"W&B: {mode} run {self.run.id} (project {self.run.project})")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(dict(values), step=step)
+
+    def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """image: (C, H, W) in [0, 1]."""
+        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
+        self.run.log({tag: self._wandb.Image(pixels)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+        # finish() can return before W&B's service process has written the run file; teardown waits for it
+        self._wandb.teardown()
+
+
+def open_loggers(names, run_dir: Path, config: dict, start_step: int = 0) -> list:
+    """The loggers named (checked first), opened in run_dir; start_step > 0 when a run resumes."""
+    check_loggers(names)
+    kinds = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger}
+    return [kinds[name](run_dir, config, start_step) for name in names]
+
+
+def _as_markdown(config: dict, indent: str = "") -> str:
+    # TensorBoard's text tab renders markdown: one line per setting, nested configs indented
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}- {key}:", _as_markdown(value, indent + "    ")]
+        else:
+            lines.append(f"{indent}- {key}: `{value}`")
+    return "\n".join(lines)

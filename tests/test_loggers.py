@@ -1,0 +1,123 @@
+"""--log tensorboard | wandb: what each logger writes, read back with the tool's own reader
+(TensorBoard's EventAccumulator; W&B's offline run file, whose records are W&B's protobufs in a
+LevelDB-style log), and the one-line error when the package is missing."""
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stmd_fast import loggers
+
+RECORDS = [{"step": 2, "loss": 1.25, "delta_sq": 0.5, "lr": 1e-3},
+           {"step": 4, "loss": 0.75, "delta_sq": 0.25, "lr": 1e-3}]
+
+
+def tensorboard_scalars(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[int]]]:
+    """{tag: [(step, value)]} and {image tag: [steps]} as TensorBoard itself reads the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def wandb_history(run_root: Path) -> list[dict]:
+    """The history rows of the (one) offline W&B run under run_root, decoded from its .wandb file.
+
+    The file is a 7-byte header (":W&B", magic, version) then LevelDB log blocks of 32 KiB: records of
+    (crc32c, length, type) + payload, type 1 = a whole record, 2/3/4 = its first/middle/last piece.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_root.glob("wandb/offline-run-*/run-*.wandb")
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    rows, pos, block, pieces = [], 7, 32768, []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
+            pos += left
+            continue
+        pieces.append(raw[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(pieces))
+            pieces = []
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def _write(logger) -> None:
+    for record in RECORDS:
+        logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+    logger.log_image(4, "samples", torch.rand(3, 10, 12))
+    logger.close()
+
+
+def test_tensorboard_event_files_hold_the_scalars_and_the_grid(tmp_path):
+    _write(loggers.TensorBoardLogger(tmp_path, {"lr": 1e-3, "net": {"kind": "unet"}}))
+    scalars, images = tensorboard_scalars(tmp_path / "tensorboard")
+    assert set(scalars) == {"loss", "delta_sq", "lr"}
+    for key in scalars:
+        assert scalars[key] == [(r["step"], pytest.approx(r[key])) for r in RECORDS]
+    assert images == {"samples": [4]}
+
+
+def test_tensorboard_resume_drops_the_events_after_the_checkpoint(tmp_path):
+    _write(loggers.TensorBoardLogger(tmp_path, {}))
+    again = loggers.TensorBoardLogger(tmp_path, {}, start_step=3)  # resumed from a checkpoint at step 3
+    again.log_scalars(4, {"loss": 9.0})
+    again.close()
+    scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["loss"] == [(2, 1.25), (4, 9.0)]  # step 4 of the first attempt is gone
+
+
+def test_wandb_offline_run_holds_the_scalars_and_the_grid(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = loggers.WandbLogger(tmp_path, {"lr": 1e-3})
+    assert "offline" in capsys.readouterr().out and logger.mode == "offline"
+    run_id = (tmp_path / "wandb" / "run-id").read_text()
+    _write(logger)
+    rows = wandb_history(tmp_path)
+    assert [row["_step"] for row in rows] == [2, 4]
+    for row, record in zip(rows, RECORDS):
+        assert {k: row[k] for k in ("loss", "delta_sq", "lr")} == {k: record[k] for k in ("loss", "delta_sq", "lr")}
+    assert rows[1]["samples/_type"] == "image-file" and (rows[1]["samples/width"], rows[1]["samples/height"]) == (12, 10)
+    (png,) = tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png")
+    assert png.stat().st_size > 0
+    assert run_id and len(run_id) == 8  # kept, so that a resumed training run continues this W&B run
+
+
+@pytest.mark.parametrize("name", loggers.LOGGERS)
+def test_a_missing_package_is_a_one_line_error_naming_the_extra(name, monkeypatch):
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda module: None)
+    with pytest.raises(loggers.LoggerUnavailable) as err:
+        loggers.check_loggers([name])
+    message = str(err.value)
+    assert "\n" not in message and f'pip install -e ".[{name}]"' in message
+
+
+def test_an_unknown_logger_lists_the_choices():
+    with pytest.raises(loggers.LoggerUnavailable, match="tensorboard, wandb"):
+        loggers.check_loggers(["mlflow"])
+
+
+def test_loggers_are_not_imported_unless_asked_for():
+    import subprocess
+
+    code = ("import sys, stmd_fast.train, stmd_fast.loggers; "
+            "print(sorted(m for m in ('tensorboard', 'wandb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,175 @@
+"""The pieces for training on your own images: the image-folder loader, horizontal flip, the U-Net
+sized per resolution, the DiT chosen per latent size, and dropout (which must keep the JVP exact)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stmd_fast.config import _cifar10
+from stmd_fast.data.datasets import DataError, TensorData
+from stmd_fast.data.images import load_image_folder
+from stmd_fast import dit
+from stmd_fast.dit import DIT_MODELS, choose_dit
+from stmd_fast.models import NetConfig, build_net, unet_config
+
+
+def _noise_image(path, size, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    w, h = size
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    image = image.convert(mode) if mode != "RGB" else image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _reference(path, resolution) -> np.ndarray:
+    """Resize the shorter side to R (bicubic), crop the center R x R: written out here with PIL alone."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        w, h = image.size
+        if w <= h:
+            size = (resolution, max(resolution, round(h * resolution / w)))
+        else:
+            size = (max(resolution, round(w * resolution / h)), resolution)
+        image = image.resize(size, Image.BICUBIC)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        return np.asarray(image)[top:top + resolution, left:left + resolution].transpose(2, 0, 1)
+
+
+def test_image_folder_loads_every_image_resized_and_center_cropped(tmp_path, capsys):
+    sizes = {"a.png": (40, 30), "b.jpg": (24, 48), "sub/c.PNG": (32, 32), "d.jpeg": (17, 50)}
+    for seed, (name, size) in enumerate(sizes.items()):
+        _noise_image(tmp_path / name, size, seed=seed)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = load_image_folder(tmp_path, 32)
+    assert data.kind == "image" and data.values.dtype == torch.uint8 and data.shape == (3, 32, 32)
+    order = sorted(sizes)  # sorted relative paths: a.png, b.jpg, d.jpeg, sub/c.PNG
+    for row, name in zip(data.values, order):
+        assert np.array_equal(row.numpy(), _reference(tmp_path / name, 32))
+    assert "skipped 1 unreadable image" in capsys.readouterr().out and len(data) == 4
+    x = data.batch(5, torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_a_grayscale_folder_gives_one_channel(tmp_path):
+    for i in range(3):
+        _noise_image(tmp_path / f"{i}.png", (20, 20), mode="L", seed=i)
+    data = load_image_folder(tmp_path, 16)
+    assert data.shape == (1, 16, 16)
+    assert np.array_equal(data.values[0].numpy(), _reference(tmp_path / "0.png", 16)[:1])
+
+
+def test_an_unreadable_folder_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no JPEG/PNG images"):
+        load_image_folder(tmp_path, 32)
+    (tmp_path / "x.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match="could be read"):
+        load_image_folder(tmp_path, 32)
+
+
+def test_flip_mirrors_about_half_and_leaves_the_draws_unflipped_otherwise():
+    values = torch.arange(200 * 2 * 3, dtype=torch.float32).reshape(200, 1, 2, 3) / 1200
+    plain, flipped = TensorData("x", values, "image"), TensorData("x", values, "image", flip=True)
+    x_plain = plain.batch(4000, torch.Generator().manual_seed(1))
+    # without flip the batch is exactly the rows that the indices pick (the draws predate flip)
+    indices = torch.randint(200, (4000,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x_plain, values[indices])
+    x_flip = flipped.batch(4000, torch.Generator().manual_seed(1))
+    same = (x_flip == x_plain).flatten(1).all(1)
+    mirrored = (x_flip == x_plain.flip(-1)).flatten(1).all(1)
+    assert bool((same ^ mirrored).all())  # each image is itself or its mirror (rows are not symmetric)
+    assert abs(mirrored.float().mean().item() - 0.5) < 0.03  # 4000 fair coins: std 0.008
+    with pytest.raises(DataError, match="flip"):
+        TensorData("v", torch.zeros(3, 2), "vector", flip=True)
+
+
+@pytest.mark.parametrize("resolution, levels, attention", [(8, 2, 0), (28, 3, 1), (32, 4, 1), (64, 5, 2),
+                                                           (256, 6, 4)])
+def test_unet_sized_for_the_resolution(resolution, levels, attention):
+    cfg = unet_config("S", (3, resolution, resolution))
+    assert len(cfg.channels) == levels and cfg.attention_levels == (attention,)
+    assert resolution // 2 ** attention <= 16 or attention == levels - 1
+
+
+def test_unet_L_at_32_pixels_is_the_cifar10_preset_network():
+    assert unet_config("L", (3, 32, 32)).channels == _cifar10().net.channels
+    net = build_net(unet_config("S", (3, 48, 48)), (3, 48, 48), True, 3)
+    assert net(torch.zeros(2, 3, 48, 48), torch.zeros(2, 3, 48, 48), torch.zeros(2, 3)).shape == (2, 3, 48, 48)
+    with pytest.raises(ValueError, match="S, B, L"):
+        unet_config("XL", (3, 32, 32))
+
+
+def test_dit_default_per_latent_size_and_checked_names():
+    assert [choose_dit(None, (4, s, s)) for s in (8, 16, 32, 64)] == ["DiT-S/2", "DiT-B/2", "DiT-M/2", "DiT-M/2"]
+    assert choose_dit("DiT-XL/8", (4, 32, 32)) == "DiT-XL/8"
+    for bad, why in [("DiT-Q/2", "not in the registry"), ("DiT-S/8", "does not divide the latents 12x12")]:
+        with pytest.raises(ValueError) as err:
+            choose_dit(bad, (4, 12, 12))
+        message = str(err.value)
+        assert why in message and "\n" not in message
+        listed = message.split("choose one of ")[1].split(", ")
+        assert listed == [n for n in DIT_MODELS if not n.endswith("/8")]  # exactly the names that fit 12x12
+    with pytest.raises(ValueError, match="no DiT patch"):
+        choose_dit(None, (4, 7, 7))
+
+
+@pytest.mark.parametrize("cfg, shape", [
+    (NetConfig(channels=(8, 16), norm_groups=4, head_dim=4, time_freqs=8), (1, 8, 8)),
+    (NetConfig(kind="dit", width=32, depth=1, heads=2, patch_size=2, time_freqs=16), (4, 8, 8)),
+], ids=["unet", "dit"])
+def test_dropout_keeps_the_jvp_exact_and_is_off_in_eval(cfg, shape):
+    """Under torch.func.jvp the tangent goes through the same dropout mask as the primal: with the mask
+    fixed by the seed, du/dt equals float64 central differences. Eval mode (sampling) has no dropout."""
+    torch.manual_seed(0)
+    net = build_net(cfg, shape, True, 3, dropout=0.3).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the zero-initialised output layers would hide everything
+    z, cond = torch.randn(2, *shape, dtype=torch.float64), torch.randn(2, *shape, dtype=torch.float64)
+    t, dt = torch.rand(2, 3, dtype=torch.float64), torch.tensor([[1.0, 1.0, 0.0]] * 2, dtype=torch.float64)
+
+    def f(times, seed=5):
+        torch.manual_seed(seed)  # the same dropout mask in every call
+        return net(z, cond, times)
+
+    u, du = torch.func.jvp(f, (t,), (dt,))
+    eps = 1e-6
+    fd = (f(t + eps * dt) - f(t - eps * dt)) / (2 * eps)
+    assert torch.equal(u, f(t))
+    assert ((du - fd).abs().max() / fd.abs().max()).item() < 1e-6
+    assert not torch.equal(f(t, seed=5), f(t, seed=6))  # dropout is on while training
+    net.eval()
+    assert torch.equal(f(t, seed=5), f(t, seed=6))
+
+
+def test_use_tf32_sets_and_clears_cuda_fp32_math():
+    """--tf32 on CUDA: matmuls and convolutions of fp32 tensors in TF32, or full fp32 (flags only; no GPU needed)."""
+    from stmd_fast.devices import use_tf32
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        use_tf32(True)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        use_tf32(False)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
+def test_choose_net_follows_the_data_and_refuses_a_flag_for_other_data():
+    from stmd_fast.config import PRESETS, choose_net
+
+    images, latent, digits = PRESETS["images"](), PRESETS["latent"](), PRESETS["digits"]()
+    assert choose_net(images, (3, 32, 32), "image") == unet_config("B", (3, 32, 32))
+    assert choose_net(latent, (4, 16, 16), "latent").width == dit.DIT_SIZES["B"][1]
+    assert choose_net(digits, (1, 8, 8), "image") == digits.net  # a preset keeps its own network
+    digits.unet = "S"
+    assert choose_net(digits, (1, 8, 8), "image") == unet_config("S", (1, 8, 8))
+    latent.unet = "S"
+    with pytest.raises(ValueError, match="--unet for images"):
+        choose_net(latent, (4, 16, 16), "latent")
