@@ -234,7 +234,13 @@ def test_train_step_down_the_cuda_graph_path_equals_the_eager_step():
     eager = run_steps(compile=False, cuda_graphs=False)
     graphed = run_steps(compile=True, cuda_graphs=True)
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-4, atol=1e-6)
+    # Adam divides each gradient by its own RMS: where a gradient is at rounding-noise level
+    # (compiled and eager sum in different orders, and CPUs differ) the weight moves by up to lr
+    # either way. So the weights are compared on the scale of lr (1e-3), a tenth of it per element...
     for a, b in zip(graphed[1:], eager[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+        # ...and 99% of them must agree to 1e-6, far below what a real difference would give
+        assert ((a - b).abs() > 1e-6).float().mean() < 1e-2
     initial = flat(tiny_net("unet")[0].parameters()).detach()
-    assert (eager[1] - initial).abs().max() > 1e-4  # training moved the weights: the comparison has teeth
+    # three Adam steps move a typical weight by about lr each: the comparison has teeth
+    assert (eager[1] - initial).abs().median() > 1e-3

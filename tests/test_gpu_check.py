@@ -1,6 +1,7 @@
 """bench/gpu_check.sh: its stages fit the GPU's time, a failing or overrunning stage is logged and
 the next one runs, and the --dry-run rehearsal (what CI runs) passes every stage on the CPU."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,10 @@ def test_a_failing_and_an_overrunning_stage_are_logged_and_the_next_runs(tmp_pat
 
 @pytest.mark.slow
 def test_dry_run_passes_every_stage(tmp_path):
+    # the script calls python3 (the GPU image's name): this interpreter's, even when its venv is not activated
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
-                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + (tmp_path / "gpu_check.log").read_text()[-4000:]
     for stage in gpu_check.STAGES:  # the table shows every stage with its GPU budget
         assert f"budget {stage.budget_s} s" in proc.stdout and stage.name in proc.stdout
