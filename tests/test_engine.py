@@ -94,7 +94,9 @@ def test_fractions_and_batches_that_cannot_be_laid_out_are_one_line_errors():
 
 
 def test_trainer_refuses_such_a_batch_before_any_work(capsys, tmp_path):
-    assert main(["--preset", "gmm", "--batch-size", "6", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    # 75% r = t: one r < t row in every block of 4
+    assert main(["--preset", "gmm", "--flow-matching-fraction", "0.75", "--batch-size", "6", "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "multiple of 4" in err[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
