@@ -2,7 +2,7 @@
 
 What is checked, against a one-process run with the same global batch and seed:
 1. --parallel ddp (explicit gradient all-reduce): the final weights and EMA equal one process's
-   to float rounding (ATOL; the reduction order differs), and the logged losses too;
+   to float rounding (assert_same_run; the reduction order differs), and the logged losses too;
 2. ...and a run with the all-reduce switched off (STMD_FAST_SKIP_GRAD_SYNC=1, a test-only hook)
    stops after its first step: the trainer compares the ranks' weights after steps 1 and 2;
 3. elastic restart: rank 1 dies at step 5 (STMD_FAST_FAIL_AT_STEP, test-only), torchrun
@@ -36,9 +36,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 
 REPO = Path(__file__).resolve().parents[1]
-ATOL = 1e-5  # weights after 6 AdamW steps of lr 1e-3; measured between 1 and 2 processes: 5e-7
+LR = 1e-3
 STEPS = 6
-GMM = ["--preset", "gmm", "--batch-size", "16", "--lr", "1e-3", "--steps", STEPS, "--log-every", "1",
+GMM = ["--preset", "gmm", "--batch-size", "16", "--lr", LR, "--steps", STEPS, "--log-every", "1",
        "--ckpt-every", "2", "--sample-every", "0", "--keep-checkpoints", "10", "--device", "cpu"]
 
 
@@ -61,22 +61,30 @@ def weights(run: Path, step: int, which: str = "model") -> dict[str, torch.Tenso
     return load_file(run / "checkpoints" / f"step_{step:08d}" / f"{which}.safetensors")
 
 
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(run: Path, reference: Path, step: int = STEPS, atol: float = ATOL) -> None:
-    """Weights and EMA at `step` equal the reference run's within atol, though training moved them."""
+def flat(w: dict) -> torch.Tensor:
+    return torch.cat([w[k].flatten() for k in sorted(w)])
+
+
+def assert_same_run(run: Path, reference: Path, step: int = STEPS) -> None:
+    """Weights and EMA at `step` equal the reference run's to float rounding, though training moved them.
+    Not max |diff| <= some tiny atol: where a gradient is 0 in exact arithmetic or at rounding level (an
+    attention key bias gets a constant added to every logit of a query; hidden units the time law leaves
+    idle), AdamW divides the rounding noise by its own size, so such entries move by up to about lr, and
+    differently for any reduction order (measured between 1 and 2 processes: 4e-5 on the tiny U-Net,
+    1.6e-4 on 0.1% of the gmm MLP's weights under its default sampler). So: the runs' distance is tiny
+    next to the distance training moved the weights (measured on the gmm MLP: 6e-4 of it), and no
+    entry is off by more than one step's lr."""
+    first = flat(weights(reference, 2))
     for which in ("model", "ema"):
-        diff = max_diff(weights(run, step, which), weights(reference, step, which))
-        assert diff <= atol, f"{which}: {run.name} differs from {reference.name} by {diff:.3g} > {atol}"
-    moved = max_diff(weights(reference, step), weights(reference, 2))
-    assert moved > 100 * atol, f"the weights barely moved ({moved:.3g}): the comparison would prove nothing"
+        one, two = flat(weights(reference, step, which)), flat(weights(run, step, which))
+        moved = (flat(weights(reference, step)) - first).norm()
+        assert moved > 10 * LR, f"the weights barely moved ({moved:.3g}): the comparison would prove nothing"
+        assert (two - one).norm() <= 1e-2 * moved and (two - one).abs().max() <= LR, \
+            f"{which}: {run.name} differs from {reference.name} by {(two - one).norm():.3g} (moved {moved:.3g})"
 
 
 def in_process(*args) -> None:
@@ -110,8 +118,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(one_proc, two_proc):
     assert_same_run(two_proc, one_proc)
     one, two = metrics(one_proc), metrics(two_proc)
     assert [m["step"] for m in two] == list(range(1, STEPS + 1))  # rank 0 logs, once per step
-    for a, b in zip(one, two):  # the logged loss is the mean over the ranks' halves = the global batch's
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["lr"] == a["lr"]
+    # the logged loss is the mean over the ranks' halves = the global batch's: equal to rounding while the
+    # weights are (steps 1-2), then within what AdamW's amplified rounding (assert_same_run) gives
+    for a, b in zip(one, two):
+        rel = 1e-6 if a["step"] <= 2 else 1e-4
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel) and b["lr"] == a["lr"]
 
 
 @pytest.mark.slow
@@ -135,17 +146,7 @@ def test_tiny_unet_two_processes_equal_one(tmp_path):
             "--ckpt-every", "2", "--sample-every", "0", "--keep-checkpoints", "5", "--device", "cpu"]
     in_process(*args, "--out", tmp_path / "one")
     launched(*args, "--out", tmp_path / "two")
-    # Not max |diff| <= ATOL here: the gradient of an attention key bias is 0 in exact arithmetic (a
-    # constant added to every logit of a query), so it is pure rounding noise, which AdamW divides by
-    # its own size: such entries move by up to ~lr * noise / eps, differently for any reduction order
-    # (measured 4e-5 between 1 and 2 processes). So: the distance between the two runs' weights is
-    # tiny next to the distance training moved them (measured 4e-4 synced, 2.2 unsynchronised).
-    for which in ("model", "ema"):
-        one, two = (torch.cat([w[k].flatten() for k in sorted(w)])
-                    for w in (weights(tmp_path / "one", 4, which), weights(tmp_path / "two", 4, which)))
-        first = weights(tmp_path / "one", 2)
-        moved = (one - torch.cat([first[k].flatten() for k in sorted(first)])).norm()
-        assert (two - one).norm() <= 1e-2 * moved and (two - one).abs().max() <= 1e-3, which
+    assert_same_run(tmp_path / "two", tmp_path / "one", step=4)
 
 
 # ----------------------------------------------------------------------------- 3. elastic restart
