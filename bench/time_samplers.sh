@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
 # The time-sampler experiment of the README (issue 17): digits, 4000 steps, STMD and Mean Flow
-# under each (r, t) sampler, FD at NFE 1, 2, 4; then the gmm exact-kernel grid.
-# Usage: bench/time_samplers.sh [SEED] [SAMPLER...]   (samplers: A B C D; default all)
-#        bench/time_samplers.sh gmm [SAMPLER...]      (the gmm preset: STMD per sampler, then the kernel grid)
-# Runs go to runs/samplers/<sampler>-<method>-seed<SEED>, evaluations to runs/samplers/eval-<sampler>-seed<SEED>.
+# under each (r, t) and s sampler, FD at NFE 1, 2, 4; then the gmm exact-kernel grid.
+# Usage: bench/time_samplers.sh [SEED] [SETTING...]   (settings: A B C D Dq E F G H L ddpm; default A B C D F)
+#        bench/time_samplers.sh gmm[SEED] [SETTING...] (the gmm preset: STMD per setting, then the kernel grid;
+#                                                       gmm is seed 0, gmm1 seed 1, ...)
+# Runs go to runs/samplers/<setting>-<method>-seed<SEED>, evaluations to runs/samplers/eval-<setting>-seed<SEED>.
+# Each run is evaluated on its own --sample-grid; Dq is D's runs evaluated on the quadratic grid; ddpm
+# is DDPM trained under F, evaluated on both grids.
 set -euo pipefail
 seed=${1:-0}; shift || true
-samplers=${*:-A B C D}
+settings=${*:-A B C D F}
+mixture="--time-sampler mixture --mixture-weight 0.5 --r-mean -4 --r-std 1.6 --adaptive-p 0.75"
 declare -A FLAGS=(
-  [A]="--time-sampler pair --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.75 --adaptive-p 1.0 --s-sampler uniform"
-  [B]="--time-sampler separate --time-mean -0.6 --time-std 1.6 --r-mean -4 --r-std 1.6 --flow-matching-fraction 0.25 --adaptive-p 0.75 --s-sampler uniform"
-  [C]="--time-sampler mixture --mixture-weight 0.5 --time-mean -0.6 --time-std 1.6 --r-mean -4 --r-std 1.6 --flow-matching-fraction 0.5 --adaptive-p 0.75 --s-sampler uniform"
-  [D]="--time-sampler mixture --mixture-weight 0.5 --time-mean -0.6 --time-std 1.6 --r-mean -4 --r-std 1.6 --flow-matching-fraction 0.5 --adaptive-p 0.75 --s-sampler grid"
+  [A]="--time-sampler pair --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.75 --adaptive-p 1.0 --s-sampler uniform --sample-grid uniform"
+  [B]="--time-sampler separate --time-mean -0.6 --time-std 1.6 --r-mean -4 --r-std 1.6 --flow-matching-fraction 0.25 --adaptive-p 0.75 --s-sampler uniform --sample-grid uniform"
+  [C]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler uniform --sample-grid uniform"
+  [D]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid uniform"
+  [E]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic"
+  [H]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --s-grid-fraction 0.75 --s-grid-steps 1 2 4"
+  [G]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.75"
+  [L]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --steps 12000"
+  [F]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic"
 )
+# The s law only matters to STMD (Mean Flow's D, E, H are its C); G is Mean Flow's alone; L is F trained 3x longer.
+declare -A METHODS=([A]="stmd meanflow" [B]="stmd meanflow" [C]="stmd meanflow" [D]=stmd [E]=stmd [H]=stmd
+                    [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow")
 root=runs/samplers
-if [ "$seed" = gmm ]; then
+train() {  # train SETTING METHOD OUT [more flags]: once (a finished run leaves OUT/done)
+  local x=$1 method=$2 out=$3; shift 3
+  [ -f "$out/done" ] || { python -m stmd_fast.train --method $method ${FLAGS[$x]} --out $out "$@" && touch "$out/done"; }
+}
+if [[ "$seed" == gmm* ]]; then
+  gmm_seed=${seed#gmm}; suffix=${gmm_seed:+-seed$gmm_seed}  # seed 0 keeps the first runs' names
   runs=()
-  for x in $samplers; do
-    out=$root/gmm-$x-stmd
-    [ -f "$out/done" ] || { python -m stmd_fast.train --preset gmm ${FLAGS[$x]} --out $out && touch "$out/done"; }
-    runs+=("$out")
+  for x in $settings; do
+    train $x stmd $root/gmm-$x-stmd$suffix --preset gmm --seed ${gmm_seed:-0}
+    runs+=("$root/gmm-$x-stmd$suffix")
   done
-  python -m stmd_fast.evaluate kernel "${runs[@]}" --flow-steps 1 --out $root/eval-gmm-$(echo $samplers | tr -d ' ')
+  python -m stmd_fast.evaluate kernel "${runs[@]}" --flow-steps 1 --out $root/eval-gmm-$(echo $settings | tr -d ' ')$suffix
   exit
 fi
 [ -d runs/classifier-digits ] || python -m stmd_fast.evaluate train-classifier --preset digits
-for x in $samplers; do
+for x in $settings; do
+  if [ "$x" = ddpm ]; then  # DDPM under F: its uniform and quadratic grids side by side
+    train F ddpm $root/F-ddpm-seed$seed --compile --seed $seed --sample-every 0
+    for grid in uniform quadratic; do
+      [ -f $root/eval-ddpm-$grid-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep $root/F-ddpm-seed$seed \
+        --grid $grid --ddpm-steps 1,2,4,8,16,50 --out $root/eval-ddpm-$grid-seed$seed
+    done
+    continue
+  fi
+  if [ "$x" = Dq ]; then
+    train D stmd $root/D-stmd-seed$seed --compile --seed $seed --sample-every 0
+    [ -f $root/eval-Dq-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep $root/D-stmd-seed$seed \
+      --grid quadratic --stmd 1x1,2x1,1x2,4x1,2x2 --out $root/eval-Dq-seed$seed
+    continue
+  fi
   runs=()
-  for method in stmd meanflow; do
-    [ "$x" = D ] && [ "$method" = meanflow ] && continue  # the s law only matters to STMD
-    out=$root/$x-$method-seed$seed
-    [ -f "$out/done" ] || { python -m stmd_fast.train --method $method --compile --seed $seed ${FLAGS[$x]} --out $out --sample-every 0 && touch "$out/done"; }
-    runs+=("$out")
+  for method in ${METHODS[$x]}; do
+    train $x $method $root/$x-$method-seed$seed --compile --seed $seed --sample-every 0
+    runs+=("$root/$x-$method-seed$seed")
   done
   [ -f $root/eval-$x-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep "${runs[@]}" --stmd 1x1,2x1,1x2,4x1,2x2 \
     --meanflow-steps 1,2,4 --out $root/eval-$x-seed$seed

@@ -352,6 +352,12 @@ class Model:
         return self._decode
 
     @property
+    def grid(self) -> str:
+        """The diffusion time grid the run samples on (its --sample-grid; STMD's --s-sampler grid trains on its
+        points): the default of every sampling call here; pass grid= to use another."""
+        return self.meta.get("config", {}).get("sample_grid", "uniform")  # a Model built by hand: uniform
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
@@ -365,12 +371,12 @@ class Model:
         return generator
 
     def sample(self, num: int, steps: int = 1, flow_steps: int = 1, generator: torch.Generator | None = None,
-               grid: str = "uniform", batch_size: int | None = None) -> torch.Tensor:
+               grid: str | None = None, batch_size: int | None = None) -> torch.Tensor:
         """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in [-1, 1]), drawn
         `batch_size` at a time (all at once by default) from one generator."""
         generator = self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
-            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid))
+            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid or self.grid))
 
     @staticmethod
     def _batched(num: int, batch_size: int | None, draw) -> torch.Tensor:
@@ -388,19 +394,20 @@ class Model:
         return transition(self.net, self.method, x.to(self.device), s_from, s_to, flow_steps, self._generator(generator))
 
     def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int = 1, flow_steps: int = 1,
-                generator: torch.Generator | None = None, grid: str = "uniform",
+                generator: torch.Generator | None = None, grid: str | None = None,
                 batch_size: int | None = None) -> torch.Tensor:
         """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly."""
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
         project = inpainting_projection(observed.to(self.device), mask.to(self.device))
         generator = self._generator(generator)
+        grid = grid or self.grid
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
     def posterior_sample(self, y: torch.Tensor, operator: "LinearOperator", sigma_y: float = 0.0,
                          particles: int | None = None, steps: int = 1, flow_steps: int = 1, num: int = 1,
-                         generator: torch.Generator | None = None, grid: str = "uniform",
+                         generator: torch.Generator | None = None, grid: str | None = None,
                          batch_size: int | None = None) -> torch.Tensor:
         """`num` draws of x_0 given one measurement y = A x_0 + sigma_y n (y without a batch axis;
         operator: stmd_fast.operators), as (num, *data_shape).
@@ -421,7 +428,7 @@ class Model:
                              f"as {expected}")
         if not sigma_y >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
-        generator = self._generator(generator)
+        generator, grid = self._generator(generator), grid or self.grid
         if particles is None:
             hook = DDNM(operator, y, sigma_y)
             return self._batched(num, batch_size, lambda n: sample(

@@ -25,6 +25,7 @@ from .checkpoint import load_checkpoint, newest_intact
 from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
+from .schedule import TIME_GRIDS
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
 DEFAULT_STMD = "1x1,2x1,4x1,8x1,1x2,2x2,4x2"
@@ -186,13 +187,14 @@ def sweep(args) -> int:
         for n, m in tqdm(settings[model.method], desc=f"{model.method} {ckpt.parent.parent.name}", disable=None):
             t0 = time.perf_counter()
             generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
-            x = model.sample(args.num, n, m, generator, batch_size=args.batch_size).float()
+            grid = args.grid or model.grid
+            x = model.sample(args.num, n, m, generator, grid, batch_size=args.batch_size).float()
             if model.data_kind == "latent":
                 x = model.decode(x, args.batch_size)  # FID is on the decoded images
             seconds = time.perf_counter() - t0
             value = metric.score(x)
             rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
-                         "metric": metric.name, "value": value, "num": args.num, "seed": args.seed,
+                         "metric": metric.name, "value": value, "num": args.num, "seed": args.seed, "grid": grid,
                          "sample_s": seconds, "label": line_label(model.method, m, ckpt, several)})
             tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
     write_results(out, rows, metric.name, found[0][1], floor)
@@ -217,6 +219,9 @@ def write_results(out: Path, rows: list[dict], metric: str, meta: dict, floor: f
     lines = [f"| method | N | M | NFE | {metric} |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["label"], r["nfe"], r["N"])):
         lines.append(f"| {r['label']} | {r['N']} | {r['M']} | {r['nfe']} | {r['value']:.3f} |")
+    grids = sorted({r["grid"] for r in rows if r["method"] != "meanflow"})
+    if grids:
+        lines.append(f"\nDiffusion time grid of STMD and DDPM: {', '.join(grids)}")
     if floor is not None:
         lines.append(f"\nReal training images against the same reference (the floor): {metric} {floor:.3f}")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -535,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stmd", default=DEFAULT_STMD, help=f"STMD NxM settings [default: {DEFAULT_STMD}]")
     s.add_argument("--meanflow-steps", default=DEFAULT_MEANFLOW, help=f"Mean Flow M [default: {DEFAULT_MEANFLOW}]")
     s.add_argument("--ddpm-steps", default=DEFAULT_DDPM, help=f"DDPM N [default: {DEFAULT_DDPM}]")
+    s.add_argument("--grid", choices=TIME_GRIDS,
+                   help="diffusion time grid of STMD and DDPM [default: each run's --sample-grid]")
     common(s)
 
     k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")

@@ -70,14 +70,15 @@ def aoti_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".pt2") + ".aoti.pt2")
 
 
-def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str = "uniform"):
+def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | None = None):
     """(ExportedProgram, metadata) of `model`'s sampler with a static batch (the model's net as it is:
-    load_checkpoint(..., weights='ema') for the EMA weights)."""
+    load_checkpoint(..., weights='ema') for the EMA weights) on `grid` (default: the run's, model.grid)."""
     from . import __version__
     from .kernels import dispatch
 
     if batch < 1:
         raise ExportError(f"--batch must be at least 1, got {batch}")
+    grid = grid or model.grid
     plan = sampler_plan(model.method, steps, flow_steps, grid)
     device = model.device
     noise = torch.zeros(len(plan.noise_names), batch, *model.data_shape, device=device)
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flow-steps", type=int, default=1, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
     add("--batch", type=int, default=64,
         help="the program's static batch: it takes exactly this many samples per call [default: 64]")
-    add("--grid", choices=TIME_GRIDS, default="uniform", help="diffusion time grid [default: uniform]")
+    add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
     add("--device", default="auto", help="auto | cpu | cuda: the device the program runs on [default: auto]")
     add("--out", default="sampler.pt2", help="the program, a .pt2 file [default: sampler.pt2]")
     add("--aoti", action="store_true",
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"or choose another --out") from None
     what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
         f"{model.data_kind}s"
-    print(f"exported {method} N={steps} M={args.flow_steps} ({args.grid} grid, NFE {meta['nfe']}) from {ckpt} "
+    print(f"exported {method} N={steps} M={args.flow_steps} ({meta['grid']} grid, NFE {meta['nfe']}) from {ckpt} "
           f"in {time.perf_counter() - start:.1f} s -> {out}: input noise {tuple(meta['inputs'][0]['shape'])} "
           f"({', '.join(meta['noise'])}), output {what} {tuple(meta['output']['shape'])}; static batch {args.batch} "
           f"on {device}")

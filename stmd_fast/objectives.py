@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .kernels.meanflow_loss import meanflow_loss
 from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
-from .schedule import alpha_sigma, per_sample
+from .schedule import TIME_GRIDS, alpha_sigma, grid_points, per_sample
 
 
 MAX_JVP_BLOCK = 1024  # the largest block of rows jvp_block may need
@@ -35,8 +35,9 @@ LN(m, s) is the logit-normal law: sigmoid of N(m, s^2)."""
 S_SAMPLERS = ("uniform", "grid")
 """Laws of the diffusion time s (STMD):
   uniform   s ~ U(0, 1].
-  grid      with probability s_grid_fraction, s = k / N with N drawn from s_grid_steps and k from 1..N: the
-            times the uniform N-step sampler conditions on (every chain starts at s = 1); else U(0, 1]."""
+  grid      with probability s_grid_fraction, s is point k of the N-step sampler grid s_grid (uniform: k / N,
+            quadratic: (k / N)^2) with N drawn from s_grid_steps and k from 1..N: the times that sampler
+            conditions on (every chain starts at s = 1); else U(0, 1]."""
 
 
 @dataclass
@@ -64,7 +65,10 @@ class ObjectiveConfig:
     s_grid_fraction: float = 0.5
     """grid: probability that s is a point of a sampling grid rather than U(0, 1]."""
     s_grid_steps: tuple[int, ...] = (1, 2, 4, 8)
-    """grid: the step counts N whose uniform grids k / N (k = 1..N) are drawn from, N uniform over these."""
+    """grid: the step counts N whose grid points (k = 1..N) are drawn from, N uniform over these."""
+    s_grid: str = field(default="uniform", metadata={"choices": TIME_GRIDS})
+    """grid: the sampler grid aimed at, uniform | quadratic (schedule.TIME_GRIDS); a run sets it to its
+    --sample-grid."""
     adaptive_p: float = 1.0
     """Adaptive weight w = 1 / (||delta||^2 + c)^p; p = 0 gives the plain squared error."""
     adaptive_c: float = 1e-3
@@ -91,6 +95,8 @@ class ObjectiveConfig:
             raise ValueError(f"unknown time sampler {self.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
         if self.s_sampler not in S_SAMPLERS:
             raise ValueError(f"unknown s sampler {self.s_sampler!r}: choose one of {', '.join(S_SAMPLERS)}")
+        if self.s_grid not in TIME_GRIDS:
+            raise ValueError(f"unknown s grid {self.s_grid!r}: choose one of {', '.join(TIME_GRIDS)}")
         if not self.s_grid_steps or min(self.s_grid_steps) < 1:
             raise ValueError(f"s_grid_steps must be step counts of at least 1, got {self.s_grid_steps}")
         self.jvp_block  # noqa: B018 (validates the fraction)
@@ -164,7 +170,7 @@ def sample_diffusion_times(b: int, cfg: ObjectiveConfig, generator: torch.Genera
     n = steps[torch.randint(len(steps), (b,), generator=generator, device=device)]
     k = torch.floor(torch.rand(b, generator=generator, device=device) * n) + 1  # 1..N
     on_grid = torch.rand(b, generator=generator, device=device) < cfg.s_grid_fraction
-    return torch.where(on_grid, k / n, s)
+    return torch.where(on_grid, grid_points(k / n, cfg.s_grid), s)
 
 
 def draw_noise(x0: torch.Tensor, cfg: ObjectiveConfig, generator: torch.Generator) -> Noise:

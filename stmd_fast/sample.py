@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=256, help="samples per network batch; with --exported, samples per noise "
         "draw (the program runs its own static batch) [default: 256]")
     add("--seed", type=int, default=0, help="[default: 0]")
-    add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: uniform]")
+    add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
     add("--weights", choices=("ema", "model"), help="[default: ema]")
     add("--ema", type=float, metavar="DECAY", help="which EMA, by its decay: a run keeps --ema-decay and each of "
         "--ema-decays [default: --ema-decay's]")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import resolve_device
 
     args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
-    args.grid, args.weights = args.grid or "uniform", args.weights or "ema"
+    args.weights = args.weights or "ema"
     if args.checkpoint is None:
         raise ValueError("give a checkpoint (CKPT) or --exported PT2")
     if args.vae is not None:

@@ -68,11 +68,16 @@ def time_grid(steps: int, kind: str = "uniform", device=None) -> torch.Tensor:
     """
     if steps < 1:
         raise ValueError(f"need at least one diffusion step, got steps={steps}")
-    k = torch.arange(steps, -1, -1, dtype=torch.float64, device=device) / steps
+    return grid_points(torch.arange(steps, -1, -1, dtype=torch.float64, device=device) / steps, kind)
+
+
+def grid_points(fraction: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
+    """The diffusion time of grid point k / N (fraction) of a `kind` grid: one definition for the
+    sampler's grids and the training s sampler that aims at them."""
     if kind == "uniform":
-        return k
+        return fraction
     if kind == "quadratic":
-        return k**2
+        return fraction**2
     raise ValueError(f"unknown time grid {kind!r}: use 'uniform' or 'quadratic'")
 
 

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         return "unset" if value is None else str(value)
 
     add_dataclass_flags(p, TrainConfig, default)
-    add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)))
+    add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)),
+                        skip=("s_grid",))  # the run's --sample-grid
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
                    f"only {', '.join(sorted(RESUME_OVERRIDABLE))} may change")
     return p

@@ -150,6 +150,28 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
     assert objective["time_mean"] == PRESETS["gmm"]().objective.time_mean
 
 
+def test_one_grid_per_run_trains_the_s_sampler_and_is_the_samplers_default(tmp_path, capsys):
+    """--sample-grid is the run's grid: the s sampler aims at its points (objective s_grid, no flag of its own),
+    and sampling the run's checkpoint without a grid uses it, from the API and from the sample CLI."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--out", run, "--s-sampler", "grid", "--sample-grid", "quadratic") == 0
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["sample_grid"] == config["objective"]["s_grid"] == "quadratic"
+    model = stmd_fast.load_checkpoint(run)
+    assert model.grid == "quadratic"
+    draw = {grid: model.sample(5, 2, 1, torch.Generator().manual_seed(3), grid)
+            for grid in (None, "quadratic", "uniform")}
+    assert torch.equal(draw[None], draw["quadratic"]) and not torch.allclose(draw[None], draw["uniform"])
+    for grid in (None, "quadratic"):
+        out = tmp_path / f"{grid}.npy"
+        flag = ["--grid", grid] if grid else []
+        assert sample(run, "--steps", 2, "--num", 5, "--seed", 3, "--out", out, *flag) == 0
+    assert np.array_equal(np.load(tmp_path / "None.npy"), np.load(tmp_path / "quadratic.npy"))
+    with pytest.raises(SystemExit):  # the s sampler's grid is the run's: no second flag to disagree with it
+        train(*GMM, "--steps", 1, "--out", tmp_path / "other", "--s-grid", "uniform")
+    assert "--s-grid" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- 2-4. data and --out
 
 def test_mnist_missing_names_the_expected_path_and_download(capsys, tmp_path):

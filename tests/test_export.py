@@ -254,7 +254,7 @@ def test_exported_program_equals_the_eager_sampler(capsys, runs, exported, run, 
     model = stmd_fast.load_checkpoint(runs[run])  # EMA weights
     assert meta["format"] == EXPORT_FORMAT and meta["stmd_fast_version"] == stmd_fast.__version__
     assert (meta["method"], meta["steps"], meta["flow_steps"], meta["grid"], meta["batch"]) == \
-        (method, steps, flow_steps, "uniform", 4)
+        (method, steps, flow_steps, model.grid, 4)  # by default the run's grid
     assert tuple(meta["data_shape"]) == model.data_shape and meta["data_kind"] == model.data_kind
     names = list(sampling.sampler_plan(method, steps, flow_steps).noise_names)
     assert meta["noise"] == names
@@ -266,7 +266,8 @@ def test_exported_program_equals_the_eager_sampler(capsys, runs, exported, run, 
     noise = torch.stack(sampling.draw_sampler_noise(method, 4, model.data_shape, steps, flow_steps, gen(11)))
     out = program.module()(noise)
     assert out.shape == (4, *model.data_shape)
-    torch.testing.assert_close(out, sampling.sample_from_noise(model.net, method, noise, steps, flow_steps), **TIGHT)
+    torch.testing.assert_close(out, sampling.sample_from_noise(model.net, method, noise, steps, flow_steps, model.grid),
+                               **TIGHT)
     torch.testing.assert_close(out, model.sample(4, steps, flow_steps, gen(11)), **TIGHT)
     assert not torch.allclose(program.module()(torch.randn_like(noise)), out)  # not folded on the example input
 

@@ -19,6 +19,7 @@ from stmd_fast import models, sampling, schedule
 from stmd_fast.kernels.attention import attention_reference
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS, ObjectiveConfig, compute_loss, draw_noise
+from stmd_fast.schedule import TIME_GRIDS, time_grid
 
 B0, B1 = 0.1, 20.0  # math.md section 1
 
@@ -530,19 +531,24 @@ def test_mixture_time_sampler_is_the_weighted_mixture():
         assert abs(float(_logit(mixed.r).mean() - _logit(alone.r).mean())) < 0.03
 
 
-def test_grid_s_sampler_puts_the_grids_mass_on_their_points():
-    """s = k / N (N uniform over s_grid_steps, k uniform in 1..N) with probability f, else U(0, 1]:
-    P(s = q) = f * mean_N [N q is an integer] / N for each grid point q; the rest is uniform."""
+@pytest.mark.parametrize("kind", TIME_GRIDS)
+def test_grid_s_sampler_puts_the_grids_mass_on_the_samplers_points(kind):
+    """s is a point of the N-step sampler grid time_grid(N, kind) (N uniform over s_grid_steps, each of
+    its N points s > 0 equally likely) with probability f, else U(0, 1]: P(s = q) = f * mean_N
+    [q on N's grid] / N for each point q; the rest is uniform."""
     n = 200_000
     f, steps = 0.6, (1, 2, 4)
-    cfg = ObjectiveConfig(s_sampler="grid", s_grid_fraction=f, s_grid_steps=steps)
+    cfg = ObjectiveConfig(s_sampler="grid", s_grid_fraction=f, s_grid_steps=steps, s_grid=kind)
     s = draw_noise(torch.zeros(n, 2), cfg, gen(22)).s
     assert (s > 0).all() and (s <= 1).all()
-    for q in (1.0, 0.5, 0.25, 0.75):
-        p = f * sum(1 / N for N in steps if abs(N * q - round(N * q)) < 1e-9) / len(steps)
+    grids = {N: set(time_grid(N, kind)[:-1].float().tolist()) for N in steps}
+    points = sorted(set().union(*grids.values()))
+    assert len(points) == 4 and (kind == "uniform") == (0.75 in points)  # the kind moves the points
+    for q in points:
+        p = f * sum(1 / N for N in steps if q in grids[N]) / len(steps)
         got = float((s == q).double().mean())
         assert abs(got - p) < 6 * math.sqrt(p * (1 - p) / n), (q, got, p)
-    off = s[~torch.isin(s, torch.tensor([0.25, 0.5, 0.75, 1.0]))]
+    off = s[~torch.isin(s, torch.tensor(points))]
     assert abs(off.numel() / n - (1 - f)) < 0.01
     assert abs(float(off.mean()) - 0.5) < 6 * math.sqrt(1 / 12 / off.numel())
 
@@ -553,6 +559,7 @@ def test_grid_s_sampler_puts_the_grids_mass_on_their_points():
     (dict(mixture_weight=1.5), ("--mixture-weight", "in [0, 1]")),
     (dict(s_grid_fraction=-0.1), ("--s-grid-fraction", "in [0, 1]")),
     (dict(s_grid_steps=(0, 2)), ("s_grid_steps",)),
+    (dict(s_grid="cosine"), ("cosine", "uniform, quadratic")),
     (dict(r_std=0.0), ("--r-std", "> 0")),
     (dict(r_mean=float("nan")), ("--r-mean", "finite")),
 ])
