@@ -17,10 +17,10 @@ declare -A FLAGS=(
   [C]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler uniform --sample-grid uniform"
   [D]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid uniform"
   [E]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic"
-  [H]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --s-grid-fraction 0.75 --s-grid-steps 1 2 4"
-  [G]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.75"
-  [L]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --steps 12000"
   [F]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic"
+  [G]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.75"
+  [H]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --s-grid-fraction 0.75 --s-grid-steps 1 2 4"
+  [L]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --steps 12000"
 )
 # The s law only matters to STMD (Mean Flow's D, E, H are its C); G is Mean Flow's alone; L is F trained 3x longer.
 declare -A METHODS=([A]="stmd meanflow" [B]="stmd meanflow" [C]="stmd meanflow" [D]=stmd [E]=stmd [H]=stmd
