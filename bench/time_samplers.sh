@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The time-sampler experiment of the README (issue 17): digits, 4000 steps, STMD and Mean Flow
 # under each (r, t) and s sampler, FD at NFE 1, 2, 4; then the gmm exact-kernel grid.
-# Usage: bench/time_samplers.sh [SEED] [SETTING...]   (settings: A B C D Dq E F G H L ddpm; default A B C D F)
+# Usage: bench/time_samplers.sh [SEED] [SETTING...]   (settings: A B C D Dq E F G H L W ddpm; default A B C D F)
 #        bench/time_samplers.sh gmm[SEED] [SETTING...] (the gmm preset: STMD per setting, then the kernel grid;
 #                                                       gmm is seed 0, gmm1 seed 1, ...)
-# Runs go to runs/samplers/<setting>-<method>-seed<SEED>, evaluations to runs/samplers/eval-<setting>-seed<SEED>.
+# Runs go to runs/samplers/<setting>-<method>-seed<SEED>, evaluations to runs/samplers/eval-<setting>-seed<SEED>
+# (and STMD's per-s draws, evaluate conditional, to runs/samplers/cond-<setting>-seed<SEED>).
 # Each run is evaluated on its own --sample-grid; Dq is D's runs evaluated on the quadratic grid; ddpm
 # is DDPM trained under F, evaluated on both grids.
 set -euo pipefail
@@ -21,10 +22,12 @@ declare -A FLAGS=(
   [G]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.75"
   [H]="$mixture --time-mean -0.6 --time-std 1.6 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --s-grid-fraction 0.75 --s-grid-steps 1 2 4"
   [L]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --steps 12000"
+  [W]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --unet S"
 )
-# The s law only matters to STMD (Mean Flow's D, E, H are its C); G is Mean Flow's alone; L is F trained 3x longer.
+# The s law only matters to STMD (Mean Flow's D, E, H are its C); G is Mean Flow's alone; L is F trained 3x longer;
+# W is F on a 5x larger network (--unet S: 1.0M parameters against the preset's 0.2M).
 declare -A METHODS=([A]="stmd meanflow" [B]="stmd meanflow" [C]="stmd meanflow" [D]=stmd [E]=stmd [H]=stmd
-                    [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow")
+                    [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow" [W]="stmd meanflow")
 root=runs/samplers
 train() {  # train SETTING METHOD OUT [more flags]: once (a finished run leaves OUT/done)
   local x=$1 method=$2 out=$3; shift 3
@@ -63,4 +66,7 @@ for x in $settings; do
   done
   [ -f $root/eval-$x-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep "${runs[@]}" --stmd 1x1,2x1,1x2,4x1,2x2 \
     --meanflow-steps 1,2,4 --out $root/eval-$x-seed$seed
+  # STMD's draws of p(x_0 | x_s) from real x_s at each point of its 4-step grid: which steps limit its chains
+  [[ " ${METHODS[$x]} " != *" stmd "* || -f $root/cond-$x-seed$seed/conditional.json ]] || \
+    python -m stmd_fast.evaluate conditional $root/$x-stmd-seed$seed --out $root/cond-$x-seed$seed
 done

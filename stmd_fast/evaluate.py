@@ -5,6 +5,7 @@
   kernel RUN [RUN ...] --out DIR             gmm: distance of learned transitions to the exact kernel
   inpaint CKPT --mask center|pixels|half     FD, PSNR and diversity of completions of held-out images
   posterior RUN [RUN ...] --out DIR          gmm: distance of SMC / DDNM+ posterior samples to the exact p(x_0 | y)
+  conditional CKPT --out DIR                 FD of x0_hat ~ p(x_0 | x_s) at each s: which steps of a chain set its error
   inverse CKPT --operator sr4|sr2|gray|inpaint   PSNR, FD, diversity and consistency ||A x - y|| of posterior samples
 
 Everything is seeded: the same --seed gives the same numbers.
@@ -25,7 +26,7 @@ from .checkpoint import load_checkpoint, newest_intact
 from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
-from .schedule import TIME_GRIDS
+from .schedule import TIME_GRIDS, alpha_sigma, time_grid
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
 DEFAULT_STMD = "1x1,2x1,4x1,8x1,1x2,2x2,4x2"
@@ -269,6 +270,61 @@ def kernel(args) -> int:
                          f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} |")
     (out / "kernel.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/kernel.json, kernel.md and heat maps")
+    return 0
+
+
+# ----------------------------------------------------------------------------- conditional (per diffusion time)
+
+def parse_times(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise EvalError(f"--s takes comma-separated diffusion times in (0, 1], e.g. 0.25,1; got {text}") from None
+    if not all(0 < v <= 1 for v in values) or len(set(values)) != len(values):
+        raise EvalError(f"--s takes distinct diffusion times in (0, 1], got {text}")
+    return values
+
+
+def conditional(args) -> int:
+    """FD of the draws x0_hat of p(x_0 | x_s) at each s, x_s diffused from real training images (STMD: M flow
+    steps; DDPM: its posterior mean). A chain's step at s makes such a draw from its own x_s, so a step whose
+    draws score far above the floor limits every chain through it."""
+    ckpt, meta = checkpoint_metas([args.checkpoint])[0]
+    method = METHODS[meta["config"]["method"]]
+    if not method.diffusion:
+        raise EvalError(f"{ckpt} is a {method.label} run: it has no diffusion time s to condition on (give an STMD or "
+                        "DDPM run)")
+    if meta["data_kind"] != "image" or meta["config"]["data"] is not None:
+        raise EvalError("conditional diffuses the training split of an image preset (digits, mnist, cifar10); this "
+                        f"run was trained on {dataset_of(meta)} ({meta['data_kind']}s)")
+    flow_steps = parse_ints(args.flow_steps, "--flow-steps") if method.flow else [1]
+    grid = meta["config"].get("sample_grid", "uniform")
+    times = parse_times(args.s) if args.s else [s for s in time_grid(4, grid).tolist() if s > 0]
+    model = load_checkpoint(ckpt, device=resolve_device(args.device), ema=args.ema)
+    out = writable_dir(args.out)
+    metric, _ = prepare_metric(meta, args, model.device)
+    train = load_split(meta["config"]["preset"], "train", args.data_dir)
+    generator = torch.Generator(model.device).manual_seed(args.seed)
+    x0 = train.batch(args.num, generator)  # drawn with replacement: repeats when num > len(train)
+    floor = metric.score(x0)  # the same images undisturbed: what a perfect posterior sampler scores
+    rows = []
+    for s in tqdm(times, desc="diffusion times", disable=None):
+        alpha, sigma = (float(v) for v in alpha_sigma(torch.tensor(s, dtype=torch.float64), torch.float64))
+        x_s = alpha * x0 + sigma * torch.randn(x0.shape, generator=generator, device=model.device)
+        for m in flow_steps:
+            x0_hat = torch.cat([model.transition(chunk, s, 0.0, m, generator)
+                                for chunk in x_s.split(args.batch_size)])
+            rows.append({"s": s, "alpha": alpha, "M": m, "metric": metric.name, "value": metric.score(x0_hat)})
+            tqdm.write(f"s {s:g} (alpha {alpha:.3f}) M={m}: {metric.name} {rows[-1]['value']:.3f}")
+    summary = {"checkpoint": str(ckpt), "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
+               "num": args.num, "seed": args.seed, "source_images": floor, "rows": rows}
+    (out / "conditional.json").write_text(json.dumps(summary, indent=2))
+    lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
+    lines += [f"| {r['s']:g} | {r['alpha']:.3f} | {r['M']} | {r['value']:.3f} |" for r in rows]
+    lines.append(f"\nThe source training images themselves against the same reference (the floor): {metric.name} "
+                 f"{floor:.3f}")
+    (out / "conditional.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}/conditional.json, conditional.md")
     return 0
 
 
@@ -587,6 +643,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--seed", type=int, default=0, help="[default: 0]")
 
+    d = sub.add_parser("conditional", help="FD of draws of p(x_0 | x_s) at each diffusion time s, x_s from real "
+                                           "training images: where a chain's error comes from")
+    d.add_argument("checkpoint", metavar="CKPT")
+    d.add_argument("--s", metavar="S,S,...", help="diffusion times, comma-separated [default: the points of the run's 4-step grid, "
+                               "1,0.5625,0.25,0.0625 on the quadratic one]")
+    d.add_argument("--flow-steps", default="1,2,4", help="M values for STMD [default: 1,2,4]")
+    d.add_argument("--num", type=int, default=10000, help="draws per (s, M) [default: 10000]")
+    common(d)
+
     c = sub.add_parser("train-classifier", help="train the FD feature classifier and report its test accuracy")
     c.add_argument("--preset", choices=FD_PRESETS, required=True)
     c.add_argument("--steps", type=int, default=2000, help="[default: 2000]")
@@ -598,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"sweep": sweep, "kernel": kernel, "inpaint": inpaint, "posterior": posterior, "inverse": inverse,
-                "train-classifier": train_classifier_cmd}
+                "conditional": conditional, "train-classifier": train_classifier_cmd}
     try:
         for name in ("num", "batch_size", "images", "points", "steps", "zoom", "particles"):
             value = getattr(args, name, 1)  # posterior's --steps is a list, --particles may be absent

@@ -73,6 +73,37 @@ def test_inpainting_evaluation(runs, tmp_path):
         assert grid.size == (5 * 9 + 1, 5 * 9 + 1)
 
 
+def conditional_args(run, out, *extra):
+    return ["conditional", str(run), "--num", "64", "--batch-size", "16", "--classifier", str(run.parent / "classifier"),
+            "--cache-dir", str(run.parent / "cache"), "--out", str(out), *extra]
+
+
+def test_conditional_scores_posterior_draws_against_the_source_images(runs, tmp_path):
+    # STMD: one row per (s, M), s on the run's 4-step grid by default (digits samples on the quadratic one)
+    assert evaluate(conditional_args(runs / "stmd", tmp_path / "stmd", "--flow-steps", "1,2")) == 0
+    result = json.loads((tmp_path / "stmd" / "conditional.json").read_text())
+    grid = [(k / 4) ** 2 for k in (4, 3, 2, 1)]
+    assert [(r["s"], r["M"]) for r in result["rows"]] == [(s, m) for s in grid for m in (1, 2)]
+    assert all(np.isfinite(r["value"]) for r in result["rows"]) and result["num"] == 64
+    assert f"{result['source_images']:.3f}" in (tmp_path / "stmd" / "conditional.md").read_text()
+    # DDPM's draw is its posterior mean (x_s - sigma eps) / alpha: at s -> 0 it is the source image itself, so its
+    # FD is the floor's; at s = 1 (alpha 0.007) it is the network's guess, far from the data
+    assert evaluate(conditional_args(runs / "ddpm", tmp_path / "ddpm", "--s", "1,0.0001")) == 0
+    result = json.loads((tmp_path / "ddpm" / "conditional.json").read_text())
+    noise, clean = (r["value"] for r in result["rows"])
+    assert [r["M"] for r in result["rows"]] == [1, 1]  # DDPM has no flow steps
+    assert abs(clean - result["source_images"]) < 0.01 * result["source_images"] < noise - clean
+
+
+def test_conditional_refuses_runs_without_diffusion_time_and_bad_times(runs, tmp_path, capsys):
+    assert evaluate(conditional_args(runs / "meanflow", tmp_path / "o")) == 2
+    one_line_error(capsys, "Mean Flow", "STMD or DDPM")
+    for bad in ("0,1", "1,1", "a"):
+        assert evaluate(conditional_args(runs / "stmd", tmp_path / "o", "--s", bad)) == 2
+        one_line_error(capsys, "--s", "(0, 1]")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
 def one_line_error(capsys, *words):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err, err
