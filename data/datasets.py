@@ -225,7 +225,8 @@ def load_npy(path: str) -> TensorData:
     """
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"{path}: no such file; save your array with np.save(path, x) and pass that path")
+        raise DataError(f"--data {path}: no such file or folder; give a folder of images, or an array saved with "
+                        f"np.save(path, x)")
     try:
         array = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:

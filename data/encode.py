@@ -38,6 +38,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..cli import Parser
 from ..files import fsync_path, temp_sibling, write_atomic
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
@@ -48,7 +49,7 @@ SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder of JPEG/PNG images, searched recursively")
     p.add_argument("--vae", required=True,
                    help="AutoencoderKL: a local folder saved with save_pretrained, or a hub id (e.g. stabilityai/sd-vae-ft-ema)")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..cli import Parser
+
 
 def synthetic_image(rng: np.random.Generator) -> Image.Image:
     """One RGB image: a gradient background, a disc and a square, in random colors, places and sizes."""
@@ -44,7 +46,7 @@ def tiny_vae():
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for images/ and vae/")
     p.add_argument("--num", type=int, default=64, help="number of images [default: 64]")
     p.add_argument("--seed", type=int, default=0, help="[default: 0]")

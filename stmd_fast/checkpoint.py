@@ -143,7 +143,7 @@ def _rotate(root: Path, keep: int, final: Path) -> None:
     folder than it exists, the newest of those that verifies: rotation never deletes the newest intact one."""
     folders = sorted(root.glob("step_*"))
     spared = {final, *folders[-keep:]}
-    newer_intact = next((c for c in reversed(folders) if c.name > final.name and _intact(c)), None)
+    newer_intact = next((c for c in reversed(folders) if c.name > final.name and is_intact(c)), None)
     if newer_intact is not None:
         spared.add(newer_intact)
     doomed = [old for old in folders if old not in spared]
@@ -251,7 +251,8 @@ def checked_files(meta: dict) -> list[str]:
     return [*WEIGHT_FILES, *extra, STATE_FILE]
 
 
-def _intact(ckpt: Path) -> bool:
+def is_intact(ckpt: Path) -> bool:
+    """Whether the checkpoint verifies (verify_checkpoint), as a bool."""
     try:
         verify_checkpoint(ckpt)
         return True
@@ -261,11 +262,14 @@ def _intact(ckpt: Path) -> bool:
 
 def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, list[str]]:
     """(checkpoint, its metadata, why each newer one was passed over) for a run directory: the newest
-    checkpoint that verifies (verify_checkpoint(ckpt, finite)); for a checkpoint directory: itself,
-    verified. FileNotFoundError if there is no checkpoint, CheckpointError if none is intact."""
+    checkpoint that verifies (verify_checkpoint(ckpt, finite)), also when given as RUN/checkpoints; for
+    a checkpoint directory: itself, verified. FileNotFoundError if there is no checkpoint, CheckpointError
+    if none is intact."""
     path = Path(path)
     if is_checkpoint_dir(path):
         return path, verify_checkpoint(path, finite), []  # named by the user: no fallback
+    if path.name == "checkpoints" and not list_checkpoints(path) and list_checkpoints(path.parent):
+        path = path.parent  # RUN/checkpoints given for RUN: the folder that holds the step_* folders
     candidates = list_checkpoints(path)
     if not candidates:
         raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
@@ -336,7 +340,7 @@ class Model:
         self._decode = None
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """A latent model's samples -> images in [-1, 1] through the VAE it was trained with
+        """A latent model's samples -> images (about [-1, 1]) through the VAE it was trained with
         (loaded on first use from the path or hub id in its config)."""
         if self.data_kind != "latent":
             raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
@@ -372,8 +376,8 @@ class Model:
 
     def sample(self, num: int, steps: int = 1, flow_steps: int = 1, generator: torch.Generator | None = None,
                grid: str | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in [-1, 1]), drawn
-        `batch_size` at a time (all at once by default) from one generator."""
+        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in model space, about
+        [-1, 1]: not clamped), drawn `batch_size` at a time (all at once by default) from one generator."""
         generator = self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid or self.grid))

@@ -18,12 +18,21 @@ class UserError(Exception):
     """Bad input found by the trainer: printed as one line, before any expensive work."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line (an unknown flag, an invalid choice, a missing argument) ends in
+    one line naming the problem and where the flags are described, not the whole usage block first.
+    Subcommands' parsers are of the same class (add_subparsers takes the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = ()):
     """Decorator for a CLI's main(argv) -> int: an exception of user_errors prints `error: ...` as one line
-    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; anything
-    else is a bug and keeps its traceback. Under torchrun every rank meets the same error and rank 0
-    says it: the others wait so torchrun stops them first, and only an error of one rank alone is
-    still printed, after the wait, with its rank."""
+    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C
+    prints `interrupted` and exits 130; anything else is a bug and keeps its traceback. Under torchrun
+    every rank meets the same error and rank 0 says it: the others wait so torchrun stops them first,
+    and only an error of one rank alone is still printed, after the wait, with its rank."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
@@ -37,6 +46,9 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
                     time.sleep(5)
                 print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
                 return 1 if isinstance(err, failures) else 2
+            except KeyboardInterrupt:  # Ctrl-C: the user knows why; outputs are written whole or not at all
+                print("interrupted", file=sys.stderr)
+                return 130
         return run
     return wrap
 

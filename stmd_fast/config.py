@@ -189,8 +189,15 @@ class TrainConfig:
         if not all(0 <= d < 1 for d in decays) or len(set(decays)) != len(decays):
             raise ValueError(f"EMA decays must be distinct and in [0, 1), got --ema-decay {self.ema_decay} "
                              f"--ema-decays {' '.join(map(str, self.ema_decays))}")
-        if self.resolution < 1 or self.fd_every < 0 or self.fd_num < 2 or not 0 <= self.dropout < 1:
-            raise ValueError("need --resolution >= 1, --fd-every >= 0, --fd-num >= 2 and 0 <= --dropout < 1")
+        for flag, value, ok, what in (("--resolution", self.resolution, self.resolution >= 1, "at least 1"),
+                                      ("--fd-every", self.fd_every, self.fd_every >= 0, "at least 0 (0: off)"),
+                                      ("--fd-num", self.fd_num, self.fd_num >= 2, "at least 2 (FD needs 2 samples)"),
+                                      ("--dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)")):
+            if not ok:  # NaN fails the comparison too
+                raise ValueError(f"{flag} must be {what}, got {value}")
+        if self.dropout and self.net is not None and self.net.kind == "mlp":
+            raise ValueError(f"--dropout {self.dropout}: the MLP network ({self.preset}) has no dropout; it is for the "
+                             f"U-Net and the DiT: drop --dropout")
         if self.unet is not None and self.unet not in UNET_WIDTHS:
             raise ValueError(f"--unet {self.unet}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
         if self.dit is not None:

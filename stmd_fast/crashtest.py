@@ -14,7 +14,6 @@ Prints one line per kill and a final JSON line; exit code 0 if everything held, 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from .checkpoint import list_checkpoints, newest_intact, verify_checkpoint
+from .cli import Parser
 
 
 def train_command(out: Path, steps: int, resume: bool) -> list[str]:
@@ -76,11 +76,12 @@ def second_run_refused(out: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stmd_fast.crashtest", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m stmd_fast.crashtest", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish [default: 12]")
     p.add_argument("--steps", type=int, default=300, help="steps of the test run [default: 300]")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times [default: 0]")
-    p.add_argument("--dir", help="where the runs go (kept); default: a temporary folder, removed at the end")
+    p.add_argument("--out", "--dir", dest="dir",  # --out as in every other command; --dir kept
+                   help="where the runs go (kept); default: a temporary folder, removed at the end")
     args = p.parse_args(argv)
     if args.kills < 1 or args.steps < 20:
         p.error("need --kills >= 1 and --steps >= 20")

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, newest_intact
+from .cli import Parser
 from .devices import resolve_device
 from .methods import METHODS
 from .sampling import check_steps, nfe
@@ -561,8 +562,8 @@ def writable_dir(path: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stmd_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = Parser(prog="python -m stmd_fast.evaluate", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, metric: bool = True):
@@ -669,10 +670,15 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name, 1)  # posterior's --steps is a list, --particles may be absent
             if isinstance(value, int) and value < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
+            raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
         return commands[args.command](args)
     except (EvalError, ValueError, FileNotFoundError) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing half-done is left, results are written once all are measured
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ weights baked in. It takes ONE input and returns the samples:
            diffusion step z_k for STMD and eps_k for every step but the last) and that
            stmd_fast.json stores under "noise": K = 2N for STMD (x_1, N starts z_k, N - 1 bridge
            draws eps_k: the last step lands on s = 0 exactly), N for DDPM, 1 for Mean Flow.
-  returns  float32 (B, *data_shape): images in [-1, 1], vectors, or, for a latent model, the
-           LATENTS (the VAE decode is not part of the program; stmd_fast.json holds the VAE id
-           and its scaling/shift factors, and `sample --exported --vae` decodes).
+  returns  float32 (B, *data_shape): images in model space (about [-1, 1], not clamped), vectors,
+           or, for a latent model, the LATENTS (the VAE decode is not part of the program;
+           stmd_fast.json holds the VAE id and its scaling/shift factors, and `sample --exported
+           --vae` decodes).
 
 The batch B is STATIC: the program takes exactly --batch samples per call (the design notes: a
 dynamic batch through diffusers' U-Net hits a shape guard at batch 64); callers pad a short
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import one_line_errors
+from .cli import Parser, one_line_errors
 from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
@@ -208,13 +209,14 @@ def sample_exported(run, meta: dict, num: int, generator: torch.Generator, batch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m stmd_fast.export", description=__doc__.splitlines()[0],
         epilog="The program takes exactly --batch samples per call (static batch: callers pad the last batch) as "
                "one float32 input, noise (K, B, *data_shape) with K = 2N (stmd), N (ddpm) or 1 (meanflow) standard "
                "normal tensors in the order its stmd_fast.json lists, and returns (B, *data_shape): images in "
-               "[-1, 1], vectors, or for a latent model the latents (no VAE decode inside). It holds only aten ops "
-               "and loads with torch.export.load alone. Run it with: python -m stmd_fast.sample --exported OUT "
+               "model space (about [-1, 1], not clamped), vectors, or for a latent model the latents (no VAE "
+               "decode inside). It holds only aten ops and loads with torch.export.load alone. Run it with: "
+               "python -m stmd_fast.sample --exported OUT "
                "--num K --seed S --out FILE. Exit codes: 2 bad input (nothing exported), 1 --aoti could not build "
                "(OUT is still written).")
     add = p.add_argument

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .cli import one_line_errors
+from .cli import Parser, one_line_errors
 from .sampling import check_steps
 from .data.gmm import GaussianMixture, _device_of, default_mixture  # noqa: F401 (GaussianMixture: importable from here too)
 from .schedule import alpha_sigma
@@ -286,11 +286,9 @@ def check_gmm_model(model, run) -> None:
 @one_line_errors(ValueError, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     """python -m stmd_fast.gmm RUN: how close a gmm-preset model's one-step transition is to the exact one."""
-    import argparse
-
     from .checkpoint import load_checkpoint
 
-    p = argparse.ArgumentParser(prog="python -m stmd_fast.gmm", description=main.__doc__)
+    p = Parser(prog="python -m stmd_fast.gmm", description=main.__doc__)
     p.add_argument("run", help="run or checkpoint directory of a model trained with --preset gmm")
     p.add_argument("--s-from", type=float, default=0.5, help="[default: 0.5]")
     p.add_argument("--s-to", type=float, default=0.1, help="[default: 0.1]")

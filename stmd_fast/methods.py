@@ -39,11 +39,12 @@ class Method:
     def check_steps(self, steps: int, flow_steps: int) -> None:
         """Refuse (N, M) settings this method cannot take, before any network call."""
         if steps < 1 or flow_steps < 1:
-            raise ValueError(f"need steps >= 1 and flow_steps >= 1, got N={steps}, M={flow_steps}")
+            raise ValueError(f"need N (--steps) >= 1 and M (--flow-steps) >= 1, got N={steps}, M={flow_steps}")
         if not self.flow and flow_steps != 1:
-            raise ValueError(f"{self.label} makes x0_hat in one network call: use flow_steps=1 (NFE = steps)")
+            raise ValueError(f"{self.label} makes x0_hat in one network call: use M (--flow-steps) = 1, NFE = N")
         if not self.diffusion and steps != 1:
-            raise ValueError(f"{self.label} has no diffusion steps: use steps=1 and set flow_steps (NFE = flow_steps)")
+            raise ValueError(f"{self.label} has no diffusion steps: use N (--steps) = 1 and set M (--flow-steps), "
+                             f"NFE = M")
 
     def nfe(self, steps: int, flow_steps: int) -> int:
         """Network evaluations per sample: STMD N*M, DDPM N, Mean Flow M."""

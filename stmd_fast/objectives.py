@@ -98,7 +98,7 @@ class ObjectiveConfig:
         if self.s_grid not in TIME_GRIDS:
             raise ValueError(f"unknown s grid {self.s_grid!r}: choose one of {', '.join(TIME_GRIDS)}")
         if not self.s_grid_steps or min(self.s_grid_steps) < 1:
-            raise ValueError(f"s_grid_steps must be step counts of at least 1, got {self.s_grid_steps}")
+            raise ValueError(f"--s-grid-steps must be step counts of at least 1, got {self.s_grid_steps}")
         self.jvp_block  # noqa: B018 (validates the fraction)
 
     @property
@@ -107,17 +107,21 @@ class ObjectiveConfig:
         r < t and go through the JVP, the other P - k get r = t and a plain forward; k / P = 1 -
         flow_matching_fraction in lowest terms (0.75 -> (1, 4)). A count fixed per block keeps the
         compiled graph's shapes static, and a block that does not depend on the batch keeps every
-        slice of a batch (torchrun's ranks) laid out as the whole."""
+        slice of a batch (torchrun's ranks) laid out as the whole. A simple fraction typed to 4 decimals
+        (0.6667) is taken as itself (2/3)."""
         # plain int/float arithmetic, not fractions.Fraction: Dynamo (torch 2.11) cannot trace
         # float(Fraction) when a config is built inside a compiled function
         share = 1 - self.flow_matching_fraction
-        for block in range(1, MAX_JVP_BLOCK + 1):  # the smallest block gives lowest terms
-            k = round(share * block)
-            if abs(k / block - share) <= 1e-9:
-                return k, block
-        raise ValueError(f"flow_matching_fraction {self.flow_matching_fraction} is no fraction with a "
+        # exact fractions first; then a simple one (block <= 64) typed to 4 decimals, as 0.6667 for 2/3:
+        # fractions with denominators up to 64 lie more than 2.4e-4 apart, so at most one is that close
+        for blocks, tolerance in ((range(1, MAX_JVP_BLOCK + 1), 1e-9), (range(1, 65), 5e-5)):
+            for block in blocks:  # the smallest block gives lowest terms
+                k = round(share * block)
+                if abs(k / block - share) <= tolerance:
+                    return k, block
+        raise ValueError(f"--flow-matching-fraction {self.flow_matching_fraction} is no fraction with a "
                          f"denominator up to {MAX_JVP_BLOCK}: the JVP runs on a fixed count of rows per block; "
-                         f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.4g}")
+                         f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.10g}")
 
     def check_batch(self, batch: int) -> None:
         """The batch (per process) must be whole blocks of jvp_block; one line saying how, if not."""
@@ -126,7 +130,7 @@ class ObjectiveConfig:
             raise ValueError(f"--flow-matching-fraction {self.flow_matching_fraction} runs the JVP on {k} of "
                              f"every {block} rows, so the batch per process ({batch}) must be a multiple of "
                              f"{block}: change the batch, or use a fraction that is a multiple of 1/{batch}, "
-                             f"e.g. {round(self.flow_matching_fraction * batch) / batch:.4g}")
+                             f"e.g. {round(self.flow_matching_fraction * batch) / batch:.10g}")
 
 
 class Noise(NamedTuple):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import one_line_errors
+from .cli import Parser, one_line_errors
 from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
 from .operators import OPERATOR_NAMES, make_operator
@@ -33,7 +33,7 @@ from .schedule import TIME_GRIDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stmd_fast.sample", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m stmd_fast.sample", description=__doc__.splitlines()[0])
     add = p.add_argument
     add("checkpoint", metavar="CKPT", nargs="?",
         help="a run directory (its newest checkpoint) or a checkpoints/step_* directory (or give --exported)")
@@ -125,6 +125,13 @@ def prepare_out(out: Path) -> None:
     check_writable(out, "--out")
 
 
+def check_counts(args) -> None:
+    """--num, --batch-size and --zoom are counts: ValueError naming the first one below 1."""
+    for flag in ("num", "batch_size", "zoom"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+
+
 def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
     """.npy as it is, or a PNG grid of images in [-1, 1] (first tile: the observation with --inpaint);
     rendered in memory and written atomically (a full disk leaves no partial file: WriteFailed)."""
@@ -160,8 +167,7 @@ def main_exported(args) -> int:
     if baked:
         raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
                          f"are baked into the program (re-export to change them; inpainting needs the checkpoint)")
-    if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
-        raise ValueError("--num, --batch-size and --zoom must be at least 1")
+    check_counts(args)
     run, meta = open_exported(args.exported)
     kind, device = meta["data_kind"], torch.device(meta["device"])
     try:
@@ -224,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note.message}", file=sys.stderr)
     steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
     check_steps(model.method, steps, args.flow_steps)
-    if args.num < 1 or args.batch_size < 1 or args.zoom < 1:
-        raise ValueError("--num, --batch-size and --zoom must be at least 1")
+    check_counts(args)
     if args.inverse is None:
         extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
                                 ("--particles", args.particles)) if v is not None]
@@ -243,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--mask goes with --inverse inpaint (and inpaint needs it)")
         if args.sigma_y < 0:
             raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
-        if args.particles is not None and (args.particles < 1 or args.sigma_y == 0):
-            raise ValueError("--particles K (SMC, K >= 1) weights by the likelihood of a noisy y: give --sigma-y > 0")
+        if args.particles is not None and args.particles < 1:
+            raise ValueError(f"--particles must be at least 1 (K particles per sample), got {args.particles}")
+        if args.particles is not None and args.sigma_y == 0:
+            raise ValueError("--particles K (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "

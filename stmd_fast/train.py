@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 from . import distributed, parallel
-from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, list_checkpoints, newest_intact,
-                         recover_leftovers, set_aside, write_json_atomic)
-from .cli import UserError, add_dataclass_flags, one_line_errors
+from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, is_intact, list_checkpoints,
+                         newest_intact, recover_leftovers, set_aside, write_json_atomic)
+from .cli import Parser, UserError, add_dataclass_flags, one_line_errors
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
 from .devices import resolve_device, use_tf32
 from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
-from .files import RunLocked, WriteFailed, run_lock
+from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -57,9 +57,10 @@ warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", c
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
-    "mnist": (1.1e6, "the paper's '1 layer per block' gives 0.71M in UNet2DModel; 2 layers per block reproduce its count"),
-    "cifar10": (37.5e6, "UNet2DModel with the channels, layers and attention the paper lists gives this; the paper does "
-                        "not list the rest (head size, time-embedding width, mid block) that makes up its 37.5M"),
+    "mnist": (1.1e6, "the paper's '1 layer per block' gives 0.79M in UNet2DModel; 2 layers per block come closest"),
+    "cifar10": (37.5e6, "UNet2DModel with the channels, layers and attention the paper lists; the paper does not list "
+                        "the rest (head size, time-embedding width, mid block), and our scale-shift time embedding "
+                        "doubles each block's time projection"),
 }
 
 
@@ -74,7 +75,7 @@ class GradientSyncFailed(Exception):
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m stmd_fast.train",
         description="Train STMD (a conditional Mean Flow that samples p(x_0 | x_s)), or the Mean Flow / DDPM "
                     "baselines with the same network. With no flags: the built-in 8x8 digits on this machine.",
@@ -88,14 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     presets = [make() for make in PRESETS.values()]
     digits = PRESETS["digits"]()  # the defaults --help shows
 
-    def default(name: str) -> str | None:
-        value = getattr(digits, name)
-        if name != "preset" and any(getattr(cfg, name) != value for cfg in presets):
+    def default(name: str, of=lambda cfg: cfg) -> str | None:
+        value = getattr(of(digits), name)
+        if name != "preset" and any(getattr(of(cfg), name) != value for cfg in presets):
             return "preset's" if value is None else f"preset's; digits {value}"
         return "unset" if value is None else str(value)
 
     add_dataclass_flags(p, TrainConfig, default)
-    add_dataclass_flags(p, ObjectiveConfig, lambda name: str(getattr(digits.objective, name)),
+    add_dataclass_flags(p, ObjectiveConfig, partial(default, of=lambda cfg: cfg.objective),
                         skip=("s_grid",))  # the run's --sample-grid
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
                    f"only {', '.join(sorted(RESUME_OVERRIDABLE))} may change")
@@ -127,10 +128,13 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     try:
         saved = newest_intact(cfg.out, finite=True)[1]["config"]
     except FileNotFoundError:
+        refuse_if_live(cfg.out)  # a live run before its first checkpoint: say so, not "no checkpoint"
         raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start") \
             from None
     except CheckpointError as err:
-        raise UserError(f"--resume: {err}") from None
+        refuse_if_live(cfg.out)
+        raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
+                        f"to start this run over, or choose a new --out") from None
     for key, value in top.items():
         if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) != value:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
@@ -143,6 +147,31 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
     return TrainConfig(**saved), True
+
+
+FLOW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_matching_fraction",
+              "adaptive_p", "adaptive_c", "sample_flow_steps")
+"""What only a method with a flow (STMD, Mean Flow) reads."""
+DIFFUSION_FLAGS = ("s_sampler", "s_grid_fraction", "s_grid_steps", "sample_steps", "sample_grid")
+"""What only a method with diffusion time (STMD, DDPM) reads (DDPM's sample grids take --sample-ddpm-steps)."""
+
+
+def unused_flags(cfg: TrainConfig, given) -> list[str]:
+    """A note for each flag the user gave that this run does not read (the method, or the data, has no use
+    for it), so that a typo of intent is not silently ignored."""
+    method = METHODS[cfg.method]
+    image_folder = cfg.data is not None and Path(cfg.data).is_dir() and cfg.preset not in LATENT_RESOLUTION
+    why = {name: f"{method.label} has no flow time" for name in FLOW_FLAGS if not method.flow}
+    why |= {name: f"{method.label} has no diffusion time" for name in DIFFUSION_FLAGS if not method.diffusion}
+    if cfg.method == "ddpm":
+        why["sample_steps"] = "DDPM's sample grids take --sample-ddpm-steps"
+    else:
+        why["sample_ddpm_steps"] = "only DDPM's sample grids read it"
+    if not image_folder:
+        why["resolution"] = "it sizes an image folder (--data DIR); this run's data have their own size"
+    if cfg.preset not in LATENT_RESOLUTION:
+        why["vae"] = "it is for the latent presets (--preset latent or celeba-latent)"
+    return [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
 
 
 def elastic_restart_of_this_run(out: str) -> bool:
@@ -219,7 +248,20 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
         except RunLocked as err:
             raise UserError(str(err)) from None
     if not resume and find_checkpoint(out) is not None:
+        if not any(is_intact(ckpt) for ckpt in list_checkpoints(out)):
+            raise UserError(f"{out} holds only damaged checkpoints: move {out / 'checkpoints'} aside to start this "
+                            f"run over, or choose a new --out")
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out")
+
+
+def refuse_if_live(out) -> None:
+    """UserError naming the live process if another training run holds out's lock (probed, then let go)."""
+    if (Path(out) / LOCK_FILE).exists():
+        try:
+            with run_lock(out):
+                pass
+        except RunLocked as err:
+            raise UserError(str(err)) from None
 
 
 @dataclass
@@ -555,7 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is a KeyboardInterrupt
     try:
-        train(*resolve_config(vars(args)))
+        cfg, resume = resolve_config(dict(vars(args)))
+        if distributed.from_env().is_main:
+            for note in unused_flags(cfg, vars(args)):
+                print(note, file=sys.stderr)
+        train(cfg, resume)
     except Stopped:  # after a checkpoint; the resume command was printed
         return 130
     except KeyboardInterrupt:

@@ -130,6 +130,7 @@ def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, valu
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice" in err and value in err
+    assert len(err.strip().splitlines()) == 1 and "--help" in err  # one line, not the whole usage first
     for choice in choices:
         assert choice in err
     assert not (tmp_path / "run").exists()
@@ -148,6 +149,20 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
     assert list(objective["s_grid_steps"]) == [1, 2]
     from stmd_fast.config import PRESETS
     assert objective["time_mean"] == PRESETS["gmm"]().objective.time_mean
+
+
+@pytest.mark.parametrize("method, unused, used", [
+    ("meanflow", ["--s-sampler", "grid", "--sample-steps", 2, "--vae", "x", "--resolution", 32],
+     ["--time-sampler", "pair", "--sample-flow-steps", 2]),
+    ("ddpm", ["--time-sampler", "pair", "--adaptive-p", 0.5, "--sample-flow-steps", 2], ["--s-sampler", "grid"]),
+    ("stmd", ["--sample-ddpm-steps", 5], ["--s-sampler", "grid", "--time-sampler", "pair", "--sample-steps", 2]),
+])
+def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_path, method, unused, used):
+    """Each given flag that the method or the data has no use for gets a note saying why; the others none."""
+    assert train(*GMM, "--method", method, "--steps", 1, "--out", tmp_path / "run", *unused, *used) == 0
+    err = capsys.readouterr().err
+    noted = set(re.findall(r"note: (--[\w-]+) has no effect on this run", err))
+    assert noted == {str(a) for a in unused if str(a).startswith("--")}
 
 
 def test_one_grid_per_run_trains_the_s_sampler_and_is_the_samplers_default(tmp_path, capsys):
@@ -254,6 +269,20 @@ def test_resume_on_an_empty_dir_is_refused(capsys, tmp_path):
     assert_nothing_trained(empty)
 
 
+def test_resume_into_a_live_run_before_its_first_checkpoint_names_the_live_run(capsys, tmp_path):
+    """A run that has not yet written a checkpoint is still a live run: --resume says so, not 'no checkpoint'
+    (whose advice, to drop --resume, would only meet the lock)."""
+    from stmd_fast.files import run_lock
+
+    live = tmp_path / "live"
+    live.mkdir()
+    with run_lock(live):  # another open file description: this process counts as the other run
+        assert train("--out", live, "--resume", "--device", "cpu") == 2
+        assert_one_line_error(capsys, "in use by another training run", "another --out")
+    assert train("--out", live, "--resume", "--device", "cpu") == 2  # the run ended: now there is nothing
+    assert_one_line_error(capsys, "--resume", "no checkpoint")
+
+
 def test_resume_with_another_method_is_refused(capsys, gmm_copy):
     assert train("--out", gmm_copy, "--resume", "--method", "ddpm", "--steps", 5) == 2
     assert_one_line_error(capsys, "--method", "stmd", "ddpm")
@@ -318,6 +347,29 @@ def test_sample_vectors_to_png_is_refused(capsys, gmm_run, tmp_path):
 def test_sample_missing_checkpoint_is_refused(capsys, tmp_path):
     assert sample(tmp_path / "nothing", "--out", tmp_path / "x.npy") == 2
     assert_one_line_error(capsys, "no checkpoint")
+
+
+def test_sample_takes_run_checkpoints_as_the_run(gmm_run, tmp_path):
+    """RUN/checkpoints (the folder that holds step_*) means RUN: the same newest checkpoint, the same draws."""
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert sample(gmm_run, "--out", a, "--num", 5) == 0
+    assert sample(gmm_run / "checkpoints", "--out", b, "--num", 5) == 0
+    assert np.array_equal(np.load(a), np.load(b))
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(capsys, gmm_run, tmp_path, monkeypatch):
+    """KeyboardInterrupt in sample (and every command under one_line_errors) ends in 'interrupted', exit 130,
+    with no traceback and no output file."""
+    import stmd_fast.sample as sample_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_module, "write_samples", interrupted)
+    out = tmp_path / "x.npy"
+    assert sample(gmm_run, "--out", out, "--num", 2) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert not out.exists()
 
 
 def test_training_grid_is_8x8_tiles_with_1px_padding(image_run):
@@ -461,6 +513,10 @@ def test_help_states_every_default(capsys, monkeypatch):
     assert not missing, f"--help gives no default for {missing}"
     for flag in NO_DEFAULT - {"--help"}:
         assert flag in entries
+    # a default that differs between presets is the preset's, also for the time samplers (cifar10: separate)
+    for flag in ("--time-sampler", "--adaptive-p", "--flow-matching-fraction", "--lr"):
+        assert "[default: preset's; digits" in entries[flag], entries[flag]
+    assert "[default: 0.001]" in entries["--adaptive-c"]  # the same in every preset: stated plainly
 
 
 # ----------------------------------------------------------------------------- bugs found while writing these tests

@@ -84,8 +84,27 @@ def test_fixed_count_keeps_the_per_row_law():
 def test_fractions_and_batches_that_cannot_be_laid_out_are_one_line_errors():
     with pytest.raises(ValueError, match="no fraction with a denominator"):
         ObjectiveConfig(flow_matching_fraction=0.123456789)
-    with pytest.raises(ValueError, match=r"batch per process \(6\) must be a multiple of 4.*e\.g\. 0\.6667$"):
+    with pytest.raises(ValueError, match=r"batch per process \(6\) must be a multiple of 4.*e\.g\. 0\.6666666667$"):
         ObjectiveConfig().check_batch(6)
+
+
+@pytest.mark.parametrize("fraction, batch", [(0.75, 6), (0.3, 256), (0.123456789, 64), (0.1, 3), (0.9, 1000)])
+def test_the_fraction_an_error_suggests_is_accepted(fraction, batch):
+    """Whatever a refusal suggests is taken as typed (printed, then parsed back as the CLI would), and
+    fits the batch it was suggested for; simple fractions typed to 4 decimals are taken as themselves."""
+    try:
+        ObjectiveConfig(flow_matching_fraction=fraction).check_batch(batch)
+        return  # nothing to suggest
+    except ValueError as refused:
+        suggested = float(str(refused).rsplit("e.g. ", 1)[1])
+    try:
+        ObjectiveConfig(flow_matching_fraction=suggested).check_batch(batch)
+    except ValueError as refused:  # the fraction's own refusal suggests a multiple of 1/64: then the batch's
+        suggested = float(str(refused).rsplit("e.g. ", 1)[1])
+        ObjectiveConfig(flow_matching_fraction=suggested).check_batch(batch)
+    assert ObjectiveConfig(flow_matching_fraction=0.6667).jvp_block == (1, 3)
+    assert ObjectiveConfig(flow_matching_fraction=0.1667).jvp_block == (5, 6)
+    assert ObjectiveConfig(flow_matching_fraction=0.667).jvp_block == (333, 1000)  # exact: not taken as 2/3
     net, shape = tiny_net("mlp")
     x0 = torch.randn(6, *shape)
     noise = draw_noise(x0, ObjectiveConfig(), torch.Generator().manual_seed(0))

@@ -148,6 +148,10 @@ def test_missing_classifier_and_bad_settings_are_refused(runs, tmp_path, capsys)
     one_line_error(capsys, "--stmd")
     assert evaluate(["sweep", str(runs / "stmd"), "--stmd", "0x1", "--out", str(tmp_path)]) == 2
     one_line_error(capsys, "N=0")
+    for command in ("sweep", "conditional"):  # FD needs two samples: refused before any sampling
+        assert evaluate([command, str(runs / "stmd"), "--num", "1", "--out", str(tmp_path / command)]) == 2
+        one_line_error(capsys, "--num", "at least 2")
+        assert not (tmp_path / command).exists()
 
 
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):

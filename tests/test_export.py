@@ -434,10 +434,10 @@ def export_args(run: Path, out: Path, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("run, extra, words", [
-    ("gmm-meanflow", ["--steps", 2], ["Mean Flow", "steps=1"]),
-    ("gmm-ddpm", ["--steps", 2, "--flow-steps", 3], ["DDPM", "flow_steps=1"]),
-    ("gmm-stmd", ["--steps", 0], ["steps >= 1"]),
-    ("gmm-stmd", ["--flow-steps", -1], ["flow_steps >= 1"]),
+    ("gmm-meanflow", ["--steps", 2], ["Mean Flow", "(--steps) = 1"]),
+    ("gmm-ddpm", ["--steps", 2, "--flow-steps", 3], ["DDPM", "--flow-steps"]),
+    ("gmm-stmd", ["--steps", 0], ["(--steps) >= 1"]),
+    ("gmm-stmd", ["--flow-steps", -1], ["(--flow-steps) >= 1"]),
     ("gmm-stmd", ["--batch", 0], ["--batch", "at least 1"]),
 ], ids=["meanflow-N2", "ddpm-M3", "N0", "M-1", "batch0"])
 def test_export_refuses_bad_settings(capsys, runs, tmp_path, run, extra, words):

@@ -429,7 +429,7 @@ def test_kernel_grid_validates_before_any_work():
     for steps in ([], [1.5], ["2"]):
         with pytest.raises(ValueError, match="non-empty list of integers"):
             kernel_grid(model, gm, [(0.5, 0.1)], steps, progress=False)
-    with pytest.raises(ValueError, match="flow_steps >= 1"):
+    with pytest.raises(ValueError, match=r"M \(--flow-steps\) >= 1"):
         kernel_grid(model, gm, [(0.5, 0.1)], [1, 0], progress=False)
     with pytest.raises(ValueError, match="repeats"):
         kernel_grid(model, gm, [(0.5, 0.1)], [2, 2], progress=False)

@@ -558,7 +558,7 @@ def test_grid_s_sampler_puts_the_grids_mass_on_the_samplers_points(kind):
     (dict(s_sampler="beta"), ("beta", "uniform, grid")),
     (dict(mixture_weight=1.5), ("--mixture-weight", "in [0, 1]")),
     (dict(s_grid_fraction=-0.1), ("--s-grid-fraction", "in [0, 1]")),
-    (dict(s_grid_steps=(0, 2)), ("s_grid_steps",)),
+    (dict(s_grid_steps=(0, 2)), ("--s-grid-steps",)),
     (dict(s_grid="cosine"), ("cosine", "uniform, quadratic")),
     (dict(r_std=0.0), ("--r-std", "> 0")),
     (dict(r_mean=float("nan")), ("--r-mean", "finite")),

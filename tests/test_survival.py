@@ -466,7 +466,8 @@ def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
     ("--adaptive-p", "-1"), ("--adaptive-c", "0"), ("--adaptive-c", "inf"), ("--flow-matching-fraction", "nan"),
     ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"), ("--data-workers", "-1"),
     ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"), ("--r-mean", "nan"), ("--r-std", "0"),
-    ("--mixture-weight", "nan"), ("--s-grid-fraction", "2"),
+    ("--mixture-weight", "nan"), ("--s-grid-fraction", "2"), ("--dropout", "1.5"), ("--dropout", "nan"),
+    ("--dropout", "0.1"), ("--fd-num", "1"), ("--fd-every", "-1"), ("--resolution", "0"), ("--s-grid-steps", "0"),
 ])
 def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, value):
     from stmd_fast.train import main as train_main
@@ -527,8 +528,11 @@ def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, three_checkpoi
         DAMAGE["bit flip in ema"](ckpt)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 2
-    assert_one_line_error(capsys, "none of the 3 checkpoints", "intact")
+    assert_one_line_error(capsys, "none of the 3 checkpoints", "intact", "aside", "new --out")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing deleted or moved
+    assert train("--out", run, "--steps", 8, "--device", "cpu") == 2  # a fresh start: what to do instead
+    assert_one_line_error(capsys, "only damaged checkpoints", "aside", "new --out")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 class NaNGradient(torch.autograd.Function):
@@ -690,6 +694,6 @@ def test_the_crash_test_passes(tmp_path, capsys):
     finished run equal to an uninterrupted one (its own checks; exit 0 only if all held)."""
     from stmd_fast.crashtest import main as crashtest_main
 
-    assert crashtest_main(["--kills", "2", "--steps", "20", "--dir", str(tmp_path)]) == 0
+    assert crashtest_main(["--kills", "2", "--steps", "20", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "refused in one line" in out and json.loads(out.strip().splitlines()[-1])["ok"] is True
