@@ -16,7 +16,8 @@ def load_vae(name_or_path: str, device: torch.device):
     from diffusers import AutoencoderKL  # imported here: diffusers is slow to import
 
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path)
+        # low_cpu_mem_usage=False: the path that needs no `accelerate` (and prints no notice asking for it)
+        vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except Exception as error:  # OSError, huggingface_hub's validation and connection errors, bad configs
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(

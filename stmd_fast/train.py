@@ -24,6 +24,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch and the rest import (seconds)
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
 import errno
+import logging
 import time
 import warnings
 from contextlib import ExitStack
@@ -54,6 +55,9 @@ from .training_state import TrainingState
 # torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
 # torch.func.jvp: not ours to fix, and noise in every run's output.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+# Inductor on a machine without a GPU loads torch's C++ extension helper, which warns "No CUDA runtime is
+# found, using CUDA_HOME=..." with the CUDA build of torch: nothing is wrong on a CPU, so it is not shown.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
