@@ -262,7 +262,7 @@ def _jvp_meanflow(net, x0, noise: Noise, cfg: ObjectiveConfig, cond, s, full_bat
     else:
         u, dudt, v, h = split_meanflow(net, x0, noise, cond, s, cfg)
     # u_tgt = stopgrad(v - (t - r) du/dt); loss = mean(stopgrad(w) ||u - u_tgt||^2), w = 1 / (. + c)^p.
-    # Returns the raw mean ||delta||^2 too (the adaptive loss reads ~1 by design).
+    # Returns the raw mean ||delta||^2 too: the adaptive loss moves slowly by design (~1 at p = 1).
     loss, sq = meanflow_loss(u, dudt, v, h, cfg.adaptive_c, cfg.adaptive_p)  # fused kernel on CUDA
     return loss, sq.mean()
 

@@ -1,0 +1,52 @@
+"""Where a trained STMD model's error lies, by diffusion time s, and how hard the adaptive weight makes each s pull.
+
+    python bench/loss_per_s.py runs/samplers/F-stmd-seed0
+
+For --num training digits and each s of the list, draws (r, t) from the run's own time sampler and reports the
+per-row error l = ||u - u_tgt||^2 (summed over the image; the quantity the adaptive weight w = 1 / (l + c)^p sees)
+on the rows with r < t and on those with r = t. A row's gradient has norm proportional to w sqrt(l), about
+l^(1/2 - p): the last columns give that pull relative to s = 1, for p = 0.75 and 0.5 (the README's setting P).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from stmd_fast.checkpoint import load_checkpoint
+from stmd_fast.data.datasets import load_digits
+from stmd_fast.objectives import Noise, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp
+from stmd_fast.schedule import per_sample
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="an STMD run on digits (its newest checkpoint, EMA weights)")
+    p.add_argument("--s", type=float, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0])
+    p.add_argument("--num", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    model = load_checkpoint(args.run, device="cpu")
+    if model.method != "stmd":
+        p.error(f"{args.run} is a {model.method} run; this measures STMD's error per s")
+    cfg = ObjectiveConfig(**model.meta["config"]["objective"])  # the run's own samplers
+    generator = torch.Generator().manual_seed(args.seed)
+    train = load_digits("train").all().float()
+    x0 = train[torch.randint(0, len(train), (args.num,), generator=generator)]
+    rows = []
+    for s_value in args.s:
+        noise = draw_noise(x0, cfg, generator)
+        s = torch.full_like(noise.s, s_value)
+        noise = Noise(s, noise.xi, noise.r, noise.t, noise.e)
+        with torch.no_grad():
+            u, dudt, v, h = meanflow_jvp(model.net, x0, noise, _diffuse(x0, noise), s)
+        l = (u - (v - per_sample(h, x0) * dudt)).square().flatten(1).sum(1)  # noqa: E741
+        rows.append((s_value, l[h > 0].mean().item(), l[h == 0].mean().item()))
+    top = rows[-1][1]  # the last s (1 by default): the reference of the pull
+    print(f"{'s':>7} {'l, r < t':>10} {'l, r = t':>10} {'pull p=0.75':>12} {'pull p=0.5':>11}")
+    for s_value, l_jvp, l_fm in rows:
+        print(f"{s_value:7.4f} {l_jvp:10.2f} {l_fm:10.2f} {(l_jvp / top) ** -0.25:12.2f} {(l_jvp / top) ** 0:11.2f}")
+
+
+if __name__ == "__main__":
+    main()
