@@ -222,18 +222,18 @@ MEANFLOW_CIFAR10 = ObjectiveConfig(time_sampler="separate", time_mean=-0.6, time
 """Mean Flow's improved CIFAR-10 U-Net recipe (official PyTorch code, configs/cifar10_v1): t LN(-0.6, 1.6) and
 r LN(-4, 1.6) drawn separately, r = min(r, t), 25% r = t, p = 0.75."""
 MIXTURE_GRID = ObjectiveConfig(time_sampler="mixture", mixture_weight=0.5, time_mean=-0.4, time_std=1.0, r_mean=-4.0,
-                               r_std=1.6, flow_matching_fraction=0.5, adaptive_p=0.5, s_sampler="grid")
-"""Ours, setting P of the README's time-sampler experiment (digits and gmm, bench/time_samplers.sh): half the rows are
+                               r_std=1.6, flow_matching_fraction=0.5, adaptive_p=0.25, s_sampler="grid")
+"""Ours, setting Q of the README's time-sampler experiment (digits and gmm, bench/time_samplers.sh): half the rows are
 Mean Flow's ImageNet LN(-0.4, 1) pairs (the short steps), half draw r from the CIFAR-10 recipe's LN(-4, 1.6) (r near 0:
 the one-step pairs) below t ~ LN(-0.4, 1); 50% r = t, and half of the s draws on the run's sampler grids. Its presets
-sample on the quadratic grid (sample_grid), which those s draws then aim at. p = 0.5 (F had 0.75): each row's gradient
-then has the same norm however large its error, where with p = 0.75 the rows a model already fits well (STMD's s near 0,
-errors 100 times smaller than at s = 1) pulled about 3 times harder than the hard ones."""
+sample on the quadratic grid (sample_grid), which those s draws then aim at. p = 0.25 (F had 0.75, P 0.5): a row's
+gradient norm grows as l^(1/2 - p), so the rows with large error pull hardest; with p = 0.75 it was the rows a model
+already fits (STMD's s near 0, errors 100 times smaller than at s = 1) that pulled about 3 times harder."""
 
 
 def _digits() -> TrainConfig:
     # Sized to finish in a few minutes on 2 CPU cores with recognizable digits.
-    # Times, grid and p: the README's time-sampler experiment (setting P; one-step STMD FD 49-57 against 76-100 with Mean
+    # Times, grid and p: the README's time-sampler experiment (setting Q; one-step STMD FD 43-52 against 76-100 with Mean
     # Flow's ImageNet sampler, and better at every NFE it measured).
     return TrainConfig(preset="digits", steps=4000, batch_size=64, lr=1e-3, ema_decay=0.999, sample_grid="quadratic",
                        net=NetConfig(channels=(16, 32), norm_groups=8, head_dim=8, time_freqs=32),
