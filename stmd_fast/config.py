@@ -228,7 +228,9 @@ Mean Flow's ImageNet LN(-0.4, 1) pairs (the short steps), half draw r from the C
 the one-step pairs) below t ~ LN(-0.4, 1); 50% r = t, and half of the s draws on the run's sampler grids. Its presets
 sample on the quadratic grid (sample_grid), which those s draws then aim at. p = 0.25 (F had 0.75, P 0.5): a row's
 gradient norm grows as l^(1/2 - p), so the rows with large error pull hardest; with p = 0.75 it was the rows a model
-already fits (STMD's s near 0, errors 100 times smaller than at s = 1) that pulled about 3 times harder."""
+already fits (STMD's s near 0, errors 100 times smaller than at s = 1) that pulled about 3 times harder. p = 0 (R)
+helps Mean Flow (1.4-2.4 FD in the three-seed means) but costs STMD's one-step chains about 2 FD, and on gmm it is
+3-7 times farther from the exact kernel at s = 0.5: STMD's defaults keep 0.25."""
 
 
 def _digits() -> TrainConfig:
