@@ -227,6 +227,10 @@ def load_npy(path: str) -> TensorData:
     if not file.is_file():
         raise DataError(f"--data {path}: no such file or folder; give a folder of images, or an array saved with "
                         f"np.save(path, x)")
+    if file.suffix.lower() in {".jpg", ".jpeg", ".png"} or file.suffix.lower() == ".json":
+        what = "latent shards" if file.suffix.lower() == ".json" else "images"
+        raise DataError(f"--data {path}: one file of your {what}; pass the folder that holds them: --data "
+                        f"{file.parent}")
     try:
         array = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -239,6 +243,9 @@ def load_npy(path: str) -> TensorData:
 
     if array.ndim == 2:
         kind = "vector"
+    elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and min(array.shape[1:3]) >= 8:  # no image is 3 wide
+        raise DataError(f"{path}: shape {array.shape} looks like (N, H, W, C) images, channels last as numpy and "
+                        "PIL write them; the model takes (N, C, H, W): save x.transpose(0, 3, 1, 2)")
     elif array.ndim == 4:
         kind = "image"
     else:

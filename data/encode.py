@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..cli import Parser
-from ..files import fsync_path, temp_sibling, write_atomic
+from ..files import fsync_path, local_path, temp_sibling, write_atomic
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
 from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(error))
     root, out = Path(args.images), Path(args.out)
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
-    settings = {"format": FORMAT, "vae": args.vae, "resolution": args.resolution, "flip": args.flip,
+    settings = {"format": FORMAT, "vae": local_path(args.vae), "resolution": args.resolution, "flip": args.flip,
                 "shard_size": args.shard_size, "source": str(root.resolve())}
     check_out_folder(out)
     finished = check_previous(previous_manifest(out), settings, out)

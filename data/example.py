@@ -54,7 +54,14 @@ def main(argv: list[str] | None = None) -> Path:
     if args.num < 1:
         p.error(f"--num {args.num}: must be at least 1")
     out = Path(args.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out}: is a file; give a folder (it gets images/ and vae/)")
+    if (out / "images").is_dir() and any((out / "images").iterdir()):  # old images would join the new ones
+        p.error(f"--out {out}: {out / 'images'} already holds files; choose a new --out, or remove that folder")
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        p.error(f"--out {out}: cannot create it ({err.strerror or err})")
     rng = np.random.default_rng(args.seed)
     for i in range(args.num):
         synthetic_image(rng).save(out / "images" / f"{i:04d}.png")

@@ -20,7 +20,7 @@ from PIL import Image
 from .datasets import DataError, TensorData
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 # PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
 # (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -39,13 +39,27 @@ def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     return paths[:limit] if limit is not None else paths
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grayscale ('I;16*', 'I') and float ('F') images as 8-bit 'L': Pillow's convert() clips
+    them to 0..255, which turns a 16-bit scan all but white. Integer modes are read as 16-bit (0..65535),
+    floats as [0, 1] when they fit there, else as 0..255."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     """A PIL image -> (3, R, R) uint8 RGB: shorter side resized to R (bicubic), then the center crop.
 
     Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
     already antialiased (no need for the repeated box halving of older pipelines).
     """
-    image = image.convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
+    image = to_8bit(image).convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
     scale = resolution / min(image.size)
     size = [max(resolution, round(side * scale)) for side in image.size]
     image = image.resize(size, Image.BICUBIC)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ..files import local_path
 from .datasets import DataError
 from .encode import FORMAT, sample_sha256
 from .vae import decode_latents  # noqa: F401 (importable from here too)
@@ -71,12 +72,12 @@ def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: in
     """DataError unless the shards were encoded with the VAE and resolution the preset expects."""
     vae = manifest["vae"] if vae is None else vae
     resolution = manifest["resolution"] if resolution is None else resolution
-    if (manifest["vae"], manifest["resolution"]) != (vae, resolution):
+    if (local_path(manifest["vae"]), manifest["resolution"]) != (local_path(vae), resolution):
         raise DataError(
             f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}, "
             f"the preset expects {vae} at {resolution}; re-encode with python -m stmd_fast.data.encode "
-            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or train with --preset latent, which "
-            f"takes any encoding (its VAE and resolution from the manifest)"
+            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or train with --preset latent and no "
+            f"--vae, which takes any encoding (its VAE and resolution from the manifest)"
         )
 
 

@@ -430,8 +430,8 @@ class Model:
         if tuple(y.shape) != expected:
             raise ValueError(f"y has shape {tuple(y.shape)}; {operator.name} measures {self.data_shape} samples "
                              f"as {expected}")
-        if not sigma_y >= 0:
-            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        if not 0 <= sigma_y < float("inf"):
+            raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
         generator, grid = self._generator(generator), grid or self.grid
         if particles is None:
             hook = DDNM(operator, y, sigma_y)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
+from .files import local_path
 from .kernels.dispatch import BACKENDS
 from .loggers import LOGGERS
 from .methods import METHODS
@@ -205,9 +206,16 @@ class TrainConfig:
 
             if self.dit not in DIT_MODELS:
                 raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
+        # saved absolute, so that the run resumes, samples and decodes from any working directory
+        self.data, self.vae, self.inception_weights = map(local_path, (self.data, self.vae, self.inception_weights))
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
-            self.out = f"runs/{Path(self.data).stem if own_data else self.preset}-{self.method}"
+            # resolved: --data . or ../ has no name of its own
+            self.out = f"runs/{Path(self.data).resolve().stem if own_data else self.preset}-{self.method}"
+        if self.data is not None and Path(self.data).is_dir() and Path(self.out).resolve().is_relative_to(
+                Path(self.data).resolve()):
+            raise ValueError(f"--out {self.out} lies inside --data {self.data}: its sample grids would be read as "
+                             f"training images by the next run; choose an --out outside the data folder")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

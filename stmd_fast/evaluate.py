@@ -121,6 +121,10 @@ def build_metric(meta: dict, args, device):
                                    batch_size=args.batch_size)
         except (RuntimeError, FileNotFoundError) as err:  # offline without weights, or a missing weights file
             raise EvalError(str(err).splitlines()[0]) from None
+    if dataset not in FD_PRESETS:  # our FD classifier learns the digits' labels: no labels, no classifier
+        raise EvalError(f"--metric fd reads the features of a digit classifier, trained for {' and '.join(FD_PRESETS)} "
+                        f"only (evaluate train-classifier --preset NAME); for {dataset} use --metric fid (Inception "
+                        f"FID; offline, with --inception-weights FILE)")
     from .classifier import load_classifier
 
     path = args.classifier or f"runs/classifier-{dataset}"
@@ -152,6 +156,8 @@ def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
     """(N, M) settings per method from the --stmd / --meanflow-steps / --ddpm-steps lists."""
     try:
         stmd = [tuple(int(v) for v in item.split("x")) for item in args.stmd.split(",")]
+        if any(len(nm) != 2 for nm in stmd):  # "2" or "2x2x2": not N x M
+            raise ValueError
         meanflow = [(1, int(m)) for m in args.meanflow_steps.split(",")]
         ddpm = [(int(n), 1) for n in args.ddpm_steps.split(",")]
     except ValueError:

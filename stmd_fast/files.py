@@ -62,6 +62,12 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def local_path(name: str | None) -> str | None:
+    """`name` made absolute when it is a file or folder here, else unchanged (a Hub id, a missing path):
+    a run or a manifest that saves it then works from any working directory."""
+    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
 def check_writable(path: str | Path, flag: str) -> None:
     """ValueError naming `flag` unless `path` (a file to be written) can be created: its folder is made
     and a temporary sibling written and removed, the only test that holds for read-only file systems,

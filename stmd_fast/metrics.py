@@ -169,8 +169,12 @@ def _inception_fid(fid_class, weights: str | None):
         # torch-fidelity reads a local file with torch.load(weights_only=False): pass only files you trust.
         return fid_class(feature=2048, normalize=True, reset_real_features=False,
                          feature_extractor_weights_path=weights)
-    except OSError as error:  # urllib's URLError offline, or a failed write to the hub cache
-        if weights is not None:
+    except Exception as error:  # noqa: BLE001 (torch.load of a bad file raises anything: pickle, zip, key errors)
+        if weights is not None:  # a truncated download, or another file
+            raise RuntimeError(f"--inception-weights {weights} is not the Inception weights file "
+                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                               f"download {_inception_filename()} again and pass that file") from None
+        if not isinstance(error, OSError):  # OSError: urllib's URLError offline, or a failed write to the hub cache
             raise
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 

@@ -245,8 +245,8 @@ class DDNM(BridgeHook):
     """
 
     def __init__(self, operator: LinearOperator, y: torch.Tensor, sigma_y: float = 0.0):
-        if not sigma_y >= 0:
-            raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
+        if not 0 <= sigma_y < float("inf"):
+            raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
         self.operator, self.y, self.sigma_y = operator, y, float(sigma_y)
 
     def __call__(self, x0_hat: torch.Tensor, step: Step | None = None, eps: torch.Tensor | None = None):

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
     add("--inpaint", metavar="IMAGE", help="observed image (.png, or .npy in model space [-1, 1]) to complete")
-    add("--mask", metavar="MASK", help="with --inpaint or --inverse inpaint: .png or .npy, nonzero/white = observed pixel")
+    add("--mask", metavar="MASK", help="with --inpaint or --inverse inpaint: .png (white, or 1 in a 0/1 mask) or .npy "
+        "(nonzero) = observed pixel")
     add("--inverse", choices=OPERATOR_NAMES, help="sample the posterior of a linear measurement y = A x + sigma_y n: "
         "sr4/sr2 (average pooling), gray (channel mean), inpaint (with --mask); give y with --observed")
     add("--observed", metavar="IMAGE", help="with --inverse: the measurement y at its own size (e.g. 2x2 for sr4 "
@@ -83,10 +84,13 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
             if as_mask:
                 x = (x != 0).float()
         else:
+            from .data.images import to_8bit
+
             with Image.open(file) as image:
-                pixels = np.asarray(image.convert("L" if (c == 1 or as_mask) else "RGB"))
+                pixels = np.asarray(to_8bit(image).convert("L" if (c == 1 or as_mask) else "RGB"))
             x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-            x = (x > 127).float() if as_mask else x / 127.5 - 1
+            # a mask drawn 0/255 (anti-aliased edges: > 127 is white) or saved as 0/1 (nonzero, as an .npy)
+            x = (x > (127 if x.max() > 1 else 0)).float() if as_mask else x / 127.5 - 1
     # PIL: not an image / truncated (OSError, UnidentifiedImageError), broken chunks (SyntaxError), bombs;
     # numpy: not an .npy, pickled objects, a non-numeric dtype (ValueError, TypeError, EOFError)
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError) as err:
@@ -98,6 +102,9 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
                          f"resize it to {h}x{w} first")
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} {path} contains NaN or inf")
+    if as_mask and not x.any():
+        raise ValueError(f"{what} {path} marks no pixel as observed: white (a .png) or nonzero (an .npy) marks "
+                         f"the pixels you know, black the ones to fill in")
     return x.expand(c, h, w).clone()
 
 
@@ -125,11 +132,18 @@ def prepare_out(out: Path) -> None:
     check_writable(out, "--out")
 
 
+MAX_ZOOM = 64
+
+
 def check_counts(args) -> None:
-    """--num, --batch-size and --zoom are counts: ValueError naming the first one below 1."""
+    """--num, --batch-size and --zoom are counts: ValueError naming the first one below 1, or a --zoom
+    beyond MAX_ZOOM (its grid would fill the memory)."""
     for flag in ("num", "batch_size", "zoom"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.zoom > MAX_ZOOM:
+        raise ValueError(f"--zoom {args.zoom}: at most {MAX_ZOOM} (8x8 digits become {8 * MAX_ZOOM} pixels); the grid "
+                         f"grows with its square")
 
 
 def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
@@ -255,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "
-                         f"checkpoint makes {model.data_kind}s (a pixel operator does not carry over to latents)")
+                         f"checkpoint makes {model.data_kind}s"
+                         f"{' (a pixel operator does not carry over to latents)' if model.data_kind == 'latent' else ''}")
     out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
     if vectors and out.suffix != ".npy":
         raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")

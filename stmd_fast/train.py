@@ -24,6 +24,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch and the rest import (seconds)
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
 import errno
+import json
 import logging
 import time
 import warnings
@@ -139,8 +140,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         refuse_if_live(cfg.out)
         raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
                         f"to start this run over, or choose a new --out") from None
-    for key, value in top.items():
-        if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) != value:
+    for key, value in top.items():  # as typed, or as the run saves it (a path made absolute)
+        if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) not in (value, getattr(cfg, key)):
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
                             f"not {value}: drop the flag, or use a new --out to start another run")
     for key, value in objective.items():
@@ -304,6 +305,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     out = Path(cfg.out)
     prepare_run_dir(out, resume, held, main=ctx.is_main)
     data = load_training_data(cfg, ctx)
+    if resume:
+        check_same_data(out, cfg, data, ctx.is_main)
     if data.kind == "latent" and cfg.vae is None:
         cfg.vae = data.manifest["vae"]  # preset latent: the VAE the shards were encoded with
     decode = None
@@ -323,7 +326,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     except ValueError as err:
         raise UserError(f"the network does not fit the data: {err}") from None
     data = data.to(device)
-    meta = {"config": cfg.to_dict(), "data_shape": list(data.shape), "data_kind": data.kind}
+    meta = {"config": cfg.to_dict(), "data_shape": list(data.shape), "data_count": sample_count(data),
+            "data_kind": data.kind}
     if data.kind == "latent":  # what Model.decode needs
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
                           "resolution": data.manifest["resolution"]}
@@ -340,6 +344,29 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if ctx.is_main:
         print_summary(cfg, run)
     return run
+
+
+def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
+    """A resumed run's data must have the shape per sample it was trained on (its network takes nothing
+    else); a changed count is allowed, and said. Both come from the run's config.json."""
+    try:
+        trained = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # no config.json yet: the checkpoint's own checks remain
+    source = cfg.data or cfg.preset
+    if trained.get("data_shape", list(data.shape)) != list(data.shape):
+        raise UserError(f"--resume: {out} was trained on samples of shape {tuple(trained['data_shape'])}, and "
+                        f"{source} now gives {tuple(data.shape)}: its network takes nothing else; resume on the data "
+                        f"it was trained on, or start a new run with another --out")
+    count = sample_count(data)
+    if trained.get("data_count") not in (None, count) and count is not None and main:
+        print(f"note: {source} now holds {count} samples, where the run was trained on {trained['data_count']}: "
+              f"it continues on the new set")
+
+
+def sample_count(data) -> int | None:
+    """How many samples an in-memory dataset holds; None for a latent stream (its manifest says)."""
+    return len(data) if hasattr(data, "__len__") else None
 
 
 def print_summary(cfg: TrainConfig, run: Run) -> None:
@@ -540,6 +567,9 @@ class StopRequest:
         return self.signal is not None
 
     def _request(self, signum, frame):
+        if self.signal is None:  # said at once: the step (or, under torchrun, the log interval) may take a while
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint; "
+                             f"a second Ctrl-C quits at once, without one\n")
         self.signal = self.signal or signum
         signal.signal(signum, signal.SIG_DFL)
 

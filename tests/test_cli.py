@@ -617,3 +617,156 @@ def test_inverse_bad_input_is_one_line(capsys, image_run, inpaint_files, tmp_pat
     assert sample(image_run, *args, "--out", tmp_path / "x.npy") == 2
     assert_one_line_error(capsys, *words)
     assert not (tmp_path / "x.npy").exists()
+
+
+# ----------------------------------------------------------------------------- a new user's paths, images and masks
+
+def _tiny_images(path: Path, channels: int = 1, count: int = 16, seed: int = 0) -> Path:
+    np.save(path, np.random.default_rng(seed).integers(0, 256, (count, channels, 8, 8), dtype=np.uint8))
+    return path
+
+
+def test_a_run_saves_its_data_path_absolute_and_resumes_from_anywhere(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    data, run = _tiny_images(work / "tiny.npy"), tmp_path / "run"
+    monkeypatch.chdir(work)
+    assert train("--data", "tiny.npy", "--steps", 1, "--batch-size", 8, "--device", "cpu", "--out", run) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["data"] == str(data)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved path still finds the data
+    assert train("--out", run, "--resume", "--steps", 2, "--device", "cpu") == 0
+    monkeypatch.chdir(work)  # and the relative spelling it was started with is the same data
+    assert train("--data", "tiny.npy", "--out", run, "--resume", "--steps", 3, "--device", "cpu") == 0
+    assert checkpoint_steps(run)[-1] == 3
+
+
+def test_resume_on_data_of_another_shape_is_refused_and_a_new_count_is_said(tmp_path, capsys):
+    data, run = _tiny_images(tmp_path / "d.npy"), tmp_path / "run"
+    assert train("--data", data, "--steps", 1, "--batch-size", 8, "--device", "cpu", "--out", run) == 0
+    _tiny_images(data, channels=3)
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 2, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "(1, 8, 8)", "(3, 8, 8)", "another --out")
+    _tiny_images(data, count=24)
+    assert train("--out", run, "--resume", "--steps", 2, "--device", "cpu") == 0
+    assert "now holds 24 samples, where the run was trained on 16" in capsys.readouterr().out
+
+
+def test_a_data_folder_gets_its_own_name_and_no_run_inside_it(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(2):
+        write_png(np.full((1, 8, 8), 40 * i, np.uint8), folder / f"{i}.png")
+    cfg, _ = train_module.resolve_config({"data": "pics/."})
+    assert cfg.out == "runs/pics-stmd" and cfg.data == str(folder)
+    monkeypatch.chdir(folder)  # --data . and the default --out: runs/ would land among the images
+    assert train("--data", ".", "--steps", 1, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "lies inside --data", "outside")
+    assert not (folder / "runs").exists()
+
+
+def test_a_data_file_that_is_not_an_array_says_what_to_pass(tmp_path, capsys):
+    png = tmp_path / "pics" / "0.png"
+    png.parent.mkdir()
+    write_png(np.zeros((1, 8, 8), np.uint8), png)
+    assert train("--data", png, "--steps", 1, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "one file of your images", f"--data {png.parent}")
+    channels_last = tmp_path / "hwc.npy"
+    np.save(channels_last, np.zeros((4, 8, 8, 3), np.uint8))
+    assert train("--data", channels_last, "--steps", 1, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "(N, H, W, C)", "x.transpose(0, 3, 1, 2)")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_16_bit_and_float_grayscale_images_are_scaled_not_clipped(tmp_path, mode):
+    from stmd_fast.data.images import load_image_folder
+
+    levels = np.arange(64).reshape(8, 8) * 4  # 0..252, the 8-bit values expected back
+    stored = (levels * 257).astype(np.uint16) if mode == "I;16" else (levels / 255).astype(np.float32)
+    path = tmp_path / ("a.png" if mode == "I;16" else "a.tiff")
+    Image.fromarray(stored).save(path)
+    if mode == "F":  # the folder reader takes JPEG/PNG; a float image reaches it only through read_array
+        from stmd_fast.sample import read_array
+
+        x = read_array(str(path), (1, 8, 8), "--inpaint")
+        assert torch.allclose((x[0] + 1) * 127.5, torch.from_numpy(levels).float(), atol=1e-4)
+        return
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")  # a true 16-bit file, not one Pillow stored as 8 bits
+    data = load_image_folder(tmp_path, 8)
+    assert data.values.shape == (1, 1, 8, 8)
+    assert torch.equal(data.values[0, 0], torch.from_numpy(levels).to(torch.uint8))
+
+
+def test_masks_are_read_as_drawn_and_an_empty_one_is_refused(tmp_path):
+    from stmd_fast.sample import read_array
+
+    half = np.zeros((8, 8), np.uint8)
+    half[:, :4] = 1
+    soft = half * 255
+    soft[0, 4] = 100  # an anti-aliased edge pixel of a 0/255 mask: still unobserved
+    for name, pixels in (("zero-one.png", half), ("drawn.png", soft)):
+        write_png(pixels[None], tmp_path / name)
+        mask = read_array(str(tmp_path / name), (1, 8, 8), "--mask", as_mask=True)
+        assert torch.equal(mask[0], torch.from_numpy(half).float()), name
+    write_png(np.zeros((1, 8, 8), np.uint8), tmp_path / "none.png")
+    np.save(tmp_path / "none.npy", np.zeros((8, 8)))
+    for name in ("none.png", "none.npy"):
+        with pytest.raises(ValueError, match="marks no pixel as observed"):
+            read_array(str(tmp_path / name), (1, 8, 8), "--mask", as_mask=True)
+
+
+def test_first_ctrl_c_says_at_once_what_happens_next(capsys):
+    import os
+    import signal
+
+    with train_module.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step, with a checkpoint" in err and "second Ctrl-C quits at once" in err
+
+
+def test_example_data_wants_a_fresh_folder(tmp_path, capsys):
+    from stmd_fast.data.example import main as example_main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "demo" / "images").mkdir(parents=True)
+    (tmp_path / "demo" / "images" / "0000.png").write_bytes(b"")
+    for out, words in ((tmp_path / "file", ("is a file",)), (tmp_path / "demo", ("already holds files",))):
+        with pytest.raises(SystemExit) as exit_:
+            example_main(["--out", str(out), "--num", "1"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_evaluate_and_sample_bounds_in_one_line():
+    from argparse import Namespace
+
+    from stmd_fast.evaluate import EvalError, build_metric, parse_settings
+    from stmd_fast.operators import DDNM, make_operator
+    from stmd_fast.sample import MAX_ZOOM, check_counts
+
+    for stmd in ("2", "2x2x2"):
+        with pytest.raises(EvalError, match="NxM"):
+            parse_settings(Namespace(stmd=stmd, meanflow_steps="1", ddpm_steps="1"))
+    own = {"config": {"data": "/data/grayonly", "preset": "images"}, "data_shape": [1, 8, 8]}
+    with pytest.raises(EvalError, match="for /data/grayonly use --metric fid"):
+        build_metric(own, Namespace(metric="fd", classifier=None, inception_weights=None, batch_size=8), "cpu")
+    check_counts(Namespace(num=1, batch_size=1, zoom=MAX_ZOOM))
+    with pytest.raises(ValueError, match=f"--zoom {MAX_ZOOM + 1}: at most {MAX_ZOOM}"):
+        check_counts(Namespace(num=1, batch_size=1, zoom=MAX_ZOOM + 1))
+    with pytest.raises(ValueError, match="finite number >= 0, got nan"):
+        DDNM(make_operator("gray"), torch.zeros(1, 8, 8), sigma_y=float("nan"))
+
+
+def test_a_bad_inception_weights_file_is_named(tmp_path):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from stmd_fast.metrics import _inception_fid
+
+    bad = tmp_path / "pt_inception.pth"
+    bad.write_bytes(b"half a download")
+    with pytest.raises(RuntimeError, match="is not the Inception weights file"):
+        _inception_fid(FrechetInceptionDistance, str(bad))

@@ -345,7 +345,7 @@ NOT_IMAGES = {
 @pytest.mark.parametrize("name", list(NOT_IMAGES))
 def test_inpaint_or_mask_that_is_not_an_image_is_one_line(capsys, image_run, tmp_path, no_sampling, flag, name):
     good = tmp_path / "good.npy"
-    np.save(good, np.zeros((1, 8, 8), dtype=np.float32))
+    np.save(good, np.ones((1, 8, 8), dtype=np.float32))  # a valid image, and a mask that observes every pixel
     bad = tmp_path / name
     NOT_IMAGES[name](bad)
     files_ = {"--inpaint": good, "--mask": good, flag: bad}
