@@ -53,15 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of JPEG/PNG images, searched recursively")
     p.add_argument("--vae", required=True,
                    help="AutoencoderKL: a local folder saved with save_pretrained, or a hub id (e.g. stabilityai/sd-vae-ft-ema)")
-    p.add_argument("--resolution", type=int, default=256, help="square image size before encoding")
+    p.add_argument("--resolution", type=int, default=256, help="square image size before encoding [default: 256]")
     p.add_argument("--out", required=True, help="shard folder: shard-%%06d.tar and manifest.json")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call [default: 32]")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
     p.add_argument("--flip", action="store_true", help="also encode each image mirrored, as a separate sample")
-    p.add_argument("--shard-size", type=int, default=1000, help="source images per shard")
+    p.add_argument("--shard-size", type=int, default=1000, help="source images per shard [default: 1000]")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N images (sorted order)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="threads decoding and resizing images (PIL releases the GIL)")
+                   help="threads decoding and resizing images (PIL releases the GIL) [default: the CPU count, at most 8]")
     return p
 
 

@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", type=int, default=64,
         help="the program's static batch: it takes exactly this many samples per call [default: 64]")
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
+    add("--ema", type=float, metavar="DECAY", help="which EMA to bake in, by its decay: a run keeps --ema-decay and "
+        "each of --ema-decays [default: --ema-decay's]")
     add("--device", default="auto", help="auto | cpu | cuda: the device the program runs on [default: auto]")
     add("--out", default="sampler.pt2", help="the program, a .pt2 file [default: sampler.pt2]")
     add("--aoti", action="store_true",
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
     check_out(out)
-    model = load_checkpoint(ckpt, device=device, weights="ema")
+    model = load_checkpoint(ckpt, device=device, weights="ema", ema=args.ema)
     if passed_over:
         print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
               file=sys.stderr)
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
     meta["checkpoint"] = str(ckpt)
+    meta["ema_decay"] = args.ema if args.ema is not None else ckpt_meta["config"]["ema_decay"]
     try:
         save(program, meta, out)
     except OSError as err:

@@ -176,6 +176,9 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
         why["resolution"] = "it sizes an image folder (--data DIR); this run's data have their own size"
     if cfg.preset not in LATENT_RESOLUTION:
         why["vae"] = "it is for the latent presets (--preset latent or celeba-latent)"
+    if not cfg.fd_every:
+        why |= {name: "it sets up --fd-every K, which this run does not use"
+                for name in ("inception_weights", "fd_classifier", "fd_num")}
     return [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
 
 

@@ -155,7 +155,8 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
     ("meanflow", ["--s-sampler", "grid", "--sample-steps", 2, "--vae", "x", "--resolution", 32],
      ["--time-sampler", "pair", "--sample-flow-steps", 2]),
     ("ddpm", ["--time-sampler", "pair", "--adaptive-p", 0.5, "--sample-flow-steps", 2], ["--s-sampler", "grid"]),
-    ("stmd", ["--sample-ddpm-steps", 5], ["--s-sampler", "grid", "--time-sampler", "pair", "--sample-steps", 2]),
+    ("stmd", ["--sample-ddpm-steps", 5, "--fd-num", 100, "--inception-weights", "w.pth"],
+     ["--s-sampler", "grid", "--time-sampler", "pair", "--sample-steps", 2]),
 ])
 def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_path, method, unused, used):
     """Each given flag that the method or the data has no use for gets a note saying why; the others none."""

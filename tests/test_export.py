@@ -458,6 +458,27 @@ def test_export_refuses_a_checkpoint_without_ema_weights(capsys, runs, tmp_path)
     assert not out.exists()
 
 
+def test_export_bakes_in_the_ema_it_is_asked_for(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert train_main([str(a) for a in ["--preset", "gmm", "--batch-size", 16, "--steps", 3, "--ema-decays", 0.5,
+                                        "--device", "cpu", "--out", run]]) == 0
+    noise = torch.stack(sampling.draw_sampler_noise("stmd", 4, (2,), 1, 1, gen(3)))
+    outputs = {}
+    for ema in (None, 0.5):
+        path = tmp_path / f"{ema}.pt2"
+        assert export_main(export_args(run, path, "--batch", 4, *(["--ema", ema] if ema else []))) == 0
+        program, meta = load_program(path)
+        model = stmd_fast.load_checkpoint(run, ema=ema)
+        assert meta["ema_decay"] == (ema or model.meta["config"]["ema_decay"])
+        outputs[ema] = program.module()(noise)
+        torch.testing.assert_close(outputs[ema], sampling.sample_from_noise(model.net, "stmd", noise, 1, 1, model.grid),
+                                   **TIGHT)
+    assert not torch.allclose(outputs[None], outputs[0.5])  # two averages, two programs
+    capsys.readouterr()
+    assert export_main(export_args(run, tmp_path / "x.pt2", "--ema", 0.3)) == 2
+    assert_one_line_error(capsys, "--ema 0.3", "0.5")
+
+
 @pytest.mark.parametrize("case", ["under-a-file", "a-directory", "not-pt2"])
 def test_export_refuses_an_unwritable_out(capsys, runs, tmp_path, case):
     blocker = tmp_path / "file.txt"
