@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,8 +56,8 @@ def meanflow_loss_case(device, size):
     return {"reference": make(meanflow_loss_reference), "kernel": make(meanflow_loss)}, {"bytes": moved}
 
 
-def attention_case(device, size, dtype=torch.bfloat16):
-    """Attention forward with its tangent (the JVP pass), then the backward of the primal."""
+def attention_case(device, size, backward: bool, dtype=torch.bfloat16):
+    """Attention forward with its tangent (the JVP pass), and with `backward` the backward of the primal."""
     batch, heads, length, dim = size
     dtype = dtype if device.type == "cuda" else torch.float32
     q, k, v, q_t, k_t, v_t = (torch.randn(batch, heads, length, dim, device=device, dtype=dtype) for _ in range(6))
@@ -67,18 +68,25 @@ def attention_case(device, size, dtype=torch.bfloat16):
     def make(fn):
         def run():
             o, o_t = torch.func.jvp(lambda a, b, c: fn(a, b, c, scale), (q, k, v), (q_t, k_t, v_t))
-            return torch.autograd.grad(o, (q, k, v), o_t.detach())
+            return torch.autograd.grad(o, (q, k, v), o_t.detach()) if backward else o_t
         return run
 
     # matmuls per head: primal 2 (4 L^2 d), tangent 4 (8 L^2 d), backward 5 (10 L^2 d)
-    flops = batch * heads * 22 * length**2 * dim
+    flops = batch * heads * (22 if backward else 12) * length**2 * dim
     return {"reference": make(attention_reference), "kernel": make(attention)}, {"flops": flops}
 
 
+# attention (batch, heads, L, head dim): the cifar10 U-Net's at 16x16 (batch 128, 256 channels in
+# heads of 8), DiT-M/2's on 4x32x32 latents (batch 64), and DiT-M/2's at 1024 tokens (64x64 latents)
+ATTENTION_SIZES = {"U-Net cifar10": (128, 32, 256, 8), "DiT-M/2 L256": (64, 16, 256, 64),
+                   "DiT-M/2 L1024": (16, 16, 1024, 64)}
 CASES = {  # name -> (builder, full size, smoke size)
     "time_features (jvp)": (time_features_case, (65536, 256), (64, 32)),
     "meanflow_loss (fwd+bwd)": (meanflow_loss_case, (256, 4 * 32 * 32), (8, 256)),
-    "attention (jvp+bwd)": (attention_case, (32, 6, 256, 64), (2, 2, 16, 16)),
+    **{f"attention jvp, {shape}": (partial(attention_case, backward=False), size, (2, 2, 16, 16))
+       for shape, size in ATTENTION_SIZES.items()},
+    **{f"attention jvp+bwd, {shape}": (partial(attention_case, backward=True), size, (2, 2, 16, 16))
+       for shape, size in ATTENTION_SIZES.items()},
 }
 
 
@@ -116,9 +124,12 @@ def main(argv=None) -> int:
                 row["tflops"] = work["flops"] / (ms * 1e-3) / 1e12
             rows.append(row)
             record("kernels", row)
-            print(f"  {name:>24} | {impl:>29} | {ms:.3f} ms", flush=True)
+            print(f"  {name:>32} | {impl:>29} | {ms:.3f} ms", flush=True)
+    for row in rows:  # the kernel against Inductor's fusion of the reference, measured in the same run
+        inductor = next(r for r in rows if r["kernel"] == row["kernel"] and r["impl"].startswith("inductor"))
+        row["speedup_vs_inductor"] = inductor["ms"] / row["ms"]
     print()
-    print_table(rows, ["kernel", "impl", "ms", "gb_per_s", "pct_of_copy", "tflops"])
+    print_table(rows, ["kernel", "impl", "ms", "gb_per_s", "pct_of_copy", "tflops", "speedup_vs_inductor"])
     finish("kernels", {"environment": env, "copy_gbps": copy_gbps, "rows": rows}, save=not args.no_save)
     return 0
 

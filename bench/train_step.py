@@ -17,8 +17,9 @@ warm-up), so the load of a shared machine hits them alike; --sequential runs eac
 steps back to back (what per-variant GPU power and utilisation need).
 Reports median ms/step, img/s, TFLOP/s and MFU (FLOPs of forward + tangent + backward counted
 by torch.utils.flop_counter, against the bf16 matmul peak measured here), peak memory, the
-objective / flow-matching ratio, the speed-up over the public recipe, and on a GPU (with
---sequential) the median power and utilisation (nvidia-ml-py).
+objective / flow-matching ratio, the speed-up over the public recipe, on a GPU (with
+--sequential) the median power and utilisation (nvidia-ml-py), and each variant's mean loss over
+its first and last few steps on the fixed batch (finite and falling: the step trains).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
-from stmd_fast.models import count_params  # noqa: E402
+from stmd_fast.models import count_params, dit_config  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
 
 
@@ -67,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES), help="network and data shape")
     p.add_argument("--method", default="stmd", choices=sorted(METHODS))
     p.add_argument("--batch", type=int, default=None, help="batch size [default: the preset's]")
+    p.add_argument("--dit", default=None, metavar="NAME", help="a DiT of the registry (DiT-B/2, DiT-M/2, ...) "
+                   "instead of the preset's network [default: the preset's]")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (triton needs CUDA) [default: all]")
     p.add_argument("--no-flow-matching", action="store_true", help="skip the flow-matching rows")
-    p.add_argument("--sequential", action="store_true", help="time each variant's steps back to back (GPU power "
-                   "and utilisation per variant) instead of interleaving the variants step by step")
+    p.add_argument("--sequential", action="store_true", help="time each variant right after its warm-up, steps "
+                   "back to back (GPU power and utilisation per variant), and record its row at once (a run cut "
+                   "short keeps the rows measured before the cut), instead of interleaving the variants step by step")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps (the first one compiles)")
     p.add_argument("--iters", type=int, default=30, help="timed steps")
     p.add_argument("--device", default="auto")
@@ -141,11 +145,29 @@ def build_runner(name, objective, cfg, data_shape, batch, device):
         step = make_train_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema, cfg.ema_decay,
                                variant.compile, variant.precision, device)
 
+    losses = []  # every step's loss, kept on the device (no sync inside the timed steps)
+
     def run():
         with dispatch.backend(variant.kernels):
-            return step(x0, draw_noise(x0, cfg.objective, generator))
+            loss, error = step(x0, draw_noise(x0, cfg.objective, generator))
+        losses.append(loss.detach())
+        return loss, error
 
-    return run, loss_fn, net, x0, generator
+    return run, loss_fn, net, x0, generator, losses
+
+
+def loss_summary(losses: list[torch.Tensor]) -> dict:
+    """Finite and falling? The mean loss of the first and the last few steps on the fixed batch x0."""
+    values = torch.stack(losses).float().cpu()
+    few = max(1, min(3, len(values) // 3))
+    return {"loss_first": values[:few].mean().item(), "loss_last": values[-few:].mean().item(),
+            "loss_finite": bool(torch.isfinite(values).all()), "loss_steps": len(values)}
+
+
+def add_rates(row: dict, times: list[float], batch: int, peak: float) -> None:
+    ms = median(times)
+    tflops = row["gflop_per_step"] * 1e9 / (ms * 1e-3) / 1e12
+    row.update(ms_per_step=ms, img_per_s=batch / (ms * 1e-3), tflops=tflops, mfu_pct=100 * tflops / peak)
 
 
 def main(argv=None) -> int:
@@ -163,6 +185,8 @@ def main(argv=None) -> int:
         names = [v for v in names if VARIANTS[v].kernels != "triton"]
     cfg = PRESETS[args.preset]()
     cfg.method = args.method
+    if args.dit:
+        cfg.net = dit_config(args.dit)
     data_shape = PRESET_DATA_SHAPES[args.preset]
     batch = args.batch or cfg.batch_size
     if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
@@ -179,12 +203,12 @@ def main(argv=None) -> int:
           f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps")
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = 64  # every variant's compiled loss stays live for the interleaving
-    flops, runners, rows = {}, {}, {}
+    flops, runners, rows, losses = {}, {}, {}, {}
     for key in runs:  # build, count FLOPs, warm up (compiles): one variant after another
         name, objective = key
         base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         reset_peak_memory(device)
-        run, loss_fn, net, x0, generator = build_runner(name, objective, cfg, data_shape, batch, device)
+        run, loss_fn, net, x0, generator, losses[key] = build_runner(name, objective, cfg, data_shape, batch, device)
         flop_key = (objective, VARIANTS[name].public)
         if flop_key not in flops:
             # counted eagerly in fp32 on one block of rows (cfg.objective.jvp_block, 4 by default) and
@@ -201,18 +225,17 @@ def main(argv=None) -> int:
                      "gflop_per_step": flops[flop_key] / 1e9}
         runners[key] = run
         print(f"  warmed up {name} | {objective}", flush=True)
-    if args.sequential:
-        for key, run in runners.items():
+        if args.sequential:
             with GpuTelemetry(device) as telemetry:
-                rows[key]["times"] = time_ms(run, device, 0, args.iters)
-            rows[key].update(telemetry.summary())
-    else:
+                add_rates(rows[key], time_ms(run, device, 0, args.iters), batch, peak)
+            rows[key].update(telemetry.summary(), **loss_summary(losses[key]))
+            record(f"train_step/{args.preset}/{args.method}/measured", rows[key])
+            print(f"  {name} | {objective}: {rows[key]['ms_per_step']:.2f} ms/step, "
+                  f"{rows[key]['img_per_s']:.0f} img/s, MFU {rows[key]['mfu_pct']:.1f}%", flush=True)
+    if not args.sequential:
         for key, times in time_ms_interleaved(runners, device, args.iters).items():
-            rows[key]["times"] = times
-    for row in rows.values():
-        ms = median(row.pop("times"))
-        tflops = row["gflop_per_step"] * 1e9 / (ms * 1e-3) / 1e12
-        row.update(ms_per_step=ms, img_per_s=batch / (ms * 1e-3), tflops=tflops, mfu_pct=100 * tflops / peak)
+            add_rates(rows[key], times, batch, peak)
+            rows[key].update(loss_summary(losses[key]))
     rows = list(rows.values())
     for row in rows:
         same = lambda name: next((r for r in rows if r["variant"] == name and r["objective"] == row["objective"]),  # noqa: E731
@@ -229,8 +252,8 @@ def main(argv=None) -> int:
     print()
     print_table(rows, ["variant", "objective", "ms_per_step", "img_per_s", "tflops", "mfu_pct", "peak_mem_mb",
                        "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching", "speedup_vs_public",
-                       "power_w", "gpu_util_pct"])
-    result = {"environment": env, "preset": args.preset, "method": args.method, "batch": batch,
+                       "power_w", "gpu_util_pct", "loss_first", "loss_last", "loss_finite"])
+    result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
               "params": n_params, "bf16_peak_tflops": peak, "warmup": args.warmup, "iters": args.iters,
               "interleaved": not args.sequential, "rows": rows}
     finish(f"train_step/{args.preset}/{args.method}", result, save=not args.no_save)

@@ -18,7 +18,7 @@ def test_stage_budgets_fit_the_gpu_time():
     assert sum(s.budget_s for s in gpu_check.STAGES) <= gpu_check.GPU_BUDGET_S <= 9 * 60
     assert [s.name for s in gpu_check.STAGES][:2] == ["environment", "cuda tests"]  # correctness before speed
     for stage in gpu_check.STAGES:  # python3 everywhere, results never into bench/results
-        assert "--no-save" in stage.gpu or "pytest" in stage.gpu or "--environment" in stage.gpu
+        assert {"--no-save", "pytest", "--environment", "--train-check"} & set(stage.gpu)
 
 
 def test_a_failing_and_an_overrunning_stage_are_logged_and_the_next_runs(tmp_path, monkeypatch):
@@ -36,6 +36,17 @@ def test_a_failing_and_an_overrunning_stage_are_logged_and_the_next_runs(tmp_pat
     assert [x["stage"] for x in lines] == ["fails", "hangs", "works"]
 
 
+def test_a_stage_that_ends_early_hands_its_seconds_to_the_next(tmp_path):
+    py = sys.executable
+    stages = [gpu_check.Stage("quick", 4, [py, "-c", "print('done')"], []),
+              gpu_check.Stage("needs the slack", 1, [py, "-c", "import time; time.sleep(2)"], []),
+              gpu_check.Stage("overruns", 1, [py, "-c", "import time; time.sleep(60)"], [])]
+    results = gpu_check.run_stages(stages, tmp_path, dry_run=False)
+    assert [r["status"] for r in results][:2] == ["ok", "ok"]
+    assert results[2]["status"].startswith("out of time")
+    assert sum(r["seconds"] for r in results) < sum(s.budget_s for s in stages) + 2  # the total still holds
+
+
 @pytest.mark.slow
 def test_dry_run_passes_every_stage(tmp_path):
     # the script calls python3 (the GPU image's name): this interpreter's, even when its venv is not activated
@@ -51,7 +62,10 @@ def test_dry_run_passes_every_stage(tmp_path):
     assert all(x["status"] == "ok" for x in stages)
     rows = [x for x in lines if "row" in x]  # measured rows, appended by the benchmarks as they ran
     benchmarks = {x["benchmark"] for x in rows}
-    assert {"environment", "kernels", "train_step/gmm/stmd", "sample/gmm/stmd"} <= benchmarks, benchmarks
+    assert {"environment", "kernels", "train_step/gmm/stmd", "train_step/celeba-latent/stmd", "sample/gmm/stmd",
+            "train_check/cifar10"} <= benchmarks, benchmarks
+    check = next(x["row"] for x in rows if x["benchmark"] == "train_check/cifar10")
+    assert check["passed"] and check["loss_last"] < check["loss_first"]
     env = next(x["row"] for x in rows if x["benchmark"] == "environment")
     assert env["torch"] and env["commit"]
     assert all(r["row"]["ms_per_step"] > 0 for r in rows if r["benchmark"].startswith("train_step"))
