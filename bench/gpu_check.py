@@ -53,7 +53,7 @@ STAGES = [
     # stage cut short by its budget keeps what it measured; the headline variant goes first
     Stage("train step cifar10", 170,
           [PY, "bench/train_step.py", "--preset", "cifar10", "--method", "stmd", "--batch", CIFAR_BATCH,
-           "--sequential", "--variants", "compiled bf16 + triton,eager fp32,compiled bf16", *STEADY],
+           "--sequential", "--variants", "compiled bf16 + triton,eager fp32,compiled bf16,public recipe", *STEADY],
           [PY, "bench/train_step.py", "--smoke", "--sequential"]),
     # the trainer itself (python -m stmd_fast.train) on cifar10's network in bf16 with the kernels:
     # finite and falling loss on image data, a checkpoint written
