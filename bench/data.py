@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     urls = shard_pattern(args.shards)
     probe = LatentShards(urls, num_workers=0)  # checks the shards and manifest before any timing
-    counts = [int(w) for w in args.workers.split(",")]
+    asked = [int(w) for w in args.workers.split(",")]
+    # a worker reads whole shards, so the loader runs min(workers, shards) of them: each count once
+    counts = list(dict.fromkeys(min(w, len(probe.urls)) for w in asked))
+    if counts != asked:
+        print(f"note: {len(probe.urls)} shard(s) feed at most {len(probe.urls)} worker(s): measuring "
+              f"{','.join(map(str, counts))} workers instead of {args.workers}")
     needed = None if args.step_ms is None else args.batch / (args.step_ms / 1e3)
 
     env = environment(device)

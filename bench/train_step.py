@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -76,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="time each variant right after its warm-up, steps "
                    "back to back (GPU power and utilisation per variant), and record its row at once (a run cut "
                    "short keeps the rows measured before the cut), instead of interleaving the variants step by step")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps (the first one compiles)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps, at least 1 (the first one compiles; "
+                   "its time is reported as first_step_s)")
     p.add_argument("--iters", type=int, default=30, help="timed steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
                    "compiled and public recipe, not saved")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
+    p.add_argument("--compile-report", action="store_true", help="print where the compile time went (Dynamo, "
+                   "AOTAutograd, Inductor's phases; torch._dynamo.utils.compile_times) at the end")
     return p
 
 
@@ -175,6 +179,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.preset, args.batch, args.warmup, args.iters, args.device = "gmm", 16, 2, 3, "cpu"
         args.variants, args.no_save = "eager fp32,compiled fp32,public recipe", True
+    if args.warmup < 1:
+        sys.exit("error: --warmup must be at least 1 (the first step compiles and is timed apart)")
     device = resolve_device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -218,13 +224,19 @@ def main(argv=None) -> int:
             flops[flop_key] = count_step_flops(loss_fn, x0[:few], draw_noise(x0[:few], cfg.objective, generator)) \
                 * batch // few
             net.zero_grad(set_to_none=True)
-        for _ in range(args.warmup):
+        print(f"  warming up {name} | {objective}{' (the first step compiles)' if VARIANTS[name].compile else ''}",
+              flush=True)
+        began = time.perf_counter()
+        run()
+        synchronize(device)
+        first_step_s = time.perf_counter() - began  # compile included: what a user waits for once per run
+        for _ in range(args.warmup - 1):
             run()
         synchronize(device)
         rows[key] = {"variant": name, "objective": objective, "peak_mem_mb": peak_memory_mb(device) - base_mb,
-                     "gflop_per_step": flops[flop_key] / 1e9}
+                     "gflop_per_step": flops[flop_key] / 1e9, "first_step_s": first_step_s}
         runners[key] = run
-        print(f"  warmed up {name} | {objective}", flush=True)
+        print(f"  warmed up {name} | {objective}: first step {first_step_s:.1f} s", flush=True)
         if args.sequential:
             with GpuTelemetry(device) as telemetry:
                 add_rates(rows[key], time_ms(run, device, 0, args.iters), batch, peak)
@@ -252,10 +264,13 @@ def main(argv=None) -> int:
     print()
     print_table(rows, ["variant", "objective", "ms_per_step", "img_per_s", "tflops", "mfu_pct", "peak_mem_mb",
                        "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching", "speedup_vs_public",
-                       "power_w", "gpu_util_pct", "loss_first", "loss_last", "loss_finite"])
+                       "power_w", "gpu_util_pct", "loss_first", "loss_last", "loss_finite", "first_step_s"])
     result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
               "params": n_params, "bf16_peak_tflops": peak, "warmup": args.warmup, "iters": args.iters,
               "interleaved": not args.sequential, "rows": rows}
+    if args.compile_report:
+        from torch._dynamo.utils import compile_times
+        print(compile_times(repr="str", aggregate=True))
     finish(f"train_step/{args.preset}/{args.method}", result, save=not args.no_save)
     return 0
 

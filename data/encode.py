@@ -29,6 +29,7 @@ import io
 import json
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,8 +39,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..cli import Parser
-from ..files import fsync_path, local_path, temp_sibling, write_atomic
+from ..cli import Parser, one_line_errors
+from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
 from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
@@ -197,11 +198,15 @@ def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
     return {info["name"]: info for info in previous.get("shard_info", [])}
 
 
-def write_failed(out: Path, name: str, error: OSError, finished: int) -> DataError:
+class EncodeWriteFailed(DataError, WriteFailed):
+    """A shard or the manifest could not be written: a failure (exit 1), not a mistake in the input."""
+
+
+def write_failed(out: Path, name: str, error: OSError, finished: int) -> EncodeWriteFailed:
     """A write that failed (a full disk): its temporary file is gone, the finished shards are kept."""
     for leftover in [*out.glob("shard-*.tar.tmp"), *out.glob(".tmp-*manifest.json")]:
         leftover.unlink(missing_ok=True)
-    return DataError(f"could not write {out / name}: {error.strerror or error}; no partial file is left, the "
+    return EncodeWriteFailed(f"could not write {out / name}: {error.strerror or error}; no partial file is left, the "
                      f"{finished} shards written before are kept: free space and rerun the same command to continue")
 
 
@@ -277,8 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+@one_line_errors(DataError, failures=(WriteFailed,))
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: bad input exits 2 with one line, as every stmd_fast command; a failed write 1."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from None
+    sys.exit(cli())

@@ -539,7 +539,16 @@ def measure_fd(run: Run, ema) -> dict[str, float]:
     return values
 
 
-def assert_compiled(verbose: bool = True) -> None:
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs between runs ($TORCHINDUCTOR_CACHE_DIR, else its default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        return cache_dir()
+    except ImportError:  # an older torch: the variable, if set
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's cache")
+
+
+def assert_compiled(verbose: bool = True, seconds: float | None = None) -> None:
     """torch.compile falls back to eager silently on some failures: check a graph exists."""
     from torch._dynamo.utils import counters
 
@@ -549,7 +558,8 @@ def assert_compiled(verbose: bool = True) -> None:
         raise RuntimeError("--compile: torch.compile produced no graph for the loss; run without --compile "
                            "and report this with your torch version")
     if verbose:
-        print(f"compiled the loss: {graphs} graph(s), {breaks} graph break(s)")
+        took = f" in {seconds:.0f} s (the first step)" if seconds is not None else ""
+        print(f"compiled the loss{took}: {graphs} graph(s), {breaks} graph break(s)")
 
 
 
@@ -602,9 +612,16 @@ def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
         calls[0] += 1
         if calls[0] == fail_at:
             os._exit(1)  # no cleanup, as a crashed process
+        first_compiled = cfg.compile and calls[0] == start + 1  # a resumed run compiles too
+        if first_compiled and ctx.is_main:
+            # measured on one H200 host (README, Performance): over 3 minutes for the cifar10 U-Net's step
+            print(f"compiling the loss with its JVP and backward: the first step waits for it, minutes for a "
+                  f"large network; a later run of the same network and batch reuses {inductor_cache_dir()}",
+                  flush=True)
+        began = time.perf_counter()
         out = train_step(x0, noise)
-        if cfg.compile and calls[0] == 1:
-            assert_compiled(verbose=ctx.is_main)
+        if first_compiled:
+            assert_compiled(verbose=ctx.is_main, seconds=time.perf_counter() - began)
         if sync_check and calls[0] - start <= 2 and not distributed.replicas_agree(state.net):
             # every rank gathered the same fingerprints, so every rank raises here
             raise GradientSyncFailed(f"the {ctx.world_size} processes hold different weights after step "

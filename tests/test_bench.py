@@ -93,6 +93,33 @@ def test_train_step_smoke():
     assert rows[("eager fp32", "stmd")]["speedup_vs_eager"] == 1.0
     assert ours["speedup_vs_public"] == pytest.approx(public["ms_per_step"] / ours["ms_per_step"])
     assert public["speedup_vs_public"] is None
+    for row in rows.values():  # every step's loss was kept: 2 warm-up + 3 timed, all finite
+        assert row["loss_steps"] == 5 and row["loss_finite"] and row["first_step_s"] > 0
+    # the first step of a compiled variant compiles: it takes longer than a whole timed step
+    assert ours["first_step_s"] * 1e3 > ours["ms_per_step"]
+
+
+def test_train_step_sequential_keeps_each_row_as_it_is_measured(tmp_path, monkeypatch):
+    """--sequential (what gpu_check runs): each row reaches $STMD_BENCH_JSONL right after its own
+    steps, before the next variant is built, so a run killed at its time limit keeps them."""
+    import train_step
+
+    jsonl = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("STMD_BENCH_JSONL", str(jsonl))
+    seen_before_build = []
+    build = train_step.build_runner
+
+    def spying_build(name, objective, *args):
+        seen_before_build.append(jsonl.read_text().count("/measured") if jsonl.exists() else 0)
+        return build(name, objective, *args)
+
+    monkeypatch.setattr(train_step, "build_runner", spying_build)
+    train_step.main(["--preset", "gmm", "--batch", "8", "--variants", "eager fp32", "--sequential", "--warmup", "1",
+                     "--iters", "2", "--device", "cpu", "--no-save"])
+    assert seen_before_build == [0, 1]  # the stmd row was kept before the flow-matching runner was built
+    measured = [json.loads(x) for x in jsonl.read_text().splitlines() if "/measured" in x]
+    assert [m["row"]["objective"] for m in measured] == ["stmd", "flow matching"]
+    assert all(m["row"]["ms_per_step"] > 0 and m["row"]["loss_steps"] == 3 for m in measured)
 
 
 @pytest.mark.slow
@@ -107,8 +134,12 @@ def test_sample_smoke():
 def test_kernels_smoke():
     result = run_smoke("kernels.py")
     kernels = {r["kernel"] for r in result["rows"]}
-    assert len(kernels) == 3 and result["copy_gbps"] > 0
+    # the two memory-bound kernels, and attention at three shapes, forward + tangent and with backward
+    assert len(kernels) == 2 + 2 * 3 and result["copy_gbps"] > 0
     assert all(r["ms"] > 0 for r in result["rows"])
+    for row in result["rows"]:  # each kernel's rate against Inductor's fusion of its reference, same run
+        inductor = next(r for r in result["rows"] if r["kernel"] == row["kernel"] and r["impl"].startswith("inductor"))
+        assert row["speedup_vs_inductor"] == pytest.approx(inductor["ms"] / row["ms"])
 
 
 def test_precision_smoke_measures_bf16_against_float64():
@@ -116,3 +147,14 @@ def test_precision_smoke_measures_bf16_against_float64():
     rows = {r["precision"]: r for r in result["rows"]}
     assert rows["fp32"]["rel_err_target"] < 1e-5  # fp32 agrees with float64 to rounding
     assert rows["bf16 autocast"]["rel_err_target"] > 10 * rows["fp32"]["rel_err_target"]  # bf16 is measurably coarser
+
+
+def test_train_step_compile_report_says_where_the_compile_time_went(capsys):
+    import train_step
+
+    train_step.main(["--preset", "gmm", "--batch", "8", "--variants", "compiled fp32", "--no-flow-matching",
+                     "--warmup", "1", "--iters", "1", "--device", "cpu", "--no-save", "--compile-report"])
+    out = capsys.readouterr().out
+    assert "TorchDynamo compilation metrics" in out and "bytecode_tracing" in out
+    row = json.loads(out.strip().splitlines()[-1])["rows"][0]
+    assert row["first_step_s"] * 1e3 > row["ms_per_step"]  # the first step compiled

@@ -406,6 +406,16 @@ def test_data_benchmark_smoke(shards):
     assert result["results"] and all(row["samples_per_s"] > 0 for row in result["results"])
 
 
+def test_data_benchmark_measures_each_worker_count_the_shards_allow_once(shards):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), _pattern(shards, 1), "--workers",
+                           "0,1,2,4", "--seconds", "0.2", "--warmup", "0", "--no-save"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 shard(s) feed at most 1 worker(s): measuring 0,1 workers instead of 0,1,2,4" in proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [row["workers"] for row in result["results"]] == [0, 1]
+
+
 # --- integrity: damaged bytes, full disk, bad --out --------------------------------------------
 
 
@@ -482,8 +492,15 @@ def test_encode_into_a_read_only_folder_is_refused_before_the_vae_loads(image_di
                   "--device", "cpu"])
 
 
+def test_encode_bad_input_exits_2_with_one_line_like_every_command(tmp_path, vae_dir, capsys):
+    assert enc.cli(["--images", str(tmp_path / "missing"), "--vae", str(vae_dir), "--out", str(tmp_path / "o"),
+                    "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "missing") in err and len(err.strip().splitlines()) == 1
+
+
 def test_encode_on_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp_path, image_dir, vae_dir,
-                                                                             monkeypatch):
+                                                                             monkeypatch, capsys):
     """The disk fills while shard 1 is written: a DataError (one line, the __main__ prints it) naming the
     shard, no partial shard or temporary file left, shard 0 kept; the rerun encodes only the rest."""
     out = tmp_path / "shards"
@@ -510,6 +527,11 @@ def test_encode_on_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp
     assert len(message.splitlines()) == 1 and opened
     assert "shard-000001.tar: No space left on device" in message and "the 1 shards written before are kept" in message
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]
+    # the command line: one line on stderr, exit 1 (a failure, as a full disk is for every command)
+    capsys.readouterr()
+    assert enc.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write") and len(err.strip().splitlines()) == 1
     monkeypatch.undo()
     manifest = enc.main(args)
     assert manifest["complete"] and manifest["shards"] == ["shard-000000.tar", "shard-000001.tar"]

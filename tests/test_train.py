@@ -138,3 +138,17 @@ def test_trainer_with_triton_kernels_matches_reference(tmp_path, image_npy):
     for a, b in zip(ref, tri):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["delta_sq"] == pytest.approx(a["delta_sq"], rel=1e-4)
+
+
+def test_compiled_run_says_it_compiles_and_how_long_also_when_resumed(tmp_path, capsys):
+    # the first compiled step takes minutes on a large network (README, Performance): the user is told
+    # before it, and how long it took after; a resumed run compiles again and says so too
+    common = ["--preset", "gmm", "--batch-size", "32", "--log-every", "1", "--ckpt-every", "1",
+              "--sample-every", "0", "--compile", "--out", str(tmp_path / "run")]
+    for args in (["--steps", "1"], ["--steps", "2", "--resume"]):
+        torch._dynamo.reset()
+        run(common + args)
+        out = capsys.readouterr().out
+        assert "compiling the loss with its JVP and backward" in out
+        first_logged = out.index("step 1/") if args[1] == "1" else out.index("step 2/")
+        assert out.index("compiling the loss") < out.index("compiled the loss in ") < first_logged
