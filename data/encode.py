@@ -206,8 +206,9 @@ def write_failed(out: Path, name: str, error: OSError, finished: int) -> EncodeW
     """A write that failed (a full disk): its temporary file is gone, the finished shards are kept."""
     for leftover in [*out.glob("shard-*.tar.tmp"), *out.glob(".tmp-*manifest.json")]:
         leftover.unlink(missing_ok=True)
-    return EncodeWriteFailed(f"could not write {out / name}: {error.strerror or error}; no partial file is left, the "
-                     f"{finished} shards written before are kept: free space and rerun the same command to continue")
+    return EncodeWriteFailed(f"could not write {out / name}: {error.strerror or error}; no partial file is left, "
+                             f"the {finished} shards written before are kept: free space and rerun the same "
+                             f"command to continue")
 
 
 def main(argv: list[str] | None = None) -> dict:
