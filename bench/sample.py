@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, median, peak_memory_mb, print_table, record, reset_peak_memory, time_ms  # noqa: E402
+from common import (environment, finish, median, peak_memory_mb, print_table, record, reset_peak_memory,  # noqa: E402
+                    synchronize, time_ms)
 
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
@@ -47,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 32, not saved")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
+    p.add_argument("--compile-only", action="store_true", help="one sampler call per compiled variant (compiling "
+                   "the network into Inductor's on-disk cache) and stop, timing nothing (bench/gpu_check.py)")
     return p
 
 
@@ -80,6 +84,15 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         model = torch.compile(net) if compile_ else net
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        if args.compile_only:
+            if compile_:  # every (N, M) calls the network on the same shapes: one call compiles it
+                began = time.perf_counter()
+                with dispatch.backend(kernels), autocast:
+                    sample(model, method, args.batch, data_shape, 1, 1, torch.Generator(device).manual_seed(0))
+                synchronize(device)
+                print(f"  {name}: first call {time.perf_counter() - began:.1f} s, its graph now in Inductor's cache",
+                      flush=True)
+            continue
         for steps, flow_steps in STEPS[method]:
             generator = torch.Generator(device).manual_seed(0)
 
@@ -94,6 +107,8 @@ def main(argv=None) -> int:
                          "peak_mem_mb": peak_memory_mb(device)})
             record(f"sample/{args.preset}/{args.method}", rows[-1])
             print(f"  {name:>22} | NFE {rows[-1]['nfe']:>3} | {ms:.2f} ms", flush=True)
+    if args.compile_only:
+        return 0
     for row in rows:
         base = next((r for r in rows if r["variant"] == "eager fp32" and r["nfe"] == row["nfe"]
                      and r["N"] == row["N"]), None)

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (triton needs CUDA) [default: all]")
     p.add_argument("--no-flow-matching", action="store_true", help="skip the flow-matching rows")
+    p.add_argument("--flow-matching-only", action="store_true", help="only the flow-matching rows")
+    p.add_argument("--compile-only", action="store_true", help="run each variant's first step (compiling it into "
+                   "Inductor's on-disk cache) and stop, timing nothing: bench/gpu_check.py starts these in the "
+                   "background so that its stages find their graphs compiled")
     p.add_argument("--sequential", action="store_true", help="time each variant right after its warm-up, steps "
                    "back to back (GPU power and utilisation per variant), and record its row at once (a run cut "
                    "short keeps the rows measured before the cut), instead of interleaving the variants step by step")
@@ -197,8 +201,12 @@ def main(argv=None) -> int:
     batch = args.batch or cfg.batch_size
     if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
         names = [v for v in names if not VARIANTS[v].public]  # the public recipe is a Mean Flow engine
+    if args.no_flow_matching and args.flow_matching_only:
+        sys.exit("error: --no-flow-matching and --flow-matching-only exclude each other: keep one")
     fm = [] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"]
     runs = [(name, objective) for name in names for objective in [args.method] + ([] if VARIANTS[name].public else fm)]
+    if args.flow_matching_only:
+        runs = [run for run in runs if run[1] == "flow matching"]
 
     env = environment(device)
     peak = measured_matmul_tflops(device, torch.bfloat16, quick=args.smoke)
@@ -215,6 +223,13 @@ def main(argv=None) -> int:
         base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         reset_peak_memory(device)
         run, loss_fn, net, x0, generator, losses[key] = build_runner(name, objective, cfg, data_shape, batch, device)
+        if args.compile_only:
+            began = time.perf_counter()
+            run()
+            synchronize(device)
+            print(f"  {name} | {objective}: first step {time.perf_counter() - began:.1f} s, its graphs now in "
+                  f"Inductor's cache", flush=True)
+            continue
         flop_key = (objective, VARIANTS[name].public)
         if flop_key not in flops:
             # counted eagerly in fp32 on one block of rows (cfg.objective.jvp_block, 4 by default) and
@@ -244,6 +259,8 @@ def main(argv=None) -> int:
             record(f"train_step/{args.preset}/{args.method}/measured", rows[key])
             print(f"  {name} | {objective}: {rows[key]['ms_per_step']:.2f} ms/step, "
                   f"{rows[key]['img_per_s']:.0f} img/s, MFU {rows[key]['mfu_pct']:.1f}%", flush=True)
+    if args.compile_only:
+        return 0
     if not args.sequential:
         for key, times in time_ms_interleaved(runners, device, args.iters).items():
             add_rates(rows[key], times, batch, peak)

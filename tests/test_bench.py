@@ -158,3 +158,23 @@ def test_train_step_compile_report_says_where_the_compile_time_went(capsys):
     assert "TorchDynamo compilation metrics" in out and "bytecode_tracing" in out
     row = json.loads(out.strip().splitlines()[-1])["rows"][0]
     assert row["first_step_s"] * 1e3 > row["ms_per_step"]  # the first step compiled
+
+
+def test_compile_only_runs_one_step_per_variant_and_times_nothing(capsys, monkeypatch, tmp_path):
+    """--compile-only (what gpu_check's warmers run): the first step of each run it is asked for,
+    nothing timed or recorded; --flow-matching-only picks the flow-matching runs."""
+    import sample
+    import train_step
+
+    monkeypatch.setenv("STMD_BENCH_JSONL", str(tmp_path / "rows.jsonl"))
+    assert train_step.main(["--preset", "gmm", "--batch", "8", "--variants", "eager fp32", "--flow-matching-only",
+                            "--compile-only", "--device", "cpu", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "eager fp32 | flow matching: first step" in out and "| stmd" not in out and "ms/step" not in out
+    assert sample.main(["--preset", "gmm", "--batch", "8", "--variants", "eager fp32,compiled fp32",
+                        "--compile-only", "--device", "cpu", "--no-save"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled fp32: first call" in out and "eager fp32:" not in out and "NFE" not in out
+    assert not (tmp_path / "rows.jsonl").exists()  # nothing measured, nothing recorded
+    with pytest.raises(SystemExit, match="exclude each other"):
+        train_step.main(["--preset", "gmm", "--no-flow-matching", "--flow-matching-only", "--compile-only"])

@@ -47,6 +47,27 @@ def test_a_stage_that_ends_early_hands_its_seconds_to_the_next(tmp_path):
     assert sum(r["seconds"] for r in results) < sum(s.budget_s for s in stages) + 2  # the total still holds
 
 
+def test_a_stage_waits_for_its_warmer_and_unfinished_warmers_are_ended(tmp_path, monkeypatch):
+    """The warmer writes its marker after a second; the stage that names it runs only after that (its
+    command fails without the marker). A warmer still running when the stages end is killed; both
+    are recorded in results.jsonl."""
+    monkeypatch.setattr(gpu_check, "DRY_RUN_TIMEOUT_S", 30)
+    py, marker = sys.executable, tmp_path / "compiled"
+    warmers = [gpu_check.Warmer("compile", [], [py, "-c", f"import time, pathlib; time.sleep(1); "
+                                                      f"pathlib.Path({str(marker)!r}).touch()"]),
+               gpu_check.Warmer("endless", [], [py, "-c", "import time; time.sleep(600)"]),
+               gpu_check.Warmer("gpu only", [], None)]
+    stages = [gpu_check.Stage("needs it", 1, [], [py, "-c", f"import pathlib, sys; "
+                                                        f"sys.exit(0 if pathlib.Path({str(marker)!r}).exists() else 3)"],
+                              after=("compile",))]
+    results = gpu_check.run_stages(stages, tmp_path, dry_run=True, warmers=warmers)
+    assert results[0]["status"] == "ok" and results[0]["waited_s"] >= 0.5
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    ended = {x["warmer"]: x["status"] for x in lines if "warmer" in x}
+    assert ended == {"compile": "ok", "endless": "killed at the end of the run"}  # "gpu only" never started
+    assert "warmer compile" in (tmp_path / "warm.log").read_text()
+
+
 @pytest.mark.slow
 def test_dry_run_passes_every_stage(tmp_path):
     # the script calls python3 (the GPU image's name): this interpreter's, even when its venv is not activated
@@ -60,6 +81,8 @@ def test_dry_run_passes_every_stage(tmp_path):
     stages = [x for x in lines if "stage" in x]
     assert [x["stage"] for x in stages] == [s.name for s in gpu_check.STAGES]
     assert all(x["status"] == "ok" for x in stages)
+    warmers = {x["warmer"]: x["status"] for x in lines if "warmer" in x}  # rehearsed: those with a dry command
+    assert warmers == {w.name: "ok" for w in gpu_check.WARMERS if w.dry is not None} and warmers
     rows = [x for x in lines if "row" in x]  # measured rows, appended by the benchmarks as they ran
     benchmarks = {x["benchmark"] for x in rows}
     assert {"environment", "kernels", "train_step/gmm/stmd", "train_step/celeba-latent/stmd", "sample/gmm/stmd",
