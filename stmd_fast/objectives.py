@@ -31,7 +31,11 @@ TIME_SAMPLERS = ("pair", "separate", "mixture")
             sit near 0 while t spreads over [0, 1] (py-meanflow's cifar10_v1: t LN(-0.6, 1.6), r LN(-4, 1.6)).
   mixture   each row from `separate` with probability mixture_weight, else from `pair`: the one-step pairs
             (r near 0, t near 1) of separate and the short steps of pair in one batch.
-LN(m, s) is the logit-normal law: sigmoid of N(m, s^2)."""
+LN(m, s) is the logit-normal law: sigmoid of N(m, s^2).
+Whatever the law, with probability flow_grid_fraction a row's (r, t) is instead a step (1 - (j + 1) / M, 1 - j / M)
+of the M-step flow grid (M drawn from flow_grid_steps, j from 0..M-1): the very pairs the sampler evaluates
+(sampling.flow_map), the one-step pair (0, 1) among them, which no logit-normal law draws (t > 0.95 has
+probability 4e-4 under LN(-0.4, 1))."""
 S_SAMPLERS = ("uniform", "grid")
 """Laws of the diffusion time s (STMD):
   uniform   s ~ U(0, 1].
@@ -57,6 +61,10 @@ class ObjectiveConfig:
     """separate / mixture: logit-normal std of r."""
     mixture_weight: float = 0.5
     """mixture: probability that a row is drawn from `separate` rather than `pair`."""
+    flow_grid_fraction: float = 0.0
+    """Probability that a row's (r, t) is a step of an M-step flow grid instead of the time_sampler's draw."""
+    flow_grid_steps: tuple[int, ...] = (1, 2, 4)
+    """flow grid: the flow step counts M whose steps are drawn from, M uniform over these."""
     flow_matching_fraction: float = 0.75
     """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
     block of rows, not a coin per row: see jvp_block."""
@@ -81,6 +89,7 @@ class ObjectiveConfig:
             "time_std": (finite(self.time_std) and self.time_std > 0, "a finite number > 0"),
             "flow_matching_fraction": (0 <= self.flow_matching_fraction <= 1, "in [0, 1]"),
             "mixture_weight": (0 <= self.mixture_weight <= 1, "in [0, 1]"),
+            "flow_grid_fraction": (0 <= self.flow_grid_fraction <= 1, "in [0, 1]"),
             "s_grid_fraction": (0 <= self.s_grid_fraction <= 1, "in [0, 1]"),
             "adaptive_p": (finite(self.adaptive_p) and self.adaptive_p >= 0, "a finite number >= 0"),
             "adaptive_c": (finite(self.adaptive_c) and self.adaptive_c > 0, "a finite number > 0"),
@@ -91,6 +100,7 @@ class ObjectiveConfig:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)}")
         self.s_grid_steps = tuple(int(n) for n in self.s_grid_steps)
+        self.flow_grid_steps = tuple(int(n) for n in self.flow_grid_steps)
         if self.time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"unknown time sampler {self.time_sampler!r}: choose one of {', '.join(TIME_SAMPLERS)}")
         if self.s_sampler not in S_SAMPLERS:
@@ -99,6 +109,8 @@ class ObjectiveConfig:
             raise ValueError(f"unknown s grid {self.s_grid!r}: choose one of {', '.join(TIME_GRIDS)}")
         if not self.s_grid_steps or min(self.s_grid_steps) < 1:
             raise ValueError(f"--s-grid-steps must be step counts of at least 1, got {self.s_grid_steps}")
+        if not self.flow_grid_steps or min(self.flow_grid_steps) < 1:
+            raise ValueError(f"--flow-grid-steps must be step counts of at least 1, got {self.flow_grid_steps}")
         self.jvp_block  # noqa: B018 (validates the fraction)
 
     @property
@@ -152,8 +164,7 @@ def _pair(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device):
     return pair.max(dim=1).values, pair.min(dim=1).values
 
 
-def sample_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None):
-    """(t, r), r <= t, for b rows from cfg.time_sampler (r = t is applied afterwards, by draw_noise)."""
+def _law_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device):
     if cfg.time_sampler == "pair":
         return _pair(b, cfg, generator, device)
     t_sep = _logit_normal(b, cfg.time_mean, cfg.time_std, generator, device)
@@ -163,6 +174,19 @@ def sample_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, 
     t_pair, r_pair = _pair(b, cfg, generator, device)
     use_sep = torch.rand(b, generator=generator, device=device) < cfg.mixture_weight
     return torch.where(use_sep, t_sep, t_pair), torch.where(use_sep, r_sep, r_pair)
+
+
+def sample_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None):
+    """(t, r), r <= t, for b rows from cfg.time_sampler, or on cfg.flow_grid_fraction of them a step of a
+    flow grid (r = t is applied afterwards, by draw_noise)."""
+    t, r = _law_flow_times(b, cfg, generator, device)
+    if not cfg.flow_grid_fraction:  # no draws: the runs before the flow grid keep their random streams
+        return t, r
+    steps = torch.tensor(cfg.flow_grid_steps, device=device, dtype=t.dtype)
+    m = steps[torch.randint(len(steps), (b,), generator=generator, device=device)]
+    j = torch.floor(torch.rand(b, generator=generator, device=device) * m)  # 0..M-1
+    on_grid = torch.rand(b, generator=generator, device=device) < cfg.flow_grid_fraction
+    return torch.where(on_grid, 1 - j / m, t), torch.where(on_grid, 1 - (j + 1) / m, r)
 
 
 def sample_diffusion_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None) -> torch.Tensor:

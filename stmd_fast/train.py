@@ -145,17 +145,17 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
             raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
                             f"not {value}: drop the flag, or use a new --out to start another run")
     for key, value in objective.items():
-        if saved["objective"][key] != value:
-            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} "
-                            f"{saved['objective'][key]}, not {value}")
+        was = saved["objective"].get(key, getattr(ObjectiveConfig(), key))  # older than the flag: its default
+        if was != value:
+            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {was}, not {value}")
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
     return TrainConfig(**saved), True
 
 
-FLOW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_matching_fraction",
-              "adaptive_p", "adaptive_c", "sample_flow_steps")
+FLOW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_grid_fraction",
+              "flow_grid_steps", "flow_matching_fraction", "adaptive_p", "adaptive_c", "sample_flow_steps")
 """What only a method with a flow (STMD, Mean Flow) reads."""
 DIFFUSION_FLAGS = ("s_sampler", "s_grid_fraction", "s_grid_steps", "sample_steps", "sample_grid")
 """What only a method with diffusion time (STMD, DDPM) reads (DDPM's sample grids take --sample-ddpm-steps)."""

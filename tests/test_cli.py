@@ -141,12 +141,13 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
     run = tmp_path / "run"
     assert train(*GMM, "--steps", 1, "--out", run, "--time-sampler", "mixture", "--mixture-weight", 0.25,
                  "--r-mean", -3, "--r-std", 1.2, "--s-sampler", "grid", "--s-grid-fraction", 0.4,
-                 "--s-grid-steps", 1, 2) == 0
+                 "--s-grid-steps", 1, 2, "--flow-grid-fraction", 0.3, "--flow-grid-steps", 2, 8) == 0
     objective = json.loads((run / "config.json").read_text())["config"]["objective"]
     assert objective["time_sampler"] == "mixture" and objective["mixture_weight"] == 0.25
     assert objective["r_mean"] == -3 and objective["r_std"] == 1.2
     assert objective["s_sampler"] == "grid" and objective["s_grid_fraction"] == 0.4
     assert list(objective["s_grid_steps"]) == [1, 2]
+    assert objective["flow_grid_fraction"] == 0.3 and list(objective["flow_grid_steps"]) == [2, 8]
     from stmd_fast.config import PRESETS
     assert objective["time_mean"] == PRESETS["gmm"]().objective.time_mean
 
@@ -154,7 +155,8 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
 @pytest.mark.parametrize("method, unused, used", [
     ("meanflow", ["--s-sampler", "grid", "--sample-steps", 2, "--vae", "x", "--resolution", 32],
      ["--time-sampler", "pair", "--sample-flow-steps", 2]),
-    ("ddpm", ["--time-sampler", "pair", "--adaptive-p", 0.5, "--sample-flow-steps", 2], ["--s-sampler", "grid"]),
+    ("ddpm", ["--time-sampler", "pair", "--adaptive-p", 0.5, "--sample-flow-steps", 2, "--flow-grid-fraction", 0.5],
+     ["--s-sampler", "grid"]),
     ("stmd", ["--sample-ddpm-steps", 5, "--fd-num", 100, "--inception-weights", "w.pth"],
      ["--s-sampler", "grid", "--time-sampler", "pair", "--sample-steps", 2]),
 ])

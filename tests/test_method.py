@@ -553,6 +553,38 @@ def test_grid_s_sampler_puts_the_grids_mass_on_the_samplers_points(kind):
     assert abs(float(off.mean()) - 0.5) < 6 * math.sqrt(1 / 12 / off.numel())
 
 
+def test_flow_grid_puts_its_mass_on_the_pairs_the_sampler_evaluates():
+    """With probability f a row's (r, t) is step j of the M-step flow grid (M uniform over flow_grid_steps,
+    j over 0..M-1): P((r, t) = pair) = f * mean_M [pair on M's grid] / M; those pairs are the (t, t - r) the
+    sampler feeds the network (sampling.flow_map); the other rows keep the time sampler's law."""
+    n, f, steps = 200_000, 0.4, (1, 2, 4)
+    cfg = ObjectiveConfig(time_sampler="separate", flow_grid_fraction=f, flow_grid_steps=steps,
+                          flow_matching_fraction=0.0)
+    nz = draw_noise(torch.zeros(n, 2), cfg, gen(23))
+    assert (nz.r <= nz.t).all()
+    for m in steps:
+        seen = []
+
+        def record(z, cond, times):
+            seen.append(times[0].tolist())
+            return torch.zeros_like(z)
+
+        sampling.flow_map(record, torch.zeros(1, 2), None, None, m)
+        assert len(seen) == m
+        for t, h in seen:  # each pair the sampler evaluates is drawn, with its probability
+            hit = (nz.t == t) & ((nz.t - nz.r - h).abs() < 1e-6)
+            p = f * sum(1 / k for k in steps if any(abs(t - (1 - j / k)) < 1e-9 and abs(h - 1 / k) < 1e-9
+                                                    for j in range(k))) / len(steps)
+            assert abs(float(hit.double().mean()) - p) < 6 * math.sqrt(p * (1 - p) / n), (m, t, h)
+    off = nz.t != torch.floor(nz.t * 4) / 4  # no grid point: the separate law's rows
+    assert abs(float(off.double().mean()) - (1 - f)) < 0.01
+    assert abs(float(_logit(nz.t[off]).mean()) - cfg.time_mean) < 0.02
+    # The flow grid changes nothing when it is off, whatever its steps.
+    a = draw_noise(torch.zeros(64, 2), ObjectiveConfig(flow_grid_steps=(3,)), gen(24))
+    b = draw_noise(torch.zeros(64, 2), ObjectiveConfig(), gen(24))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("bad, words", [
     (dict(time_sampler="cifar"), ("cifar", "pair, separate, mixture")),
     (dict(s_sampler="beta"), ("beta", "uniform, grid")),
@@ -560,6 +592,8 @@ def test_grid_s_sampler_puts_the_grids_mass_on_the_samplers_points(kind):
     (dict(s_grid_fraction=-0.1), ("--s-grid-fraction", "in [0, 1]")),
     (dict(s_grid_steps=(0, 2)), ("--s-grid-steps",)),
     (dict(s_grid="cosine"), ("cosine", "uniform, quadratic")),
+    (dict(flow_grid_fraction=2.0), ("--flow-grid-fraction", "in [0, 1]")),
+    (dict(flow_grid_steps=()), ("--flow-grid-steps",)),
     (dict(r_std=0.0), ("--r-std", "> 0")),
     (dict(r_mean=float("nan")), ("--r-mean", "finite")),
 ])

@@ -468,6 +468,7 @@ def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
     ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"), ("--r-mean", "nan"), ("--r-std", "0"),
     ("--mixture-weight", "nan"), ("--s-grid-fraction", "2"), ("--dropout", "1.5"), ("--dropout", "nan"),
     ("--dropout", "0.1"), ("--fd-num", "1"), ("--fd-every", "-1"), ("--resolution", "0"), ("--s-grid-steps", "0"),
+    ("--flow-grid-fraction", "-0.5"), ("--flow-grid-steps", "0"),
 ])
 def test_every_numeric_option_is_checked_before_work(capsys, tmp_path, flag, value):
     from stmd_fast.train import main as train_main
