@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The time-sampler experiment of the README (issue 17): digits, 4000 steps, STMD and Mean Flow
 # under each (r, t) and s sampler, FD at NFE 1, 2, 4; then the gmm exact-kernel grid.
-# Usage: bench/time_samplers.sh [SEED] [SETTING...]   (settings: A B C D Dq E F G H J L P Q R S T T1 U V W ddpm; default A B C D F)
+# Usage: bench/time_samplers.sh [SEED] [SETTING...]   (settings: A B C D Dq E F G H J L P Q Q128 R Rmf S T T1 U V W ddpm; default A B C D F)
 #        bench/time_samplers.sh gmm[SEED] [SETTING...] (the gmm preset: STMD per setting, then the kernel grid;
 #                                                       gmm is seed 0, gmm1 seed 1, ...)
 # Runs go to runs/samplers/<setting>-<method>-seed<SEED>, evaluations to runs/samplers/eval-<setting>-seed<SEED>
@@ -33,15 +33,18 @@ declare -A FLAGS=(
   [V]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --ema-decays 0.9995 0.9998"
   [W]="$mixture --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.5 --s-sampler grid --sample-grid quadratic --unet S"
 )
+FLAGS[Rmf]=${FLAGS[R]}
+FLAGS[Q128]="${FLAGS[Q]} --batch-size 128"
 # The s law only matters to STMD (Mean Flow's D, E, H are its C); G is Mean Flow's alone; L is F trained 3x longer;
-# P is F with p = 0.5, Q with p = 0.25, R with p = 0 (the plain squared error);
+# P is F with p = 0.5, Q with p = 0.25, R with p = 0 (the plain squared error), Rmf R for Mean Flow alone (its best setting);
+# Q128 is Q with twice the batch (128), the same 4000 steps;
 # J is Q with H's s law (s = 1 on 44% of the rows, Q 23%); T and U are Q with a quarter and half of the rows' (r, t) on the sampler's flow grids (M = 1, 2, 4); T1 is Q with
 # the one-step pair (0, 1) alone on a tenth of the rows;
 # S is Q drawing its grid s from the 4-step grid alone (each of its points 1/4, where Q gives s = 1 0.47); V is F keeping two longer EMAs beside its 0.999, each
 # evaluated; W is F on a 5x larger network (--unet S: 1.0M
 # parameters against the preset's 0.2M).
 declare -A METHODS=([A]="stmd meanflow" [B]="stmd meanflow" [C]="stmd meanflow" [D]=stmd [E]=stmd [H]=stmd
-                    [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow" [P]="stmd meanflow" [Q]="stmd meanflow" [R]="stmd meanflow" [S]=stmd [J]=stmd [T]="stmd meanflow" [T1]="stmd meanflow" [U]="stmd meanflow" [V]=stmd [W]="stmd meanflow")
+                    [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow" [P]="stmd meanflow" [Q]="stmd meanflow" [Q128]="stmd meanflow" [R]="stmd meanflow" [Rmf]=meanflow [S]=stmd [J]=stmd [T]="stmd meanflow" [T1]="stmd meanflow" [U]="stmd meanflow" [V]=stmd [W]="stmd meanflow")
 root=runs/samplers
 train() {  # train SETTING METHOD OUT [more flags]: once (a finished run leaves OUT/done)
   local x=$1 method=$2 out=$3; shift 3
