@@ -60,7 +60,6 @@ if [[ "$seed" == gmm* ]]; then
   python -m stmd_fast.evaluate kernel "${runs[@]}" --flow-steps 1 --out $root/eval-gmm-$(echo $settings | tr -d ' ')$suffix
   exit
 fi
-[ -d runs/classifier-digits ] || python -m stmd_fast.evaluate train-classifier --preset digits
 for x in $settings; do
   if [ "$x" = ddpm ]; then  # DDPM under F: its uniform and quadratic grids side by side
     train F ddpm $root/F-ddpm-seed$seed --compile --seed $seed --sample-every 0

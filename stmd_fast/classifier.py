@@ -25,6 +25,16 @@ WEIGHTS = "classifier.safetensors"
 META = "classifier.json"
 TRAIN_HINT = "train one with: python -m stmd_fast.evaluate train-classifier --preset digits"
 LABEL_SMOOTHING = 0.1  # see train_classifier: worth about 2 points of digits test accuracy
+# The digits FD classifier this package ships, as FID pins its Inception weights: train-classifier trains another one
+# on another CPU (float rounding follows the kernels torch picks for it; one seed gave 97.64% test accuracy on one
+# machine and 97.98% on another), and FDs on different features do not compare. Its classifier.json says where and
+# with which command it was trained.
+REFERENCE_CLASSIFIERS = {"digits": Path(__file__).parent / "reference" / "classifier-digits"}
+
+
+def default_classifier(dataset: str) -> Path:
+    """The FD classifier read without --classifier: the shipped one (digits), else runs/classifier-<dataset>."""
+    return REFERENCE_CLASSIFIERS.get(dataset, Path(f"runs/classifier-{dataset}"))
 
 
 class FeatureClassifier(nn.Module):

@@ -141,8 +141,8 @@ class TrainConfig:
     fd_num: int = option(1000, resumable=True)
     """Samples per FD measurement, against as many training images (latents: decoded training latents)."""
     fd_classifier: str | None = option(None, metavar="DIR", resumable=True)
-    """digits / mnist: the FD classifier's run (python -m stmd_fast.evaluate train-classifier); default
-    runs/classifier-<preset>."""
+    """digits / mnist: the FD classifier's directory (python -m stmd_fast.evaluate train-classifier); default: for
+    digits the classifier stmd_fast ships (so FDs compare across machines), for mnist runs/classifier-mnist."""
     inception_weights: str | None = option(None, metavar="FILE", resumable=True)
     """Inception FID offline: the weights file (the error without it names the file to fetch)."""
     log: tuple[str, ...] = option((), choices=LOGGERS, resumable=True)

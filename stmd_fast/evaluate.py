@@ -1,6 +1,6 @@
 """python -m stmd_fast.evaluate: FD/FID against NFE, the exact-kernel metric, inpainting.
 
-  train-classifier --preset digits|mnist     the FD feature network (2 conv + 2 FC, 128-d features)
+  train-classifier --preset digits|mnist     the FD feature network (2 conv + 2 FC, 128-d features; digits ships one)
   sweep CKPT [CKPT ...] --out DIR            FD (or FID) over each method's (N, M) settings
   kernel RUN [RUN ...] --out DIR             gmm: distance of learned transitions to the exact kernel
   inpaint CKPT --mask center|pixels|half     FD, PSNR and diversity of completions of held-out images
@@ -125,9 +125,9 @@ def build_metric(meta: dict, args, device):
         raise EvalError(f"--metric fd reads the features of a digit classifier, trained for {' and '.join(FD_PRESETS)} "
                         f"only (evaluate train-classifier --preset NAME); for {dataset} use --metric fid (Inception "
                         f"FID; offline, with --inception-weights FILE)")
-    from .classifier import load_classifier
+    from .classifier import default_classifier, load_classifier
 
-    path = args.classifier or f"runs/classifier-{dataset}"
+    path = args.classifier or default_classifier(dataset)
     try:
         classifier, cmeta = load_classifier(path, device=device)
     except FileNotFoundError as err:
@@ -205,7 +205,7 @@ def sweep(args) -> int:
                          "metric": metric.name, "value": value, "num": args.num, "seed": args.seed, "grid": grid,
                          "sample_s": seconds, "label": line_label(model.method, m, ckpt, several)})
             tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
-    write_results(out, rows, metric.name, found[0][1], floor)
+    write_results(out, rows, metric, found[0][1], floor)
     return 0
 
 
@@ -219,22 +219,31 @@ def real_data_floor(meta: dict, metric, args) -> float | None:
     return metric.score(train.all())
 
 
-def write_results(out: Path, rows: list[dict], metric: str, meta: dict, floor: float | None = None) -> None:
+def features_line(metric) -> str:
+    """Which network's features a table's FD / FID is on: its values compare only with a table on the same."""
+    network, digest = metric.extractor_id.split(":")
+    return (f"\n{metric.name} on the features of the {network} {digest[:12]} (sha256 of its weights, in full in the "
+            f".json): values compare only between tables on the same features")
+
+
+def write_results(out: Path, rows: list[dict], metric, meta: dict, floor: float | None = None) -> None:
     from .plots import plot_metric_vs_nfe
 
-    summary = {"dataset": dataset_of(meta), "metric": metric, "real_train_images": floor, "rows": rows}
+    summary = {"dataset": dataset_of(meta), "metric": metric.name, "features": metric.extractor_id,
+               "real_train_images": floor, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"| method | N | M | NFE | {metric} |", "|---|---|---|---|---|"]
+    lines = [f"| method | N | M | NFE | {metric.name} |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["label"], r["nfe"], r["N"])):
         lines.append(f"| {r['label']} | {r['N']} | {r['M']} | {r['nfe']} | {r['value']:.3f} |")
     grids = sorted({r["grid"] for r in rows if r["method"] != "meanflow"})
     if grids:
         lines.append(f"\nDiffusion time grid of STMD and DDPM: {', '.join(grids)}")
     if floor is not None:
-        lines.append(f"\nReal training images against the same reference (the floor): {metric} {floor:.3f}")
+        lines.append(f"\nReal training images against the same reference (the floor): {metric.name} {floor:.3f}")
+    lines.append(features_line(metric))
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_metric_vs_nfe(rows, out / f"{metric.lower()}_vs_nfe.png", metric=metric)
-    print(f"wrote {out}/results.json, results.md, {metric.lower()}_vs_nfe.png")
+    plot_metric_vs_nfe(rows, out / f"{metric.name.lower()}_vs_nfe.png", metric=metric.name)
+    print(f"wrote {out}/results.json, results.md, {metric.name.lower()}_vs_nfe.png")
 
 
 # ----------------------------------------------------------------------------- kernel (gmm)
@@ -324,12 +333,14 @@ def conditional(args) -> int:
             rows.append({"s": s, "alpha": alpha, "M": m, "metric": metric.name, "value": metric.score(x0_hat)})
             tqdm.write(f"s {s:g} (alpha {alpha:.3f}) M={m}: {metric.name} {rows[-1]['value']:.3f}")
     summary = {"checkpoint": str(ckpt), "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
-               "num": args.num, "seed": args.seed, "source_images": floor, "rows": rows}
+               "features": metric.extractor_id, "num": args.num, "seed": args.seed, "source_images": floor,
+               "rows": rows}
     (out / "conditional.json").write_text(json.dumps(summary, indent=2))
     lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
     lines += [f"| {r['s']:g} | {r['alpha']:.3f} | {r['M']} | {r['value']:.3f} |" for r in rows]
     lines.append(f"\nThe source training images themselves against the same reference (the floor): {metric.name} "
                  f"{floor:.3f}")
+    lines.append(features_line(metric))
     (out / "conditional.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out}/conditional.json, conditional.md")
     return 0
@@ -442,7 +453,7 @@ def inpaint(args) -> int:
     result = {
         "checkpoint": str(ckpt), "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
         "images": len(images), "completions": args.completions, "seed": args.seed, "metric": metric.name,
-        "fd": metric.score(completions.flatten(0, 1)),
+        "features": metric.extractor_id, "fd": metric.score(completions.flatten(0, 1)),
         "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
@@ -509,7 +520,7 @@ def inverse(args) -> int:
         "checkpoint": str(ckpt), "method": model.method, "operator": args.operator,
         "mask": args.mask if args.operator == "inpaint" else None, "sigma_y": args.sigma_y, "sampler": sampler,
         "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,
-        "seed": args.seed, "metric": metric.name,
+        "seed": args.seed, "metric": metric.name, "features": metric.extractor_id,
         "fd": metric.score(samples.flatten(0, 1)),
         "psnr_db": psnr(samples, images.expand_as(samples)).mean().item(),
         "diversity": diversity(samples),
@@ -532,7 +543,7 @@ def inverse(args) -> int:
 # ----------------------------------------------------------------------------- classifier
 
 def train_classifier_cmd(args) -> int:
-    from .classifier import save_classifier, train_classifier
+    from .classifier import REFERENCE_CLASSIFIERS, save_classifier, train_classifier
 
     if args.preset not in FD_PRESETS:
         raise EvalError(f"the FD classifier is for {', '.join(FD_PRESETS)}; cifar10 uses Inception FID")
@@ -541,8 +552,18 @@ def train_classifier_cmd(args) -> int:
     device = resolve_device(args.device)
     model, accuracy = train_classifier(train, test, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                        device=device)
-    save_classifier(model, out, {"dataset": args.preset, "test_accuracy": accuracy, "steps": args.steps})
-    print(f"classifier for {args.preset}: test accuracy {100 * accuracy:.2f}% -> {out}")
+    # Where it was trained: float rounding follows torch's version and the kernels it picks for the device, so two
+    # machines train different classifiers from one seed and their FD scales differ (the results' "features"
+    # fingerprint tells them apart; digits FDs default to the shipped classifier for that reason).
+    trained_on = {"torch": torch.__version__, "device": str(device),
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    save_classifier(model, out, {"dataset": args.preset, "test_accuracy": accuracy, "steps": args.steps,
+                                 "trained_on": trained_on})
+    print(f"classifier for {args.preset}: test accuracy {100 * accuracy:.2f}% -> {out} (torch {torch.__version__}, "
+          f"{device}{', ' + trained_on['cpu_capability'] if device.type == 'cpu' else ''})")
+    if args.preset in REFERENCE_CLASSIFIERS:
+        print(f"note: evaluate and --fd-every read the classifier stmd_fast ships for {args.preset} "
+              f"({REFERENCE_CLASSIFIERS[args.preset]}); pass --classifier {out} to use this one")
     return 0
 
 
@@ -584,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
         if metric:
             sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
                             help="fd = classifier features (digits, mnist), fid = Inception [default: auto]")
-            sp.add_argument("--classifier", help="FD classifier directory [default: runs/classifier-<preset>]")
+            sp.add_argument("--classifier", help="FD classifier directory [default: digits: the one stmd_fast "
+                                                 "ships, so FDs compare across machines; mnist: runs/classifier-mnist]")
             sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")
             sp.add_argument("--reference-split", choices=("train", "test"), default="test",
                             help="real images to compare with [default: test]")

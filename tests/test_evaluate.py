@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stmd_fast.classifier import FeatureClassifier, save_classifier
+from stmd_fast.classifier import FeatureClassifier, load_classifier, save_classifier
 from stmd_fast.evaluate import main as evaluate
+from stmd_fast.metrics import FrechetDistance
 from stmd_fast.train import main as train
 
 TINY = ["--steps", "2", "--batch-size", "8", "--sample-every", "0", "--sample-ddpm-steps", "2", "--log-every", "1"]
@@ -59,6 +60,35 @@ def test_sweep_writes_consistent_json_table_and_plot(runs, tmp_path):
     assert [r["value"] for r in other] != [r["value"] for r in rows]
 
 
+def test_results_name_the_features_their_fd_is_on(runs, tmp_path):
+    # FD on other features is on another scale (one seed trains different classifiers on different CPUs), so every
+    # result records the sha256 of the feature network it used, and its table names it
+    torch.manual_seed(1)
+    save_classifier(FeatureClassifier((1, 8, 8)).eval(), tmp_path / "other", {"dataset": "digits", "test_accuracy": 0.0})
+    fingerprints = []
+    for classifier in (runs / "classifier", tmp_path / "other"):
+        out = tmp_path / classifier.name
+        assert evaluate(["sweep", str(runs / "meanflow"), "--num", "16", "--batch-size", "16", "--meanflow-steps", "1",
+                         "--classifier", str(classifier), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+        features = FrechetDistance(load_classifier(classifier)[0]).extractor_id
+        assert json.loads((out / "results.json").read_text())["features"] == features
+        assert f"classifier {features.split(':')[1][:12]}" in (out / "results.md").read_text()
+        fingerprints.append(features)
+    assert fingerprints[0] != fingerprints[1]
+
+
+def test_train_classifier_records_where_it_was_trained(tmp_path, capsys):
+    assert evaluate(["train-classifier", "--preset", "digits", "--steps", "2", "--out", str(tmp_path / "clf")]) == 0
+    _, meta = load_classifier(tmp_path / "clf")
+    assert meta["steps"] == 2 and meta["dataset"] == "digits"
+    assert meta["trained_on"] == {"torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    # digits FDs read the shipped classifier unless told otherwise: the note says how to use this one instead
+    assert f"--classifier {tmp_path / 'clf'}" in out
+
+
 def test_inpainting_evaluation(runs, tmp_path):
     args = ["inpaint", str(runs / "stmd"), "--mask", "half", "--images", "5", "--completions", "3", "--steps", "2",
             "--classifier", str(runs / "classifier"), "--cache-dir", str(runs / "cache"), "--out", str(tmp_path)]
@@ -85,6 +115,7 @@ def test_conditional_scores_posterior_draws_against_the_source_images(runs, tmp_
     grid = [(k / 4) ** 2 for k in (4, 3, 2, 1)]
     assert [(r["s"], r["M"]) for r in result["rows"]] == [(s, m) for s in grid for m in (1, 2)]
     assert all(np.isfinite(r["value"]) for r in result["rows"]) and result["num"] == 64
+    assert result["features"] == FrechetDistance(load_classifier(runs / "classifier")[0]).extractor_id
     assert f"{result['source_images']:.3f}" in (tmp_path / "stmd" / "conditional.md").read_text()
     # DDPM's draw is its posterior mean (x_s - sigma eps) / alpha: at s -> 0 it is the source image itself, so its
     # FD is the floor's; at s = 1 (alpha 0.007) it is the network's guess, far from the data

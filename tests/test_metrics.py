@@ -171,6 +171,25 @@ def test_classifier_save_load_round_trip(trained, digits, tmp_path):
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["classifier.json", "classifier.safetensors"]
 
 
+def test_the_shipped_digits_classifier_is_the_default_and_classifies_held_out_digits():
+    from argparse import Namespace
+
+    from stmd_fast.classifier import REFERENCE_CLASSIFIERS, accuracy, default_classifier
+    from stmd_fast.evaluate import build_metric
+
+    assert default_classifier("digits") == REFERENCE_CLASSIFIERS["digits"]
+    assert str(default_classifier("mnist")) == "runs/classifier-mnist"  # MNIST's is trained on the user's files
+    model, meta = load_classifier(default_classifier("digits"))
+    test = load_digits("test")
+    # Its recorded accuracy, recomputed here (another CPU may flip an argmax on a near tie: one image of slack).
+    assert meta["dataset"] == "digits" and meta["test_accuracy"] >= 0.97
+    assert abs(accuracy(model, test) - meta["test_accuracy"]) <= 1 / len(test)
+    # evaluate and --fd-every read it when no --classifier is given: the same features, bit for bit.
+    options = Namespace(metric="auto", classifier=None, inception_weights=None, batch_size=64)
+    metric = build_metric({"config": {"data": None, "preset": "digits"}, "data_shape": [1, 8, 8]}, options, "cpu")
+    assert metric.extractor_id == FrechetDistance(model).extractor_id
+
+
 def test_load_classifier_missing_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-classifier --preset digits"):
         load_classifier(tmp_path / "nothing")
