@@ -10,25 +10,36 @@ l^(1/2 - p): the last columns give that pull relative to s = 1, for p = 0.75 and
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from stmd_fast.checkpoint import load_checkpoint
-from stmd_fast.data.datasets import load_digits
-from stmd_fast.objectives import Noise, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp
-from stmd_fast.schedule import per_sample
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import trained_on  # noqa: E402
+
+from stmd_fast.checkpoint import load_checkpoint  # noqa: E402
+from stmd_fast.cli import Parser, one_line_errors  # noqa: E402
+from stmd_fast.data.datasets import load_digits  # noqa: E402
+from stmd_fast.objectives import Noise, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
+from stmd_fast.schedule import per_sample  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@one_line_errors(ValueError, FileNotFoundError)  # a missing run, a run of other data: one line, exit code 2
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="bench/loss_per_s.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="an STMD run on digits (its newest checkpoint, EMA weights)")
     p.add_argument("--s", type=float, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0])
     p.add_argument("--num", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model = load_checkpoint(args.run, device="cpu")
     if model.method != "stmd":
-        p.error(f"{args.run} is a {model.method} run; this measures STMD's error per s")
+        raise ValueError(f"{args.run} is a {model.method} run; this measures STMD's error per s")
+    config = model.meta["config"]
+    if config["preset"] != "digits" or config["data"] is not None:  # x0 below are the digits
+        raise ValueError(f"{args.run} was trained on {trained_on(model)}: this measures on the digits training "
+                         f"set; give an STMD run of --preset digits")
     cfg = ObjectiveConfig(**model.meta["config"]["objective"])  # the run's own samplers
     generator = torch.Generator().manual_seed(args.seed)
     train = load_digits("train").all().float()
@@ -46,7 +57,8 @@ def main() -> None:
     print(f"{'s':>7} {'l, r < t':>10} {'l, r = t':>10} {'pull p=0.75':>12} {'pull p=0.5':>11}")
     for s_value, l_jvp, l_fm in rows:
         print(f"{s_value:7.4f} {l_jvp:10.2f} {l_fm:10.2f} {(l_jvp / top) ** -0.25:12.2f} {(l_jvp / top) ** 0:11.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

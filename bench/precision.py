@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, print_table  # noqa: E402
+from common import environment, finish, print_table, trained_on  # noqa: E402
 
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.objectives import METHODS, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
 from stmd_fast.schedule import per_sample  # noqa: E402
@@ -41,6 +42,7 @@ def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool)
     return u, dudt, v.double() - per_sample(h, x0).double() * dudt
 
 
+@one_line_errors(ValueError, FileNotFoundError)  # e.g. a missing --ckpt: one line, exit code 2
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="trained checkpoint (run dir or checkpoint dir) of stmd or meanflow")
@@ -58,8 +60,8 @@ def main(argv=None) -> int:
         net, method = model.net, model.method
         preset = model.meta["config"]["preset"]
         if model.meta["config"]["data"] is not None or model.data_kind != "image":
-            sys.exit(f"error: {args.ckpt} was trained on --data or latents: this measurement draws a batch of "
-                     f"its preset's images; use a checkpoint of an image preset (digits, mnist, cifar10)")
+            raise ValueError(f"{args.ckpt} was trained on {trained_on(model)}: this measurement draws a batch of "
+                             f"its preset's images; use a checkpoint of an image preset (digits, mnist, cifar10)")
         x0 = load_preset(preset).batch(args.batch, torch.Generator().manual_seed(args.seed))
     else:
         method, preset = "stmd", "digits"
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         net = METHODS[method].build_net(PRESETS[preset]().net, PRESET_DATA_SHAPES[preset])
         x0 = torch.randn(args.batch, *PRESET_DATA_SHAPES[preset])
     if not METHODS[method].flow:
-        sys.exit(f"error: {args.ckpt} is a {method} checkpoint: the JVP belongs to stmd and meanflow")
+        raise ValueError(f"{args.ckpt} is a {method} checkpoint: the JVP belongs to stmd and meanflow")
     net = net.float().eval()
     # r < t on every sample (r = t has no du/dt term to measure)
     noise = draw_noise(x0, ObjectiveConfig(flow_matching_fraction=0.0), torch.Generator().manual_seed(args.seed))

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (environment, finish, median, peak_memory_mb, print_table, record, reset_peak_memory,  # noqa: E402
                     synchronize, time_ms)
 
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
@@ -66,6 +67,7 @@ def load_net(args, device):
     return net.to(device).eval(), args.method, PRESET_DATA_SHAPES[args.preset]
 
 
+@one_line_errors(ValueError, FileNotFoundError)  # e.g. a missing --ckpt: one line, exit code 2
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:

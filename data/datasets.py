@@ -278,4 +278,12 @@ def load_npy(path: str) -> TensorData:
             raise DataError(f"{path}: values up to {largest:.3g} in magnitude; the diffusion assumes data of about "
                             f"unit scale (its noise has std 1) and refuses beyond {MAX_ABS:g}: standardize, e.g. "
                             "x = (x - x.mean(0)) / x.std(0), and save again")
+        if kind == "image" and float(values.min()) >= 0 and 2 < largest <= 255:
+            raise DataError(f"{path}: float images with values in [0, {largest:.4g}] look like pixels 0..255 stored "
+                            "as floats; float images are used as given, so save them scaled to [-1, 1] "
+                            "(x / 127.5 - 1), or as uint8 pixels, which are scaled when drawn")
+        spread = float(values.std()) if values.numel() > 1 else 1.0
+        if not 0.05 <= spread <= 20:  # learnable, but the noise (std 1) then drowns it or barely touches it
+            print(f"note: {path} has std {spread:.3g}; the diffusion's noise has std 1, so data of about unit "
+                  "scale learn best: standardize, e.g. x = (x - x.mean(0)) / x.std(0)")
     return TensorData(file.stem, values, kind)

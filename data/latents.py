@@ -70,15 +70,15 @@ def read_manifest(folder: Path) -> dict:
 
 def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: int | None) -> None:
     """DataError unless the shards were encoded with the VAE and resolution the preset expects."""
-    vae = manifest["vae"] if vae is None else vae
-    resolution = manifest["resolution"] if resolution is None else resolution
-    if (local_path(manifest["vae"]), manifest["resolution"]) != (local_path(vae), resolution):
-        raise DataError(
-            f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}, "
-            f"the preset expects {vae} at {resolution}; re-encode with python -m stmd_fast.data.encode "
-            f"--vae {vae} --resolution {resolution} --out NEW_FOLDER, or train with --preset latent and no "
-            f"--vae, which takes any encoding (its VAE and resolution from the manifest)"
-        )
+    encoded = f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}"
+    if vae is not None and local_path(vae) != local_path(manifest["vae"]):
+        raise DataError(f"{encoded}, not with --vae {vae}: drop --vae (with --preset latent the manifest's VAE is "
+                        f"used) or pass --vae {manifest['vae']}; or re-encode with python -m stmd_fast.data.encode "
+                        f"--vae {vae} --out NEW_FOLDER")
+    if resolution is not None and resolution != manifest["resolution"]:
+        raise DataError(f"{encoded}, and this preset trains at {resolution}: re-encode with python -m "
+                        f"stmd_fast.data.encode --resolution {resolution} --out NEW_FOLDER, or train with --preset "
+                        f"latent, which takes any resolution")
 
 
 def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:

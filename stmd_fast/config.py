@@ -46,7 +46,7 @@ class TrainConfig:
     settings for a .npy array."""
     method: str = option("stmd", choices=tuple(METHODS))
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
-    data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS")
+    data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS", resumable=True)
     """Your own data, replacing the preset's: a folder of JPEG/PNG images (preset images, at --resolution);
     latent shards of stmd_fast.data.encode (presets latent, celeba-latent), their folder or a pattern such as
     'SHARDS/shard-{000000..000099}.tar' (quote the braces); or a .npy array: (N, D) vectors -> MLP,
@@ -105,8 +105,9 @@ class TrainConfig:
     """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on tensor
     cores, as the official PyTorch Mean Flow code sets; --no-tf32 for full fp32. No effect on a CPU or under bf16."""
     compile: bool = option(False, resumable=True)
-    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager (cold compile takes 1-2 min
-    on a CPU)."""
+    """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager. The first step waits for a
+    cold compile: about 3 min for the digits network and 6 for cifar10's on 2 CPU cores (README); a later run of
+    the same network and batch reads Inductor's on-disk cache (digits: 44 s)."""
     kernels: str = option("auto", choices=BACKENDS, resumable=True)
     """auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, JVP flash attention), PyTorch on
     CPU; reference = PyTorch everywhere; triton = kernels, CUDA only."""
@@ -321,11 +322,17 @@ PRESET_DATA_SHAPES = {"digits": (1, 8, 8), "gmm": (2,), "mnist": (1, 28, 28), "c
 
 
 def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
-    """Network for the user's own .npy array (--data): the gmm MLP for vectors, the digits U-Net
-    for images up to 16 pixels, the mnist U-Net above."""
+    """Network for the user's own .npy array (--data), or a preset's run on images of another size: the
+    gmm MLP for vectors, the digits U-Net for images up to 16 pixels, the mnist U-Net up to 32 (its
+    attention, one halving down, then sees at most 16 x 16 positions), and above that the U-Net an image
+    folder gets (--unet B, laid out for the resolution): the mnist U-Net's attention would see 32 x 32
+    positions at 64 pixels, and the JVP's attention memory grows with their square (24 GB at batch 64)."""
     if len(shape) == 1:
         return _gmm().net
-    return _digits().net if max(shape[1:]) <= 16 else _mnist().net
+    side = max(shape[1:])
+    if side <= 16:
+        return _digits().net
+    return _mnist().net if side <= 32 else unet_config("B", shape)
 
 
 def preset_for_data(data: str | None) -> str:

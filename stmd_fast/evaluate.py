@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, newest_intact
+from .checkpoint import ema_decays_of, load_checkpoint, newest_intact
 from .cli import Parser
 from .devices import resolve_device
 from .methods import METHODS
@@ -33,6 +33,7 @@ FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image
 DEFAULT_STMD = "1x1,2x1,4x1,8x1,1x2,2x2,4x2"
 DEFAULT_MEANFLOW = "1,2,4,8"
 DEFAULT_DDPM = "1,2,4,8,16,50,100"
+INCEPTION_FEATURES = 2048  # the pool features FID is computed on
 
 
 class EvalError(Exception):
@@ -56,8 +57,9 @@ def dataset_of(meta: dict) -> str:
     return meta["config"]["data"] or meta["config"]["preset"]
 
 
-def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
-    """Each checkpoint's metadata; all must be image models of one dataset (checked before any work)."""
+def checkpoint_metas(paths: list[str], ema: float | None = None) -> list[tuple[Path, dict]]:
+    """Each checkpoint's metadata; all must be image models of one dataset, each given once and keeping the
+    EMA of --ema (checked before any work: not at a checkpoint's turn, after sampling the ones before it)."""
     found = []
     for p in paths:
         try:
@@ -68,6 +70,15 @@ def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
             print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
                   file=sys.stderr)
         found.append((ckpt, meta))
+    for i, (ckpt, _) in enumerate(found):
+        for j in range(i):
+            if found[j][0].resolve() == ckpt.resolve():  # RUN and RUN/checkpoints/step_X can name the same one
+                raise EvalError(f"a checkpoint is given twice ({paths[j]} and {paths[i]} are both {ckpt}): "
+                                "give each once")
+    for ckpt, meta in found:
+        if ema is not None and ema not in ema_decays_of(meta):
+            raise EvalError(f"--ema {ema}: {ckpt} keeps the EMA decays {', '.join(map(str, ema_decays_of(meta)))}; "
+                            "pick one of them")
     kinds = {(dataset_of(m), tuple(m["data_shape"]), m["data_kind"]) for _, m in found}
     if len(kinds) > 1:
         listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
@@ -78,6 +89,11 @@ def checkpoint_metas(paths: list[str]) -> list[tuple[Path, dict]]:
     return found
 
 
+def ema_used(meta: dict, ema: float | None) -> float:
+    """The decay of the EMA weights a checkpoint is sampled with: --ema, or the run's --ema-decay."""
+    return meta["config"]["ema_decay"] if ema is None else ema
+
+
 def image_shape(meta: dict) -> tuple[int, ...]:
     """The shape of the images a checkpoint makes (a latent model's after VAE decoding)."""
     if meta["data_kind"] == "latent":
@@ -85,12 +101,49 @@ def image_shape(meta: dict) -> tuple[int, ...]:
     return tuple(meta["data_shape"])
 
 
+def reference_split(args) -> str:
+    """A preset's split to score against: --reference-split, test when not given (its default is None so that
+    check_reference can tell a given one on a --data run, where it would be ignored)."""
+    return args.reference_split or "test"
+
+
+def check_reference(meta: dict, args) -> None:
+    """--reference is the held-out set of a --data run, --reference-split a preset's (default test): refuse
+    either where it would be ignored, and a missing or single-image --reference, before any work."""
+    if meta["config"]["data"] is not None and args.reference_split is not None:
+        raise EvalError("--reference-split picks a preset's split; these checkpoints were trained on --data and are "
+                        "scored against --reference: drop --reference-split")
+    if meta["config"]["data"] is None:
+        if args.reference:
+            raise EvalError(f"--reference is for checkpoints trained on --data; these were trained on the "
+                            f"{meta['config']['preset']} preset, scored against its {reference_split(args)} split "
+                            f"(--reference-split train|test): drop --reference")
+        return
+    if not args.reference:
+        raise EvalError("these checkpoints were trained on --data (a .npy, an image folder or latent shards): give "
+                        "--reference FILE.npy or DIR (held-out real images; decoded size for latents)")
+    from .data.images import IMAGE_SUFFIXES
+
+    path = Path(args.reference)
+    if not path.exists():
+        raise EvalError(f"--reference {path}: no such file or folder; give a .npy of held-out real images or a "
+                        "folder of them")
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise EvalError(f"--reference {path}: one image; pass the folder that holds the held-out images: "
+                        f"--reference {path.parent}")
+
+
+def reference_name(meta: dict, args) -> str:
+    """What the FD's reference set is, for the results: a preset's split, or the --reference path."""
+    if meta["config"]["data"] is None:
+        return f"{meta['config']['preset']} {reference_split(args)} split"
+    return str(args.reference)
+
+
 def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
     """The real images to compare with, in model space, and a name for the stats cache."""
+    check_reference(meta, args)
     if meta["config"]["data"] is not None:
-        if not args.reference:
-            raise EvalError("these checkpoints were trained on --data (a .npy, an image folder or latent shards): give "
-                            "--reference FILE.npy or DIR (held-out real images; decoded size for latents)")
         from .data.datasets import DataError, load_npy
         from .data.images import load_image_folder
 
@@ -102,8 +155,8 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
         name = f"npy-{Path(args.reference).stem}"
     else:
         preset = meta["config"]["preset"]
-        ref = load_split(preset, args.reference_split, args.data_dir)
-        name = f"{preset}-{args.reference_split}"
+        ref = load_split(preset, reference_split(args), args.data_dir)
+        name = f"{preset}-{reference_split(args)}"
     if tuple(ref.shape) != image_shape(meta):
         raise EvalError(f"reference images have shape {tuple(ref.shape)}, the checkpoints make {image_shape(meta)}")
     return ref.all(), name
@@ -150,6 +203,27 @@ def prepare_metric(meta: dict, args, device):
     return metric, images
 
 
+def warn_small_fd(metric, samples: int, source: str, reference: int) -> None:
+    """FD/FID fits a Gaussian to the features: with fewer images than feature dimensions its covariance is
+    singular and the value says more about the sample size than the samples. Warned, not refused (tests and
+    smoke runs use a few)."""
+    dims = metric.classifier.num_features if metric.classifier is not None else INCEPTION_FEATURES
+    if samples < dims:
+        print(f"warning: {metric.name} of {samples} samples ({source}) is not meaningful: fewer than its {dims} "
+              f"feature dimensions make their covariance singular; use {dims} or more (thousands for stable values)",
+              file=sys.stderr)
+    if reference < dims:
+        print(f"warning: {metric.name} against {reference} reference images is not meaningful: fewer than its {dims} "
+              "feature dimensions make their covariance singular; give a larger reference set", file=sys.stderr)
+
+
+def held_out(images: torch.Tensor, args, reference: str) -> torch.Tensor:
+    """The first --images reference images, saying so when there are fewer (all of them are used)."""
+    if args.images > len(images):
+        print(f"note: --images {args.images}: the {reference} holds {len(images)} images; using all {len(images)}")
+    return images[: args.images]
+
+
 # ----------------------------------------------------------------------------- sweep
 
 def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
@@ -163,8 +237,13 @@ def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
     except ValueError:
         raise EvalError("settings must look like --stmd 1x1,2x1,1x2 (NxM) and --ddpm-steps 1,2,50 (integers)") from None
     settings = {"stmd": stmd, "meanflow": meanflow, "ddpm": ddpm}
+    flags = {"stmd": ("--stmd", args.stmd, "N and M"), "meanflow": ("--meanflow-steps", args.meanflow_steps, "M"),
+             "ddpm": ("--ddpm-steps", args.ddpm_steps, "N")}
     for method, items in settings.items():
         for n, m in items:
+            if n < 1 or m < 1:  # named here by the sweep's own flag (check_steps speaks of --steps / --flow-steps)
+                flag, value, what = flags[method]
+                raise EvalError(f"{flag} {value}: {what} must be at least 1")
             try:
                 check_steps(method, n, m)
             except ValueError as err:
@@ -172,27 +251,41 @@ def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
     return settings
 
 
-def line_label(method: str, flow_steps: int, ckpt: Path, several: bool) -> str:
+def line_label(method: str, flow_steps: int, name: str, several: bool) -> str:
     label = f"{method} M={flow_steps}" if METHODS[method].conditional else method
-    return f"{label} ({ckpt.parent.parent.name})" if several else label
+    return f"{label} ({name})" if several else label
+
+
+def checkpoint_names(found: list[tuple[Path, dict]]) -> list[str]:
+    """A distinct name per checkpoint for the table and the plot's lines: its run's, with @step where two share
+    a run name (two steps of one run), its path where even that is shared."""
+    runs = []
+    for ckpt, _ in found:
+        ckpt = ckpt.resolve()
+        runs.append(ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name)
+    names = [f"{run}@{meta.get('step')}" if runs.count(run) > 1 else run for run, (_, meta) in zip(runs, found)]
+    return [str(ckpt) if names.count(name) > 1 else name for name, (ckpt, _) in zip(names, found)]
 
 
 def sweep(args) -> int:
-    found = checkpoint_metas(args.checkpoints)
+    found = checkpoint_metas(args.checkpoints, args.ema)
+    check_reference(found[0][1], args)
     settings = parse_settings(args)
     require_matplotlib()
     out = writable_dir(args.out)
     device = resolve_device(args.device)
-    metric, _ = prepare_metric(found[0][1], args, device)
+    metric, images = prepare_metric(found[0][1], args, device)
+    scored = {"num": args.num, "reference": reference_name(found[0][1], args), "reference_images": len(images)}
+    warn_small_fd(metric, args.num, "--num", len(images))
     floor = real_data_floor(found[0][1], metric, args)
     methods = [m["config"]["method"] for _, m in found]
     rows = []
-    for ckpt, meta in found:
+    for (ckpt, meta), name in zip(found, checkpoint_names(found)):
         model = load_checkpoint(ckpt, device=device, ema=args.ema)
         if model.data_kind == "latent":
             model.load_vae()  # before sampling: an unreachable VAE fails now
         several = methods.count(model.method) > 1
-        for n, m in tqdm(settings[model.method], desc=f"{model.method} {ckpt.parent.parent.name}", disable=None):
+        for n, m in tqdm(settings[model.method], desc=f"{model.method} {name}", disable=None):
             t0 = time.perf_counter()
             generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
             grid = args.grid or model.grid
@@ -203,16 +296,17 @@ def sweep(args) -> int:
             value = metric.score(x)
             rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
                          "metric": metric.name, "value": value, "num": args.num, "seed": args.seed, "grid": grid,
-                         "sample_s": seconds, "label": line_label(model.method, m, ckpt, several)})
+                         "ema": ema_used(meta, args.ema), "sample_s": seconds,
+                         "label": line_label(model.method, m, name, several)})
             tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
-    write_results(out, rows, metric, found[0][1], floor)
+    write_results(out, rows, metric, found[0][1], scored, floor)
     return 0
 
 
 def real_data_floor(meta: dict, metric, args) -> float | None:
     """The metric of real training images against the reference: what a perfect sampler
     would score with this many reference images (FD has a sample-size floor)."""
-    if meta["config"]["data"] is not None or args.reference_split != "test":
+    if meta["config"]["data"] is not None or reference_split(args) != "test":
         return None
     train = load_split(meta["config"]["preset"], "train", args.data_dir)
     train.values = train.values[: args.num]  # before the float conversion: CIFAR-10 is 600 MB as float
@@ -226,11 +320,13 @@ def features_line(metric) -> str:
             f".json): values compare only between tables on the same features")
 
 
-def write_results(out: Path, rows: list[dict], metric, meta: dict, floor: float | None = None) -> None:
+def write_results(out: Path, rows: list[dict], metric, meta: dict, scored: dict, floor: float | None = None) -> None:
+    """results.json, results.md and the plot; scored: what the values were computed on (num, reference,
+    reference_images), recorded with them."""
     from .plots import plot_metric_vs_nfe
 
     summary = {"dataset": dataset_of(meta), "metric": metric.name, "features": metric.extractor_id,
-               "real_train_images": floor, "rows": rows}
+               **scored, "real_train_images": floor, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     lines = [f"| method | N | M | NFE | {metric.name} |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["label"], r["nfe"], r["N"])):
@@ -238,6 +334,9 @@ def write_results(out: Path, rows: list[dict], metric, meta: dict, floor: float 
     grids = sorted({r["grid"] for r in rows if r["method"] != "meanflow"})
     if grids:
         lines.append(f"\nDiffusion time grid of STMD and DDPM: {', '.join(grids)}")
+    decays = ", ".join(map(str, sorted({r["ema"] for r in rows})))
+    lines.append(f"\n{metric.name} of {scored['num']} samples per setting (EMA weights, decay {decays}) against the "
+                 f"{scored['reference']} ({scored['reference_images']} images)")
     if floor is not None:
         lines.append(f"\nReal training images against the same reference (the floor): {metric.name} {floor:.3f}")
     lines.append(features_line(metric))
@@ -305,7 +404,7 @@ def conditional(args) -> int:
     """FD of the draws x0_hat of p(x_0 | x_s) at each s, x_s diffused from real training images (STMD: M flow
     steps; DDPM: its posterior mean). A chain's step at s makes such a draw from its own x_s, so a step whose
     draws score far above the floor limits every chain through it."""
-    ckpt, meta = checkpoint_metas([args.checkpoint])[0]
+    ckpt, meta = checkpoint_metas([args.checkpoint], args.ema)[0]
     method = METHODS[meta["config"]["method"]]
     if not method.diffusion:
         raise EvalError(f"{ckpt} is a {method.label} run: it has no diffusion time s to condition on (give an STMD or "
@@ -313,12 +412,14 @@ def conditional(args) -> int:
     if meta["data_kind"] != "image" or meta["config"]["data"] is not None:
         raise EvalError("conditional diffuses the training split of an image preset (digits, mnist, cifar10); this "
                         f"run was trained on {dataset_of(meta)} ({meta['data_kind']}s)")
+    check_reference(meta, args)
     flow_steps = parse_ints(args.flow_steps, "--flow-steps") if method.flow else [1]
     grid = meta["config"].get("sample_grid", "uniform")
     times = parse_times(args.s) if args.s else [s for s in time_grid(4, grid).tolist() if s > 0]
     model = load_checkpoint(ckpt, device=resolve_device(args.device), ema=args.ema)
     out = writable_dir(args.out)
-    metric, _ = prepare_metric(meta, args, model.device)
+    metric, images = prepare_metric(meta, args, model.device)
+    warn_small_fd(metric, args.num, "--num", len(images))
     train = load_split(meta["config"]["preset"], "train", args.data_dir)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     x0 = train.batch(args.num, generator)  # drawn with replacement: repeats when num > len(train)
@@ -333,7 +434,8 @@ def conditional(args) -> int:
             rows.append({"s": s, "alpha": alpha, "M": m, "metric": metric.name, "value": metric.score(x0_hat)})
             tqdm.write(f"s {s:g} (alpha {alpha:.3f}) M={m}: {metric.name} {rows[-1]['value']:.3f}")
     summary = {"checkpoint": str(ckpt), "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
-               "features": metric.extractor_id, "num": args.num, "seed": args.seed, "source_images": floor,
+               "features": metric.extractor_id, "num": args.num, "seed": args.seed, "ema": ema_used(meta, args.ema),
+               "reference": reference_name(meta, args), "reference_images": len(images), "source_images": floor,
                "rows": rows}
     (out / "conditional.json").write_text(json.dumps(summary, indent=2))
     lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
@@ -424,7 +526,8 @@ def inpaint(args) -> int:
     from .data.datasets import to_unit_range
     from .metrics import diversity, psnr
 
-    (ckpt, meta), = checkpoint_metas([args.checkpoint])
+    (ckpt, meta), = checkpoint_metas([args.checkpoint], args.ema)
+    check_reference(meta, args)
     if meta["data_kind"] != "image":
         raise EvalError("inpaint evaluates pixel-space image models; this checkpoint makes latents "
                         "(a pixel mask does not carry over to latents)")
@@ -436,8 +539,9 @@ def inpaint(args) -> int:
         raise EvalError("--completions must be at least 2: diversity is the spread between completions")
     out = writable_dir(args.out)
     device = resolve_device(args.device)
-    metric, images = prepare_metric(meta, args, device)
-    images = images[: args.images]
+    metric, reference = prepare_metric(meta, args, device)
+    images = held_out(reference, args, reference_name(meta, args))
+    warn_small_fd(metric, len(images) * args.completions, "--images x --completions", len(reference))
     model = load_checkpoint(ckpt, device=device, ema=args.ema)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     mask_gen = torch.Generator().manual_seed(args.seed)
@@ -452,8 +556,9 @@ def inpaint(args) -> int:
     missing = (masks == 0).expand_as(completions)
     result = {
         "checkpoint": str(ckpt), "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
-        "images": len(images), "completions": args.completions, "seed": args.seed, "metric": metric.name,
-        "features": metric.extractor_id, "fd": metric.score(completions.flatten(0, 1)),
+        "images": len(images), "completions": args.completions, "seed": args.seed, "ema": ema_used(meta, args.ema),
+        "metric": metric.name, "features": metric.extractor_id, "reference": reference_name(meta, args),
+        "reference_images": len(reference), "fd": metric.score(completions.flatten(0, 1)),
         "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
@@ -480,7 +585,8 @@ def inverse(args) -> int:
     from .metrics import diversity, psnr
     from .operators import make_operator
 
-    (ckpt, meta), = checkpoint_metas([args.checkpoint])
+    (ckpt, meta), = checkpoint_metas([args.checkpoint], args.ema)
+    check_reference(meta, args)
     if meta["data_kind"] != "image":
         raise EvalError("inverse evaluates pixel-space image models; this checkpoint makes latents")
     shape = tuple(meta["data_shape"])
@@ -501,9 +607,10 @@ def inverse(args) -> int:
         raise EvalError(f"--sigma-y must be >= 0, got {args.sigma_y}")
     out = writable_dir(args.out)
     device = resolve_device(args.device)
-    metric, images = prepare_metric(meta, args, device)
-    images = images[: args.images]
-    model = load_checkpoint(ckpt, device=device)
+    metric, reference = prepare_metric(meta, args, device)
+    images = held_out(reference, args, reference_name(meta, args))
+    warn_small_fd(metric, len(images) * args.completions, "--images x --completions", len(reference))
+    model = load_checkpoint(ckpt, device=device, ema=args.ema)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
     samples, residuals, observed = [], [], []
@@ -520,7 +627,8 @@ def inverse(args) -> int:
         "checkpoint": str(ckpt), "method": model.method, "operator": args.operator,
         "mask": args.mask if args.operator == "inpaint" else None, "sigma_y": args.sigma_y, "sampler": sampler,
         "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,
-        "seed": args.seed, "metric": metric.name, "features": metric.extractor_id,
+        "seed": args.seed, "ema": ema_used(meta, args.ema), "metric": metric.name, "features": metric.extractor_id,
+        "reference": reference_name(meta, args), "reference_images": len(reference),
         "fd": metric.score(samples.flatten(0, 1)),
         "psnr_db": psnr(samples, images.expand_as(samples)).mean().item(),
         "diversity": diversity(samples),
@@ -608,11 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--classifier", help="FD classifier directory [default: digits: the one stmd_fast "
                                                  "ships, so FDs compare across machines; mnist: runs/classifier-mnist]")
             sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")
-            sp.add_argument("--reference-split", choices=("train", "test"), default="test",
-                            help="real images to compare with [default: test]")
+            sp.add_argument("--reference-split", choices=("train", "test"),
+                            help="a preset's real images to compare with [default: test]")
             sp.add_argument("--reference", metavar="FILE.npy|DIR",
                             help="real images for checkpoints trained on --data (.npy, an image folder or latent "
-                                 "shards): a .npy of images, or a folder of images (read at the checkpoint's size)")
+                                 "shards): a .npy of images, or a folder of images (read at the checkpoint's size); "
+                                 "a preset's checkpoints use --reference-split instead")
             sp.add_argument("--ema", type=float, metavar="DECAY",
                             help="which EMA, by its decay: a run keeps --ema-decay and each of --ema-decays "
                                  "[default: --ema-decay's]")

@@ -25,7 +25,10 @@ The graph is traced with the kernels' pure-PyTorch references (kernels.dispatch 
 stmd_fast. Its metadata is the extra file stmd_fast.json (EXPORT_FORMAT, method, N, M, grid,
 batch, data shape and kind, noise names, latent VAE). --aoti also compiles it with
 AOTInductor into OUT.aoti.pt2 (torch._inductor.aoti_load_package runs it; needs a C++
-compiler, and CUDA for a CUDA export).
+compiler, and CUDA for a CUDA export). Unlike the .pt2 program, the package checks its input's
+shape, dtype and strides only when AOTI_RUNTIME_CHECK_INPUTS=1 is set before its first call
+(as of torch 2.14 no Inductor option compiles the checks in): without it a wrong input
+is read past its end. open_exported (sample --exported) checks the input itself and sets it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 import time
 import zipfile
@@ -120,6 +124,26 @@ def save(program, meta: dict, path: str | Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def check_out_path(out: Path, flag: str) -> None:
+    """ValueError when a folder on the way to `out` is a file (digit.png/x.npy): files.check_writable's
+    mkdir would only say 'File exists'."""
+    for parent in out.parents:
+        if parent.exists():  # the nearest existing one: the folders above it exist too
+            if not parent.is_dir():
+                raise ValueError(f"cannot write {flag} {out}: {parent} is a file, not a directory: choose another "
+                                 f"{flag}")
+            return
+
+
+def check_noise(noise: torch.Tensor, meta: dict, path) -> None:
+    """ExportError unless `noise` is the program's one input, its static shape in float32: an AOTInductor
+    package does not check this itself (module docstring) and would read past a smaller input."""
+    shape = tuple(meta["inputs"][0]["shape"])
+    if tuple(noise.shape) != shape or noise.dtype != torch.float32:
+        raise ExportError(f"{path} takes noise of shape {shape}, float32 (static batch {meta['batch']}: pad a short "
+                          f"batch), got {tuple(noise.shape)}, {str(noise.dtype).removeprefix('torch.')}")
+
+
 def read_export_meta(raw: str | None, path) -> dict:
     """The metadata (stmd_fast.json's text) of an exported sampler, or ExportError saying to re-export."""
     if not raw:
@@ -140,6 +164,9 @@ def open_exported(path: str | Path):
     (torch._inductor.aoti_load_package), told apart by their contents. run(noise) -> samples.
     ExportError (one line) for anything else, before any deserialization where possible."""
     file = Path(path)
+    if file.is_dir():
+        raise ExportError(f"--exported {path} is a directory: pass the .pt2 file written by python -m "
+                          f"stmd_fast.export (a run or checkpoint directory goes as CKPT, without --exported)")
     if not file.is_file():
         raise ExportError(f"--exported {path} does not exist")
     if file.suffix != ".pt2" or not zipfile.is_zipfile(file):
@@ -152,6 +179,8 @@ def open_exported(path: str | Path):
     if aoti:
         from torch._inductor import aoti_load_package
 
+        # the package's own input checks (strides, device too) run only with this set before its first call
+        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
         try:
             runner = aoti_load_package(str(file))
         except Exception as err:
@@ -161,6 +190,7 @@ def open_exported(path: str | Path):
         meta = read_export_meta(runner.get_metadata().get(META_FILE), path)
 
         def run(noise: torch.Tensor) -> torch.Tensor:
+            check_noise(noise, meta, path)
             out = runner(noise)
             return out[0] if isinstance(out, (list, tuple)) else out
     else:
@@ -217,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                "model space (about [-1, 1], not clamped), vectors, or for a latent model the latents (no VAE "
                "decode inside). It holds only aten ops and loads with torch.export.load alone. Run it with: "
                "python -m stmd_fast.sample --exported OUT "
-               "--num K --seed S --out FILE. Exit codes: 2 bad input (nothing exported), 1 --aoti could not build "
-               "(OUT is still written).")
+               "--num K --seed S --out FILE. The --aoti package checks its input only when "
+               "AOTI_RUNTIME_CHECK_INPUTS=1 is set (sample --exported checks it). Exit codes: 2 bad input (nothing "
+               "exported), 1 --aoti could not build (OUT is still written).")
     add = p.add_argument
     add("checkpoint", metavar="CKPT", help="a run directory (its newest checkpoint) or a checkpoints/step_* directory")
     add("--steps", type=int, help="N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm]")
@@ -239,6 +270,7 @@ def check_out(out: Path) -> None:
     if out.suffix != ".pt2":
         raise ExportError(f"--out must end in .pt2, got {out.name}")
     try:
+        check_out_path(out, "--out")
         check_writable(out, "--out")
     except ValueError as err:
         raise ExportError(str(err)) from None
@@ -295,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --aoti: AOTInductor could not build {package} on this machine ({type(err).__name__}: "
                   f"{reason}); {out} was written and runs without it", file=sys.stderr)
             return 1
-        print(f"AOTInductor package built in {time.perf_counter() - start:.1f} s -> {package}")
+        print(f"AOTInductor package built in {time.perf_counter() - start:.1f} s -> {package}: it does not check its "
+              f"input (a wrong shape or dtype is read past its end): run it with python -m stmd_fast.sample --exported "
+              f"{package}, or set AOTI_RUNTIME_CHECK_INPUTS=1 before torch._inductor.aoti_load_package")
     return 0
 
 

@@ -93,22 +93,33 @@ def run_lock(run_dir: str | Path):
     """One training process per run directory: flock(2) on RUN/.lock, held while the block runs.
 
     The kernel releases the lock whenever the process ends, however it ends (an exception, SIGKILL,
-    the OOM killer), so there is never a stale lock to clean up by hand. The file stays (deleting it
-    would let two processes lock two different files) and names the holder for the error message.
-    flock is advisory: stmd_fast's commands respect it; other programs are not stopped by it."""
+    the OOM killer), so there is never a stale lock to clean up by hand. The file names the holder for
+    the error message. It stays, except that a run which ends before writing anything removes its new
+    folder, lock file included, while it holds the lock (train.prepare_run_dir): a process that locked
+    the file just before it went sees it is no longer at its path and locks the current one instead, so
+    two processes never hold two different files. flock is advisory: stmd_fast's commands respect it;
+    other programs are not stopped by it."""
     import fcntl  # POSIX only: imported here so the package imports elsewhere
 
     path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+            os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
             raise RunLocked(f"{run_dir} is in use by another training run ({holder}): wait for it to end, "
                             f"or choose another --out") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed after we opened it: lock the one at the path now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield path

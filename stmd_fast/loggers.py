@@ -48,8 +48,9 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / "tensorboard"
-        # purge_step: a resumed run drops the events logged after its checkpoint; they are logged again
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step or None)
+        # purge_step: a resumed run drops the events logged after its checkpoint (they are logged again)
+        # and keeps those at the checkpoint's step, as metrics.jsonl does
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         if not start_step:
             self.writer.add_text("config", _as_markdown(config), 0)
         print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {run_dir})")

@@ -21,12 +21,14 @@ from .sampling import sample
 class IntervalSums:
     """Loss and error summed on the device, and the first step whose loss was not finite: no sync per step."""
 
-    def __init__(self, device: torch.device, step: int):
+    def __init__(self, device: torch.device, step: int, elapsed: float = 0.0):
+        """elapsed: the seconds the run had trained before this process (a resumed run's elapsed_s goes on)."""
         self.device = device
         self.loss = torch.zeros((), device=device)
         self.error = torch.zeros((), device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.t_start = self.t_log = time.perf_counter()
+        self.t_log = time.perf_counter()
+        self.t_start = self.t_log - elapsed
         self.step_log = step
 
     def add(self, loss: torch.Tensor, error: torch.Tensor, step: int) -> None:
@@ -136,6 +138,15 @@ def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> tu
         np.save(buffer, x.numpy())
     write_atomic(path, buffer.getvalue())
     return path, grid
+
+
+def elapsed_so_far(path: Path) -> float:
+    """The elapsed_s of metrics.jsonl's last record (after keep_metrics_until: at or before the checkpoint a run
+    resumes from), 0 without one."""
+    try:
+        return float(json.loads(path.read_text().splitlines()[-1])["elapsed_s"])
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .cli import Parser, one_line_errors
+from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
 from .operators import OPERATOR_NAMES, make_operator
@@ -73,6 +74,8 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     from PIL import Image  # torchvision's decode_image is deprecated since 0.29
 
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{what} {path} is a directory: give an image file (.png/.jpg, or an .npy of shape {shape})")
     if not file.is_file():
         raise ValueError(f"{what} {path} does not exist")
     c, h, w = shape
@@ -129,6 +132,7 @@ def prepare_out(out: Path) -> None:
     """Checked before sampling: the suffix, and that the file can be written."""
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out must end in .png or .npy, got {out.name}")
+    check_out_path(out, "--out")
     check_writable(out, "--out")
 
 
@@ -144,6 +148,20 @@ def check_counts(args) -> None:
     if args.zoom > MAX_ZOOM:
         raise ValueError(f"--zoom {args.zoom}: at most {MAX_ZOOM} (8x8 digits become {8 * MAX_ZOOM} pixels); the grid "
                          f"grows with its square")
+
+
+def in_batches(num: int, size: int, draw, unit: str = "sample") -> torch.Tensor:
+    """draw(n) for n = size, size, ..., the rest (num in all), concatenated: what the samplers' own
+    batching does with one generator, so the samples are the same, but with a progress bar on stderr,
+    as a large --num takes minutes (shown on a terminal only: tqdm's disable=None)."""
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(total=num, unit=unit, desc="sampling", disable=None) as bar:
+        for start in range(0, num, size):
+            parts.append(draw(min(size, num - start)))
+            bar.update(len(parts[-1]))
+    return torch.cat(parts)
 
 
 def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask=None) -> None:
@@ -213,7 +231,8 @@ def main_exported(args) -> int:
         latent = meta["latent"]
         decode = latent_decoder(args.vae, device, latent["scaling_factor"], latent["shift_factor"])
 
-    x = sample_exported(run, meta, args.num, torch.Generator().manual_seed(args.seed), args.batch_size)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = in_batches(args.num, args.batch_size, lambda n: sample_exported(run, meta, n, generator, n))
     if decode is not None:
         x = decode(x.to(device), args.batch_size)
     write_samples(x, out, args.zoom)
@@ -291,13 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
-    if operator is not None:
-        x = model.posterior_sample(y, operator, args.sigma_y, args.particles, steps, args.flow_steps, args.num,
-                                   generator, args.grid, args.batch_size)
+    if operator is not None and args.particles:  # SMC: --batch-size counts chains, K of them per draw
+        x = in_batches(args.num, max(1, args.batch_size // args.particles), lambda n: model.posterior_sample(
+            y, operator, args.sigma_y, args.particles, steps, args.flow_steps, n, generator, args.grid,
+            n * args.particles))
+    elif operator is not None:
+        x = in_batches(args.num, args.batch_size, lambda n: model.posterior_sample(
+            y, operator, args.sigma_y, None, steps, args.flow_steps, n, generator, args.grid, n))
     elif observed is None:
-        x = model.sample(args.num, steps, args.flow_steps, generator, args.grid, batch_size=args.batch_size)
+        x = in_batches(args.num, args.batch_size, lambda n: model.sample(
+            n, steps, args.flow_steps, generator, args.grid, batch_size=n))
     else:
-        x = model.inpaint(observed, mask, args.num, steps, args.flow_steps, generator, args.grid, args.batch_size)
+        x = in_batches(args.num, args.batch_size, lambda n: model.inpaint(
+            observed, mask, n, steps, args.flow_steps, generator, args.grid, n), unit="completion")
     if model.data_kind == "latent" and out.suffix == ".png":
         x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
     write_samples(x, out, args.zoom, observed, mask)

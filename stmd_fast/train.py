@@ -24,6 +24,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch and the rest import (seconds)
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
 import errno
+import glob
 import json
 import logging
 import time
@@ -50,7 +51,7 @@ from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
-from .run_log import IntervalSums, RunLog, keep_metrics_until
+from .run_log import IntervalSums, RunLog, elapsed_so_far, keep_metrics_until
 from .training_state import TrainingState
 
 # torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
@@ -147,7 +148,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     for key, value in objective.items():
         was = saved["objective"].get(key, getattr(ObjectiveConfig(), key))  # older than the flag: its default
         if was != value:
-            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {was}, not {value}")
+            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {was}, not {value}: "
+                            f"drop the flag, or use a new --out to start another run")
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
@@ -241,7 +243,9 @@ def with_flip(data, flip: bool):
 def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
     """Create --out and check it is writable; take its lock into `held` (one live run per directory);
     refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone probes and locks
-    under torchrun (its ranks are one run)."""
+    under torchrun (its ranks are one run). A run that ends before writing anything into a folder it
+    created (bad data, say) removes that folder again, and the parents it created."""
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
         if main:
@@ -255,11 +259,29 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
             held.enter_context(run_lock(out))
         except RunLocked as err:
             raise UserError(str(err)) from None
+        if created:
+            held.callback(remove_if_unused, created)  # runs before the lock is let go
     if not resume and find_checkpoint(out) is not None:
         if not any(is_intact(ckpt) for ckpt in list_checkpoints(out)):
             raise UserError(f"{out} holds only damaged checkpoints: move {out / 'checkpoints'} aside to start this "
                             f"run over, or choose a new --out")
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out")
+
+
+def remove_if_unused(created: list[Path]) -> None:
+    """The folders prepare_run_dir created (deepest first), removed if the run left nothing but its lock."""
+    out = created[0]
+    try:
+        if [entry.name for entry in out.iterdir()] != [LOCK_FILE]:
+            return
+        (out / LOCK_FILE).unlink()
+    except OSError:  # gone or unreadable: nothing of ours to tidy, and the run's own error says what went wrong
+        return
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else lives there now
+            return
 
 
 def refuse_if_live(out) -> None:
@@ -307,7 +329,13 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         use_tf32(cfg.tf32 and cfg.precision == "fp32")
     out = Path(cfg.out)
     prepare_run_dir(out, resume, held, main=ctx.is_main)
-    data = load_training_data(cfg, ctx)
+    try:
+        data = load_training_data(cfg, ctx)
+    except UserError:
+        if resume and cfg.data is not None and not glob.has_magic(cfg.data) and not Path(cfg.data).exists():
+            raise UserError(f"--resume: {out} was trained on --data {cfg.data}, which is gone: if it moved, "
+                            f"resume with --data NEW_PLACE (samples of the same shape)") from None
+        raise
     if resume:
         check_same_data(out, cfg, data, ctx.is_main)
     if data.kind == "latent" and cfg.vae is None:
@@ -351,12 +379,15 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
 
 def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
     """A resumed run's data must have the shape per sample it was trained on (its network takes nothing
-    else); a changed count is allowed, and said. Both come from the run's config.json."""
+    else); a changed place (--data) or count is allowed, and said. All come from the run's config.json."""
     try:
         trained = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return  # no config.json yet: the checkpoint's own checks remain
     source = cfg.data or cfg.preset
+    was = trained.get("config", {}).get("data", cfg.data)
+    if was != cfg.data and main:  # --data given again, elsewhere: the run moved its data (or chose new data)
+        print(f"note: the run was trained on {was or 'the ' + cfg.preset + ' preset'}; it continues on {source}")
     if trained.get("data_shape", list(data.shape)) != list(data.shape):
         raise UserError(f"--resume: {out} was trained on samples of shape {tuple(trained['data_shape'])}, and "
                         f"{source} now gives {tuple(data.shape)}: its network takes nothing else; resume on the data "
@@ -410,7 +441,8 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
             print(f"resumed from {ckpt} at step {state.step}{again}")
             for note in passed_over:
                 print(f"note: the newest intact checkpoint was taken; passed over {note}")
-        write_json_atomic(run.out / "config.json", run.meta)
+        if state.step < cfg.steps:  # a resume with nothing to do leaves config.json saying how the run was trained
+            write_json_atomic(run.out / "config.json", run.meta)
     return state
 
 
@@ -452,13 +484,14 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                                      cfg.precision, run.device, sync_grads=run.strategy.sync_grads(run.net),
                                      cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, run, state)
-        t_start = time.perf_counter()
+        t_start, first_step = time.perf_counter(), state.step
         loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
         with StopRequest() as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
             last = loop(cfg, run, state, train_step, log, stop)
         if ctx.is_main:
-            print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f} s; checkpoint {last}")
+            print(f"done: step {cfg.steps}, {cfg.steps - first_step} of them in this process, in "
+                  f"{time.perf_counter() - t_start:.0f} s; checkpoint {last}")
         clean_exit = True
         return last
     except (TrainingDiverged, GradientSyncFailed, Stopped):
@@ -473,11 +506,12 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
 def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunLog, stop: StopRequest) -> Path:
     """The training loop: draw, step, and at each interval log, sample and checkpoint. Returns the last checkpoint."""
     strategy = run.strategy
-    sums = IntervalSums(run.device, state.step)
+    sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"))
     last_good = find_checkpoint(run.out)
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
+            lr = state.optimizer.param_groups[0]["lr"]  # this step's rate: the scheduler moves it on inside the step
             loss, error = train_step(x0, noise)
         except RuntimeError as err:  # torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError
             if not out_of_memory(err):
@@ -496,7 +530,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 or (stop.requested and not strategy.ctx.distributed)):
             continue
         record, bad_step, stopping = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
-                                                METHODS[cfg.method].error_name, state.scheduler.get_last_lr()[0],
+                                                METHODS[cfg.method].error_name, lr,
                                                 skipped_counts(state.data))
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
@@ -524,7 +558,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             log.write(f"stopped by signal {stop.signal or 'on another rank'} at step {step}; checkpoint {last_good}; "
                       f"continue with: {again} --out {run.out} --resume")
-            raise Stopped
+            raise Stopped(stop.signal)
     return last_good
 
 
@@ -564,11 +598,17 @@ def assert_compiled(verbose: bool = True, seconds: float | None = None) -> None:
 
 
 class Stopped(KeyboardInterrupt):
-    """A signal stopped the run after a checkpoint (exit code 130, like Ctrl-C)."""
+    """A signal stopped the run after a checkpoint. The exit code is the shell's for that signal, 128 + its
+    number (130 for Ctrl-C, 143 for SIGTERM), so a job scheduler sees the job was stopped, not that it failed;
+    a rank stopped because another rank got the signal exits 130."""
+
+    def __init__(self, signum: int | None = None):
+        super().__init__(signum)
+        self.exit_code = 128 + (signum or signal.SIGINT)
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM finish the current step, save, and exit; a second Ctrl-C kills at once. Under
+    """Ctrl-C / SIGTERM finish the current step, save, and exit; the same signal again kills at once. Under
     torchrun the ranks agree on stopping at the next log interval (a rank whose peer died fails there).
     A context manager: the previous handlers come back on the way out."""
 
@@ -581,8 +621,9 @@ class StopRequest:
 
     def _request(self, signum, frame):
         if self.signal is None:  # said at once: the step (or, under torchrun, the log interval) may take a while
-            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint; "
-                             f"a second Ctrl-C quits at once, without one\n")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            sys.stderr.write(f"\n{name}: stopping after this step, with a checkpoint; "
+                             f"a second {name} quits at once, without one\n")
         self.signal = self.signal or signum
         signal.signal(signum, signal.SIG_DFL)
 
@@ -656,8 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             for note in unused_flags(cfg, vars(args)):
                 print(note, file=sys.stderr)
         train(cfg, resume)
-    except Stopped:  # after a checkpoint; the resume command was printed
-        return 130
+    except Stopped as stopped:  # after a checkpoint; the resume command was printed
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("interrupted during start-up, before the first step; no checkpoint was written", file=sys.stderr)
         return 130

@@ -82,9 +82,10 @@ def test_train_step_smoke():
     assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")} | {
         ("public recipe", "stmd")}
     assert result["environment"]["torch"] == torch.__version__ and result["interleaved"]
+    assert result["bf16_peak_tflops"] is None  # a smoke run's tiny matmul would undershoot the peak
     for (variant, objective), row in rows.items():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
-        assert 0 < row["mfu_pct"]
+        assert row["tflops"] > 0 and row["mfu_pct"] is None  # so no MFU (once 500%)
     # the JVP step does more work than the flow-matching step of the same network, and the public
     # recipe's full-batch JVP more than ours on the r < t rows
     ours, public = rows[("compiled fp32", "stmd")], rows[("public recipe", "stmd")]
@@ -97,6 +98,51 @@ def test_train_step_smoke():
         assert row["loss_steps"] == 5 and row["loss_finite"] and row["first_step_s"] > 0
     # the first step of a compiled variant compiles: it takes longer than a whole timed step
     assert ours["first_step_s"] * 1e3 > ours["ms_per_step"]
+
+
+def test_mfu_is_never_reported_above_100_percent(capsys):
+    """A step faster than the measured peak means the peak was under-measured (a small matmul, bf16 on a
+    CPU): no MFU and a warning, rather than an impossible 500%."""
+    from train_step import add_rates, mfu_text
+
+    row = {"variant": "compiled fp32", "objective": "stmd", "gflop_per_step": 2.0}  # 2 GFLOP in 1 ms: 2 TFLOP/s
+    add_rates(row, [1.0, 1.0, 1.0], 16, peak=4.0)
+    assert row["tflops"] == pytest.approx(2.0) and row["mfu_pct"] == pytest.approx(50.0)
+    assert capsys.readouterr().out == ""
+    add_rates(row, [1.0, 1.0, 1.0], 16, peak=1.0)
+    assert row["tflops"] == pytest.approx(2.0) and row["mfu_pct"] is None and mfu_text(row["mfu_pct"]) == "n/a"
+    assert "under-measured" in capsys.readouterr().out
+    add_rates(row, [1.0], 16, peak=None)  # --smoke: no peak measured
+    assert row["mfu_pct"] is None
+
+
+@pytest.fixture(scope="module")
+def gmm_run(tmp_path_factory) -> Path:
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path_factory.mktemp("bench") / "gmm-stmd"
+    assert train_main(["--preset", "gmm", "--batch-size", "16", "--steps", "1", "--device", "cpu",
+                       "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    ("loss_per_s.py", ["/nonexistent"], ["no checkpoint in /nonexistent"]),
+    ("loss_per_s.py", ["GMM_RUN", "--num", "8"], ["gmm preset", "--preset digits"]),
+    ("sample.py", ["--ckpt", "/nonexistent", "--smoke"], ["no checkpoint in /nonexistent"]),
+    ("precision.py", ["--ckpt", "/nonexistent"], ["no checkpoint in /nonexistent"]),
+    ("precision.py", ["--ckpt", "GMM_RUN"], ["the gmm preset (vectors)", "image preset"]),
+], ids=["loss-missing", "loss-gmm", "sample-missing", "precision-missing", "precision-gmm"])
+def test_bench_scripts_refuse_bad_input_in_one_line(capsys, gmm_run, script, argv, words):
+    """In-process (importing each script's main): one line 'error: ...', exit code 2, no traceback."""
+    import importlib
+
+    main = importlib.import_module(script.removesuffix(".py")).main
+    assert main([str(gmm_run) if a == "GMM_RUN" else a for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert "--data or latents" not in lines[0]  # precision.py once said so of every non-image run
 
 
 def test_train_step_sequential_keeps_each_row_as_it_is_measured(tmp_path, monkeypatch):

@@ -727,7 +727,7 @@ def test_first_ctrl_c_says_at_once_what_happens_next(capsys):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested
     err = capsys.readouterr().err
-    assert "SIGINT: stopping after this step, with a checkpoint" in err and "second Ctrl-C quits at once" in err
+    assert "Ctrl-C: stopping after this step, with a checkpoint" in err and "a second Ctrl-C quits at once" in err
 
 
 def test_example_data_wants_a_fresh_folder(tmp_path, capsys):

@@ -253,6 +253,27 @@ def test_npy_data_far_beyond_unit_scale_is_refused(tmp_path, largest):
     assert load_npy(str(tmp_path / "fine.npy")).values[0, 0] == 9e3
 
 
+def test_npy_float_images_holding_pixels_0_255_are_refused(tmp_path):
+    """Float images in 0..255 would be used as given, 127x the noise's scale: refused, naming both fixes;
+    the same images scaled to [0, 1] or [-1, 1] load."""
+    x = _distinct_rows(6, 2 * 4 * 4, seed=6).reshape(6, 2, 4, 4).astype(np.float32)
+    np.save(tmp_path / "pix.npy", x)
+    with pytest.raises(DataError, match=r"look like pixels 0..255 stored as floats.*x / 127.5 - 1.*uint8"):
+        load_npy(str(tmp_path / "pix.npy"))
+    for scaled in (x / 255, x / 127.5 - 1):
+        np.save(tmp_path / "scaled.npy", scaled)
+        assert torch.equal(load_npy(str(tmp_path / "scaled.npy")).values, torch.from_numpy(scaled))
+
+
+@pytest.mark.parametrize("std, noted", [(1.0, False), (0.3, False), (500.0, True), (0.001, True)])
+def test_npy_data_far_from_unit_scale_gets_a_note(tmp_path, capsys, std, noted):
+    x = np.random.default_rng(0).standard_normal((200, 2)).astype(np.float32) * std
+    np.save(tmp_path / "points.npy", x)
+    assert torch.equal(load_npy(str(tmp_path / "points.npy")).values, torch.from_numpy(x))  # used as given
+    out = capsys.readouterr().out
+    assert ("note:" in out and "standardize" in out) == noted, out
+
+
 def test_npy_integer_vectors_are_not_treated_as_pixels(tmp_path):
     np.save(tmp_path / "counts.npy", np.array([[0, 255], [3, 4]], dtype=np.uint8))
     data = load_npy(str(tmp_path / "counts.npy"))

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stmd_fast.checkpoint import Model, list_checkpoints
 from stmd_fast.classifier import FeatureClassifier, load_classifier, save_classifier
+from stmd_fast.evaluate import load_split
 from stmd_fast.evaluate import main as evaluate
 from stmd_fast.metrics import FrechetDistance
 from stmd_fast.train import main as train
@@ -17,13 +19,20 @@ SETTINGS = ["--stmd", "1x1,2x1,1x2", "--meanflow-steps", "1,2", "--ddpm-steps", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Tiny digits checkpoints of all three methods and a random-weight digits classifier."""
+    """Tiny digits checkpoints of all three methods and a random-weight digits classifier. The STMD run also
+    keeps an EMA of decay 0.5 (beside the default 0.999) and a checkpoint at each of its two steps."""
     root = tmp_path_factory.mktemp("runs")
     for method in ("stmd", "meanflow", "ddpm"):
-        assert train(TINY + ["--method", method, "--out", str(root / method)]) == 0
+        extra = ["--ema-decays", "0.5", "--ckpt-every", "1"] if method == "stmd" else []
+        assert train(TINY + ["--method", method, "--out", str(root / method), *extra]) == 0
     torch.manual_seed(0)
     save_classifier(FeatureClassifier((1, 8, 8)).eval(), root / "classifier", {"dataset": "digits", "test_accuracy": 0.0})
     return root
+
+
+def scoring(runs):
+    """The flags every scoring command of these tests takes: the random classifier and a shared cache."""
+    return ["--classifier", str(runs / "classifier"), "--cache-dir", str(runs / "cache")]
 
 
 def sweep_args(runs, out, *extra):
@@ -95,6 +104,9 @@ def test_inpainting_evaluation(runs, tmp_path):
     assert evaluate(args) == 0
     result = json.loads((tmp_path / "inpaint_half.json").read_text())
     assert result["images"] == 5 and result["completions"] == 3 and result["mask"] == "half"
+    assert result["ema"] == 0.999  # the run's --ema-decay: no --ema given
+    assert result["reference"] == "digits test split"  # what the FD was computed against
+    assert result["reference_images"] == len(load_split("digits", "test", "datasets"))
     assert np.isfinite(result["fd"]) and np.isfinite(result["psnr_db"])
     assert result["diversity"] > 0  # STMD completions differ in the missing half
     from PIL import Image
@@ -135,11 +147,12 @@ def test_conditional_refuses_runs_without_diffusion_time_and_bad_times(runs, tmp
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
-def one_line_error(capsys, *words):
+def one_line_error(capsys, *words) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err, err
     for word in words:
         assert word in err, (word, err)
+    return err
 
 
 def test_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
@@ -169,7 +182,16 @@ def test_missing_reference_data_is_refused(tmp_path, capsys):
     assert evaluate(base) == 2
     one_line_error(capsys, "--reference")
     assert evaluate(base + ["--reference", str(tmp_path / "missing.npy")]) == 2
-    one_line_error(capsys, "--reference", "missing.npy")
+    err = one_line_error(capsys, "--reference", "missing.npy")
+    assert "--data" not in err  # the flag given is --reference
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(tmp_path / "digit.png")
+    assert evaluate(base + ["--reference", str(tmp_path / "digit.png")]) == 2
+    err = one_line_error(capsys, "one image")
+    assert err.endswith(f"--reference {tmp_path}") and "--data" not in err  # the fix, with the right flag
+    assert evaluate(base + ["--reference", str(tmp_path / "mine.npy"), "--reference-split", "train"]) == 2
+    one_line_error(capsys, "--reference-split picks a preset's split", "drop --reference-split")
 
 
 def test_missing_classifier_and_bad_settings_are_refused(runs, tmp_path, capsys):
@@ -178,11 +200,75 @@ def test_missing_classifier_and_bad_settings_are_refused(runs, tmp_path, capsys)
     assert evaluate(["sweep", str(runs / "meanflow"), "--meanflow-steps", "a", "--out", str(tmp_path)]) == 2
     one_line_error(capsys, "--stmd")
     assert evaluate(["sweep", str(runs / "stmd"), "--stmd", "0x1", "--out", str(tmp_path)]) == 2
-    one_line_error(capsys, "N=0")
+    err = one_line_error(capsys, "--stmd 0x1", "at least 1")
+    assert "--flow-steps" not in err  # sweep has no such flag: the message names the one it has
     for command in ("sweep", "conditional"):  # FD needs two samples: refused before any sampling
         assert evaluate([command, str(runs / "stmd"), "--num", "1", "--out", str(tmp_path / command)]) == 2
         one_line_error(capsys, "--num", "at least 2")
         assert not (tmp_path / command).exists()
+
+
+def test_sweep_checks_every_checkpoint_before_sampling(runs, tmp_path, capsys, monkeypatch):
+    # an --ema the second checkpoint does not keep, or one checkpoint given twice (a run and its newest
+    # step_*), is refused before the first checkpoint's settings are sampled, not after them with nothing written
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the checkpoints were checked")
+
+    monkeypatch.setattr(Model, "sample", no_sampling)
+    flags = ["--num", "16", "--stmd", "1x1", "--meanflow-steps", "1", *scoring(runs), "--out", str(tmp_path / "o")]
+    assert evaluate(["sweep", str(runs / "stmd"), str(runs / "meanflow"), "--ema", "0.5", *flags]) == 2
+    one_line_error(capsys, "--ema 0.5", str(list_checkpoints(runs / "meanflow")[0]), "keeps the EMA decays 0.999;")
+    newest = list_checkpoints(runs / "stmd")[0]
+    assert evaluate(["sweep", str(runs / "stmd"), str(newest), *flags]) == 2
+    one_line_error(capsys, "given twice", str(newest))
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_tells_two_checkpoints_of_one_run_apart(runs, tmp_path):
+    # both are checkpoints of the run "stmd": rows and plot lines (one per label) are named by step
+    step2, step1 = list_checkpoints(runs / "stmd")
+    assert evaluate(["sweep", str(step1), str(step2), "--stmd", "1x1,2x1", "--num", "16", *scoring(runs),
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    lines = {r["label"]: r["checkpoint"] for r in rows}
+    assert lines == {"stmd M=1 (stmd@1)": str(step1), "stmd M=1 (stmd@2)": str(step2)}
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines()[2:] if line.startswith("|")]
+    assert sorted(line.split("|")[1].strip() for line in table) == sorted(r["label"] for r in rows)
+
+
+def test_sweep_records_what_its_fd_was_computed_on(runs, tmp_path, capsys):
+    reference = len(load_split("digits", "test", "datasets"))
+    args = ["sweep", str(runs / "meanflow"), "--meanflow-steps", "1", *scoring(runs)]
+    assert evaluate(args + ["--num", "16", "--out", str(tmp_path / "a")]) == 0
+    result = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert (result["num"], result["reference"], result["reference_images"]) == (16, "digits test split", reference)
+    assert [r["ema"] for r in result["rows"]] == [0.999]  # the run's --ema-decay: no --ema given
+    assert (f"FD of 16 samples per setting (EMA weights, decay 0.999) against the digits test split ({reference} "
+            "images)") in (tmp_path / "a" / "results.md").read_text()
+    # 16 samples of 128-d features have a singular covariance: warned (not refused, tests use few), and only then
+    assert "warning: FD of 16 samples (--num) is not meaningful: fewer than its 128" in capsys.readouterr().err
+    assert evaluate(args + ["--num", "128", "--out", str(tmp_path / "b")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_reference_is_refused_where_it_would_be_ignored(runs, tmp_path, capsys):
+    # --reference is the held-out set of a --data run; a preset's runs are scored against its --reference-split
+    few = ["--images", "2", "--completions", "2", "--steps", "1"]  # cheap, were --reference ignored
+    commands = [["sweep", "--num", "2", "--stmd", "1x1"], ["inpaint", *few], ["inverse", "--operator", "sr4", *few]]
+    for command, *flags in commands:
+        assert evaluate([command, str(runs / "stmd"), *flags, "--reference", str(tmp_path), *scoring(runs),
+                         "--out", str(tmp_path / "o")]) == 2
+        one_line_error(capsys, "--reference is for checkpoints trained on --data", "digits", "--reference-split")
+    assert not (tmp_path / "o").exists()
+
+
+def test_inpaint_says_when_it_has_fewer_images_than_asked(runs, tmp_path, capsys):
+    reference = len(load_split("digits", "test", "datasets"))
+    assert evaluate(["inpaint", str(runs / "stmd"), "--images", "1000", "--completions", "2", "--steps", "1",
+                     *scoring(runs), "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "inpaint_center.json").read_text())["images"] == reference
+    assert (f"note: --images 1000: the digits test split holds {reference} images; using all {reference}"
+            in capsys.readouterr().out)
 
 
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
@@ -233,6 +319,25 @@ def test_inverse_evaluation(runs, tmp_path, operator, extra):
         assert result["sampler"] == "smc K=3"
     assert evaluate(args) == 0  # seeded
     assert json.loads((tmp_path / f"{name}.json").read_text()) == result
+
+
+def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
+    # the STMD run keeps EMAs of decay 0.999 (its --ema-decay, the default) and 0.5: after two training steps
+    # they are different weights, so their posterior samples differ; the JSON records which one was used
+    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "3", "--completions", "2", "--steps", "1",
+            *scoring(runs)]
+    results = {}
+    for ema in (None, "0.999", "0.5"):
+        assert evaluate(base + ["--out", str(tmp_path / str(ema))] + (["--ema", ema] if ema else [])) == 0
+        results[ema] = json.loads((tmp_path / str(ema) / "inverse_sr4.json").read_text())
+    assert results[None] == results["0.999"] and results[None]["ema"] == 0.999
+    assert results["0.5"]["ema"] == 0.5 and results["0.5"]["psnr_db"] != results[None]["psnr_db"]
+    assert results[None]["reference"] == "digits test split"
+    capsys.readouterr()
+    # a decay the checkpoint does not keep: refused before any work
+    assert evaluate(base + ["--ema", "0.3", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "--ema 0.3", "keeps the EMA decays 0.999, 0.5")
+    assert not (tmp_path / "o").exists()
 
 
 def test_inverse_refuses_bad_settings(runs, tmp_path, capsys):

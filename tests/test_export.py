@@ -9,11 +9,14 @@ process and (where this machine builds one) as an AOTInductor package. Every use
 """
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -346,22 +349,60 @@ def test_sample_exported_does_not_import_the_training_code(exported, tmp_path):
 
 # ----------------------------------------------------------------------------- 4. AOTInductor
 
+@pytest.fixture(scope="module")
+def aoti_package(runs, tmp_path_factory):
+    """aoti_package(run) -> (OUT.aoti.pt2 of N=2, M=2, batch 4, what the export printed), built once per
+    module (a minute on 2 cores); the test is skipped where AOTInductor does not build."""
+    root = tmp_path_factory.mktemp("aoti")
+    cache: dict[str, tuple] = {}
+
+    def get(run: str):
+        out = root / f"{run}.pt2"
+        if run not in cache:
+            printed, errors = io.StringIO(), io.StringIO()
+            with redirect_stdout(printed), redirect_stderr(errors):
+                rc = export_main([str(a) for a in [runs[run], "--steps", 2, "--flow-steps", 2, "--batch", 4, "--device",
+                                                   "cpu", "--aoti", "--out", out]])
+            cache[run] = rc, printed.getvalue(), errors.getvalue()
+        rc, printed, errors = cache[run]
+        if rc != 0:
+            assert rc == 1 and out.is_file(), errors  # the program itself is still written
+            pytest.skip(f"AOTInductor does not build here: {errors.strip()}")
+        return export.aoti_path(out), printed
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["gmm-stmd", "image"])
-def test_aoti_package_matches_eager(capsys, runs, tmp_path, run):
-    out = tmp_path / "sampler.pt2"
-    rc = export_main([str(runs[run]), "--steps", "2", "--flow-steps", "2", "--batch", "4", "--device", "cpu",
-                      "--aoti", "--out", str(out)])
-    captured = capsys.readouterr()
-    if rc != 0:
-        assert rc == 1 and out.is_file(), captured.err  # the program itself is still written
-        pytest.skip(f"AOTInductor does not build here: {captured.err.strip()}")
-    package = tmp_path / "sampler.aoti.pt2"
-    assert package.is_file() and "AOTInductor package built" in captured.out
+def test_aoti_package_matches_eager(runs, aoti_package, tmp_path, run):
+    package, printed = aoti_package(run)
+    assert package.is_file() and "AOTInductor package built" in printed
     x = tmp_path / "aoti.npy"
     assert sample_main(["--exported", str(package), "--num", "6", "--seed", "2", "--out", str(x)]) == 0
     eager = stmd_fast.load_checkpoint(runs[run]).sample(6, 2, 2, gen(2))
     torch.testing.assert_close(torch.from_numpy(np.load(x)), eager, **TIGHT)
+
+
+@pytest.mark.slow
+def test_aoti_package_refuses_a_wrong_input(aoti_package, monkeypatch):
+    """The package reads its input unchecked unless AOTI_RUNTIME_CHECK_INPUTS=1 (a batch of 2 for its 4: NaNs
+    read past the end): the export says so, the loader checks shape and dtype itself and turns the
+    package's own checks on for this process."""
+    monkeypatch.delenv("AOTI_RUNTIME_CHECK_INPUTS", raising=False)  # restored after the test
+    package, printed = aoti_package("gmm-stmd")
+    assert "does not check its input" in printed and "AOTI_RUNTIME_CHECK_INPUTS=1" in printed
+    run, meta = export.open_exported(package)
+    noise = torch.randn(meta["inputs"][0]["shape"], generator=gen(0))
+    assert torch.isfinite(run(noise)).all()
+    for wrong in (noise[:, :2].contiguous(), noise.double()):
+        with pytest.raises(export.ExportError, match=r"takes noise of shape \(4, 4, 2\), float32"):
+            run(wrong)
+    from torch._inductor import aoti_load_package
+
+    direct = aoti_load_package(str(package))  # as a user would load it, in the same process
+    with pytest.raises(RuntimeError):
+        direct(noise[:, :2].contiguous())
 
 
 def test_aoti_build_failure_is_one_line_and_keeps_the_program(capsys, runs, tmp_path, monkeypatch):
@@ -486,8 +527,8 @@ def test_export_refuses_an_unwritable_out(capsys, runs, tmp_path, case):
     (tmp_path / "d.pt2").mkdir()
     out = {"under-a-file": blocker / "s.pt2", "a-directory": tmp_path / "d.pt2", "not-pt2": tmp_path / "s.pt"}[case]
     assert export_main(export_args(runs["gmm-stmd"], out)) == 2
-    assert_one_line_error(capsys, "--out", {"under-a-file": "cannot write", "a-directory": "directory",
-                                            "not-pt2": ".pt2"}[case])
+    assert_one_line_error(capsys, "--out", {"under-a-file": "file.txt is a file, not a directory",
+                                            "a-directory": "directory", "not-pt2": ".pt2"}[case])
     assert blocker.read_text() == "x" and not (tmp_path / "s.pt").exists()
 
 
@@ -535,6 +576,64 @@ def test_sample_exported_refuses_a_non_program(capsys, tmp_path, name, words):
         (tmp_path / name).write_bytes(b"not a program")
     assert sample_main(["--exported", str(tmp_path / name)]) == 2
     assert_one_line_error(capsys, *words)
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "exported"])
+def test_sample_refuses_an_out_under_a_file(capsys, runs, exported, tmp_path, source):
+    blocker = tmp_path / "digit.png"
+    blocker.write_text("x")
+    argv = [str(runs["gmm-stmd"])] if source == "checkpoint" else ["--exported", str(exported("gmm-stmd", 2, 2))]
+    assert sample_main([*argv, "--out", str(blocker / "x.npy")]) == 2
+    assert_one_line_error(capsys, "--out", "digit.png is a file, not a directory")  # not mkdir's "File exists"
+    assert blocker.read_text() == "x"
+
+
+def test_sample_says_a_directory_is_not_a_file(capsys, runs, tmp_path):
+    """A run given to --exported, a folder given to --mask / --inpaint: named as a directory, with what
+    to pass instead (not "does not exist")."""
+    assert sample_main(["--exported", str(runs["image"])]) == 2
+    assert_one_line_error(capsys, "--exported", "is a directory", "CKPT")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.ones((1, 8, 8)))
+    out = str(tmp_path / "x.png")
+    assert sample_main([str(runs["image"]), "--inpaint", str(mask), "--mask", str(folder), "--out", out]) == 2
+    assert_one_line_error(capsys, "--mask", "is a directory", ".png")
+    assert sample_main([str(runs["image"]), "--inpaint", str(folder), "--mask", str(mask), "--out", out]) == 2
+    assert_one_line_error(capsys, "--inpaint", "is a directory", ".png")
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: where tqdm draws its bar (disable=None hides it elsewhere)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "exported"])
+def test_sample_shows_progress_per_batch_on_a_terminal_only(capsys, runs, exported, tmp_path, monkeypatch, source):
+    argv = [str(runs["gmm-stmd"]), "--steps", "2", "--flow-steps", "2"] if source == "checkpoint" else \
+        ["--exported", str(exported("gmm-stmd", 2, 2))]
+    argv += ["--num", "5", "--batch-size", "2", "--seed", "3", "--out", str(tmp_path / "x.npy")]
+    import tqdm
+
+    class EveryUpdate(tqdm.tqdm):  # draws every update, not one per 0.1 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, mininterval=0, **kwargs)
+
+    terminal = Terminal()
+    with monkeypatch.context() as patch:
+        patch.setattr(tqdm, "tqdm", EveryUpdate)
+        patch.setattr(sys, "stderr", terminal)
+        assert sample_main(argv) == 0
+    assert sorted(set(re.findall(r"(\d+)/5 ", terminal.getvalue())), key=int) == ["0", "2", "4", "5"]  # 3 batches
+    # the batches are those of the sampler's own batching: the same samples
+    eager = stmd_fast.load_checkpoint(runs["gmm-stmd"]).sample(5, 2, 2, gen(3), batch_size=2)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "x.npy")), eager, **TIGHT)
+    capsys.readouterr()
+    assert sample_main(argv) == 0
+    assert capsys.readouterr().err == ""  # not a terminal (a log, a pipe): no bar
 
 
 def test_sample_needs_a_checkpoint_or_exported(capsys, runs, exported):

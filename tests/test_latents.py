@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -375,10 +376,11 @@ def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
 def test_shards_of_another_vae_or_resolution_are_refused(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     LatentShards(_pattern(shards), expect_vae=manifest["vae"], expect_resolution=R)  # the matching preset
-    with pytest.raises(DataError, match=f"encoded with VAE .* at resolution {R}, the preset expects "
-                                        f"stabilityai/sd-vae-ft-ema at {R}; re-encode"):
+    with pytest.raises(DataError, match=f"encoded with VAE .* at resolution {R}, not with --vae "
+                                        f"stabilityai/sd-vae-ft-ema: drop --vae .* or pass --vae {re.escape(manifest['vae'])}"):
         LatentShards(_pattern(shards), expect_vae="stabilityai/sd-vae-ft-ema")
-    with pytest.raises(DataError, match="the preset expects .* at 256"):
+    with pytest.raises(DataError, match=f"at resolution {R}, and this preset trains at 256: re-encode .*"
+                                        f"--resolution 256"):
         LatentShards(_pattern(shards), expect_resolution=256)
 
 

@@ -76,7 +76,8 @@ def test_tensorboard_event_files_hold_the_scalars_and_the_grid(tmp_path):
 
 def test_tensorboard_resume_drops_the_events_after_the_checkpoint(tmp_path):
     _write(loggers.TensorBoardLogger(tmp_path, {}))
-    again = loggers.TensorBoardLogger(tmp_path, {}, start_step=3)  # resumed from a checkpoint at step 3
+    # resumed from a checkpoint at step 2, a logged step: its record stays (metrics.jsonl keeps it too)
+    again = loggers.TensorBoardLogger(tmp_path, {}, start_step=2)
     again.log_scalars(4, {"loss": 9.0})
     again.close()
     scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")

@@ -55,8 +55,9 @@ def plain_run(cfg: TrainConfig):
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps))
     generator = torch.Generator().manual_seed(cfg.seed)
-    data, losses = default_mixture(), []
+    data, losses, rates = default_mixture(), [], []
     for _ in range(cfg.steps):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate this step applies
         x0 = data.batch(cfg.batch_size, generator)
         loss, _ = compute_loss("stmd", net, x0, draw_noise(x0, cfg.objective, generator), cfg.objective)
         optimizer.zero_grad(set_to_none=True)
@@ -65,18 +66,19 @@ def plain_run(cfg: TrainConfig):
         scheduler.step()
         ema.update_parameters(net)
         losses.append(loss.item())
-    return losses, net, ema, optimizer
+    return losses, rates, net, ema, optimizer
 
 
 def test_loop_equals_the_plain_sequence_of_steps(tmp_path):
     cfg = config(tmp_path / "run")
     last, state = drive(cfg)
-    losses, net, ema, optimizer = plain_run(config(tmp_path / "unused"))
+    losses, rates, net, ema, optimizer = plain_run(config(tmp_path / "unused"))
 
     assert state.step == STEPS and last == tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in logged] == losses  # bit-identical
+    assert [m["lr"] for m in logged] == rates == [5e-3, 1e-2, 1e-2, 1e-2, 1e-2]  # the warm-up's rate at its step
     for name, module in (("model", net), ("ema", ema.module)):
         saved = load_file(last / f"{name}.safetensors")
         assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -522,6 +523,65 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(capsys
         assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5-6 redone exactly
 
 
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(capsys, tmp_path):
+    """A start-up error after --out was created (here: the images preset without --data) removes the folders
+    it created, lock file included; a folder that existed before stays."""
+    out = tmp_path / "new" / "run"
+    assert train("--preset", "images", "--out", out, "--device", "cpu") == 2
+    assert_one_line_error(capsys, "--data DIR")
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    assert train("--preset", "images", "--out", out, "--device", "cpu") == 2
+    assert out.is_dir()
+
+
+def test_a_resumed_run_goes_on_counting_its_training_time(capsys, three_checkpoints, tmp_path):
+    """elapsed_s in metrics.jsonl is the run's training time: a resume adds on to the checkpoint's record
+    instead of starting again at 0, and the last line says how many steps this process ran."""
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
+    assert "done: step 8, 2 of them in this process" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert elapsed[6] >= elapsed[5] + records[6]["ms_per_step"] / 1e3 * 0.999 and elapsed == sorted(elapsed)
+
+
+def test_a_resume_with_nothing_to_do_leaves_the_run_as_it_was(capsys, three_checkpoints, tmp_path):
+    """--resume with --steps at or below the run's step trains nothing and changes nothing: its config.json
+    still says how the checkpoints were trained (not the new --steps or --compile)."""
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 4, "--compile", "--device", "cpu") == 0
+    assert "nothing to do: the run is at step 6 of --steps 4" in capsys.readouterr().out
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert sorted(c.name for c in list_checkpoints(run)) == ["step_00000002", "step_00000004", "step_00000006"]
+
+
+def test_a_run_whose_data_moved_resumes_from_the_new_place(capsys, tmp_path):
+    """The run's --data moved: --resume says it is gone and how to go on; --resume --data NEW continues (and
+    says so, recording the new place), while data of another shape is still refused."""
+    points = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
+    first, moved, run = tmp_path / "a.npy", tmp_path / "elsewhere" / "a.npy", tmp_path / "run"
+    np.save(first, points)
+    assert train("--data", first, "--steps", 2, "--batch-size", 16, "--out", run, "--device", "cpu") == 0
+    moved.parent.mkdir()
+    first.rename(moved)
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") == 2
+    assert_one_line_error(capsys, str(first), "is gone", "--data NEW_PLACE")
+    assert train("--out", run, "--resume", "--steps", 3, "--data", moved, "--device", "cpu") == 0
+    assert f"trained on {first}; it continues on {moved}" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["config"]["data"] == str(moved)
+    np.save(tmp_path / "wide.npy", np.zeros((64, 3), np.float32))
+    assert train("--out", run, "--resume", "--steps", 4, "--data", tmp_path / "wide.npy", "--device", "cpu") == 2
+    assert_one_line_error(capsys, "shape (2,)", "(3,)")
+
+
 def test_resume_with_every_checkpoint_damaged_is_one_line(capsys, three_checkpoints, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(three_checkpoints, run)
@@ -614,11 +674,12 @@ def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_o
     assert metrics_steps(run) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("moment", ["importing torch", "network built", "training"])
-def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, moment):
+@pytest.mark.parametrize("moment,signum", [("importing torch", signal.SIGINT), ("network built", signal.SIGINT),
+                                           ("training", signal.SIGINT), ("training", signal.SIGTERM)])
+def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, moment, signum):
     """SIGINT while torch imports, right after the network is built, or once training runs: no
     traceback, exit 130, at most one line on stderr; in training a checkpoint is saved first and the
-    resume command printed."""
+    resume command printed. SIGTERM (a job scheduler's stop) in training: the same, exit 143."""
     import time
 
     if moment == "importing torch" and not Path("/proc/self/maps").exists():
@@ -637,12 +698,13 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
         while not lines or wanted not in lines[-1]:
             lines.append(process.stdout.readline())
             assert lines[-1], f"the run ended early: {process.stderr.read()}"
-    process.send_signal(2)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, (out, err)
+    assert process.returncode == 128 + signum, (out, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     if moment == "training":
-        assert "stopped by signal 2" in out and "--resume" in out
+        assert f"stopped by signal {int(signum)}" in out and "--resume" in out
+        assert ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM") in err
         assert len(list_checkpoints(run)) == 1
     else:
         assert not list_checkpoints(run) and "interrupted during start-up" in err
