@@ -170,8 +170,10 @@ def load_mnist(root: str, split: str = "train", download: bool = False) -> Tenso
     try:
         dataset = MNIST(root, train=split == "train", download=download)
     except RuntimeError as error:
-        if "not found" not in str(error):
-            raise  # e.g. a failed download: torchvision's own message is the informative one
+        if "not found" not in str(error):  # a file cut short (torchvision reshapes its bytes), or a bad header
+            raise DataError(f"MNIST files in {os.path.join(os.path.expanduser(root), 'MNIST', 'raw')} could not be "
+                            f"read ({str(error).splitlines()[0]}): one of them is damaged; replace the four idx "
+                            "files with intact copies, or pass --download where the network allows") from None
         raise _missing(root, "MNIST", os.path.join("MNIST", "raw"),
                        "the four uncompressed idx files (" + ", ".join(MNIST_FILES) + ")") from None
     except OSError as error:  # urllib's URLError offline
@@ -227,7 +229,9 @@ def load_npy(path: str) -> TensorData:
     if not file.is_file():
         raise DataError(f"--data {path}: no such file or folder; give a folder of images, or an array saved with "
                         f"np.save(path, x)")
-    if file.suffix.lower() in {".jpg", ".jpeg", ".png"} or file.suffix.lower() == ".json":
+    from .images import IMAGE_SUFFIXES
+
+    if file.suffix.lower() in IMAGE_SUFFIXES or file.suffix.lower() == ".json":
         what = "latent shards" if file.suffix.lower() == ".json" else "images"
         raise DataError(f"--data {path}: one file of your {what}; pass the folder that holds them: --data "
                         f"{file.parent}")
@@ -282,6 +286,10 @@ def load_npy(path: str) -> TensorData:
             raise DataError(f"{path}: float images with values in [0, {largest:.4g}] look like pixels 0..255 stored "
                             "as floats; float images are used as given, so save them scaled to [-1, 1] "
                             "(x / 127.5 - 1), or as uint8 pixels, which are scaled when drawn")
+        if kind == "image" and float(values.min()) >= 0 and float(values.max()) <= 1:
+            print(f"note: {path} holds float images in [0, 1] (as torchvision's ToTensor makes them); they are used "
+                  "as given, while samples are saved as images in [-1, 1] (0 is mid-gray): save x * 2 - 1 for the "
+                  "usual scale")
         spread = float(values.std()) if values.numel() > 1 else 1.0
         if not 0.05 <= spread <= 20:  # learnable, but the noise (std 1) then drowns it or barely touches it
             print(f"note: {path} has std {spread:.3g}; the diffusion's noise has std 1, so data of about unit "

@@ -50,8 +50,10 @@ SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of JPEG/PNG images, searched recursively")
+    p = Parser(prog="python -m stmd_fast.data.encode", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True,
+                   help="folder of images (JPEG, PNG, WebP, BMP, TIFF, GIF), searched recursively; hidden folders left out")
     p.add_argument("--vae", required=True,
                    help="AutoencoderKL: a local folder saved with save_pretrained, or a hub id (e.g. stabilityai/sd-vae-ft-ema)")
     p.add_argument("--resolution", type=int, default=256, help="square image size before encoding [default: 256]")
@@ -227,10 +229,16 @@ def main(argv: list[str] | None = None) -> dict:
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
     settings = {"format": FORMAT, "vae": local_path(args.vae), "resolution": args.resolution, "flip": args.flip,
                 "shard_size": args.shard_size, "source": str(root.resolve())}
+    made = not out.exists()
     check_out_folder(out)
-    finished = check_previous(previous_manifest(out), settings, out)
-    vae = load_vae(args.vae, device)
-    shape = latent_shape(vae, args.resolution)
+    try:
+        finished = check_previous(previous_manifest(out), settings, out)
+        vae = load_vae(args.vae, device)
+        shape = latent_shape(vae, args.resolution)
+    except DataError:
+        if made:
+            out.rmdir()  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
+        raise
 
     groups = shard_groups(sources, args.shard_size)
     index = {p: i for i, p in enumerate(sources)}
@@ -248,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "skipped": skipped, "shard_info": info}
 
     bar = tqdm(total=len(sources), desc="encode", unit="img", disable=None)  # None: bar only on a terminal
+    lines = bar.disable  # a log file (nohup, a batch job) gets a line per shard instead
     with ThreadPoolExecutor(args.workers) as pool:
         for name, group in zip(names, groups):
             done = finished.get(name)
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
                 write_manifest(out, manifest(complete=False))  # progress: what a rerun may skip
             except OSError as error:
                 raise write_failed(out, name, error, len(info)) from None
+            if lines:
+                print(f"encode: {name} written ({len(info)} of {len(names)} shards)", flush=True)
     bar.close()
 
     result = manifest(complete=True)

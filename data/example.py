@@ -46,7 +46,8 @@ def tiny_vae():
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m stmd_fast.data.example", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for images/ and vae/")
     p.add_argument("--num", type=int, default=64, help="number of images [default: 64]")
     p.add_argument("--seed", type=int, default=0, help="[default: 0]")

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from .datasets import DataError, TensorData
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+# What Pillow reads without plugins; a TIFF or GIF of several frames gives its first.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 # PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
 # (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
@@ -27,15 +29,17 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
-    """Relative paths (posix) of the JPEG/PNG files under `folder`, sorted so that runs are reproducible."""
+    """Relative paths (posix) of the image files under `folder`, sorted so that runs are reproducible.
+    Hidden files and folders (.name: editor backups, .ipynb_checkpoints, .Trash) are not images of the set."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise DataError(f"--images {folder}: not a folder; pass the folder that holds your JPEG/PNG images")
-    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise DataError(f"--images {folder}: not a folder; pass the folder that holds your images")
+    paths = sorted(relative for relative in (p.relative_to(root).as_posix() for p in root.rglob("*")
+                                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                   if not any(part.startswith(".") for part in relative.split("/")))
     if not paths:
-        raise DataError(f"no JPEG/PNG images under {folder}; pass the folder that holds them "
-                        f"(searched recursively for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
+        raise DataError(f"no images under {folder}; pass the folder that holds them (searched recursively, "
+                        f"hidden folders left out, for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
     return paths[:limit] if limit is not None else paths
 
 
@@ -59,7 +63,8 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
     already antialiased (no need for the repeated box halving of older pipelines).
     """
-    image = to_8bit(image).convert("RGB")  # grayscale, palette and RGBA (alpha dropped) alike
+    # A camera stores a portrait photo as landscape pixels plus an EXIF Orientation tag: apply it.
+    image = to_8bit(ImageOps.exif_transpose(image)).convert("RGB")  # grayscale, palette, RGBA (alpha dropped)
     scale = resolution / min(image.size)
     size = [max(resolution, round(side * scale)) for side in image.size]
     image = image.resize(size, Image.BICUBIC)
@@ -78,14 +83,32 @@ def read_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | 
         return None, f"{type(error).__name__}: {error}", False
 
 
+def check_fits_in_memory(count: int, resolution: int, workers: int) -> None:
+    """DataError before any image is read if `count` RGB images at `resolution` (kept as uint8), plus each
+    reader's image being resized, would take more than half of this machine's memory: past that the kernel
+    kills the process without a word (and, on a shared machine, maybe others')."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to check against
+        return
+    need = (count + 2 * workers) * 3 * resolution ** 2
+    if need > total / 2:
+        raise DataError(f"{count} images at {resolution}x{resolution} pixels take {need / 1e9:.3g} GB in memory, more "
+                        f"than half of this machine's {total / 1e9:.3g} GB: lower --resolution, or encode them to "
+                        "latents with python -m stmd_fast.data.encode")
+
+
 def load_image_folder(folder: str | Path, resolution: int, workers: int | None = None) -> TensorData:
-    """Every JPEG/PNG under `folder` (recursively) as (N, C, R, R) uint8 pixels; C = 1 if all are grayscale."""
+    """Every image under `folder` (recursively) as (N, C, R, R) uint8 pixels; C = 1 if all are grayscale."""
     if resolution < 1:
         raise DataError(f"--resolution {resolution}: must be at least 1")
     root = Path(folder).expanduser()
     paths = list_images(root)
-    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
-        loaded = list(pool.map(lambda p: read_image(root / p, resolution), paths))
+    workers = workers or min(8, os.cpu_count() or 1)
+    check_fits_in_memory(len(paths), resolution, workers)
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL
+        loaded = list(tqdm(pool.map(lambda p: read_image(root / p, resolution), paths), total=len(paths),
+                           desc=f"read {root.name or root}", unit="img", disable=None, leave=False))
     images = [image for image, _, _ in loaded if image is not None]
     skipped = [(p, why) for p, (_, why, _) in zip(paths, loaded) if why is not None]
     if not images:

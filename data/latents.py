@@ -20,6 +20,7 @@ Epochs repeat forever. A rank whose epoch yields no sample at all raises DataErr
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
 import random
@@ -39,6 +40,7 @@ from .datasets import DataError
 from .encode import FORMAT, sample_sha256
 from .vae import decode_latents  # noqa: F401 (importable from here too)
 
+SHORT_EPOCH = 2048  # samples per rank below which the main process reads the shards itself (no workers)
 CHUNK = 64  # samples per worker -> main process transfer: one pickle per chunk, not per sample
 # What a damaged shard raises while its tar stream is read: tarfile's errors, truncated streams.
 # The rest of that shard is skipped; a sample whose own bytes are damaged is skipped alone.
@@ -65,13 +67,43 @@ def read_manifest(folder: Path) -> dict:
     if not manifest.get("complete"):
         raise DataError(f"{folder}: the encoding did not finish ({len(manifest.get('shards', []))} shards so far); "
                         "rerun the same stmd_fast.data.encode command to finish it")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise DataError(f"{path}: lacks {', '.join(missing)} (edited by hand?); rerun the stmd_fast.data.encode "
+                        "command that wrote it, with the same --out")
     return manifest
+
+
+MANIFEST_KEYS = ("vae", "resolution", "latent_shape", "scaling_factor", "shift_factor", "pattern", "shard_info")
+
+
+def vae_moved(manifest: dict) -> bool:
+    """Whether the manifest names a local VAE folder (saved absolute) that is no longer there."""
+    return Path(manifest["vae"]).is_absolute() and not Path(manifest["vae"]).exists()
+
+
+def expand_pattern(urls: str) -> list[str]:
+    """Shard paths from a brace pattern ('shard-{000000..000009}.tar'), a glob ('shard-*.tar', sorted) or
+    several joined by '::' (webdataset's syntax); DataError for a glob that matches nothing."""
+    paths = []
+    for part in expand_urls(urls):
+        if glob.has_magic(part):
+            matched = sorted(glob.glob(str(Path(part).expanduser())))
+            if not matched:
+                raise DataError(f"--data {part}: the pattern matches no file; check it against the shards that "
+                                "stmd_fast.data.encode wrote, or pass their folder")
+            paths += matched
+        else:
+            paths.append(part)
+    return paths
 
 
 def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: int | None) -> None:
     """DataError unless the shards were encoded with the VAE and resolution the preset expects."""
     encoded = f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}"
-    if vae is not None and local_path(vae) != local_path(manifest["vae"]):
+    # A VAE folder that moved (or a copy on another machine) is named by its new place; the trainer then
+    # checks that it makes the manifest's latents (data.vae.check_vae_fits).
+    if vae is not None and local_path(vae) != local_path(manifest["vae"]) and not vae_moved(manifest):
         raise DataError(f"{encoded}, not with --vae {vae}: drop --vae (with --preset latent the manifest's VAE is "
                         f"used) or pass --vae {manifest['vae']}; or re-encode with python -m stmd_fast.data.encode "
                         f"--vae {vae} --out NEW_FOLDER")
@@ -183,6 +215,9 @@ class EpochStream(IterableDataset):
 class LatentShards:
     """An endless, resumable stream of latents for one DDP rank; batch() is the trainer's interface.
 
+    num_workers: DataLoader worker processes (at most one per shard of the rank); None: 2, or none when
+    the rank's epoch is under SHORT_EPOCH samples.
+
     A damaged sample (its checksum, shape or values wrong) is skipped and counted in skipped_samples; a
     shard whose tar stream breaks is skipped from there on and counted in skipped_shards; each with a
     warning the first time (strict=True: DataError instead).
@@ -191,14 +226,14 @@ class LatentShards:
     kind = "latent"
 
     def __init__(self, urls: str, *, expect_vae: str | None = None, expect_resolution: int | None = None,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 2, shuffle_buffer: int = 1000,
+                 rank: int = 0, world_size: int = 1, num_workers: int | None = None, shuffle_buffer: int = 1000,
                  seed: int = 0, strict: bool = False, device="cpu"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         folder = Path(urls).expanduser()
         if folder.is_dir():  # the folder encode wrote: its manifest names the shards
             urls = str(folder / read_manifest(folder)["pattern"])
-        self.urls = expand_urls(urls)
+        self.urls = expand_pattern(urls)
         missing = [u for u in self.urls if not Path(u).is_file()]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.urls)} shard files are missing, the first: {missing[0]}; "
@@ -214,6 +249,12 @@ class LatentShards:
                                 "pass shards of one encoding, or re-encode one folder like the other")
         self._expected = {str(folder / info["name"]): info["samples"]
                           for folder, manifest in manifests.items() for info in manifest["shard_info"]}
+        unlisted = [u for u in self.urls if str(Path(u)) not in self._expected]
+        if unlisted:  # e.g. left by an earlier encoding over more images: its samples would be read twice
+            raise DataError(f"{unlisted[0]}: not a shard of the encoding its folder's manifest.json describes "
+                            f"({len(unlisted)} such); leave it out of the pattern, or pass the folder (its manifest "
+                            "names the shards)")
+        self.count = sum(self._expected[str(Path(u))] for u in self.urls)  # samples, in all ranks' shards together
         if len(self.urls) < world_size:
             raise DataError(f"{len(self.urls)} shards cannot be split over {world_size} ranks; re-encode with "
                             "a smaller --shard-size so there are several shards per rank and worker")
@@ -222,8 +263,11 @@ class LatentShards:
         self.shift_factor = float(self.manifest["shift_factor"])
         self.rank, self.world_size, self.seed, self.strict = rank, world_size, seed, strict
         self.shuffle_buffer = shuffle_buffer
-        # a worker without a shard would only add start-up time
-        self.num_workers = min(num_workers, len(self.urls[rank::world_size]))
+        if num_workers is None:  # workers start anew each epoch (the epoch seeds their order): for a short
+            # epoch that costs more than the main process reading it
+            per_rank = self.count / world_size
+            num_workers = 0 if per_rank < SHORT_EPOCH else 2
+        self.num_workers = min(num_workers, len(self.urls[rank::world_size]))  # a worker needs a shard
         self.device = torch.device(device)
         self.corrupt_shards: dict[str, str] = {}  # url -> error, over all epochs
         self.damaged_samples: dict[str, str] = {}  # "url:key" -> error, over all epochs
@@ -302,7 +346,7 @@ class LatentShards:
             if chunk is None:  # end of the epoch
                 self._stream = None
                 if self._epoch_samples == 0:
-                    first = next(iter(self.corrupt_shards.items()), None)
+                    first = next(iter({**self.corrupt_shards, **self.damaged_samples}.items()), None)
                     raise DataError(
                         f"no readable samples in the {len(self.urls[self.rank::self.world_size])} shards of rank "
                         f"{self.rank}" + (f" (e.g. {first[0]}: {first[1]})" if first else "")

@@ -4,6 +4,7 @@ is data/encode.py; the trainer's sample grids, Model.decode and `sample --export
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -11,10 +12,20 @@ import torch
 from .datasets import DataError
 
 
-def load_vae(name_or_path: str, device: torch.device):
-    """diffusers' AutoencoderKL in eval mode on `device`, or DataError saying what to pass instead."""
+def looks_local(name: str) -> bool:
+    """Whether a --vae that does not exist here was meant as a folder, not a hub id (org/name): an absolute
+    or ./~ path, or one inside an existing folder. Saves the hub's retries on a mistyped path."""
+    path = Path(name).expanduser()
+    return name.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def load_vae(name_or_path: str, device: torch.device, moved: str = "check the path"):
+    """diffusers' AutoencoderKL in eval mode on `device`, or DataError saying what to pass instead
+    (`moved`: what to do when a local folder is not there, e.g. the flag that names its new place)."""
     from diffusers import AutoencoderKL  # imported here: diffusers is slow to import
 
+    if not Path(name_or_path).expanduser().exists() and looks_local(name_or_path):
+        raise DataError(f"VAE {name_or_path}: no such folder; {moved}")
     try:
         # low_cpu_mem_usage=False: the path that needs no `accelerate` (and prints no notice asking for it)
         vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
@@ -47,11 +58,29 @@ def decode_latents(vae, z: torch.Tensor, scaling_factor: float, shift_factor: fl
     return torch.cat(parts).to(z.device)
 
 
-def latent_decoder(name_or_path: str, device: torch.device, scaling_factor: float,
-                   shift_factor: float = 0.0) -> Callable[..., torch.Tensor]:
+def check_vae_fits(vae, name: str, shape, resolution: int) -> None:
+    """DataError unless `vae` makes latents of `shape` [C, h, w] from images of `resolution` pixels: a VAE
+    named by another path (moved, or copied to another machine) must at least be of the same kind."""
+    made = latent_shape(vae, resolution)
+    if made != list(shape):
+        raise DataError(f"VAE {name} makes {'x'.join(map(str, made))} latents from {resolution}-pixel images, and "
+                        f"this model's are {'x'.join(map(str, shape))}: pass the VAE its latents were encoded with")
+
+
+def expected_latents(shape, latent: dict) -> tuple[list[int], int] | None:
+    """latent_decoder's `fits` from a model's latent shape and its "latent" metadata (None if it predates
+    recording the resolution)."""
+    return (list(shape), latent["resolution"]) if latent.get("resolution") else None
+
+
+def latent_decoder(name_or_path: str, device: torch.device, scaling_factor: float, shift_factor: float = 0.0,
+                   fits: tuple[list[int], int] | None = None,
+                   moved: str = "check the path") -> Callable[..., torch.Tensor]:
     """Load the VAE now (a bad path fails before any sampling) and return decode(z, batch_size=64):
-    model-space latents -> images in [-1, 1]."""
-    vae = load_vae(name_or_path, device)
+    model-space latents -> images in [-1, 1]. fits: (latent shape, resolution) the VAE must make."""
+    vae = load_vae(name_or_path, device, moved)
+    if fits is not None:
+        check_vae_fits(vae, name_or_path, *fits)
 
     def decode(z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         return decode_latents(vae, z, scaling_factor, shift_factor, batch_size)

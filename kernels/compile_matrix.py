@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..cli import Parser
 from .launch import (ATTENTION_KERNELS, KB, PRECISIONS, SMEM_LIMITS, TARGETS, attention_config,
                      padded_head_dim, spill_budget)
 
@@ -195,7 +196,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m stmd_fast.kernels.compile_matrix", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
     p.add_argument("--markdown", action="store_true", help="print the README table (shared KB / regs / spills)")
     p.add_argument("--kernel", default=None, help="only entries whose kernel name contains this")

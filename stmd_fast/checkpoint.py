@@ -346,13 +346,17 @@ class Model:
             raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
         return self.load_vae()(z.to(self.device), batch_size)
 
-    def load_vae(self):
-        """The latent model's VAE decoder, loaded once (call it early: a bad path fails before sampling)."""
-        from .data.vae import latent_decoder
+    def load_vae(self, vae: str | None = None):
+        """The latent model's VAE decoder, loaded once (call it early: a bad path fails before sampling):
+        the VAE it was trained with, or `vae` (its new place, when it moved), which must make this model's
+        latent shape."""
+        from .data.vae import expected_latents, latent_decoder
 
         if self._decode is None:
             latent = self.meta["latent"]
-            self._decode = latent_decoder(latent["vae"], self.device, latent["scaling_factor"], latent["shift_factor"])
+            self._decode = latent_decoder(vae or latent["vae"], self.device, latent["scaling_factor"],
+                                          latent["shift_factor"], fits=expected_latents(self.data_shape, latent),
+                                          moved="if it moved, pass its new place with --vae DIR")
         return self._decode
 
     @property

@@ -21,7 +21,13 @@ class UserError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line (an unknown flag, an invalid choice, a missing argument) ends in
     one line naming the problem and where the flags are described, not the whole usage block first.
-    Subcommands' parsers are of the same class (add_subparsers takes the parent's)."""
+    Subcommands' parsers are of the same class (add_subparsers takes the parent's).
+
+    prog is required: argparse's default, the script's file name ("encode.py"), is not a command a user of
+    `python -m` can run."""
+
+    def __init__(self, *args, prog: str, **kwargs):
+        super().__init__(*args, prog=prog, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -73,7 +79,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
     several values (TUPLE_FLAGS)."""
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.type not in ("int", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
+        if f.name in skip or f.type not in ("int", "int | None", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
             continue
         flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
         if f.type == "bool":  # a switch; one that is on by default gets its --no- form
@@ -81,7 +87,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
             parser.add_argument(flag, action=action, help=f"{text} [default: {'on' if f.default else 'off'}]")
             continue
         default = default_text(f.name)
-        kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "float": float}.get(f.type, str), None))
+        kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "int | None": int, "float": float}.get(f.type, str), None))
         kwargs = {"type": kind, "help": f"{text} [default: {default}]" if default is not None else text}
         if nargs is not None:
             kwargs["nargs"] = nargs

@@ -16,7 +16,7 @@ from .files import local_path
 from .kernels.dispatch import BACKENDS
 from .loggers import LOGGERS
 from .methods import METHODS
-from .models import UNET_WIDTHS, NetConfig, dit_config, unet_config
+from .models import UNET_WIDTHS, NetConfig, dit_config, dit_names, unet_config
 from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
 
@@ -47,14 +47,14 @@ class TrainConfig:
     method: str = option("stmd", choices=tuple(METHODS))
     """stmd (conditional Mean Flow) | meanflow (unconditional) | ddpm (eps-prediction)."""
     data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS", resumable=True)
-    """Your own data, replacing the preset's: a folder of JPEG/PNG images (preset images, at --resolution);
+    """Your own data, replacing the preset's: a folder of images (preset images, at --resolution);
     latent shards of stmd_fast.data.encode (presets latent, celeba-latent), their folder or a pattern such as
-    'SHARDS/shard-{000000..000099}.tar' (quote the braces); or a .npy array: (N, D) vectors -> MLP,
+    'SHARDS/shard-{000000..000099}.tar' or 'SHARDS/shard-*.tar' (quoted); or a .npy array: (N, D) vectors -> MLP,
     (N, C, H, W) images -> U-Net, uint8 images scaled to [-1, 1], floats used as given."""
-    vae: str | None = None
+    vae: str | None = option(None, resumable=True)
     """Latent presets: the VAE the shards were encoded with, a local folder or hub id (checked against the
     shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema; latent's:
-    the manifest's."""
+    the manifest's. If its folder moved, give the new place (also with --resume)."""
     resolution: int = 64
     """Image folder (--data DIR): the square size, in pixels, that every image is resized and center-cropped to."""
     flip: bool = False
@@ -65,8 +65,9 @@ class TrainConfig:
     dit: str | None = option(None, metavar="NAME")
     """Latent data: a DiT of the registry, DiT-{S,B,M,L,XL}/{2,4,8}, whose patch divides the latent size.
     Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
-    data_workers: int = 2
-    """Latent presets: DataLoader worker processes reading the shards."""
+    data_workers: int | None = None
+    """Latent presets: DataLoader worker processes reading the shards; unset: 2, or none (the training
+    process reads) when an epoch is under 2048 samples per process, since workers restart every epoch."""
     strict_data: bool = option(False, resumable=True)
     """Latent presets: stop at the first damaged shard or sample (its checksum, shape or values wrong)
     instead of skipping it; skipped ones are counted in the log and metrics.jsonl either way."""
@@ -101,9 +102,10 @@ class TrainConfig:
     """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
     precision: str = option("fp32", choices=PRECISIONS)
     """fp32, or bf16: autocast network math (fp32 master weights and optimizer state)."""
-    tf32: bool = True
+    tf32: bool = option(True, resumable=True)
     """CUDA with fp32: matmuls and convolutions take TF32 inputs (10-bit mantissa, fp32 accumulation) on tensor
-    cores, as the official PyTorch Mean Flow code sets; --no-tf32 for full fp32. No effect on a CPU or under bf16."""
+    cores, as the official PyTorch Mean Flow code sets; --no-tf32 for full fp32. No effect on a CPU or under bf16.
+    A device setting, like --device: --resume may change it."""
     compile: bool = option(False, resumable=True)
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager. The first step waits for a
     cold compile: about 3 min for the digits network and 6 for cifar10's on 2 CPU cores (README); a later run of
@@ -175,7 +177,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         # NaN fails every comparison: each check says "in range" and is negated, so NaN and inf are refused
         if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
@@ -202,11 +204,8 @@ class TrainConfig:
                              f"U-Net and the DiT: drop --dropout")
         if self.unet is not None and self.unet not in UNET_WIDTHS:
             raise ValueError(f"--unet {self.unet}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")
-        if self.dit is not None:
-            from .dit import DIT_MODELS  # imported here: timm is slow to import, and only DiT runs need it
-
-            if self.dit not in DIT_MODELS:
-                raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(DIT_MODELS)}")
+        if self.dit is not None and self.dit not in dit_names():
+            raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(dit_names())}")
         # saved absolute, so that the run resumes, samples and decodes from any working directory
         self.data, self.vae, self.inception_weights = map(local_path, (self.data, self.vae, self.inception_weights))
         if self.out is None:
@@ -337,26 +336,29 @@ def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
 
 def preset_for_data(data: str | None) -> str:
     """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern or a
-    folder with manifest.json), images for any other folder, digits (its settings, the network chosen
+    folder with manifest.json or shards), images for any other folder, digits (its settings, the network chosen
     from the array's shape) for a .npy file or no --data."""
     if data is None:
         return "digits"
     path = Path(data).expanduser()
-    if data.endswith(".tar") or (path / "manifest.json").is_file():
-        return "latent"
+    if data.endswith(".tar") or (path / "manifest.json").is_file() or any(path.glob("shard-*.tar")):
+        return "latent"  # a shard folder without its manifest: the latent loader says what is missing
     return "images" if path.is_dir() else "digits"
 
 
 def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) -> NetConfig:
     """The network for the loaded data: --dit for latents (default by latent size on preset latent),
     --unet for images (default B on an image folder), else the preset's, or for a .npy the one its shape
-    picks. ValueError (one line, listing the valid choices) for a --dit that does not fit."""
-    from .dit import choose_dit
-
+    picks. ValueError (one line, listing the valid choices) for a --dit that does not fit. A default DiT or
+    U-Net size is recorded in cfg.dit / cfg.unet, so config.json names it and a resume may restate it."""
     if (cfg.dit is not None and data_kind != "latent") or (cfg.unet is not None and data_kind != "image"):
         raise ValueError(f"--dit is for latent data and --unet for images; this run's data are {data_kind}s")
     if data_kind == "latent" and (cfg.dit is not None or cfg.net is None):
-        return dit_config(choose_dit(cfg.dit, data_shape))
+        from .dit import choose_dit  # imported here: timm (and the wandb it pulls in) takes seconds
+
+        cfg.dit = choose_dit(cfg.dit, data_shape)
+        return dit_config(cfg.dit)
     if data_kind == "image" and (cfg.unet is not None or cfg.net is None and cfg.preset == "images"):
-        return unet_config(cfg.unet or "B", data_shape)
+        cfg.unet = cfg.unet or "B"
+        return unet_config(cfg.unet, data_shape)
     return cfg.net if cfg.net is not None else net_for_shape(data_shape)

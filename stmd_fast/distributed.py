@@ -101,8 +101,11 @@ def torch_older_than(major: int, minor: int) -> bool:
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
 
 
-def check_parallel(ctx: Dist, parallel: str, batch_size: int) -> None:
-    """ValueError (one line, naming the fix) for a --parallel / --batch-size that cannot run here."""
+def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1) -> None:
+    """ValueError (one line, naming the fix) for a --parallel / --batch-size that cannot run here.
+
+    jvp_block: the rows P of ObjectiveConfig.jvp_block (1 for ddpm), of which each process's batch must be a
+    multiple: the batches suggested are then multiples of world_size * P, so that each one runs."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"unknown --parallel {parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
     if parallel == "fsdp" and not ctx.launched:
@@ -111,11 +114,15 @@ def check_parallel(ctx: Dist, parallel: str, batch_size: int) -> None:
     if parallel == "fsdp" and ctx.launched and torch_older_than(2, 12):
         raise ValueError(f"--parallel fsdp needs torch >= 2.12 (this is {torch.__version__}): torch 2.11's FSDP2 "
                          "all-gather fails inside torch.func.jvp; use --parallel ddp, or upgrade torch")
-    if batch_size % ctx.world_size:
-        lower = batch_size // ctx.world_size * ctx.world_size
+    unit = ctx.world_size * jvp_block
+    # one process: ObjectiveConfig.check_batch says it, and names the other fix (another fraction) too
+    if ctx.world_size > 1 and batch_size % unit:
+        lower = batch_size // unit * unit
+        blocks = (f", into batches of whole JVP blocks ({jvp_block} rows, from --flow-matching-fraction)"
+                  if jvp_block > 1 else "")
         raise ValueError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
-                         f"{ctx.world_size} processes: use a multiple of {ctx.world_size} "
-                         f"(e.g. {lower or ctx.world_size} or {lower + ctx.world_size})")
+                         f"{ctx.world_size} processes{blocks}: use a multiple of {unit} "
+                         f"(e.g. {lower or unit} or {lower + unit})")
 
 
 def setup(ctx: Dist, device: torch.device) -> None:

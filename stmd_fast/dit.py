@@ -22,6 +22,7 @@ from torch import nn
 
 from .kernels.attention import attention
 from .kernels.time_embedding import time_features
+from .models import DIT_PATCHES, DIT_SIZES  # the registry's names and sizes: models.py reads them without timm
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -156,13 +157,6 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c))
 
 
-# (depth, hidden_size, num_heads). S, B, L, XL as in DiT (facebookresearch/DiT models.py).
-# M as in the official Mean Flow JAX code, Gsunshine/meanflow models/models_dit.py
-# (`DiT_M_2 = partial(DiT, depth=16, hidden_size=1024, patch_size=2, num_heads=16)`; read from the
-# mirror rese1f/meanflow @ 905912f8, whose README is the official one); the paper's MF-M/2 ~308M.
-DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 1024, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
-
 def _factory(size: str, patch_size: int):
     depth, hidden_size, num_heads = DIT_SIZES[size]
 
@@ -175,7 +169,7 @@ def _factory(size: str, patch_size: int):
     return make
 
 
-DIT_MODELS = {f"DiT-{size}/{p}": _factory(size, p) for size in DIT_SIZES for p in (2, 4, 8)}
+DIT_MODELS = {f"DiT-{size}/{p}": _factory(size, p) for size in DIT_SIZES for p in DIT_PATCHES}
 
 
 def dit_patch(name: str) -> int:

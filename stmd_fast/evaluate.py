@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import ema_decays_of, load_checkpoint, newest_intact
+from .checkpoint import Model, ema_decays_of, load_checkpoint, newest_intact
 from .cli import Parser
 from .devices import resolve_device
 from .methods import METHODS
@@ -57,9 +57,13 @@ def dataset_of(meta: dict) -> str:
     return meta["config"]["data"] or meta["config"]["preset"]
 
 
-def checkpoint_metas(paths: list[str], ema: float | None = None) -> list[tuple[Path, dict]]:
-    """Each checkpoint's metadata; all must be image models of one dataset, each given once and keeping the
-    EMA of --ema (checked before any work: not at a checkpoint's turn, after sampling the ones before it)."""
+# Each image command's question on the gmm preset, asked there of the exact distributions: the samples'
+# distribution (sweep) and p(x_0 | x_s) (conditional) by the exact kernel, an inverse problem by the exact posterior
+GMM_COUNTERPARTS = {"sweep": "kernel", "conditional": "kernel", "inpaint": "posterior", "inverse": "posterior"}
+
+
+def find_checkpoints(paths: list[str]) -> list[tuple[Path, dict]]:
+    """Each path's checkpoint (a run's newest intact one) and its metadata, each checkpoint given once."""
     found = []
     for p in paths:
         try:
@@ -75,6 +79,14 @@ def checkpoint_metas(paths: list[str], ema: float | None = None) -> list[tuple[P
             if found[j][0].resolve() == ckpt.resolve():  # RUN and RUN/checkpoints/step_X can name the same one
                 raise EvalError(f"a checkpoint is given twice ({paths[j]} and {paths[i]} are both {ckpt}): "
                                 "give each once")
+    return found
+
+
+def checkpoint_metas(paths: list[str], command: str, ema: float | None = None) -> list[tuple[Path, dict]]:
+    """Each checkpoint's metadata; all must be image models of one dataset, each given once and keeping the
+    EMA of --ema (checked before any work: not at a checkpoint's turn, after sampling the ones before it).
+    A vector model is pointed to the gmm counterpart of `command`."""
+    found = find_checkpoints(paths)
     for ckpt, meta in found:
         if ema is not None and ema not in ema_decays_of(meta):
             raise EvalError(f"--ema {ema}: {ckpt} keeps the EMA decays {', '.join(map(str, ema_decays_of(meta)))}; "
@@ -84,8 +96,8 @@ def checkpoint_metas(paths: list[str], ema: float | None = None) -> list[tuple[P
         listing = "; ".join(f"{c}: {dataset_of(m)} {tuple(m['data_shape'])}" for c, m in found)
         raise EvalError(f"the checkpoints were trained on different data ({listing}): sweep one dataset at a time")
     if found[0][1]["data_kind"] == "vector":
-        raise EvalError("these checkpoints make vectors: FD/FID is for images (for the gmm preset use "
-                        "'python -m stmd_fast.evaluate kernel')")
+        raise EvalError(f"these checkpoints make vectors: {command} is for images (for the gmm preset use "
+                        f"'python -m stmd_fast.evaluate {GMM_COUNTERPARTS[command]}')")
     return found
 
 
@@ -133,6 +145,23 @@ def check_reference(meta: dict, args) -> None:
                         f"--reference {path.parent}")
 
 
+def uses_fd(meta: dict, args) -> bool:
+    """FD on the classifier's features (digits, mnist, or --metric fd), else Inception FID."""
+    return args.metric == "fd" or (args.metric == "auto" and dataset_of(meta) in FD_PRESETS)
+
+
+def check_scoring(meta: dict, args) -> None:
+    """The scoring flags, before any work: the reference (check_reference), and neither metric's own flag where
+    the other metric is used and it would be ignored."""
+    check_reference(meta, args)
+    if uses_fd(meta, args) and args.inception_weights:
+        raise EvalError(f"--inception-weights is for FID; {dataset_of(meta)} is scored by FD on the classifier's "
+                        "features: drop --inception-weights (or pass --metric fid)")
+    if not uses_fd(meta, args) and args.classifier:
+        raise EvalError(f"--classifier is the feature network of FD; {dataset_of(meta)} is scored by Inception FID "
+                        "here: drop --classifier")
+
+
 def reference_name(meta: dict, args) -> str:
     """What the FD's reference set is, for the results: a preset's split, or the --reference path."""
     if meta["config"]["data"] is None:
@@ -167,8 +196,7 @@ def build_metric(meta: dict, args, device):
     from .metrics import FrechetDistance
 
     dataset = dataset_of(meta)
-    use_fd = args.metric == "fd" or (args.metric == "auto" and dataset in FD_PRESETS)
-    if not use_fd:
+    if not uses_fd(meta, args):
         try:
             return FrechetDistance(None, inception_weights=args.inception_weights, device=device,
                                    batch_size=args.batch_size)
@@ -226,24 +254,36 @@ def held_out(images: torch.Tensor, args, reference: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- sweep
 
-def parse_settings(args) -> dict[str, list[tuple[int, int]]]:
-    """(N, M) settings per method from the --stmd / --meanflow-steps / --ddpm-steps lists."""
+# Each method's settings flag in a sweep: (its argparse name, the flag, its default, what its values set)
+SETTINGS_FLAGS = {"stmd": ("stmd", "--stmd", DEFAULT_STMD, "N and M"),
+                  "meanflow": ("meanflow_steps", "--meanflow-steps", DEFAULT_MEANFLOW, "M"),
+                  "ddpm": ("ddpm_steps", "--ddpm-steps", DEFAULT_DDPM, "N")}
+
+
+def parse_settings(args, methods=tuple(SETTINGS_FLAGS)) -> dict[str, list[tuple[int, int]]]:
+    """(N, M) settings per method from the --stmd / --meanflow-steps / --ddpm-steps lists (default None, so that
+    one given for a method none of the checkpoints has, where it would be ignored, is refused)."""
+    text = {}
+    for method, (name, flag, default, _) in SETTINGS_FLAGS.items():
+        given = getattr(args, name)
+        if given is not None and method not in methods:
+            raise EvalError(f"{flag} sets {METHODS[method].label} settings and no checkpoint here is a "
+                            f"{METHODS[method].label} run: drop {flag}")
+        text[method] = default if given is None else given
     try:
-        stmd = [tuple(int(v) for v in item.split("x")) for item in args.stmd.split(",")]
+        stmd = [tuple(int(v) for v in item.split("x")) for item in text["stmd"].split(",")]
         if any(len(nm) != 2 for nm in stmd):  # "2" or "2x2x2": not N x M
             raise ValueError
-        meanflow = [(1, int(m)) for m in args.meanflow_steps.split(",")]
-        ddpm = [(int(n), 1) for n in args.ddpm_steps.split(",")]
+        meanflow = [(1, int(m)) for m in text["meanflow"].split(",")]
+        ddpm = [(int(n), 1) for n in text["ddpm"].split(",")]
     except ValueError:
         raise EvalError("settings must look like --stmd 1x1,2x1,1x2 (NxM) and --ddpm-steps 1,2,50 (integers)") from None
     settings = {"stmd": stmd, "meanflow": meanflow, "ddpm": ddpm}
-    flags = {"stmd": ("--stmd", args.stmd, "N and M"), "meanflow": ("--meanflow-steps", args.meanflow_steps, "M"),
-             "ddpm": ("--ddpm-steps", args.ddpm_steps, "N")}
     for method, items in settings.items():
         for n, m in items:
             if n < 1 or m < 1:  # named here by the sweep's own flag (check_steps speaks of --steps / --flow-steps)
-                flag, value, what = flags[method]
-                raise EvalError(f"{flag} {value}: {what} must be at least 1")
+                _, flag, _, what = SETTINGS_FLAGS[method]
+                raise EvalError(f"{flag} {text[method]}: {what} must be at least 1")
             try:
                 check_steps(method, n, m)
             except ValueError as err:
@@ -268,17 +308,20 @@ def checkpoint_names(found: list[tuple[Path, dict]]) -> list[str]:
 
 
 def sweep(args) -> int:
-    found = checkpoint_metas(args.checkpoints, args.ema)
-    check_reference(found[0][1], args)
-    settings = parse_settings(args)
-    require_matplotlib()
+    found = checkpoint_metas(args.checkpoints, "sweep", args.ema)
+    check_scoring(found[0][1], args)
+    methods = [m["config"]["method"] for _, m in found]
+    settings = parse_settings(args, methods)
+    if args.grid is not None and not any(METHODS[m].diffusion for m in methods):
+        raise EvalError("--grid is the diffusion time grid of STMD and DDPM; Mean Flow samples at s = 1 only: "
+                        "drop --grid")
+    plot = plots_available(f"{'fd' if uses_fd(found[0][1], args) else 'fid'}_vs_nfe.png")
     out = writable_dir(args.out)
     device = resolve_device(args.device)
     metric, images = prepare_metric(found[0][1], args, device)
     scored = {"num": args.num, "reference": reference_name(found[0][1], args), "reference_images": len(images)}
     warn_small_fd(metric, args.num, "--num", len(images))
     floor = real_data_floor(found[0][1], metric, args)
-    methods = [m["config"]["method"] for _, m in found]
     rows = []
     for (ckpt, meta), name in zip(found, checkpoint_names(found)):
         model = load_checkpoint(ckpt, device=device, ema=args.ema)
@@ -299,7 +342,7 @@ def sweep(args) -> int:
                          "ema": ema_used(meta, args.ema), "sample_s": seconds,
                          "label": line_label(model.method, m, name, several)})
             tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
-    write_results(out, rows, metric, found[0][1], scored, floor)
+    write_results(out, rows, metric, found[0][1], scored, floor, plot)
     return 0
 
 
@@ -320,11 +363,10 @@ def features_line(metric) -> str:
             f".json): values compare only between tables on the same features")
 
 
-def write_results(out: Path, rows: list[dict], metric, meta: dict, scored: dict, floor: float | None = None) -> None:
-    """results.json, results.md and the plot; scored: what the values were computed on (num, reference,
-    reference_images), recorded with them."""
-    from .plots import plot_metric_vs_nfe
-
+def write_results(out: Path, rows: list[dict], metric, meta: dict, scored: dict, floor: float | None = None,
+                  plot: bool = True) -> None:
+    """results.json, results.md and (with plot) the plot; scored: what the values were computed on (num,
+    reference, reference_images), recorded with them."""
     summary = {"dataset": dataset_of(meta), "metric": metric.name, "features": metric.extractor_id,
                **scored, "real_train_images": floor, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -341,40 +383,57 @@ def write_results(out: Path, rows: list[dict], metric, meta: dict, scored: dict,
         lines.append(f"\nReal training images against the same reference (the floor): {metric.name} {floor:.3f}")
     lines.append(features_line(metric))
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_metric_vs_nfe(rows, out / f"{metric.name.lower()}_vs_nfe.png", metric=metric.name)
-    print(f"wrote {out}/results.json, results.md, {metric.name.lower()}_vs_nfe.png")
+    written = ["results.json", "results.md"]
+    if plot:
+        from .plots import plot_metric_vs_nfe
+
+        written.append(f"{metric.name.lower()}_vs_nfe.png")
+        plot_metric_vs_nfe(rows, out / written[-1], metric=metric.name)
+    print(f"wrote {out}/{', '.join(written)}")
 
 
 # ----------------------------------------------------------------------------- kernel (gmm)
 
-def kernel(args) -> int:
-    from .gmm import check_gmm_model, default_kernel_pairs, default_mixture, kernel_grid
-    from .plots import plot_kernel_heatmap
+def gmm_models(paths: list[str]) -> dict[str, tuple[Path, Model]]:
+    """label -> (checkpoint, model) of the gmm-preset runs `paths` (loaded on the CPU), each checkpoint given
+    once, labelled as sweep labels its checkpoints (checkpoint_names)."""
+    from .gmm import check_gmm_model
 
-    if len(set(args.runs)) != len(args.runs):
-        raise EvalError("a run is given twice")
-    models = []
-    for run in args.runs:
-        try:
-            model = load_checkpoint(run)
-        except FileNotFoundError as err:
-            raise EvalError(str(err)) from None
-        check_gmm_model(model, run)
-        models.append((run, model))
-    require_matplotlib()
-    try:
-        flow_steps = [int(m) for m in args.flow_steps.split(",")]
-    except ValueError:
-        raise EvalError("--flow-steps takes integers, e.g. 1,2,4") from None
+    found = find_checkpoints(paths)
+    models = {}
+    for (ckpt, _), name in zip(found, checkpoint_names(found)):
+        model = load_checkpoint(ckpt)
+        check_gmm_model(model, ckpt)
+        models[name] = ckpt, model
+    return models
+
+
+def check_flow_steps_used(args, methods: list[str]) -> None:
+    """--flow-steps sets M of the flow methods: refused when no run has one (DDPM: M = 1), where it is ignored."""
+    if args.flow_steps is not None and not any(METHODS[m].flow for m in methods):
+        raise EvalError(f"--flow-steps {args.flow_steps}: DDPM makes x0_hat in one network call (M = 1) and no run "
+                        "here is STMD or Mean Flow: drop --flow-steps")
+
+
+def kernel(args) -> int:
+    from .gmm import default_kernel_pairs, default_mixture, kernel_grid
+
+    models = gmm_models(args.runs)
+    check_flow_steps_used(args, [model.method for _, model in models.values()])
+    flow_steps = parse_ints("1,2" if args.flow_steps is None else args.flow_steps, "--flow-steps")
+    plot = plots_available("the heat maps kernel_*.png")
     out = writable_dir(args.out)
     report = {}
-    for run, model in models:
+    for name, (ckpt, model) in models.items():
         fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(run)).strip("_")  # unique, and safe in a file name
-        report[name] = {"run": str(run), "method": model.method, "rows": rows}
-        for m in fs:
-            plot_kernel_heatmap(rows, out / f"kernel_{name}_M{m}.png", flow_steps=m)
+        report[name] = {"checkpoint": str(ckpt), "method": model.method, "rows": rows}
+        if plot:
+            from .plots import plot_kernel_heatmap
+
+            safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
+            for m in fs:
+                plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
     (out / "kernel.json").write_text(json.dumps(report, indent=2))
     lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
              "| SW2 (model) | SW2 (exact-mean bridge) |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -384,7 +443,7 @@ def kernel(args) -> int:
                          f"{r['energy_model']:.4f} | {r['energy_mean_bridge']:.4f} | {r['energy_floor']:.1e} | "
                          f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} |")
     (out / "kernel.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}/kernel.json, kernel.md and heat maps")
+    print(f"wrote {out}/kernel.json, kernel.md{' and heat maps' if plot else ''}")
     return 0
 
 
@@ -404,7 +463,7 @@ def conditional(args) -> int:
     """FD of the draws x0_hat of p(x_0 | x_s) at each s, x_s diffused from real training images (STMD: M flow
     steps; DDPM: its posterior mean). A chain's step at s makes such a draw from its own x_s, so a step whose
     draws score far above the floor limits every chain through it."""
-    ckpt, meta = checkpoint_metas([args.checkpoint], args.ema)[0]
+    (ckpt, meta), = checkpoint_metas([args.checkpoint], "conditional", args.ema)
     method = METHODS[meta["config"]["method"]]
     if not method.diffusion:
         raise EvalError(f"{ckpt} is a {method.label} run: it has no diffusion time s to condition on (give an STMD or "
@@ -412,8 +471,11 @@ def conditional(args) -> int:
     if meta["data_kind"] != "image" or meta["config"]["data"] is not None:
         raise EvalError("conditional diffuses the training split of an image preset (digits, mnist, cifar10); this "
                         f"run was trained on {dataset_of(meta)} ({meta['data_kind']}s)")
-    check_reference(meta, args)
-    flow_steps = parse_ints(args.flow_steps, "--flow-steps") if method.flow else [1]
+    check_scoring(meta, args)
+    check_flow_steps_used(args, [method.name])
+    flow_steps = [1]
+    if method.flow:
+        flow_steps = parse_ints("1,2,4" if args.flow_steps is None else args.flow_steps, "--flow-steps")
     grid = meta["config"].get("sample_grid", "uniform")
     times = parse_times(args.s) if args.s else [s for s in time_grid(4, grid).tolist() if s > 0]
     model = load_checkpoint(ckpt, device=resolve_device(args.device), ema=args.ema)
@@ -464,28 +526,26 @@ def parse_ints(text: str, flag: str) -> list[int]:
 
 
 def posterior(args) -> int:
-    from .gmm import check_gmm_model, default_mixture, posterior_grid
+    from .gmm import default_mixture, posterior_grid
 
     steps, particles = parse_ints(args.steps, "--steps"), parse_ints(args.particles, "--particles")
     if not args.sigma_y > 0:
         raise EvalError(f"--sigma-y must be > 0 (the exact posterior of a noiseless y has no density), got {args.sigma_y}")
     if args.runs < 2 or args.observations < 1:
         raise EvalError("need --runs >= 2 (energy distance is a U-statistic) and --observations >= 1")
-    models = {}
-    for run in args.runs_dirs:
-        try:
-            model = load_checkpoint(run)
-        except FileNotFoundError as err:
-            raise EvalError(str(err)) from None
-        check_gmm_model(model, run)
+    found = gmm_models(args.runs_dirs)
+    models = {name: model for name, (_, model) in found.items()}
+    check_flow_steps_used(args, [model.method for model in models.values()])
+    flow_steps = 1 if args.flow_steps is None else args.flow_steps
+    for model in models.values():
         for n in steps:
-            check_steps(model.method, n, args.flow_steps if model.method != "ddpm" else 1)
-        models[str(run)] = model
+            check_steps(model.method, n, flow_steps if METHODS[model.method].flow else 1)
     out = writable_dir(args.out)
     rows = posterior_grid(models, default_mixture(), POSTERIOR_MATRIX, args.sigma_y, steps, particles,
-                          args.observations, args.runs, args.flow_steps, args.seed)
+                          args.observations, args.runs, flow_steps, args.seed)
     result = {"matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
-              "runs": args.runs, "flow_steps": args.flow_steps, "seed": args.seed, "rows": rows}
+              "runs": args.runs, "flow_steps": flow_steps, "seed": args.seed,
+              "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
     (out / "posterior.json").write_text(json.dumps(result, indent=2))
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
@@ -526,8 +586,8 @@ def inpaint(args) -> int:
     from .data.datasets import to_unit_range
     from .metrics import diversity, psnr
 
-    (ckpt, meta), = checkpoint_metas([args.checkpoint], args.ema)
-    check_reference(meta, args)
+    (ckpt, meta), = checkpoint_metas([args.checkpoint], "inpaint", args.ema)
+    check_scoring(meta, args)
     if meta["data_kind"] != "image":
         raise EvalError("inpaint evaluates pixel-space image models; this checkpoint makes latents "
                         "(a pixel mask does not carry over to latents)")
@@ -585,16 +645,19 @@ def inverse(args) -> int:
     from .metrics import diversity, psnr
     from .operators import make_operator
 
-    (ckpt, meta), = checkpoint_metas([args.checkpoint], args.ema)
-    check_reference(meta, args)
+    (ckpt, meta), = checkpoint_metas([args.checkpoint], "inverse", args.ema)
+    check_scoring(meta, args)
     if meta["data_kind"] != "image":
         raise EvalError("inverse evaluates pixel-space image models; this checkpoint makes latents")
+    if args.mask is not None and args.operator != "inpaint":
+        raise EvalError(f"--mask picks the missing pixels of --operator inpaint; --operator {args.operator} has "
+                        "no mask: drop --mask")
+    mask = (args.mask or "center") if args.operator == "inpaint" else None
     shape = tuple(meta["data_shape"])
     try:
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
         mask_gen = torch.Generator().manual_seed(args.seed)
-        masks = [make_mask(args.mask, shape, mask_gen) if args.operator == "inpaint" else None
-                 for _ in range(args.images)]
+        masks = [make_mask(mask, shape, mask_gen) if mask else None for _ in range(args.images)]
         operators = [make_operator(args.operator, m) for m in masks]
         operators[0].check(shape)
     except ValueError as err:
@@ -625,7 +688,7 @@ def inverse(args) -> int:
     sampler = "ddnm" if args.sigma_y == 0 else ("ddnm+" if args.particles is None else f"smc K={args.particles}")
     result = {
         "checkpoint": str(ckpt), "method": model.method, "operator": args.operator,
-        "mask": args.mask if args.operator == "inpaint" else None, "sigma_y": args.sigma_y, "sampler": sampler,
+        "mask": mask, "sigma_y": args.sigma_y, "sampler": sampler,
         "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,
         "seed": args.seed, "ema": ema_used(meta, args.ema), "metric": metric.name, "features": metric.extractor_id,
         "reference": reference_name(meta, args), "reference_images": len(reference),
@@ -634,7 +697,7 @@ def inverse(args) -> int:
         "diversity": diversity(samples),
         "consistency_rms": torch.stack(residuals).mean().item(),
     }
-    name = f"inverse_{args.operator}{'_' + args.mask if args.operator == 'inpaint' else ''}"
+    name = f"inverse_{args.operator}{'_' + mask if mask else ''}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     shown = min(8, len(images))  # rows: what A^+ makes of y, completions, truth
     tiles = []
@@ -677,12 +740,16 @@ def train_classifier_cmd(args) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
-def require_matplotlib() -> None:
-    """The plots need matplotlib (an optional extra): say so before any sampling, not after."""
+def plots_available(plots: str) -> bool:
+    """Whether matplotlib (the optional `plot` extra) is there to draw `plots`; without it the results are
+    written all the same, and a note says so before any sampling."""
     import importlib.util
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise EvalError("the plots need matplotlib: pip install 'stmd_fast[plot]' (or pip install matplotlib)")
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print(f"note: matplotlib is not installed: skipping {plots}; pip install -e \".[plot]\" (or pip install "
+          "matplotlib) for them", file=sys.stderr)
+    return False
 
 
 def writable_dir(path: str) -> Path:
@@ -731,16 +798,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="FD/FID against NFE for one or more checkpoints")
     s.add_argument("checkpoints", nargs="+", metavar="CKPT")
     s.add_argument("--num", type=int, default=10000, help="samples per setting [default: 10000]")
-    s.add_argument("--stmd", default=DEFAULT_STMD, help=f"STMD NxM settings [default: {DEFAULT_STMD}]")
-    s.add_argument("--meanflow-steps", default=DEFAULT_MEANFLOW, help=f"Mean Flow M [default: {DEFAULT_MEANFLOW}]")
-    s.add_argument("--ddpm-steps", default=DEFAULT_DDPM, help=f"DDPM N [default: {DEFAULT_DDPM}]")
+    # Flags that only some runs or options use (sweep's settings, --flow-steps, inverse's --mask) default to None,
+    # their defaults applied where they are used: one given where it would be ignored is refused
+    s.add_argument("--stmd", help=f"STMD NxM settings [default: {DEFAULT_STMD}]")
+    s.add_argument("--meanflow-steps", help=f"Mean Flow M [default: {DEFAULT_MEANFLOW}]")
+    s.add_argument("--ddpm-steps", help=f"DDPM N [default: {DEFAULT_DDPM}]")
     s.add_argument("--grid", choices=TIME_GRIDS,
                    help="diffusion time grid of STMD and DDPM [default: each run's --sample-grid]")
     common(s)
 
     k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")
     k.add_argument("runs", nargs="+", metavar="RUN")
-    k.add_argument("--flow-steps", default="1,2", help="M values for STMD / Mean Flow [default: 1,2]")
+    k.add_argument("--flow-steps", help="M values for STMD / Mean Flow [default: 1,2]")
     k.add_argument("--points", type=int, default=8, help="conditioning states per (s_from, s_to) [default: 8]")
     k.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     k.add_argument("--out", required=True, help="output directory")
@@ -759,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("inverse", help="PSNR, FD, diversity and consistency of posterior samples for an operator")
     v.add_argument("checkpoint", metavar="CKPT")
     v.add_argument("--operator", choices=("sr4", "sr2", "gray", "inpaint"), required=True)
-    v.add_argument("--mask", choices=("center", "pixels", "half"), default="center",
+    v.add_argument("--mask", choices=("center", "pixels", "half"),
                    help="with --operator inpaint [default: center]")
     v.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise; 0: DDNM [default: 0]")
     v.add_argument("--particles", type=int, help="SMC with K particles per completion [default: none, DDNM(+)]")
@@ -774,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("runs_dirs", nargs="+", metavar="RUN")
     q.add_argument("--steps", default="1,2,4,8", help="N values [default: 1,2,4,8]")
     q.add_argument("--particles", default="1,4,16,64", help="SMC particle counts K [default: 1,4,16,64]")
-    q.add_argument("--flow-steps", type=int, default=1, help="M for STMD / Mean Flow [default: 1]")
+    q.add_argument("--flow-steps", type=int, help="M for STMD / Mean Flow [default: 1]")
     q.add_argument("--sigma-y", type=float, default=0.1, help="measurement noise [default: 0.1]")
     q.add_argument("--observations", type=int, default=4, help="measurements y, each of a fresh x_0 [default: 4]")
     q.add_argument("--runs", type=int, default=1000, help="independent runs (draws) per y and cell [default: 1000]")
@@ -786,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("checkpoint", metavar="CKPT")
     d.add_argument("--s", metavar="S,S,...", help="diffusion times, comma-separated [default: the points of the run's 4-step grid, "
                                "1,0.5625,0.25,0.0625 on the quadratic one]")
-    d.add_argument("--flow-steps", default="1,2,4", help="M values for STMD [default: 1,2,4]")
+    d.add_argument("--flow-steps", help="M values for STMD [default: 1,2,4]")
     d.add_argument("--num", type=int, default=10000, help="draws per (s, M) [default: 10000]")
     common(d)
 

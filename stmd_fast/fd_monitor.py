@@ -2,10 +2,11 @@
 
 The metric is evaluate's: FD on the FD classifier's features for the digits and mnist presets,
 Inception FID for any other images (latent samples decoded through the run's VAE first). The
-reference is --fd-num training images (latents: decoded training latents, i.e. VAE reconstructions,
-drawn from a reader of their own so that the training stream is untouched), drawn once with a seed
-of its own; every measurement samples --fd-num images from the same noise, with the sample grids'
-N and M. So values at different steps compare the weights alone.
+reference is --fd-num training images (all of them, and a note says so, when they are fewer;
+latents: decoded training latents, i.e. VAE reconstructions, drawn from a reader of their own so
+that the training stream is untouched), drawn once with a seed of its own; every measurement
+samples --fd-num images from the same noise, with the sample grids' N and M. So values at
+different steps compare the weights alone.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class TrainingFD:
 
     Built before training (it loads the classifier or the Inception weights and computes the reference
     statistics): a missing classifier or unreachable Inception weights is a ValueError naming the fix.
-    `name` is "FD" or "FID".
+    `name` is "FD" or "FID"; `reference_count` the number of reference images.
     """
 
     def __init__(self, cfg, meta: dict, data, device: torch.device, steps: int, flow_steps: int, decode=None,
@@ -31,7 +32,7 @@ class TrainingFD:
         from .evaluate import EvalError, build_metric
 
         if data.kind == "vector":
-            raise ValueError("--fd-every measures images: for the gmm preset use python -m stmd_fast.evaluate kernel")
+            raise ValueError(vector_data_message(cfg))
         self.cfg, self.device, self.decode = cfg, device, decode
         self.steps, self.flow_steps, self.batch_size = steps, flow_steps, batch_size
         self.shape = tuple(meta["data_shape"])
@@ -42,7 +43,9 @@ class TrainingFD:
         except EvalError as err:
             raise ValueError(f"--fd-every: {err}") from None
         self.name = self.metric.name
-        self.metric.set_reference(self._reference(data))
+        reference = self._reference(data)
+        self.reference_count = len(reference)
+        self.metric.set_reference(reference)
 
     def _reference(self, data) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.cfg.seed + SEED_OFFSET)
@@ -51,8 +54,16 @@ class TrainingFD:
 
             # a reader of its own (one process, no workers): the training stream's position stays as it is
             shards = LatentShards(self.cfg.data, seed=self.cfg.seed + SEED_OFFSET, num_workers=0)
+            if self.cfg.fd_num > shards.count:
+                print(f"note: --fd-num {self.cfg.fd_num}: the shards hold {shards.count} samples; the FD reference "
+                      f"decodes some twice (each with fresh noise): --fd-num {shards.count} uses each once")
             return self._decoded(shards.batch(self.cfg.fd_num, generator).to(self.device))
         values = data.to("cpu")
+        if self.cfg.fd_num > len(values):
+            # the FDs still compare across steps (one fixed reference), but the reference is not the "as many
+            # training images" that --fd-num promises: said before training, not found out from the numbers
+            print(f"note: --fd-num {self.cfg.fd_num}: the training set holds {len(values)} images; the FD reference "
+                  f"uses all {len(values)}, against {self.cfg.fd_num} samples (--fd-num {len(values)} to match)")
         picked = torch.randperm(len(values), generator=generator)[:self.cfg.fd_num]  # without replacement
         return values.all()[picked]
 
@@ -73,3 +84,14 @@ class TrainingFD:
             chunks.append(self._decoded(x).cpu())
         ema_net.train(was_training)
         return self.metric.score(torch.cat(chunks))
+
+
+def vector_data_message(cfg) -> str:
+    """Why --fd-every cannot run on vector data, and what measures such a run instead."""
+    if cfg.data is None and cfg.preset == "gmm":
+        return ("--fd-every measures images, and the gmm preset makes vectors: drop --fd-every, and measure the run "
+                "against the exact kernel with python -m stmd_fast.evaluate kernel RUN")
+    # evaluate kernel knows the exact kernel of the built-in mixture alone (gmm.check_gmm_model)
+    return (f"--fd-every measures images, and --data {cfg.data} holds vectors: drop --fd-every; no metric of "
+            "stmd_fast scores vectors of your own (python -m stmd_fast.sample RUN --out samples.npy draws samples "
+            "to compare with your data)")

@@ -12,12 +12,15 @@ W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set, and s
 and where the run is kept: an offline run uploads later with `wandb sync RUN/wandb/offline-run-*`.
 A resumed training run continues the same W&B run (its id is kept in RUN/wandb/run-id) and
 TensorBoard drops the events after the checkpoint (they are logged again), as metrics.jsonl does.
+A fresh start over a run killed before its first checkpoint starts both over, as metrics.jsonl
+does: new TensorBoard event files in place of the old, a new W&B run.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,6 +51,11 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / "tensorboard"
+        if not start_step:
+            # a fresh start: what is here is a run killed before its first checkpoint, and starts over as
+            # metrics.jsonl does. Removed, not purged (purge_step=0): every reader then sees the new curve alone
+            for old in self.log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
         # purge_step: a resumed run drops the events logged after its checkpoint (they are logged again)
         # and keeps those at the checkpoint's step, as metrics.jsonl does
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
@@ -78,7 +86,14 @@ class WandbLogger:
         root = Path(run_dir) / "wandb"
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run-id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        kept = id_file.read_text().strip() if id_file.exists() else ""
+        if start_step and kept:  # resumed from a checkpoint: continue its W&B run
+            run_id = kept
+        else:  # a fresh start: a new W&B run, not the one of a run killed before its first checkpoint,
+            run_id = secrets.token_hex(4)
+            if kept:  # whose offline copy would otherwise go up too with wandb sync RUN/wandb/offline-run-*
+                for dead in root.glob(f"offline-run-*-{kept}"):
+                    shutil.rmtree(dead, ignore_errors=True)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,

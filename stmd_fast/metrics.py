@@ -8,16 +8,16 @@ evaluation sweep computes them once.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .classifier import FeatureClassifier
 from .data.datasets import to_unit_range
+from .files import write_atomic
 
 CACHE_FORMAT = "1"
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -155,9 +155,9 @@ class FrechetDistance:
     def _save_cache(self, path: Path, key: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self._metric, name).detach().cpu().contiguous() for name in REAL_STATES}
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(tensors, tmp, metadata=key)
-        os.replace(tmp, path)  # a reader never sees a half-written cache
+        # A per-process temporary name: two evaluations sharing --cache-dir never write one file; a reader
+        # sees the old cache or the new one, never half
+        write_atomic(path, save(tensors, metadata=key))
 
 
 def _inception_fid(fid_class, weights: str | None):

@@ -176,10 +176,14 @@ class UNet(nn.Module):
 
         channels, height, width = data_shape
         levels = len(cfg.channels)
-        if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
+        step = 2 ** (levels - 1)
+        if height % step or width % step:
+            # unet_config lays a U-Net out for any size (it halves only while a halving is exact)
+            fits = f"{-(-height // step) * step}x{-(-width // step) * step}"
             raise ValueError(
                 f"a {levels}-level U-Net halves the image {levels - 1} times, so {height}x{width} must be "
-                f"divisible by {2 ** (levels - 1)}: pad the images or use fewer channel levels"
+                f"divisible by {step}: pad or resize the images to {fits}, or pass --unet S, B or L "
+                f"(a U-Net laid out for {height}x{width})"
             )
         down = tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(levels))
         up = tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(range(levels)))
@@ -267,12 +271,25 @@ def unet_config(size: str, image_shape: tuple[int, ...]) -> NetConfig:
                      time_freqs=base)
 
 
+# The DiT registry's sizes, (depth, hidden_size, num_heads), and patch sizes; stmd_fast.dit builds a factory
+# per name from them. Here so that naming a DiT (a preset, --dit) does not import timm, which takes seconds.
+# S, B, L, XL as in DiT (facebookresearch/DiT models.py). M as in the official Mean Flow JAX code,
+# Gsunshine/meanflow models/models_dit.py (`DiT_M_2 = partial(DiT, depth=16, hidden_size=1024, patch_size=2,
+# num_heads=16)`; read from the mirror rese1f/meanflow @ 905912f8, whose README is the official one); the
+# paper's MF-M/2 ~308M.
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "M": (16, 1024, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_PATCHES = (2, 4, 8)
+
+
+def dit_names() -> list[str]:
+    """The registry's names, DiT-{S,B,M,L,XL}/{2,4,8}, in stmd_fast.dit.DIT_MODELS's order."""
+    return [f"DiT-{size}/{p}" for size in DIT_SIZES for p in DIT_PATCHES]
+
+
 def dit_config(name: str, **overrides) -> NetConfig:
     """NetConfig of a DiT of the registry (stmd_fast.dit.DIT_MODELS), e.g. 'DiT-M/2'."""
-    from .dit import DIT_MODELS, DIT_SIZES
-
-    if name not in DIT_MODELS:
-        raise ValueError(f"unknown DiT {name!r}: choose one of {', '.join(DIT_MODELS)}")
+    if name not in dit_names():
+        raise ValueError(f"unknown DiT {name!r}: choose one of {', '.join(dit_names())}")
     size, patch = name.removeprefix("DiT-").split("/")
     depth, width, heads = DIT_SIZES[size]
     return NetConfig(**{"kind": "dit", "depth": depth, "width": width, "heads": heads, "patch_size": int(patch),

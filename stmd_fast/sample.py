@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weights", choices=("ema", "model"), help="[default: ema]")
     add("--ema", type=float, metavar="DECAY", help="which EMA, by its decay: a run keeps --ema-decay and each of "
         "--ema-decays [default: --ema-decay's]")
-    add("--vae", help="with --exported of a latent model and a .png --out: the VAE (folder or hub id) that decodes "
-        "the latents [default: none; the program's metadata names the one it was trained with]")
+    add("--vae", help="a latent model's VAE (folder or hub id) for a .png --out: with --exported, the one that "
+        "decodes (the program's metadata names the one it was trained with); with a checkpoint, the new place of "
+        "the one it was trained with, if that moved [default: a checkpoint's own; none with --exported]")
     add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
     add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
@@ -226,10 +227,11 @@ def main_exported(args) -> int:
     prepare_out(out)
     decode = None
     if decoded:
-        from .data.vae import latent_decoder
+        from .data.vae import expected_latents, latent_decoder
 
         latent = meta["latent"]
-        decode = latent_decoder(args.vae, device, latent["scaling_factor"], latent["shift_factor"])
+        decode = latent_decoder(args.vae, device, latent["scaling_factor"], latent["shift_factor"],
+                                fits=expected_latents(meta["output"]["shape"][1:], latent))
 
     generator = torch.Generator().manual_seed(args.seed)
     x = in_batches(args.num, args.batch_size, lambda n: sample_exported(run, meta, n, generator, n))
@@ -253,8 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     args.weights = args.weights or "ema"
     if args.checkpoint is None:
         raise ValueError("give a checkpoint (CKPT) or --exported PT2")
-    if args.vae is not None:
-        raise ValueError("--vae goes with --exported; a checkpoint decodes with the VAE it was trained with")
     with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
         warnings.simplefilter("always")
         model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
                                 ("--particles", args.particles)) if v is not None]
         if extra:
-            raise ValueError(f"{', '.join(extra)} go with --inverse OPERATOR")
+            raise ValueError(f"{', '.join(extra)} {'go' if len(extra) > 1 else 'goes'} with --inverse OPERATOR")
         if (args.inpaint is None) != (args.mask is None):
             raise ValueError("--inpaint and --mask go together: give both")
     else:
@@ -293,9 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ("samples.npy" if vectors else "samples.png"))
     if vectors and out.suffix != ".npy":
         raise ValueError(f"this checkpoint makes vectors: use --out with .npy, not {out.name}")
+    if args.vae is not None and (model.data_kind != "latent" or out.suffix != ".png"):
+        raise ValueError(f"--vae decodes latents into a .png grid; this checkpoint makes {model.data_kind}s"
+                         if model.data_kind != "latent" else "--vae decodes the latents into a .png grid; a .npy "
+                         "--out keeps the latents: drop --vae")
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
-        model.load_vae()  # before sampling: an unreachable VAE fails now, not after the work
+        model.load_vae(args.vae)  # before sampling: an unreachable VAE fails now, not after the work
     observed = mask = operator = None
     if args.inpaint or args.mask:
         mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)

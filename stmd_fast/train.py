@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, ObjectiveConfig, partial(default, of=lambda cfg: cfg.objective),
                         skip=("s_grid",))  # the run's --sample-grid
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
-                   f"only {', '.join(sorted(RESUME_OVERRIDABLE))} may change")
+                   f"only {', '.join('--' + name.replace('_', '-') for name in sorted(RESUME_OVERRIDABLE))} "
+                   "may change")
     return p
 
 
@@ -143,17 +144,31 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
                         f"to start this run over, or choose a new --out") from None
     for key, value in top.items():  # as typed, or as the run saves it (a path made absolute)
         if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) not in (value, getattr(cfg, key)):
-            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {saved.get(key)}, "
-                            f"not {value}: drop the flag, or use a new --out to start another run")
+            raise UserError(f"--resume: {cfg.out} was trained with {as_flag(key, saved.get(key))}, not "
+                            f"{as_flag(key, value)}: drop the flag, or use a new --out to start another run")
     for key, value in objective.items():
         was = saved["objective"].get(key, getattr(ObjectiveConfig(), key))  # older than the flag: its default
         if was != value:
-            raise UserError(f"--resume: {cfg.out} was trained with --{key.replace('_', '-')} {was}, not {value}: "
+            raise UserError(f"--resume: {cfg.out} was trained with {as_flag(key, was)}, not {as_flag(key, value)}: "
                             f"drop the flag, or use a new --out to start another run")
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
     return TrainConfig(**saved), True
+
+
+def as_flag(key: str, value) -> str:
+    """A config value as the flags that set it: --tf32 / --no-tf32, --ema-decays 0.9 0.99, --unet unset."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}" if key in SWITCHES_ON else f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(map(str, value))}" if value else f"no {flag}"
+    return f"{flag} {value}" if value is not None else f"{flag} unset (the preset's default)"
+
+
+SWITCHES_ON = {f.name for f in fields(TrainConfig) if f.default is True}
+"""Switches on by default: their off form is --no-NAME (cli.add_dataclass_flags)."""
 
 
 FLOW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_grid_fraction",
@@ -181,7 +196,34 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
     if not cfg.fd_every:
         why |= {name: "it sets up --fd-every K, which this run does not use"
                 for name in ("inception_weights", "fd_classifier", "fd_num")}
+    if cfg.preset not in LATENT_RESOLUTION:
+        why |= {name: "it is for latent shards (--preset latent or celeba-latent)"
+                for name in ("data_workers", "strict_data")}
+    if cfg.data is not None or cfg.preset not in ("mnist", "cifar10"):
+        why |= {name: "the mnist and cifar10 presets alone read their files from it (and not with --data)"
+                for name in ("data_dir", "download")}
+    law = cfg.objective
+    laws = {}  # what the chosen laws of the times leave unread (the method's reasons above come first)
+    if law.time_sampler == "pair":
+        laws |= {name: "--time-sampler pair draws r and t from one law (--time-mean, --time-std)"
+                 for name in ("r_mean", "r_std")}
+    if law.time_sampler != "mixture":
+        laws["mixture_weight"] = f"--time-sampler mixture alone reads it; this run's is {law.time_sampler}"
+    if not law.flow_grid_fraction:
+        laws["flow_grid_steps"] = "--flow-grid-fraction is 0: no row is drawn on the flow grid"
+    if law.s_sampler == "uniform":
+        laws |= {name: "--s-sampler uniform draws s from U(0, 1] alone" for name in ("s_grid_fraction", "s_grid_steps")}
+    why = laws | why
     return [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
+
+
+def warmup_note(cfg: TrainConfig, given) -> str | None:
+    """A note when a --warmup-steps given outlasts the run: the learning rate never reaches --lr. (A preset's
+    warm-up under a short --steps, a quick trial's, is not worth a line.)"""
+    if cfg.warmup_steps > cfg.steps and "warmup_steps" in given:
+        return (f"note: --warmup-steps {cfg.warmup_steps} outlasts --steps {cfg.steps}: the learning rate is still "
+                f"warming up when the run ends and never reaches --lr {cfg.lr:g}")
+    return None
 
 
 def elastic_restart_of_this_run(out: str) -> bool:
@@ -211,7 +253,7 @@ def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dis
                         f"{LATENT_RESOLUTION[cfg.preset] or 'R'} --out SHARDS, then pass --data SHARDS"
                         f"{' --vae VAE' if cfg.preset != 'latent' else ''}")
     if cfg.preset == "images" and cfg.data is None:
-        raise UserError("the images preset trains on your own images: pass --data DIR (a folder of JPEG/PNG files)")
+        raise UserError("the images preset trains on your own images: pass --data DIR (a folder of image files)")
     if cfg.flip and latent:
         raise UserError("--flip mirrors pixel images; latents are encoded images: mirror them when encoding "
                         "(python -m stmd_fast.data.encode --flip) and drop --flip here")
@@ -246,6 +288,8 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
     under torchrun (its ranks are one run). A run that ends before writing anything into a folder it
     created (bad data, say) removes that folder again, and the parents it created."""
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: give a folder for the run (it is made if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if main:
@@ -313,8 +357,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     the data and build the network."""
     try:
         device = distributed.process_device(ctx, resolve_device(cfg.device))
-        distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size)
-        if cfg.method != "ddpm":  # the JVP rows are a fixed count per block of the batch
+        jvp_rows = METHODS[cfg.method].flow  # the JVP rows are a fixed count per block of the batch
+        distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size, cfg.objective.jvp_block[1] if jvp_rows else 1)
+        if jvp_rows:
             cfg.objective.check_batch(cfg.batch_size // ctx.world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
@@ -344,7 +389,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if data.kind == "latent" and ctx.is_main:  # load the VAE now (rank 0 draws the grids): a bad --vae fails here
         from .data.vae import latent_decoder
         try:
-            decode = latent_decoder(cfg.vae, device, data.scaling_factor, data.shift_factor)
+            decode = latent_decoder(cfg.vae, device, data.scaling_factor, data.shift_factor,
+                                    fits=(list(data.shape), data.manifest["resolution"]),
+                                    moved=f"if it moved, pass its new place: {'--resume ' if resume else ''}--vae DIR")
         except DataError as err:
             raise UserError(str(err)) from None
     try:
@@ -535,7 +582,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
-                                   f"Try a lower --lr, --precision fp32 or another --seed")
+                                   f"Try {diverged_fixes(cfg)}")
         if fd_due:
             record.update(measure_fd(run, state.ema))
         log.record(record)
@@ -546,9 +593,9 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
             except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
-                where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
-                raise TrainingDiverged(f"{err}; stopped, {where} (its weights are finite). Try a lower --lr, "
-                                       f"--precision fp32 or another --seed") from None
+                where = (f"the last good checkpoint {last_good} is intact (its weights are finite)" if last_good
+                         else "no checkpoint was written")
+                raise TrainingDiverged(f"{err}; stopped, {where}. Try {diverged_fixes(cfg)}") from None
             except OSError as err:  # a full disk: save_checkpoint left no partial checkpoint
                 where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
                 raise WriteFailed(f"could not write the step {step} checkpoint in {run.out}: "
@@ -561,6 +608,14 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             raise Stopped(stop.signal)
     return last_good
 
+
+
+def diverged_fixes(cfg: TrainConfig) -> str:
+    """What to try after a non-finite loss or state, leaving out what the run already does."""
+    fixes = [f"a lower --lr (this run's: {cfg.lr:g})"]
+    if cfg.precision != "fp32":
+        fixes.append("--precision fp32")
+    return ", ".join(fixes) + " or another --seed"
 
 
 def measure_fd(run: Run, ema) -> dict[str, float]:
@@ -686,22 +741,38 @@ def out_of_memory(err: RuntimeError) -> bool:
         or "out of memory" in str(err).lower()
 
 
+def interrupted_outside_the_loop(cfg: TrainConfig | None) -> int:
+    """A Ctrl-C outside the training loop (whose own Ctrl-C saves, then stops): during start-up, or after the
+    last step, while the process winds down. Says which, by the run's newest checkpoint; 0 if the run is done."""
+    try:
+        meta = newest_intact(cfg.out)[1] if cfg is not None and cfg.out else None
+    except (FileNotFoundError, CheckpointError, OSError):
+        meta = None
+    if meta is not None and meta["step"] >= cfg.steps:
+        print(f"interrupted after the run finished: step {meta['step']} is saved in {cfg.out}", file=sys.stderr)
+        return 0
+    print("interrupted during start-up, before the first step of this process; "
+          + ("the checkpoints are as they were" if meta else "no checkpoint was written"), file=sys.stderr)
+    return 130
+
+
 @one_line_errors(UserError, DataError, CheckpointError,
                  failures=(TrainingDiverged, GradientSyncFailed, WriteFailed))  # DataError: e.g. shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is a KeyboardInterrupt
+    cfg = None
     try:
         cfg, resume = resolve_config(dict(vars(args)))
         if distributed.from_env().is_main:
-            for note in unused_flags(cfg, vars(args)):
-                print(note, file=sys.stderr)
+            for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
+                if note is not None:
+                    print(note, file=sys.stderr)
         train(cfg, resume)
     except Stopped as stopped:  # after a checkpoint; the resume command was printed
         return stopped.exit_code
     except KeyboardInterrupt:
-        print("interrupted during start-up, before the first step; no checkpoint was written", file=sys.stderr)
-        return 130
+        return interrupted_outside_the_loop(cfg)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
             raise
@@ -711,4 +782,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
+    sys.exit(code)

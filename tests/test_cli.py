@@ -159,6 +159,12 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
      ["--s-sampler", "grid"]),
     ("stmd", ["--sample-ddpm-steps", 5, "--fd-num", 100, "--inception-weights", "w.pth"],
      ["--s-sampler", "grid", "--time-sampler", "pair", "--sample-steps", 2]),
+    # flags the chosen laws of the times, or the data, leave unread
+    ("stmd", ["--r-mean", -3, "--mixture-weight", 0.2, "--flow-grid-steps", 8, "--s-grid-fraction", 0.3,
+              "--data-workers", 3, "--strict-data", "--data-dir", "x", "--download"],
+     ["--time-sampler", "pair", "--s-sampler", "uniform", "--time-mean", -1]),
+    ("meanflow", ["--r-std", 1.0, "--mixture-weight", 0.2], ["--time-sampler", "pair", "--flow-grid-fraction", 0.1,
+                                                             "--flow-grid-steps", 2]),
 ])
 def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_path, method, unused, used):
     """Each given flag that the method or the data has no use for gets a note saying why; the others none."""
@@ -243,7 +249,7 @@ def test_unwritable_out_is_refused(capsys, tmp_path, below):
     blocker.write_text("not a directory")
     out = blocker / "run" if below else blocker
     assert train(*GMM, "--steps", 1, "--out", out) == 2
-    assert_one_line_error(capsys, "cannot write", str(out))
+    assert_one_line_error(capsys, "cannot write" if below else "is a file, not a folder", str(out))
     assert blocker.read_text() == "not a directory"
 
 
@@ -773,3 +779,55 @@ def test_a_bad_inception_weights_file_is_named(tmp_path):
     bad.write_bytes(b"half a download")
     with pytest.raises(RuntimeError, match="is not the Inception weights file"):
         _inception_fid(FrechetInceptionDistance, str(bad))
+
+
+def test_a_long_warmup_gets_a_note(capsys, tmp_path):
+    assert train(*GMM, "--steps", 2, "--warmup-steps", 10, "--out", tmp_path / "run") == 0
+    err = capsys.readouterr().err
+    assert "note: --warmup-steps 10 outlasts --steps 2: the learning rate is still warming up" in err
+    assert train(*GMM, "--steps", 2, "--warmup-steps", 1, "--out", tmp_path / "other") == 0
+    assert "warm" not in capsys.readouterr().err
+    assert train(*GMM, "--steps", 2, "--out", tmp_path / "third") == 0  # the preset's warm-up: a quick trial
+    assert "warm" not in capsys.readouterr().err
+
+
+def test_resume_messages_name_flags_as_typed():
+    from stmd_fast.train import as_flag
+
+    assert as_flag("tf32", False) == "--no-tf32" and as_flag("tf32", True) == "--tf32"
+    assert as_flag("flip", False) == "no --flip" and as_flag("flip", True) == "--flip"
+    assert as_flag("ema_decays", [0.9, 0.99]) == "--ema-decays 0.9 0.99"
+    assert as_flag("ema_decays", []) == "no --ema-decays"
+    assert as_flag("unet", None).startswith("--unet unset") and as_flag("lr", 0.001) == "--lr 0.001"
+
+
+def test_resume_takes_a_restated_default_network_and_a_new_tf32(capsys, tmp_path):
+    """An image folder's default U-Net is recorded by name, so --unet B restates it on --resume; --tf32 is a
+    device setting (no effect on a CPU) that --resume may change. Another size is still refused."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        write_png(np.random.default_rng(i).integers(0, 256, (16, 16), dtype=np.uint8), images / f"{i}.png")
+    run = tmp_path / "run"
+    base = ["--data", images, "--resolution", 16, "--batch-size", 4, "--device", "cpu", "--out", run,
+            "--sample-every", 0]
+    assert train(*base, "--steps", 1) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["unet"] == "B"
+    assert train(*base, "--steps", 2, "--resume", "--unet", "B", "--no-tf32") == 0
+    capsys.readouterr()
+    assert train(*base, "--steps", 3, "--resume", "--unet", "S") == 2
+    assert_one_line_error(capsys, "was trained with --unet B, not --unet S")
+
+
+def test_ctrl_c_after_the_last_step_says_the_run_finished_and_exits_0(capsys, tmp_path, monkeypatch):
+    """A Ctrl-C while a finished run winds down (after its last checkpoint) is not a start-up interrupt."""
+    from stmd_fast import distributed
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "teardown", interrupted)
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 2, "--out", run) == 0
+    err = capsys.readouterr().err
+    assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "start-up" not in err

@@ -125,6 +125,15 @@ def test_mnist_batch_maps_drawn_rows_to_model_space(tmp_path):
     assert x.min() >= -1 and x.max() <= 1
 
 
+def test_a_truncated_mnist_file_is_a_data_error_naming_the_folder(tmp_path):
+    _write_mnist(tmp_path, n_train=7, n_test=5)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(DataError, match=re.escape(os.path.join(str(tmp_path), "MNIST", "raw")) + r" could not be "
+                                        r"read \(.*\): one of them is damaged; replace the four idx files"):
+        load_mnist(str(tmp_path), "train")
+
+
 def test_mnist_missing_files_name_the_path_and_download(tmp_path):
     with pytest.raises(DataError) as caught:
         load_mnist(str(tmp_path / "nowhere"))
@@ -263,6 +272,16 @@ def test_npy_float_images_holding_pixels_0_255_are_refused(tmp_path):
     for scaled in (x / 255, x / 127.5 - 1):
         np.save(tmp_path / "scaled.npy", scaled)
         assert torch.equal(load_npy(str(tmp_path / "scaled.npy")).values, torch.from_numpy(scaled))
+
+
+def test_npy_float_images_in_0_1_get_a_note_and_are_used_as_given(tmp_path, capsys):
+    x = np.random.default_rng(0).random((6, 3, 4, 4), dtype=np.float32)  # torchvision ToTensor's range
+    np.save(tmp_path / "unit.npy", x)
+    assert torch.equal(load_npy(str(tmp_path / "unit.npy")).values, torch.from_numpy(x))
+    assert "float images in [0, 1]" in capsys.readouterr().out
+    np.save(tmp_path / "centred.npy", x * 2 - 1)
+    load_npy(str(tmp_path / "centred.npy"))
+    assert "[0, 1]" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("std, noted", [(1.0, False), (0.3, False), (500.0, True), (0.001, True)])

@@ -269,3 +269,30 @@ def test_fsdp_two_processes_equal_one(one_proc, runs):
     cont = truncated_copy(run, runs / "fsdp-then-one", 4)
     in_process("--out", cont, "--resume", "--device", "cpu")
     assert_same_run(cont, one_proc)
+
+
+def test_uneven_batch_error_suggests_batches_that_pass_the_jvp_block_check():
+    # gmm's --flow-matching-fraction 0.5 runs the JVP on blocks of 2 rows: --batch-size 14 splits over 2
+    # processes, but its 7 rows per process are no whole block, so the suggestions must be multiples of 4
+    import re
+
+    from stmd_fast import distributed
+    from stmd_fast.config import PRESETS
+
+    objective = PRESETS["gmm"]().objective
+    block = objective.jvp_block[1]
+    assert block == 2
+    launched = distributed.Dist(rank=0, world_size=2, local_rank=0, launched=True)
+    for batch in (15, 14):
+        with pytest.raises(ValueError) as err:
+            distributed.check_parallel(launched, "ddp", batch, block)
+        message = str(err.value)
+        assert "\n" not in message and f"--batch-size {batch}" in message and "2 processes" in message
+        suggested = [int(n) for n in re.search(r"\(e\.g\. (\d+) or (\d+)\)", message).groups()]
+        assert suggested == [12, 16]
+        for good in suggested:  # each one runs: both checks of the trainer pass
+            distributed.check_parallel(launched, "ddp", good, block)
+            objective.check_batch(good // launched.world_size)
+    # ddpm has no JVP block: the plain split over the processes is all that is asked
+    with pytest.raises(ValueError, match=r"multiple of 2 \(e\.g\. 14 or 16\)"):
+        distributed.check_parallel(launched, "ddp", 15)

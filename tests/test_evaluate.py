@@ -1,6 +1,7 @@
 """python -m stmd_fast.evaluate on tiny checkpoints: consistent outputs, seeded numbers,
 inpainting metrics, and one-line errors for bad input before any sampling."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -27,6 +28,17 @@ def runs(tmp_path_factory):
         assert train(TINY + ["--method", method, "--out", str(root / method), *extra]) == 0
     torch.manual_seed(0)
     save_classifier(FeatureClassifier((1, 8, 8)).eval(), root / "classifier", {"dataset": "digits", "test_accuracy": 0.0})
+    return root
+
+
+@pytest.fixture(scope="module")
+def gmm(tmp_path_factory):
+    """Tiny gmm-preset runs of STMD (a checkpoint at each of its two steps) and DDPM."""
+    root = tmp_path_factory.mktemp("gmm")
+    for method in ("stmd", "ddpm"):
+        extra = ["--ckpt-every", "1"] if method == "stmd" else []
+        assert train(["--preset", "gmm", "--method", method, "--steps", "2", "--batch-size", "8", "--sample-every", "0",
+                      "--out", str(root / method), *extra]) == 0
     return root
 
 
@@ -155,6 +167,11 @@ def one_line_error(capsys, *words) -> str:
     return err
 
 
+def first_column(table) -> set[str]:
+    """The labels in the first column of a results .md table."""
+    return {line.split("|")[1].strip() for line in table.read_text().splitlines()[2:] if line.startswith("|")}
+
+
 def test_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
     x = np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)
     np.save(tmp_path / "big.npy", x)
@@ -276,19 +293,21 @@ def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
     one_line_error(capsys, "gmm")
 
 
-def test_sweep_refuses_vector_checkpoints(tmp_path, capsys):
-    assert train(["--preset", "gmm", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "g")]) == 0
-    capsys.readouterr()
-    assert evaluate(["sweep", str(tmp_path / "g"), "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys, "kernel")
+@pytest.mark.parametrize("command,counterpart", [("sweep", "kernel"), ("conditional", "kernel"),
+                                                ("inpaint", "posterior"), ("inverse", "posterior")])
+def test_image_commands_point_gmm_runs_to_their_gmm_counterpart(gmm, tmp_path, capsys, command, counterpart):
+    # an inverse problem on gmm is posterior's (the exact p(x_0 | y)); samples and p(x_0 | x_s) are kernel's
+    extra = ["--operator", "sr2"] if command == "inverse" else []
+    assert evaluate([command, str(gmm / "stmd"), *extra, "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, f"{command} is for images", f"python -m stmd_fast.evaluate {counterpart}'")
+    other = ({"kernel", "posterior"} - {counterpart}).pop()
+    assert f"evaluate {other}" not in err
+    assert not (tmp_path / "o").exists()
 
 
-def test_kernel_writes_table_json_and_heat_maps(tmp_path):
-    for method in ("stmd", "ddpm"):
-        assert train(["--preset", "gmm", "--method", method, "--steps", "2", "--batch-size", "8",
-                      "--out", str(tmp_path / method)]) == 0
+def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     out = tmp_path / "eval"
-    args = ["kernel", str(tmp_path / "stmd"), str(tmp_path / "ddpm"), "--points", "2", "--num", "50",
+    args = ["kernel", str(gmm / "stmd"), str(gmm / "ddpm"), "--points", "2", "--num", "50",
             "--flow-steps", "1,2", "--out", str(out)]
     assert evaluate(args) == 0
     report = json.loads((out / "kernel.json").read_text())
@@ -299,6 +318,7 @@ def test_kernel_writes_table_json_and_heat_maps(tmp_path):
     assert [r["energy_mean_bridge"] for r in rows["ddpm"]] == [r["energy_mean_bridge"] for r in rows["stmd"][::2]]
     table = (out / "kernel.md").read_text().splitlines()[2:]
     assert len(table) == 13 * 3
+    assert set(report) == first_column(out / "kernel.md") == {"stmd", "ddpm"}  # by run folder, as sweep does
     assert len(list(out.glob("kernel_*_M*.png"))) == 3  # stmd M=1, M=2; ddpm M=1
 
 
@@ -348,11 +368,8 @@ def test_inverse_refuses_bad_settings(runs, tmp_path, capsys):
     one_line_error(capsys, "--sigma-y")
 
 
-def test_posterior_grid_command(tmp_path, capsys):
-    for method in ("stmd", "ddpm"):
-        assert train(["--preset", "gmm", "--method", method, "--steps", "2", "--batch-size", "8", "--sample-every", "0",
-                      "--out", str(tmp_path / method)]) == 0
-    args = ["posterior", str(tmp_path / "stmd"), str(tmp_path / "ddpm"), "--steps", "1,2", "--particles", "1,3",
+def test_posterior_grid_command(gmm, tmp_path, capsys):
+    args = ["posterior", str(gmm / "stmd"), str(gmm / "ddpm"), "--steps", "1,2", "--particles", "1,3",
             "--observations", "2", "--runs", "20", "--out", str(tmp_path / "post")]
     assert evaluate(args) == 0
     result = json.loads((tmp_path / "post" / "posterior.json").read_text())
@@ -362,8 +379,78 @@ def test_posterior_grid_command(tmp_path, capsys):
     assert all(np.isfinite(r["energy"]) for r in result["rows"])
     md = (tmp_path / "post" / "posterior.md").read_text()
     assert "SMC K = 3" in md and "DDNM+" in md
+    assert first_column(tmp_path / "post" / "posterior.md") == {"exact kernel", "stmd", "ddpm"}  # as kernel.md
     assert evaluate(args) == 0  # seeded
     assert json.loads((tmp_path / "post" / "posterior.json").read_text()) == result
     capsys.readouterr()
     assert evaluate(args[:-2] + ["--sigma-y", "0", "--out", str(tmp_path / "p2")]) == 2
     one_line_error(capsys, "--sigma-y")
+
+
+def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, capsys):
+    # a flag the chosen run or options do not use would change nothing: refused in one line, before any work
+    few = ["--images", "2", "--completions", "2", "--steps", "1", *scoring(runs)]
+    cases = [
+        (["inverse", str(runs / "stmd"), "--operator", "sr2", "--mask", "half", *few], "--mask", "--operator inpaint"),
+        (["sweep", str(runs / "meanflow"), "--num", "2", "--stmd", "1x1", *scoring(runs)], "--stmd", "STMD"),
+        (["sweep", str(runs / "stmd"), "--num", "2", "--stmd", "1x1", "--ddpm-steps", "1", *scoring(runs)],
+         "--ddpm-steps", "DDPM"),
+        (["sweep", str(runs / "meanflow"), "--num", "2", "--grid", "uniform", *scoring(runs)], "--grid", "Mean Flow"),
+        (["conditional", str(runs / "ddpm"), "--num", "2", "--flow-steps", "1,2", *scoring(runs)], "--flow-steps",
+         "DDPM"),
+        (["kernel", str(gmm / "ddpm"), "--flow-steps", "2"], "--flow-steps", "DDPM"),
+        (["posterior", str(gmm / "ddpm"), "--flow-steps", "2"], "--flow-steps", "DDPM"),
+        (["sweep", str(runs / "stmd"), "--num", "2", "--inception-weights", "w.pth", *scoring(runs)],
+         "--inception-weights", "FD"),
+        (["sweep", str(runs / "stmd"), "--num", "2", "--metric", "fid", *scoring(runs)], "--classifier", "FID"),
+    ]
+    for args, flag, why in cases:
+        assert evaluate([*args, "--out", str(tmp_path / "o")]) == 2, args
+        one_line_error(capsys, flag, why, f"drop {flag}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_and_kernel_write_their_results_without_matplotlib(runs, gmm, tmp_path, capsys, monkeypatch):
+    # matplotlib is the optional plot extra: without it the numbers are written all the same, and a note names
+    # the plots skipped and how to get them
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # unimportable, as when the extra is not installed
+    assert evaluate(["sweep", str(runs / "meanflow"), "--meanflow-steps", "1", "--num", "16", *scoring(runs),
+                     "--out", str(tmp_path / "sweep")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["results.json", "results.md"]
+    (row,) = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
+    assert np.isfinite(row["value"]) and f"{row['value']:.3f}" in (tmp_path / "sweep" / "results.md").read_text()
+    assert 'note: matplotlib is not installed: skipping fd_vs_nfe.png; pip install -e ".[plot]"' in capsys.readouterr().err
+    assert evaluate(["kernel", str(gmm / "stmd"), "--points", "2", "--num", "20", "--flow-steps", "1",
+                     "--out", str(tmp_path / "kernel")]) == 0
+    assert sorted(p.name for p in (tmp_path / "kernel").iterdir()) == ["kernel.json", "kernel.md"]
+    assert len(json.loads((tmp_path / "kernel" / "kernel.json").read_text())["stmd"]["rows"]) == 13
+    assert ('note: matplotlib is not installed: skipping the heat maps kernel_*.png; pip install -e ".[plot]"'
+            in capsys.readouterr().err)
+
+
+def test_gmm_commands_name_a_checkpoint_given_twice(gmm, tmp_path, capsys):
+    # the same path twice, or a run and its newest checkpoint: the message names both, as sweep's does
+    newest = list_checkpoints(gmm / "stmd")[0]
+    for command in ("kernel", "posterior"):
+        for twice in ([gmm / "stmd", gmm / "stmd"], [gmm / "stmd", newest]):
+            assert evaluate([command, *map(str, twice), "--out", str(tmp_path / "o")]) == 2
+            one_line_error(capsys, "given twice", f"({twice[0]} and {twice[1]} are both {newest})")
+    assert not (tmp_path / "o").exists()
+
+
+def test_kernel_and_posterior_label_two_checkpoints_of_one_run_by_step(gmm, tmp_path):
+    # as sweep does (name@step), in every table; one checkpoint of a run is its folder's name (the tests above)
+    step2, step1 = list_checkpoints(gmm / "stmd")
+    given = [str(step1), str(gmm / "stmd")]  # the run stands for its newest checkpoint, step 2
+    assert evaluate(["kernel", *given, "--points", "2", "--num", "20", "--flow-steps", "1",
+                     "--out", str(tmp_path / "k")]) == 0
+    assert evaluate(["posterior", *given, "--steps", "1", "--particles", "1", "--observations", "1", "--runs", "4",
+                     "--out", str(tmp_path / "p")]) == 0
+    assert first_column(tmp_path / "k" / "kernel.md") == {"stmd@1", "stmd@2"}
+    assert first_column(tmp_path / "p" / "posterior.md") == {"stmd@1", "stmd@2", "exact kernel"}
+    report = json.loads((tmp_path / "k" / "kernel.json").read_text())
+    assert {name: entry["checkpoint"] for name, entry in report.items()} == {"stmd@1": str(step1),
+                                                                              "stmd@2": str(step2)}
+    assert json.loads((tmp_path / "p" / "posterior.json").read_text())["checkpoints"] == {
+        name: entry["checkpoint"] for name, entry in report.items()}
+    assert sorted(p.name for p in (tmp_path / "k").glob("*.png")) == ["kernel_stmd@1_M1.png", "kernel_stmd@2_M1.png"]

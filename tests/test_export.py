@@ -649,3 +649,17 @@ def test_export_help_states_the_static_batch(capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "exactly this many samples per call" in text and "pad" in text and "latents" in text
+
+
+def test_a_vae_of_another_latent_shape_is_refused_before_sampling(capsys, latent_program, tmp_path, monkeypatch):
+    """A VAE whose latents have 8 channels cannot decode this program's 4: one line, before any sampling."""
+    from diffusers import AutoencoderKL
+
+    _, path, _ = latent_program
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=8, norm_num_groups=4).save_pretrained(tmp_path / "wide")
+    monkeypatch.setattr(export, "sample_exported", lambda *a: pytest.fail("sampled before checking the VAE"))
+    assert sample_main(["--exported", str(path), "--num", "4", "--vae", str(tmp_path / "wide"),
+                        "--out", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys, "makes 8x8x8 latents from 16-pixel images, and this model's are 4x8x8")

@@ -196,3 +196,49 @@ def test_a_damaged_sample_is_skipped_and_counted_in_metrics_or_stops_strict_runs
     from stmd_fast.train import build_parser
 
     assert build_parser().parse_args(["--strict-data"]).strict_data is True
+
+
+@pytest.mark.slow
+def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp_path, at_test_resolution):
+    """Shards and a run whose VAE folder moved: training, resuming and sampling take --vae NEW_PLACE
+    (checked to make the model's latents); without it, the error says so."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    vae = tmp_path / "vae"
+    shutil.copytree(vae_dir, vae)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((R, R, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    enc.main(["--images", str(images), "--vae", str(vae), "--resolution", str(R), "--out", str(tmp_path / "shards"),
+              "--device", "cpu"])
+    run = tmp_path / "run"
+    flags = ["--preset", "latent", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--sample-every", "0",
+             "--device", "cpu", "--out", str(run), "--dit", "DiT-S/4"]
+    assert train_main([*flags, "--steps", "1"]) == 0
+    moved = tmp_path / "moved-vae"
+    vae.rename(moved)
+    capsys.readouterr()
+
+    assert train_main([*flags, "--steps", "2", "--resume"]) == 2
+    assert "no such folder; if it moved, pass its new place: --resume --vae DIR" in capsys.readouterr().err
+    assert sample_main([str(run), "--num", "2", "--out", str(tmp_path / "a.png"), "--device", "cpu"]) == 2
+    assert "if it moved, pass its new place with --vae DIR" in capsys.readouterr().err
+
+    assert train_main([*flags, "--steps", "2", "--resume", "--vae", str(moved)]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["vae"] == str(moved)
+    assert sample_main([str(run), "--num", "2", "--out", str(tmp_path / "a.png"), "--device", "cpu",
+                        "--vae", str(moved)]) == 0
+    assert Image.open(tmp_path / "a.png").size == (2 * (R + 1) + 1, R + 2)  # 2 decoded images in one row
+
+    wide = tmp_path / "vae-8-channels"  # another kind of VAE: its latents have 8 channels
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=8, norm_num_groups=4).save_pretrained(wide)
+    capsys.readouterr()
+    assert sample_main([str(run), "--num", "2", "--out", str(tmp_path / "b.png"), "--device", "cpu",
+                        "--vae", str(wide)]) == 2
+    assert "makes 8x8x8 latents from 16-pixel images, and this model's are 4x8x8" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

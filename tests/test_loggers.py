@@ -122,3 +122,34 @@ def test_loggers_are_not_imported_unless_asked_for():
             "print(sorted(m for m in ('tensorboard', 'wandb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tensorboard_fresh_start_drops_the_curve_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    dead = loggers.TensorBoardLogger(tmp_path, {})
+    for step in range(5, 30, 5):  # logged (flushed) up to step 25, then killed: no checkpoint, no close
+        dead.log_scalars(step, {"loss": float(step)})
+    # the fresh start (start_step 0): metrics.jsonl starts over, and so must the curve
+    fresh = loggers.TensorBoardLogger(tmp_path, {})
+    for step in (5, 10):
+        fresh.log_scalars(step, {"loss": -float(step)})
+    fresh.close()
+    scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["loss"] == [(5, -5.0), (10, -10.0)]
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_wandb_fresh_start_is_a_new_run_and_a_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    id_file = tmp_path / "wandb" / "run-id"
+    _write(loggers.WandbLogger(tmp_path, {}))  # a run killed before its first checkpoint (closed here: same files)
+    dead_id = id_file.read_text()
+    fresh = loggers.WandbLogger(tmp_path, {})  # started again without --resume
+    assert fresh.run.id != dead_id and id_file.read_text() == fresh.run.id
+    fresh.log_scalars(2, {"loss": 0.5})
+    fresh.close()
+    rows = wandb_history(tmp_path)  # one offline run: the dead one's is gone, so wandb sync uploads this one alone
+    assert [(row["_step"], row["loss"]) for row in rows] == [(2, 0.5)]
+    resumed = loggers.WandbLogger(tmp_path, {}, start_step=2)  # from a checkpoint at step 2: the same W&B run
+    assert resumed.run.id == fresh.run.id
+    resumed.close()

@@ -128,6 +128,38 @@ def test_reference_cache_is_reused_and_invalidated(digits, tmp_path):
     assert other_counter.calls == 3 and fifth.score(train) == pytest.approx(uncached.score(train), rel=1e-6)
 
 
+def test_reference_cache_is_written_atomically_and_readable(digits, tmp_path, monkeypatch):
+    # Another evaluation writing the same cache at the same moment owns the old fixed temporary name
+    # .tmp-NAME: ours must not overwrite or rename it away; the cache is fsynced and gets the permissions
+    # of every other output (0644 under umask 022), not safetensors' private 0600.
+    import os
+
+    test, _ = digits
+    cache = tmp_path / "digits-FD.safetensors"
+    theirs = tmp_path / f".tmp-{cache.name}"
+    theirs.write_bytes(b"another evaluation's half-written cache")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # which file or folder was made durable
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    old_umask = os.umask(0o022)
+    try:
+        FrechetDistance(_classifier(0)).set_reference(test, cache=cache)
+    finally:
+        os.umask(old_umask)
+    assert theirs.read_bytes() == b"another evaluation's half-written cache"
+    assert cache.stat().st_mode & 0o777 == 0o644
+    assert str(tmp_path) in synced  # the rename made durable (the temporary file is fsynced before it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.name, theirs.name])  # no temporary left
+    classifier = _classifier(0)
+    counter = _CountCalls(classifier)
+    FrechetDistance(classifier).set_reference(test, cache=cache)
+    assert counter.calls == 0  # the cache written this way is read back
+
+
 def test_fd_rejects_misuse_with_the_fix(digits):
     test, _ = digits
     fd = FrechetDistance(_classifier(0))
@@ -277,3 +309,51 @@ def test_inception_fid_from_a_local_weights_file(random_inception):
     assert score == pytest.approx(expected.item(), rel=1e-3)
     itself = fid.score(real)
     assert math.isfinite(itself) and abs(itself) < 1e-3 * expected.item()
+
+
+# --- --fd-every (fd_monitor.TrainingFD) and the U-Net's fit to images of one's own ---------------
+
+
+def test_training_fd_above_the_training_set_uses_all_of_it_and_says_so(capsys):
+    import dataclasses
+
+    from stmd_fast.config import PRESETS
+    from stmd_fast.fd_monitor import TrainingFD
+    from stmd_fast.methods import METHODS
+
+    from stmd_fast.data.datasets import TensorData
+
+    cfg = dataclasses.replace(PRESETS["digits"](), fd_num=300)
+    train = TensorData("digits", load_digits("train").all()[:200], "image")  # a small set: a fast measurement
+    meta = {"config": cfg.to_dict(), "data_shape": [1, 8, 8], "data_kind": "image"}
+    fd = TrainingFD(cfg, meta, train, torch.device("cpu"), 1, 1)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    # said at construction, i.e. before training: the reference is all 200 images, not 300
+    assert len(notes) == 1 and "--fd-num 300" in notes[0] and "all 200" in notes[0]
+    assert fd.reference_count == len(train) == int(fd.metric._metric.real_features_num_samples)
+    torch.manual_seed(0)
+    assert math.isfinite(fd.measure(METHODS["stmd"].build_net(cfg.net, (1, 8, 8))))  # the run still measures
+
+
+def test_training_fd_on_vectors_names_what_measures_them():
+    from types import SimpleNamespace
+
+    from stmd_fast.config import PRESETS
+    from stmd_fast.data.datasets import TensorData
+    from stmd_fast.fd_monitor import TrainingFD
+    from stmd_fast.gmm import check_gmm_model
+
+    vectors = TensorData("vec10", torch.randn(16, 10), "vector")
+    gmm = PRESETS["gmm"]()
+    with pytest.raises(ValueError, match="the gmm preset makes vectors.*evaluate kernel RUN"):
+        TrainingFD(gmm, {}, vectors, torch.device("cpu"), 1, 1)
+    own = PRESETS["digits"]()  # what --data vec10.npy without --preset runs under
+    own.data = "vec10.npy"
+    with pytest.raises(ValueError) as err:
+        TrainingFD(own, {}, vectors, torch.device("cpu"), 1, 1)
+    message = str(err.value)
+    assert "--data vec10.npy holds vectors" in message and "\n" not in message
+    # not evaluate kernel: it knows the exact kernel of the built-in mixture alone, and refuses this run
+    assert "gmm" not in message and "kernel" not in message
+    with pytest.raises(ValueError, match="not trained on the built-in gmm preset"):
+        check_gmm_model(SimpleNamespace(meta={"config": own.to_dict()}), "RUN")

@@ -64,11 +64,32 @@ def test_a_grayscale_folder_gives_one_channel(tmp_path):
 
 
 def test_an_unreadable_folder_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="no JPEG/PNG images"):
+    with pytest.raises(DataError, match="no images under"):
         load_image_folder(tmp_path, 32)
     (tmp_path / "x.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="could be read"):
         load_image_folder(tmp_path, 32)
+
+
+def test_an_exif_rotated_photo_is_read_upright(tmp_path):
+    """A camera's portrait photo: landscape pixels plus EXIF Orientation 6 (rotate 90 degrees clockwise to
+    view). The loader must see what a viewer shows: the pixels rotated, red on the top, not the left."""
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)  # stored 64 wide, 32 high; red left half
+    pixels[:, :32, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    data = load_image_folder(tmp_path, 16)
+    upright = data.values[0].numpy()  # the viewer's 32 wide, 64 high, red on top, center-cropped
+    assert upright[0, 0].tolist() == [255] * 16 and upright[0, -1].tolist() == [0] * 16
+
+
+def test_hidden_folders_are_left_out_and_other_formats_read(tmp_path):
+    for i, name in enumerate(["a.webp", "b.bmp", "c.tif", "d.gif", ".ipynb_checkpoints/a.webp", ".e.png"]):
+        _noise_image(tmp_path / name, (20, 20), seed=i)
+    data = load_image_folder(tmp_path, 16)
+    assert len(data) == 4
+    assert np.array_equal(data.values[1].numpy(), _reference(tmp_path / "b.bmp", 16))
 
 
 def test_flip_mirrors_about_half_and_leaves_the_draws_unflipped_otherwise():
@@ -186,3 +207,34 @@ def test_choose_net_follows_the_data_and_refuses_a_flag_for_other_data():
     latent.unet = "S"
     with pytest.raises(ValueError, match="--unet for images"):
         choose_net(latent, (4, 16, 16), "latent")
+
+
+def test_a_resolution_beyond_memory_is_refused_before_any_image_is_read(tmp_path, monkeypatch):
+    from stmd_fast.data import images
+
+    for i in range(3):
+        _noise_image(tmp_path / f"{i}.png", (20, 20), seed=i)
+    monkeypatch.setattr(images, "read_image", lambda *a: pytest.fail("an image was read"))
+    with pytest.raises(DataError, match=r"3 images at 1000000x1000000 pixels take .* GB in memory, more than half of "
+                                        r"this machine's .*: lower --resolution"):
+        load_image_folder(tmp_path, 10 ** 6, workers=2)
+
+
+def test_unet_size_error_names_fixes_that_build():
+    import dataclasses
+
+    from stmd_fast.config import PRESETS, choose_net
+    from stmd_fast.methods import METHODS
+
+    cfg = PRESETS["digits"]()  # --data img7.npy: the digits U-Net (2 levels) for images up to 16 pixels
+    stmd = METHODS["stmd"]
+    with pytest.raises(ValueError) as err:
+        stmd.build_net(choose_net(cfg, (1, 7, 7), "image"), (1, 7, 7))
+    message = str(err.value)
+    assert "\n" not in message and "channel levels" not in message  # no flag sets those
+    assert "8x8" in message and "--unet S, B or L" in message
+    stmd.build_net(choose_net(cfg, (1, 8, 8), "image"), (1, 8, 8))  # padded to 8x8: builds
+    for size in ("S", "B", "L"):  # or --unet: a U-Net laid out for 7x7, which runs
+        net = stmd.build_net(choose_net(dataclasses.replace(cfg, unet=size), (1, 7, 7), "image"), (1, 7, 7))
+        z = torch.randn(2, 1, 7, 7)
+        assert net(z, z, torch.rand(2, len(stmd.times))).shape == z.shape
