@@ -2,8 +2,10 @@
 telemetry, the printed table, the final JSON line and bench/results/<device>-<date>.json."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -14,7 +16,54 @@ from pathlib import Path
 
 import torch
 
+from stmd_fast.cli import Parser
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parser(script: str, doc: str) -> argparse.ArgumentParser:
+    """The benchmarks' command line: stmd_fast.cli.Parser, so a bad flag ends in one line and no prefix of a
+    flag stands for it (plain argparse took `--compile` for `--compile-only`)."""
+    return Parser(prog=f"bench/{script}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def at_least(low: int):
+    """argparse type: a count of at least `low`, refused at parse time (a batch of 0 measured nothing)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite time above 0 (0 s divided by zero, nan never ended)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+positive.__name__ = "float"
+
+
+def apply_smoke(p: argparse.ArgumentParser, argv: list[str] | None, args, smoke: dict) -> None:
+    """With --smoke, set the flags of `smoke` (dest -> value) to its values. One the user also gave with
+    another value is refused (one line naming them) rather than silently dropped: a second parse with
+    those flags preset to a marker tells the given ones from defaults, even a default given explicitly."""
+    if not args.smoke:
+        return
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(smoke, unset)))
+    clash = [name for name, value in smoke.items() if getattr(given, name) not in (unset, value)]
+    if clash:
+        p.error(f"--smoke sets {', '.join('--' + name.replace('_', '-') for name in clash)} itself: drop "
+                f"{'it' if len(clash) == 1 else 'them'}, or drop --smoke")
+    for name, value in smoke.items():
+        setattr(args, name, value)
 
 
 def synchronize(device: torch.device) -> None:

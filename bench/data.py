@@ -18,23 +18,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, print_table, synchronize  # noqa: E402
+from common import apply_smoke, at_least, environment, finish, parser, positive, print_table, synchronize  # noqa: E402
 
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.data.latents import LatentShards, read_manifest  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def worker_counts(text: str) -> list[int]:
+    """argparse type of --workers: comma-separated counts of at least 0."""
+    try:
+        counts = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers, e.g. 0,1,2,4; got {text!r}") from None
+    if min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"worker counts are at least 0 (0: load in the main process), got {text}")
+    return counts
+
+
+SMOKE = {"workers": [0], "seconds": 1.0, "warmup": 1, "no_save": True}
+
+
+def build_parser():
+    p = parser("data.py", __doc__)
     p.add_argument("shards", help="brace pattern of shards (as the trainer takes it) or the shard folder")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", default="0,1,2,4", help="comma-separated DataLoader worker counts")
-    p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per worker count")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches after the first")
-    p.add_argument("--step-ms", type=float, default=None, help="ms per training step: compare with its consumption")
-    p.add_argument("--shuffle-buffer", type=int, default=1000)
+    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--workers", type=worker_counts, default="0,1,2,4", help="comma-separated DataLoader worker counts")
+    p.add_argument("--seconds", type=positive, default=5.0, help="timed seconds per worker count")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed batches after the first")
+    p.add_argument("--step-ms", type=positive, default=None, help="ms per training step: compare with its consumption")
+    p.add_argument("--shuffle-buffer", type=at_least(1), default=1000)
     p.add_argument("--device", default="auto", help="where batches go (cuda includes the pinned copy)")
-    p.add_argument("--smoke", action="store_true", help="1 s with 0 workers on the given shards, not saved (CI)")
+    p.add_argument("--smoke", action="store_true", help="1 s with 0 workers on the given shards, not saved (CI; "
+                   "it sets --workers, --seconds and --warmup itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     return p
 
@@ -69,19 +85,20 @@ def measure(urls: str, workers: int, args, device: torch.device, needed: float |
             "vs_needed": None if needed is None else rate / needed}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.smoke:
-        args.workers, args.seconds, args.warmup, args.no_save = "0", 1.0, 1, True
+@one_line_errors(ValueError)  # shards that are missing or not ours (DataError): one line, exit code 2
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
     urls = shard_pattern(args.shards)
     probe = LatentShards(urls, num_workers=0)  # checks the shards and manifest before any timing
-    asked = [int(w) for w in args.workers.split(",")]
+    asked = args.workers
     # a worker reads whole shards, so the loader runs min(workers, shards) of them: each count once
     counts = list(dict.fromkeys(min(w, len(probe.urls)) for w in asked))
     if counts != asked:
         print(f"note: {len(probe.urls)} shard(s) feed at most {len(probe.urls)} worker(s): measuring "
-              f"{','.join(map(str, counts))} workers instead of {args.workers}")
+              f"{','.join(map(str, counts))} workers instead of {','.join(map(str, asked))}")
     needed = None if args.step_ms is None else args.batch / (args.step_ms / 1e3)
 
     env = environment(device)
@@ -100,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
               "step_ms": args.step_ms, "needed_samples_per_s": needed, "best_workers": best["workers"],
               "results": rows}
     finish("data", result, save=not args.no_save)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

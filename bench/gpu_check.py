@@ -7,7 +7,8 @@ in order of value, each stage with its own time budget.
 Everything goes to OUT_DIR as it happens: gpu_check.log (every stage's output, streamed),
 results.jsonl (one JSON line per measured row, written by the benchmarks as they measure it,
 plus one per stage with its status, seconds and budget). A stage that fails or runs out of
-its budget is logged and killed, and the next one runs. The final table lists the stages.
+its budget is logged and killed, and the next one runs. The final table lists the stages. Stopped
+(Ctrl-C, SIGTERM, SIGHUP), it kills the running stage and the background compiles before it exits.
 Nothing is written to bench/results/ (the GPU machine does not send it back).
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ STAGES = [
     Stage("environment", 10, [*BENCH, "--environment"], [*BENCH, "--environment"]),
     # every kernel against its reference in fp32 and bf16 (values, tangents, gradients), the
     # compiled JVP step with the kernels against eager (101 tests, 76 s on the H200 with no warmers)
-    Stage("cuda tests", 100, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    # -v -rfE: each test's result is in the log as it ends, so a stage cut short keeps them
+    Stage("cuda tests", 100, [PY, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
                              "tests/test_kernels.py", "tests/test_kernel_attention.py"],
           [PY, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "-k",
            "time_features_values or meanflow_loss_matches"]),
@@ -101,8 +103,25 @@ GPU_BUDGET_S = sum(stage.budget_s for stage in STAGES)
 DRY_RUN_TIMEOUT_S = 600  # per stage on 2 CPU cores (the GPU budgets do not apply there)
 
 
+NEEDED_MODULES = ("stmd_fast.kernels.attention", "diffusers", "timm", "webdataset", "pynvml")
+"""What the stages import: the project installed (pip install -e .) and the wheels the GPU image lacks."""
+
+
+def missing_modules() -> list[str]:
+    """NEEDED_MODULES that do not import here, each with its error."""
+    import importlib
+
+    missing = []
+    for name in NEEDED_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # ImportError, or a wheel built for another torch
+            missing.append(f"{name} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    return missing
+
+
 def environment() -> dict:
-    """GPU, driver, torch, triton, commit, date: what every result needs beside it."""
+    """GPU, driver, torch, triton, commit (with the files changed since), date: what every result needs."""
     import torch
 
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -118,8 +137,12 @@ def environment() -> dict:
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                         check=True).stdout.strip()
+        # the copied tree can differ from its .git: the commit alone would misname the code measured
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+        info["uncommitted"] = [line[3:] for line in changed]
     except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+        info["commit"] = info["uncommitted"] = None
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -195,8 +218,10 @@ def start_warmers(warmers: list[Warmer], out: Path, dry_run: bool) -> dict:
             continue
         log.write(f"===== warmer {warmer.name}: {' '.join(command)}\n")
         log.flush()
+        # niced: the stages measure while the warmers compile, and must keep the CPU they need
         running[warmer.name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                 start_new_session=True), time.monotonic())
+                                                 start_new_session=True, preexec_fn=lambda: os.nice(10)),
+                                time.monotonic())
     return running
 
 
@@ -231,7 +256,8 @@ def wait_for_warmers(stage: Stage, running: dict, timeout_s: float) -> float:
 
 
 def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log) -> dict:
-    """Run one stage in its own process group, stream its output to the log, kill it at timeout_s."""
+    """Run one stage in its own process group, stream its output to the log, kill it at timeout_s
+    (or when the run is stopped: Ctrl-C, or SIGTERM / SIGHUP through stop_on_signal)."""
     log.write(f"\n===== {stage.name} (budget {stage.budget_s} s on the GPU): {' '.join(command)}\n")
     log.flush()
     env = dict(os.environ, STMD_BENCH_JSONL=str(out / "results.jsonl"), PYTHONUNBUFFERED="1")
@@ -242,21 +268,34 @@ def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log
         rc = proc.wait(timeout=max(timeout_s, 1.0))
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: compile workers included
-        proc.wait()
         status = f"out of time ({timeout_s:.0f} s)"
+    finally:
+        if proc.poll() is None:  # out of time, or the run stopped: the whole group, compile workers included
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     seconds = time.monotonic() - start
     log.write(f"===== {stage.name}: {status}, {seconds:.1f} s\n")
     log.flush()
     return {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "budget_s": stage.budget_s}
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # `timeout`, a job scheduler, a closed terminal
+
+
+def stop_on_signal(signum, frame):
+    """SIGTERM / SIGHUP end the run as an exception would, so that run_stages' cleanup kills the warmers
+    and the running stage: each has a session of its own, which no signal to this process reaches."""
+    raise SystemExit(128 + signum)  # the shell's exit status for a signal (143 for SIGTERM)
+
+
 def run_stages(stages: list[Stage], out: Path, dry_run: bool, warmers: list[Warmer] = ()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     budget_so_far, start = 0, time.monotonic()
-    running = start_warmers(list(warmers), out, dry_run)
+    previous = {sig: signal.signal(sig, stop_on_signal) for sig in STOP_SIGNALS}
+    running = {}
     try:
+        running = start_warmers(list(warmers), out, dry_run)
         with open(out / "gpu_check.log", "a") as log:
             for stage in stages:
                 command = stage.dry if dry_run else stage.gpu
@@ -276,12 +315,19 @@ def run_stages(stages: list[Stage], out: Path, dry_run: bool, warmers: list[Warm
                       f"budget {stage.budget_s} s", flush=True)
                 results.append(result)
     finally:
+        for sig in STOP_SIGNALS:  # a second signal must not cut the cleanup short (it takes milliseconds)
+            signal.signal(sig, signal.SIG_IGN)
         end_warmers(running, out, kill=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return results
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # plain argparse (this script checks that stmd_fast imports, so it cannot rely on it); allow_abbrev=False:
+    # no prefix of a flag stands for it (`--train` reached the hidden --train-check)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("out", nargs="?", help="output folder (created; appended to)")
     p.add_argument("--dry-run", action="store_true", help="the same stages on the CPU with tiny shapes")
     p.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)  # the first stage itself
@@ -299,6 +345,10 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         p.error("give the output folder: bench/gpu_check.sh OUT_DIR [--dry-run]")
+    missing = missing_modules()
+    if missing:  # every stage would fail on its import: say so before any GPU time goes
+        sys.exit(f"error: not importable: {'; '.join(missing)}. Install the project (pip install -e .) and the "
+                 f"wheels the GPU image lacks into .site (../shared/device/README.md)")
     if not args.dry_run:
         import torch
         if not torch.cuda.is_available():

@@ -4,6 +4,8 @@
 # Uses python3 (the GPU image has no `python`), and ./.site first on the path when present: the
 # wheels the image lacks, installed there as ../shared/device/README.md says.
 set -euo pipefail
+# OUT_DIR relative to where the script was called from, not to the repository it moves to
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then out=$(realpath -m -- "$1"); shift; set -- "$out" "$@"; fi
 cd "$(dirname "$0")/.."
 if [ -d .site ]; then export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"; fi
 exec python3 bench/gpu_check.py "$@"

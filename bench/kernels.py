@@ -9,7 +9,6 @@ in TFLOP/s of its matmuls. The kernels run on CUDA only: on a CPU their rows are
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, measured_copy_gbps, median, print_table, record, time_ms  # noqa: E402
+from common import (apply_smoke, at_least, environment, finish, measured_copy_gbps, median, parser,  # noqa: E402
+                    print_table, record, time_ms)
 
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.kernels.attention import attention, attention_reference  # noqa: E402
@@ -91,16 +92,17 @@ CASES = {  # name -> (builder, full size, smoke size)
 }
 
 
+@one_line_errors(ValueError)  # e.g. --device cuda on a machine without one: one line, exit code 2
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("kernels.py", __doc__)
     p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run, references only, not saved")
+    p.add_argument("--warmup", type=at_least(0), default=5, help="untimed calls per kernel and implementation")
+    p.add_argument("--iters", type=at_least(1), default=30, help="timed calls per kernel and implementation")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run, references only, 1 + 3 calls, not saved "
+                   "(it sets --device, --warmup and --iters itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.device, args.warmup, args.iters, args.no_save = "cpu", 1, 3, True
+    apply_smoke(p, argv, args, {"device": "cpu", "warmup": 1, "iters": 3, "no_save": True})
     device = resolve_device(args.device)
     env = environment(device)
     copy_gbps = measured_copy_gbps(device, quick=args.smoke)

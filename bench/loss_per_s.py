@@ -9,17 +9,16 @@ l^(1/2 - p): the last columns give that pull relative to s = 1, for p = 0.75 and
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import trained_on  # noqa: E402
+from common import at_least, parser, trained_on  # noqa: E402
 
 from stmd_fast.checkpoint import load_checkpoint  # noqa: E402
-from stmd_fast.cli import Parser, one_line_errors  # noqa: E402
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.data.datasets import load_digits  # noqa: E402
 from stmd_fast.objectives import Noise, ObjectiveConfig, _diffuse, draw_noise, meanflow_jvp  # noqa: E402
 from stmd_fast.schedule import per_sample  # noqa: E402
@@ -27,10 +26,10 @@ from stmd_fast.schedule import per_sample  # noqa: E402
 
 @one_line_errors(ValueError, FileNotFoundError)  # a missing run, a run of other data: one line, exit code 2
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="bench/loss_per_s.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("loss_per_s.py", __doc__)
     p.add_argument("run", help="an STMD run on digits (its newest checkpoint, EMA weights)")
     p.add_argument("--s", type=float, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0])
-    p.add_argument("--num", type=int, default=2048)
+    p.add_argument("--num", type=at_least(1), default=2048, help="training digits measured")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     model = load_checkpoint(args.run, device="cpu")

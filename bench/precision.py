@@ -12,7 +12,6 @@ a target noisier than the residual would stall training.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from contextlib import nullcontext
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, finish, print_table, trained_on  # noqa: E402
+from common import apply_smoke, at_least, environment, finish, parser, print_table, trained_on  # noqa: E402
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
@@ -44,15 +43,15 @@ def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool)
 
 @one_line_errors(ValueError, FileNotFoundError)  # e.g. a missing --ckpt: one line, exit code 2
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("precision.py", __doc__)
     p.add_argument("--ckpt", help="trained checkpoint (run dir or checkpoint dir) of stmd or meanflow")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=at_least(1), default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="untrained digits network, batch 32, not saved")
-    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="untrained digits network, batch 32, not saved (it sets "
+                   "--batch and --no-save itself, and takes no --ckpt)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.ckpt, args.batch, args.no_save = None, 32, True
+    apply_smoke(p, argv, args, {"ckpt": None, "batch": 32, "no_save": True})
     if args.ckpt:
         from stmd_fast.checkpoint import load_checkpoint
         from stmd_fast.data.datasets import load_preset

@@ -9,7 +9,6 @@ or with --ckpt a trained checkpoint's EMA network. Compiled variants compile the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (environment, finish, median, peak_memory_mb, print_table, record, reset_peak_memory,  # noqa: E402
-                    synchronize, time_ms)
+from common import (apply_smoke, at_least, environment, finish, median, parser, peak_memory_mb,  # noqa: E402
+                    print_table, record, reset_peak_memory, synchronize, time_ms)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
@@ -36,19 +35,22 @@ VARIANTS = {
 # (N diffusion steps, M flow steps) per method, by increasing NFE
 STEPS = {"stmd": [(1, 1), (1, 2), (2, 2), (4, 1), (4, 2)], "meanflow": [(1, 1), (1, 2), (1, 4)],
          "ddpm": [(1, 1), (10, 1), (50, 1)]}
+SMOKE = {"preset": "gmm", "batch": 32, "warmup": 1, "iters": 3, "device": "cpu",
+         "variants": "eager fp32,compiled fp32", "no_save": True}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = parser("sample.py", __doc__)
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES))
     p.add_argument("--method", default="stmd", choices=sorted(METHODS))
     p.add_argument("--ckpt", default=None, help="time a trained checkpoint's EMA network instead")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=at_least(1), default=256)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per setting (the first compiles)")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls per setting (the first compiles)")
+    p.add_argument("--iters", type=at_least(1), default=10, help="timed calls per setting")
     p.add_argument("--device", default="auto")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 32, not saved")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 32, 1 + 3 calls, eager and "
+                   "compiled fp32, not saved (it sets those flags itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     p.add_argument("--compile-only", action="store_true", help="one sampler call per compiled variant (compiling "
                    "the network into Inductor's on-disk cache) and stop, timing nothing (bench/gpu_check.py)")
@@ -69,10 +71,9 @@ def load_net(args, device):
 
 @one_line_errors(ValueError, FileNotFoundError)  # e.g. a missing --ckpt: one line, exit code 2
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.smoke:
-        args.preset, args.batch, args.warmup, args.iters, args.device = "gmm", 32, 1, 3, "cpu"
-        args.variants, args.no_save = "eager fp32,compiled fp32", True
+    p = build_parser()
+    args = p.parse_args(argv)
+    apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     if any(v not in VARIANTS for v in names):

@@ -24,7 +24,6 @@ its first and last few steps on the fixed batch (finite and falling: the step tr
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GpuTelemetry, environment, finish, measured_matmul_tflops, median, peak_memory_mb,  # noqa: E402
-                    print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
+from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, measured_matmul_tflops,  # noqa: E402
+                    median, parser, peak_memory_mb, print_table, record, reset_peak_memory, synchronize, time_ms,
+                    time_ms_interleaved)
 
+from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
 from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
@@ -63,13 +64,15 @@ VARIANTS = {
     "public recipe": Variant(True, "fp32", "reference", public=True),  # its JVP runs in fp32 even under bf16
 }
 PUBLIC_EMA_PERIOD = 16  # the public recipe updates its EMA every 16 steps, with decay^16
+SMOKE = {"preset": "gmm", "batch": 16, "warmup": 2, "iters": 3, "device": "cpu",
+         "variants": "eager fp32,compiled fp32,public recipe", "no_save": True}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = parser("train_step.py", __doc__)
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES), help="network and data shape")
     p.add_argument("--method", default="stmd", choices=sorted(METHODS))
-    p.add_argument("--batch", type=int, default=None, help="batch size [default: the preset's]")
+    p.add_argument("--batch", type=at_least(1), default=None, help="batch size [default: the preset's]")
     p.add_argument("--dit", default=None, metavar="NAME", help="a DiT of the registry (DiT-B/2, DiT-M/2, ...) "
                    "instead of the preset's network [default: the preset's]")
     p.add_argument("--variants", default=",".join(VARIANTS),
@@ -82,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="time each variant right after its warm-up, steps "
                    "back to back (GPU power and utilisation per variant), and record its row at once (a run cut "
                    "short keeps the rows measured before the cut), instead of interleaving the variants step by step")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps, at least 1 (the first one compiles; "
-                   "its time is reported as first_step_s)")
-    p.add_argument("--iters", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=at_least(1), default=10, help="untimed steps, at least 1 (the first one "
+                   "compiles; its time is reported as first_step_s)")
+    p.add_argument("--iters", type=at_least(1), default=30, help="timed steps")
     p.add_argument("--device", default="auto")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
-                   "compiled and public recipe, not saved")
+                   "compiled and public recipe, not saved (it sets those flags itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
     p.add_argument("--compile-report", action="store_true", help="print where the compile time went (Dynamo, "
                    "AOTAutograd, Inductor's phases; torch._dynamo.utils.compile_times) at the end")
@@ -190,13 +193,11 @@ def mfu_text(mfu: float | None) -> str:
     return "n/a" if mfu is None else f"{mfu:.1f}%"
 
 
+@one_line_errors(ValueError)  # e.g. an unknown --dit, --device cuda without one: one line, exit code 2
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.smoke:
-        args.preset, args.batch, args.warmup, args.iters, args.device = "gmm", 16, 2, 3, "cpu"
-        args.variants, args.no_save = "eager fp32,compiled fp32,public recipe", True
-    if args.warmup < 1:
-        sys.exit("error: --warmup must be at least 1 (the first step compiles and is timed apart)")
+    p = build_parser()
+    args = p.parse_args(argv)
+    apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -207,10 +208,19 @@ def main(argv=None) -> int:
         names = [v for v in names if VARIANTS[v].kernels != "triton"]
     cfg = PRESETS[args.preset]()
     cfg.method = args.method
-    if args.dit:
-        cfg.net = dit_config(args.dit)
     data_shape = PRESET_DATA_SHAPES[args.preset]
-    batch = args.batch or cfg.batch_size
+    if args.dit:
+        if len(data_shape) != 3:
+            images = [name for name, shape in PRESET_DATA_SHAPES.items() if len(shape) == 3]
+            p.error(f"--dit takes images or latents, and --preset {args.preset} has vectors: use one of "
+                    f"{', '.join(images)}")
+        cfg.net = dit_config(args.dit)
+    batch = cfg.batch_size if args.batch is None else args.batch
+    k, block = cfg.objective.jvp_block
+    if METHODS[args.method].flow and batch % block:  # the JVP runs on k rows of every block: whole blocks
+        near = [n for n in (batch // block * block, (batch // block + 1) * block) if n >= 1]
+        p.error(f"--batch {batch}: the {args.preset} preset's objective runs the JVP on {k} of every {block} rows, "
+                f"so the batch must be a multiple of {block}, e.g. {' or '.join(map(str, near))}")
     if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
         names = [v for v in names if not VARIANTS[v].public]  # the public recipe is a Mean Flow engine
     if args.no_flow_matching and args.flow_matching_only:
@@ -220,12 +230,12 @@ def main(argv=None) -> int:
     if args.flow_matching_only:
         runs = [run for run in runs if run[1] == "flow matching"]
 
+    method = METHODS[args.method]
+    n_params = count_params(method.build_net(cfg.net, data_shape))  # a network that cannot be built says so here
     env = environment(device)
     # --smoke: a matmul small enough for CI undershoots the peak (MFUs of 500%): no peak, no MFU;
     # --compile-only times nothing
     peak = None if args.smoke or args.compile_only else measured_matmul_tflops(device, torch.bfloat16)
-    method = METHODS[args.method]
-    n_params = count_params(method.build_net(cfg.net, data_shape))
     peak_text = "no MFU" if peak is None else f"measured bf16 matmul peak {peak:.3g} TFLOP/s"
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | {peak_text} | "

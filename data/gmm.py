@@ -163,8 +163,8 @@ class GaussianMixture:
         if a.ndim != 2 or a.shape[1] != self.shape[0] or y.shape != (a.shape[0],):
             raise ValueError(f"need A of shape (m, {self.shape[0]}) and y of shape (m,), got {tuple(a.shape)} and "
                              f"{tuple(y.shape)}")
-        if not sigma_y > 0:
-            raise ValueError(f"the posterior of a noisy measurement needs sigma_y > 0, got {sigma_y}")
+        if not 0 < sigma_y < float("inf"):
+            raise ValueError(f"the posterior of a noisy measurement needs a finite sigma_y > 0, got {sigma_y}")
         pi, mu, cov, _ = self._params(torch.device("cpu"))
         cross = cov @ a.T  # S_k A^T: (K, D, m)
         marg = a @ cross + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)  # A S_k A^T + sigma^2 I
@@ -178,7 +178,14 @@ class GaussianMixture:
         means = mu + (gain @ r).squeeze(-1)
         covs = cov - gain @ cross.transpose(-1, -2)
         covs = 0.5 * (covs + covs.transpose(-1, -2))
-        return GaussianMixture(torch.softmax(log_joint, 0), means, covs), float(torch.logsumexp(log_joint, 0))
+        weights = torch.softmax(log_joint, 0)
+        keep = weights > 0  # a component whose weight underflows (y far from it) holds no posterior mass
+        try:
+            posterior = GaussianMixture(weights[keep], means[keep], covs[keep])
+        except ValueError as err:  # sigma_y so small that C_k is singular in float64 along A's rows
+            raise ValueError(f"sigma_y = {sigma_y} leaves the posterior (nearly on the plane A x = y) without a "
+                             f"float64 covariance ({err}): use a larger sigma_y") from None
+        return posterior, float(torch.logsumexp(log_joint, 0))
 
     def mean_transition(self, x_s: torch.Tensor, s_from: float, s_to: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """The best possible DDPM step: the bridge from x0_hat = E[x_0 | x_s], a Gaussian.

@@ -170,7 +170,7 @@ def run(jobs: int | None = None, select=None) -> list[dict]:
     todo = [e for e in entries() if select is None or select(e)]
     # the slowest (fp32 attention) first, so the pool's tail is short
     todo.sort(key=lambda e: (not e["kernel"].startswith("attention"), e["precision"] != "tf32x3"))
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=os.cpu_count() if jobs is None else jobs) as pool:
         return list(pool.map(compile_entry, todo))
 
 
@@ -198,10 +198,15 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = Parser(prog="python -m stmd_fast.kernels.compile_matrix", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles, at least 1 (default: all cores)")
     p.add_argument("--markdown", action="store_true", help="print the README table (shared KB / regs / spills)")
     p.add_argument("--kernel", default=None, help="only entries whose kernel name contains this")
     args = p.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:  # 0 meant all cores, silently; leave the flag out for that
+        p.error(f"--jobs {args.jobs}: must be at least 1 (leave it out for all cores)")
+    kernels = sorted({e["kernel"] for e in entries()})
+    if args.kernel is not None and not any(args.kernel in k for k in kernels):  # a typo is no empty success
+        p.error(f"--kernel {args.kernel!r} matches no kernel: give part of one of {', '.join(kernels)}")
     start = time.perf_counter()
     rows = run(args.jobs, (lambda e: args.kernel in e["kernel"]) if args.kernel else None)
     for r in rows:

@@ -86,14 +86,20 @@ def dot_precision(dtype: torch.dtype) -> str:
 
     16-bit inputs: "bf16" (their own tensor-core MMA, fp32 accumulation). fp32 inputs follow
     torch's fp32 matmul setting, as the reference's matmuls (cuBLAS) do: TF32 ("tf32", 10-bit
-    mantissa) once the user allows it with torch.set_float32_matmul_precision("high") or
-    torch.backends.cuda.matmul.allow_tf32 = True; otherwise "tf32x3", three TF32 MMAs on
-    operands split into high and low halves, which keeps fp32 accuracy on tensor cores (plain
-    fp32 FMAs, "ieee", spill kilobytes per thread and are several times slower).
+    mantissa) once the user allows it (torch.backends.cuda.matmul.fp32_precision = "tf32", as
+    --tf32 does, or torch.set_float32_matmul_precision("high")); otherwise "tf32x3", three TF32
+    MMAs on operands split into high and low halves, which keeps fp32 accuracy on tensor cores
+    (plain fp32 FMAs, "ieee", spill kilobytes per thread and are several times slower).
     """
     if dtype != torch.float32:
         return "bf16"
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if matmul is None:  # torch < 2.9: only the legacy setting exists
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    # torch >= 2.9: once the per-backend setting is used, reading the legacy one raises
+    if matmul == "none":  # not set for matmuls: the process-wide default decides
+        matmul = getattr(torch.backends, "fp32_precision", "none")
+    return "tf32" if matmul in ("tf32", "bf16") else "tf32x3"
 
 
 def attention_config(kernel: str, head_dim: int, precision: str, capability: tuple[int, int]) -> Config:

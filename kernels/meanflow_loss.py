@@ -22,10 +22,12 @@ from .launch import warn_fallback
 
 
 def meanflow_loss_reference(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor]:
-    """Loss and per-sample ||delta||^2 (detached); math in fp32 whatever the input dtypes."""
+    """Loss and per-sample ||delta||^2 (detached); math in fp32 for 16- and 32-bit inputs, in
+    float64 for float64 ones."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
     shape = (-1,) + (1,) * (v.ndim - 1)
-    u_tgt = (v.float() - h.float().reshape(shape) * dudt.float()).detach()
-    sq = (u.float() - u_tgt).pow(2).flatten(1).sum(1)
+    u_tgt = (v.to(dtype) - h.to(dtype).reshape(shape) * dudt.to(dtype)).detach()
+    sq = (u.to(dtype) - u_tgt).pow(2).flatten(1).sum(1)
     weight = (sq.detach() + c).pow(-p)
     return (weight * sq).mean(), sq.detach()
 

@@ -34,7 +34,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .config import TrainConfig
-from .devices import same_device
+from .devices import resolve_device, same_device
 from .files import fsync_path, write_atomic, write_bytes_durably
 from .methods import METHODS
 from .sampling import check_steps, inpainting_projection, sample, transition
@@ -367,7 +367,20 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where the network's weights are (load_checkpoint's device): inputs are moved there."""
         return next(self.net.parameters()).device
+
+    def _input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x on the model's device in its dtype; integer pixels are refused (the model works in [-1, 1])."""
+        x = torch.as_tensor(x)
+        if not x.is_floating_point():
+            raise ValueError(f"{name} is {x.dtype}: the model takes floats in [-1, 1] (for 8-bit pixels, "
+                             f"x.float() / 127.5 - 1)")
+        return x.to(self.device, next(self.net.parameters()).dtype)
+
+    def _steps(self, steps: int | None) -> int:
+        """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given."""
+        return METHODS[self.method].default_steps if steps is None else steps
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
         if generator is None:
@@ -378,11 +391,12 @@ class Model:
                              f"make it with torch.Generator({str(self.device)!r})")
         return generator
 
-    def sample(self, num: int, steps: int = 1, flow_steps: int = 1, generator: torch.Generator | None = None,
+    def sample(self, num: int, steps: int | None = None, flow_steps: int = 1, generator: torch.Generator | None = None,
                grid: str | None = None, batch_size: int | None = None) -> torch.Tensor:
         """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in model space, about
-        [-1, 1]: not clamped), drawn `batch_size` at a time (all at once by default) from one generator."""
-        generator = self._generator(generator)
+        [-1, 1]: not clamped), drawn `batch_size` at a time (all at once by default) from one generator.
+        steps: default 1 for STMD and Mean Flow, 100 for DDPM (its one-step x0_hat is a posterior mean)."""
+        steps, generator = self._steps(steps), self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid or self.grid))
 
@@ -397,24 +411,27 @@ class Model:
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw x_{s_to} ~ p(x_{s_to} | x_{s_from} = x) for a batch x (DDPM: the posterior-mean bridge step)."""
         check_steps(self.method, 1, flow_steps)
+        x = self._input(x, "x")
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])}, the model takes {self.data_shape}")
-        return transition(self.net, self.method, x.to(self.device), s_from, s_to, flow_steps, self._generator(generator))
+        return transition(self.net, self.method, x, s_from, s_to, flow_steps, self._generator(generator))
 
-    def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int = 1, flow_steps: int = 1,
-                generator: torch.Generator | None = None, grid: str | None = None,
+    def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int | None = None,
+                flow_steps: int = 1, generator: torch.Generator | None = None, grid: str | None = None,
                 batch_size: int | None = None) -> torch.Tensor:
-        """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly."""
+        """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly
+        (the missing ones are ignored: they may hold anything, NaN included). steps: as for sample."""
+        observed, steps = self._input(observed, "the observation"), self._steps(steps)
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
-        project = inpainting_projection(observed.to(self.device), mask.to(self.device))
+        project = inpainting_projection(observed, mask.to(self.device))
         generator = self._generator(generator)
         grid = grid or self.grid
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
     def posterior_sample(self, y: torch.Tensor, operator: "LinearOperator", sigma_y: float = 0.0,
-                         particles: int | None = None, steps: int = 1, flow_steps: int = 1, num: int = 1,
+                         particles: int | None = None, steps: int | None = None, flow_steps: int = 1, num: int = 1,
                          generator: torch.Generator | None = None, grid: str | None = None,
                          batch_size: int | None = None) -> torch.Tensor:
         """`num` draws of x_0 given one measurement y = A x_0 + sigma_y n (y without a batch axis;
@@ -423,19 +440,23 @@ class Model:
         particles=None: DDNM (sigma_y = 0: A x = y exactly) or DDNM+ (sigma_y > 0) inside the sampler
         loop, one chain per draw. particles=K: SMC (stmd_fast/smc.py), each draw one particle picked
         by weight from its own run of K (num * K chains); its law tends to the model's exact
-        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch."""
-        from .operators import DDNM
+        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch.
+        steps: as for sample. DDNM+ corrects only steps that end above s = 0, so it needs N >= 2 and a
+        method with diffusion steps (STMD, DDPM)."""
+        from .operators import DDNM, check_ddnm_corrects, check_sigma_y
         from .smc import network_denoiser, smc_sample
 
+        steps = self._steps(steps)
         check_steps(self.method, steps, flow_steps)
         operator.check(self.data_shape)
-        y = y.to(self.device)
+        y = self._input(y, "y")
         expected = tuple(operator(torch.zeros(1, *self.data_shape, device=self.device)).shape[1:])
         if tuple(y.shape) != expected:
             raise ValueError(f"y has shape {tuple(y.shape)}; {operator.name} measures {self.data_shape} samples "
                              f"as {expected}")
-        if not 0 <= sigma_y < float("inf"):
-            raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
+        check_sigma_y(sigma_y)
+        if particles is None:
+            check_ddnm_corrects(self.method, steps, sigma_y)
         generator, grid = self._generator(generator), grid or self.grid
         if particles is None:
             hook = DDNM(operator, y, sigma_y)
@@ -472,6 +493,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     default: --ema-decay's."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    device = resolve_device(device, what="device")  # before reading: a machine without CUDA says so at once
     ckpt, meta, damaged = newest_intact(path)
     if damaged:
         warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=2)
@@ -481,7 +503,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
                                              if weights == "ema" else "is for the EMA weights, not --weights model"))
     file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
     try:
-        net = build_net_from_meta(meta)
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+            net = build_net_from_meta(meta)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "
                               f"({type(err).__name__}: {err}): was it edited?") from None

@@ -27,10 +27,26 @@ class Parser(argparse.ArgumentParser):
     `python -m` can run."""
 
     def __init__(self, *args, prog: str, **kwargs):
-        super().__init__(*args, prog=prog, **kwargs)
+        # no prefixes: argparse's default takes --compile for --compile-only, silently
+        super().__init__(*args, prog=prog, allow_abbrev=kwargs.pop("allow_abbrev", False), **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, then the checks every command shares: an empty value (--out "" would mean the current
+        folder) and a --seed torch cannot take are refused before any work."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if action.dest == argparse.SUPPRESS or not hasattr(namespace, action.dest):
+                continue
+            value = getattr(namespace, action.dest)
+            name = max(action.option_strings, key=len) if action.option_strings else action.metavar or action.dest
+            if value == "" or (isinstance(value, (list, tuple)) and "" in value):
+                self.error(f"{name} is empty: give a value (or leave the flag out for its default)")
+            if action.dest == "seed" and isinstance(value, int) and not 0 <= value < 2**63:
+                self.error(f"{name} {value}: a seed is an integer in [0, 2^63)")
+        return namespace, extras
 
 
 def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = ()):

@@ -94,8 +94,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     """EMA of the weights, used for samples and checkpoints' sampling weights."""
     ema_decays: tuple[float, ...] = option((), metavar="DECAY")
-    """Further EMA decays kept beside ema_decay, e.g. 0.9999 0.99995: each is saved in checkpoints
-    (ema-DECAY.safetensors) and measured by fd_every; sample and evaluate pick one with --ema DECAY."""
+    """Further EMA decays kept beside --ema-decay, e.g. 0.9999 0.99995: each is saved in checkpoints
+    (ema-DECAY.safetensors) and measured by --fd-every; sample and evaluate pick one with --ema DECAY."""
     seed: int = 0
     """Seeds the network init, data order and all noise."""
     device: str = option("auto", resumable=True)
@@ -122,6 +122,9 @@ class TrainConfig:
     """Run directory; default runs/<preset or data name>-<method>."""
     ckpt_every: int = option(1000, resumable=True)
     """Checkpoint interval in steps (and at the end)."""
+    ckpt_minutes: float = option(30.0, resumable=True)
+    """Also checkpoint when this many minutes have passed since the last checkpoint (checked every --log-every
+    steps), so a crash loses at most about this much work however slow a step is; 0 = by steps only."""
     keep_checkpoints: int = option(2, resumable=True)
     """How many most recent checkpoints to keep."""
     sample_every: int = option(1000, resumable=True)
@@ -179,7 +182,11 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if self.seed >= 2**63:
+            raise ValueError(f"--seed {self.seed}: a seed is an integer in [0, 2^63)")
         # NaN fails every comparison: each check says "in range" and is negated, so NaN and inf are refused
+        if not (math.isfinite(self.ckpt_minutes) and self.ckpt_minutes >= 0):
+            raise ValueError(f"--ckpt-minutes must be a finite number >= 0 (0: by steps only), got {self.ckpt_minutes}")
         if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise ValueError(f"--lr must be a finite number in (0, 1], got {self.lr}")
         if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay):
@@ -187,6 +194,8 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
+        if len(set(self.log)) != len(self.log):  # each copy would open its own logger: every curve twice
+            raise ValueError(f"--log {' '.join(self.log)} names a logger twice: give each once")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas takes two numbers in [0, 1), got {' '.join(map(str, self.adam_betas))}")
         decays = (self.ema_decay,) + self.ema_decays
@@ -208,6 +217,8 @@ class TrainConfig:
             raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(dit_names())}")
         # saved absolute, so that the run resumes, samples and decodes from any working directory
         self.data, self.vae, self.inception_weights = map(local_path, (self.data, self.vae, self.inception_weights))
+        if self.out == "":
+            raise ValueError("--out is empty: give a folder (or leave --out out for runs/<data>-<method>)")
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
             # resolved: --data . or ../ has no name of its own

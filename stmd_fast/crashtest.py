@@ -75,18 +75,27 @@ def second_run_refused(out: Path) -> str | None:
         first.wait()
 
 
+CRASHTEST_MARK = ".stmd-crashtest"
+"""Left in --out: a later crashtest may replace the runs there."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m stmd_fast.crashtest", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish [default: 12]")
-    p.add_argument("--steps", type=int, default=300, help="steps of the test run [default: 300]")
+    p.add_argument("--steps", type=int, default=300, help="steps of the test run, at least 20 [default: 300]")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times [default: 0]")
     p.add_argument("--out", "--dir", dest="dir",  # --out as in every other command; --dir kept
-                   help="where the runs go (kept); default: a temporary folder, removed at the end")
+                   help="where the runs go (kept): a new or empty folder, or one an earlier crashtest made, whose "
+                        "runs are replaced; default: a temporary folder, removed at the end")
     args = p.parse_args(argv)
     if args.kills < 1 or args.steps < 20:
         p.error("need --kills >= 1 and --steps >= 20")
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="stmd-crashtest-"))
+    # its runs are removed before each test: never in a folder of the user's own
+    if root.is_dir() and any(root.iterdir()) and not (root / CRASHTEST_MARK).exists():
+        p.error(f"--out {root} holds files a crashtest did not make: give a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
+    (root / CRASHTEST_MARK).touch()
     rng = random.Random(args.seed)
     problems: list[str] = []
     try:

@@ -4,22 +4,23 @@ from __future__ import annotations
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "--device") -> torch.device:
     """'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N', checked against this
-    machine; ValueError naming the fix otherwise."""
+    machine; ValueError naming the fix otherwise (`what`: how the caller's user named the device)."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"{what} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+        raise ValueError(f"{what} {name}: only cpu and cuda are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine: use --device cpu")
+            raise ValueError(f"{what} {name}: CUDA is not available on this machine: use {what} cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -33,9 +34,9 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 def use_tf32(enabled: bool) -> None:
     """CUDA matmuls and convolutions of fp32 tensors in TF32 (inputs rounded to a 10-bit mantissa on tensor
     cores, fp32 accumulation) or in full fp32 (IEEE). Process-wide; no effect on CPU math."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is refused
-        precision = "tf32" if enabled else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    # Through the process-wide settings, which set torch's per-backend fp32_precision (torch >= 2.9) too,
+    # consistently: setting a per-backend one alone (cuDNN conv but not RNN, CUDA matmuls alone) makes
+    # torch refuse every later read of the process-wide ones (torch.get_float32_matmul_precision,
+    # torch.backends.cudnn.allow_tf32), which Inductor, torch.export and our attention's launcher make.
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled

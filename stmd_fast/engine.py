@@ -71,6 +71,8 @@ def make_train_step(loss_fn, net, optimizer, scheduler, ema, ema_decay: float, c
     them, in bf16; weights, gradients, optimizer state, norms, softmax, time features and the
     loss stay fp32 (the choice and its measurement: README, "Precision").
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: use 'fp32' or 'bf16' (fp16 would need loss scaling)")
     if cuda_graphs is None:
         cuda_graphs = compile and device.type == "cuda"
     if compile:

@@ -47,7 +47,7 @@ def load_split(preset: str, split: str, data_dir: str, download: bool = False):
     from .data.datasets import DataError, load_preset
 
     try:
-        return load_preset(preset, split, data_dir, download)
+        return load_preset(preset, split, data_dir or "datasets", download)
     except DataError as err:
         raise EvalError(f"reference data: {err}") from None
 
@@ -119,9 +119,21 @@ def reference_split(args) -> str:
     return args.reference_split or "test"
 
 
+FILE_PRESETS = ("mnist", "cifar10")
+"""The presets whose images are files under --data-dir (digits ships with scikit-learn, gmm is a formula)."""
+
+
+def check_data_dir(preset: str | None, args) -> None:
+    """Refuse --data-dir where no files are read from it: a preset without files, or a run on --data (preset None)."""
+    if args.data_dir is not None and preset not in FILE_PRESETS:
+        what = f"the {preset} preset reads no files" if preset else "these checkpoints were trained on --data"
+        raise EvalError(f"--data-dir is where the {' and '.join(FILE_PRESETS)} files are; {what}: drop --data-dir")
+
+
 def check_reference(meta: dict, args) -> None:
     """--reference is the held-out set of a --data run, --reference-split a preset's (default test): refuse
     either where it would be ignored, and a missing or single-image --reference, before any work."""
+    check_data_dir(meta["config"]["preset"] if meta["config"]["data"] is None else None, args)
     if meta["config"]["data"] is not None and args.reference_split is not None:
         raise EvalError("--reference-split picks a preset's split; these checkpoints were trained on --data and are "
                         "scored against --reference: drop --reference-split")
@@ -277,9 +289,12 @@ def parse_settings(args, methods=tuple(SETTINGS_FLAGS)) -> dict[str, list[tuple[
         meanflow = [(1, int(m)) for m in text["meanflow"].split(",")]
         ddpm = [(int(n), 1) for n in text["ddpm"].split(",")]
     except ValueError:
-        raise EvalError("settings must look like --stmd 1x1,2x1,1x2 (NxM) and --ddpm-steps 1,2,50 (integers)") from None
+        raise EvalError("settings must look like --stmd 1x1,2x1,1x2 (NxM), --meanflow-steps 1,2,4 and --ddpm-steps "
+                        "1,2,50 (integers)") from None
     settings = {"stmd": stmd, "meanflow": meanflow, "ddpm": ddpm}
     for method, items in settings.items():
+        if len(set(items)) != len(items):  # each would be sampled and tabled twice
+            raise EvalError(f"{SETTINGS_FLAGS[method][1]} {text[method]} names a setting twice: give distinct ones")
         for n, m in items:
             if n < 1 or m < 1:  # named here by the sweep's own flag (check_steps speaks of --steps / --flow-steps)
                 _, flag, _, what = SETTINGS_FLAGS[method]
@@ -529,8 +544,11 @@ def posterior(args) -> int:
     from .gmm import default_mixture, posterior_grid
 
     steps, particles = parse_ints(args.steps, "--steps"), parse_ints(args.particles, "--particles")
-    if not args.sigma_y > 0:
-        raise EvalError(f"--sigma-y must be > 0 (the exact posterior of a noiseless y has no density), got {args.sigma_y}")
+    from .operators import MAX_SIGMA_Y
+
+    if not 0 < args.sigma_y <= MAX_SIGMA_Y:
+        raise EvalError(f"--sigma-y must be in (0, {MAX_SIGMA_Y:g}] (the exact posterior of a noiseless y has no "
+                        f"density), got {args.sigma_y}")
     if args.runs < 2 or args.observations < 1:
         raise EvalError("need --runs >= 2 (energy distance is a U-statistic) and --observations >= 1")
     found = gmm_models(args.runs_dirs)
@@ -643,7 +661,7 @@ def inverse(args) -> int:
 
     from .data.datasets import to_unit_range
     from .metrics import diversity, psnr
-    from .operators import make_operator
+    from .operators import check_ddnm_corrects, check_sigma_y, make_operator
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint], "inverse", args.ema)
     check_scoring(meta, args)
@@ -666,8 +684,12 @@ def inverse(args) -> int:
         raise EvalError("--completions must be at least 2: diversity is the spread between completions")
     if args.particles is not None and not args.sigma_y > 0:
         raise EvalError("--particles (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
-    if args.sigma_y < 0:
-        raise EvalError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+    try:
+        check_sigma_y(args.sigma_y, "--sigma-y")
+        if args.particles is None:
+            check_ddnm_corrects(meta["config"]["method"], args.steps, args.sigma_y)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     out = writable_dir(args.out)
     device = resolve_device(args.device)
     metric, reference = prepare_metric(meta, args, device)
@@ -718,6 +740,7 @@ def train_classifier_cmd(args) -> int:
 
     if args.preset not in FD_PRESETS:
         raise EvalError(f"the FD classifier is for {', '.join(FD_PRESETS)}; cifar10 uses Inception FID")
+    check_data_dir(args.preset, args)
     train, test = (load_split(args.preset, split, args.data_dir, args.download) for split in ("train", "test"))
     out = writable_dir(args.out or f"runs/classifier-{args.preset}")
     device = resolve_device(args.device)
@@ -775,8 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", help="output directory [default: runs/classifier-<preset>]")
         sp.add_argument("--seed", type=int, default=0, help="[default: 0]")
         sp.add_argument("--batch-size", type=int, default=256, help="images per network batch [default: 256]")
-        sp.add_argument("--device", default="auto", help="auto | cpu | cuda [default: auto]")
-        sp.add_argument("--data-dir", default="datasets", help="mnist/cifar10 files [default: datasets]")
+        sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
+        sp.add_argument("--data-dir", help="where the mnist/cifar10 files are (other data has none) [default: datasets]")
         if metric:
             sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
                             help="fd = classifier features (digits, mnist), fid = Inception [default: auto]")

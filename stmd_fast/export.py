@@ -87,9 +87,13 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
     plan = sampler_plan(model.method, steps, flow_steps, grid)
     device = model.device
     noise = torch.zeros(len(plan.noise_names), batch, *model.data_shape, device=device)
+    was_training = model.net.training
     sampler = Sampler(model.net, plan).eval()
-    with dispatch.backend("reference"), torch.no_grad():
-        program = torch.export.export(sampler, (noise,), strict=False)
+    try:
+        with dispatch.backend("reference"), torch.no_grad():
+            program = torch.export.export(sampler, (noise,), strict=False)
+    finally:
+        model.net.train(was_training)  # the caller's network comes back as it was given
     meta = {
         "format": EXPORT_FORMAT,
         "stmd_fast_version": __version__,
@@ -219,6 +223,8 @@ def sample_exported(run, meta: dict, num: int, generator: torch.Generator, batch
     (Model.sample(num, ..., generator, batch_size=batch_size) with the same generator gives the
     same samples, up to float rounding); each draw is fed to the program meta["batch"] samples at
     a time, the last piece padded with zeros and the padding dropped."""
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"need num >= 1 and batch_size >= 1, got {num} and {batch_size}")
     plan = sampler_plan(meta["method"], meta["steps"], meta["flow_steps"], meta["grid"])
     if list(plan.noise_names) != meta["noise"]:
         raise ExportError(f"the program takes the noise {meta['noise']}, this stmd_fast draws {list(plan.noise_names)}: "
@@ -259,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
     add("--ema", type=float, metavar="DECAY", help="which EMA to bake in, by its decay: a run keeps --ema-decay and "
         "each of --ema-decays [default: --ema-decay's]")
-    add("--device", default="auto", help="auto | cpu | cuda: the device the program runs on [default: auto]")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N: the device the program runs on [default: auto]")
     add("--out", default="sampler.pt2", help="the program, a .pt2 file [default: sampler.pt2]")
     add("--aoti", action="store_true",
         help="also compile an AOTInductor package OUT.aoti.pt2 (needs a C++ compiler) [default: off]")
@@ -289,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     method = ckpt_meta["config"]["method"]
     steps = args.steps if args.steps is not None else METHODS[method].default_steps
     check_steps(method, steps, args.flow_steps)
+    if args.grid is not None and not METHODS[method].diffusion:
+        raise ExportError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
     check_out(out)

@@ -53,18 +53,23 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` by `data`: written to a temporary sibling, fsynced, renamed over it."""
     path = Path(path)
     tmp = temp_sibling(path)
-    write_bytes_durably(tmp, data)
     try:
+        write_bytes_durably(tmp, data)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a partial temporary file
+        if isinstance(err, OSError) and err.errno is not None:  # named by the file meant, not the temporary one
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     fsync_path(path.parent)
 
 
 def local_path(name: str | None) -> str | None:
     """`name` made absolute when it is a file or folder here, else unchanged (a Hub id, a missing path):
-    a run or a manifest that saves it then works from any working directory."""
+    a run or a manifest that saves it then works from any working directory. An empty name is refused: it
+    would silently mean the current folder."""
+    if name == "":
+        raise ValueError("an empty path would mean the current folder: give the file or folder")
     return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
 
 

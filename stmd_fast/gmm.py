@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     p.add_argument("--seed", type=int, default=0, help="[default: 0]")
     args = p.parse_args(argv)
+    for flag, value, least in (("--flow-steps", args.flow_steps, 1), ("--points", args.points, 1), ("--num", args.num, 2)):
+        if value < least:  # named by this command's flags (the library's checks speak of N, M and num)
+            p.error(f"{flag} must be at least {least}, got {value}")
     model = load_checkpoint(args.run)
     check_gmm_model(model, args.run)
     d = transition_distances(model, default_mixture(), args.s_from, args.s_to, args.flow_steps,

@@ -113,7 +113,12 @@ class TangentLinear(nn.Linear):
         primal, tangent = split_dual(x)
         if tangent is None or split_dual(self.weight)[1] is not None:
             return super().forward(x)
-        return make_dual(F.linear(primal, self.weight, self.bias), F.linear(tangent, self.weight))
+        # (B, L, C) as (B * L, C): under the JVP a 3-D input is not folded into one matmul, and the backward
+        # then writes a weight gradient per sample, (B, C_in, C_out), only to sum it (GiBs for a DiT block)
+        lead = primal.shape[:-1]
+        out = F.linear(primal.reshape(-1, primal.shape[-1]), self.weight, self.bias)
+        out_tangent = F.linear(tangent.reshape(-1, tangent.shape[-1]), self.weight)
+        return make_dual(out.reshape(*lead, -1), out_tangent.reshape(*lead, -1))
 
 
 class TangentConv2d(nn.Conv2d):

@@ -8,6 +8,7 @@ Each objective is split in two so the hot path compiles and stays reproducible:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,7 +51,7 @@ class ObjectiveConfig:
     (config.py says where each comes from)."""
 
     time_sampler: str = field(default="pair", metadata={"choices": TIME_SAMPLERS})
-    """Law of (r, t): pair | separate | mixture (see TIME_SAMPLERS)."""
+    """Law of (r, t): pair | separate | mixture (README, "Time samplers")."""
     time_mean: float = -0.4
     """Logit-normal mean of t (pair: of both draws)."""
     time_std: float = 1.0
@@ -67,9 +68,9 @@ class ObjectiveConfig:
     """flow grid: the flow step counts M whose steps are drawn from, M uniform over these."""
     flow_matching_fraction: float = 0.75
     """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
-    block of rows, not a coin per row: see jvp_block."""
+    block of rows, not a coin per row, so the batch per process must be whole blocks (2/3: blocks of 3)."""
     s_sampler: str = field(default="uniform", metadata={"choices": S_SAMPLERS})
-    """Law of the diffusion time s (STMD): uniform | grid (see S_SAMPLERS)."""
+    """Law of the diffusion time s (STMD): uniform | grid (README, "Time samplers")."""
     s_grid_fraction: float = 0.5
     """grid: probability that s is a point of a sampling grid rather than U(0, 1]."""
     s_grid_steps: tuple[int, ...] = (1, 2, 4, 8)
@@ -139,10 +140,12 @@ class ObjectiveConfig:
         """The batch (per process) must be whole blocks of jvp_block; one line saying how, if not."""
         k, block = self.jvp_block
         if batch % block:
+            # the batch's own nearest fraction, unless that is 1: no JVP row at all, no Mean Flow objective
+            near = round(self.flow_matching_fraction * batch) / batch
+            other = f", or use a fraction that is a multiple of 1/{batch}, e.g. {near:.10g}" if near < 1 else ""
             raise ValueError(f"--flow-matching-fraction {self.flow_matching_fraction} runs the JVP on {k} of "
                              f"every {block} rows, so the batch per process ({batch}) must be a multiple of "
-                             f"{block}: change the batch, or use a fraction that is a multiple of 1/{batch}, "
-                             f"e.g. {round(self.flow_matching_fraction * batch) / batch:.10g}")
+                             f"{block}: change the batch{other}")
 
 
 class Noise(NamedTuple):
@@ -176,13 +179,20 @@ def _law_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, de
     return torch.where(use_sep, t_sep, t_pair), torch.where(use_sep, r_sep, r_pair)
 
 
+@functools.lru_cache(maxsize=16)
+def device_constant(values: tuple, device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor, copied to the device once: torch.tensor(..., device=cuda) in every step is a
+    host-to-device copy that waits for the GPU, so the CPU could no longer queue the next step ahead."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
 def sample_flow_times(b: int, cfg: ObjectiveConfig, generator: torch.Generator, device=None):
     """(t, r), r <= t, for b rows from cfg.time_sampler, or on cfg.flow_grid_fraction of them a step of a
     flow grid (r = t is applied afterwards, by draw_noise)."""
     t, r = _law_flow_times(b, cfg, generator, device)
     if not cfg.flow_grid_fraction:  # no draws: the runs before the flow grid keep their random streams
         return t, r
-    steps = torch.tensor(cfg.flow_grid_steps, device=device, dtype=t.dtype)
+    steps = device_constant(cfg.flow_grid_steps, device, t.dtype)
     m = steps[torch.randint(len(steps), (b,), generator=generator, device=device)]
     j = torch.floor(torch.rand(b, generator=generator, device=device) * m)  # 0..M-1
     on_grid = torch.rand(b, generator=generator, device=device) < cfg.flow_grid_fraction
@@ -194,7 +204,7 @@ def sample_diffusion_times(b: int, cfg: ObjectiveConfig, generator: torch.Genera
     s = 1.0 - torch.rand(b, generator=generator, device=device)  # U(0, 1]
     if cfg.s_sampler == "uniform":
         return s
-    steps = torch.tensor(cfg.s_grid_steps, device=device, dtype=s.dtype)
+    steps = device_constant(cfg.s_grid_steps, device, s.dtype)
     n = steps[torch.randint(len(steps), (b,), generator=generator, device=device)]
     k = torch.floor(torch.rand(b, generator=generator, device=device) * n) + 1  # 1..N
     on_grid = torch.rand(b, generator=generator, device=device) < cfg.s_grid_fraction
@@ -306,7 +316,9 @@ def _meanflow_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, fu
 
 
 def _ddpm_loss(net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig, full_batch_jvp: bool = False):
-    mse = F.mse_loss(net(_diffuse(x0, noise), None, noise.s[:, None]).float(), noise.xi.float())
+    eps = net(_diffuse(x0, noise), None, noise.s[:, None])
+    dtype = torch.promote_types(eps.dtype, torch.float32)  # bf16 outputs: the error in fp32
+    mse = F.mse_loss(eps.to(dtype), noise.xi.to(dtype))
     return mse, mse.detach()
 
 

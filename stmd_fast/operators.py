@@ -25,6 +25,17 @@ import torch.nn.functional as F
 from .sampling import BridgeHook, Step
 
 
+MAX_SIGMA_Y = 1e3
+"""The largest measurement noise taken: data live in about [-1, 1], so a y with more noise measures nothing,
+and its squares overflow the likelihood's arithmetic long before float64 does."""
+
+
+def check_sigma_y(sigma_y: float, flag: str = "sigma_y") -> None:
+    """ValueError unless 0 <= sigma_y <= MAX_SIGMA_Y (NaN fails the comparison too)."""
+    if not 0 <= sigma_y <= MAX_SIGMA_Y:
+        raise ValueError(f"{flag} must be a number in [0, {MAX_SIGMA_Y:g}] (the data are about [-1, 1]), got {sigma_y}")
+
+
 class LinearOperator:
     """A in y = A x for a batch x of shape (B, *data_shape); subclasses define the four maps below."""
 
@@ -66,6 +77,7 @@ class LinearOperator:
 
     def measure(self, x0: torch.Tensor, sigma_y: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """y = A x0 + sigma_y n."""
+        check_sigma_y(sigma_y)
         y = self(x0)
         if sigma_y > 0:
             y = y + sigma_y * self._measured(torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype))
@@ -124,12 +136,12 @@ class Mask(_ScaledIsometry):
     pinv = __call__  # diag(m) is its own pseudo-inverse
     _measured = __call__
 
+    # where, not a product: y's missing entries may hold anything (NaN too), and 0 * NaN is NaN
     def residual(self, x, y):
-        return self._m(x) * (x - y)
+        return torch.where(self._m(x).bool(), x - y, 0.0)
 
     def project(self, x0, y):
-        m = self._m(x0)
-        return m * y + (1 - m) * x0  # bit-exact on the observed entries
+        return torch.where(self._m(x0).bool(), y, x0)  # bit-exact on the observed entries
 
     def measurement_dim(self, data_shape):
         return int(self.mask.expand(data_shape).sum())
@@ -184,8 +196,12 @@ class Matrix(LinearOperator):
 
     def __init__(self, matrix):
         a = torch.as_tensor(matrix, dtype=torch.float64)
-        if a.ndim != 2 or not torch.isfinite(a).all():
-            raise ValueError(f"the matrix must be finite with shape (m, D), got {tuple(a.shape)}")
+        if a.ndim != 2 or a.numel() == 0 or not torch.isfinite(a).all():
+            raise ValueError(f"the matrix must be finite with shape (m, D), m, D >= 1, got {tuple(a.shape)}")
+        if a.shape[0] > a.shape[1]:
+            raise ValueError(f"the {a.shape[0]}x{a.shape[1]} matrix has more rows than the data has dimensions, "
+                             f"so not full row rank (A x = y has no solution for most y): measure at most "
+                             f"{a.shape[1]} combinations")
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
         if s.min() <= s.max() * a.shape[1] * torch.finfo(torch.float64).eps:
             raise ValueError(f"the {a.shape[0]}x{a.shape[1]} matrix does not have full row rank: drop dependent rows")
@@ -214,6 +230,18 @@ class Matrix(LinearOperator):
 
 
 OPERATOR_NAMES = ("inpaint", "sr2", "sr4", "gray")
+
+
+def check_ddnm_corrects(method: str, steps: int, sigma_y: float) -> None:
+    """DDNM+ (sigma_y > 0) scales its correction by the bridge noise tau, which is 0 on the last step:
+    with N = 1, or a method without diffusion steps (Mean Flow), no step is corrected and y is ignored."""
+    from .methods import get_method
+
+    if sigma_y > 0 and (steps < 2 or not get_method(method).diffusion):
+        why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is that last step"
+        raise ValueError(f"DDNM+ (sigma_y > 0 without particles) corrects only steps that end above s = 0 and {why}, "
+                         f"so y would be ignored: use SMC (particles K, --particles K), N >= 2 with STMD or DDPM, "
+                         f"or sigma_y = 0 (DDNM)")
 
 
 def make_operator(name: str, mask: torch.Tensor | None = None) -> LinearOperator:
@@ -245,8 +273,7 @@ class DDNM(BridgeHook):
     """
 
     def __init__(self, operator: LinearOperator, y: torch.Tensor, sigma_y: float = 0.0):
-        if not 0 <= sigma_y < float("inf"):
-            raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y}")
+        check_sigma_y(sigma_y)
         self.operator, self.y, self.sigma_y = operator, y, float(sigma_y)
 
     def __call__(self, x0_hat: torch.Tensor, step: Step | None = None, eps: torch.Tensor | None = None):

@@ -37,13 +37,14 @@ class IntervalSums:
         self.error += error
 
     def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float,
-              skipped: dict[str, int] | None = None):
-        """One collective: every rank's sums, first bad step, stop request and counts of skipped damaged
-        data (latent shards: summed over the ranks into the record). Returns (record, first bad step or
-        None, whether any rank asked to stop) and starts the next interval."""
+              skipped: dict[str, int] | None = None, save_requested: bool = False):
+        """One collective: every rank's sums, first bad step, stop and save (--ckpt-minutes) requests and counts
+        of skipped damaged data (latent shards: summed over the ranks into the record). Returns (record, first
+        bad step or None, whether any rank asked to stop, whether any asked to save) and starts the next
+        interval."""
         skipped = skipped or {}
-        flags = torch.tensor([float(stop_requested), *map(float, skipped.values())], dtype=torch.float64,
-                             device=self.device)
+        flags = torch.tensor([float(stop_requested), float(save_requested), *map(float, skipped.values())],
+                             dtype=torch.float64, device=self.device)
         mine = torch.cat([torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double()]), flags])
         ranks = distributed.gather(mine).tolist()
         bad = [int(r[2]) for r in ranks if r[2] >= 0]
@@ -53,11 +54,17 @@ class IntervalSums:
                   error_name: sum(r[1] for r in ranks) / world / n,
                   "lr": lr, "img_per_s": n * batch_size / dt,
                   "ms_per_step": 1e3 * dt / n, "elapsed_s": time.perf_counter() - self.t_start}
-        record.update({name: int(sum(r[4 + i] for r in ranks)) for i, name in enumerate(skipped)})
+        record.update({name: int(sum(r[5 + i] for r in ranks)) for i, name in enumerate(skipped)})
         self.loss.zero_()
         self.error.zero_()
         self.t_log, self.step_log = time.perf_counter(), step
-        return record, (min(bad) if bad else None), any(r[3] for r in ranks)
+        return record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks)
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class RunLog:
@@ -99,15 +106,23 @@ class RunLog:
                   f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
         if record.get("skipped_shards") or record.get("skipped_samples"):  # damaged latent data, skipped
             status += f" | skipped {record['skipped_shards']} shards, {record['skipped_samples']} samples"
-        if self.bar.disable:
-            print(f"step {record['step']}/{self.steps} | {status}", flush=True)
+        if self.bar.disable:  # a log file: when, and how long to go, as the bar would show
+            left = (self.steps - record["step"]) * record["ms_per_step"] / 1e3
+            print(f"step {record['step']}/{self.steps} | {status} | elapsed {clock(record['elapsed_s'])} | "
+                  f"eta {clock(left)} | {time.strftime('%H:%M:%S')}", flush=True)
         else:
             self.bar.set_postfix_str(status)
 
     def samples(self, ema_net, cfg, data, device: torch.device, step: int, decode=None) -> None:
         """Rank 0 writes a sample grid of the EMA weights (ema_net is None elsewhere)."""
         if self.is_main:
-            path, grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}", decode)
+            try:
+                path, grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}",
+                                               decode)
+            except OSError as err:  # the run's checkpoint is written first; a grid is worth no stop
+                self.bar.write(f"warning: step {step}: could not write the sample grid ({err.filename or 'samples/'}: "
+                               f"{err.strerror or err}); training goes on")
+                return
             self.bar.write(f"step {step}: samples -> {path}")
             for logger in self.loggers if grid is not None else ():
                 logger.log_image(step, "samples", grid)

@@ -27,7 +27,7 @@ from .cli import Parser, one_line_errors
 from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic
 from .methods import METHODS
-from .operators import OPERATOR_NAMES, make_operator
+from .operators import OPERATOR_NAMES, check_ddnm_corrects, check_sigma_y, make_operator
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vae", help="a latent model's VAE (folder or hub id) for a .png --out: with --exported, the one that "
         "decodes (the program's metadata names the one it was trained with); with a checkpoint, the new place of "
         "the one it was trained with, if that moved [default: a checkpoint's own; none with --exported]")
-    add("--zoom", type=int, default=1, help="enlarge PNG pixels K times (nearest) to view small images [default: 1]")
-    add("--device", default="auto", help="auto | cpu | cuda [default: auto]")
+    add("--zoom", type=int, help="enlarge a .png grid's pixels K times (nearest) to view small images [default: 1]")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
     add("--out", help="output file, .png (image grid) or .npy [default: samples.png, or samples.npy for vectors]")
     add("--inpaint", metavar="IMAGE", help="observed image (.png, or .npy in model space [-1, 1]) to complete")
     add("--mask", metavar="MASK", help="with --inpaint or --inverse inpaint: .png (white, or 1 in a 0/1 mask) or .npy "
@@ -144,11 +144,18 @@ def check_counts(args) -> None:
     """--num, --batch-size and --zoom are counts: ValueError naming the first one below 1, or a --zoom
     beyond MAX_ZOOM (its grid would fill the memory)."""
     for flag in ("num", "batch_size", "zoom"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.zoom > MAX_ZOOM:
+    if args.zoom is not None and args.zoom > MAX_ZOOM:
         raise ValueError(f"--zoom {args.zoom}: at most {MAX_ZOOM} (8x8 digits become {8 * MAX_ZOOM} pixels); the grid "
                          f"grows with its square")
+
+
+def check_zoom(args, out: Path) -> None:
+    """--zoom enlarges a .png grid: refused for a .npy, which keeps the samples as drawn; default 1."""
+    if args.zoom is not None and out.suffix != ".png":
+        raise ValueError(f"--zoom enlarges the pixels of a .png grid; {out.name} keeps the samples as drawn: drop --zoom")
+    args.zoom = args.zoom or 1
 
 
 def in_batches(num: int, size: int, draw, unit: str = "sample") -> torch.Tensor:
@@ -196,10 +203,13 @@ def main_exported(args) -> int:
         raise ValueError("give a checkpoint or --exported, not both")
     baked = [flag for flag, value in (("--steps", args.steps), ("--flow-steps", args.flow_steps),
                                       ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
-                                      ("--inpaint", args.inpaint), ("--mask", args.mask)) if value is not None]
+                                      ("--inpaint", args.inpaint), ("--mask", args.mask), ("--inverse", args.inverse),
+                                      ("--observed", args.observed), ("--sigma-y", args.sigma_y),
+                                      ("--particles", args.particles)) if value is not None]
     if baked:
         raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
-                         f"are baked into the program (re-export to change them; inpainting needs the checkpoint)")
+                         f"are baked into the program (re-export to change them; inpainting and inverse problems "
+                         f"need the checkpoint)")
     check_counts(args)
     run, meta = open_exported(args.exported)
     kind, device = meta["data_kind"], torch.device(meta["device"])
@@ -224,6 +234,7 @@ def main_exported(args) -> int:
                          f"them with --vae (its metadata names {meta.get('latent', {}).get('vae')})")
     if decoded and out.suffix != ".png":
         raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
+    check_zoom(args, out)
     prepare_out(out)
     decode = None
     if decoded:
@@ -263,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note.message}", file=sys.stderr)
     steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
     check_steps(model.method, steps, args.flow_steps)
+    if args.grid is not None and not METHODS[model.method].diffusion:
+        raise ValueError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
     check_counts(args)
     if args.inverse is None:
         extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
@@ -279,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--inverse {args.inverse} needs the measurement: --observed IMAGE")
         if (args.inverse == "inpaint") != (args.mask is not None):
             raise ValueError("--mask goes with --inverse inpaint (and inpaint needs it)")
-        if args.sigma_y < 0:
-            raise ValueError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+        check_sigma_y(args.sigma_y, "--sigma-y")
         if args.particles is not None and args.particles < 1:
             raise ValueError(f"--particles must be at least 1 (K particles per sample), got {args.particles}")
         if args.particles is not None and args.sigma_y == 0:
             raise ValueError("--particles K (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
+        if args.particles is None:
+            check_ddnm_corrects(model.method, steps, args.sigma_y)
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--vae decodes latents into a .png grid; this checkpoint makes {model.data_kind}s"
                          if model.data_kind != "latent" else "--vae decodes the latents into a .png grid; a .npy "
                          "--out keeps the latents: drop --vae")
+    check_zoom(args, out)
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae(args.vae)  # before sampling: an unreachable VAE fails now, not after the work

@@ -107,8 +107,9 @@ def flow_map(net, z: torch.Tensor, cond: torch.Tensor | None, s: float | None, f
     b = z.shape[0]
     for j in range(flow_steps):
         t, t_next = 1 - j / flow_steps, 1 - (j + 1) / flow_steps
-        times = [t, t - t_next] if s is None else [t, t - t_next, s]
-        times = torch.tensor(times, device=z.device, dtype=torch.float32).expand(b, -1)
+        values = [t, t - t_next] if s is None else [t, t - t_next, s]
+        # filled on the device: torch.tensor(values, device=cuda) would copy from the host and wait per call
+        times = torch.stack([z.new_full((b,), v, dtype=torch.float32) for v in values], 1)
         z = z - (t - t_next) * net(z, cond, times).to(z.dtype)
     return z
 
@@ -237,4 +238,6 @@ def inpainting_projection(observed: torch.Tensor, mask: torch.Tensor) -> Project
 
     operator = Mask(mask)
     operator.check(tuple(observed.shape))
+    if not mask.any():
+        raise ValueError("the mask observes nothing (all 0): that is unconditional sampling, model.sample")
     return lambda x0: operator.project(x0, observed)

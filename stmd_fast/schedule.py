@@ -34,9 +34,15 @@ def bridge_coefficients(s: torch.Tensor, s_prev: torch.Tensor, dtype: torch.dtyp
         raise ValueError("the bridge needs s_prev <= s: it steps towards the data")
     sigma2 = -torch.expm1(2 * la)
     sigma2_prev = -torch.expm1(2 * la_prev)
-    sigma2_step = -torch.expm1(2 * (la - la_prev))  # sigma_{s|s'}^2
-    c_xs = (la - la_prev).exp() * sigma2_prev / sigma2
-    c_x0 = la_prev.exp() * sigma2_step / sigma2
+    # log alpha_{s|s'} in closed form: la - la_prev would cancel digits when s' is close to s
+    s, s_prev = s.double(), s_prev.double()
+    la_step = -0.25 * (BETA_MAX - BETA_MIN) * (s - s_prev) * (s + s_prev) - 0.5 * BETA_MIN * (s - s_prev)
+    sigma2_step = -torch.expm1(2 * la_step)  # sigma_{s|s'}^2
+    # s = s' = 0 is 0 / 0: the bridge is then the point mass at x_0 (c_xs = 0, c_x0 = 1, tau = 0)
+    at_data = sigma2 == 0
+    sigma2 = torch.where(at_data, 1.0, sigma2)
+    c_xs = torch.where(at_data, 0.0, la_step.exp() * sigma2_prev / sigma2)
+    c_x0 = torch.where(at_data, 1.0, la_prev.exp() * sigma2_step / sigma2)
     tau = (sigma2_step * sigma2_prev / sigma2).sqrt()
     return c_xs.to(dtype), c_x0.to(dtype), tau.to(dtype)
 

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from .methods import get_method
-from .operators import LinearOperator
+from .operators import LinearOperator, check_sigma_y
 from .sampling import Step, _randn, _x0_hat, bridge, make_step, sampler_plan
 from .schedule import alpha_sigma
 
@@ -125,6 +125,7 @@ def smc_sample(denoise: Denoiser, method: str, operator: LinearOperator, y: torc
     temper(s) -> rho^2 >= 0: the intermediate likelihood at step s is N(y; A x0_hat, (sigma_y^2 + rho^2) I)
     (the last step's is exact). Resamples (systematically) the steps where ESS < ess_threshold * K
     (0: never, 1: always); the final particles keep their weights (SMCResult.draw picks by them)."""
+    check_sigma_y(sigma_y)
     if not sigma_y > 0:
         raise ValueError(f"SMC weights by the likelihood N(y; A x, sigma_y^2 I): need sigma_y > 0, got {sigma_y} "
                          f"(for noiseless y use the DDNM projection)")
@@ -133,6 +134,11 @@ def smc_sample(denoise: Denoiser, method: str, operator: LinearOperator, y: torc
     if not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold is a fraction of K in [0, 1], got {ess_threshold}")
     operator.check(tuple(data_shape))
+    measured = tuple(operator(torch.zeros(1, *data_shape, device=y.device)).shape[1:])
+    if y.ndim == 0 or tuple(y.shape[1:]) != measured:
+        # a y without its batch axis would broadcast against the particles and weigh them wrongly
+        raise ValueError(f"y has shape {tuple(y.shape)}; SMC takes (G, *{measured}): G observations of what "
+                         f"{operator.name} makes of {tuple(data_shape)} samples (one observation: y[None])")
     plan = sampler_plan(method, steps, flow_steps, grid)
     # Mean Flow has no diffusion steps: its x0_hat is made once, from s = 1 straight to the data.
     transitions = plan.transitions or (make_step(1.0, 0.0),)

@@ -44,6 +44,7 @@ from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig,
 from .data.datasets import DataError
 from .devices import resolve_device, use_tf32
 from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
+from .evaluate import FD_PRESETS
 from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
@@ -95,11 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     presets = [make() for make in PRESETS.values()]
     digits = PRESETS["digits"]()  # the defaults --help shows
 
+    def shown(value) -> str:  # as typed on the command line: "1 2 4", not "(1, 2, 4)"
+        if isinstance(value, (tuple, list)):
+            return " ".join(map(str, value)) if value else "none"
+        return str(value)
+
     def default(name: str, of=lambda cfg: cfg) -> str | None:
         value = getattr(of(digits), name)
         if name != "preset" and any(getattr(of(cfg), name) != value for cfg in presets):
-            return "preset's" if value is None else f"preset's; digits {value}"
-        return "unset" if value is None else str(value)
+            return "preset's" if value is None else f"preset's; digits {shown(value)}"
+        return "unset" if value is None else shown(value)
 
     add_dataclass_flags(p, TrainConfig, default)
     add_dataclass_flags(p, ObjectiveConfig, partial(default, of=lambda cfg: cfg.objective),
@@ -196,6 +202,10 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
     if not cfg.fd_every:
         why |= {name: "it sets up --fd-every K, which this run does not use"
                 for name in ("inception_weights", "fd_classifier", "fd_num")}
+    elif cfg.data is None and cfg.preset in FD_PRESETS:
+        why["inception_weights"] = f"{cfg.preset} is scored by FD on the classifier's features, not Inception FID"
+    else:
+        why["fd_classifier"] = "this data is scored by Inception FID; the FD classifier is for digits and mnist"
     if cfg.preset not in LATENT_RESOLUTION:
         why |= {name: "it is for latent shards (--preset latent or celeba-latent)"
                 for name in ("data_workers", "strict_data")}
@@ -214,7 +224,11 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
     if law.s_sampler == "uniform":
         laws |= {name: "--s-sampler uniform draws s from U(0, 1] alone" for name in ("s_grid_fraction", "s_grid_steps")}
     why = laws | why
-    return [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
+    notes = [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
+    if "preset" in given and "data" in given and cfg.preset not in LATENT_RESOLUTION:
+        notes.append(f"note: --preset {cfg.preset} with --data: the preset's training settings are kept, its network "
+                     f"is not: one is chosen for the data's shape (--unet or --dit picks another)")
+    return notes
 
 
 def warmup_note(cfg: TrainConfig, given) -> str | None:
@@ -533,7 +547,7 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
         train_step = with_checks(train_step, cfg, run, state)
         t_start, first_step = time.perf_counter(), state.step
         loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
-        with StopRequest() as stop, dispatch.backend(cfg.kernels), \
+        with StopRequest(quit_before_first_step=not ctx.distributed) as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
             last = loop(cfg, run, state, train_step, log, stop)
         if ctx.is_main:
@@ -554,7 +568,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     """The training loop: draw, step, and at each interval log, sample and checkpoint. Returns the last checkpoint."""
     strategy = run.strategy
     sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"))
-    last_good = find_checkpoint(run.out)
+    last_good, last_save = find_checkpoint(run.out), time.monotonic()
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
@@ -568,6 +582,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                             + (f"the last good checkpoint {last_good} is intact" if last_good else
                                "no checkpoint was written")) from None
         state.step += 1
+        stop.step_done()
         log.step()
         sums.add(loss, error, state.step)
         step = state.step
@@ -576,9 +591,11 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
                 or (stop.requested and not strategy.ctx.distributed)):
             continue
-        record, bad_step, stopping = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
-                                                METHODS[cfg.method].error_name, lr,
-                                                skipped_counts(state.data))
+        # --ckpt-minutes: checked at these intervals, agreed by the ranks in the same gather as a stop
+        time_due = bool(cfg.ckpt_minutes) and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes
+        record, bad_step, stopping, save_due = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
+                                                          METHODS[cfg.method].error_name, lr,
+                                                          skipped_counts(state.data), time_due)
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
@@ -587,20 +604,18 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             record.update(measure_fd(run, state.ema))
         log.record(record)
         at_end = step == cfg.steps or stopping
-        if sample_due or at_end:
-            log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
-        if step % cfg.ckpt_every == 0 or at_end:
+        if step % cfg.ckpt_every == 0 or at_end or save_due:
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
+                last_save = time.monotonic()
             except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
                 where = (f"the last good checkpoint {last_good} is intact (its weights are finite)" if last_good
                          else "no checkpoint was written")
                 raise TrainingDiverged(f"{err}; stopped, {where}. Try {diverged_fixes(cfg)}") from None
             except OSError as err:  # a full disk: save_checkpoint left no partial checkpoint
-                where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
-                raise WriteFailed(f"could not write the step {step} checkpoint in {run.out}: "
-                                  f"{err.strerror or err}; stopped, {where}: free space, then resume with --resume") \
-                    from None
+                raise write_failed(err, f"the step {step} checkpoint in {run.out}", run.out) from None
+        if sample_due or at_end:  # after the checkpoint: a grid that cannot be drawn or written costs no work
+            log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         if stopping:
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             log.write(f"stopped by signal {stop.signal or 'on another rank'} at step {step}; checkpoint {last_good}; "
@@ -608,6 +623,26 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             raise Stopped(stop.signal)
     return last_good
 
+
+
+WRITE_FIXES = {errno.ENOSPC: "free space", errno.EDQUOT: "free space within your quota",
+               errno.EFBIG: "the file outgrew a size limit: raise it (ulimit -f) or use a file system that takes it",
+               errno.EROFS: "make --out writable (its file system is read-only)",
+               errno.EACCES: "make --out writable (permissions)", errno.EPERM: "make --out writable (permissions)",
+               errno.EIO: "check the disk (an I/O error)"}
+
+
+def write_failed(err: OSError, what: str, out: str | Path) -> WriteFailed:
+    """The one line for an output that could not be written: the file, the cause, what is left, the fix for
+    that cause, and how to go on (--resume only where a checkpoint exists to resume from)."""
+    try:
+        last = find_checkpoint(out)
+    except OSError:
+        last = None
+    left = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+    again = "resume with --resume" if last else "run the same command again"
+    fix = WRITE_FIXES.get(err.errno, "check --out")
+    return WriteFailed(f"could not write {what}: {err.strerror or err}; stopped, {left}: {fix}, then {again}")
 
 
 def diverged_fixes(cfg: TrainConfig) -> str:
@@ -662,19 +697,58 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 128 + (signum or signal.SIGINT)
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run: Ctrl-C, SIGTERM (schedulers, kill) and SIGHUP (the terminal closed),
+    unless the run was started to ignore hang-ups (nohup)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def quiet_if_hung_up(signum: int) -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send what is still said to /dev/null."""
+    if signum != signal.SIGHUP:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal outside the loop's own handling (start-up, the first compile, the wind-down)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_now(signum, frame):
+    quiet_if_hung_up(signum)
+    raise Interrupted(signum)
+
+
 class StopRequest:
-    """Ctrl-C / SIGTERM finish the current step, save, and exit; the same signal again kills at once. Under
-    torchrun the ranks agree on stopping at the next log interval (a rank whose peer died fails there).
+    """Ctrl-C / SIGTERM / SIGHUP finish the current step, save, and exit; the same signal again kills at once.
+    Before this process has finished a step (start-up, the first --compile, minutes for a large network) there
+    is nothing new to save, so the first signal quits at once (quit_before_first_step; not under torchrun,
+    where the ranks agree on stopping at the next log interval, and a rank whose peer died fails there).
     A context manager: the previous handlers come back on the way out."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, quit_before_first_step: bool = False):
+        self.signal, self.started = None, not quit_before_first_step
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
 
+    def step_done(self) -> None:
+        self.started = True
+
     def _request(self, signum, frame):
+        quiet_if_hung_up(signum)
+        if not self.started:
+            raise Interrupted(signum)
         if self.signal is None:  # said at once: the step (or, under torchrun, the log interval) may take a while
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             sys.stderr.write(f"\n{name}: stopping after this step, with a checkpoint; "
@@ -683,7 +757,7 @@ class StopRequest:
         signal.signal(signum, signal.SIG_DFL)
 
     def __enter__(self) -> StopRequest:
-        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self._request) for sig in stop_signals()}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -741,9 +815,10 @@ def out_of_memory(err: RuntimeError) -> bool:
         or "out of memory" in str(err).lower()
 
 
-def interrupted_outside_the_loop(cfg: TrainConfig | None) -> int:
-    """A Ctrl-C outside the training loop (whose own Ctrl-C saves, then stops): during start-up, or after the
-    last step, while the process winds down. Says which, by the run's newest checkpoint; 0 if the run is done."""
+def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.SIGINT) -> int:
+    """A stop signal outside the training loop (whose own saves, then stops): during start-up or the first
+    step, or after the last step, while the process winds down. Says which, by the run's newest checkpoint;
+    0 if the run is done, else the shell's code for the signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     try:
         meta = newest_intact(cfg.out)[1] if cfg is not None and cfg.out else None
     except (FileNotFoundError, CheckpointError, OSError):
@@ -753,14 +828,16 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None) -> int:
         return 0
     print("interrupted during start-up, before the first step of this process; "
           + ("the checkpoints are as they were" if meta else "no checkpoint was written"), file=sys.stderr)
-    return 130
+    return 128 + signum
 
 
 @one_line_errors(UserError, DataError, CheckpointError,
                  failures=(TrainingDiverged, GradientSyncFailed, WriteFailed))  # DataError: e.g. shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a Ctrl-C is a KeyboardInterrupt
+    # from here a stop signal is a KeyboardInterrupt (start-up cleans up after it); the caller's come back after
+    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()}
+    previous[signal.SIGINT] = signal.default_int_handler
     cfg = None
     try:
         cfg, resume = resolve_config(dict(vars(args)))
@@ -771,13 +848,15 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, resume)
     except Stopped as stopped:  # after a checkpoint; the resume command was printed
         return stopped.exit_code
-    except KeyboardInterrupt:
-        return interrupted_outside_the_loop(cfg)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+    except KeyboardInterrupt as err:
+        return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
+    except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
+        if cfg is None or err.errno is None:
             raise
-        raise WriteFailed(f"could not write {err.filename or 'to --out'}: {err.strerror}; stopped, the "
-                          f"checkpoints are as they were: free space, then resume with --resume") from None
+        raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -224,3 +224,88 @@ def test_compile_only_runs_one_step_per_variant_and_times_nothing(capsys, monkey
     assert not (tmp_path / "rows.jsonl").exists()  # nothing measured, nothing recorded
     with pytest.raises(SystemExit, match="exclude each other"):
         train_step.main(["--preset", "gmm", "--no-flow-matching", "--flow-matching-only", "--compile-only"])
+
+
+def run_main(script: str, argv: list[str]) -> int:
+    """A bench script's main in-process: its exit code, whether it returned it or argparse exited."""
+    import importlib
+
+    try:
+        return importlib.import_module(script.removesuffix(".py")).main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    ("sample.py", ["--compile"], "--compile"),                        # once ran as --compile-only
+    ("train_step.py", ["--compile", "--preset", "gmm"], "--compile"),
+    ("train_step.py", ["--seq"], "--seq"),
+    ("precision.py", ["--smok"], "--smok"),
+    ("kernels.py", ["--smo"], "--smo"),
+    ("data.py", ["/nonexistent", "--smo"], "--smo"),
+    ("loss_per_s.py", ["/nonexistent", "--nu", "8"], "--nu"),
+], ids=["sample", "train-step-compile", "train-step-seq", "precision", "kernels", "data", "loss-per-s"])
+def test_bench_flags_take_no_abbreviations(capsys, script, argv, flag):
+    assert run_main(script, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"unrecognized arguments: {flag}" in lines[0], lines
+
+
+@pytest.mark.parametrize("script, argv, flags", [
+    ("sample.py", ["--smoke", "--preset", "digits", "--batch", "4"], "--preset, --batch"),  # once measured gmm at 32
+    ("precision.py", ["--smoke", "--batch", "256"], "--batch"),       # its default, given: still not what runs
+    ("precision.py", ["--smoke", "--ckpt", "/nonexistent"], "--ckpt"),  # once dropped the checkpoint
+    ("train_step.py", ["--smoke", "--variants", "eager fp32", "--warmup", "4"], "--warmup, --variants"),
+    ("kernels.py", ["--smoke", "--iters", "50", "--device", "cpu"], "--iters"),  # cpu is what --smoke sets
+    ("data.py", ["/nonexistent", "--smoke", "--workers", "2", "--seconds", "3"], "--workers, --seconds"),
+], ids=["sample", "precision-default", "precision-ckpt", "train-step", "kernels", "data"])
+def test_smoke_refuses_the_flags_it_would_override(capsys, script, argv, flags):
+    assert run_main(script, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--smoke sets {flags} itself" in lines[0], lines
+
+
+def test_smoke_takes_the_flags_it_does_not_change():
+    """--smoke --no-save --device cpu asks for what --smoke does anyway: accepted, and --smoke's values set."""
+    from common import apply_smoke, at_least, parser
+
+    p = parser("test.py", "")
+    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--smoke", action="store_true")
+    argv = ["--smoke", "--device", "cpu"]
+    args = p.parse_args(argv)
+    apply_smoke(p, argv, args, {"batch": 32, "device": "cpu"})
+    assert (args.batch, args.device) == (32, "cpu")
+    args = p.parse_args(["--batch", "8"])  # no --smoke: nothing changed
+    apply_smoke(p, ["--batch", "8"], args, {"batch": 32, "device": "cpu"})
+    assert (args.batch, args.device) == (8, "auto")
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    ("train_step.py", ["--batch", "0"], ["--batch: must be at least 1, got 0"]),  # once the preset's batch
+    ("train_step.py", ["--iters", "0"], ["--iters: must be at least 1"]),         # once "no median for empty data"
+    ("train_step.py", ["--warmup", "0"], ["--warmup: must be at least 1"]),
+    ("train_step.py", ["--preset", "gmm", "--batch", "7", "--device", "cpu"], ["--batch 7", "multiple of 2", "6 or 8"]),
+    ("train_step.py", ["--preset", "gmm", "--dit", "DiT-S/2", "--device", "cpu"], ["--dit", "gmm", "cifar10"]),
+    ("train_step.py", ["--preset", "digits", "--dit", "DiT-Q/2", "--device", "cpu"], ["unknown DiT 'DiT-Q/2'"]),
+    ("sample.py", ["--batch", "0"], ["--batch: must be at least 1"]),             # once img_per_s 0.0
+    ("sample.py", ["--iters", "0"], ["--iters: must be at least 1"]),
+    ("sample.py", ["--warmup", "-1"], ["--warmup: must be at least 0"]),
+    ("data.py", ["/nonexistent", "--seconds", "0"], ["--seconds: must be a finite number above 0"]),
+    ("data.py", ["/nonexistent", "--seconds", "nan"], ["--seconds: must be a finite number above 0"]),
+    ("data.py", ["/nonexistent", "--workers", "-1"], ["--workers: worker counts are at least 0"]),
+    ("data.py", ["/nonexistent", "--workers", "1,x"], ["--workers: comma-separated whole numbers"]),
+    ("data.py", ["/nonexistent", "--batch", "0"], ["--batch: must be at least 1"]),
+    ("data.py", ["/nonexistent", "--step-ms", "-5"], ["--step-ms: must be a finite number above 0"]),
+    ("kernels.py", ["--warmup", "-3"], ["--warmup: must be at least 0"]),
+    ("kernels.py", ["--iters", "0"], ["--iters: must be at least 1"]),
+    ("precision.py", ["--batch", "0"], ["--batch: must be at least 1"]),
+    ("loss_per_s.py", ["/nonexistent", "--num", "0"], ["--num: must be at least 1"]),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bench_scripts_refuse_nonsense_values_in_one_line(capsys, script, argv, words):
+    assert run_main(script, argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert "--flow-matching-fraction" not in lines[0]  # train_step.py has no such flag

@@ -766,8 +766,13 @@ def test_evaluate_and_sample_bounds_in_one_line():
     check_counts(Namespace(num=1, batch_size=1, zoom=MAX_ZOOM))
     with pytest.raises(ValueError, match=f"--zoom {MAX_ZOOM + 1}: at most {MAX_ZOOM}"):
         check_counts(Namespace(num=1, batch_size=1, zoom=MAX_ZOOM + 1))
-    with pytest.raises(ValueError, match="finite number >= 0, got nan"):
+    with pytest.raises(ValueError, match=r"number in \[0, 1000\] .*got nan"):
         DDNM(make_operator("gray"), torch.zeros(1, 8, 8), sigma_y=float("nan"))
+    # a setting named twice was sampled and tabled twice
+    with pytest.raises(EvalError, match="--stmd 1x1,2x1,1x1 names a setting twice"):
+        parse_settings(Namespace(stmd="1x1,2x1,1x1", meanflow_steps="1", ddpm_steps="1"))
+    with pytest.raises(EvalError, match="--meanflow-steps 2,2 names a setting twice"):
+        parse_settings(Namespace(stmd="1x1", meanflow_steps="2,2", ddpm_steps="1"))
 
 
 def test_a_bad_inception_weights_file_is_named(tmp_path):
@@ -831,3 +836,118 @@ def test_ctrl_c_after_the_last_step_says_the_run_finished_and_exits_0(capsys, tm
     assert train(*GMM, "--steps", 2, "--out", run) == 0
     err = capsys.readouterr().err
     assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "start-up" not in err
+
+
+# ----------------------------------------------------------------------------- flags: third round of probes
+
+@pytest.mark.parametrize("argv, words", [
+    (["--out", ""], ["--out is empty"]),                       # it meant the current folder
+    (["--data", ""], ["--data is empty"]),
+    (["--log", "tensorboard", ""], ["--log", "invalid choice: ''"]),
+    (["--seed", str(2**64)], ["--seed 18446744073709551616", "[0, 2^63)"]),  # was a traceback after the data loaded
+    (["--seed", "-1"], ["--seed -1", "[0, 2^63)"]),
+    (["--sample-ev", "5"], ["unrecognized arguments: --sample-ev"]),  # no prefixes: --sample-every was taken
+    (["--log", "tensorboard", "tensorboard"], ["names a logger twice"]),
+])
+def test_empty_values_out_of_range_seeds_prefixes_and_twice_named_loggers_are_refused(capsys, tmp_path, argv, words):
+    try:
+        code = train(*GMM, "--steps", 1, *argv)
+    except SystemExit as stop:  # argparse's own refusals exit from the parser
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "error:" in err[0] and all(w in err[0] for w in words), err
+    assert not any(tmp_path.iterdir())  # nothing written in the current folder
+
+
+def test_sample_refuses_flags_that_would_be_ignored(capsys, gmm_run, gmm_meanflow_run, image_run, tmp_path):
+    from stmd_fast.export import main as export_main
+
+    program = tmp_path / "p.pt2"
+    assert export_main([str(image_run), "--steps", "1", "--batch", "2", "--device", "cpu", "--out", str(program)]) == 0
+    capsys.readouterr()
+    digit = tmp_path / "d.png"
+    write_png(np.zeros((1, 8, 8), dtype=np.uint8), digit)
+    # an exported program samples unconditionally: the posterior's flags were dropped without a word
+    assert sample("--exported", program, "--inverse", "sr4", "--observed", digit, "--sigma-y", 0.1,
+                  "--out", tmp_path / "x.png") == 2
+    assert_one_line_error(capsys, "--inverse, --observed, --sigma-y cannot be used with --exported")
+    assert sample(image_run, "--zoom", 4, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "--zoom enlarges the pixels of a .png grid", "drop --zoom")
+    assert sample("--exported", program, "--zoom", 4, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "drop --zoom")
+    assert sample(gmm_meanflow_run, "--grid", "uniform", "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "--grid: Mean Flow samples from s = 1", "drop --grid")
+    assert export_main([str(gmm_meanflow_run), "--grid", "uniform", "--out", str(tmp_path / "m.pt2")]) == 2
+    assert_one_line_error(capsys, "--grid: Mean Flow")
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("sigma_y", ["1e200", "nan", "-0.5"])
+def test_a_sigma_y_outside_the_datas_scale_is_one_line(capsys, image_run, inpaint_files, tmp_path, sigma_y):
+    """1e200 gave all-NaN samples (DDNM+) or an OverflowError traceback (SMC)."""
+    image, _, _ = inpaint_files
+    for extra in ([], ["--particles", "2"]):
+        assert sample(image_run, "--inverse", "sr4", "--observed", image, "--sigma-y", sigma_y, "--steps", 2, *extra,
+                      "--out", tmp_path / "x.npy") == 2
+        assert_one_line_error(capsys, "--sigma-y must be a number in [0, 1000]")
+
+
+def test_ddnm_plus_at_one_step_is_refused_on_the_command_line(capsys, image_run, inpaint_files, tmp_path):
+    image, _, _ = inpaint_files
+    assert sample(image_run, "--inverse", "sr4", "--observed", image, "--sigma-y", 0.1, "--steps", 1,
+                  "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "DDNM+", "y would be ignored", "--particles K")
+
+
+def test_notes_for_a_metric_flag_of_the_other_metric_and_a_preset_whose_network_the_data_replaces(
+        capsys, tmp_path, image_npy):
+    assert train("--preset", "digits", "--steps", 1, "--fd-every", 1, "--fd-num", 16, "--sample-every", 0,
+                 "--inception-weights", tmp_path / "w.pth", "--device", "cpu", "--out", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert "note: --inception-weights has no effect on this run: digits is scored by FD" in err
+    assert train("--preset", "gmm", "--data", image_npy, "--steps", 1, "--batch-size", 8, "--device", "cpu",
+                 "--out", tmp_path / "b") == 0
+    err = capsys.readouterr().err
+    assert "note: --preset gmm with --data: the preset's training settings are kept, its network is not" in err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["net"]["kind"] == "unet"
+
+
+def test_train_help_shows_defaults_as_typed_and_no_internal_names(capsys):
+    with pytest.raises(SystemExit):
+        train("--help")
+    out = capsys.readouterr().out
+    for internal in ("TIME_SAMPLERS", "S_SAMPLERS", "jvp_block", "default: ()", "default: (1,"):
+        assert internal not in out, internal
+    assert "[default: 1 2 4]" in out and "[default: none]" in out
+
+
+def test_gmm_names_its_own_flags(capsys, gmm_run):
+    from stmd_fast.gmm import main as gmm_main
+
+    for flag in ("--flow-steps", "--points"):
+        with pytest.raises(SystemExit) as stop:
+            gmm_main([str(gmm_run), flag, "0"])
+        assert stop.value.code == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_crashtest_keeps_a_folder_it_did_not_make(capsys, tmp_path):
+    from stmd_fast.crashtest import main as crashtest_main
+
+    (tmp_path / "mine" / "live").mkdir(parents=True)
+    (tmp_path / "mine" / "live" / "data.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as stop:
+        crashtest_main(["--out", str(tmp_path / "mine"), "--kills", "1", "--steps", "20"])
+    assert stop.value.code == 2 and "holds files a crashtest did not make" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "live" / "data.txt").read_text() == "keep me"
+
+
+def test_config_refuses_an_empty_out_and_path_from_python(tmp_path):
+    from stmd_fast.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--out is empty"):
+        TrainConfig(out="")
+    with pytest.raises(ValueError, match="empty path would mean the current folder"):
+        TrainConfig(data="", out=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"\[0, 2\^63\)"):
+        TrainConfig(seed=2**63, out=str(tmp_path / "r"))

@@ -86,6 +86,15 @@ def test_fractions_and_batches_that_cannot_be_laid_out_are_one_line_errors():
         ObjectiveConfig(flow_matching_fraction=0.123456789)
     with pytest.raises(ValueError, match=r"batch per process \(6\) must be a multiple of 4.*e\.g\. 0\.6666666667$"):
         ObjectiveConfig().check_batch(6)
+    # a batch of 1 has no fraction strictly between 0 and 1 to suggest (1 would switch the objective off)
+    with pytest.raises(ValueError, match=r"batch per process \(1\) must be a multiple of 4: change the batch$"):
+        ObjectiveConfig().check_batch(1)
+
+
+def test_train_step_refuses_a_precision_it_does_not_run():
+    net, _ = tiny_net("mlp")
+    with pytest.raises(ValueError, match="precision 'fp16': use 'fp32' or 'bf16'"):
+        make_train_step(None, net, None, None, None, 0.999, False, "fp16", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fraction, batch", [(0.75, 6), (0.3, 256), (0.123456789, 64), (0.1, 3), (0.9, 1000)])
@@ -265,3 +274,27 @@ def test_train_step_down_the_cuda_graph_path_equals_the_eager_step():
     initial = flat(tiny_net("unet")[0].parameters()).detach()
     # three Adam steps move a typical weight by about lr each: the comparison has teeth
     assert (eager[1] - initial).abs().median() > 1e-3
+
+
+def test_steps_and_the_sampler_make_no_tensor_from_host_values(monkeypatch):
+    """On CUDA, torch.tensor(values, device=cuda) copies from the host and waits for the GPU: once per step
+    in the noise draws (the grid s sampler, the flow grid) and once per network call in the sampler, so the
+    CPU could not queue ahead. After the first step, neither may build a tensor from Python values."""
+    import dataclasses
+
+    from stmd_fast.config import MIXTURE_GRID
+    from stmd_fast.sampling import sample
+
+    cfg = dataclasses.replace(MIXTURE_GRID, flow_grid_fraction=0.3)
+    cfg.s_grid = "quadratic"
+    x0, g = torch.randn(8, 3), torch.Generator().manual_seed(0)
+    first = draw_noise(x0, cfg, g)
+    made, real = [], torch.tensor  # tensors made from Python values onto a device (CPU constants are free)
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: (made.append(a) if k.get("device") is not None else None)
+                        or real(*a, **k))
+    again = draw_noise(x0, cfg, torch.Generator().manual_seed(0))
+    assert made == [] and torch.equal(again.s, first.s) and torch.equal(again.t, first.t)
+    net, shape = tiny_net("mlp")
+    with torch.no_grad():
+        sample(net, "stmd", 4, shape, 2, 2, torch.Generator().manual_seed(1), "quadratic")
+    assert made == [], made

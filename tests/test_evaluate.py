@@ -279,6 +279,19 @@ def test_reference_is_refused_where_it_would_be_ignored(runs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_data_dir_is_refused_where_no_files_are_read(runs, tmp_path, capsys):
+    """digits ships with scikit-learn: a --data-dir there was accepted and ignored."""
+    few = ["--images", "2", "--completions", "2", "--steps", "1"]
+    for command, *flags in (["sweep", "--num", "2", "--stmd", "1x1"], ["inpaint", *few]):
+        assert evaluate([command, str(runs / "stmd"), *flags, "--data-dir", str(tmp_path), *scoring(runs),
+                         "--out", str(tmp_path / "o")]) == 2
+        one_line_error(capsys, "--data-dir is where the mnist and cifar10 files are", "digits preset reads no files")
+    assert evaluate(["train-classifier", "--preset", "digits", "--data-dir", str(tmp_path),
+                     "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "drop --data-dir")
+    assert not (tmp_path / "o").exists()
+
+
 def test_inpaint_says_when_it_has_fewer_images_than_asked(runs, tmp_path, capsys):
     reference = len(load_split("digits", "test", "datasets"))
     assert evaluate(["inpaint", str(runs / "stmd"), "--images", "1000", "--completions", "2", "--steps", "1",

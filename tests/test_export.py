@@ -663,3 +663,23 @@ def test_a_vae_of_another_latent_shape_is_refused_before_sampling(capsys, latent
     assert sample_main(["--exported", str(path), "--num", "4", "--vae", str(tmp_path / "wide"),
                         "--out", str(tmp_path / "x.png")]) == 2
     assert_one_line_error(capsys, "makes 8x8x8 latents from 16-pixel images, and this model's are 4x8x8")
+
+
+def test_library_calls_leave_the_callers_state_alone(runs, exported):
+    """load_checkpoint does not draw from the global RNG (its initial weights are overwritten);
+    export_sampler gives the network back in the mode it had; a CUDA device on a machine without
+    one is refused before any file is read; sample_exported refuses empty counts in one line."""
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    model = stmd_fast.load_checkpoint(runs["gmm-stmd"])
+    assert torch.equal(torch.get_rng_state(), state)
+    model.net.train()
+    export.export_sampler(model, 1, 1, 2)
+    assert model.net.training
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: CUDA is not available on this machine: use device cpu"):
+            stmd_fast.load_checkpoint(runs["gmm-stmd"] / "no-such-folder", device="cuda")
+    run, meta = export.open_exported(exported("gmm-stmd", 1, 1))
+    for num, batch_size in ((0, 4), (-3, 4), (4, 0)):
+        with pytest.raises(ValueError, match="need num >= 1 and batch_size >= 1"):
+            export.sample_exported(run, meta, num, gen(0), batch_size)

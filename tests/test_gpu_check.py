@@ -92,3 +92,97 @@ def test_dry_run_passes_every_stage(tmp_path):
     env = next(x["row"] for x in rows if x["benchmark"] == "environment")
     assert env["torch"] and env["commit"]
     assert all(r["row"]["ms_per_step"] > 0 for r in rows if r["benchmark"].startswith("train_step"))
+
+
+def test_a_relative_out_dir_is_the_callers_not_the_repositorys(tmp_path):
+    """The script moves to the repository root before Python resolves OUT_DIR: a relative one must be
+    resolved first, or the results land in the repository (outside $OUT, so they never come back)."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # stands in for the GPU image's python3
+    (shim / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for argv, expected in ((["out/check", "--dry-run"], [str(tmp_path / "out" / "check"), "--dry-run"]),
+                           (["--help"], ["--help"])):
+        proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *argv], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=30)
+        assert proc.returncode == 0 and proc.stdout.splitlines() == ["bench/gpu_check.py", *expected], proc
+
+
+def test_a_missing_module_stops_the_run_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "NEEDED_MODULES", ("json", "no_such_module_for_the_test"))
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(tmp_path / "out"), "--dry-run"])
+    assert "not importable: no_such_module_for_the_test (ModuleNotFoundError" in str(stop.value)
+    assert "pip install -e ." in str(stop.value) and not (tmp_path / "out").exists()
+    assert gpu_check.missing_modules() == ["no_such_module_for_the_test (ModuleNotFoundError: No module named "
+                                           "'no_such_module_for_the_test')"]
+
+
+def test_warmers_run_below_the_stages_priority(tmp_path):
+    """Warmers compile while stages measure: they are niced so the stages keep the CPU."""
+    py, seen = sys.executable, tmp_path / "nice"
+    warmer = gpu_check.Warmer("report", [], [py, "-c", f"import os, pathlib; pathlib.Path({str(seen)!r})"
+                                                     f".write_text(str(os.nice(0)))"])
+    running = gpu_check.start_warmers([warmer], tmp_path, dry_run=True)
+    running["report"][0].wait(timeout=30)
+    assert int(seen.read_text()) == min(os.nice(0) + 10, 19)
+
+
+def test_environment_names_the_files_changed_since_the_commit():
+    info = gpu_check.environment()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.splitlines()
+    if info["commit"] is None:
+        pytest.skip("not a git checkout")
+    assert sorted(info["uncommitted"]) == sorted(line[3:] for line in changed)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_run_kills_its_warmers_and_the_running_stage(tmp_path, sig):
+    """SIGTERM (`timeout`, a scheduler) or SIGHUP (a closed terminal) once ended the script alone: the warmers
+    and the running stage, each in a session of its own that the signal does not reach, ran on as orphans."""
+    import signal
+    import time
+
+    py, out = sys.executable, tmp_path / "out"
+
+    def sleeper(name):  # writes its pid, then sleeps far past the test
+        return [py, "-c", f"import os, pathlib, time; pathlib.Path({str(tmp_path / name)!r}).write_text("
+                          f"str(os.getpid())); time.sleep(600)"]
+
+    script = (f"import pathlib, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import gpu_check as g; "
+              f"g.run_stages([g.Stage('hangs', 1, [], {sleeper('stage')!r})], pathlib.Path({str(out)!r}), "
+              f"dry_run=True, warmers=[g.Warmer('endless', [], {sleeper('warmer')!r})])")
+    proc = subprocess.Popen([py, "-c", script])
+    pids = {}
+    try:
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = {name: int(text) for name in ("stage", "warmer")
+                    if (tmp_path / name).exists() and (text := (tmp_path / name).read_text())}
+            time.sleep(0.1)
+        assert len(pids) == 2, "the stage and the warmer did not start"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(timeout=30) == 128 + getattr(signal, sig)
+        for name, pid in pids.items():  # killed and reaped, not left running
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        warmers = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+        assert warmers == [{"warmer": "endless", "status": "killed at the end of the run",
+                            "seconds": warmers[0]["seconds"]}]
+    finally:  # a failed test leaves no sleepers behind
+        proc.kill()
+        for pid in pids.values():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_no_prefix_of_a_flag_stands_for_it(tmp_path, capsys):
+    """`--train` once reached the hidden --train-check (argparse's abbreviations)."""
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(tmp_path / "out"), "--train"])
+    assert stop.value.code == 2 and "unrecognized arguments: --train" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

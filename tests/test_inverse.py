@@ -327,3 +327,110 @@ def test_posterior_sample_api(image_model):
         image_model.posterior_sample(y, op, particles=4, generator=gen(0))
     with pytest.raises(ValueError, match="RGB"):
         image_model.posterior_sample(y, Grayscale(), generator=gen(0))
+
+
+def test_ddnm_plus_that_would_ignore_y_is_refused(image_model):
+    """DDNM+ corrects only steps ending above s = 0: at N = 1 (or for Mean Flow) the draw would be
+    the unconditional one whatever y is, so it is refused, naming SMC and N >= 2."""
+    op = AvgPool(2)
+    y = op(torch.randn(1, 1, 8, 8, generator=gen(40)))[0]
+    with pytest.raises(ValueError, match="N = 1 is that last step.*--particles"):
+        image_model.posterior_sample(y, op, sigma_y=0.1, steps=1, generator=gen(0))
+    meanflow = Model(tiny_net("meanflow", (1, 8, 8)), "meanflow", (1, 8, 8), "image", {})
+    with pytest.raises(ValueError, match="Mean Flow has no diffusion steps"):
+        meanflow.posterior_sample(y, op, sigma_y=0.1, flow_steps=4, generator=gen(0))
+    # with N = 2 the first step is corrected: two measurements give two draws from one seed
+    a = image_model.posterior_sample(-y.abs() - 1, op, 0.1, steps=2, num=2, generator=gen(41))
+    b = image_model.posterior_sample(y.abs() + 1, op, 0.1, steps=2, num=2, generator=gen(41))
+    assert not torch.equal(a, b)
+
+
+def test_mask_ignores_whatever_the_missing_entries_hold(image_model):
+    """y's unobserved entries are not measured: NaN there changes nothing (0 * NaN would be NaN)."""
+    mask = torch.ones(1, 8, 8)
+    mask[:, 4:] = 0
+    truth = torch.randn(1, 8, 8, generator=gen(42))
+    holes = torch.where(mask.bool(), truth, torch.nan)
+    clean = image_model.inpaint(truth * mask, mask, 2, steps=2, generator=gen(43))
+    assert torch.equal(image_model.inpaint(holes, mask, 2, steps=2, generator=gen(43)), clean)
+    for sigma_y, particles in ((0.0, None), (0.1, None), (0.1, 4)):
+        x = image_model.posterior_sample(holes, Mask(mask), sigma_y, particles, steps=2, num=2, generator=gen(44))
+        assert torch.isfinite(x).all(), (sigma_y, particles)
+    torch.testing.assert_close(Mask(mask).log_likelihood(truth[None], holes[None], 0.1),
+                               Mask(mask).log_likelihood(truth[None], (truth * mask)[None], 0.1))
+    with pytest.raises(ValueError, match="observes nothing"):
+        image_model.inpaint(truth, torch.zeros(1, 8, 8), 1, generator=gen(0))
+
+
+def test_smc_refuses_a_y_without_its_batch_axis():
+    """An unbatched y broadcast against the K particles and weighed them by the wrong residuals."""
+    op = AvgPool(2)
+    den = lambda x, step, g: torch.zeros_like(x)  # noqa: E731
+    y = torch.zeros(1, 1, 2, 2)
+    assert smc_sample(den, "stmd", op, y, 0.1, 4, (1, 4, 4), 2, 1, gen(0)).particles.shape == (1, 4, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"y has shape \(1, 2, 2\).*y\[None\]"):
+        smc_sample(den, "stmd", op, y[0], 0.1, 4, (1, 4, 4), 2, 1, gen(0))
+
+
+def test_matrix_needs_at_most_as_many_rows_as_dimensions():
+    with pytest.raises(ValueError, match="more rows than the data has dimensions"):
+        Matrix(torch.randn(3, 2, generator=gen(0)))
+    with pytest.raises(ValueError, match="m, D >= 1"):
+        Matrix(torch.zeros(0, 2))
+
+
+def test_measure_refuses_a_negative_or_nan_noise_level():
+    for bad in (-0.5, float("nan"), float("inf"), 1e200):
+        with pytest.raises(ValueError, match=r"a number in \[0, 1000\]"):
+            AvgPool(2).measure(torch.zeros(1, 1, 4, 4), bad)
+
+
+def test_model_inputs_take_the_models_dtype_and_refuse_integers(image_model):
+    """float64 / half inputs are cast to the network's dtype (they were a conv dtype error);
+    8-bit pixels are refused (the model works in [-1, 1])."""
+    x = torch.randn(2, 1, 8, 8, generator=gen(45))
+    ref = image_model.transition(x, 0.5, 0.1, generator=gen(46))
+    torch.testing.assert_close(image_model.transition(x.double(), 0.5, 0.1, generator=gen(46)), ref)
+    mask = torch.ones(1, 8, 8)
+    mask[:, :, 4:] = 0
+    done = image_model.inpaint(x[0].double(), mask, 1, steps=2, generator=gen(47))
+    assert done.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"torch.uint8.*x.float\(\) / 127.5 - 1"):
+        image_model.inpaint(x[0].to(torch.uint8), mask, 1, steps=2, generator=gen(0))
+    # the gmm package's own recipe makes a float64 y
+    mlp = build_net(NetConfig(kind="mlp", width=16, depth=1, time_freqs=8), (2,), True, 3).eval()
+    gmm = Model(mlp, "stmd", (2,), "vector", {})
+    y = Matrix(MATRIX).measure(default_mixture().sample(1, gen(48), torch.float64), 0.1, gen(49))[0]
+    assert gmm.posterior_sample(y, Matrix(MATRIX), 0.1, steps=2, num=2, generator=gen(50)).dtype == torch.float32
+
+
+def test_default_steps_are_the_methods_own():
+    """DDPM's one-step x0_hat is a posterior mean: its default is 100 steps, as on the command line."""
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.net(*args)
+
+    ddpm = Model(Counting(tiny_net("ddpm", (1, 8, 8))), "ddpm", (1, 8, 8), "image", {})
+    ddpm.sample(1, generator=gen(0))
+    assert len(calls) == METHODS["ddpm"].default_steps == 100
+
+
+def test_measurement_posterior_drops_components_with_no_mass():
+    """A y far from a component makes its weight underflow to 0: the posterior keeps the others
+    (the constructor refused a zero weight) and says so for a sigma_y too small for float64."""
+    two = GaussianMixture([1.0, 1.0], [[-1.0], [1.0]], [[[1e-4]], [[1e-4]]])
+    post, _ = two.observe([[1.0]], [1.0], 0.01)
+    assert len(post.weights) == 1 and abs(float(post.means[0, 0]) - 1.0) < 1e-3
+    post, _ = default_mixture().observe([[1.0, 0.0]], [50.0], 0.1)
+    assert torch.isclose(post.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="finite sigma_y > 0"):
+        default_mixture().observe(MATRIX, [0.0], float("inf"))
+    with pytest.raises(ValueError, match="use a larger sigma_y"):
+        default_mixture().observe(torch.eye(2), [1.5, 0.0], 1e-9)

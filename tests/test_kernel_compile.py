@@ -58,6 +58,30 @@ def test_fp32_follows_torchs_matmul_precision():
         torch.set_float32_matmul_precision("highest")
 
 
+def test_fp32_follows_the_trainers_tf32_switch():
+    """--tf32 (use_tf32) must leave every reader of torch's fp32 setting working: setting the per-backend
+    torch.backends.cuda.matmul.fp32_precision alone makes torch refuse to read the process-wide one, which
+    the attention's launcher (and Inductor's autotuning) did, so the first attention call raised. Either
+    way a user sets it, the attention follows."""
+    from stmd_fast.devices import use_tf32
+
+    try:
+        use_tf32(True)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        use_tf32(False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert launch.dot_precision(torch.float32) == "tf32x3"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9: the per-backend setting
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            assert launch.dot_precision(torch.float32) == "tf32"
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            assert launch.dot_precision(torch.float32) == "tf32x3"
+    finally:
+        torch.set_float32_matmul_precision("highest")  # torch's defaults
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def test_unsupported_inputs_say_why():
     x = lambda d, dtype: torch.zeros(1, 1, 4, d, dtype=dtype)  # noqa: E731
     assert launch.attention_unsupported(x(64, torch.float32)) is None
@@ -86,3 +110,21 @@ def test_float64_falls_back_to_the_reference_with_one_warning_also_compiled():
     ref = attention_reference(q, k, v, 0.3)
     for o in (out, out2, out3):
         torch.testing.assert_close(o, ref)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--kernel", "nonexistent"], ["--kernel 'nonexistent' matches no kernel", "attention fwd", "meanflow_loss grad",
+                                   "time_features bwd"]),
+    (["--jobs", "0"], ["--jobs 0: must be at least 1"]),
+    (["--jobs", "-5"], ["--jobs -5: must be at least 1"]),
+], ids=["kernel-typo", "jobs-0", "jobs-negative"])
+def test_compile_matrix_refuses_a_filter_of_nothing_and_jobs_below_1(capsys, argv, words):
+    """A --kernel typo once compiled nothing and passed ("0 kernels compiled, 0 failed", exit 0); --jobs 0
+    silently meant all cores and --jobs -5 was a traceback: each is one line, exit code 2, before any compile."""
+    from stmd_fast.kernels.compile_matrix import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), lines

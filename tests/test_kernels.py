@@ -90,9 +90,10 @@ def test_meanflow_loss_reference_closed_form():
     l = delta.pow(2).sum()
     loss, sq = meanflow_loss_reference(u, dudt, v, h, c=1e-3, p=1.0)
     loss.backward()
-    torch.testing.assert_close(sq, l.reshape(1).float())
-    torch.testing.assert_close(loss.double(), l / (l + 1e-3))
-    torch.testing.assert_close(u.grad, 2 * delta / (l + 1e-3), check_dtype=False)
+    # float64 inputs are computed in float64 (a float32 pass would be off by about 1e-8)
+    torch.testing.assert_close(sq, l.reshape(1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(loss, l / (l + 1e-3), rtol=1e-14, atol=0)
+    torch.testing.assert_close(u.grad, 2 * delta / (l + 1e-3), rtol=1e-14, atol=0)
 
 
 # --- dispatch ----------------------------------------------------------------------------

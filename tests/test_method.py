@@ -159,6 +159,37 @@ def test_bridge_coefficients_closed_form_and_edges():
         schedule.bridge_coefficients(torch.tensor(0.3), torch.tensor(0.5))
 
 
+def test_bridge_coefficients_keep_their_digits_for_short_steps():
+    """s' close to s: log alpha_{s|s'} must not be a difference of two log alphas of about
+    -2.5, which loses digits (6.7e-13 relative at s - s' = 1e-5). Reference: math.md's
+    formulas in 50-digit arithmetic (mpmath, which torch installs through sympy)."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+
+    def exact(s, sp):
+        la = lambda x: -mpmath.mpf(1) / 4 * x**2 * (B1 - B0) - x * B0 / 2  # noqa: E731
+        a_s, a_p = mpmath.exp(la(s)), mpmath.exp(la(sp))
+        sg2_s, sg2_p = 1 - a_s**2, 1 - a_p**2
+        sg2_step = 1 - (a_s / a_p) ** 2
+        return (a_s / a_p * sg2_p / sg2_s, a_p * sg2_step / sg2_s, mpmath.sqrt(sg2_step * sg2_p / sg2_s))
+
+    for s, sp in [(0.7, 0.69999), (0.3, 0.2999999), (1.0, 0.999)]:
+        got = schedule.bridge_coefficients(torch.tensor(s, dtype=torch.float64), torch.tensor(sp, dtype=torch.float64), torch.float64)
+        for value, reference in zip(got, exact(mpmath.mpf(s), mpmath.mpf(sp))):
+            assert abs(float(value) / float(reference) - 1) < 1e-14, (s, sp, float(value), float(reference))
+
+
+def test_bridge_from_data_to_data_is_the_point_mass():
+    """A row with s = s' = 0 (0 / 0 in the formula) gets c_xs = 0, c_x0 = 1, tau = 0, not NaN."""
+    c_xs, c_x0, tau = schedule.bridge_coefficients(torch.tensor([0.0, 0.5]), torch.tensor([0.0, 0.2]))
+    assert (float(c_xs[0]), float(c_x0[0]), float(tau[0])) == (0.0, 1.0, 0.0)
+    assert torch.isfinite(torch.stack([c_xs, c_x0, tau])).all()
+    x_s, x0 = torch.randn(2, 3, generator=gen(2)), torch.randn(2, 3, generator=gen(3))
+    out = schedule.bridge_sample(x_s, x0, torch.tensor([0.0, 0.5]), torch.tensor([0.0, 0.2]), gen(4))
+    assert torch.equal(out[0], x0[0])
+
+
 def test_bridge_at_zero_returns_x0_exactly():
     x_s, x0 = torch.randn(5, 3, generator=gen(2)), torch.randn(5, 3, generator=gen(3))
     out = schedule.bridge_sample(x_s, x0, 0.7, 0.0, gen(4))

@@ -173,15 +173,19 @@ def test_use_tf32_sets_and_clears_cuda_fp32_math():
     """--tf32 on CUDA: matmuls and convolutions of fp32 tensors in TF32, or full fp32 (flags only; no GPU needed)."""
     from stmd_fast.devices import use_tf32
 
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
+    cudnn = torch.backends.cudnn
     try:
         use_tf32(True)
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and cudnn.conv.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high" and cudnn.allow_tf32
         use_tf32(False)
-        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and cudnn.conv.fp32_precision != "tf32"
+        # every reader still works: cuDNN conv and RNN set alike (conv alone made torch.export raise)
+        assert torch.get_float32_matmul_precision() == "highest" and not cudnn.allow_tf32
+        assert cudnn.conv.fp32_precision == cudnn.rnn.fp32_precision
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        torch.set_float32_matmul_precision("highest")  # torch's defaults
+        cudnn.allow_tf32 = True
 
 
 @pytest.mark.parametrize("side", [8, 16, 28, 32, 48, 64, 128])

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -465,7 +466,7 @@ def test_a_pt2_without_a_program_is_one_line(capsys, tmp_path):
     ("--weight-decay", "nan"), ("--ema-decay", "1"), ("--ema-decay", "nan"), ("--time-mean", "nan"),
     ("--time-mean", "inf"), ("--time-std", "0"), ("--time-std", "nan"), ("--adaptive-p", "nan"),
     ("--adaptive-p", "-1"), ("--adaptive-c", "0"), ("--adaptive-c", "inf"), ("--flow-matching-fraction", "nan"),
-    ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--seed", "-1"), ("--data-workers", "-1"),
+    ("--flow-matching-fraction", "1.5"), ("--warmup-steps", "-1"), ("--data-workers", "-1"), ("--ckpt-minutes", "-1"), ("--ckpt-minutes", "nan"),
     ("--steps", "0"), ("--batch-size", "0"), ("--keep-checkpoints", "0"), ("--r-mean", "nan"), ("--r-std", "0"),
     ("--mixture-weight", "nan"), ("--s-grid-fraction", "2"), ("--dropout", "1.5"), ("--dropout", "nan"),
     ("--dropout", "0.1"), ("--fd-num", "1"), ("--fd-every", "-1"), ("--resolution", "0"), ("--s-grid-steps", "0"),
@@ -675,11 +676,14 @@ def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_o
 
 
 @pytest.mark.parametrize("moment,signum", [("importing torch", signal.SIGINT), ("network built", signal.SIGINT),
-                                           ("training", signal.SIGINT), ("training", signal.SIGTERM)])
+                                           ("training", signal.SIGINT), ("training", signal.SIGTERM),
+                                           ("network built", signal.SIGTERM), ("network built", signal.SIGHUP),
+                                           ("training", signal.SIGHUP)])
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, moment, signum):
     """SIGINT while torch imports, right after the network is built, or once training runs: no
     traceback, exit 130, at most one line on stderr; in training a checkpoint is saved first and the
-    resume command printed. SIGTERM (a job scheduler's stop) in training: the same, exit 143."""
+    resume command printed. SIGTERM (a job scheduler's stop) and SIGHUP (the terminal closed): the same,
+    exit 143 and 129 (they used to kill the process at once, without a checkpoint or a word)."""
     import time
 
     if moment == "importing torch" and not Path("/proc/self/maps").exists():
@@ -704,7 +708,7 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     if moment == "training":
         assert f"stopped by signal {int(signum)}" in out and "--resume" in out
-        assert ("Ctrl-C" if signum == signal.SIGINT else "SIGTERM") in err
+        assert ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name) in err
         assert len(list_checkpoints(run)) == 1
     else:
         assert not list_checkpoints(run) and "interrupted during start-up" in err
@@ -760,3 +764,72 @@ def test_the_crash_test_passes(tmp_path, capsys):
     assert crashtest_main(["--kills", "2", "--steps", "20", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "refused in one line" in out and json.loads(out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_a_hang_up_is_left_to_nohup_and_a_stop_before_the_first_step_quits_at_once():
+    """Under nohup (SIGHUP ignored) a hang-up must not stop the run. Before this process has finished a
+    step (the first --compile can take minutes) there is nothing new to save: the first signal quits at
+    once; after it, the signal asks for a stop after the step."""
+    from stmd_fast.train import Interrupted, StopRequest, stop_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signal.SIGHUP in stop_signals()
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    with StopRequest(quit_before_first_step=True) as stop:
+        with pytest.raises(Interrupted) as quit_now:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert quit_now.value.signum == signal.SIGTERM and not stop.requested
+        stop.step_done()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal == signal.SIGTERM
+
+
+def test_a_file_size_limit_is_one_line_naming_the_limit_and_how_to_go_on(tmp_path):
+    """EFBIG (ulimit -f) was a traceback; with no checkpoint yet the advice is to run again, not --resume."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "2", "--out", str(run)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=limited)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "File too large" in lines[0] and "ulimit -f" in lines[0] and "run the same command again" in lines[0]
+    assert "--resume" not in lines[0] and ".tmp-" not in lines[0]
+    assert not list_checkpoints(run)
+
+
+def test_a_sample_grid_that_cannot_be_written_costs_no_checkpoint(capsys, tmp_path, monkeypatch):
+    """The grid is drawn after the checkpoint of its step, and a failed grid is a warning: training goes on."""
+    from stmd_fast import run_log
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run" / "samples" / "x.npy"))
+
+    monkeypatch.setattr(run_log, "write_sample_grid", read_only)
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--keep-checkpoints", 5, "--out", run) == 0
+    out = capsys.readouterr().out
+    assert "warning: step 2: could not write the sample grid" in out and "training goes on" in out
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000002"]
+
+
+def test_checkpoints_by_the_clock_and_log_lines_with_an_eta(capsys, tmp_path):
+    """--ckpt-minutes saves at the log interval once that much time has passed (here: at every one); the
+    lines written to a log file say when, and how long is left."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 6, "--log-every", 2, "--ckpt-every", 1000, "--ckpt-minutes", 1e-9,
+                 "--keep-checkpoints", 10, "--out", run) == 0
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000006", "step_00000004", "step_00000002"]
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 4/6")]
+    assert re.search(r"\| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d \| \d\d:\d\d:\d\d$", lines[0]), lines
+    by_steps = tmp_path / "steps"
+    assert train(*GMM, "--steps", 6, "--log-every", 2, "--ckpt-every", 1000, "--ckpt-minutes", 0,
+                 "--out", by_steps) == 0
+    assert [c.name for c in list_checkpoints(by_steps)] == ["step_00000006"]
