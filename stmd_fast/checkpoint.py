@@ -383,9 +383,8 @@ class Model:
         return METHODS[self.method].default_steps if steps is None else steps
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.seed()
+        if generator is None:  # seeded from torch's global generator: torch.manual_seed(S) repeats the draw
+            generator = torch.Generator(self.device).manual_seed(int(torch.randint(2 ** 63 - 1, ())))
         if not same_device(generator.device, self.device):
             raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
                              f"make it with torch.Generator({str(self.device)!r})")

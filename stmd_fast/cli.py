@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
+import os
+import signal
 import sys
 import textwrap
 import time
@@ -16,6 +19,52 @@ from typing import Callable
 
 class UserError(Exception):
     """Bad input found by the trainer: printed as one line, before any expensive work."""
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run: Ctrl-C, SIGTERM (schedulers, kill) and SIGHUP (the terminal closed),
+    unless the run was started to ignore hang-ups (nohup)."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGINT, signal.SIGTERM, *hangup)
+
+
+def quiet_if_hung_up(signum: int) -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send what is still said to /dev/null."""
+    if signum != signal.SIGHUP:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) as a KeyboardInterrupt that knows its signal: where no loop of
+    a command handles it itself (the trainer's start-up, first compile and wind-down; a whole evaluation)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_now(signum, frame):
+    quiet_if_hung_up(signum)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupt_on_stop_signals():
+    """Within: a stop signal raises Interrupted (a KeyboardInterrupt carrying its signal number), so a command
+    cleans up and exits 128 + signum. On the way out the caller's handlers come back, SIGINT's as Python's
+    default (a KeyboardInterrupt)."""
+    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()}
+    previous[signal.SIGINT] = signal.default_int_handler
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Parser(argparse.ArgumentParser):

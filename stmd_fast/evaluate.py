@@ -8,24 +8,32 @@
   conditional CKPT --out DIR                 FD of x0_hat ~ p(x_0 | x_s) at each s: which steps of a chain set its error
   inverse CKPT --operator sr4|sr2|gray|inpaint   PSNR, FD, diversity and consistency ||A x - y|| of posterior samples
 
-Everything is seeded: the same --seed gives the same numbers.
+Everything is seeded: the same --seed (and --batch-size, on the same device) gives the same numbers.
+Every result records how it was made (the command, versions, device, time). A sweep keeps each
+setting as it is measured: run the same command again after an interruption and it measures the rest.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import shlex
+import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Model, ema_decays_of, load_checkpoint, newest_intact
-from .cli import Parser
+from .checkpoint import CheckpointError, Model, ema_decays_of, load_checkpoint, newest_intact
+from .cli import Parser, interrupt_on_stop_signals
 from .devices import resolve_device
+from .files import write_atomic
 from .methods import METHODS
+from .run_log import clock
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS, alpha_sigma, time_grid
 
@@ -334,31 +342,98 @@ def sweep(args) -> int:
     out = writable_dir(args.out)
     device = resolve_device(args.device)
     metric, images = prepare_metric(found[0][1], args, device)
-    scored = {"num": args.num, "reference": reference_name(found[0][1], args), "reference_images": len(images)}
+    scored = {"metric": metric.name, "features": metric.extractor_id, "num": args.num,
+              "reference": reference_name(found[0][1], args), "reference_images": len(images)}
     warn_small_fd(metric, args.num, "--num", len(images))
     floor = real_data_floor(found[0][1], metric, args)
-    rows = []
+    plan = []  # (checkpoint, meta, label, N, M, what identifies the result: a row measured before is reused)
     for (ckpt, meta), name in zip(found, checkpoint_names(found)):
-        model = load_checkpoint(ckpt, device=device, ema=args.ema)
-        if model.data_kind == "latent":
-            model.load_vae()  # before sampling: an unreachable VAE fails now
-        several = methods.count(model.method) > 1
-        for n, m in tqdm(settings[model.method], desc=f"{model.method} {name}", disable=None):
-            t0 = time.perf_counter()
-            generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
-            grid = args.grid or model.grid
-            x = model.sample(args.num, n, m, generator, grid, batch_size=args.batch_size).float()
-            if model.data_kind == "latent":
-                x = model.decode(x, args.batch_size)  # FID is on the decoded images
-            seconds = time.perf_counter() - t0
-            value = metric.score(x)
-            rows.append({"checkpoint": str(ckpt), "method": model.method, "N": n, "M": m, "nfe": nfe(model.method, n, m),
-                         "metric": metric.name, "value": value, "num": args.num, "seed": args.seed, "grid": grid,
-                         "ema": ema_used(meta, args.ema), "sample_s": seconds,
-                         "label": line_label(model.method, m, name, several)})
-            tqdm.write(f"{rows[-1]['label']}: N={n} M={m} NFE {rows[-1]['nfe']}: {metric.name} {value:.3f}")
-    write_results(out, rows, metric, found[0][1], scored, floor, plot)
+        method = meta["config"]["method"]
+        several = methods.count(method) > 1
+        for n, m in settings[method]:
+            key = {"checkpoint_sha256": checkpoint_digest(meta), "method": method, "N": n, "M": m, "num": args.num,
+                   "seed": args.seed, "grid": args.grid or meta["config"].get("sample_grid", "uniform"),
+                   "ema": ema_used(meta, args.ema), "batch_size": args.batch_size, "device": device.type}
+            plan.append((ckpt, meta, line_label(method, m, name, several), n, m, key))
+    before = measured_before(out, scored)
+    reused = sum(setting_id(key) in before for *_, key in plan)
+    if reused:
+        print(f"reusing {reused} of {len(plan)} settings already measured in {out / 'results.json'} (same "
+              f"checkpoint, seed, --num, --batch-size, EMA, device type and reference); delete it to measure them "
+              f"again")
+    rows, model, loaded, seconds = [], None, None, []
+    record = {"provenance": provenance(args, device), "dataset": dataset_of(found[0][1]), **scored,
+              "real_train_images": floor}
+    try:
+        for i, (ckpt, meta, label, n, m, key) in enumerate(tqdm(plan, desc="sweep", disable=None), 1):
+            row = before.get(setting_id(key))
+            measured = row is None
+            if measured:
+                if loaded != ckpt:
+                    model, loaded = load_for_sweep(ckpt, device, args.ema), ckpt
+                t0 = time.perf_counter()
+                generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
+                x = model.sample(args.num, n, m, generator, key["grid"], batch_size=args.batch_size).float()
+                if model.data_kind == "latent":
+                    x = model.decode(x, args.batch_size)  # FID is on the decoded images
+                sample_s = time.perf_counter() - t0
+                row = {"checkpoint": str(ckpt), "step": meta.get("step"), **key, "nfe": nfe(key["method"], n, m),
+                       "metric": metric.name, "value": metric.score(x), "sample_s": sample_s}
+                seconds.append(time.perf_counter() - t0)
+            rows.append({**row, "label": label})  # labels depend on which checkpoints this sweep compares
+            left = sum(setting_id(k) not in before for *_, k in plan[i:])
+            timing = (f"{seconds[-1]:.0f} s, {clock(sum(seconds) / len(seconds) * left)} left" if measured else
+                      "measured before")
+            tqdm.write(f"[{i}/{len(plan)}] {label}: N={n} M={m} NFE {row['nfe']}: {metric.name} {row['value']:.3f} "
+                       f"({timing})")
+            write_results(out, rows, metric, record, len(plan), plot)
+    except KeyboardInterrupt:
+        if rows:
+            print(f"interrupted after {len(rows)} of {len(plan)} settings: they are kept in {out / 'results.json'}; "
+                  "the same command again measures the rest", file=sys.stderr)
+        raise
     return 0
+
+
+def checkpoint_digest(meta: dict) -> str:
+    """A checkpoint's identity: the SHA-256 of the sizes and SHA-256s of its files, which its config.json records
+    (a run that went on training, or another run at the same path, has another)."""
+    return hashlib.sha256(json.dumps(meta.get("files"), sort_keys=True).encode()).hexdigest()
+
+
+SETTING_KEYS = ("checkpoint_sha256", "method", "N", "M", "num", "seed", "grid", "ema", "batch_size", "device")
+"""What a sweep's result is a function of (with the metric and the reference, shared by its rows)."""
+
+
+def setting_id(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def measured_before(out: Path, scored: dict) -> dict[str, dict]:
+    """{setting: row} of an earlier sweep into `out` scored on what this one is (metric, features, --num,
+    reference), which the same command run again after an interruption does not measure twice."""
+    try:
+        before = json.loads((out / "results.json").read_text())
+    except (FileNotFoundError, ValueError):  # written atomically: unreadable only if not ours
+        return {}
+    if not isinstance(before, dict) or any(before.get(k) != v for k, v in scored.items()):
+        return {}
+    return {setting_id({k: row[k] for k in SETTING_KEYS}): row for row in before.get("rows", [])
+            if isinstance(row, dict) and all(k in row for k in SETTING_KEYS)}
+
+
+def load_for_sweep(ckpt: Path, device, ema: float | None) -> Model:
+    """The checkpoint at its turn; one gone since the sweep checked it (a run still training rotates its
+    checkpoints away) is an EvalError that says the settings measured so far are kept."""
+    try:
+        model = load_checkpoint(ckpt, device=device, ema=ema)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise EvalError(f"{err}. It was whole when the sweep began: is its run still training and deleting old "
+                        f"checkpoints (--keep-checkpoints)? Copy the checkpoint aside and sweep the copy; the "
+                        f"settings measured so far are kept") from None
+    if model.data_kind == "latent":
+        model.load_vae()  # before sampling: an unreachable VAE fails now
+    return model
 
 
 def real_data_floor(meta: dict, metric, args) -> float | None:
@@ -378,26 +453,61 @@ def features_line(metric) -> str:
             f".json): values compare only between tables on the same features")
 
 
-def write_results(out: Path, rows: list[dict], metric, meta: dict, scored: dict, floor: float | None = None,
-                  plot: bool = True) -> None:
-    """results.json, results.md and (with plot) the plot; scored: what the values were computed on (num,
-    reference, reference_images), recorded with them."""
-    summary = {"dataset": dataset_of(meta), "metric": metric.name, "features": metric.extractor_id,
-               **scored, "real_train_images": floor, "rows": rows}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+def provenance(args, device: torch.device | None = None) -> dict:
+    """How a result was made: the command, the versions, the device and when (the settings are beside it)."""
+    from . import __version__
+
+    made = {"command": shlex.join(["python", "-m", "stmd_fast.evaluate", *args.argv]), "stmd_fast": __version__,
+            "torch": torch.__version__, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if device is not None:
+        made["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return made
+
+
+def made_by(record: dict) -> str:
+    """The line of a .md that says how its numbers were made."""
+    made = record["provenance"]
+    where = f", {made['device']}" if "device" in made else ""
+    return f"\nMade by `{made['command']}` (stmd_fast {made['stmd_fast']}, torch {made['torch']}{where}, {made['utc']})"
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_md(path: Path, lines: list[str]) -> None:
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_results(out: Path, rows: list[dict], metric, record: dict, settings: int, plot: bool = True) -> None:
+    """results.json and results.md of the rows so far of `settings` (rewritten after each, atomically), and once
+    all are in, with plot, the plot; record: how and on what the values were computed (provenance, num,
+    reference, the floor), written with them."""
+    complete = len(rows) == settings
+    write_json(out / "results.json", {**record, "complete": complete, "rows": rows})
     lines = [f"| method | N | M | NFE | {metric.name} |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["label"], r["nfe"], r["N"])):
         lines.append(f"| {r['label']} | {r['N']} | {r['M']} | {r['nfe']} | {r['value']:.3f} |")
+    if not complete:
+        lines.append(f"\n**Incomplete**: {len(rows)} of {settings} settings (still running, or interrupted: the same "
+                     f"command again measures the rest)")
     grids = sorted({r["grid"] for r in rows if r["method"] != "meanflow"})
     if grids:
         lines.append(f"\nDiffusion time grid of STMD and DDPM: {', '.join(grids)}")
     decays = ", ".join(map(str, sorted({r["ema"] for r in rows})))
-    lines.append(f"\n{metric.name} of {scored['num']} samples per setting (EMA weights, decay {decays}) against the "
-                 f"{scored['reference']} ({scored['reference_images']} images)")
-    if floor is not None:
-        lines.append(f"\nReal training images against the same reference (the floor): {metric.name} {floor:.3f}")
+    lines.append(f"\n{metric.name} of {record['num']} samples per setting (EMA weights, decay {decays}; seed "
+                 f"{rows[0]['seed']}, batch size {rows[0]['batch_size']}) against the {record['reference']} "
+                 f"({record['reference_images']} images)")
+    checkpoints = sorted({(r["checkpoint"], r["step"]) for r in rows})
+    lines.append("\nCheckpoints: " + "; ".join(f"{path} (step {step})" for path, step in checkpoints))
+    if record["real_train_images"] is not None:
+        lines.append(f"\nReal training images against the same reference (the floor): {metric.name} "
+                     f"{record['real_train_images']:.3f}")
     lines.append(features_line(metric))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    lines.append(made_by(record))
+    write_md(out / "results.md", lines)
+    if not complete:
+        return
     written = ["results.json", "results.md"]
     if plot:
         from .plots import plot_metric_vs_nfe
@@ -438,7 +548,7 @@ def kernel(args) -> int:
     flow_steps = parse_ints("1,2" if args.flow_steps is None else args.flow_steps, "--flow-steps")
     plot = plots_available("the heat maps kernel_*.png")
     out = writable_dir(args.out)
-    report = {}
+    report = {}  # by run
     for name, (ckpt, model) in models.items():
         fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
@@ -449,7 +559,9 @@ def kernel(args) -> int:
             safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
             for m in fs:
                 plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
-    (out / "kernel.json").write_text(json.dumps(report, indent=2))
+    record = {"provenance": provenance(args), "seed": args.seed, "points": args.points, "num": args.num,
+              "flow_steps": flow_steps}
+    write_json(out / "kernel.json", {**record, "runs": report})
     lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
              "| SW2 (model) | SW2 (exact-mean bridge) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in report.items():
@@ -457,7 +569,9 @@ def kernel(args) -> int:
             lines.append(f"| {name} | {entry['method']} | {r['s_from']} | {r['s_to']} | {r['flow_steps']} | "
                          f"{r['energy_model']:.4f} | {r['energy_mean_bridge']:.4f} | {r['energy_floor']:.1e} | "
                          f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} |")
-    (out / "kernel.md").write_text("\n".join(lines) + "\n")
+    lines.append(f"\n{args.points} conditioning states per (s_from, s_to), {args.num} draws each, seed {args.seed}")
+    lines.append(made_by(record))
+    write_md(out / "kernel.md", lines)
     print(f"wrote {out}/kernel.json, kernel.md{' and heat maps' if plot else ''}")
     return 0
 
@@ -510,17 +624,22 @@ def conditional(args) -> int:
                                 for chunk in x_s.split(args.batch_size)])
             rows.append({"s": s, "alpha": alpha, "M": m, "metric": metric.name, "value": metric.score(x0_hat)})
             tqdm.write(f"s {s:g} (alpha {alpha:.3f}) M={m}: {metric.name} {rows[-1]['value']:.3f}")
-    summary = {"checkpoint": str(ckpt), "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
-               "features": metric.extractor_id, "num": args.num, "seed": args.seed, "ema": ema_used(meta, args.ema),
-               "reference": reference_name(meta, args), "reference_images": len(images), "source_images": floor,
+    summary = {"provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+               "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
+               "features": metric.extractor_id, "num": args.num, "seed": args.seed, "batch_size": args.batch_size,
+               "ema": ema_used(meta, args.ema), "reference": reference_name(meta, args), "reference_images": len(images),
+               "source_images": floor,
                "rows": rows}
-    (out / "conditional.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "conditional.json", summary)
     lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
     lines += [f"| {r['s']:g} | {r['alpha']:.3f} | {r['M']} | {r['value']:.3f} |" for r in rows]
     lines.append(f"\nThe source training images themselves against the same reference (the floor): {metric.name} "
                  f"{floor:.3f}")
+    lines.append(f"\n{args.num} draws per (s, M) from {ckpt} (step {meta.get('step')}), seed {args.seed}, batch size "
+                 f"{args.batch_size}")
     lines.append(features_line(metric))
-    (out / "conditional.md").write_text("\n".join(lines) + "\n")
+    lines.append(made_by(summary))
+    write_md(out / "conditional.md", lines)
     print(f"wrote {out}/conditional.json, conditional.md")
     return 0
 
@@ -561,10 +680,10 @@ def posterior(args) -> int:
     out = writable_dir(args.out)
     rows = posterior_grid(models, default_mixture(), POSTERIOR_MATRIX, args.sigma_y, steps, particles,
                           args.observations, args.runs, flow_steps, args.seed)
-    result = {"matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
+    result = {"provenance": provenance(args), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
               "runs": args.runs, "flow_steps": flow_steps, "seed": args.seed,
               "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
-    (out / "posterior.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "posterior.json", result)
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
              "|---|---|---|" + "---|" * (len(particles) + 1)]
@@ -574,8 +693,11 @@ def posterior(args) -> int:
             lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" for k in particles)
                          + (f" | {cells[None]:.4f} |" if None in cells else " | - |"))
     lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
-    (out / "posterior.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    lines.append(f"\n{args.observations} measurements y, {args.runs} runs per y and cell, sigma_y {args.sigma_y}, "
+                 f"seed {args.seed}")
+    lines.append(made_by(result))
+    write_md(out / "posterior.md", lines)
     print(f"wrote {out}/posterior.json and posterior.md")
     return 0
 
@@ -633,14 +755,15 @@ def inpaint(args) -> int:
     masks = torch.stack(masks)  # (B, C, H, W)
     missing = (masks == 0).expand_as(completions)
     result = {
-        "checkpoint": str(ckpt), "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
+        "provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+        "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
         "images": len(images), "completions": args.completions, "seed": args.seed, "ema": ema_used(meta, args.ema),
         "metric": metric.name, "features": metric.extractor_id, "reference": reference_name(meta, args),
         "reference_images": len(reference), "fd": metric.score(completions.flatten(0, 1)),
         "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
-    (out / f"inpaint_{args.mask}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"inpaint_{args.mask}.json", result)
     shown = min(8, len(images))  # rows: observation (missing pixels black), completions, truth
     tiles = []
     for i in range(shown):
@@ -709,18 +832,19 @@ def inverse(args) -> int:
     samples = torch.stack(samples, 1)  # (K, B, C, H, W)
     sampler = "ddnm" if args.sigma_y == 0 else ("ddnm+" if args.particles is None else f"smc K={args.particles}")
     result = {
-        "checkpoint": str(ckpt), "method": model.method, "operator": args.operator,
+        "provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+        "method": model.method, "operator": args.operator,
         "mask": mask, "sigma_y": args.sigma_y, "sampler": sampler,
         "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,
-        "seed": args.seed, "ema": ema_used(meta, args.ema), "metric": metric.name, "features": metric.extractor_id,
-        "reference": reference_name(meta, args), "reference_images": len(reference),
+        "seed": args.seed, "batch_size": args.batch_size, "ema": ema_used(meta, args.ema), "metric": metric.name,
+        "features": metric.extractor_id, "reference": reference_name(meta, args), "reference_images": len(reference),
         "fd": metric.score(samples.flatten(0, 1)),
         "psnr_db": psnr(samples, images.expand_as(samples)).mean().item(),
         "diversity": diversity(samples),
         "consistency_rms": torch.stack(residuals).mean().item(),
     }
     name = f"inverse_{args.operator}{'_' + mask if mask else ''}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{name}.json", result)
     shown = min(8, len(images))  # rows: what A^+ makes of y, completions, truth
     tiles = []
     for i in range(shown):
@@ -797,7 +921,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--out", help="output directory [default: runs/classifier-<preset>]")
         sp.add_argument("--seed", type=int, default=0, help="[default: 0]")
-        sp.add_argument("--batch-size", type=int, default=256, help="images per network batch [default: 256]")
+        sp.add_argument("--batch-size", type=int, default=256,
+                        help="images per network batch; the random draws follow the batches, so the same --seed "
+                             "gives the same numbers at the same --batch-size (recorded with them) [default: 256]")
         sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
         sp.add_argument("--data-dir", help="where the mnist/cifar10 files are (other data has none) [default: datasets]")
         if metric:
@@ -891,7 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded with the results (provenance)
     commands = {"sweep": sweep, "kernel": kernel, "inpaint": inpaint, "posterior": posterior, "inverse": inverse,
                 "conditional": conditional, "train-classifier": train_classifier_cmd}
     try:
@@ -901,13 +1029,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
-        return commands[args.command](args)
+        with interrupt_on_stop_signals():  # SIGTERM and SIGHUP stop it as Ctrl-C does
+            return commands[args.command](args)
     except (EvalError, ValueError, FileNotFoundError) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: nothing half-done is left, results are written once all are measured
+    except KeyboardInterrupt as err:  # every file is written whole or not at all; a sweep keeps its settings so far
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

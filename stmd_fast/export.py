@@ -101,7 +101,7 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
         "steps": steps,
         "flow_steps": flow_steps,
         "nfe": nfe(model.method, steps, flow_steps),
-        "grid": grid,
+        "grid": grid if METHODS[model.method].diffusion else None,  # Mean Flow: s = 1 to the data, no grid
         "batch": batch,
         "data_shape": list(model.data_shape),
         "data_kind": model.data_kind,
@@ -110,7 +110,10 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
         "inputs": [{"name": "noise", "shape": list(noise.shape), "dtype": "float32"}],
         "noise": list(plan.noise_names),
         "output": {"shape": [batch, *model.data_shape],
-                   "is": "latents (not decoded)" if model.data_kind == "latent" else f"{model.data_kind}s"},
+                   "is": "latents (not decoded)" if model.data_kind == "latent" else f"{model.data_kind}s",
+                   **({"range": "about [-1, 1], not clamped",
+                       "to_uint8": "((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), channels first"}
+                      if model.data_kind == "image" else {})},
         "weights": "ema",
         "checkpoint_step": model.meta.get("step"),
     }
@@ -225,7 +228,7 @@ def sample_exported(run, meta: dict, num: int, generator: torch.Generator, batch
     a time, the last piece padded with zeros and the padding dropped."""
     if num < 1 or batch_size < 1:
         raise ValueError(f"need num >= 1 and batch_size >= 1, got {num} and {batch_size}")
-    plan = sampler_plan(meta["method"], meta["steps"], meta["flow_steps"], meta["grid"])
+    plan = sampler_plan(meta["method"], meta["steps"], meta["flow_steps"], meta["grid"] or "uniform")
     if list(plan.noise_names) != meta["noise"]:
         raise ExportError(f"the program takes the noise {meta['noise']}, this stmd_fast draws {list(plan.noise_names)}: "
                           f"re-export the checkpoint with this version")
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
-    meta["checkpoint"] = str(ckpt)
+    meta["checkpoint"] = str(Path(ckpt).resolve())  # meaningful wherever the file goes
     meta["ema_decay"] = args.ema if args.ema is not None else ckpt_meta["config"]["ema_decay"]
     try:
         save(program, meta, out)
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"or choose another --out") from None
     what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
         f"{model.data_kind}s"
-    print(f"exported {method} N={steps} M={args.flow_steps} ({meta['grid']} grid, NFE {meta['nfe']}) from {ckpt} "
+    print(f"exported {method} N={steps} M={args.flow_steps} ({meta['grid'] or 'no'} grid, NFE {meta['nfe']}) from {ckpt} "
           f"in {time.perf_counter() - start:.1f} s -> {out}: input noise {tuple(meta['inputs'][0]['shape'])} "
           f"({', '.join(meta['noise'])}), output {what} {tuple(meta['output']['shape'])}; static batch {args.batch} "
           f"on {device}")

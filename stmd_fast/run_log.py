@@ -19,17 +19,26 @@ from .sampling import sample
 
 
 class IntervalSums:
-    """Loss and error summed on the device, and the first step whose loss was not finite: no sync per step."""
+    """Loss and error summed on the device, and the first step whose loss was not finite: no sync per step.
 
-    def __init__(self, device: torch.device, step: int, elapsed: float = 0.0):
-        """elapsed: the seconds the run had trained before this process (a resumed run's elapsed_s goes on)."""
+    The loss is averaged over each --log-every interval; a record at another step (a checkpoint, a sample
+    grid, a stop) reports the interval so far and leaves it open, and a checkpoint keeps the open interval's
+    sums (open_window), so a resumed run's records at the --log-every steps are the uninterrupted run's."""
+
+    def __init__(self, device: torch.device, step: int, elapsed: float = 0.0, window: dict | None = None):
+        """elapsed: the seconds the run had trained before this process (a resumed run's elapsed_s goes on);
+        window: the open interval a resumed checkpoint kept (open_window), None for one starting at `step`."""
         self.device = device
-        self.loss = torch.zeros((), device=device)
-        self.error = torch.zeros((), device=device)
+        window = window or {"start": step, "loss": 0.0, "error": 0.0}
+        # every rank holds the interval's rank mean so far: the gather's mean over the ranks gives it back
+        self.loss = torch.tensor(window["loss"], device=device)
+        self.error = torch.tensor(window["error"], device=device)
+        self.window_start = window["start"]
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.t_log = time.perf_counter()
         self.t_start = self.t_log - elapsed
-        self.step_log = step
+        self.step_log = step  # the last record's step: rates are since then
+        self.closed: dict | None = None  # the window after the last close, for open_window
 
     def add(self, loss: torch.Tensor, error: torch.Tensor, step: int) -> None:
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~torch.isfinite(loss), step, self.first_bad_step)
@@ -37,28 +46,36 @@ class IntervalSums:
         self.error += error
 
     def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float,
-              skipped: dict[str, int] | None = None, save_requested: bool = False):
+              skipped: dict[str, int] | None = None, save_requested: bool = False, interval_end: bool = True):
         """One collective: every rank's sums, first bad step, stop and save (--ckpt-minutes) requests and counts
         of skipped damaged data (latent shards: summed over the ranks into the record). Returns (record, first
-        bad step or None, whether any rank asked to stop, whether any asked to save) and starts the next
-        interval."""
+        bad step or None, whether any rank asked to stop, whether any asked to save); interval_end (a --log-every
+        step) starts the next interval, otherwise (even at the last step: --steps may grow on --resume) the loss
+        goes on averaging over this one."""
         skipped = skipped or {}
         flags = torch.tensor([float(stop_requested), float(save_requested), *map(float, skipped.values())],
                              dtype=torch.float64, device=self.device)
         mine = torch.cat([torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double()]), flags])
         ranks = distributed.gather(mine).tolist()
         bad = [int(r[2]) for r in ranks if r[2] >= 0]
-        n = step - self.step_log
-        dt = time.perf_counter() - self.t_log
-        record = {"step": step, "loss": sum(r[0] for r in ranks) / world / n,
-                  error_name: sum(r[1] for r in ranks) / world / n,
+        loss, error = (sum(r[i] for r in ranks) / world for i in (0, 1))
+        n, dt = step - self.step_log, time.perf_counter() - self.t_log
+        steps = step - self.window_start
+        record = {"step": step, "loss": loss / steps, error_name: error / steps,
                   "lr": lr, "img_per_s": n * batch_size / dt,
                   "ms_per_step": 1e3 * dt / n, "elapsed_s": time.perf_counter() - self.t_start}
         record.update({name: int(sum(r[5 + i] for r in ranks)) for i, name in enumerate(skipped)})
-        self.loss.zero_()
-        self.error.zero_()
+        if interval_end:
+            self.loss.zero_()
+            self.error.zero_()
+            self.window_start, loss, error = step, 0.0, 0.0
+        self.closed = {"start": self.window_start, "loss": loss, "error": error}
         self.t_log, self.step_log = time.perf_counter(), step
         return record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks)
+
+    def open_window(self) -> dict | None:
+        """The open interval as of the last close (its first step and summed loss and error), for a checkpoint."""
+        return self.closed
 
 
 def clock(seconds: float) -> str:

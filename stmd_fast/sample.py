@@ -1,6 +1,7 @@
 """python -m stmd_fast.sample CKPT: draw samples (or inpaint) with a trained checkpoint.
 
-Images go to a PNG grid (or .npy with --out *.npy, values in [-1, 1]); vectors to .npy.
+Images go to a PNG grid (or .npy with --out *.npy: float32 in model space, about [-1, 1], not clamped);
+vectors to .npy.
 
 python -m stmd_fast.sample --exported sampler.pt2 runs a sampler written by python -m
 stmd_fast.export instead (N, M and the grid are baked into it), or its AOTInductor package

@@ -39,7 +39,8 @@ import torch
 from . import distributed, parallel
 from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, is_intact, list_checkpoints,
                          newest_intact, recover_leftovers, set_aside, write_json_atomic)
-from .cli import Parser, UserError, add_dataclass_flags, one_line_errors
+from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, interrupt_on_stop_signals,
+                  one_line_errors, quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
 from .devices import resolve_device, use_tf32
@@ -148,6 +149,11 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         refuse_if_live(cfg.out)
         raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
                         f"to start this run over, or choose a new --out") from None
+    # a flag the resumed run does not read gets main's note, not a refusal (those it may change are applied)
+    resumed = TrainConfig(**{**saved, **{k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}})
+    unread = set(unread_flags(resumed)) - RESUME_OVERRIDABLE
+    top = {key: value for key, value in top.items() if key not in unread}
+    objective = {key: value for key, value in objective.items() if key not in unread}
     for key, value in top.items():  # as typed, or as the run saves it (a path made absolute)
         if key not in RESUME_OVERRIDABLE and key != "out" and saved.get(key) not in (value, getattr(cfg, key)):
             raise UserError(f"--resume: {cfg.out} was trained with {as_flag(key, saved.get(key))}, not "
@@ -187,6 +193,17 @@ DIFFUSION_FLAGS = ("s_sampler", "s_grid_fraction", "s_grid_steps", "sample_steps
 def unused_flags(cfg: TrainConfig, given) -> list[str]:
     """A note for each flag the user gave that this run does not read (the method, or the data, has no use
     for it), so that a typo of intent is not silently ignored."""
+    why = unread_flags(cfg)
+    notes = [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
+    if "preset" in given and "data" in given and cfg.preset not in LATENT_RESOLUTION:
+        notes.append(f"note: --preset {cfg.preset} with --data: the preset's training settings are kept, its network "
+                     f"is not: one is chosen for the data's shape (--unet or --dit picks another)")
+    return notes
+
+
+def unread_flags(cfg: TrainConfig) -> dict[str, str]:
+    """{flag's field: why this run does not read it}: the method, the data or the laws of the times have no use
+    for it."""
     method = METHODS[cfg.method]
     image_folder = cfg.data is not None and Path(cfg.data).is_dir() and cfg.preset not in LATENT_RESOLUTION
     why = {name: f"{method.label} has no flow time" for name in FLOW_FLAGS if not method.flow}
@@ -223,12 +240,7 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
         laws["flow_grid_steps"] = "--flow-grid-fraction is 0: no row is drawn on the flow grid"
     if law.s_sampler == "uniform":
         laws |= {name: "--s-sampler uniform draws s from U(0, 1] alone" for name in ("s_grid_fraction", "s_grid_steps")}
-    why = laws | why
-    notes = [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
-    if "preset" in given and "data" in given and cfg.preset not in LATENT_RESOLUTION:
-        notes.append(f"note: --preset {cfg.preset} with --data: the preset's training settings are kept, its network "
-                     f"is not: one is chosen for the data's shape (--unet or --dit picks another)")
-    return notes
+    return laws | why
 
 
 def warmup_note(cfg: TrainConfig, given) -> str | None:
@@ -567,7 +579,7 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
 def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunLog, stop: StopRequest) -> Path:
     """The training loop: draw, step, and at each interval log, sample and checkpoint. Returns the last checkpoint."""
     strategy = run.strategy
-    sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"))
+    sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"), state.log_window)
     last_good, last_save = find_checkpoint(run.out), time.monotonic()
     while state.step < cfg.steps:
         try:
@@ -595,7 +607,8 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         time_due = bool(cfg.ckpt_minutes) and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes
         record, bad_step, stopping, save_due = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
                                                           METHODS[cfg.method].error_name, lr,
-                                                          skipped_counts(state.data), time_due)
+                                                          skipped_counts(state.data), time_due,
+                                                          interval_end=step % cfg.log_every == 0)
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
@@ -605,6 +618,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         log.record(record)
         at_end = step == cfg.steps or stopping
         if step % cfg.ckpt_every == 0 or at_end or save_due:
+            state.log_window = sums.open_window()
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
                 last_save = time.monotonic()
@@ -695,37 +709,6 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int | None = None):
         super().__init__(signum)
         self.exit_code = 128 + (signum or signal.SIGINT)
-
-
-def stop_signals() -> tuple[int, ...]:
-    """The signals that stop a run: Ctrl-C, SIGTERM (schedulers, kill) and SIGHUP (the terminal closed),
-    unless the run was started to ignore hang-ups (nohup)."""
-    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGINT, signal.SIGTERM, *hangup)
-
-
-def quiet_if_hung_up(signum: int) -> None:
-    """After SIGHUP the terminal is gone and writing to it fails (EIO): send what is still said to /dev/null."""
-    if signum != signal.SIGHUP:
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        if os.isatty(fd):
-            os.dup2(devnull, fd)
-    os.close(devnull)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal outside the loop's own handling (start-up, the first compile, the wind-down)."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def interrupt_now(signum, frame):
-    quiet_if_hung_up(signum)
-    raise Interrupted(signum)
 
 
 class StopRequest:
@@ -835,28 +818,24 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
                  failures=(TrainingDiverged, GradientSyncFailed, WriteFailed))  # DataError: e.g. shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # from here a stop signal is a KeyboardInterrupt (start-up cleans up after it); the caller's come back after
-    previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()}
-    previous[signal.SIGINT] = signal.default_int_handler
     cfg = None
-    try:
-        cfg, resume = resolve_config(dict(vars(args)))
-        if distributed.from_env().is_main:
-            for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
-                if note is not None:
-                    print(note, file=sys.stderr)
-        train(cfg, resume)
-    except Stopped as stopped:  # after a checkpoint; the resume command was printed
-        return stopped.exit_code
-    except KeyboardInterrupt as err:
-        return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
-    except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
-        if cfg is None or err.errno is None:
-            raise
-        raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # from here a stop signal is a KeyboardInterrupt (start-up cleans up after it); the caller's come back after
+    with interrupt_on_stop_signals():
+        try:
+            cfg, resume = resolve_config(dict(vars(args)))
+            if distributed.from_env().is_main:
+                for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
+                    if note is not None:
+                        print(note, file=sys.stderr)
+            train(cfg, resume)
+        except Stopped as stopped:  # after a checkpoint; the resume command was printed
+            return stopped.exit_code
+        except KeyboardInterrupt as err:
+            return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
+        except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
+            if cfg is None or err.errno is None:
+                raise
+            raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
     return 0
 
 

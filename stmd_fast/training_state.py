@@ -1,10 +1,10 @@
 """The training state: everything a checkpoint holds, built fresh or restored from one, and saved.
 
 Weights (model.safetensors, ema.safetensors, ema-DECAY.safetensors for each further EMA decay) and
-train_state.pt: step, optimizer, lr schedule,
-the generator that draws every batch and noise, the EMA's count, and the data stream's position
-(latent shards), per rank where each rank streams its own. Restoring all of it makes a resumed run
-bit-identical to an uninterrupted one (tests/test_train.py).
+train_state.pt: step, optimizer, lr schedule, the generator that draws every batch and noise, the
+EMA's count, the data stream's position (latent shards), per rank where each rank streams its own,
+and the open log interval's loss sums. Restoring all of it makes a resumed run bit-identical to an
+uninterrupted one (tests/test_train.py), its logged losses included (tests/test_robustness.py).
 """
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ class TrainingState:
     generator: torch.Generator  # data order and every noise draw
     data: object
     step: int = 0
+    # the loss sums of the log interval a checkpoint falls inside (run_log.IntervalSums.open_window): a resumed
+    # run goes on averaging over the same steps, so its records at the --log-every steps are the uninterrupted run's
+    log_window: dict | None = None
 
     @classmethod
     def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
@@ -96,6 +99,7 @@ class TrainingState:
         for average in self.ema.by_decay.values():
             average.n_averaged.copy_(saved["ema_n_averaged"])
         self.step = saved["step"]
+        self.log_window = saved.get("log_window")  # absent in checkpoints of older versions: a fresh interval
         self._restore_stream(saved, seed, device, strategy)
         self._restore_dropout_rng(saved, seed, device, strategy)
 
@@ -161,7 +165,7 @@ class TrainingState:
             train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
                            "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world,
-                           "dropout_rng": dropout_rng_state(self.generator.device)}
+                           "dropout_rng": dropout_rng_state(self.generator.device), "log_window": self.log_window}
             if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position

@@ -460,6 +460,12 @@ def test_api_sample_is_seeded_and_shaped(image_run):
     assert a.shape == (5, 1, 8, 8)
     assert torch.equal(a, b)
     assert torch.isfinite(a).all()
+    # without a generator, torch's global seed decides, as for any torch sampler
+    unseeded = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        unseeded.append(model.sample(5, steps=2, flow_steps=2))
+    assert torch.equal(unseeded[0], unseeded[1]) and not torch.equal(unseeded[0], unseeded[2])
 
 
 def test_api_transition_keeps_shape_and_checks_it(image_run):

@@ -81,6 +81,42 @@ def test_sweep_writes_consistent_json_table_and_plot(runs, tmp_path):
     assert [r["value"] for r in other] != [r["value"] for r in rows]
 
 
+def test_an_interrupted_sweep_keeps_its_settings_and_the_same_command_measures_the_rest(runs, tmp_path, monkeypatch,
+                                                                                       capsys):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert evaluate(sweep_args(runs, full)) == 0
+    drawn, interrupt_at = [], [4]
+    real_sample = Model.sample
+
+    def sample(self, *args, **kwargs):
+        drawn.append(args[:2])  # (num, N)
+        if len(drawn) in interrupt_at:
+            interrupt_at.clear()
+            raise KeyboardInterrupt  # Ctrl-C while the fourth setting samples
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "sample", sample)
+    assert evaluate(sweep_args(runs, cut)) == 130
+    assert "interrupted after 3 of 7 settings" in capsys.readouterr().err
+    kept = json.loads((cut / "results.json").read_text())
+    assert kept["complete"] is False and len(kept["rows"]) == 3
+    assert "**Incomplete**" in (cut / "results.md").read_text() and not (cut / "fd_vs_nfe.png").exists()
+    drawn.clear()
+    assert evaluate(sweep_args(runs, cut)) == 0  # the same command: only the four settings left are sampled
+    assert len(drawn) == 4 and "reusing 3 of 7 settings" in capsys.readouterr().out
+    done, reference = (json.loads((d / "results.json").read_text()) for d in (cut, full))
+    assert done["complete"] is True and (cut / "fd_vs_nfe.png").exists()
+    assert [(r["label"], r["N"], r["M"], r["value"]) for r in done["rows"]] == \
+        [(r["label"], r["N"], r["M"], r["value"]) for r in reference["rows"]]
+    # another seed or --batch-size is another measurement: nothing is reused
+    drawn.clear()
+    assert evaluate(sweep_args(runs, cut, "--batch-size", "8")) == 0
+    assert len(drawn) == 7 and "reusing" not in capsys.readouterr().out
+    made = json.loads((cut / "results.json").read_text())["provenance"]
+    assert made["command"].endswith("--batch-size 8") and made["device"] == "cpu"
+    assert all(r["batch_size"] == 8 and r["step"] == 2 for r in json.loads((cut / "results.json").read_text())["rows"])
+
+
 def test_results_name_the_features_their_fd_is_on(runs, tmp_path):
     # FD on other features is on another scale (one seed trains different classifiers on different CPUs), so every
     # result records the sha256 of the feature network it used, and its table names it
@@ -260,8 +296,8 @@ def test_sweep_records_what_its_fd_was_computed_on(runs, tmp_path, capsys):
     result = json.loads((tmp_path / "a" / "results.json").read_text())
     assert (result["num"], result["reference"], result["reference_images"]) == (16, "digits test split", reference)
     assert [r["ema"] for r in result["rows"]] == [0.999]  # the run's --ema-decay: no --ema given
-    assert (f"FD of 16 samples per setting (EMA weights, decay 0.999) against the digits test split ({reference} "
-            "images)") in (tmp_path / "a" / "results.md").read_text()
+    assert (f"FD of 16 samples per setting (EMA weights, decay 0.999; seed 0, batch size 256) against the digits "
+            f"test split ({reference} images)") in (tmp_path / "a" / "results.md").read_text()
     # 16 samples of 128-d features have a singular covariance: warned (not refused, tests use few), and only then
     assert "warning: FD of 16 samples (--num) is not meaningful: fewer than its 128" in capsys.readouterr().err
     assert evaluate(args + ["--num", "128", "--out", str(tmp_path / "b")]) == 0
@@ -323,14 +359,21 @@ def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     args = ["kernel", str(gmm / "stmd"), str(gmm / "ddpm"), "--points", "2", "--num", "50",
             "--flow-steps", "1,2", "--out", str(out)]
     assert evaluate(args) == 0
-    report = json.loads((out / "kernel.json").read_text())
+    written = json.loads((out / "kernel.json").read_text())
+    # what the values were computed on, and how, beside them
+    assert {k: written[k] for k in ("seed", "points", "num", "flow_steps")} == \
+        {"seed": 0, "points": 2, "num": 50, "flow_steps": [1, 2]}
+    assert written["provenance"]["command"] == "python -m stmd_fast.evaluate " + " ".join(args)
+    assert written["provenance"]["torch"] == torch.__version__
+    report = written["runs"]
     assert sorted(entry["method"] for entry in report.values()) == ["ddpm", "stmd"]
     rows = {entry["method"]: entry["rows"] for entry in report.values()}
     assert len(rows["stmd"]) == 13 * 2 and len(rows["ddpm"]) == 13  # 13 (s_from, s_to) pairs x M
     # the exact-mean bridge column does not depend on the model: same in both reports
     assert [r["energy_mean_bridge"] for r in rows["ddpm"]] == [r["energy_mean_bridge"] for r in rows["stmd"][::2]]
-    table = (out / "kernel.md").read_text().splitlines()[2:]
+    table = [line for line in (out / "kernel.md").read_text().splitlines()[2:] if line.startswith("|")]
     assert len(table) == 13 * 3
+    assert "2 conditioning states per (s_from, s_to), 50 draws each, seed 0" in (out / "kernel.md").read_text()
     assert set(report) == first_column(out / "kernel.md") == {"stmd", "ddpm"}  # by run folder, as sweep does
     assert len(list(out.glob("kernel_*_M*.png"))) == 3  # stmd M=1, M=2; ddpm M=1
 
@@ -350,8 +393,9 @@ def test_inverse_evaluation(runs, tmp_path, operator, extra):
         assert result["consistency_rms"] < 1e-5
     else:
         assert result["sampler"] == "smc K=3"
-    assert evaluate(args) == 0  # seeded
-    assert json.loads((tmp_path / f"{name}.json").read_text()) == result
+    assert evaluate(args) == 0  # seeded: the same numbers, made again (the provenance's time differs)
+    again = json.loads((tmp_path / f"{name}.json").read_text())
+    assert again.pop("provenance")["utc"] >= result.pop("provenance")["utc"] and again == result
 
 
 def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
@@ -363,6 +407,7 @@ def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
     for ema in (None, "0.999", "0.5"):
         assert evaluate(base + ["--out", str(tmp_path / str(ema))] + (["--ema", ema] if ema else [])) == 0
         results[ema] = json.loads((tmp_path / str(ema) / "inverse_sr4.json").read_text())
+        assert results[ema].pop("provenance")["command"].endswith(f"--ema {ema}" if ema else str(tmp_path / "None"))
     assert results[None] == results["0.999"] and results[None]["ema"] == 0.999
     assert results["0.5"]["ema"] == 0.5 and results["0.5"]["psnr_db"] != results[None]["psnr_db"]
     assert results[None]["reference"] == "digits test split"
@@ -393,8 +438,9 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
     md = (tmp_path / "post" / "posterior.md").read_text()
     assert "SMC K = 3" in md and "DDNM+" in md
     assert first_column(tmp_path / "post" / "posterior.md") == {"exact kernel", "stmd", "ddpm"}  # as kernel.md
-    assert evaluate(args) == 0  # seeded
-    assert json.loads((tmp_path / "post" / "posterior.json").read_text()) == result
+    assert evaluate(args) == 0  # seeded: the same numbers (made again: the provenance's time differs)
+    again = json.loads((tmp_path / "post" / "posterior.json").read_text())
+    assert again.pop("provenance")["command"] == result.pop("provenance")["command"] and again == result
     capsys.readouterr()
     assert evaluate(args[:-2] + ["--sigma-y", "0", "--out", str(tmp_path / "p2")]) == 2
     one_line_error(capsys, "--sigma-y")
@@ -436,7 +482,7 @@ def test_sweep_and_kernel_write_their_results_without_matplotlib(runs, gmm, tmp_
     assert evaluate(["kernel", str(gmm / "stmd"), "--points", "2", "--num", "20", "--flow-steps", "1",
                      "--out", str(tmp_path / "kernel")]) == 0
     assert sorted(p.name for p in (tmp_path / "kernel").iterdir()) == ["kernel.json", "kernel.md"]
-    assert len(json.loads((tmp_path / "kernel" / "kernel.json").read_text())["stmd"]["rows"]) == 13
+    assert len(json.loads((tmp_path / "kernel" / "kernel.json").read_text())["runs"]["stmd"]["rows"]) == 13
     assert ('note: matplotlib is not installed: skipping the heat maps kernel_*.png; pip install -e ".[plot]"'
             in capsys.readouterr().err)
 
@@ -461,7 +507,7 @@ def test_kernel_and_posterior_label_two_checkpoints_of_one_run_by_step(gmm, tmp_
                      "--out", str(tmp_path / "p")]) == 0
     assert first_column(tmp_path / "k" / "kernel.md") == {"stmd@1", "stmd@2"}
     assert first_column(tmp_path / "p" / "posterior.md") == {"stmd@1", "stmd@2", "exact kernel"}
-    report = json.loads((tmp_path / "k" / "kernel.json").read_text())
+    report = json.loads((tmp_path / "k" / "kernel.json").read_text())["runs"]
     assert {name: entry["checkpoint"] for name, entry in report.items()} == {"stmd@1": str(step1),
                                                                               "stmd@2": str(step2)}
     assert json.loads((tmp_path / "p" / "posterior.json").read_text())["checkpoints"] == {

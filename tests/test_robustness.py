@@ -20,15 +20,60 @@ def steps_logged(run) -> list[int]:
 
 def test_resume_after_a_crash_logs_each_step_once(tmp_path):
     """A crash after step 5 loses steps 4-5 (checkpoint at 3): the resumed run logs them again,
-    and metrics.jsonl ends with each step once, in order, with the uninterrupted run's losses."""
+    and metrics.jsonl ends with each step once, in order, with the uninterrupted run's losses and
+    learning rates. The warmup spans the crash, so a scheduler not restored would restart it."""
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(full)]) == 0
-    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(crashed)]) == 0
+    flags = GMM + ["--steps", "5", "--ckpt-every", "3", "--warmup-steps", "5"]
+    assert main(flags + ["--out", str(full)]) == 0
+    assert main(flags + ["--out", str(crashed)]) == 0
     shutil.rmtree(crashed / "checkpoints" / "step_00000005")  # as if the process died before saving it
-    assert main(GMM + ["--steps", "5", "--ckpt-every", "3", "--out", str(crashed), "--resume"]) == 0
+    assert main(flags + ["--out", str(crashed), "--resume"]) == 0
     assert steps_logged(crashed) == [1, 2, 3, 4, 5]
-    losses = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
-    assert losses == [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    records = {run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+               for run in (full, crashed)}
+    assert [r["loss"] for r in records[crashed]] == [r["loss"] for r in records[full]]
+    lrs = [r["lr"] for r in records[crashed]]
+    assert lrs == [r["lr"] for r in records[full]]
+    assert lrs == pytest.approx([lrs[-1] * k / 5 for k in range(1, 6)], rel=1e-12)  # warmup (k + 1) / 5
+
+
+@pytest.mark.parametrize("how", ["crash", "longer"])
+def test_records_at_log_steps_survive_a_resume_inside_an_interval(tmp_path, how):
+    """Checkpoints (and the last step) inside a --log-every interval: the resumed run's records at the
+    --log-every steps average over the same steps as the uninterrupted run's, so they are equal."""
+    flags = GMM + ["--log-every", "4", "--ckpt-every", "3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main(flags + ["--steps", "12", "--out", str(full)]) == 0
+    if how == "crash":  # killed after step 8: the resume starts from step 6, two steps into the interval 5-8
+        assert main(flags + ["--steps", "8", "--out", str(resumed)]) == 0
+        shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    else:  # a run of 7 steps, then --steps raised: its last step falls inside the interval 5-8
+        assert main(flags + ["--steps", "7", "--out", str(resumed)]) == 0
+    assert main(flags + ["--steps", "12", "--out", str(resumed), "--resume"]) == 0
+    records = {run: {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+               for run in (full, resumed)}
+    assert [4, 8, 12] == [s for s in records[resumed] if s % 4 == 0]
+    for step in (4, 8, 12):
+        assert records[resumed][step]["loss"] == records[full][step]["loss"], step
+        assert records[resumed][step]["delta_sq"] == records[full][step]["delta_sq"], step
+    # a record off the interval reports the interval so far: against each step's own loss (--log-every 1)
+    each = tmp_path / "each"
+    assert main(GMM + ["--steps", "12", "--out", str(each)]) == 0
+    losses = [json.loads(line)["loss"] for line in (each / "metrics.jsonl").read_text().splitlines()]
+    for step, first in [(3, 1), (4, 1), (6, 5), (8, 5), (9, 9), (12, 9)]:
+        assert records[full][step]["loss"] == pytest.approx(sum(losses[first - 1: step]) / (step - first + 1),
+                                                            rel=1e-5), step
+
+
+def test_resume_notes_a_flag_the_run_does_not_read_as_a_fresh_start_does(tmp_path, capsys):
+    # --data-workers is for latent shards: a gmm run notes it, fresh or resumed (given only then), and trains on
+    assert main(GMM + ["--steps", "1", "--out", str(tmp_path / "fresh"), "--data-workers", "3"]) == 0
+    assert "note: --data-workers has no effect on this run" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(GMM + ["--steps", "2", "--out", str(run)]) == 0
+    assert main(GMM + ["--steps", "3", "--out", str(run), "--resume", "--data-workers", "3"]) == 0
+    assert "note: --data-workers has no effect on this run" in capsys.readouterr().err
+    assert steps_logged(run) == [1, 2, 3]
 
 
 def reseal(path) -> None:
