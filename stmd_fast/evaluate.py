@@ -361,7 +361,7 @@ def sweep(args) -> int:
         print(f"reusing {reused} of {len(plan)} settings already measured in {out / 'results.json'} (same "
               f"checkpoint, seed, --num, --batch-size, EMA, device type and reference); delete it to measure them "
               f"again")
-    rows, model, loaded, seconds = [], None, None, []
+    rows, model, loaded, seconds, calls = [], None, None, [], 0  # calls: network evaluations (NFE) timed
     record = {"provenance": provenance(args, device), "dataset": dataset_of(found[0][1]), **scored,
               "real_train_images": floor}
     try:
@@ -380,9 +380,11 @@ def sweep(args) -> int:
                 row = {"checkpoint": str(ckpt), "step": meta.get("step"), **key, "nfe": nfe(key["method"], n, m),
                        "metric": metric.name, "value": metric.score(x), "sample_s": sample_s}
                 seconds.append(time.perf_counter() - t0)
+                calls += row["nfe"]
             rows.append({**row, "label": label})  # labels depend on which checkpoints this sweep compares
-            left = sum(setting_id(k) not in before for *_, k in plan[i:])
-            timing = (f"{seconds[-1]:.0f} s, {clock(sum(seconds) / len(seconds) * left)} left" if measured else
+            # a setting's time goes with its NFE (DDPM's N = 100 takes 100 times its N = 1)
+            left = sum(nfe(k["method"], k["N"], k["M"]) for *_, k in plan[i:] if setting_id(k) not in before)
+            timing = (f"{seconds[-1]:.0f} s, about {clock(sum(seconds) / calls * left)} left" if measured else
                       "measured before")
             tqdm.write(f"[{i}/{len(plan)}] {label}: N={n} M={m} NFE {row['nfe']}: {metric.name} {row['value']:.3f} "
                        f"({timing})")

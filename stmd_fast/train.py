@@ -768,7 +768,8 @@ def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
         first_compiled = cfg.compile and calls[0] == start + 1  # a resumed run compiles too
         if first_compiled and ctx.is_main:
             # measured on one H200 host (README, Performance): over 3 minutes for the cifar10 U-Net's step
-            print(f"compiling the loss with its JVP and backward: the first step waits for it, minutes for a "
+            jvp = " with its JVP" if METHODS[cfg.method].flow else ""  # DDPM's loss has none
+            print(f"compiling the loss{jvp} and backward: the first step waits for it, minutes for a "
                   f"large network; a later run of the same network and batch reuses {inductor_cache_dir()}",
                   flush=True)
         began = time.perf_counter()

@@ -1,6 +1,7 @@
 """python -m stmd_fast.evaluate on tiny checkpoints: consistent outputs, seeded numbers,
 inpainting metrics, and one-line errors for bad input before any sampling."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -103,7 +104,10 @@ def test_an_interrupted_sweep_keeps_its_settings_and_the_same_command_measures_t
     assert "**Incomplete**" in (cut / "results.md").read_text() and not (cut / "fd_vs_nfe.png").exists()
     drawn.clear()
     assert evaluate(sweep_args(runs, cut)) == 0  # the same command: only the four settings left are sampled
-    assert len(drawn) == 4 and "reusing 3 of 7 settings" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert len(drawn) == 4 and "reusing 3 of 7 settings" in printed
+    assert re.search(r"^\[1/7\] stmd M=1: N=1 M=1 NFE 1: FD [\d.]+ \(measured before\)$", printed, re.M)
+    assert re.search(r"^\[7/7\] ddpm: N=3 M=1 NFE 3: FD [\d.]+ \(\d+ s, about 0:00:00 left\)$", printed, re.M)
     done, reference = (json.loads((d / "results.json").read_text()) for d in (cut, full))
     assert done["complete"] is True and (cut / "fd_vs_nfe.png").exists()
     assert [(r["label"], r["N"], r["M"], r["value"]) for r in done["rows"]] == \
