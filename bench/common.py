@@ -85,6 +85,34 @@ def time_ms(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def kernel_us(events) -> float:
+    """Microseconds of device work (kernels, copies, sets) in a profiler's events: the CUDA ones only,
+    whose time is the GPU's own (the host events around them hold Python and launch time)."""
+    from torch.autograd import DeviceType
+    return sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+
+
+def kernel_ms(fn, device: torch.device, iters: int) -> float | None:
+    """GPU time of the work one call of `fn` launches (the mean over `iters` calls, torch.profiler): a
+    short call's wall time is mostly the host's (Python, torch.func.jvp's decompositions, launches), which
+    says what a call costs eagerly but not how fast its kernels are. None on a CPU, or when the profiler
+    fails (said in a note: the wall times still stand)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            synchronize(device)
+        us = kernel_us(prof.events())
+    except Exception as err:  # a profiler that cannot attach (another one running, no CUPTI)
+        print(f"note: no kernel time from torch.profiler ({type(err).__name__}: {err})", flush=True)
+        return None
+    return us / iters / 1e3 if us > 0 else None
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -117,8 +145,29 @@ def trained_on(model) -> str:
     return f"the {config['preset']} preset ({model.data_kind}s)"
 
 
+# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a name's substring (the first
+# that matches): the usual denominator of MFU. The measured peak (below) is what this machine reaches.
+SPEC_DENSE_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "tf32": 378.0}, "H100": {"bf16": 989.4, "tf32": 494.7},
+                     "H200": {"bf16": 989.4, "tf32": 494.7}, "A100": {"bf16": 312.0, "tf32": 156.0}}
+
+
+def spec_tflops(gpu_name: str | None, compute: str) -> float | None:
+    """The data sheet's dense peak of the GPU so named for `compute` (bf16, tf32); None if not known here
+    (or no GPU: None for the name)."""
+    return next((peaks.get(compute) for key, peaks in SPEC_DENSE_TFLOPS.items() if key in (gpu_name or "")), None)
+
+
+def matmul_compute(device: torch.device, precision: str) -> str:
+    """What a precision's matmuls run in here: bf16, tf32 (CUDA fp32 with TF32 on) or fp32."""
+    if precision == "bf16":
+        return "bf16"
+    tf32 = device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "fp32"
+
+
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Peak dense matmul rate measured here (what MFU is taken against)."""
+    """Peak dense matmul rate measured here (what MFU is taken against). fp32 on CUDA runs in TF32 or full
+    fp32 as torch's matmul precision is set (bench/train_step.py sets it as the trainer does)."""
     # A CPU without bf16 units emulates bf16 matmuls: one of 1024^3 took 2.4 s on an AVX2 AMD EPYC (0.05 s in
     # fp32), so 25 of 2048^3 took 8 minutes. On a CPU, a few of 1024^3: MFU there is a rough figure anyway.
     n, warmup, iters = (8192, 5, 20) if device.type == "cuda" else (1024, 1, 3)
@@ -149,6 +198,18 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def nvml_handle(pynvml, device: torch.device):
+    """NVML's handle of torch's `device`, found by PCI bus id: NVML numbers GPUs its own way and ignores
+    CUDA_VISIBLE_DEVICES, so torch's index can name another GPU of the machine."""
+    props = torch.cuda.get_device_properties(device)
+    try:
+        bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+    except (AttributeError, pynvml.NVMLError) as err:  # a torch without the PCI fields
+        print(f"note: GPU telemetry by index, not by PCI bus id ({err})")
+        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+
+
 class GpuTelemetry:
     """Samples power (W) and utilisation (%) through nvidia-ml-py while a block runs (CUDA only)."""
 
@@ -165,7 +226,7 @@ class GpuTelemetry:
         try:
             import pynvml
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+            handle = nvml_handle(pynvml, self.device)
         except Exception as err:  # no driver library: report no telemetry rather than fail the benchmark
             print(f"note: no GPU telemetry ({err})")
             return self

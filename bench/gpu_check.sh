@@ -4,8 +4,13 @@
 # Uses python3 (the GPU image has no `python`), and ./.site first on the path when present: the
 # wheels the image lacks, installed there as ../shared/device/README.md says.
 set -euo pipefail
-# OUT_DIR relative to where the script was called from, not to the repository it moves to
-if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then out=$(realpath -m -- "$1"); shift; set -- "$out" "$@"; fi
+# OUT_DIR (wherever it stands among the arguments) relative to where the script was called from, not to
+# the repository it moves to
+args=()
+for arg in "$@"; do
+  if [ "${arg#-}" = "$arg" ]; then args+=("$(realpath -m -- "$arg")"); else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 cd "$(dirname "$0")/.."
 if [ -d .site ]; then export PYTHONPATH="$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"; fi
 exec python3 bench/gpu_check.py "$@"

@@ -6,6 +6,10 @@
 Times a whole stmd_fast.sampling.sample call (Algorithm 2: noise, N x M network calls, exact
 bridge) for a batch, with freshly initialised weights (speed does not depend on training),
 or with --ckpt a trained checkpoint's EMA network. Compiled variants compile the network.
+Every (variant, N, M) is warmed up first (peak memory is taken there), then all are timed
+interleaved, one call of each per round, the order rotated, so a shared machine's load hits
+them alike; --sequential times each right after its warm-up and records its row at once (a run
+cut short keeps what it measured). The Triton variant runs on CUDA only (skipped on a CPU).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (apply_smoke, at_least, environment, finish, median, parser, peak_memory_mb,  # noqa: E402
-                    print_table, record, reset_peak_memory, synchronize, time_ms)
+                    print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
@@ -30,7 +34,7 @@ from stmd_fast.sampling import nfe, sample  # noqa: E402
 VARIANTS = {
     "eager fp32": (False, "fp32", "reference"),
     "compiled fp32": (True, "fp32", "reference"),
-    "compiled bf16 + triton": (True, "bf16", "auto"),
+    "compiled bf16 + triton": (True, "bf16", "triton"),
 }
 # (N diffusion steps, M flow steps) per method, by increasing NFE
 STEPS = {"stmd": [(1, 1), (1, 2), (2, 2), (4, 1), (4, 2)], "meanflow": [(1, 1), (1, 2), (1, 4)],
@@ -46,9 +50,13 @@ def build_parser():
     p.add_argument("--ckpt", default=None, help="time a trained checkpoint's EMA network instead")
     p.add_argument("--batch", type=at_least(1), default=256)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls per setting (the first compiles)")
+    p.add_argument("--warmup", type=at_least(1), default=3, help="untimed calls per setting, at least 1 (the first "
+                   "compiles)")
     p.add_argument("--iters", type=at_least(1), default=10, help="timed calls per setting")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sequential", action="store_true", help="time each setting right after its warm-up and record "
+                   "its row at once (a run cut short keeps the rows measured before the cut), instead of "
+                   "interleaving all settings call by call")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 32, 1 + 3 calls, eager and "
                    "compiled fp32, not saved (it sets those flags itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
@@ -69,6 +77,14 @@ def load_net(args, device):
     return net.to(device).eval(), args.method, PRESET_DATA_SHAPES[args.preset]
 
 
+def add_latency(row: dict, times: list[float], args, method: str) -> None:
+    """The row's median latency and img/s, recorded (results.jsonl under gpu_check) and printed."""
+    ms = median(times)
+    row.update(latency_ms=ms, img_per_s=args.batch / (ms * 1e-3))
+    record(f"sample/{args.preset}/{method}", row)
+    print(f"  {row['variant']:>22} | N {row['N']} x M {row['M']}, NFE {row['nfe']:>3} | {ms:.2f} ms", flush=True)
+
+
 @one_line_errors(ValueError, FileNotFoundError)  # e.g. a missing --ckpt: one line, exit code 2
 def main(argv=None) -> int:
     p = build_parser()
@@ -76,15 +92,22 @@ def main(argv=None) -> int:
     apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if any(v not in VARIANTS for v in names):
-        sys.exit(f"error: unknown variant in {names}: choose from {list(VARIANTS)}")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        p.error(f"--variants: {f'unknown {unknown}' if unknown else 'none given'}: choose from {', '.join(VARIANTS)}")
+    if device.type != "cuda" and any(VARIANTS[v][2] == "triton" for v in names):
+        print("note: skipping the triton variant: the kernels run on CUDA (on a CPU only in the tests' interpreter)")
+        names = [v for v in names if VARIANTS[v][2] != "triton"]
+        if not names:
+            p.error("nothing to time: the triton variant needs CUDA; give another --variants")
     net, method, data_shape = load_net(args, device)
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | {method} on {data_shape}, batch {args.batch}")
-    rows = []
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64  # every variant's compiled network stays live for the interleaving
+    rows, runners = [], []
     for name in names:
         compile_, precision, kernels = VARIANTS[name]
-        torch._dynamo.reset()
         model = torch.compile(net) if compile_ else net
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         if args.compile_only:
@@ -97,21 +120,26 @@ def main(argv=None) -> int:
                       flush=True)
             continue
         for steps, flow_steps in STEPS[method]:
-            generator = torch.Generator(device).manual_seed(0)
-
-            def run():
+            def run(model=model, kernels=kernels, autocast=autocast, steps=steps, flow_steps=flow_steps,
+                    generator=torch.Generator(device).manual_seed(0)):
                 with dispatch.backend(kernels), autocast:
                     sample(model, method, args.batch, data_shape, steps, flow_steps, generator)
 
             reset_peak_memory(device)
-            ms = median(time_ms(run, device, args.warmup, args.iters))
+            for _ in range(args.warmup):
+                run()
+            synchronize(device)
             rows.append({"variant": name, "N": steps, "M": flow_steps, "nfe": nfe(method, steps, flow_steps),
-                         "latency_ms": ms, "img_per_s": args.batch / (ms * 1e-3),
                          "peak_mem_mb": peak_memory_mb(device)})
-            record(f"sample/{args.preset}/{args.method}", rows[-1])
-            print(f"  {name:>22} | NFE {rows[-1]['nfe']:>3} | {ms:.2f} ms", flush=True)
+            runners.append(run)
+            if args.sequential:
+                add_latency(rows[-1], time_ms(run, device, 0, args.iters), args, method)
     if args.compile_only:
         return 0
+    if not args.sequential:
+        times = time_ms_interleaved(dict(enumerate(runners)), device, args.iters)
+        for row, row_times in zip(rows, times.values()):
+            add_latency(row, row_times, args, method)
     for row in rows:
         base = next((r for r in rows if r["variant"] == "eager fp32" and r["nfe"] == row["nfe"]
                      and r["N"] == row["N"]), None)

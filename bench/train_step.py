@@ -11,19 +11,25 @@ ratio measured in the same run. The "public recipe" variants time the official P
 Flow code's engine (Gsunshine/py-meanflow) on the same network, noise and loss:
 torch.compile around loss + backward (a graph break at backward), the JVP over the whole
 batch, the default (unfused) optimizer, and an EMA updated every 16 steps by a per-parameter
-float64 loop with decay^16; its JVP and loss run in fp32 (autocast off), so it has one variant.
+float64 loop with decay^16 (timed apart and added as 1/16 of its cost per step, so the medians
+of both engines count their EMA); its JVP and loss run in fp32 (autocast off), so it has one
+variant, and a bf16 row's speed-up over it includes what bf16 gains (each row names its precision).
+fp32 on CUDA runs its matmuls in TF32 unless --no-tf32, as the trainer (--tf32) and the official code do.
 By default the variants are interleaved step by step (round robin, after every variant's
 warm-up), so the load of a shared machine hits them alike; --sequential runs each variant's
 steps back to back (what per-variant GPU power and utilisation need).
 Reports median ms/step, img/s, TFLOP/s and MFU (FLOPs of forward + tangent + backward counted
-by torch.utils.flop_counter, against the bf16 matmul peak measured here; none with --smoke, whose tiny
-CPU run cannot measure a peak, nor for a rate above the measured peak), peak memory, the
-objective / flow-matching ratio, the speed-up over the public recipe, on a GPU (with
---sequential) the median power and utilisation (nvidia-ml-py), and each variant's mean loss over
-its first and last few steps on the fixed batch (finite and falling: the step trains).
+by torch.utils.flop_counter, against the matmul peak measured here for the row's compute: bf16,
+TF32 or fp32; none with --smoke, whose tiny CPU run cannot measure a peak, nor for a rate above
+the measured peak; on a GPU whose data sheet is known, also against its dense peak, the usual
+MFU), peak memory, the objective / flow-matching ratio, the speed-up over the public recipe, on a
+GPU (with --sequential) the median power and utilisation (nvidia-ml-py), and each variant's mean
+loss and mean squared error over its first and last few steps on the fixed batch (finite and
+falling: the step trains; the error, where the adaptive loss is about 1 by design, p = 1).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -35,13 +41,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, measured_matmul_tflops,  # noqa: E402
-                    median, parser, peak_memory_mb, print_table, record, reset_peak_memory, synchronize, time_ms,
-                    time_ms_interleaved)
+from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, matmul_compute,  # noqa: E402
+                    measured_matmul_tflops, median, parser, peak_memory_mb, print_table, record, reset_peak_memory,
+                    spec_tflops, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
-from stmd_fast.devices import resolve_device  # noqa: E402
+from stmd_fast.devices import resolve_device, use_tf32  # noqa: E402
 from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.models import count_params, dit_config  # noqa: E402
@@ -89,6 +95,8 @@ def build_parser():
                    "compiles; its time is reported as first_step_s)")
     p.add_argument("--iters", type=at_least(1), default=30, help="timed steps")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, fp32 matmuls "
+                   "and convolutions in TF32, as the trainer's --tf32 (its default) and the official code")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
                    "compiled and public recipe, not saved (it sets those flags itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
@@ -109,7 +117,9 @@ def count_step_flops(loss_fn, x0, noise) -> int:
 def public_recipe_step(loss_fn, net, optimizer, scheduler, ema_net, ema_decay: float):
     """The official PyTorch Mean Flow code's step, rebuilt on our network and loss: torch.compile
     around loss + backward (Dynamo breaks the graph at backward and compiles both sides), then the
-    optimizer, the lr schedule and an EMA every PUBLIC_EMA_PERIOD steps (float64, per parameter)."""
+    optimizer and the lr schedule; and its EMA (float64, per parameter), which it runs every
+    PUBLIC_EMA_PERIOD steps, as a function apart: a median over steps would drop it, so main times
+    it and adds 1/PUBLIC_EMA_PERIOD of it to each step."""
     def loss_and_backward(x0, noise):
         loss, error = loss_fn(x0, noise)
         loss.backward()
@@ -117,21 +127,20 @@ def public_recipe_step(loss_fn, net, optimizer, scheduler, ema_net, ema_decay: f
 
     compiled = torch.compile(loss_and_backward)
     decay = ema_decay ** PUBLIC_EMA_PERIOD
-    steps = [0]
 
     def step(x0, noise):
         optimizer.zero_grad(set_to_none=True)
         loss, error = compiled(x0, noise)
         optimizer.step()
         scheduler.step()
-        steps[0] += 1
-        if steps[0] % PUBLIC_EMA_PERIOD == 0:
-            with torch.no_grad():
-                for p, q in zip(net.parameters(), ema_net.parameters()):
-                    q.copy_((q.double() + (1 - decay) * (p.double() - q.double())).float())
         return loss, error
 
-    return step
+    @torch.no_grad()
+    def ema_update():
+        for p, q in zip(net.parameters(), ema_net.parameters()):
+            q.copy_((q.double() + (1 - decay) * (p.double() - q.double())).float())
+
+    return step, ema_update
 
 
 def build_runner(name, objective, cfg, data_shape, batch, device):
@@ -148,7 +157,8 @@ def build_runner(name, objective, cfg, data_shape, batch, device):
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema_net = method.build_net(cfg.net, data_shape).to(device)
         ema_net.load_state_dict(net.state_dict())
-        step = public_recipe_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema_net, cfg.ema_decay)
+        step, ema_update = public_recipe_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema_net,
+                                              cfg.ema_decay)
     else:
         loss = compute_loss if objective == cfg.method else flow_matching_loss
         loss_fn = partial(loss, cfg.method, net, cfg=cfg.objective)
@@ -156,37 +166,45 @@ def build_runner(name, objective, cfg, data_shape, batch, device):
         optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay)
         step = make_train_step(loss_fn, net, optimizer, scheduler_fn(optimizer), ema, cfg.ema_decay,
                                variant.compile, variant.precision, device)
+        ema_update = None  # in the step
 
-    losses = []  # every step's loss, kept on the device (no sync inside the timed steps)
+    losses = []  # every step's (loss, error), kept on the device (no sync inside the timed steps)
 
     def run():
         with dispatch.backend(variant.kernels):
             loss, error = step(x0, draw_noise(x0, cfg.objective, generator))
-        losses.append(loss.detach())
+        losses.append(torch.stack([loss.detach().float(), error.detach().float()]))
         return loss, error
 
-    return run, loss_fn, net, x0, generator, losses
+    return run, loss_fn, net, x0, losses, ema_update
 
 
 def loss_summary(losses: list[torch.Tensor]) -> dict:
-    """Finite and falling? The mean loss of the first and the last few steps on the fixed batch x0."""
-    values = torch.stack(losses).float().cpu()
+    """Finite and falling? The mean loss and mean squared error (the adaptive loss is about 1 by design
+    at p = 1) of the first and the last few steps on the fixed batch x0."""
+    values = torch.stack(losses).cpu()
     few = max(1, min(3, len(values) // 3))
-    return {"loss_first": values[:few].mean().item(), "loss_last": values[-few:].mean().item(),
+    first, last = values[:few].mean(0).tolist(), values[-few:].mean(0).tolist()
+    return {"loss_first": first[0], "loss_last": last[0], "error_first": first[1], "error_last": last[1],
             "loss_finite": bool(torch.isfinite(values).all()), "loss_steps": len(values)}
 
 
-def add_rates(row: dict, times: list[float], batch: int, peak: float | None) -> None:
-    """ms/step, img/s, TFLOP/s and MFU against `peak` (TFLOP/s; None: not measured, no MFU). A step
-    faster than the peak means the peak was under-measured: its MFU is not reported, with a warning."""
-    ms = median(times)
+def add_rates(row: dict, times: list[float], batch: int, peak: float | None, spec: float | None = None,
+              extra_ms: float = 0.0) -> None:
+    """ms/step (the median plus `extra_ms`: work the variant does every few steps, per step), img/s,
+    TFLOP/s and MFU against `peak` (the measured matmul peak of the row's compute, TFLOP/s; None: not
+    measured, no MFU) and against `spec` (the data sheet's; None: unknown). A step faster than the
+    measured peak means the peak was under-measured: its MFU is not reported, with a warning."""
+    ms = median(times) + extra_ms
     tflops = row["gflop_per_step"] * 1e9 / (ms * 1e-3) / 1e12
     mfu = None if peak is None else 100 * tflops / peak
     if mfu is not None and mfu > 100:
-        print(f"warning: {row['variant']} | {row['objective']} ran at {tflops:.3g} TFLOP/s, above the measured bf16 "
-              f"matmul peak of {peak:.3g} TFLOP/s: the peak was under-measured, so no MFU is reported", flush=True)
+        print(f"warning: {row['variant']} | {row['objective']} ran at {tflops:.3g} TFLOP/s, above the measured "
+              f"{row['compute']} matmul peak of {peak:.3g} TFLOP/s: the peak was under-measured, so no MFU is "
+              f"reported", flush=True)
         mfu = None
-    row.update(ms_per_step=ms, img_per_s=batch / (ms * 1e-3), tflops=tflops, mfu_pct=mfu)
+    row.update(ms_per_step=ms, img_per_s=batch / (ms * 1e-3), tflops=tflops, mfu_pct=mfu,
+               mfu_spec_pct=None if spec is None else 100 * tflops / spec)
 
 
 def mfu_text(mfu: float | None) -> str:
@@ -199,13 +217,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
+    use_tf32(args.tf32)  # as the trainer sets it (its --tf32 is on by default): the same fp32 on CUDA
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+    if unknown or not names:
+        p.error(f"--variants: {f'unknown {unknown}' if unknown else 'none given'}: choose from {', '.join(VARIANTS)}")
+    if args.no_flow_matching and args.flow_matching_only:
+        p.error("--no-flow-matching and --flow-matching-only exclude each other: keep one")
+    dropped = []  # why a variant given is not timed, for the error if none is left
     if device.type != "cuda" and any(VARIANTS[v].kernels == "triton" for v in names):
         print("note: skipping the triton variant: the kernels run on CUDA (on a CPU only in the tests' interpreter)")
         names = [v for v in names if VARIANTS[v].kernels != "triton"]
+        dropped.append("the triton variant needs CUDA")
     cfg = PRESETS[args.preset]()
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
@@ -223,31 +246,40 @@ def main(argv=None) -> int:
                 f"so the batch must be a multiple of {block}, e.g. {' or '.join(map(str, near))}")
     if not METHODS[args.method].flow and any(VARIANTS[v].public for v in names):
         names = [v for v in names if not VARIANTS[v].public]  # the public recipe is a Mean Flow engine
-    if args.no_flow_matching and args.flow_matching_only:
-        sys.exit("error: --no-flow-matching and --flow-matching-only exclude each other: keep one")
+        dropped.append(f"the public recipe is a Mean Flow engine, and --method {args.method} has no JVP")
     fm = [] if args.no_flow_matching or not METHODS[args.method].flow else ["flow matching"]
     runs = [(name, objective) for name in names for objective in [args.method] + ([] if VARIANTS[name].public else fm)]
     if args.flow_matching_only:
         runs = [run for run in runs if run[1] == "flow matching"]
+        dropped.append("--flow-matching-only keeps the flow-matching rows, and "
+                       + ("the public recipe has none" if METHODS[args.method].flow else
+                          f"--method {args.method} has none (its own step has no JVP to compare with)"))
+    if not runs:  # before the peak is measured: nothing of a GPU's time goes to a run that times nothing
+        p.error(f"nothing to time with --variants {args.variants!r} and --method {args.method}: "
+                f"{'; '.join(dropped)}. Give other --variants (or drop --flow-matching-only)")
 
     method = METHODS[args.method]
     n_params = count_params(method.build_net(cfg.net, data_shape))  # a network that cannot be built says so here
     env = environment(device)
+    gpu = env["device"] if device.type == "cuda" else None  # its data-sheet peak, where known
     # --smoke: a matmul small enough for CI undershoots the peak (MFUs of 500%): no peak, no MFU;
     # --compile-only times nothing
-    peak = None if args.smoke or args.compile_only else measured_matmul_tflops(device, torch.bfloat16)
-    peak_text = "no MFU" if peak is None else f"measured bf16 matmul peak {peak:.3g} TFLOP/s"
+    computes = sorted({matmul_compute(device, VARIANTS[name].precision) for name, _ in runs})
+    peaks = {} if args.smoke or args.compile_only else {
+        compute: measured_matmul_tflops(device, torch.bfloat16 if compute == "bf16" else torch.float32)
+        for compute in computes}
+    peak_text = ", ".join(f"measured {c} matmul peak {t:.3g} TFLOP/s" for c, t in peaks.items()) or "no MFU"
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | {peak_text} | "
           f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps")
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = 64  # every variant's compiled loss stays live for the interleaving
-    flops, runners, rows, losses = {}, {}, {}, {}
+    flops, runners, rows, losses, ema_ms = {}, {}, {}, {}, {}
     for key in runs:  # build, count FLOPs, warm up (compiles): one variant after another
         name, objective = key
         base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         reset_peak_memory(device)
-        run, loss_fn, net, x0, generator, losses[key] = build_runner(name, objective, cfg, data_shape, batch, device)
+        run, loss_fn, net, x0, losses[key], ema_update = build_runner(name, objective, cfg, data_shape, batch, device)
         if args.compile_only:
             began = time.perf_counter()
             run()
@@ -260,8 +292,10 @@ def main(argv=None) -> int:
             # counted eagerly in fp32 on one block of rows (cfg.objective.jvp_block, 4 by default) and
             # scaled: matmul and convolution FLOPs are linear in the batch, and the full batch of a
             # large network would not fit in memory uncompiled
+            # (its noise from a generator of its own: every variant's steps then see the same draws)
             few = min(cfg.objective.jvp_block[1], batch)
-            flops[flop_key] = count_step_flops(loss_fn, x0[:few], draw_noise(x0[:few], cfg.objective, generator)) \
+            counting = torch.Generator(device).manual_seed(1)
+            flops[flop_key] = count_step_flops(loss_fn, x0[:few], draw_noise(x0[:few], cfg.objective, counting)) \
                 * batch // few
             net.zero_grad(set_to_none=True)
         print(f"  warming up {name} | {objective}{' (the first step compiles)' if VARIANTS[name].compile else ''}",
@@ -273,13 +307,19 @@ def main(argv=None) -> int:
         for _ in range(args.warmup - 1):
             run()
         synchronize(device)
-        rows[key] = {"variant": name, "objective": objective, "peak_mem_mb": peak_memory_mb(device) - base_mb,
+        compute = matmul_compute(device, VARIANTS[name].precision)
+        rows[key] = {"variant": name, "objective": objective, "precision": VARIANTS[name].precision,
+                     "compute": compute, "peak_mem_mb": peak_memory_mb(device) - base_mb,
                      "gflop_per_step": flops[flop_key] / 1e9, "first_step_s": first_step_s}
         runners[key] = run
+        if ema_update is not None:  # the public recipe's EMA, every PUBLIC_EMA_PERIOD steps: its share per step
+            rows[key]["ema_ms_per_update"] = median(time_ms(ema_update, device, 1, 5))
+        ema_ms[key] = rows[key].get("ema_ms_per_update", 0.0) / PUBLIC_EMA_PERIOD
         print(f"  warmed up {name} | {objective}: first step {first_step_s:.1f} s", flush=True)
         if args.sequential:
             with GpuTelemetry(device) as telemetry:
-                add_rates(rows[key], time_ms(run, device, 0, args.iters), batch, peak)
+                add_rates(rows[key], time_ms(run, device, 0, args.iters), batch, peaks.get(compute),
+                          spec_tflops(gpu, compute), ema_ms[key])
             rows[key].update(telemetry.summary(), **loss_summary(losses[key]))
             record(f"train_step/{args.preset}/{args.method}/measured", rows[key])
             print(f"  {name} | {objective}: {rows[key]['ms_per_step']:.2f} ms/step, "
@@ -288,7 +328,8 @@ def main(argv=None) -> int:
         return 0
     if not args.sequential:
         for key, times in time_ms_interleaved(runners, device, args.iters).items():
-            add_rates(rows[key], times, batch, peak)
+            add_rates(rows[key], times, batch, peaks.get(rows[key]["compute"]),
+                      spec_tflops(gpu, rows[key]["compute"]), ema_ms[key])
             rows[key].update(loss_summary(losses[key]))
     rows = list(rows.values())
     for row in rows:
@@ -304,12 +345,13 @@ def main(argv=None) -> int:
                                     if public and not VARIANTS[row["variant"]].public else None)
         record(f"train_step/{args.preset}/{args.method}", row)
     print()
-    print_table(rows, ["variant", "objective", "ms_per_step", "img_per_s", "tflops", "mfu_pct", "peak_mem_mb",
-                       "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching", "speedup_vs_public",
-                       "power_w", "gpu_util_pct", "loss_first", "loss_last", "loss_finite", "first_step_s"])
+    print_table(rows, ["variant", "objective", "compute", "ms_per_step", "img_per_s", "tflops", "mfu_pct",
+                       "mfu_spec_pct", "peak_mem_mb", "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching",
+                       "speedup_vs_public", "power_w", "gpu_util_pct", "loss_first", "loss_last", "error_first",
+                       "error_last", "loss_finite", "first_step_s"])
     result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
-              "params": n_params, "bf16_peak_tflops": peak, "warmup": args.warmup, "iters": args.iters,
-              "interleaved": not args.sequential, "rows": rows}
+              "params": n_params, "tf32": args.tf32, "peak_tflops": peaks, "warmup": args.warmup,
+              "iters": args.iters, "interleaved": not args.sequential, "rows": rows}
     if args.compile_report:
         from torch._dynamo.utils import compile_times
         print(compile_times(repr="str", aggregate=True))

@@ -9,6 +9,7 @@ batch is drawn. Anything wrong with the data raises DataError at load time, befo
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-CIFAR10_FILES = ("data_batch_1..5", "test_batch", "batches.meta")
 
 
 class DataError(ValueError):
@@ -127,6 +127,13 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def viewable(x: torch.Tensor) -> torch.Tensor:
+    """Model-space images (..., C, H, W) -> [0, 1] with channels a PNG holds: 1 to 4 as they are (gray, gray +
+    alpha, RGB, RGBA), the first 3 (as RGB) of more, which no image format shows (a 5-channel .npy once
+    trained to its first sample grid and crashed there)."""
+    return to_unit_range(x[..., :3, :, :] if x.shape[-3] > 4 else x)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise DataError(f"split {split!r} is unknown; use 'train' or 'test'")
@@ -148,13 +155,97 @@ def load_digits(split: str = "train") -> TensorData:
     return TensorData("digits", values, "image", labels)
 
 
-def _missing(root: str, what: str, folder: str, files: str) -> DataError:
+def _missing(root: str, what: str, folder: str, files: str, hint: str = "") -> DataError:
     # torchvision says only "Dataset not found" (and names its own download=True): say where the files go.
     where = os.path.join(os.path.expanduser(root), folder)
-    return DataError(
-        f"{what} files missing or corrupted: put {files} in {where}, "
-        "or pass --download where the network allows"
-    )
+    return DataError(f"{what} files missing: put {files} in {where}{hint}, or pass --download where the network allows")
+
+
+IDX = {"images": (0x0803, 3), "labels": (0x0801, 1)}  # an MNIST idx file's magic (uint8 data, its dims), dims
+
+
+def _idx_length(path: Path, kind: str) -> int:
+    """How many images or labels an MNIST idx file holds, once its header and size are checked: DataError
+    naming the file and what is wrong (torchvision fails on these with a bare ValueError or assert)."""
+    magic, ndim = IDX[kind]
+    with open(path, "rb") as f:
+        head = f.read(4 + 4 * ndim)
+    size = path.stat().st_size
+    if head[:2] == b"\x1f\x8b":
+        raise DataError(f"{path} is gzip-compressed under the uncompressed name: gunzip {path.name}.gz (the original "
+                        f"download) into {path.parent}, or this file: zcat {path} > {path.name}.raw && mv {path.name}.raw "
+                        f"{path}")
+    found = int.from_bytes(head[:4], "big") if len(head) >= 4 else None
+    if found != magic:
+        other = next((k for k, (m, _) in IDX.items() if m == found), None)
+        raise DataError(f"{path} holds {other}, not {kind}: the files are swapped or misnamed; give each its name"
+                        if other else f"{path} ({size} bytes) is not an MNIST idx file of {kind}: damaged or another "
+                        f"file; replace it with an intact copy")
+    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)] if len(head) == 4 + 4 * ndim else []
+    expected = 4 + 4 * ndim + int(np.prod(dims)) if dims else None
+    if size != expected:
+        promise = f"promises {expected} ({dims[0]} {kind})" if dims else "is cut short"
+        raise DataError(f"{path} has {size} bytes where its header {promise}: cut short or padded; replace it with "
+                        f"an intact copy")
+    return dims[0]
+
+
+def _mnist_hint(root: Path, raw: Path, name: str) -> str:
+    """Where a missing MNIST file is instead: one level off (--data-dir pointing at MNIST/ or raw/, or the files
+    loose), still compressed (.gz, as the original site serves them), or under another mirror's dotted name."""
+    dotted = name.replace("-idx", ".idx")  # train-images.idx3-ubyte (some mirrors)
+    for folder in dict.fromkeys((root, root / "raw", root / "MNIST", raw, root.parent, root.parent.parent)):
+        if folder != raw and (folder / name).is_file():
+            if folder.name == "raw" and folder.parent.name == "MNIST":
+                return f" (they are in {folder}: pass --data-dir {folder.parent.parent})"
+            return f" (they are in {folder}: move the four files into {raw})"
+        if (folder / f"{name}.gz").is_file():
+            return f" ({folder / name}.gz is compressed: gunzip the four .gz files{'' if folder == raw else ' into ' + str(raw)})"
+        if (folder / dotted).is_file():
+            return f" ({folder / dotted} is {name} under another name: rename the four files, '.idx' to '-idx')"
+    return ""
+
+
+def _check_mnist(root: str, split: str) -> None:
+    """MNIST's files where torchvision reads them, their split's pair intact and of the same length: DataError
+    naming the file and the fix, before torchvision's own messages (a bare "Dataset not found", a ValueError)."""
+    base = Path(root).expanduser()
+    raw = base / "MNIST" / "raw"
+    absent = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if absent:  # torchvision wants all four, whichever split is read
+        raise _missing(root, "MNIST", os.path.join("MNIST", "raw"), "the four uncompressed idx files ("
+                       + ", ".join(MNIST_FILES) + ")", _mnist_hint(base, raw, absent[0]))
+    prefix = "train" if split == "train" else "t10k"
+    paths = {kind: raw / f"{prefix}-{kind}-idx{IDX[kind][1]}-ubyte" for kind in IDX}
+    n = {kind: _idx_length(path, kind) for kind, path in paths.items()}
+    if n["images"] != n["labels"]:
+        raise DataError(f"{paths['images']} holds {n['images']} images and {paths['labels']} {n['labels']} labels: "
+                        f"take both files from the same copy of MNIST")
+
+
+def _check_cifar10(root: str) -> None:
+    """CIFAR-10's seven files where torchvision reads them and matching the official MD5s: DataError naming the
+    missing or damaged ones, or the folder one level off, or the archive still packed."""
+    from torchvision.datasets import cifar  # cifar.check_integrity: the tests patch it for synthetic files
+
+    base = Path(root).expanduser()
+    folder = base / cifar.CIFAR10.base_folder
+    official = [*cifar.CIFAR10.train_list, *cifar.CIFAR10.test_list, [cifar.CIFAR10.meta["filename"],
+                                                                      cifar.CIFAR10.meta["md5"]]]
+    absent = [name for name, _ in official if not (folder / name).is_file()]
+    if absent:
+        hint = ""
+        if (base / "data_batch_1").is_file():
+            hint = f" (they are in {base} itself: pass --data-dir {base.parent})"
+        elif (base / cifar.CIFAR10.filename).is_file():
+            hint = f" ({base / cifar.CIFAR10.filename} is the archive: tar -xzf {base / cifar.CIFAR10.filename} -C {base})"
+        raise _missing(root, "CIFAR-10", cifar.CIFAR10.base_folder, f"the official python batches (missing: "
+                       f"{', '.join(absent)})", hint)
+    damaged = [name for name, md5 in official if not cifar.check_integrity(str(folder / name), md5)]
+    if damaged:
+        raise DataError(f"CIFAR-10 in {folder}: {', '.join(damaged)} {'does' if len(damaged) == 1 else 'do'} not match "
+                        f"the official MD5 (damaged, or another release): replace {'it' if len(damaged) == 1 else 'them'} "
+                        f"from cifar-10-python.tar.gz, or pass --download where the network allows")
 
 
 def _download_failed(what: str, root: str, error: OSError) -> DataError:
@@ -167,17 +258,16 @@ def load_mnist(root: str, split: str = "train", download: bool = False) -> Tenso
     _check_split(split)
     from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
 
+    if not download:
+        _check_mnist(root, split)
     try:
         dataset = MNIST(root, train=split == "train", download=download)
-    except RuntimeError as error:
-        if "not found" not in str(error):  # a file cut short (torchvision reshapes its bytes), or a bad header
-            raise DataError(f"MNIST files in {os.path.join(os.path.expanduser(root), 'MNIST', 'raw')} could not be "
-                            f"read ({str(error).splitlines()[0]}): one of them is damaged; replace the four idx "
-                            "files with intact copies, or pass --download where the network allows") from None
-        raise _missing(root, "MNIST", os.path.join("MNIST", "raw"),
-                       "the four uncompressed idx files (" + ", ".join(MNIST_FILES) + ")") from None
     except OSError as error:  # urllib's URLError offline
         raise _download_failed("MNIST", root, error) from None
+    except (RuntimeError, ValueError, AssertionError) as error:  # what _check_mnist did not foresee
+        raise DataError(f"MNIST files in {os.path.join(os.path.expanduser(root), 'MNIST', 'raw')} could not be "
+                        f"read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): replace "
+                        "the four idx files with intact copies, or pass --download where the network allows") from None
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image", labels)
 
@@ -187,15 +277,16 @@ def load_cifar10(root: str, split: str = "train", download: bool = False) -> Ten
     _check_split(split)
     from torchvision.datasets import CIFAR10  # imported here: torchvision is slow to import
 
+    if not download:
+        _check_cifar10(root)
     try:
         dataset = CIFAR10(root, train=split == "train", download=download)
-    except RuntimeError as error:
-        if "not found" not in str(error):
-            raise
-        raise _missing(root, "CIFAR-10", "cifar-10-batches-py",
-                       "the official python batches (" + ", ".join(CIFAR10_FILES) + ")") from None
     except OSError as error:
         raise _download_failed("CIFAR-10", root, error) from None
+    except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, EOFError) as error:  # not foreseen above
+        raise DataError(f"CIFAR-10 files in {os.path.join(os.path.expanduser(root), 'cifar-10-batches-py')} could not "
+                        f"be read ({type(error).__name__}: {error}): replace them with the official python batches, "
+                        "or pass --download where the network allows") from None
     # torchvision keeps (N, H, W, C) numpy; the models want channels first.
     values = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)  # a list of ints in torchvision
@@ -218,6 +309,17 @@ def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", d
     raise DataError(f"no dataset for preset {preset!r}: the presets with data here are gmm, digits, mnist and cifar10")
 
 
+def preset_files_hint(path: Path) -> str:
+    """For --data given MNIST or CIFAR-10 files (or their folder): the flags that read them."""
+    folder = path if path.is_dir() else path.parent
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if path.name in MNIST_FILES or names & set(MNIST_FILES) or path.name == "MNIST":
+        return "; MNIST's files are read by --preset mnist --data-dir DIR (DIR/MNIST/raw holds them)"
+    if "data_batch_1" in names or path.name in ("cifar-10-batches-py", "cifar-10-python.tar.gz"):
+        return "; CIFAR-10's are read by --preset cifar10 --data-dir DIR (DIR/cifar-10-batches-py holds them)"
+    return ""
+
+
 def load_npy(path: str) -> TensorData:
     """The user's own array saved with np.save: (N, D) -> 'vector', (N, C, H, W) -> 'image'.
 
@@ -238,7 +340,8 @@ def load_npy(path: str) -> TensorData:
     try:
         array = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: not a loadable .npy ({error}); save a plain numeric array with np.save") from None
+        raise DataError(f"--data {path}: not a loadable .npy ({str(error).splitlines()[0]}); --data takes a folder of "
+                        f"images, latent shards or an array saved with np.save{preset_files_hint(file)}") from None
     if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
         raise DataError(f"{path}: is an .npz archive; save the single array with np.save(path, x)")
     # bool is not an np.number; complex is, but a model cannot use it.

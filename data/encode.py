@@ -18,7 +18,8 @@ Images go to shards in a fixed pseudo-random order (the sorted list shuffled wit
 sorted by class would otherwise give shards, and so the loader's shuffle buffers, of one class each.
 Shard k always holds images [k*n, (k+1)*n) of that order (n = --shard-size) and their flips. A shard
 is written under a temporary name and renamed when complete, and manifest.json records it, so a rerun
-after a crash skips the finished shards and redoes the rest. The manifest (count, latent shape, VAE,
+after a crash skips the finished shards and redoes the rest (and any shard one of whose images changed
+since: size or modification time, e.g. an unreadable file repaired). The manifest (count, latent shape, VAE,
 scaling factor, resolution, shards, skipped images) is what LatentShards reads.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..cli import Parser, one_line_errors
-from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic
+from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic, write_fix
 from .datasets import DataError
 from .images import UNREADABLE, list_images, resize_center_crop
 from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
@@ -140,7 +141,7 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
             bar.update(len(batch))
     fsync_path(tmp)
     os.replace(tmp, path)
-    return {"name": path.name, "sources_sha1": digest(sources), "images": len(sources) - len(skipped),
+    return {"name": path.name, "sources_sha1": digest(sources, root), "images": len(sources) - len(skipped),
             "samples": samples, "skipped": skipped}
 
 
@@ -155,9 +156,18 @@ def sample_sha256(mean_npy: bytes, std_npy: bytes) -> str:
     return hashlib.sha256(mean_npy + std_npy).hexdigest()
 
 
-def digest(sources: list[str]) -> str:
-    """Names a shard's source list, so a rerun reuses a shard only if it would hold the same images."""
-    return hashlib.sha1("\n".join(sources).encode()).hexdigest()
+def digest(sources: list[str], root: Path) -> str:
+    """Names a shard's source images, each by its path, size and modification time, so that a rerun reuses a
+    shard only if it would hold the same images as they are now: one replaced or repaired since (an
+    unreadable file the message said to fix) is read again."""
+    def stamp(path: str) -> str:
+        try:
+            st = (root / path).stat()
+        except OSError:  # gone since the listing: the shard is redone, and says so
+            return f"{path}\tmissing"
+        return f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
+
+    return hashlib.sha1("\n".join(map(stamp, sources)).encode()).hexdigest()
 
 
 def previous_manifest(folder: Path) -> dict | None:
@@ -209,8 +219,8 @@ def write_failed(out: Path, name: str, error: OSError, finished: int) -> EncodeW
     for leftover in [*out.glob("shard-*.tar.tmp"), *out.glob(".tmp-*manifest.json")]:
         leftover.unlink(missing_ok=True)
     return EncodeWriteFailed(f"could not write {out / name}: {error.strerror or error}; no partial file is left, "
-                             f"the {finished} shards written before are kept: free space and rerun the same "
-                             f"command to continue")
+                             f"the {finished} shards written before are kept: {write_fix(error)}, then rerun the "
+                             f"same command to continue")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ThreadPoolExecutor(args.workers) as pool:
         for name, group in zip(names, groups):
             done = finished.get(name)
-            if done is not None and (out / name).exists() and done["sources_sha1"] == digest(group):
+            if done is not None and (out / name).exists() and done["sources_sha1"] == digest(group, root):
                 info.append(done)  # finished by an earlier run, with the same images
                 bar.update(len(group))
                 continue

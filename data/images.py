@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .datasets import DataError, TensorData
+from .datasets import DataError, TensorData, preset_files_hint
 
 # What Pillow reads without plugins; a TIFF or GIF of several frames gives its first.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -28,18 +28,35 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def walk_files(root: Path):
+    """Every file under `root` as a path relative to it, hidden files and folders (.name) left out, following
+    symlinked folders (a data set assembled from links to its parts: Path.rglob skips them before Python
+    3.13) but none twice, so a link to a folder above it cannot loop."""
+    seen = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # sorted: which link counts is fixed
+        for name in files:
+            if not name.startswith("."):
+                yield (Path(folder) / name).relative_to(root)
+
+
 def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     """Relative paths (posix) of the image files under `folder`, sorted so that runs are reproducible.
     Hidden files and folders (.name: editor backups, .ipynb_checkpoints, .Trash) are not images of the set."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"--images {folder}: not a folder; pass the folder that holds your images")
-    paths = sorted(relative for relative in (p.relative_to(root).as_posix() for p in root.rglob("*")
-                                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-                   if not any(part.startswith(".") for part in relative.split("/")))
+    paths = sorted(p.as_posix() for p in walk_files(root)
+                   if p.suffix.lower() in IMAGE_SUFFIXES and (root / p).is_file())
     if not paths:
         raise DataError(f"no images under {folder}; pass the folder that holds them (searched recursively, "
-                        f"hidden folders left out, for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
+                        f"hidden folders left out, for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)"
+                        f"{preset_files_hint(root)}")
     return paths[:limit] if limit is not None else paths
 
 
@@ -73,14 +90,15 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def read_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool]:
-    """(the (3, R, R) uint8 image, None, whether it was grayscale), or (None, why, False) for a file
-    that cannot be read as an image."""
+def read_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool, bool]:
+    """(the (3, R, R) uint8 image, None, whether it was grayscale, whether it was enlarged: its shorter side
+    under R), or (None, why, False, False) for a file that cannot be read as an image."""
     try:
         with Image.open(path) as image:
-            return resize_center_crop(image, resolution), None, image.mode in GRAYSCALE_MODES
+            return (resize_center_crop(image, resolution), None, image.mode in GRAYSCALE_MODES,
+                    min(image.size) < resolution)
     except UNREADABLE as error:
-        return None, f"{type(error).__name__}: {error}", False
+        return None, f"{type(error).__name__}: {error}", False, False
 
 
 def check_fits_in_memory(count: int, resolution: int, workers: int) -> None:
@@ -109,14 +127,20 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL
         loaded = list(tqdm(pool.map(lambda p: read_image(root / p, resolution), paths), total=len(paths),
                            desc=f"read {root.name or root}", unit="img", disable=None, leave=False))
-    images = [image for image, _, _ in loaded if image is not None]
-    skipped = [(p, why) for p, (_, why, _) in zip(paths, loaded) if why is not None]
+    images = [image for image, *_ in loaded if image is not None]
+    skipped = [(p, why) for p, (_, why, *_) in zip(paths, loaded) if why is not None]
     if not images:
         raise DataError(f"none of the {len(paths)} images under {folder} could be read (first: {skipped[0][0]}: "
                         f"{skipped[0][1]}); check the files")
     if skipped:
-        print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}, e.g. {skipped[0][0]}: {skipped[0][1]}")
+        shown = "".join(f"\n  {path}: {why}" for path, why in skipped[:20])
+        more = f"\n  and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}:{shown}{more}")
+    enlarged = sum(small for *_, small in loaded)
+    if enlarged:  # upscaled pixels add no detail: the network learns the blur
+        print(f"note: {enlarged} of the {len(images)} images are smaller than --resolution {resolution} (shorter "
+              f"side) and were enlarged to it; a lower --resolution keeps their own detail")
     values = torch.stack(images)
-    if all(gray for image, _, gray in loaded if image is not None):
+    if all(gray for image, _, gray, _ in loaded if image is not None):
         values = values[:, :1].contiguous()  # R = G = B after convert("RGB"): keep one channel
     return TensorData(root.name or str(root), values, "image")

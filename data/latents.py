@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import math
 import random
 import tarfile
 import warnings
@@ -57,6 +58,12 @@ def read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
+        from .images import IMAGE_SUFFIXES
+
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):  # images, not their latents
+            raise DataError(f"{folder} holds images, not latent shards: encode them first (python -m "
+                            f"stmd_fast.data.encode --images {folder} --vae VAE --out SHARDS, then --data SHARDS), "
+                            f"or train on the pixels (--data {folder} without a latent --preset)") from None
         raise DataError(f"{folder}: no manifest.json beside the shards; write the shards with "
                         "python -m stmd_fast.data.encode (it writes the manifest)") from None
     except (OSError, ValueError) as error:
@@ -68,13 +75,33 @@ def read_manifest(folder: Path) -> dict:
         raise DataError(f"{folder}: the encoding did not finish ({len(manifest.get('shards', []))} shards so far); "
                         "rerun the same stmd_fast.data.encode command to finish it")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise DataError(f"{path}: lacks {', '.join(missing)} (edited by hand?); rerun the stmd_fast.data.encode "
-                        "command that wrote it, with the same --out")
+    wrong = [key for key, fits in MANIFEST_KEYS.items() if key in manifest and not fits(manifest[key])]
+    if missing or wrong:
+        what = "; ".join(part for part in (missing and f"lacks {', '.join(missing)}",
+                                           wrong and f"holds no valid {', '.join(wrong)}") if part)
+        raise DataError(f"{path}: {what} (edited by hand?); rerun the stmd_fast.data.encode command that wrote it, "
+                        "with the same --out")
     return manifest
 
 
-MANIFEST_KEYS = ("vae", "resolution", "latent_shape", "scaling_factor", "shift_factor", "pattern", "shard_info")
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+MANIFEST_KEYS = {  # what the loader reads, each with what a valid value is (a hand-edited one failed deep inside)
+    "vae": lambda x: isinstance(x, str) and x != "",
+    "resolution": lambda x: _count(x) and x > 0,
+    "latent_shape": lambda x: isinstance(x, list) and len(x) == 3 and all(_count(n) and n > 0 for n in x),
+    "scaling_factor": lambda x: _number(x) and x != 0,
+    "shift_factor": _number,
+    "pattern": lambda x: isinstance(x, str) and x != "",
+    "shard_info": lambda x: isinstance(x, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                                        and _count(i.get("samples")) for i in x),
+}
 
 
 def vae_moved(manifest: dict) -> bool:
@@ -104,9 +131,9 @@ def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: in
     # A VAE folder that moved (or a copy on another machine) is named by its new place; the trainer then
     # checks that it makes the manifest's latents (data.vae.check_vae_fits).
     if vae is not None and local_path(vae) != local_path(manifest["vae"]) and not vae_moved(manifest):
-        raise DataError(f"{encoded}, not with --vae {vae}: drop --vae (with --preset latent the manifest's VAE is "
-                        f"used) or pass --vae {manifest['vae']}; or re-encode with python -m stmd_fast.data.encode "
-                        f"--vae {vae} --out NEW_FOLDER")
+        raise DataError(f"{encoded}, not with the VAE {vae} (--vae, or the preset's): train with --preset latent and "
+                        f"no --vae (the manifest's VAE is used) or pass --vae {manifest['vae']}; or re-encode with "
+                        f"python -m stmd_fast.data.encode --vae {vae} --out NEW_FOLDER")
     if resolution is not None and resolution != manifest["resolution"]:
         raise DataError(f"{encoded}, and this preset trains at {resolution}: re-encode with python -m "
                         f"stmd_fast.data.encode --resolution {resolution} --out NEW_FOLDER, or train with --preset "
@@ -255,9 +282,18 @@ class LatentShards:
                             f"({len(unlisted)} such); leave it out of the pattern, or pass the folder (its manifest "
                             "names the shards)")
         self.count = sum(self._expected[str(Path(u))] for u in self.urls)  # samples, in all ranks' shards together
+        images = self.manifest.get("images", self.count)
+        smaller = f"--shard-size {max(1, images // (4 * world_size))} (or less)"
         if len(self.urls) < world_size:
-            raise DataError(f"{len(self.urls)} shards cannot be split over {world_size} ranks; re-encode with "
-                            "a smaller --shard-size so there are several shards per rank and worker")
+            raise DataError(f"{len(self.urls)} shard{'s' if len(self.urls) != 1 else ''} cannot be split over "
+                            f"{world_size} processes (each needs shards of its own): re-encode with {smaller}, so "
+                            f"that each process and data worker has several")
+        sizes = [self._expected[str(Path(u))] for u in self.urls]
+        if world_size > 1 and rank == 0 and (len(sizes) % world_size or len(set(sizes)) > 1):
+            # each rank counts its own epochs (its shards, shuffled per epoch): uneven shares drift apart
+            print(f"note: {len(sizes)} shards of {min(sizes)}-{max(sizes)} samples do not split evenly over "
+                  f"{world_size} processes, so the processes end their epochs at different steps and over a stretch "
+                  f"of training some samples are drawn more often than others; {smaller} evens it out", flush=True)
         self.shape = tuple(self.manifest["latent_shape"])
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self.shift_factor = float(self.manifest["shift_factor"])

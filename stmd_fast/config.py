@@ -60,8 +60,9 @@ class TrainConfig:
     flip: bool = False
     """Images: mirror each training image left-right with probability 1/2 (latents: encode with --flip instead)."""
     unet: str | None = option(None, choices=tuple(UNET_WIDTHS))
-    """Image data: a U-Net of this size laid out for the resolution (models.unet_config; L at 32 pixels is the
-    cifar10 network). Default: B for an image folder, the preset's own network otherwise."""
+    """Image data: a U-Net of this size laid out for the resolution (models.unet_config; L at 32 pixels has the
+    cifar10 network's channels and layers, 38.4M parameters, with attention heads of 64 channels where cifar10's
+    have 8). Default: B for an image folder, the preset's own network otherwise."""
     dit: str | None = option(None, metavar="NAME")
     """Latent data: a DiT of the registry, DiT-{S,B,M,L,XL}/{2,4,8}, whose patch divides the latent size.
     Default for preset latent, by latent size: DiT-S/2 up to 8x8, DiT-B/2 up to 16x16, DiT-M/2 above."""
@@ -71,8 +72,9 @@ class TrainConfig:
     strict_data: bool = option(False, resumable=True)
     """Latent presets: stop at the first damaged shard or sample (its checksum, shape or values wrong)
     instead of skipping it; skipped ones are counted in the log and metrics.jsonl either way."""
-    data_dir: str = "datasets"
-    """Where mnist / cifar10 files live (torchvision's layout)."""
+    data_dir: str = option("datasets", metavar="DIR", resumable=True)
+    """Where mnist / cifar10 files live (torchvision's layout: DIR/MNIST/raw, DIR/cifar-10-batches-py). Saved
+    absolute; if the files moved, give the new place (also with --resume)."""
     download: bool = False
     """Let torchvision download mnist / cifar10 into --data-dir."""
     steps: int = option(4000, resumable=True)

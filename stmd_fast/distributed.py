@@ -122,7 +122,7 @@ def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1
                   if jvp_block > 1 else "")
         raise ValueError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
                          f"{ctx.world_size} processes{blocks}: use a multiple of {unit} "
-                         f"(e.g. {lower or unit} or {lower + unit})")
+                         f"(e.g. {' or '.join(map(str, sorted({lower or unit, lower + unit})))})")
 
 
 def setup(ctx: Dist, device: torch.device) -> None:
@@ -239,6 +239,44 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.stack(parts)
+
+
+class StopVote:
+    """Under torchrun: whether any rank was asked to stop (Ctrl-C, SIGTERM, SIGHUP), agreed every step without
+    slowing it. Each step sends this rank's flag in a 4-byte all-reduce on a gloo group (CPU, in gloo's own
+    thread: no GPU sync) and reads the one it sent the step before, which every rank reads at the same step.
+    So a stop is agreed one step after the signal rather than at the next --log-every interval: torchrun
+    SIGKILLs its workers 30 s after passing a SIGTERM on, and an interval (with its checkpoint) can be longer.
+    Without torchrun it is the flag itself. Every rank must call agreed() at every step, and close() once."""
+
+    def __init__(self):
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.pending = None
+
+    def agreed(self, requested: bool) -> bool:
+        if self.group is None:
+            return requested
+        anyone = False
+        if self.pending is not None:  # sent a step ago: by now every rank has sent it too (the step synced them)
+            self.pending.wait()
+            anyone = bool(self.flag.item())
+        self.flag.fill_(int(requested))
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return anyone
+
+    def close(self) -> None:
+        """Wait for the last vote sent (every rank sent it): none is left in flight when the group goes."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another process of the job is gone (killed, crashed)."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(words in text for words in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL", "gloo"))
 
 
 def gather_objects(obj) -> list:

@@ -3,10 +3,11 @@
   train-classifier --preset digits|mnist     the FD feature network (2 conv + 2 FC, 128-d features; digits ships one)
   sweep CKPT [CKPT ...] --out DIR            FD (or FID) over each method's (N, M) settings
   kernel RUN [RUN ...] --out DIR             gmm: distance of learned transitions to the exact kernel
-  inpaint CKPT --mask center|pixels|half     FD, PSNR and diversity of completions of held-out images
+  inpaint CKPT --mask center|pixels|half --out DIR   FD, PSNR and diversity of completions of held-out images
   posterior RUN [RUN ...] --out DIR          gmm: distance of SMC / DDNM+ posterior samples to the exact p(x_0 | y)
   conditional CKPT --out DIR                 FD of x0_hat ~ p(x_0 | x_s) at each s: which steps of a chain set its error
-  inverse CKPT --operator sr4|sr2|gray|inpaint   PSNR, FD, diversity and consistency ||A x - y|| of posterior samples
+  inverse CKPT --operator sr4|sr2|gray|inpaint --out DIR   PSNR, FD, diversity and consistency ||A x - y|| of
+                                             posterior samples
 
 Everything is seeded: the same --seed (and --batch-size, on the same device) gives the same numbers.
 Every result records how it was made (the command, versions, device, time). A sweep keeps each
@@ -50,14 +51,16 @@ class EvalError(Exception):
 
 # ----------------------------------------------------------------------------- data and metric
 
-def load_split(preset: str, split: str, data_dir: str, download: bool = False):
-    """The `split` ('train' or 'test') of a preset's dataset, as TensorData."""
+def load_split(preset: str, split: str, data_dir: str | None, download: bool = False, meta: dict | None = None):
+    """The `split` ('train' or 'test') of a preset's dataset, as TensorData, from `data_dir` (--data-dir), or
+    else from where the checkpoints' run read its files (`meta`'s data_dir, saved absolute)."""
     from .data.datasets import DataError, load_preset
 
+    data_dir = data_dir or (meta or {}).get("config", {}).get("data_dir") or "datasets"
     try:
-        return load_preset(preset, split, data_dir or "datasets", download)
+        return load_preset(preset, split, data_dir, download)
     except DataError as err:
-        raise EvalError(f"reference data: {err}") from None
+        raise EvalError(f"the {preset} {split} split: {err}") from None
 
 
 def dataset_of(meta: dict) -> str:
@@ -204,7 +207,7 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
         name = f"npy-{Path(args.reference).stem}"
     else:
         preset = meta["config"]["preset"]
-        ref = load_split(preset, reference_split(args), args.data_dir)
+        ref = load_split(preset, reference_split(args), args.data_dir, meta=meta)
         name = f"{preset}-{reference_split(args)}"
     if tuple(ref.shape) != image_shape(meta):
         raise EvalError(f"reference images have shape {tuple(ref.shape)}, the checkpoints make {image_shape(meta)}")
@@ -443,7 +446,7 @@ def real_data_floor(meta: dict, metric, args) -> float | None:
     would score with this many reference images (FD has a sample-size floor)."""
     if meta["config"]["data"] is not None or reference_split(args) != "test":
         return None
-    train = load_split(meta["config"]["preset"], "train", args.data_dir)
+    train = load_split(meta["config"]["preset"], "train", args.data_dir, meta=meta)
     train.values = train.values[: args.num]  # before the float conversion: CIFAR-10 is 600 MB as float
     return metric.score(train.all())
 
@@ -613,7 +616,7 @@ def conditional(args) -> int:
     out = writable_dir(args.out)
     metric, images = prepare_metric(meta, args, model.device)
     warn_small_fd(metric, args.num, "--num", len(images))
-    train = load_split(meta["config"]["preset"], "train", args.data_dir)
+    train = load_split(meta["config"]["preset"], "train", args.data_dir, meta=meta)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     x0 = train.batch(args.num, generator)  # drawn with replacement: repeats when num > len(train)
     floor = metric.score(x0)  # the same images undisturbed: what a perfect posterior sampler scores
@@ -725,7 +728,7 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 def inpaint(args) -> int:
     from torchvision.utils import save_image
 
-    from .data.datasets import to_unit_range
+    from .data.datasets import viewable
     from .metrics import diversity, psnr
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint], "inpaint", args.ema)
@@ -750,7 +753,8 @@ def inpaint(args) -> int:
     masks, completions = [], []
     for truth in tqdm(images, desc=f"inpaint ({args.mask})", disable=None):
         mask = make_mask(args.mask, model.data_shape, mask_gen)
-        x = model.inpaint(truth.to(device) * mask.to(device), mask, args.completions, args.steps, args.flow_steps, generator)
+        x = model.inpaint(truth.to(device) * mask.to(device), mask, args.completions, args.steps, args.flow_steps,
+                          generator, batch_size=args.batch_size)
         masks.append(mask)
         completions.append(x.float().cpu())
     completions = torch.stack(completions, 1)  # (K, B, C, H, W)
@@ -760,8 +764,9 @@ def inpaint(args) -> int:
         "provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
         "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
         "images": len(images), "completions": args.completions, "seed": args.seed, "ema": ema_used(meta, args.ema),
-        "metric": metric.name, "features": metric.extractor_id, "reference": reference_name(meta, args),
-        "reference_images": len(reference), "fd": metric.score(completions.flatten(0, 1)),
+        "batch_size": args.batch_size, "metric": metric.name, "features": metric.extractor_id,
+        "reference": reference_name(meta, args), "reference_images": len(reference),
+        "fd": metric.score(completions.flatten(0, 1)),
         "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
@@ -773,7 +778,7 @@ def inpaint(args) -> int:
         tiles += [observed, *completions[: min(6, args.completions), i], images[i]]
     grid = out / f"inpaint_{args.mask}.png"
     tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
-    save_image(to_unit_range(tiles), grid, nrow=len(tiles) // shown, padding=1)
+    save_image(viewable(tiles), grid, nrow=len(tiles) // shown, padding=1)
     print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
           f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f} -> {out}")
     return 0
@@ -784,7 +789,7 @@ def inpaint(args) -> int:
 def inverse(args) -> int:
     from torchvision.utils import save_image
 
-    from .data.datasets import to_unit_range
+    from .data.datasets import viewable
     from .metrics import diversity, psnr
     from .operators import check_ddnm_corrects, check_sigma_y, make_operator
 
@@ -852,7 +857,7 @@ def inverse(args) -> int:
     for i in range(shown):
         tiles += [observed[i], *samples[: min(6, args.completions), i], images[i]]
     tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
-    save_image(to_unit_range(tiles), out / f"{name}.png", nrow=len(tiles) // shown, padding=1)
+    save_image(viewable(tiles), out / f"{name}.png", nrow=len(tiles) // shown, padding=1)
     print(f"{model.method} {args.operator} ({sampler}, sigma_y={args.sigma_y}, N={args.steps}, M={args.flow_steps}): "
           f"{metric.name} {result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f}, "
           f"RMS ||A x - y|| {result['consistency_rms']:.2e} -> {out}")
@@ -927,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per network batch; the random draws follow the batches, so the same --seed "
                              "gives the same numbers at the same --batch-size (recorded with them) [default: 256]")
         sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
-        sp.add_argument("--data-dir", help="where the mnist/cifar10 files are (other data has none) [default: datasets]")
+        sp.add_argument("--data-dir", help="where the mnist/cifar10 files are (other data has none) [default: where "
+                        "the checkpoints' run read them; datasets for train-classifier]")
         if metric:
             sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
                             help="fd = classifier features (digits, mnist), fid = Inception [default: auto]")

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .cli import Parser, one_line_errors
-from .files import WriteFailed, check_writable, write_atomic
+from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         save(program, meta, out)
     except OSError as err:
-        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; free space "
-                          f"or choose another --out") from None
+        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; "
+                          f"{write_fix(err, 'choose another --out')}") from None
     what = "latents (not decoded: sample --exported --vae decodes)" if model.data_kind == "latent" else \
         f"{model.data_kind}s"
     print(f"exported {method} N={steps} M={args.flow_steps} ({meta['grid'] or 'no'} grid, NFE {meta['nfe']}) from {ckpt} "

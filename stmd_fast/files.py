@@ -64,6 +64,18 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+WRITE_FIXES = {errno.ENOSPC: "free space", errno.EDQUOT: "free space within your quota",
+               errno.EFBIG: "the file outgrew a size limit: raise it (ulimit -f) or use a file system that takes it",
+               errno.EROFS: "make --out writable (its file system is read-only)",
+               errno.EACCES: "make --out writable (permissions)", errno.EPERM: "make --out writable (permissions)",
+               errno.EIO: "check the disk (an I/O error)"}
+
+
+def write_fix(err: OSError, otherwise: str = "check --out") -> str:
+    """What to do about a write that failed with `err`, by its cause (a full disk is not a size limit)."""
+    return WRITE_FIXES.get(err.errno, otherwise)
+
+
 def local_path(name: str | None) -> str | None:
     """`name` made absolute when it is a file or folder here, else unchanged (a Hub id, a missing path):
     a run or a manifest that saves it then works from any working directory. An empty name is refused: it

@@ -240,7 +240,7 @@ def check_ddnm_corrects(method: str, steps: int, sigma_y: float) -> None:
     if sigma_y > 0 and (steps < 2 or not get_method(method).diffusion):
         why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is that last step"
         raise ValueError(f"DDNM+ (sigma_y > 0 without particles) corrects only steps that end above s = 0 and {why}, "
-                         f"so y would be ignored: use SMC (particles K, --particles K), N >= 2 with STMD or DDPM, "
+                         f"so y would be ignored: use SMC (K particles: --particles K), N >= 2 with STMD or DDPM, "
                          f"or sigma_y = 0 (DDNM)")
 
 

@@ -151,7 +151,7 @@ def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> tu
     and, for images, the grid as saved ((C, H, W) in [0, 1], for the loggers)."""
     from torchvision.utils import make_grid, save_image
 
-    from .data.datasets import to_unit_range
+    from .data.datasets import viewable
 
     steps, flow_steps = METHODS[cfg.method].grid_steps(cfg)
     generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
@@ -161,7 +161,7 @@ def write_sample_grid(ema_net, cfg, data, device, path: Path, decode=None) -> tu
         x = decode(x.to(device)).cpu()
     buffer = io.BytesIO()  # rendered in memory, written atomically (files.py)
     if data.kind in ("image", "latent"):
-        grid = make_grid(to_unit_range(x), nrow=8, padding=1)
+        grid = make_grid(viewable(x), nrow=8, padding=1)
         path = path.with_suffix(".png")
         save_image(grid, buffer, format="png")
     else:

@@ -26,7 +26,7 @@ import torch
 
 from .cli import Parser, one_line_errors
 from .export import check_out_path
-from .files import WriteFailed, check_writable, write_atomic
+from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
 from .operators import OPERATOR_NAMES, check_ddnm_corrects, check_sigma_y, make_operator
 from .sampling import check_steps, nfe
@@ -183,17 +183,17 @@ def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask
     else:
         from torchvision.utils import save_image
 
-        from .data.datasets import to_unit_range
+        from .data.datasets import viewable
 
         if observed is not None:  # first tile: the observation, unobserved pixels grey
             x = torch.cat([(observed * mask)[None], x])
         x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
-        save_image(to_unit_range(x), buffer, format="png", nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
+        save_image(viewable(x), buffer, format="png", nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
     try:
         write_atomic(out, buffer.getvalue())
     except OSError as err:
-        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; free space "
-                          f"or choose another --out") from None
+        raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; "
+                          f"{write_fix(err, 'choose another --out')}") from None
 
 
 def main_exported(args) -> int:
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         operator.check(model.data_shape)
         y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,
                              torch.Generator().manual_seed(args.seed))
-        # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels black)
+        # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels 0 there: grey)
         observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
     generator = torch.Generator(model.device).manual_seed(args.seed)
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     write_samples(x, out, args.zoom, observed, mask)
     how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
         f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
-    print(f"{len(x)} {'completions' if observed is not None else 'samples'} ({model.method}, N={steps}, "
+    what = "posterior samples" if operator is not None else "completions" if observed is not None else "samples"
+    print(f"{len(x)} {what} ({model.method}, N={steps}, "
           f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
     return 0
 

@@ -46,7 +46,7 @@ from .data.datasets import DataError
 from .devices import resolve_device, use_tf32
 from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
 from .evaluate import FD_PRESETS
-from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock
+from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock, write_fix
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -80,6 +80,10 @@ class GradientSyncFailed(Exception):
     """Under torchrun the replicas' weights differ after a step: the gradient all-reduce did not happen."""
 
 
+class PeerLost(Exception):
+    """Under torchrun another process is gone (killed, crashed) and a collective failed: this one stops too."""
+
+
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train STMD (a conditional Mean Flow that samples p(x_0 | x_s)), or the Mean Flow / DDPM "
                     "baselines with the same network. With no flags: the built-in 8x8 digits on this machine.",
         epilog="A flag left out takes the preset's value. Outputs in --out: config.json, metrics.jsonl, "
-               "samples/step_*.png, checkpoints/step_*/ (see README). Several processes: torchrun "
+               "samples/step_*.png (.npy for vectors), checkpoints/step_*/ (see README). Several processes: torchrun "
                "--nproc_per_node=K -m stmd_fast.train ... (NCCL on CUDA, one GPU per process; gloo on CPU); "
                "--batch-size stays the global batch, rank 0 logs and writes checkpoints, and with torchrun "
                "--max-restarts=N a restarted job continues from its last checkpoint.",
@@ -125,8 +129,13 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     --resume, the newest checkpoint's config. Returns (config, resume)."""
     resume = given.pop("resume", False)
     top = {k: v for k, v in given.items() if k not in OBJECTIVE_FLAGS}
+    if top.get("data_dir") == "":
+        raise UserError("--data-dir is empty: give the folder of the mnist / cifar10 files")
+    if "data_dir" in top:  # saved absolute, as --data is: the run resumes and is evaluated from any folder
+        top["data_dir"] = str(Path(top["data_dir"]).resolve())
     objective = {k: v for k, v in given.items() if k in OBJECTIVE_FLAGS}
     fresh = PRESETS[top.get("preset") or preset_for_data(top.get("data"))]().to_dict()
+    fresh["data_dir"] = str(Path(fresh["data_dir"]).resolve())  # the default too
     fresh.update(top)
     fresh["objective"].update(objective)
     if "data" in top and fresh["preset"] not in LATENT_RESOLUTION:
@@ -461,6 +470,9 @@ def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
     was = trained.get("config", {}).get("data", cfg.data)
     if was != cfg.data and main:  # --data given again, elsewhere: the run moved its data (or chose new data)
         print(f"note: the run was trained on {was or 'the ' + cfg.preset + ' preset'}; it continues on {source}")
+    was_dir = trained.get("config", {}).get("data_dir", cfg.data_dir)
+    if cfg.data is None and "data_dir" not in unread_flags(cfg) and was_dir != cfg.data_dir and main:
+        print(f"note: the run read its {cfg.preset} files from {was_dir}; it continues on those in {cfg.data_dir}")
     if trained.get("data_shape", list(data.shape)) != list(data.shape):
         raise UserError(f"--resume: {out} was trained on samples of shape {tuple(trained['data_shape'])}, and "
                         f"{source} now gives {tuple(data.shape)}: its network takes nothing else; resume on the data "
@@ -487,6 +499,10 @@ def print_summary(cfg: TrainConfig, run: Run) -> None:
     print(f"{cfg.method} on {cfg.data or cfg.preset} {tuple(run.data.shape)}: {cfg.net.kind}, "
           f"{count_params(run.net) / 1e6:.3f}M parameters{note}; device {run.device}, {cfg.precision}"
           f"{', compiled' if cfg.compile else ''}{procs}; run dir {run.out}")
+    count = sample_count(run.data)
+    if count is not None and count < cfg.batch_size:  # batches draw with replacement: legal, but say it
+        print(f"note: {cfg.data or cfg.preset} holds {count} samples, fewer than --batch-size {cfg.batch_size}: each "
+              f"batch repeats them (drawn with replacement); a network this size will memorize them")
 
 
 def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
@@ -559,9 +575,21 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
         train_step = with_checks(train_step, cfg, run, state)
         t_start, first_step = time.perf_counter(), state.step
         loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
-        with StopRequest(quit_before_first_step=not ctx.distributed) as stop, dispatch.backend(cfg.kernels), \
+        when = "after the next step (the processes agree on it)" if ctx.distributed else "after this step"
+        with StopRequest(quit_before_first_step=not ctx.distributed, when=when) as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
-            last = loop(cfg, run, state, train_step, log, stop)
+            try:
+                last = loop(cfg, run, state, train_step, log, stop)
+            except RuntimeError as err:
+                if not (ctx.distributed and distributed.lost_peer(err)):
+                    raise
+                ckpt = find_checkpoint(run.out)
+                raise PeerLost(f"another process of this torchrun job is gone ({str(err).strip().splitlines()[0][:120]}) "
+                               f"after step {state.step}; this one stops too. "
+                               + (f"The last checkpoint, {ckpt}, is intact: continue with torchrun "
+                                  f"--nproc_per_node=K -m stmd_fast.train --out {run.out} --resume (torchrun "
+                                  f"--max-restarts N does so by itself)" if ckpt else "No checkpoint was written")) \
+                    from None
         if ctx.is_main:
             print(f"done: step {cfg.steps}, {cfg.steps - first_step} of them in this process, in "
                   f"{time.perf_counter() - t_start:.0f} s; checkpoint {last}")
@@ -581,6 +609,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     strategy = run.strategy
     sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"), state.log_window)
     last_good, last_save = find_checkpoint(run.out), time.monotonic()
+    vote = distributed.StopVote()  # under torchrun, a stop agreed by the ranks the step after the signal
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
@@ -600,8 +629,9 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         step = state.step
         sample_due = bool(cfg.sample_every) and step % cfg.sample_every == 0
         fd_due = bool(cfg.fd_every) and (step % cfg.fd_every == 0 or step == cfg.steps)
+        stop_agreed = vote.agreed(stop.requested)  # every rank, every step: a collective
         if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
-                or (stop.requested and not strategy.ctx.distributed)):
+                or stop_agreed):
             continue
         # --ckpt-minutes: checked at these intervals, agreed by the ranks in the same gather as a stop
         time_due = bool(cfg.ckpt_minutes) and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes
@@ -631,19 +661,14 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if sample_due or at_end:  # after the checkpoint: a grid that cannot be drawn or written costs no work
             log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         if stopping:
+            vote.close()
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             log.write(f"stopped by signal {stop.signal or 'on another rank'} at step {step}; checkpoint {last_good}; "
                       f"continue with: {again} --out {run.out} --resume")
             raise Stopped(stop.signal)
+    vote.close()
     return last_good
 
-
-
-WRITE_FIXES = {errno.ENOSPC: "free space", errno.EDQUOT: "free space within your quota",
-               errno.EFBIG: "the file outgrew a size limit: raise it (ulimit -f) or use a file system that takes it",
-               errno.EROFS: "make --out writable (its file system is read-only)",
-               errno.EACCES: "make --out writable (permissions)", errno.EPERM: "make --out writable (permissions)",
-               errno.EIO: "check the disk (an I/O error)"}
 
 
 def write_failed(err: OSError, what: str, out: str | Path) -> WriteFailed:
@@ -655,7 +680,7 @@ def write_failed(err: OSError, what: str, out: str | Path) -> WriteFailed:
         last = None
     left = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
     again = "resume with --resume" if last else "run the same command again"
-    fix = WRITE_FIXES.get(err.errno, "check --out")
+    fix = write_fix(err)
     return WriteFailed(f"could not write {what}: {err.strerror or err}; stopped, {left}: {fix}, then {again}")
 
 
@@ -715,11 +740,11 @@ class StopRequest:
     """Ctrl-C / SIGTERM / SIGHUP finish the current step, save, and exit; the same signal again kills at once.
     Before this process has finished a step (start-up, the first --compile, minutes for a large network) there
     is nothing new to save, so the first signal quits at once (quit_before_first_step; not under torchrun,
-    where the ranks agree on stopping at the next log interval, and a rank whose peer died fails there).
+    where the ranks agree on stopping a step later: distributed.StopVote).
     A context manager: the previous handlers come back on the way out."""
 
-    def __init__(self, quit_before_first_step: bool = False):
-        self.signal, self.started = None, not quit_before_first_step
+    def __init__(self, quit_before_first_step: bool = False, when: str = "after this step"):
+        self.signal, self.started, self.when = None, not quit_before_first_step, when
 
     @property
     def requested(self) -> bool:
@@ -732,9 +757,9 @@ class StopRequest:
         quiet_if_hung_up(signum)
         if not self.started:
             raise Interrupted(signum)
-        if self.signal is None:  # said at once: the step (or, under torchrun, the log interval) may take a while
+        if self.signal is None:  # said at once: a step may take a while
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            sys.stderr.write(f"\n{name}: stopping after this step, with a checkpoint; "
+            sys.stderr.write(f"\n{name}: stopping {self.when}, with a checkpoint; "
                              f"a second {name} quits at once, without one\n")
         self.signal = self.signal or signum
         signal.signal(signum, signal.SIG_DFL)
@@ -810,13 +835,16 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
     if meta is not None and meta["step"] >= cfg.steps:
         print(f"interrupted after the run finished: step {meta['step']} is saved in {cfg.out}", file=sys.stderr)
         return 0
-    print("interrupted during start-up, before the first step of this process; "
+    # torchrun SIGTERMs the other workers when one fails (its line says why): not the user's interrupt
+    by = "stopped by torchrun (another process failed, or the job was stopped)" \
+        if signum == signal.SIGTERM and distributed.from_env().launched else "interrupted"
+    print(f"{by} during start-up, before the first step of this process; "
           + ("the checkpoints are as they were" if meta else "no checkpoint was written"), file=sys.stderr)
     return 128 + signum
 
 
 @one_line_errors(UserError, DataError, CheckpointError,
-                 failures=(TrainingDiverged, GradientSyncFailed, WriteFailed))  # DataError: e.g. shards unreadable mid-run
+                 failures=(TrainingDiverged, GradientSyncFailed, PeerLost, WriteFailed))  # DataError: e.g. shards unreadable mid-run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = None

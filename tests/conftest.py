@@ -15,6 +15,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def fp32_math_as_torch_sets_it():
+    """Each test starts from torch's own fp32 matmul setting: a command run in-process (the trainer, or
+    bench/train_step.py, which sets TF32 as the trainer does) changes it for the whole process."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    if (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) != before:
+        torch.set_float32_matmul_precision(before[0])  # the process-wide setters, as devices.use_tf32 uses
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
 @pytest.fixture(scope="session")
 def random_inception(tmp_path_factory) -> str:
     """A weights file in torch-fidelity's format from a randomly initialised InceptionV3.

@@ -82,10 +82,18 @@ def test_train_step_smoke():
     assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")} | {
         ("public recipe", "stmd")}
     assert result["environment"]["torch"] == torch.__version__ and result["interleaved"]
-    assert result["bf16_peak_tflops"] is None  # a smoke run's tiny matmul would undershoot the peak
+    assert result["peak_tflops"] == {}  # a smoke run's tiny matmul would undershoot the peak
     for (variant, objective), row in rows.items():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
         assert row["tflops"] > 0 and row["mfu_pct"] is None  # so no MFU (once 500%)
+        assert row["compute"] == "fp32" and row["mfu_spec_pct"] is None  # a CPU has no data-sheet peak here
+    # every variant's steps see the same batch and noise (the FLOP count once drew from one variant's
+    # generator): the first step's loss, taken before any update, agrees across engines
+    firsts = [rows[(v, "stmd")]["loss_first"] for v in ("eager fp32", "compiled fp32", "public recipe")]
+    assert firsts == pytest.approx([firsts[0]] * 3, rel=1e-4)
+    assert all(row["error_first"] > 0 for row in rows.values())  # the squared error beside the adaptive loss
+    # the public recipe's EMA (every 16 steps) is timed apart and counted per step: none escapes the median
+    assert rows[("public recipe", "stmd")]["ema_ms_per_update"] > 0
     # the JVP step does more work than the flow-matching step of the same network, and the public
     # recipe's full-batch JVP more than ours on the r < t rows
     ours, public = rows[("compiled fp32", "stmd")], rows[("public recipe", "stmd")]
@@ -105,10 +113,13 @@ def test_mfu_is_never_reported_above_100_percent(capsys):
     CPU): no MFU and a warning, rather than an impossible 500%."""
     from train_step import add_rates, mfu_text
 
-    row = {"variant": "compiled fp32", "objective": "stmd", "gflop_per_step": 2.0}  # 2 GFLOP in 1 ms: 2 TFLOP/s
-    add_rates(row, [1.0, 1.0, 1.0], 16, peak=4.0)
+    row = {"variant": "compiled fp32", "objective": "stmd", "compute": "tf32", "gflop_per_step": 2.0}
+    add_rates(row, [1.0, 1.0, 1.0], 16, peak=4.0)  # 2 GFLOP in 1 ms: 2 TFLOP/s
     assert row["tflops"] == pytest.approx(2.0) and row["mfu_pct"] == pytest.approx(50.0)
-    assert capsys.readouterr().out == ""
+    assert row["mfu_spec_pct"] is None and capsys.readouterr().out == ""
+    add_rates(row, [1.0, 1.0, 1.0], 16, peak=4.0, spec=8.0, extra_ms=1.0)  # 1 ms of EMA per step on top
+    assert row["ms_per_step"] == 2.0 and row["tflops"] == pytest.approx(1.0)
+    assert row["mfu_pct"] == pytest.approx(25.0) and row["mfu_spec_pct"] == pytest.approx(12.5)
     add_rates(row, [1.0, 1.0, 1.0], 16, peak=1.0)
     assert row["tflops"] == pytest.approx(2.0) and row["mfu_pct"] is None and mfu_text(row["mfu_pct"]) == "n/a"
     assert "under-measured" in capsys.readouterr().out
@@ -222,8 +233,9 @@ def test_compile_only_runs_one_step_per_variant_and_times_nothing(capsys, monkey
     out = capsys.readouterr().out
     assert "compiled fp32: first call" in out and "eager fp32:" not in out and "NFE" not in out
     assert not (tmp_path / "rows.jsonl").exists()  # nothing measured, nothing recorded
-    with pytest.raises(SystemExit, match="exclude each other"):
-        train_step.main(["--preset", "gmm", "--no-flow-matching", "--flow-matching-only", "--compile-only"])
+    assert run_main("train_step.py", ["--preset", "gmm", "--no-flow-matching", "--flow-matching-only",
+                                      "--compile-only"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
 
 
 def run_main(script: str, argv: list[str]) -> int:
@@ -291,7 +303,17 @@ def test_smoke_takes_the_flags_it_does_not_change():
     ("train_step.py", ["--preset", "digits", "--dit", "DiT-Q/2", "--device", "cpu"], ["unknown DiT 'DiT-Q/2'"]),
     ("sample.py", ["--batch", "0"], ["--batch: must be at least 1"]),             # once img_per_s 0.0
     ("sample.py", ["--iters", "0"], ["--iters: must be at least 1"]),
-    ("sample.py", ["--warmup", "-1"], ["--warmup: must be at least 0"]),
+    ("sample.py", ["--warmup", "0"], ["--warmup: must be at least 1"]),          # once timed the compile
+    # nothing left to time: refused before the peak is measured (once a ZeroDivisionError after it)
+    ("train_step.py", ["--method", "ddpm", "--variants", "public recipe", "--device", "cpu"],
+     ["nothing to time", "public recipe is a Mean Flow engine"]),
+    ("train_step.py", ["--method", "ddpm", "--flow-matching-only", "--device", "cpu"],
+     ["nothing to time", "--method ddpm has none"]),
+    ("train_step.py", ["--preset", "gmm", "--variants", "compiled bf16 + triton", "--device", "cpu"],
+     ["nothing to time", "triton variant needs CUDA"]),
+    ("train_step.py", ["--variants", " , "], ["--variants: none given"]),
+    ("sample.py", ["--variants", " "], ["--variants: none given"]),
+    ("sample.py", ["--variants", "compiled bf16 + triton", "--device", "cpu"], ["nothing to time", "needs CUDA"]),
     ("data.py", ["/nonexistent", "--seconds", "0"], ["--seconds: must be a finite number above 0"]),
     ("data.py", ["/nonexistent", "--seconds", "nan"], ["--seconds: must be a finite number above 0"]),
     ("data.py", ["/nonexistent", "--workers", "-1"], ["--workers: worker counts are at least 0"]),
@@ -309,3 +331,32 @@ def test_bench_scripts_refuse_nonsense_values_in_one_line(capsys, script, argv, 
     assert len(lines) == 1 and "error:" in lines[0], lines
     assert all(word in lines[0] for word in words), lines[0]
     assert "--flow-matching-fraction" not in lines[0]  # train_step.py has no such flag
+
+
+def test_kernel_time_is_the_device_events_only():
+    """kernel_ms's sum: the CUDA events' own time (kernels, copies); the host events around them, which hold
+    Python and launch time, are left out."""
+    from types import SimpleNamespace
+
+    from common import kernel_us
+    from torch.autograd import DeviceType
+
+    def event(device_type, us):
+        return SimpleNamespace(device_type=device_type, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [event(DeviceType.CPU, 900.0), event(DeviceType.CUDA, 12.5), event(DeviceType.CUDA, 7.5)]
+    assert kernel_us(events) == 20.0
+
+
+def test_mfu_peaks_follow_the_rows_compute():
+    """fp32 rows against the fp32 (on CUDA with TF32 on: TF32) peak, bf16 rows against bf16's; the data
+    sheet's peak by the GPU's name, the most specific name first."""
+    import common
+
+    cpu = torch.device("cpu")
+    assert common.matmul_compute(cpu, "bf16") == "bf16" and common.matmul_compute(cpu, "fp32") == "fp32"
+    assert common.spec_tflops(None, "bf16") is None  # no GPU
+    for name, bf16, tf32 in (("NVIDIA H200", 989.4, 494.7), ("NVIDIA H100 PCIe", 756.0, 378.0),
+                             ("NVIDIA H100 80GB HBM3", 989.4, 494.7), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+                             ("NVIDIA GeForce RTX 4090", None, None)):
+        assert (common.spec_tflops(name, "bf16"), common.spec_tflops(name, "tf32")) == (bf16, tf32), name

@@ -5,6 +5,7 @@ written to tmp_path and read back through torchvision.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import re
@@ -125,13 +126,46 @@ def test_mnist_batch_maps_drawn_rows_to_model_space(tmp_path):
     assert x.min() >= -1 and x.max() <= 1
 
 
-def test_a_truncated_mnist_file_is_a_data_error_naming_the_folder(tmp_path):
+@pytest.mark.parametrize("damage, words", [
+    (lambda raw: (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-images-idx3-ubyte").read_bytes()[:-100]),
+     ["train-images-idx3-ubyte has", "bytes where its header promises", "(7 images): cut short"]),
+    (lambda raw: (raw / "train-images-idx3-ubyte").write_bytes(b""), ["train-images-idx3-ubyte (0 bytes) is not an "
+                                                                      "MNIST idx file of images"]),
+    (lambda raw: (raw / "train-images-idx3-ubyte").write_bytes(gzip.compress((raw / "train-images-idx3-ubyte")
+                                                                            .read_bytes())),
+     ["train-images-idx3-ubyte is gzip-compressed", "gunzip"]),
+    (lambda raw: (raw / "train-images-idx3-ubyte").write_bytes((raw / "train-labels-idx1-ubyte").read_bytes()),
+     ["train-images-idx3-ubyte holds labels, not images"]),
+    (lambda raw: _write_idx(raw / "train-labels-idx1-ubyte", np.zeros(4, np.uint8)),
+     ["holds 7 images and", "train-labels-idx1-ubyte 4 labels", "same copy"]),
+], ids=["truncated", "empty", "gzip-under-plain-name", "labels-for-images", "counts-differ"])
+def test_a_damaged_mnist_file_is_named_with_what_is_wrong(tmp_path, damage, words):
+    """torchvision raises a bare ValueError or assert for most of these (once tracebacks): each is one
+    DataError naming the file and the fix, before torchvision reads anything."""
     _write_mnist(tmp_path, n_train=7, n_test=5)
-    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:-100])  # a copy cut short
-    with pytest.raises(DataError, match=re.escape(os.path.join(str(tmp_path), "MNIST", "raw")) + r" could not be "
-                                        r"read \(.*\): one of them is damaged; replace the four idx files"):
+    damage(tmp_path / "MNIST" / "raw")
+    with pytest.raises(DataError) as caught:
         load_mnist(str(tmp_path), "train")
+    assert all(word in str(caught.value) for word in words), str(caught.value)
+
+
+@pytest.mark.parametrize("arrange, data_dir, words", [
+    (lambda root: None, "MNIST", ["they are in", "pass --data-dir ROOT"]),          # one level too deep
+    (lambda root: None, "MNIST/raw", ["they are in", "pass --data-dir ROOT"]),      # two
+    (lambda root: [p.rename(root / p.name) for p in (root / "MNIST" / "raw").iterdir()], ".",
+     ["they are in ROOT: move the four files into"]),                             # loose in the folder
+    (lambda root: [p.rename(p.with_name(p.name + ".gz")) for p in (root / "MNIST" / "raw").iterdir()], ".",
+     ["train-images-idx3-ubyte.gz is compressed: gunzip the four .gz files"]),  # as the original site serves them
+    (lambda root: [p.rename(p.with_name(p.name.replace("-idx", ".idx"))) for p in (root / "MNIST" / "raw").iterdir()],
+     ".", ["train-images.idx3-ubyte is train-images-idx3-ubyte under another name"]),  # a mirror's names
+], ids=["mnist-folder", "raw-folder", "loose", "gz", "dotted"])
+def test_mnist_files_one_step_off_are_found_and_the_fix_named(tmp_path, arrange, data_dir, words):
+    _write_mnist(tmp_path, n_train=7, n_test=5)
+    arrange(tmp_path)
+    with pytest.raises(DataError) as caught:
+        load_mnist(str(tmp_path / data_dir), "train")
+    message = str(caught.value).replace(str(tmp_path) + "/", "ROOT/").replace(str(tmp_path), "ROOT")
+    assert all(word in message for word in words), message
 
 
 def test_mnist_missing_files_name_the_path_and_download(tmp_path):
@@ -207,10 +241,40 @@ def test_cifar10_missing_files_name_the_folder_and_download(tmp_path, no_md5):
     assert "data_batch_1" in message and "--download" in message
 
 
-def test_cifar10_wrong_checksums_are_reported_as_corrupted(tmp_path):
+def test_cifar10_wrong_checksums_name_the_damaged_files(tmp_path):
     _write_cifar10(tmp_path, per_batch=2)  # real md5 check on: synthetic files do not match
-    with pytest.raises(DataError, match="corrupted"):
+    with pytest.raises(DataError, match="data_batch_1, data_batch_2, .*batches.meta do not match the official MD5"):
         load_cifar10(str(tmp_path))
+
+
+def test_preset_files_given_as_data_name_the_flags_that_read_them(tmp_path):
+    """--data is for your own images, shards or .npy: MNIST or CIFAR-10 files there get the preset's flags."""
+    from stmd_fast.data.images import list_images
+
+    _write_mnist(tmp_path / "m", n_train=3, n_test=2)
+    _write_cifar10(tmp_path / "c", per_batch=2)
+    with pytest.raises(DataError, match="--preset mnist --data-dir DIR"):
+        load_npy(str(tmp_path / "m" / "MNIST" / "raw" / "train-images-idx3-ubyte"))
+    with pytest.raises(DataError, match="--preset cifar10 --data-dir DIR"):
+        list_images(tmp_path / "c" / "cifar-10-batches-py")
+    with pytest.raises(DataError, match="--preset mnist --data-dir DIR"):
+        list_images(tmp_path / "m" / "MNIST")
+
+
+def test_cifar10_one_step_off_is_found_and_the_fix_named(tmp_path, no_md5):
+    _write_cifar10(tmp_path, per_batch=2)
+    batches = tmp_path / "cifar-10-batches-py"
+    with pytest.raises(DataError, match=re.escape(f"they are in {batches} itself: pass --data-dir {tmp_path}")):
+        load_cifar10(str(batches))  # the extracted folder itself
+    (batches / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"missing: data_batch_3\)"):
+        load_cifar10(str(tmp_path))
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "cifar-10-python.tar.gz").write_bytes(b"")  # downloaded, not extracted
+    with pytest.raises(DataError, match=re.escape(f"is the archive: tar -xzf {packed / 'cifar-10-python.tar.gz'} "
+                                                  f"-C {packed}")):
+        load_cifar10(str(packed))
 
 
 # --- .npy --------------------------------------------------------------------------------------

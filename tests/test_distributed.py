@@ -296,3 +296,49 @@ def test_uneven_batch_error_suggests_batches_that_pass_the_jvp_block_check():
     # ddpm has no JVP block: the plain split over the processes is all that is asked
     with pytest.raises(ValueError, match=r"multiple of 2 \(e\.g\. 14 or 16\)"):
         distributed.check_parallel(launched, "ddp", 15)
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_within_a_step_with_a_checkpoint(runs):
+    """torchrun passes a SIGTERM on to its workers and SIGKILLs them 30 s later. The ranks once agreed on a
+    stop only at the next --log-every interval, so a long interval lost everything since the last checkpoint
+    (only a .tmp- checkpoint was left, mid-save). Now they agree one step after the signal."""
+    import signal
+    import time
+
+    run = runs / "sigterm"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 10**6, "--ckpt-every", 10**6]),
+           "--out", str(run)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # training has begun once the progress bar (or its first line) shows
+            if "2 processes (ddp)" in line:
+                break
+        time.sleep(5)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - began < 25, "the stop waited for torchrun's SIGKILL"
+    ckpts = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and ckpts[0].startswith("step_"), (ckpts, rest[-3000:])  # no .tmp- left mid-save
+    assert "stopped by signal" in rest and "--resume" in rest
+    stmd_fast.load_checkpoint(run / "checkpoints" / ckpts[0])
+
+
+@pytest.mark.slow
+def test_a_lost_peer_is_one_line_naming_the_checkpoint(runs):
+    """Rank 1 dies at step 5 (no restart): rank 0's all-reduce fails. One line saying so, the last checkpoint
+    and how to resume, not the gloo traceback."""
+    run = runs / "lost-peer"
+    result = torchrun(*GMM, "--out", run, env={"STMD_FAST_FAIL_AT_STEP": "5"})
+    assert result.returncode != 0
+    err = result.stderr
+    assert "another process of this torchrun job is gone" in err and "step_00000004" in err and "--resume" in err, \
+        err[-3000:]
+    assert "[rank0]: Traceback" not in err, err[-3000:]

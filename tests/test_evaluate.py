@@ -165,6 +165,11 @@ def test_inpainting_evaluation(runs, tmp_path):
 
     with Image.open(tmp_path / "inpaint_half.png") as grid:  # 5 rows of observation + 3 completions + truth
         assert grid.size == (5 * 9 + 1, 5 * 9 + 1)
+    # --batch-size reaches the sampler (it was ignored: every image's completions in one batch) and is recorded
+    assert result["batch_size"] == 256
+    assert evaluate([*args[:-1], str(tmp_path / "b2"), "--batch-size", "2"]) == 0
+    split = json.loads((tmp_path / "b2" / "inpaint_half.json").read_text())
+    assert split["batch_size"] == 2 and split["psnr_db"] != result["psnr_db"]  # the draws follow the batches
 
 
 def conditional_args(run, out, *extra):

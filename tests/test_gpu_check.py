@@ -47,6 +47,18 @@ def test_a_stage_that_ends_early_hands_its_seconds_to_the_next(tmp_path):
     assert sum(r["seconds"] for r in results) < sum(s.budget_s for s in stages) + 2  # the total still holds
 
 
+def test_the_budget_counts_from_the_start_of_the_script(tmp_path):
+    """The import check before the stages (88 s cold on 2 cores) spends the same GPU time: a run that started
+    3 s before its stages has 3 s less for them."""
+    import time
+
+    py = sys.executable
+    stages = [gpu_check.Stage("sleeps", 4, [py, "-c", "import time; time.sleep(2)"], [])]
+    assert gpu_check.run_stages(stages, tmp_path, dry_run=False)[0]["status"] == "ok"
+    late = gpu_check.run_stages(stages, tmp_path, dry_run=False, started=time.monotonic() - 3)
+    assert late[0]["status"].startswith("out of time")
+
+
 def test_a_stage_waits_for_its_warmer_and_unfinished_warmers_are_ended(tmp_path, monkeypatch):
     """The warmer writes its marker after a second; the stage that names it runs only after that (its
     command fails without the marker). A warmer still running when the stages end is killed; both
@@ -62,6 +74,7 @@ def test_a_stage_waits_for_its_warmer_and_unfinished_warmers_are_ended(tmp_path,
                               after=("compile",))]
     results = gpu_check.run_stages(stages, tmp_path, dry_run=True, warmers=warmers)
     assert results[0]["status"] == "ok" and results[0]["waited_s"] >= 0.5
+    assert results[0]["warmers_running"] == ["endless"]  # its timings were taken beside a warmer: flagged
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     ended = {x["warmer"]: x["status"] for x in lines if "warmer" in x}
     assert ended == {"compile": "ok", "endless": "killed at the end of the run"}  # "gpu only" never started
@@ -103,6 +116,7 @@ def test_a_relative_out_dir_is_the_callers_not_the_repositorys(tmp_path):
     (shim / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"}
     for argv, expected in ((["out/check", "--dry-run"], [str(tmp_path / "out" / "check"), "--dry-run"]),
+                           (["--dry-run", "out/check"], ["--dry-run", str(tmp_path / "out" / "check")]),
                            (["--help"], ["--help"])):
         proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *argv], capture_output=True, text=True,
                               cwd=tmp_path, env=env, timeout=30)

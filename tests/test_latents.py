@@ -165,6 +165,38 @@ def test_batched_encoding_keeps_each_latent_with_its_image(shards, tmp_path, ima
                                        torch.from_numpy(one_by_one[sample["src"]][entry]), rtol=1e-3, atol=1e-4)
 
 
+def test_a_rerun_reencodes_the_shard_of_an_image_repaired_since(tmp_path, image_dir, vae_dir, monkeypatch):
+    """The unreadable-image message says to fix the file and rerun: the rerun once reused the finished shard
+    (same file names) and reported the old failure again. A shard is reused only if its images' sizes and
+    modification times are unchanged."""
+    images, out = tmp_path / "images", tmp_path / "shards"
+    shutil.copytree(image_dir, images)
+    args = ["--images", str(images), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+            "--batch-size", "1", "--device", "cpu", "--shard-size", "2", "--limit", "4"]
+    assert [s["path"] for s in enc.main(args)["skipped"]] == [CORRUPT]
+    shutil.copy(images / "a.png", images / CORRUPT)  # repaired
+    real_encode, calls = enc.encode, []
+    monkeypatch.setattr(enc, "encode", lambda vae, x: calls.append(len(x)) or real_encode(vae, x))
+    manifest = enc.main(args)
+    assert manifest["skipped"] == [] and manifest["images"] == 4
+    assert calls == [1, 1]  # the two images of the repaired file's shard, none of the other shard
+    srcs = {s["src"] for s in _read_samples(out).values()}
+    assert CORRUPT in srcs
+
+
+def test_images_in_symlinked_folders_are_found_once(tmp_path, image_dir):
+    """A data set assembled from links to its parts: Path.rglob (Python < 3.13) skipped linked folders, and a
+    link to a folder above must not loop."""
+    root = tmp_path / "set"
+    (root / "real").mkdir(parents=True)
+    shutil.copy(image_dir / "a.png", root / "real" / "x.png")
+    os.symlink(image_dir, root / "linked")
+    os.symlink(root, root / "real" / "loop")  # back to the top: walked once, not forever
+    found = enc.list_images(root)
+    assert "real/x.png" in found and "linked/a.png" in found and f"linked/{CORRUPT}" in found
+    assert not any(p.startswith("real/loop/") for p in found)
+
+
 def test_preprocess_crops_the_center_square_in_model_range():
     # 80x40, white but for black 10-pixel sides: 4x down to 20x10, whose center 10x10 is the middle 40
     # columns; the white reaches 10 pixels beyond them, past the reach of the bicubic filter (8 at 4x)
@@ -379,8 +411,9 @@ def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
 def test_shards_of_another_vae_or_resolution_are_refused(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     LatentShards(_pattern(shards), expect_vae=manifest["vae"], expect_resolution=R)  # the matching preset
-    with pytest.raises(DataError, match=f"encoded with VAE .* at resolution {R}, not with --vae "
-                                        f"stabilityai/sd-vae-ft-ema: drop --vae .* or pass --vae {re.escape(manifest['vae'])}"):
+    with pytest.raises(DataError, match=f"encoded with VAE .* at resolution {R}, not with the VAE "
+                                        f"stabilityai/sd-vae-ft-ema \\(--vae, or the preset's\\): train with --preset "
+                                        f"latent .* or pass --vae {re.escape(manifest['vae'])}"):
         LatentShards(_pattern(shards), expect_vae="stabilityai/sd-vae-ft-ema")
     with pytest.raises(DataError, match=f"at resolution {R}, and this preset trains at 256: re-encode .*"
                                         f"--resolution 256"):
@@ -412,6 +445,20 @@ def test_a_manifest_missing_a_key_is_a_data_error(shards, tmp_path, key):
     del manifest[key]
     (edited / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"manifest.json: lacks {key} .*rerun the stmd_fast.data.encode command"):
+        LatentShards(str(edited))
+
+
+@pytest.mark.parametrize("key, value", [("scaling_factor", "abc"), ("shard_info", None), ("latent_shape", [4, 8]),
+                                        ("shard_info", [{"name": "shard-000000.tar", "samples": -1}]),
+                                        ("resolution", 0), ("shift_factor", float("nan"))])
+def test_a_manifest_holding_a_wrong_value_is_a_data_error(shards, tmp_path, key, value):
+    """Hand-edited values once failed deep inside (float('abc'), iterating None): one line naming the key."""
+    edited = tmp_path / "edited"
+    shutil.copytree(shards, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest[key] = value
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"manifest.json: holds no valid {key} .*rerun the stmd_fast.data.encode"):
         LatentShards(str(edited))
 
 
@@ -451,8 +498,22 @@ def test_missing_shards_or_manifest_are_data_errors(shards, tmp_path):
     shutil.copy(shards / "shard-000000.tar", lone)
     with pytest.raises(DataError, match="no manifest.json"):
         LatentShards(str(lone / "shard-000000.tar"))
-    with pytest.raises(DataError, match="5 shards cannot be split over 8 ranks"):
+    shutil.copy(Path(__file__), lone / "x.png")  # any file named as an image: a folder of images
+    with pytest.raises(DataError, match="holds images, not latent shards: encode them first"):
+        LatentShards(str(lone))
+    with pytest.raises(DataError, match=r"5 shards cannot be split over 8 processes .*re-encode with --shard-size \d+"):
         LatentShards(_pattern(shards), rank=0, world_size=8)
+
+
+def test_shards_that_split_unevenly_over_the_processes_get_a_note(shards, capsys):
+    """Each rank counts its own epochs: with unequal shares they drift apart and some samples are drawn more
+    often than others for a while. Said once (rank 0), with the shard size that evens it out."""
+    LatentShards(_pattern(shards), rank=0, world_size=2)  # 5 shards over 2 processes
+    assert re.search(r"note: 5 shards of \d+-\d+ samples do not split evenly over 2 processes.*--shard-size \d+",
+                     capsys.readouterr().out)
+    LatentShards(_pattern(shards), rank=1, world_size=2)
+    LatentShards(_pattern(shards), rank=0, world_size=1)
+    assert capsys.readouterr().out == ""  # once per job; one process has nothing to split
 
 
 # --- benchmark ----------------------------------------------------------------------------------

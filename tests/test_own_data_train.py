@@ -230,3 +230,37 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, tiny_dits
         assert result in (None, 0) or isinstance(result, (dict, Path)), (command, result)
     outputs = [Path(c[c.index("--out") + 1]) for c in commands if c[2] == "stmd_fast.sample"]
     assert all(p.suffix == ".png" and Image.open(p).size[0] > 0 for p in outputs)
+
+
+def test_an_mnist_run_resumes_from_any_folder_and_from_files_that_moved(tmp_path, monkeypatch, capsys):
+    """--data-dir was saved as typed (relative) and could not change on --resume: a run resumed from another
+    folder, or after its files moved, was stuck. Now saved absolute, and changeable like --data."""
+    import shutil
+
+    from test_data import _write_mnist
+
+    _write_mnist(tmp_path / "files", n_train=16, n_test=4)
+    monkeypatch.chdir(tmp_path)
+    common = ["--preset", "mnist", "--batch-size", "8", "--sample-every", "0", "--log-every", "1", "--device", "cpu"]
+    assert train_main([*common, "--data-dir", "files", "--steps", "1", "--out", "runs/m"]) == 0
+    assert read_meta(find_checkpoint(tmp_path / "runs" / "m"))["config"]["data_dir"] == str(tmp_path / "files")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train_main(["--out", "../runs/m", "--resume", "--steps", "2"]) == 0  # from another folder
+    shutil.move(tmp_path / "files", tmp_path / "moved")
+    assert train_main(["--out", "../runs/m", "--resume", "--steps", "3", "--data-dir", "../moved"]) == 0
+    assert f"continues on those in {tmp_path / 'moved'}" in capsys.readouterr().out
+    assert read_meta(find_checkpoint(tmp_path / "runs" / "m"))["step"] == 3
+
+
+def test_images_of_more_channels_than_a_png_holds_train_and_show_their_first_three(tmp_path, capsys):
+    """A 5-channel .npy trained to its first sample grid and crashed there (PIL has no 5-channel mode): grids
+    show channels 1-3. (Fewer samples than the batch: trained, with a note.)"""
+    x = np.random.default_rng(0).integers(0, 256, (4, 5, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "five.npy", x)
+    run = tmp_path / "run"
+    assert train_main(["--data", str(tmp_path / "five.npy"), "--steps", "2", "--batch-size", "8", "--sample-every",
+                       "2", "--device", "cpu", "--out", str(run)]) == 0
+    with Image.open(run / "samples" / "step_00000002.png") as grid:
+        assert grid.mode == "RGB" and grid.size == (8 * 9 + 1, 8 * 9 + 1)
+    assert "holds 4 samples, fewer than --batch-size 8" in capsys.readouterr().out

@@ -367,8 +367,20 @@ def test_sample_on_a_full_disk_is_one_line_and_leaves_no_file(capsys, gmm_run, t
     out = tmp_path / "x.npy"
     disk_full_after(100)
     assert sample(gmm_run, "--num", 64, "--out", out) == 1
-    assert_one_line_error(capsys, "could not write --out", "No space left on device", "nothing was written")
+    assert_one_line_error(capsys, "could not write --out", "No space left on device", "nothing was written",
+                          "free space")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_past_a_file_size_limit_names_the_limit_not_the_disk(capsys, gmm_run, tmp_path, monkeypatch):
+    """EFBIG (ulimit -f): "free space" was the advice for every failed write of sample and export."""
+    def too_large(path, data):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    import stmd_fast.sample as sample_module
+    monkeypatch.setattr(sample_module, "write_atomic", too_large)
+    assert sample(gmm_run, "--num", 8, "--out", tmp_path / "x.npy") == 1
+    assert_one_line_error(capsys, "File too large", "ulimit -f")
 
 
 def test_sample_on_a_real_full_disk(capsys, image_run, tiny_disk):
