@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,9 +393,9 @@ def load_npy(path: str) -> TensorData:
         if kind == "image" and float(values.min()) >= 0 and float(values.max()) <= 1:
             print(f"note: {path} holds float images in [0, 1] (as torchvision's ToTensor makes them); they are used "
                   "as given, while samples are saved as images in [-1, 1] (0 is mid-gray): save x * 2 - 1 for the "
-                  "usual scale")
+                  "usual scale", file=sys.stderr)
         spread = float(values.std()) if values.numel() > 1 else 1.0
         if not 0.05 <= spread <= 20:  # learnable, but the noise (std 1) then drowns it or barely touches it
             print(f"note: {path} has std {spread:.3g}; the diffusion's noise has std 1, so data of about unit "
-                  "scale learn best: standardize, e.g. x = (x - x.mean(0)) / x.std(0)")
+                  "scale learn best: standardize, e.g. x = (x - x.mean(0)) / x.std(0)", file=sys.stderr)
     return TensorData(file.stem, values, kind)

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     stale = sorted(p.name for p in out.glob("shard-*.tar") if p.name not in set(names))
     if stale:
         print(f"note: {len(stale)} shard files in {out} are not part of this encoding (e.g. {stale[0]}, "
-              "from an earlier run over more images); delete them, or keep them out of the shard pattern")
+              "from an earlier run over more images); delete them, or keep them out of the shard pattern",
+              file=sys.stderr)
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} unreadable image(s):")
         for s in result["skipped"]:

@@ -10,6 +10,7 @@ readable images are skipped, counted and named; a folder with none at all is a D
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,11 +136,11 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
     if skipped:
         shown = "".join(f"\n  {path}: {why}" for path, why in skipped[:20])
         more = f"\n  and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}:{shown}{more}")
+        print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}:{shown}{more}", file=sys.stderr)
     enlarged = sum(small for *_, small in loaded)
     if enlarged:  # upscaled pixels add no detail: the network learns the blur
         print(f"note: {enlarged} of the {len(images)} images are smaller than --resolution {resolution} (shorter "
-              f"side) and were enlarged to it; a lower --resolution keeps their own detail")
+              f"side) and were enlarged to it; a lower --resolution keeps their own detail", file=sys.stderr)
     values = torch.stack(images)
     if all(gray for image, _, gray, _ in loaded if image is not None):
         values = values[:, :1].contiguous()  # R = G = B after convert("RGB"): keep one channel

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import random
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -293,7 +294,8 @@ class LatentShards:
             # each rank counts its own epochs (its shards, shuffled per epoch): uneven shares drift apart
             print(f"note: {len(sizes)} shards of {min(sizes)}-{max(sizes)} samples do not split evenly over "
                   f"{world_size} processes, so the processes end their epochs at different steps and over a stretch "
-                  f"of training some samples are drawn more often than others; {smaller} evens it out", flush=True)
+                  f"of training some samples are drawn more often than others; {smaller} evens it out", flush=True,
+                  file=sys.stderr)
         self.shape = tuple(self.manifest["latent_shape"])
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self.shift_factor = float(self.manifest["shift_factor"])

@@ -292,8 +292,8 @@ def _setup(ctx, inputs, output):
     o, lse = output[0], output[-1]
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = inputs[-1]
-    # lse (and the tangent of attention_dual) carry no gradient: saying so makes a backward
-    # through them an error instead of a silently missing term
+    # lse (and the tangent of attention_dual) carry no gradient (Mean Flow's target, which holds the
+    # tangent, is stop-gradient): a backward through them alone is an error, beside other terms they add 0
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -321,7 +321,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """
     if not use_triton(q):
         return attention_reference(q, k, v, scale)
-    unsupported = attention_unsupported(q)
+    unsupported = attention_unsupported(q, k, v)
     if unsupported is not None:
         warn_fallback("attention", unsupported)
         return attention_reference(q, k, v, scale)

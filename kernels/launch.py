@@ -114,10 +114,17 @@ def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def attention_unsupported(q: torch.Tensor) -> str | None:
-    """Why the attention kernel cannot run on q (then the reference does), or None."""
+def attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the attention kernel cannot run on q, k, v (then the reference does), or None."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:  # the kernel indexes all three as q
+        return (f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (the kernel takes self-attention: "
+                f"three (B, H, L, D) tensors of one shape)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (the kernel takes three of one dtype)"
     if q.dtype not in (torch.float32, torch.bfloat16):
         return f"dtype {q.dtype} (the kernel takes float32 and bfloat16)"
+    if not q.is_cuda and q.dtype != torch.float32:  # TRITON_INTERPRET on the CPU
+        return f"dtype {q.dtype} in Triton's interpreter (its bfloat16 dot products are wrong; float32 only)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel takes up to {MAX_HEAD_DIM})"
     if q.is_cuda and device_capability(q.device.index or 0) < (8, 0):

@@ -57,7 +57,7 @@ if HAS_TRITON:
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
         base = b.to(tl.int64) * D
-        weight = tl.exp(-p * tl.log(tl.load(sq_ptr + b) + c))  # (l + c)^-p
+        weight = tl.where(p == 0.0, 1.0, tl.exp(-p * tl.log(tl.load(sq_ptr + b) + c)))  # (l + c)^-p; 0^0 = 1
         delta = tl.load(delta_ptr + base + offs, mask=mask, other=0.0)
         tl.store(grad_ptr + base + offs, (coef * weight * delta).to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -113,5 +113,8 @@ def meanflow_loss(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: fl
         # the kernel computes in fp32: a float64 loss would silently lose its precision
         warn_fallback("meanflow_loss", f"dtype {u.dtype} (the kernel takes 16- and 32-bit floats)")
         return meanflow_loss_reference(u, dudt, v, h, c, p)
-    loss, sq, _ = _meanflow_loss_op(u, dudt.detach(), v.detach(), h.detach(), float(c), float(p))
+    # the kernel reads v and du/dt as u's shape and h as one value per sample: broadcast ones made whole first
+    dudt, v = dudt.detach().expand_as(u), v.detach().expand_as(u)
+    h = h.detach().reshape(-1).expand(u.shape[0])
+    loss, sq, _ = _meanflow_loss_op(u, dudt, v, h, float(c), float(p))
     return loss, sq.detach()

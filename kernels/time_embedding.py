@@ -135,8 +135,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
     ctx.freqs, ctx.scale = inputs[-2], inputs[-1]
     if isinstance(output, tuple):
-        # The tangent carries no gradient (in Mean Flow it feeds the stop-gradient target):
-        # saying so makes a backward through it an error instead of a silently missing term.
+        # The tangent carries no gradient (in Mean Flow it feeds the stop-gradient target): a backward
+        # through it alone is an error, beside other terms it adds 0.
         ctx.mark_non_differentiable(output[1])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import numbers
 import os
 import shutil
 import warnings
@@ -187,6 +188,23 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.name.startswith("step_") or any((path / name).is_file() for name in CHECKED_FILES)
 
 
+def run_holding(path: str | Path) -> Path | None:
+    """The run directory in whose checkpoints/ folder `path` lies (a checkpoint, or checkpoints/ itself), if any."""
+    for folder in (path := Path(path).resolve(), *path.parents):
+        if folder.name == "checkpoints" and list_checkpoints(folder.parent):
+            return folder.parent
+    return None
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether a config.json is a run's (train writes one into --out): a fresh run may replace only that."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("config"), dict) and "data_shape" in meta
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """A checkpoint directory itself, or the newest step_* folder of a run directory, unverified
     (newest_intact finds the newest one that verifies)."""
@@ -323,8 +341,18 @@ def set_aside(ckpt: Path) -> Path:
     return target
 
 
-def build_net_from_meta(meta: dict) -> torch.nn.Module:
-    cfg = TrainConfig(**meta["config"])
+def saved_config(ckpt: Path, meta: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint's config.json records; CheckpointError if this code cannot take it
+    (a field of another stmd_fast version, a value edited by hand)."""
+    try:
+        return TrainConfig(**meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(ckpt) / 'config.json'} does not describe a run this stmd_fast knows ({err}): "
+                              f"was it written by another stmd_fast version, or edited?") from None
+
+
+def build_net_from_meta(ckpt: Path, meta: dict) -> torch.nn.Module:
+    cfg = saved_config(ckpt, meta)
     return METHODS[cfg.method].build_net(cfg.net, tuple(meta["data_shape"]))
 
 
@@ -337,6 +365,7 @@ class Model:
 
     def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
+        self.checkpoint: Path | None = None  # load_checkpoint's: the checkpoint folder the weights came from
         self._decode = None
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -371,18 +400,41 @@ class Model:
         return next(self.net.parameters()).device
 
     def _input(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x on the model's device in its dtype; integer pixels are refused (the model works in [-1, 1])."""
+        """x on the model's device in its dtype; integer pixels are refused (the model works in [-1, 1]), and
+        an image observation in 0..255 is said."""
         x = torch.as_tensor(x)
         if not x.is_floating_point():
             raise ValueError(f"{name} is {x.dtype}: the model takes floats in [-1, 1] (for 8-bit pixels, "
                              f"x.float() / 127.5 - 1)")
-        return x.to(self.device, next(self.net.parameters()).dtype)
+        peak = float(x.nan_to_num().abs().max()) if x.numel() else 0.0  # NaN: a missing pixel of an observation
+        if self.data_kind == "image" and name != "x" and peak > 20:
+            warnings.warn(f"{name} reaches {peak:g}: the model's images are in [-1, 1] (for 0..255 pixels, "
+                          f"x / 127.5 - 1)", stacklevel=3)
+        return x.to(self.device, self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype: float32, which the sampler's noise and times are (or a one-line error)."""
+        dtype = next(self.net.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"model.net is {dtype}: the sampler draws float32 noise and times, so it runs float32 "
+                             f"weights, as load_checkpoint returns them")
+        return dtype
+
+    @staticmethod
+    def _count(name: str, value, allow_none: bool = False) -> None:
+        """TypeError unless value is a whole number (or None where allowed)."""
+        if (value is None and allow_none) or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+            return
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
 
     def _steps(self, steps: int | None) -> int:
         """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given."""
         return METHODS[self.method].default_steps if steps is None else steps
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator (or None), got {generator!r}: "
+                            f"torch.Generator({str(self.device)!r}).manual_seed(SEED)")
         if generator is None:  # seeded from torch's global generator: torch.manual_seed(S) repeats the draw
             generator = torch.Generator(self.device).manual_seed(int(torch.randint(2 ** 63 - 1, ())))
         if not same_device(generator.device, self.device):
@@ -394,13 +446,17 @@ class Model:
                grid: str | None = None, batch_size: int | None = None) -> torch.Tensor:
         """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in model space, about
         [-1, 1]: not clamped), drawn `batch_size` at a time (all at once by default) from one generator.
-        steps: default 1 for STMD and Mean Flow, 100 for DDPM (its one-step x0_hat is a posterior mean)."""
+        steps: default 1 for STMD and Mean Flow, 100 for DDPM (its one-step x0_hat is a posterior mean).
+        The noise is drawn batch by batch, so one generator seed gives other samples at another
+        batch_size. Sampling runs under torch.no_grad (here and in every method below)."""
         steps, generator = self._steps(steps), self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid or self.grid))
 
-    @staticmethod
-    def _batched(num: int, batch_size: int | None, draw) -> torch.Tensor:
+    def _batched(self, num: int, batch_size: int | None, draw) -> torch.Tensor:
+        self._count("num", num)
+        self._count("batch_size", batch_size, allow_none=True)
+        self._dtype()
         if num < 1 or (batch_size is not None and batch_size < 1):
             raise ValueError(f"need num >= 1 and batch_size >= 1, got {num} and {batch_size}")
         size = batch_size or num
@@ -413,6 +469,8 @@ class Model:
         x = self._input(x, "x")
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])}, the model takes {self.data_shape}")
+        if len(x) == 0:
+            return x.clone()
         return transition(self.net, self.method, x, s_from, s_to, flow_steps, self._generator(generator))
 
     def inpaint(self, observed: torch.Tensor, mask: torch.Tensor, num: int, steps: int | None = None,
@@ -423,7 +481,7 @@ class Model:
         observed, steps = self._input(observed, "the observation"), self._steps(steps)
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
-        project = inpainting_projection(observed, mask.to(self.device))
+        project = inpainting_projection(observed, torch.as_tensor(mask).to(self.device))
         generator = self._generator(generator)
         grid = grid or self.grid
         return self._batched(num, batch_size, lambda n: sample(
@@ -439,14 +497,21 @@ class Model:
         particles=None: DDNM (sigma_y = 0: A x = y exactly) or DDNM+ (sigma_y > 0) inside the sampler
         loop, one chain per draw. particles=K: SMC (stmd_fast/smc.py), each draw one particle picked
         by weight from its own run of K (num * K chains); its law tends to the model's exact
-        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch.
+        posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch (with
+        SMC, at least one run of K).
         steps: as for sample. DDNM+ corrects only steps that end above s = 0, so it needs N >= 2 and a
         method with diffusion steps (STMD, DDPM)."""
         from .operators import DDNM, check_ddnm_corrects, check_sigma_y
         from .smc import network_denoiser, smc_sample
 
+        from .operators import LinearOperator
+
         steps = self._steps(steps)
         check_steps(self.method, steps, flow_steps)
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(f"operator must be one of stmd_fast.operators' (e.g. AvgPool(4), Mask(m)), "
+                            f"got {operator!r}")
+        self._count("particles", particles, allow_none=True)
         operator.check(self.data_shape)
         y = self._input(y, "y")
         expected = tuple(operator(torch.zeros(1, *self.data_shape, device=self.device)).shape[1:])
@@ -493,9 +558,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     device = resolve_device(device, what="device")  # before reading: a machine without CUDA says so at once
-    ckpt, meta, damaged = newest_intact(path)
+    for attempt in range(3):  # a run still training may rotate its newest checkpoint away while it is read
+        ckpt, meta, damaged = newest_intact(path)
+        try:
+            return _load_model(ckpt, meta, damaged, device, weights, ema)
+        except CheckpointError:
+            if ckpt.exists() or attempt == 2:
+                raise
+            if is_checkpoint_dir(Path(path)):
+                raise CheckpointError(f"{ckpt} was deleted while it was read: is its run still training (its "
+                                      f"--keep-checkpoints rotates old ones out)? Give the run's folder for its newest "
+                                      f"checkpoint, or copy this one aside") from None
+
+
+def _load_model(ckpt: Path, meta: dict, damaged: list[str], device: torch.device, weights: str,
+                ema: float | None) -> Model:
     if damaged:
-        warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=2)
+        warnings.warn(f"using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(damaged)}", stacklevel=3)
     if ema is not None and (weights != "ema" or ema not in ema_decays_of(meta)):
         kept = ", ".join(map(str, ema_decays_of(meta)))
         raise ValueError(f"--ema {ema}: " + (f"{ckpt} keeps the EMA decays {kept}; pick one of them"
@@ -503,7 +582,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
     try:
         with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
-            net = build_net_from_meta(meta)
+            net = build_net_from_meta(ckpt, meta)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "
                               f"({type(err).__name__}: {err}): was it edited?") from None
@@ -513,4 +592,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
         raise CheckpointError(f"the weights in {ckpt} do not fit the {meta['config']['method']} network its "
                               f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
     net.eval().requires_grad_(False).to(device)
-    return Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)
+    model = Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)
+    model.checkpoint = ckpt
+    return model

@@ -125,8 +125,8 @@ class TrainConfig:
     ckpt_every: int = option(1000, resumable=True)
     """Checkpoint interval in steps (and at the end)."""
     ckpt_minutes: float = option(30.0, resumable=True)
-    """Also checkpoint when this many minutes have passed since the last checkpoint (checked every --log-every
-    steps), so a crash loses at most about this much work however slow a step is; 0 = by steps only."""
+    """Also checkpoint when this many minutes have passed since the last checkpoint (checked every step), so a
+    crash loses at most about this much work (and a step) however slow a step is; 0 = by steps only."""
     keep_checkpoints: int = option(2, resumable=True)
     """How many most recent checkpoints to keep."""
     sample_every: int = option(1000, resumable=True)
@@ -374,4 +374,8 @@ def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) ->
     if data_kind == "image" and (cfg.unet is not None or cfg.net is None and cfg.preset == "images"):
         cfg.unet = cfg.unet or "B"
         return unet_config(cfg.unet, data_shape)
-    return cfg.net if cfg.net is not None else net_for_shape(data_shape)
+    net = cfg.net if cfg.net is not None else net_for_shape(data_shape)
+    if cfg.dropout and net.kind == "mlp":  # vectors from a .npy: known only now
+        raise ValueError(f"--dropout {cfg.dropout}: vectors get the MLP network, which has no dropout; it is for the "
+                         f"U-Net and the DiT: drop --dropout")
+    return net

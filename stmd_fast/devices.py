@@ -1,6 +1,8 @@
 """Which device a command runs on: the --device flag checked against this machine."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -40,3 +42,25 @@ def use_tf32(enabled: bool) -> None:
     # torch.backends.cudnn.allow_tf32), which Inductor, torch.export and our attention's launcher make.
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def out_of_memory(err: RuntimeError) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's plain RuntimeError saying the same."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) \
+        or "out of memory" in str(err).lower()
+
+
+class OutOfMemory(Exception):
+    """Work that does not fit in memory: one line naming what to lower (sample, export)."""
+
+
+@contextmanager
+def fits_in_memory(device, fix: str):
+    """Turns running out of memory on `device` into OutOfMemory saying `fix` (e.g. "lower --batch-size 512"),
+    where torch's allocator gives a traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        raise OutOfMemory(f"out of memory on {device} ({str(err).strip().splitlines()[0][:160]}): {fix}") from None

@@ -242,27 +242,30 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 
 class StopVote:
-    """Under torchrun: whether any rank was asked to stop (Ctrl-C, SIGTERM, SIGHUP), agreed every step without
-    slowing it. Each step sends this rank's flag in a 4-byte all-reduce on a gloo group (CPU, in gloo's own
-    thread: no GPU sync) and reads the one it sent the step before, which every rank reads at the same step.
-    So a stop is agreed one step after the signal rather than at the next --log-every interval: torchrun
-    SIGKILLs its workers 30 s after passing a SIGTERM on, and an interval (with its checkpoint) can be longer.
-    Without torchrun it is the flag itself. Every rank must call agreed() at every step, and close() once."""
+    """Under torchrun: whether any rank was asked to stop (Ctrl-C, SIGTERM, SIGHUP) or is due a --ckpt-minutes save,
+    agreed every step without slowing it. Each step sends this rank's two flags in an 8-byte all-reduce on a gloo
+    group (CPU, in gloo's own thread: no GPU sync) and reads the ones it sent the step before, which every rank
+    reads at the same step. So a stop is agreed one step after the signal rather than at the next --log-every
+    interval (torchrun SIGKILLs its workers 30 s after passing a SIGTERM on, and an interval, with its checkpoint,
+    can be longer), and a timed save one step after it is due, however long the steps. Without torchrun they are
+    the flags themselves. Every rank must call agreed() at every step, and close() once."""
 
     def __init__(self):
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_world_size() > 1 else None
-        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.flags = torch.zeros(2, dtype=torch.int32)
         self.pending = None
+        self.lagged = self.group is not None  # answers a step late: the vote in flight at a save predates it
 
-    def agreed(self, requested: bool) -> bool:
+    def agreed(self, stop: bool, save: bool = False) -> tuple[bool, bool]:
+        """(any rank asked to stop, any rank is due a save): a step ago under torchrun, now without it."""
         if self.group is None:
-            return requested
-        anyone = False
+            return stop, save
+        anyone = (False, False)
         if self.pending is not None:  # sent a step ago: by now every rank has sent it too (the step synced them)
             self.pending.wait()
-            anyone = bool(self.flag.item())
-        self.flag.fill_(int(requested))
-        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            anyone = tuple(bool(flag) for flag in self.flags.tolist())
+        self.flags.copy_(torch.tensor([int(stop), int(save)], dtype=torch.int32))
+        self.pending = dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return anyone
 
     def close(self) -> None:

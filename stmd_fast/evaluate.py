@@ -248,8 +248,7 @@ def prepare_metric(meta: dict, args, device):
     and the reference images themselves."""
     images, name = reference_images(meta, args)
     metric = build_metric(meta, args, device)
-    cache = Path(args.cache_dir) / f"{name}-{metric.name}.safetensors"
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache = writable_dir(args.cache_dir, "--cache-dir") / f"{name}-{metric.name}.safetensors"
     metric.set_reference(images, cache=cache)
     return metric, images
 
@@ -271,7 +270,8 @@ def warn_small_fd(metric, samples: int, source: str, reference: int) -> None:
 def held_out(images: torch.Tensor, args, reference: str) -> torch.Tensor:
     """The first --images reference images, saying so when there are fewer (all of them are used)."""
     if args.images > len(images):
-        print(f"note: --images {args.images}: the {reference} holds {len(images)} images; using all {len(images)}")
+        print(f"note: --images {args.images}: the {reference} holds {len(images)} images; using all {len(images)}",
+              file=sys.stderr)
     return images[: args.images]
 
 
@@ -346,7 +346,8 @@ def sweep(args) -> int:
     device = resolve_device(args.device)
     metric, images = prepare_metric(found[0][1], args, device)
     scored = {"metric": metric.name, "features": metric.extractor_id, "num": args.num,
-              "reference": reference_name(found[0][1], args), "reference_images": len(images)}
+              "reference": reference_name(found[0][1], args), "reference_images": len(images),
+              "reference_sha256": metric.reference_sha256}  # the same file with other images: measured again
     warn_small_fd(metric, args.num, "--num", len(images))
     floor = real_data_floor(found[0][1], metric, args)
     plan = []  # (checkpoint, meta, label, N, M, what identifies the result: a row measured before is reused)
@@ -354,11 +355,12 @@ def sweep(args) -> int:
         method = meta["config"]["method"]
         several = methods.count(method) > 1
         for n, m in settings[method]:
-            key = {"checkpoint_sha256": checkpoint_digest(meta), "method": method, "N": n, "M": m, "num": args.num,
-                   "seed": args.seed, "grid": args.grid or meta["config"].get("sample_grid", "uniform"),
+            key = {"checkpoint_sha256": checkpoint_digest(ckpt, meta), "method": method, "N": n, "M": m,
+                   "num": args.num, "seed": args.seed, "grid": args.grid or meta["config"].get("sample_grid", "uniform"),
                    "ema": ema_used(meta, args.ema), "batch_size": args.batch_size, "device": device.type}
             plan.append((ckpt, meta, line_label(method, m, name, several), n, m, key))
     before = measured_before(out, scored)
+    keep_replaced_results(out, before, {setting_id(key) for *_, key in plan})
     reused = sum(setting_id(key) in before for *_, key in plan)
     if reused:
         print(f"reusing {reused} of {len(plan)} settings already measured in {out / 'results.json'} (same "
@@ -400,10 +402,15 @@ def sweep(args) -> int:
     return 0
 
 
-def checkpoint_digest(meta: dict) -> str:
+def checkpoint_digest(ckpt: Path, meta: dict) -> str:
     """A checkpoint's identity: the SHA-256 of the sizes and SHA-256s of its files, which its config.json records
-    (a run that went on training, or another run at the same path, has another)."""
-    return hashlib.sha256(json.dumps(meta.get("files"), sort_keys=True).encode()).hexdigest()
+    (a run that went on training, or another run at the same path, has another); for a checkpoint written
+    before checksums, of the files' bytes themselves."""
+    record = meta.get("files")
+    if record is None:
+        record = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+                  for path in sorted(Path(ckpt).iterdir()) if path.is_file() and path.name != "config.json"}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 SETTING_KEYS = ("checkpoint_sha256", "method", "N", "M", "num", "seed", "grid", "ema", "batch_size", "device")
@@ -425,6 +432,23 @@ def measured_before(out: Path, scored: dict) -> dict[str, dict]:
         return {}
     return {setting_id({k: row[k] for k in SETTING_KEYS}): row for row in before.get("rows", [])
             if isinstance(row, dict) and all(k in row for k in SETTING_KEYS)}
+
+
+def keep_replaced_results(out: Path, before: dict[str, dict], planned: set[str]) -> None:
+    """A sweep rewrites results.json with its own settings: an earlier sweep's rows it would not carry over (other
+    checkpoints or settings; any, when scored on another --num or reference) are first copied aside, and said."""
+    path = out / "results.json"
+    try:
+        earlier = json.loads(path.read_text()).get("rows", [])
+    except (OSError, ValueError, AttributeError):  # none, or not a sweep's
+        return
+    dropped = len(earlier) - sum(setting_id in planned for setting_id in before)
+    if dropped > 0:
+        kept = out / f"results.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        write_atomic(kept, path.read_bytes())
+        print(f"note: {path} holds {dropped} result(s) of an earlier sweep that this one does not measure (other "
+              f"checkpoints, settings, --num or reference): it is copied to {kept.name} before being rewritten; "
+              f"use another --out to keep sweeps apart", file=sys.stderr)
 
 
 def load_for_sweep(ckpt: Path, device, ema: float | None) -> Model:
@@ -767,7 +791,8 @@ def inpaint(args) -> int:
         "batch_size": args.batch_size, "metric": metric.name, "features": metric.extractor_id,
         "reference": reference_name(meta, args), "reference_images": len(reference),
         "fd": metric.score(completions.flatten(0, 1)),
-        "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),
+        "psnr_db": psnr(completions, images.expand_as(completions)).mean().item(),  # all pixels: observed ones exact
+        "psnr_missing_db": psnr(completions, images.expand_as(completions), where=missing).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
     write_json(out / f"inpaint_{args.mask}.json", result)
@@ -780,7 +805,8 @@ def inpaint(args) -> int:
     tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
     save_image(viewable(tiles), grid, nrow=len(tiles) // shown, padding=1)
     print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
-          f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f} -> {out}")
+          f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB ({result['psnr_missing_db']:.2f} dB on the missing "
+          f"pixels), diversity {result['diversity']:.4f} -> {out}")
     return 0
 
 
@@ -888,7 +914,7 @@ def train_classifier_cmd(args) -> int:
           f"{device}{', ' + trained_on['cpu_capability'] if device.type == 'cpu' else ''})")
     if args.preset in REFERENCE_CLASSIFIERS:
         print(f"note: evaluate and --fd-every read the classifier stmd_fast ships for {args.preset} "
-              f"({REFERENCE_CLASSIFIERS[args.preset]}); pass --classifier {out} to use this one")
+              f"({REFERENCE_CLASSIFIERS[args.preset]}); pass --classifier {out} to use this one", file=sys.stderr)
     return 0
 
 
@@ -906,14 +932,14 @@ def plots_available(plots: str) -> bool:
     return False
 
 
-def writable_dir(path: str) -> Path:
+def writable_dir(path: str, flag: str = "--out") -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").write_text("ok")
         (out / ".write-test").unlink()
     except OSError as err:
-        raise EvalError(f"cannot write to --out {out}: {err.strerror or err}: choose a writable directory") from None
+        raise EvalError(f"cannot write to {flag} {out}: {err.strerror or err}: choose a writable directory") from None
     return out
 
 

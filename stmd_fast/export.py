@@ -28,7 +28,7 @@ AOTInductor into OUT.aoti.pt2 (torch._inductor.aoti_load_package runs it; needs 
 compiler, and CUDA for a CUDA export). Unlike the .pt2 program, the package checks its input's
 shape, dtype and strides only when AOTI_RUNTIME_CHECK_INPUTS=1 is set before its first call
 (as of torch 2.14 no Inductor option compiles the checks in): without it a wrong input
-is read past its end. open_exported (sample --exported) checks the input itself and sets it.
+gives wrong, finite samples. open_exported (sample --exported) checks the input itself and sets it.
 """
 from __future__ import annotations
 
@@ -39,12 +39,14 @@ import logging
 import os
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .cli import Parser, one_line_errors
+from .devices import OutOfMemory, fits_in_memory
 from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
 from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
@@ -144,7 +146,7 @@ def check_out_path(out: Path, flag: str) -> None:
 
 def check_noise(noise: torch.Tensor, meta: dict, path) -> None:
     """ExportError unless `noise` is the program's one input, its static shape in float32: an AOTInductor
-    package does not check this itself (module docstring) and would read past a smaller input."""
+    package does not check this itself (module docstring) and would return wrong samples."""
     shape = tuple(meta["inputs"][0]["shape"])
     if tuple(noise.shape) != shape or noise.dtype != torch.float32:
         raise ExportError(f"{path} takes noise of shape {shape}, float32 (static batch {meta['batch']}: pad a short "
@@ -285,7 +287,7 @@ def check_out(out: Path) -> None:
         raise ExportError(str(err)) from None
 
 
-@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed,))
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed, OutOfMemory))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import load_checkpoint, newest_intact
@@ -294,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     device = resolve_device(args.device)
-    ckpt, ckpt_meta, passed_over = newest_intact(args.checkpoint)
-    method = ckpt_meta["config"]["method"]
+    method = newest_intact(args.checkpoint)[1]["config"]["method"]  # checked before the network is built
     steps = args.steps if args.steps is not None else METHODS[method].default_steps
     check_steps(method, steps, args.flow_steps)
     if args.grid is not None and not METHODS[method].diffusion:
@@ -303,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
     check_out(out)
-    model = load_checkpoint(ckpt, device=device, weights="ema", ema=args.ema)
-    if passed_over:
-        print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
-              file=sys.stderr)
+    with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint, said once
+        warnings.simplefilter("always")
+        model = load_checkpoint(args.checkpoint, device=device, weights="ema", ema=args.ema)  # its newest, now:
+    for note in notes:  # a run still training may have rotated the one checked above away
+        print(f"note: {note.message}", file=sys.stderr)
+    ckpt, ckpt_meta = model.checkpoint, model.meta
 
     start = time.perf_counter()
-    program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
+    with fits_in_memory(device, f"lower --batch {args.batch}"):
+        program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
     meta["checkpoint"] = str(Path(ckpt).resolve())  # meaningful wherever the file goes
     meta["ema_decay"] = args.ema if args.ema is not None else ckpt_meta["config"]["ema_decay"]
     try:
@@ -323,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - start:.1f} s -> {out}: input noise {tuple(meta['inputs'][0]['shape'])} "
           f"({', '.join(meta['noise'])}), output {what} {tuple(meta['output']['shape'])}; static batch {args.batch} "
           f"on {device}")
+    package = aoti_path(out)
+    if package.exists() and not args.aoti:  # sample --exported would run it without a word
+        print(f"note: {package} beside it is from an earlier export, not this one: delete it, or export again with "
+              f"--aoti", file=sys.stderr)
     if args.aoti:
-        package = aoti_path(out)
         start = time.perf_counter()
         try:
             from torch._inductor import aoti_compile_and_package
@@ -335,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
             write_atomic(package, buffer.getvalue())
         except Exception as err:  # no compiler, unsupported platform, Inductor bugs
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            stale = f"; the {package.name} there is from an earlier export: delete it" if package.exists() else ""
             print(f"error: --aoti: AOTInductor could not build {package} on this machine ({type(err).__name__}: "
-                  f"{reason}); {out} was written and runs without it", file=sys.stderr)
+                  f"{reason}); {out} was written and runs without it{stale}", file=sys.stderr)
             return 1
         print(f"AOTInductor package built in {time.perf_counter() - start:.1f} s -> {package}: it does not check its "
-              f"input (a wrong shape or dtype is read past its end): run it with python -m stmd_fast.sample --exported "
-              f"{package}, or set AOTI_RUNTIME_CHECK_INPUTS=1 before torch._inductor.aoti_load_package")
+              f"input (a wrong shape, dtype or stride gives wrong, finite samples): run it with python -m "
+              f"stmd_fast.sample --exported {package}, or set AOTI_RUNTIME_CHECK_INPUTS=1 before "
+              f"torch._inductor.aoti_load_package")
     return 0
 
 

@@ -10,6 +10,7 @@ different steps compare the weights alone.
 """
 from __future__ import annotations
 
+import sys
 from argparse import Namespace
 
 import torch
@@ -56,14 +57,16 @@ class TrainingFD:
             shards = LatentShards(self.cfg.data, seed=self.cfg.seed + SEED_OFFSET, num_workers=0)
             if self.cfg.fd_num > shards.count:
                 print(f"note: --fd-num {self.cfg.fd_num}: the shards hold {shards.count} samples; the FD reference "
-                      f"decodes some twice (each with fresh noise): --fd-num {shards.count} uses each once")
+                      f"decodes some twice (each with fresh noise): --fd-num {shards.count} uses each once",
+                      file=sys.stderr)
             return self._decoded(shards.batch(self.cfg.fd_num, generator).to(self.device))
         values = data.to("cpu")
         if self.cfg.fd_num > len(values):
             # the FDs still compare across steps (one fixed reference), but the reference is not the "as many
             # training images" that --fd-num promises: said before training, not found out from the numbers
             print(f"note: --fd-num {self.cfg.fd_num}: the training set holds {len(values)} images; the FD reference "
-                  f"uses all {len(values)}, against {self.cfg.fd_num} samples (--fd-num {len(values)} to match)")
+                  f"uses all {len(values)}, against {self.cfg.fd_num} samples (--fd-num {len(values)} to match)",
+                  file=sys.stderr)
         picked = torch.randperm(len(values), generator=generator)[:self.cfg.fd_num]  # without replacement
         return values.all()[picked]
 

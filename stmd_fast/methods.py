@@ -5,7 +5,11 @@ Light on purpose (no networks, no kernels): the sampler and `sample --exported` 
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+MAX_STEPS = 100_000
+"""The most diffusion steps N or flow steps M a sampler takes."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,14 @@ class Method:
 
     def check_steps(self, steps: int, flow_steps: int) -> None:
         """Refuse (N, M) settings this method cannot take, before any network call."""
+        for name, value in (("steps", steps), ("flow_steps", flow_steps)):  # 2.5 would end the chain off s = 0
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a whole number (N or M), got {value!r}")
         if steps < 1 or flow_steps < 1:
             raise ValueError(f"need N (--steps) >= 1 and M (--flow-steps) >= 1, got N={steps}, M={flow_steps}")
+        if max(steps, flow_steps) > MAX_STEPS:  # a grid that fine gains nothing, and would take days or all memory
+            raise ValueError(f"N={steps}, M={flow_steps}: at most {MAX_STEPS} steps each (DDPM's finest usual grid is "
+                             f"1000)")
         if not self.flow and flow_steps != 1:
             raise ValueError(f"{self.label} makes x0_hat in one network call: use M (--flow-steps) = 1, NFE = N")
         if not self.diffusion and steps != 1:

@@ -47,8 +47,9 @@ class FrechetDistance:
     fd.set_reference(test_images, cache="runs/cache/mnist-FD.safetensors")
     fd.score(samples)                             # a float; lower is better
 
-    Generated images are clamped to [-1, 1] first (samplers overshoot slightly; a saved image would
-    be clamped too). The classifier is moved to `device` and put in eval mode.
+    Images, generated and reference alike, are clamped to [-1, 1] first (samplers overshoot slightly;
+    a saved image would be clamped too; data beyond [-1, 1], such as standardized floats, are scored as
+    their saved images would look). The classifier is moved to `device` and put in eval mode.
     """
 
     def __init__(self, classifier: FeatureClassifier | None = None, inception_weights: str | None = None,
@@ -61,6 +62,7 @@ class FrechetDistance:
         self.batch_size = batch_size
         self.classifier = classifier
         self._extractor_id: str | None = None  # computed when a cache needs it
+        self.reference_sha256: str | None = None  # set_reference's images
         if classifier is not None:
             self.name = "FD"
             metric = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), reset_real_features=False)
@@ -80,10 +82,11 @@ class FrechetDistance:
         weights or other images is recomputed and overwritten, never used.
         """
         self._check(images, "reference")
+        self.reference_sha256 = _sha256_tensor(images)  # what a result is scored against (evaluate's sweep keys)
         key = None
         if cache is not None:
             key = {"format": CACHE_FORMAT, "metric": self.name, "feature_extractor": self.extractor_id,
-                   "num_images": str(len(images)), "images_sha256": _sha256_tensor(images)}
+                   "num_images": str(len(images)), "images_sha256": self.reference_sha256}
             if self._load_cache(Path(cache), key):
                 return
         for name in REAL_STATES:  # reset() keeps real statistics (reset_real_features=False): zero them here
@@ -208,16 +211,22 @@ def _sha256_module(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def psnr(x: torch.Tensor, y: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image PSNR in dB of images x, y (..., C, H, W) in model space: a tensor of shape (...).
 
     Both are mapped to [0, 1] (clamped, as a saved image would be) so the peak is 1; identical
-    images give inf.
+    images give inf. where: a boolean mask broadcastable to x: the mean squared error over those
+    pixels alone (inpainting's missing region), else over all.
     """
     if x.shape != y.shape or x.dim() < 3:
         raise ValueError(f"psnr needs two image tensors of one shape (..., C, H, W), got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
-    mse = (to_unit_range(x.float()) - to_unit_range(y.float())).square().mean(dim=(-3, -2, -1))
+    error = (to_unit_range(x.float()) - to_unit_range(y.float())).square()
+    if where is None:
+        mse = error.mean(dim=(-3, -2, -1))
+    else:
+        where = where.expand_as(error).to(error.dtype)
+        mse = (error * where).sum(dim=(-3, -2, -1)) / where.sum(dim=(-3, -2, -1))
     return 10 * torch.log10(1 / mse)
 
 

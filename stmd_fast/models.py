@@ -310,8 +310,10 @@ def build_net(cfg: NetConfig, data_shape: tuple[int, ...], conditional: bool, nu
     want_rank = {"unet": 3, "mlp": 1, "dit": 3}[cfg.kind]
     if len(data_shape) != want_rank:
         raise ValueError(f"a {cfg.kind} network takes data of rank {want_rank} per sample, got shape {tuple(data_shape)}")
-    if not 0 <= dropout < 1 or (dropout and cfg.kind == "mlp"):
-        raise ValueError(f"dropout {dropout}: must be in [0, 1), and is for the U-Net and the DiT, not the MLP")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout {dropout}: must be in [0, 1)")
+    if dropout and cfg.kind == "mlp":
+        raise ValueError(f"dropout {dropout}: the MLP has none; dropout is for the U-Net and the DiT")
     if cfg.kind == "dit":
         from .dit import DiT
 

@@ -36,7 +36,7 @@ LN(m, s) is the logit-normal law: sigmoid of N(m, s^2).
 Whatever the law, with probability flow_grid_fraction a row's (r, t) is instead a step (1 - (j + 1) / M, 1 - j / M)
 of the M-step flow grid (M drawn from flow_grid_steps, j from 0..M-1): the very pairs the sampler evaluates
 (sampling.flow_map), the one-step pair (0, 1) among them, which no logit-normal law draws (t > 0.95 has
-probability 4e-4 under LN(-0.4, 1))."""
+probability 8e-4 under pair with LN(-0.4, 1): the larger of two draws)."""
 S_SAMPLERS = ("uniform", "grid")
 """Laws of the diffusion time s (STMD):
   uniform   s ~ U(0, 1].

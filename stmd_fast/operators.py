@@ -18,6 +18,7 @@ observed entries are measured: y's unobserved entries are ignored).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ and its squares overflow the likelihood's arithmetic long before float64 does.""
 
 def check_sigma_y(sigma_y: float, flag: str = "sigma_y") -> None:
     """ValueError unless 0 <= sigma_y <= MAX_SIGMA_Y (NaN fails the comparison too)."""
+    if not isinstance(sigma_y, numbers.Real) or isinstance(sigma_y, bool):
+        raise TypeError(f"{flag} must be a number, got {sigma_y!r}")
     if not 0 <= sigma_y <= MAX_SIGMA_Y:
         raise ValueError(f"{flag} must be a number in [0, {MAX_SIGMA_Y:g}] (the data are about [-1, 1]), got {sigma_y}")
 
@@ -115,8 +118,11 @@ class Mask(_ScaledIsometry):
     name, scale = "inpaint", 1.0
 
     def __init__(self, mask: torch.Tensor):
+        mask = torch.as_tensor(mask)  # a numpy array or list too
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("the mask must be 0 (missing) or 1 (observed): observed pixels are kept exactly")
+        if not mask.any():
+            raise ValueError("the mask observes nothing (all 0): that is unconditional sampling, model.sample")
         self.mask = mask
 
     def check(self, data_shape):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -70,8 +71,13 @@ class IntervalSums:
             self.error.zero_()
             self.window_start, loss, error = step, 0.0, 0.0
         self.closed = {"start": self.window_start, "loss": loss, "error": error}
-        self.t_log, self.step_log = time.perf_counter(), step
+        self.restart_clock(step)
         return record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks)
+
+    def restart_clock(self, step: int) -> None:
+        """The rates of the next record count from here: after a record's checkpoint, sample grid and FD, and after
+        a process's first step (a first --compile), so that img/s, ms/step and the ETA are the training steps'."""
+        self.t_log, self.step_log = time.perf_counter(), step
 
     def open_window(self) -> dict | None:
         """The open interval as of the last close (its first step and summed loss and error), for a checkpoint."""
@@ -92,6 +98,8 @@ class RunLog:
         self.out, self.steps, self.is_main, self.loggers = out, steps, is_main, list(loggers)
         self.metrics = (out / "metrics.jsonl").open("a") if is_main else None
         self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
+        # progress lines go to stdout whenever it is a file (nohup, > log), the bar on stderr's terminal or not
+        self.lines = is_main and (self.bar.disable or not sys.stdout.isatty())
 
     def __enter__(self) -> RunLog:
         return self
@@ -106,16 +114,22 @@ class RunLog:
     def step(self) -> None:
         self.bar.update(1)
 
-    def write(self, message: str) -> None:
+    def write(self, message: str, file=None) -> None:
+        """A line above the bar (stdout; file=sys.stderr for warnings), flushed: a log file shows it at once."""
         if self.is_main:
-            self.bar.write(message)
+            self.bar.write(message, file=file)
+            (file or sys.stdout).flush()
 
     def record(self, record: dict) -> None:
         """Append one interval's record to metrics.jsonl and show it."""
         if not self.is_main:
             return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        except OSError as err:  # a failed write names no file by itself: the message names metrics.jsonl
+            err.filename = err.filename or self.metrics.name
+            raise
         for logger in self.loggers:  # --log: the same record, the same step
             logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
         error_name = list(record)[2]
@@ -123,11 +137,12 @@ class RunLog:
                   f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
         if record.get("skipped_shards") or record.get("skipped_samples"):  # damaged latent data, skipped
             status += f" | skipped {record['skipped_shards']} shards, {record['skipped_samples']} samples"
-        if self.bar.disable:  # a log file: when, and how long to go, as the bar would show
+        status += "".join(f" | {key} {value:.4g}" for key, value in record.items() if key.startswith(("FD/", "FID/")))
+        if self.lines:  # a log file: when, and how long to go, as the bar would show
             left = (self.steps - record["step"]) * record["ms_per_step"] / 1e3
             print(f"step {record['step']}/{self.steps} | {status} | elapsed {clock(record['elapsed_s'])} | "
                   f"eta {clock(left)} | {time.strftime('%H:%M:%S')}", flush=True)
-        else:
+        if not self.bar.disable:
             self.bar.set_postfix_str(status)
 
     def samples(self, ema_net, cfg, data, device: torch.device, step: int, decode=None) -> None:
@@ -137,10 +152,10 @@ class RunLog:
                 path, grid = write_sample_grid(ema_net, cfg, data, device, self.out / "samples" / f"step_{step:08d}",
                                                decode)
             except OSError as err:  # the run's checkpoint is written first; a grid is worth no stop
-                self.bar.write(f"warning: step {step}: could not write the sample grid ({err.filename or 'samples/'}: "
-                               f"{err.strerror or err}); training goes on")
+                self.write(f"warning: step {step}: could not write the sample grid ({err.filename or 'samples/'}: "
+                           f"{err.strerror or err}); training goes on", file=sys.stderr)
                 return
-            self.bar.write(f"step {step}: samples -> {path}")
+            self.write(f"step {step}: samples -> {path}")
             for logger in self.loggers if grid is not None else ():
                 logger.log_image(step, "samples", grid)
 
@@ -193,3 +208,14 @@ def keep_metrics_until(path: Path, step: int) -> None:
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if line and kept(line)]
         write_atomic(path, "".join(line + "\n" for line in lines).encode())
+
+
+def drop_samples_after(folder: Path, step: int) -> None:
+    """On resume (or a fresh start, step 0), remove the sample grids saved after the checkpoint: a killed or
+    set-aside timeline's, which would otherwise sit among the new run's (they are drawn again)."""
+    for path in folder.glob("step_*.*"):
+        try:
+            if int(path.stem.removeprefix("step_")) > step:
+                path.unlink()
+        except ValueError:  # not one of ours (step_final.png, say): left alone
+            continue

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .cli import Parser, one_line_errors
+from .devices import OutOfMemory, fits_in_memory
 from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flow-steps", type=int, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
     add("--num", type=int, default=64, help="number of samples (completions with --inpaint) [default: 64]")
     add("--batch-size", type=int, default=256, help="samples per network batch; with --exported, samples per noise "
-        "draw (the program runs its own static batch) [default: 256]")
+        "draw (the program runs its own static batch). The noise is drawn batch by batch, so the samples of one "
+        "--seed depend on it too [default: 256]")
     add("--seed", type=int, default=0, help="[default: 0]")
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
     add("--weights", choices=("ema", "model"), help="[default: ema]")
@@ -246,16 +248,17 @@ def main_exported(args) -> int:
                                 fits=expected_latents(meta["output"]["shape"][1:], latent))
 
     generator = torch.Generator().manual_seed(args.seed)
-    x = in_batches(args.num, args.batch_size, lambda n: sample_exported(run, meta, n, generator, n))
-    if decode is not None:
-        x = decode(x.to(device), args.batch_size)
-    write_samples(x, out, args.zoom)
+    with fits_in_memory(device, f"lower --batch-size {args.batch_size}, or --num {args.num}"):
+        x = in_batches(args.num, args.batch_size, lambda n: sample_exported(run, meta, n, generator, n))
+        if decode is not None:
+            x = decode(x.to(device), args.batch_size)
+        write_samples(x, out, args.zoom)
     print(f"{len(x)} samples (exported {meta['method']}, N={meta['steps']}, M={meta['flow_steps']}, NFE {meta['nfe']}, "
           f"batch {meta['batch']}{', decoded' if decode is not None else ''}) -> {out}")
     return 0
 
 
-@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed,))
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed, OutOfMemory))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.exported is not None:
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae(args.vae)  # before sampling: an unreachable VAE fails now, not after the work
-    observed = mask = operator = None
+    observed = mask = operator = y = None
     if args.inpaint or args.mask:
         mask = read_array(args.mask, model.data_shape, "--mask", as_mask=True)
     if args.inpaint:
@@ -329,6 +332,21 @@ def main(argv: list[str] | None = None) -> int:
         # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels 0 there: grey)
         observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
+    with fits_in_memory(model.device, f"lower --batch-size {args.batch_size}, or --num {args.num}"):
+        x = draw(model, args, steps, observed, mask, operator, y)
+        if model.data_kind == "latent" and out.suffix == ".png":
+            x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
+        write_samples(x, out, args.zoom, observed, mask)
+    how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
+        f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
+    what = "posterior samples" if operator is not None else "completions" if observed is not None else "samples"
+    print(f"{len(x)} {what} ({model.method}, N={steps}, "
+          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
+    return 0
+
+
+def draw(model, args, steps: int, observed, mask, operator, y) -> torch.Tensor:
+    """--num samples in batches of --batch-size: plain, inpainted, or posterior samples for --inverse."""
     generator = torch.Generator(model.device).manual_seed(args.seed)
     if operator is not None and args.particles:  # SMC: --batch-size counts chains, K of them per draw
         x = in_batches(args.num, max(1, args.batch_size // args.particles), lambda n: model.posterior_sample(
@@ -343,15 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         x = in_batches(args.num, args.batch_size, lambda n: model.inpaint(
             observed, mask, n, steps, args.flow_steps, generator, args.grid, n), unit="completion")
-    if model.data_kind == "latent" and out.suffix == ".png":
-        x = model.decode(x, args.batch_size)  # .npy keeps the latents themselves
-    write_samples(x, out, args.zoom, observed, mask)
-    how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
-        f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
-    what = "posterior samples" if operator is not None else "completions" if observed is not None else "samples"
-    print(f"{len(x)} {what} ({model.method}, N={steps}, "
-          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
-    return 0
+    return x
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import sys
 
 def _interrupted_at_import(signum, frame):
     sys.stderr.write("interrupted during start-up, before the first step; no checkpoint was written\n")
-    os._exit(130)
+    os._exit(128 + signum)  # the shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM
 
 
-if __name__ == "__main__":  # a Ctrl-C while torch and the rest import (seconds): one line, not a traceback
-    signal.signal(signal.SIGINT, _interrupted_at_import)
+if __name__ == "__main__":  # a Ctrl-C (or SIGTERM) while torch and the rest import (seconds): one line
+    for _signum in (signal.SIGINT, signal.SIGTERM):  # SIGHUP stays as nohup left it
+        signal.signal(_signum, _interrupted_at_import)
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
@@ -37,13 +38,13 @@ from pathlib import Path
 import torch
 
 from . import distributed, parallel
-from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, is_intact, list_checkpoints,
-                         newest_intact, recover_leftovers, set_aside, write_json_atomic)
+from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, is_intact, is_run_config, list_checkpoints,
+                         newest_intact, recover_leftovers, run_holding, saved_config, set_aside, write_json_atomic)
 from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, interrupt_on_stop_signals,
                   one_line_errors, quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
-from .devices import resolve_device, use_tf32
+from .devices import out_of_memory, resolve_device, use_tf32
 from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
 from .evaluate import FD_PRESETS
 from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock, write_fix
@@ -53,7 +54,7 @@ from .methods import METHODS
 from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
-from .run_log import IntervalSums, RunLog, elapsed_so_far, keep_metrics_until
+from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
 from .training_state import TrainingState
 
 # torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
@@ -146,10 +147,13 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         cfg = TrainConfig(**fresh)
     except ValueError as err:
         raise UserError(str(err)) from None
+    if cfg.out and (run_dir := run_holding(cfg.out)) is not None:  # training in there would rewrite a checkpoint
+        raise UserError(f"--out {cfg.out} is inside the checkpoints of the run {run_dir}: give the run's own folder, "
+                        f"--out {run_dir}")
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
     try:
-        saved = newest_intact(cfg.out, finite=True)[1]["config"]
+        ckpt, meta, _ = newest_intact(cfg.out, finite=True)
     except FileNotFoundError:
         refuse_if_live(cfg.out)  # a live run before its first checkpoint: say so, not "no checkpoint"
         raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start") \
@@ -158,6 +162,11 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         refuse_if_live(cfg.out)
         raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
                         f"to start this run over, or choose a new --out") from None
+    try:  # intact, but a field or value this code does not take (another stmd_fast version, an edit): said now
+        saved_config(ckpt, meta)
+    except CheckpointError as err:
+        raise UserError(f"--resume: {err}") from None
+    saved = meta["config"]
     # a flag the resumed run does not read gets main's note, not a refusal (those it may change are applied)
     resumed = TrainConfig(**{**saved, **{k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}})
     unread = set(unread_flags(resumed)) - RESUME_OVERRIDABLE
@@ -238,6 +247,12 @@ def unread_flags(cfg: TrainConfig) -> dict[str, str]:
     if cfg.data is not None or cfg.preset not in ("mnist", "cifar10"):
         why |= {name: "the mnist and cifar10 presets alone read their files from it (and not with --data)"
                 for name in ("data_dir", "download")}
+    if cfg.precision == "bf16":
+        why["tf32"] = "it is about fp32 matmuls; under --precision bf16 they run in bf16"
+    elif cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        why["tf32"] = "TF32 is a CUDA matmul mode; this run is on the CPU"
+    if cfg.parallel == "ddp" and not distributed.from_env().launched:  # fsdp without torchrun is an error
+        why["parallel"] = "DDP splits the work of torchrun's processes; this run is one process"
     law = cfg.objective
     laws = {}  # what the chosen laws of the times leave unread (the method's reasons above come first)
     if law.time_sampler == "pair":
@@ -340,6 +355,9 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
             raise UserError(str(err)) from None
         if created:
             held.callback(remove_if_unused, created)  # runs before the lock is let go
+    if not resume and (out / "config.json").exists() and not is_run_config(out / "config.json"):
+        raise UserError(f"--out {out} holds a config.json that is not a stmd_fast run's (a run writes its own there): "
+                        f"choose a new --out")
     if not resume and find_checkpoint(out) is not None:
         if not any(is_intact(ckpt) for ckpt in list_checkpoints(out)):
             raise UserError(f"{out} holds only damaged checkpoints: move {out / 'checkpoints'} aside to start this "
@@ -418,6 +436,10 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         raise
     if resume:
         check_same_data(out, cfg, data, ctx.is_main)
+    try:  # before the VAE loads: a --unet for latents or a DiT patch that does not divide them is said at once
+        cfg.net = choose_net(cfg, data.shape, data.kind)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if data.kind == "latent" and cfg.vae is None:
         cfg.vae = data.manifest["vae"]  # preset latent: the VAE the shards were encoded with
     decode = None
@@ -429,10 +451,6 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
                                     moved=f"if it moved, pass its new place: {'--resume ' if resume else ''}--vae DIR")
         except DataError as err:
             raise UserError(str(err)) from None
-    try:
-        cfg.net = choose_net(cfg, data.shape, data.kind)
-    except ValueError as err:
-        raise UserError(str(err)) from None
     torch.manual_seed(cfg.seed)  # network init
     try:
         net = METHODS[cfg.method].build_net(cfg.net, data.shape, cfg.dropout).to(device)
@@ -467,20 +485,22 @@ def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
     except (OSError, ValueError):
         return  # no config.json yet: the checkpoint's own checks remain
     source = cfg.data or cfg.preset
-    was = trained.get("config", {}).get("data", cfg.data)
-    if was != cfg.data and main:  # --data given again, elsewhere: the run moved its data (or chose new data)
-        print(f"note: the run was trained on {was or 'the ' + cfg.preset + ' preset'}; it continues on {source}")
-    was_dir = trained.get("config", {}).get("data_dir", cfg.data_dir)
-    if cfg.data is None and "data_dir" not in unread_flags(cfg) and was_dir != cfg.data_dir and main:
-        print(f"note: the run read its {cfg.preset} files from {was_dir}; it continues on those in {cfg.data_dir}")
     if trained.get("data_shape", list(data.shape)) != list(data.shape):
         raise UserError(f"--resume: {out} was trained on samples of shape {tuple(trained['data_shape'])}, and "
                         f"{source} now gives {tuple(data.shape)}: its network takes nothing else; resume on the data "
                         f"it was trained on, or start a new run with another --out")
+    was = trained.get("config", {}).get("data", cfg.data)
+    if was != cfg.data and main:  # --data given again, elsewhere: the run moved its data (or chose new data)
+        print(f"note: the run was trained on {was or 'the ' + cfg.preset + ' preset'}; it continues on {source}",
+              file=sys.stderr)
+    was_dir = trained.get("config", {}).get("data_dir", cfg.data_dir)
+    if cfg.data is None and "data_dir" not in unread_flags(cfg) and was_dir != cfg.data_dir and main:
+        print(f"note: the run read its {cfg.preset} files from {was_dir}; it continues on those in {cfg.data_dir}",
+              file=sys.stderr)
     count = sample_count(data)
     if trained.get("data_count") not in (None, count) and count is not None and main:
         print(f"note: {source} now holds {count} samples, where the run was trained on {trained['data_count']}: "
-              f"it continues on the new set")
+              f"it continues on the new set", file=sys.stderr)
 
 
 def sample_count(data) -> int | None:
@@ -498,17 +518,18 @@ def print_summary(cfg: TrainConfig, run: Run) -> None:
              if s.ctx.launched else "")
     print(f"{cfg.method} on {cfg.data or cfg.preset} {tuple(run.data.shape)}: {cfg.net.kind}, "
           f"{count_params(run.net) / 1e6:.3f}M parameters{note}; device {run.device}, {cfg.precision}"
-          f"{', compiled' if cfg.compile else ''}{procs}; run dir {run.out}")
+          f"{', compiled' if cfg.compile else ''}{procs}; run dir {run.out}", flush=True)
     count = sample_count(run.data)
     if count is not None and count < cfg.batch_size:  # batches draw with replacement: legal, but say it
         print(f"note: {cfg.data or cfg.preset} holds {count} samples, fewer than --batch-size {cfg.batch_size}: each "
-              f"batch repeats them (drawn with replacement); a network this size will memorize them")
+              f"batch repeats them (drawn with replacement); a network this size will memorize them", file=sys.stderr)
 
 
 def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     """The training state, fresh or from the newest intact checkpoint (newer damaged ones are set aside
     as damaged-step_*, and said); config.json written and metrics.jsonl cut back to the checkpoint's
-    step (to nothing on a fresh start: what a run killed before its first checkpoint logged)."""
+    step (to nothing on a fresh start: what a run killed before its first checkpoint logged), and the
+    sample grids of later steps removed."""
     ctx = run.strategy.ctx
     ckpt, passed_over = None, []
     if resume and ctx.is_main:  # under the run's lock
@@ -522,14 +543,18 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     if resume and ctx.distributed:  # the other ranks read the checkpoint rank 0 settled on
         distributed.barrier()
         ckpt = ckpt or newest_intact(run.out)[0]
-    state = TrainingState.build(cfg, run.net, run.data, run.device, run.strategy, ckpt)
+    try:
+        state = TrainingState.build(cfg, run.net, run.data, run.device, run.strategy, ckpt)
+    except CheckpointError as err:  # intact, but of another layout: a one-line error, not a traceback
+        raise UserError(f"--resume: {err}") from None
     if ctx.is_main:
         keep_metrics_until(run.out / "metrics.jsonl", state.step)
+        drop_samples_after(run.out / "samples", state.step)
         if ckpt is not None:
             again = f" (torchrun restart {ctx.restart_count})" if ctx.restart_count else ""
             print(f"resumed from {ckpt} at step {state.step}{again}")
             for note in passed_over:
-                print(f"note: the newest intact checkpoint was taken; passed over {note}")
+                print(f"note: the newest intact checkpoint was taken; passed over {note}", file=sys.stderr)
         if state.step < cfg.steps:  # a resume with nothing to do leaves config.json saying how the run was trained
             write_json_atomic(run.out / "config.json", run.meta)
     return state
@@ -609,7 +634,9 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     strategy = run.strategy
     sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"), state.log_window)
     last_good, last_save = find_checkpoint(run.out), time.monotonic()
-    vote = distributed.StopVote()  # under torchrun, a stop agreed by the ranks the step after the signal
+    vote = distributed.StopVote()  # under torchrun, a stop or timed save agreed by the ranks a step later
+    save_voted = stale_save_vote = False  # this rank asked for a timed save; a vote sent before the last save
+    first_step = state.step
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
@@ -629,15 +656,20 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         step = state.step
         sample_due = bool(cfg.sample_every) and step % cfg.sample_every == 0
         fd_due = bool(cfg.fd_every) and (step % cfg.fd_every == 0 or step == cfg.steps)
-        stop_agreed = vote.agreed(stop.requested)  # every rank, every step: a collective
+        # --ckpt-minutes: checked every step (a step may be slow), each rank by its own clock, agreed in the vote
+        time_due = bool(cfg.ckpt_minutes) and not save_voted and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes
+        stop_agreed, save_agreed = vote.agreed(stop.requested, time_due)  # every rank, every step: a collective
+        save_voted |= time_due
+        if stale_save_vote:  # sent before the last save, which answered it
+            save_agreed = stale_save_vote = False
         if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
-                or stop_agreed):
+                or stop_agreed or save_agreed):
+            if step == first_step + 1:  # this process's first step (a first --compile): not in the rates
+                sums.restart_clock(step)
             continue
-        # --ckpt-minutes: checked at these intervals, agreed by the ranks in the same gather as a stop
-        time_due = bool(cfg.ckpt_minutes) and time.monotonic() - last_save >= 60 * cfg.ckpt_minutes
         record, bad_step, stopping, save_due = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
                                                           METHODS[cfg.method].error_name, lr,
-                                                          skipped_counts(state.data), time_due,
+                                                          skipped_counts(state.data), save_agreed,
                                                           interval_end=step % cfg.log_every == 0)
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
@@ -651,7 +683,9 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             state.log_window = sums.open_window()
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
-                last_save = time.monotonic()
+                last_save, save_voted, stale_save_vote = time.monotonic(), False, vote.lagged
+                if not at_end:  # the last one is named by the run's final line
+                    log.write(f"step {step}: checkpoint -> {last_good}")
             except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
                 where = (f"the last good checkpoint {last_good} is intact (its weights are finite)" if last_good
                          else "no checkpoint was written")
@@ -660,10 +694,12 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 raise write_failed(err, f"the step {step} checkpoint in {run.out}", run.out) from None
         if sample_due or at_end:  # after the checkpoint: a grid that cannot be drawn or written costs no work
             log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
+        sums.restart_clock(step)  # the checkpoint, grid and FD are not training: the next rates leave them out
         if stopping:
             vote.close()
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
-            log.write(f"stopped by signal {stop.signal or 'on another rank'} at step {step}; checkpoint {last_good}; "
+            by = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
+            log.write(f"stopped by {by} at step {step}; checkpoint {last_good}; "
                       f"continue with: {again} --out {run.out} --resume")
             raise Stopped(stop.signal)
     vote.close()
@@ -759,8 +795,8 @@ class StopRequest:
             raise Interrupted(signum)
         if self.signal is None:  # said at once: a step may take a while
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            sys.stderr.write(f"\n{name}: stopping {self.when}, with a checkpoint; "
-                             f"a second {name} quits at once, without one\n")
+            sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{name}: stopping {self.when}, with a "
+                             f"checkpoint; a second {name} quits at once, without one\n")  # a newline ends the bar
         self.signal = self.signal or signum
         signal.signal(signum, signal.SIG_DFL)
 
@@ -818,12 +854,6 @@ def skipped_counts(data) -> dict[str, int] | None:
     return {"skipped_shards": data.skipped_shards, "skipped_samples": data.skipped_samples}
 
 
-def out_of_memory(err: RuntimeError) -> bool:
-    """torch.OutOfMemoryError (CUDA), or the CPU allocator's plain RuntimeError saying the same."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) \
-        or "out of memory" in str(err).lower()
-
-
 def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.SIGINT) -> int:
     """A stop signal outside the training loop (whose own saves, then stops): during start-up or the first
     step, or after the last step, while the process winds down. Says which, by the run's newest checkpoint;
@@ -871,4 +901,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the start-up handler's "interrupted during start-up"
     sys.exit(code)

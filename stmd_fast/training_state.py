@@ -8,6 +8,8 @@ uninterrupted one (tests/test_train.py), its logged losses included (tests/test_
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed
-from .checkpoint import NonFiniteState, ema_file, load_train_state, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, NonFiniteState, ema_file, load_train_state, load_weights, save_checkpoint
 from .engine import make_optimizer
 from .parallel import Sharded, Single
 
@@ -56,6 +58,20 @@ def dropout_rng_state(device: torch.device) -> dict:
     return state
 
 
+@contextmanager
+def fitting(ckpt: Path):
+    """Restoring from ckpt: what does not fit this code (weights of another layout, a generator state or a
+    key of another torch or stmd_fast version) becomes a CheckpointError naming the checkpoint."""
+    try:
+        yield
+    except (CheckpointError, torch.cuda.OutOfMemoryError, torch.distributed.DistBackendError):
+        raise  # a damaged file (said as such), the machine or a peer: not the checkpoint's layout
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{ckpt} does not fit this stmd_fast and torch ({type(err).__name__}: {reason}): "
+                              f"resume it with the versions that wrote it, or start a new --out") from None
+
+
 @dataclass
 class TrainingState:
     net: torch.nn.Module
@@ -73,12 +89,14 @@ class TrainingState:
     def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
         """Fresh (ckpt None) or restored from the checkpoint directory ckpt. Collective under torchrun."""
         if ckpt is not None:
-            net.load_state_dict(load_weights(ckpt, "model.safetensors", device))
+            with fitting(ckpt):
+                net.load_state_dict(load_weights(ckpt, "model.safetensors", device))
         distributed.broadcast_module(net)  # replicas start equal (the same seed gives that already; this makes sure)
         ema = EMAs(net, (cfg.ema_decay, *cfg.ema_decays), use_buffers=strategy.ema_buffers)
         if ckpt is not None:
-            for decay, module in ema.modules().items():
-                module.load_state_dict(load_weights(ckpt, ema_file(decay, cfg.ema_decay), device))
+            with fitting(ckpt):
+                for decay, module in ema.modules().items():
+                    module.load_state_dict(load_weights(ckpt, ema_file(decay, cfg.ema_decay), device))
         strategy.prepare(net, ema, device)
         optimizer = make_optimizer(net, cfg.lr, cfg.weight_decay, sharded=isinstance(strategy, Sharded),
                                    betas=tuple(cfg.adam_betas))
@@ -89,8 +107,9 @@ class TrainingState:
         if ckpt is None and strategy.world > 1 and cfg.dropout:  # distinct dropout masks on every rank
             torch.manual_seed(distributed.rank_seed(cfg.seed, strategy.rank))
         if ckpt is not None:
-            state._restore(load_train_state(ckpt, device),
-                           cfg.seed, device, strategy)
+            saved = load_train_state(ckpt, device)
+            with fitting(ckpt):
+                state._restore(saved, cfg.seed, device, strategy)
         return state
 
     def _restore(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
@@ -136,7 +155,7 @@ class TrainingState:
                        f"the run's {saved.get('world_size', 1)} data streams (one per process) became "
                        f"{ctx.world_size if strategy.per_rank_data else 1}; the shards' epoch restarts")
                 print(f"note: {why}: noise reseeded from (seed, step), so it continues correctly but not "
-                      f"bit-identically")
+                      f"bit-identically", file=sys.stderr)
         if hasattr(self.data, "load_state_dict"):
             if mine is not None and mine.get("data") is not None:
                 self.data.load_state_dict(mine["data"])

@@ -664,7 +664,7 @@ def test_resume_on_data_of_another_shape_is_refused_and_a_new_count_is_said(tmp_
     assert_one_line_error(capsys, "(1, 8, 8)", "(3, 8, 8)", "another --out")
     _tiny_images(data, count=24)
     assert train("--out", run, "--resume", "--steps", 2, "--device", "cpu") == 0
-    assert "now holds 24 samples, where the run was trained on 16" in capsys.readouterr().out
+    assert "now holds 24 samples, where the run was trained on 16" in capsys.readouterr().err
 
 
 def test_a_data_folder_gets_its_own_name_and_no_run_inside_it(tmp_path, monkeypatch, capsys):

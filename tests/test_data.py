@@ -342,7 +342,7 @@ def test_npy_float_images_in_0_1_get_a_note_and_are_used_as_given(tmp_path, caps
     x = np.random.default_rng(0).random((6, 3, 4, 4), dtype=np.float32)  # torchvision ToTensor's range
     np.save(tmp_path / "unit.npy", x)
     assert torch.equal(load_npy(str(tmp_path / "unit.npy")).values, torch.from_numpy(x))
-    assert "float images in [0, 1]" in capsys.readouterr().out
+    assert "float images in [0, 1]" in capsys.readouterr().err
     np.save(tmp_path / "centred.npy", x * 2 - 1)
     load_npy(str(tmp_path / "centred.npy"))
     assert "[0, 1]" not in capsys.readouterr().out
@@ -353,8 +353,8 @@ def test_npy_data_far_from_unit_scale_gets_a_note(tmp_path, capsys, std, noted):
     x = np.random.default_rng(0).standard_normal((200, 2)).astype(np.float32) * std
     np.save(tmp_path / "points.npy", x)
     assert torch.equal(load_npy(str(tmp_path / "points.npy")).values, torch.from_numpy(x))  # used as given
-    out = capsys.readouterr().out
-    assert ("note:" in out and "standardize" in out) == noted, out
+    err = capsys.readouterr().err
+    assert ("note:" in err and "standardize" in err) == noted, err
 
 
 def test_npy_integer_vectors_are_not_treated_as_pixels(tmp_path):

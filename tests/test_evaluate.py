@@ -2,6 +2,7 @@
 inpainting metrics, and one-line errors for bad input before any sampling."""
 import json
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -144,10 +145,10 @@ def test_train_classifier_records_where_it_was_trained(tmp_path, capsys):
     assert meta["steps"] == 2 and meta["dataset"] == "digits"
     assert meta["trained_on"] == {"torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
                                   "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    out = capsys.readouterr().out
-    assert f"torch {torch.__version__}" in out
+    captured = capsys.readouterr()
+    assert f"torch {torch.__version__}" in captured.out
     # digits FDs read the shipped classifier unless told otherwise: the note says how to use this one instead
-    assert f"--classifier {tmp_path / 'clf'}" in out
+    assert f"--classifier {tmp_path / 'clf'}" in captured.err
 
 
 def test_inpainting_evaluation(runs, tmp_path):
@@ -161,6 +162,8 @@ def test_inpainting_evaluation(runs, tmp_path):
     assert result["reference_images"] == len(load_split("digits", "test", "datasets"))
     assert np.isfinite(result["fd"]) and np.isfinite(result["psnr_db"])
     assert result["diversity"] > 0  # STMD completions differ in the missing half
+    # psnr_db is over all pixels, the observed half copied exactly: its error is half the missing region's
+    assert result["psnr_db"] - result["psnr_missing_db"] == pytest.approx(10 * np.log10(2), abs=1e-4)
     from PIL import Image
 
     with Image.open(tmp_path / "inpaint_half.png") as grid:  # 5 rows of observation + 3 completions + truth
@@ -343,7 +346,7 @@ def test_inpaint_says_when_it_has_fewer_images_than_asked(runs, tmp_path, capsys
                      *scoring(runs), "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "inpaint_center.json").read_text())["images"] == reference
     assert (f"note: --images 1000: the digits test split holds {reference} images; using all {reference}"
-            in capsys.readouterr().out)
+            in capsys.readouterr().err)
 
 
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
@@ -522,3 +525,74 @@ def test_kernel_and_posterior_label_two_checkpoints_of_one_run_by_step(gmm, tmp_
     assert json.loads((tmp_path / "p" / "posterior.json").read_text())["checkpoints"] == {
         name: entry["checkpoint"] for name, entry in report.items()}
     assert sorted(p.name for p in (tmp_path / "k").glob("*.png")) == ["kernel_stmd@1_M1.png", "kernel_stmd@2_M1.png"]
+
+
+def one_setting(run, out, runs, *extra, cache=None):
+    return ["sweep", str(run), "--num", "16", "--batch-size", "16", "--meanflow-steps", "1", "--classifier",
+            str(runs / "classifier"), "--cache-dir", str(cache or runs / "cache"), "--out", str(out), *extra]
+
+
+def test_a_sweep_measures_again_against_other_reference_images_of_the_same_name(runs, tmp_path, capsys, monkeypatch):
+    # the rows were keyed by the reference's name and count only: a --reference file (or --data-dir split)
+    # replaced by other images of the same count reused numbers measured against the old ones
+    import stmd_fast.evaluate as evaluate_module
+
+    args = one_setting(runs / "meanflow", tmp_path / "out", runs)
+    assert evaluate(args) == 0
+    first = json.loads((tmp_path / "out" / "results.json").read_text())
+    real = evaluate_module.reference_images
+
+    def other_images(meta, a):
+        images, name = real(meta, a)
+        return images.flip(-1), name  # the same name and count, other contents
+
+    monkeypatch.setattr(evaluate_module, "reference_images", other_images)
+    capsys.readouterr()
+    assert evaluate(args) == 0
+    assert "reusing" not in capsys.readouterr().out
+    second = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert second["reference_sha256"] != first["reference_sha256"]
+    assert second["rows"][0]["value"] != first["rows"][0]["value"]
+
+
+def test_checkpoints_without_recorded_checksums_are_told_apart_by_their_files(runs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    copies = []
+    for name, scale in (("old_a", 1.0), ("old_b", 0.5)):  # written before checksums: no "files" in config.json
+        ckpt = tmp_path / name
+        shutil.copytree(list_checkpoints(runs / "meanflow")[0], ckpt)
+        meta = json.loads((ckpt / "config.json").read_text())
+        meta.pop("files")
+        (ckpt / "config.json").write_text(json.dumps(meta))
+        save_file({k: v * scale for k, v in load_file(ckpt / "ema.safetensors").items()}, ckpt / "ema.safetensors")
+        copies.append(ckpt)
+    out = tmp_path / "out"
+    values = []
+    for ckpt in copies:
+        assert evaluate(one_setting(ckpt, out, runs)) == 0
+        assert "reusing" not in capsys.readouterr().out
+        values.append(json.loads((out / "results.json").read_text())["rows"][0]["value"])
+    assert values[0] != values[1]
+
+
+def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "1,2")) == 0
+    earlier = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "2")) == 0  # a narrower list
+    captured = capsys.readouterr()
+    assert "reusing 1 of 1" in captured.out
+    assert "holds 1 result(s) of an earlier sweep that this one does not measure" in captured.err
+    [kept] = out.glob("results.replaced-*.json")
+    assert kept.read_text() == earlier
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
+    assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "2")) == 0  # again: all kept
+    assert "earlier sweep" not in capsys.readouterr().err and len(list(out.glob("results.replaced-*"))) == 1
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert evaluate(one_setting(runs / "meanflow", tmp_path / "out", runs, cache=tmp_path / "a_file")) == 2
+    one_line_error(capsys, "cannot write to --cache-dir", "a_file")

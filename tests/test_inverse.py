@@ -434,3 +434,55 @@ def test_measurement_posterior_drops_components_with_no_mass():
         default_mixture().observe(MATRIX, [0.0], float("inf"))
     with pytest.raises(ValueError, match="use a larger sigma_y"):
         default_mixture().observe(torch.eye(2), [1.5, 0.0], 1e-9)
+
+
+@pytest.mark.parametrize("steps", [2.5, 2.0, "2", torch.tensor(2)])
+def test_steps_that_are_not_whole_numbers_are_refused(image_model, steps):
+    # steps=2.5 ran: its uniform grid ended at s = -0.2 (bridge noise left in), the quadratic one never reached
+    # s = 0, and inpainting no longer kept the observed pixels
+    mask = torch.ones(1, 8, 8)
+    mask[:, 4:] = 0
+    with pytest.raises(TypeError, match=r"steps must be a whole number"):
+        image_model.sample(2, steps=steps, generator=gen(0))
+    with pytest.raises(TypeError, match=r"steps must be a whole number"):
+        image_model.inpaint(torch.zeros(1, 8, 8), mask, 2, steps=steps, generator=gen(0))
+    with pytest.raises(TypeError, match=r"flow_steps must be a whole number"):
+        image_model.sample(2, steps=1, flow_steps=steps, generator=gen(0))
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(image_model):
+    x = torch.zeros(1, 8, 8)
+    for call, match in [(lambda: image_model.sample(2.0), "num must be a whole number"),
+                        (lambda: image_model.sample(4, batch_size=2.5), "batch_size must be a whole number"),
+                        (lambda: image_model.sample(2, generator=0), "generator must be a torch.Generator"),
+                        (lambda: image_model.posterior_sample(x, "sr4"), "operator must be one of stmd_fast.operators"),
+                        (lambda: image_model.posterior_sample(x, Mask(torch.ones(1, 8, 8)), 0.1, particles=2.0),
+                         "particles must be a whole number"),
+                        (lambda: image_model.posterior_sample(x, Mask(torch.ones(1, 8, 8)), None), "sigma_y must be "
+                                                                                                 "a number")]:
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+def test_masks_as_arrays_and_a_mask_that_observes_nothing(image_model):
+    mask = np.ones((1, 8, 8), np.float32)
+    mask[:, 4:] = 0
+    truth = torch.randn(1, 8, 8, generator=gen(51))
+    done = image_model.inpaint(truth, mask, 2, steps=2, generator=gen(52))  # numpy mask: was an AttributeError
+    assert torch.equal(done[:, :, :4], truth[None, :, :4].expand(2, 1, 4, 8))
+    x = image_model.posterior_sample(truth, Mask(mask), 0.0, steps=2, num=2, generator=gen(53))
+    assert torch.equal(x[:, :, :4], truth[None, :, :4].expand(2, 1, 4, 8))
+    with pytest.raises(ValueError, match="observes nothing"):  # as inpaint refuses it
+        Mask(np.zeros((1, 8, 8)))
+
+
+def test_an_observation_in_0_255_is_said_and_other_weights_dtypes_refused(image_model):
+    mask = torch.ones(1, 8, 8)
+    mask[:, 4:] = 0
+    pixels = torch.randint(0, 256, (1, 8, 8), generator=gen(54)).float()
+    with pytest.warns(UserWarning, match=r"reaches 2\d\d.*x / 127.5 - 1"):
+        image_model.inpaint(pixels, mask, 1, steps=1, generator=gen(0))
+    net = tiny_net("stmd", (1, 8, 8)).double()  # the sampler's noise and times are float32: it crashed in a conv
+    with pytest.raises(ValueError, match="model.net is torch.float64"):
+        Model(net, "stmd", (1, 8, 8), "image", {}).sample(2, generator=gen(0))
+    assert image_model.transition(torch.zeros(0, 1, 8, 8), 0.5, 0.1).shape == (0, 1, 8, 8)  # an empty batch

@@ -165,6 +165,29 @@ def test_wider_head_runs_the_reference_with_a_warning():
     _close(o_t, ref_t, 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["k and v longer", "q longer", "narrower v", "broadcast batch", "3-d",
+                                  "bfloat16 in the interpreter"])
+def test_inputs_the_kernel_cannot_take_run_the_reference_with_a_warning(case):
+    # the kernel indexes k and v as q: other shapes read out of bounds (values off by 1e10), and Triton's
+    # interpreter computes bfloat16 dot products wrongly; the reference takes them all
+    if case == "bfloat16 in the interpreter" and DEVICE == "cuda":
+        pytest.skip("the interpreter runs on the CPU")
+    shapes = {"k and v longer": [(1, 1, 5, 8), (1, 1, 9, 8), (1, 1, 9, 8)],
+              "q longer": [(1, 1, 7, 8), (1, 1, 5, 8), (1, 1, 5, 8)],
+              "narrower v": [(1, 1, 5, 8), (1, 1, 5, 8), (1, 1, 5, 4)],
+              "broadcast batch": [(2, 1, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8)],
+              "3-d": [(2, 5, 8)] * 3,
+              "bfloat16 in the interpreter": [(1, 1, 5, 8)] * 3}[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(DEVICE) for shape in shapes)
+    if case.startswith("bfloat16"):
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    launch._warned.clear()
+    with dispatch.backend("triton"), pytest.warns(RuntimeWarning, match="runs the PyTorch reference"):
+        o = attention(q, k, v, 0.35)
+    torch.testing.assert_close(o, attention_reference(q, k, v, 0.35))
+
+
 @pytest.mark.slow
 def test_compiled_jvp_and_backward():
     """torch.compile(fullgraph=True) keeps the tangent (a custom autograd jvp would be dropped)."""

@@ -83,13 +83,20 @@ def test_fp32_follows_the_trainers_tf32_switch():
 
 
 def test_unsupported_inputs_say_why():
-    x = lambda d, dtype: torch.zeros(1, 1, 4, d, dtype=dtype)  # noqa: E731
-    assert launch.attention_unsupported(x(64, torch.float32)) is None
-    assert launch.attention_unsupported(x(64, torch.bfloat16)) is None
-    assert "float64" in launch.attention_unsupported(x(64, torch.float64))
-    assert "float16" in launch.attention_unsupported(x(64, torch.float16))
-    assert "head dim 72" in launch.attention_unsupported(x(72, torch.float32))  # DiT-XL
-    assert "head dim 128" in launch.attention_unsupported(x(128, torch.bfloat16))
+    def unsupported(d, dtype, device="cpu", **shapes):
+        q = torch.zeros(1, 1, 4, d, dtype=dtype, device=device)
+        k, v = (torch.zeros(shapes.get(name, q.shape), dtype=dtype, device=device) for name in "kv")
+        return launch.attention_unsupported(q, k, v)
+
+    assert unsupported(64, torch.float32) is None
+    assert "interpreter" in unsupported(64, torch.bfloat16)  # on the CPU: Triton's interpreter, fp32 only
+    if torch.cuda.is_available():
+        assert unsupported(64, torch.bfloat16, "cuda") is None
+    assert "float64" in unsupported(64, torch.float64)
+    assert "float16" in unsupported(64, torch.float16)
+    assert "head dim 72" in unsupported(72, torch.float32)  # DiT-XL
+    assert "head dim 128" in unsupported(128, torch.float32)
+    assert "k (1, 1, 9, 8)" in unsupported(8, torch.float32, k=(1, 1, 9, 8), v=(1, 1, 9, 8))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or dispatch.interpret_mode()), reason="needs CUDA or the interpreter")

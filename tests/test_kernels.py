@@ -79,6 +79,32 @@ def test_meanflow_loss_matches_reference(triton_backend, shape, p, dtype, atol, 
     torch.testing.assert_close(u_k.grad.float(), u_r.grad.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("h_shape,v_shape,dudt_shape", [((), (5,), (3, 5)), ((1,), (1, 5), (3, 5)),
+                                                        ((3, 1), (3, 5), (5,))])
+def test_meanflow_loss_broadcasts_as_the_reference(triton_backend, h_shape, v_shape, dudt_shape):
+    # the kernel read h, v and du/dt as full-size: a 0-d h read past its one value, a (1, 5) v gave NaN
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 5, generator=g).to(DEVICE)
+    dudt, v = torch.randn(dudt_shape, generator=g).to(DEVICE), torch.randn(v_shape, generator=g).to(DEVICE)
+    h = torch.rand(h_shape, generator=g).to(DEVICE)
+    u_k, u_r = u.clone().requires_grad_(), u.clone().requires_grad_()
+    loss, sq = meanflow_loss(u_k, dudt, v, h, 1e-3, 1.0)
+    loss_ref, sq_ref = meanflow_loss_reference(u_r, dudt, v, h, 1e-3, 1.0)
+    torch.autograd.backward([loss, loss_ref])
+    torch.testing.assert_close(sq, sq_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(u_k.grad, u_r.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_meanflow_loss_unweighted_at_zero_error_has_zero_gradient(triton_backend):
+    # p = 0, c = 0, delta = 0: the weight (0 + 0)^-0 is 1 (torch's pow), not exp(-0 * log 0) = NaN
+    u = torch.ones(2, 3, device=DEVICE, requires_grad=True)
+    loss, _ = meanflow_loss(u, torch.zeros(2, 3, device=DEVICE), torch.ones(2, 3, device=DEVICE),
+                            torch.ones(2, device=DEVICE), 0.0, 0.0)
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(u.grad, torch.zeros_like(u))
+
+
 def test_meanflow_loss_reference_closed_form():
     # One sample, p = 1: loss = l / (l + c) and d loss / d u = 2 c delta / (l + c)^2 ... but the
     # weight is stop-gradient, so the gradient is 2 delta / (l + c).

@@ -242,3 +242,16 @@ def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp
                         "--vae", str(wide)]) == 2
     assert "makes 8x8x8 latents from 16-pixel images, and this model's are 4x8x8" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_a_network_that_does_not_fit_latents_is_refused_before_the_vae_loads(capsys, shards, vae_dir, tmp_path,
+                                                                             monkeypatch, at_test_resolution):
+    from stmd_fast.data import vae
+
+    def loads_the_vae(*args, **kwargs):
+        raise AssertionError("the VAE was loaded before the network was checked")
+
+    monkeypatch.setattr(vae, "latent_decoder", loads_the_vae)
+    assert train_main(["--preset", "celeba-latent", "--data", shards, "--vae", str(vae_dir), "--unet", "S",
+                       "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "--unet for images" in capsys.readouterr().err

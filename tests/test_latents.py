@@ -510,7 +510,7 @@ def test_shards_that_split_unevenly_over_the_processes_get_a_note(shards, capsys
     often than others for a while. Said once (rank 0), with the shard size that evens it out."""
     LatentShards(_pattern(shards), rank=0, world_size=2)  # 5 shards over 2 processes
     assert re.search(r"note: 5 shards of \d+-\d+ samples do not split evenly over 2 processes.*--shard-size \d+",
-                     capsys.readouterr().out)
+                     capsys.readouterr().err)
     LatentShards(_pattern(shards), rank=1, world_size=2)
     LatentShards(_pattern(shards), rank=0, world_size=1)
     assert capsys.readouterr().out == ""  # once per job; one process has nothing to split

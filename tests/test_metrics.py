@@ -247,6 +247,13 @@ def test_psnr_identical_is_inf_and_known_mse_matches_closed_form():
     expected = 10 * torch.log10(1 / offsets**2)
     assert torch.allclose(psnr(shifted, y), expected, rtol=1e-5)
     assert psnr(shifted, y)[0].item() == pytest.approx(20.0, rel=1e-5)
+    # over a region: the MSE of those pixels alone (an error of 0.1 on 4 pixels, none elsewhere)
+    where = torch.zeros(1, 4, 4, dtype=torch.bool)
+    where[0, 0] = True
+    off = y.clone()
+    off[:, 0, 0] += 0.2
+    assert torch.allclose(psnr(off, y, where=where), torch.full((2,), 20.0), rtol=1e-5)
+    assert torch.allclose(psnr(off, y), torch.full((2,), 20.0 + 10 * math.log10(4)), rtol=1e-5)
 
 
 def test_diversity_of_constant_and_two_point_completions():
@@ -327,7 +334,7 @@ def test_training_fd_above_the_training_set_uses_all_of_it_and_says_so(capsys):
     train = TensorData("digits", load_digits("train").all()[:200], "image")  # a small set: a fast measurement
     meta = {"config": cfg.to_dict(), "data_shape": [1, 8, 8], "data_kind": "image"}
     fd = TrainingFD(cfg, meta, train, torch.device("cpu"), 1, 1)
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     # said at construction, i.e. before training: the reference is all 200 images, not 300
     assert len(notes) == 1 and "--fd-num 300" in notes[0] and "all 200" in notes[0]
     assert fd.reference_count == len(train) == int(fd.metric._metric.real_features_num_samples)

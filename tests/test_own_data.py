@@ -50,7 +50,7 @@ def test_image_folder_loads_every_image_resized_and_center_cropped(tmp_path, cap
     order = sorted(sizes)  # sorted relative paths: a.png, b.jpg, d.jpeg, sub/c.PNG
     for row, name in zip(data.values, order):
         assert np.array_equal(row.numpy(), _reference(tmp_path / name, 32))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "skipped 1 unreadable image(s)" in out and "\n  broken.png: " in out and len(data) == 4  # each named
     assert "3 of the 4 images are smaller than --resolution 32" in out  # 30, 24 and 17 pixels: enlarged
     x = data.batch(5, torch.Generator().manual_seed(0))

@@ -249,7 +249,7 @@ def test_an_mnist_run_resumes_from_any_folder_and_from_files_that_moved(tmp_path
     assert train_main(["--out", "../runs/m", "--resume", "--steps", "2"]) == 0  # from another folder
     shutil.move(tmp_path / "files", tmp_path / "moved")
     assert train_main(["--out", "../runs/m", "--resume", "--steps", "3", "--data-dir", "../moved"]) == 0
-    assert f"continues on those in {tmp_path / 'moved'}" in capsys.readouterr().out
+    assert f"continues on those in {tmp_path / 'moved'}" in capsys.readouterr().err
     assert read_meta(find_checkpoint(tmp_path / "runs" / "m"))["step"] == 3
 
 
@@ -263,4 +263,4 @@ def test_images_of_more_channels_than_a_png_holds_train_and_show_their_first_thr
                        "2", "--device", "cpu", "--out", str(run)]) == 0
     with Image.open(run / "samples" / "step_00000002.png") as grid:
         assert grid.mode == "RGB" and grid.size == (8 * 9 + 1, 8 * 9 + 1)
-    assert "holds 4 samples, fewer than --batch-size 8" in capsys.readouterr().out
+    assert "holds 4 samples, fewer than --batch-size 8" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_resume_on_another_device_type_reseeds_and_says_so(tmp_path, capsys):
     reseal(state_path)
     capsys.readouterr()
     assert main(GMM + ["--steps", "4", "--out", str(run), "--resume"]) == 0
-    assert "reseeded" in capsys.readouterr().out
+    assert "reseeded" in capsys.readouterr().err
     assert steps_logged(run) == [1, 2, 3, 4]
 
 
@@ -143,3 +143,104 @@ def test_device_checks():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/step_00000002"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_out_inside_a_runs_checkpoints_is_refused_naming_the_run(tmp_path, capsys, inside, resume):
+    # the advice "pass --resume" must not lead to a run trained inside a checkpoint (rewriting its config.json)
+    run = tmp_path / "run"
+    assert main(GMM + ["--steps", "2", "--out", str(run)]) == 0
+    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(GMM + ["--steps", "3", "--out", str(run / inside), *(["--resume"] if resume else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
+    assert f"--out {run}" in err
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_fresh_run_does_not_replace_a_config_json_it_did_not_write(tmp_path, capsys):
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    assert main(GMM + ["--steps", "1", "--out", str(folder)]) == 2
+    assert "config.json that is not a stmd_fast run's" in capsys.readouterr().err
+    assert (folder / "config.json").read_text() == '{"_class_name": "AutoencoderKL"}'
+    # a run's own config.json (one killed before its first checkpoint) is no obstacle to a fresh start
+    run = tmp_path / "run"
+    assert main(GMM + ["--steps", "1", "--out", str(run)]) == 0
+    shutil.rmtree(run / "checkpoints")
+    assert main(GMM + ["--steps", "1", "--out", str(run)]) == 0
+
+
+def test_sample_grids_of_an_abandoned_timeline_are_removed(tmp_path):
+    # grids after the checkpoint a run resumes from belong to a killed (or set-aside) timeline; a fresh start drops all
+    run = tmp_path / "run"
+    flags = GMM + ["--sample-every", "1", "--ckpt-every", "2"]
+    assert main(flags + ["--steps", "4", "--out", str(run)]) == 0
+    grids = lambda: sorted(p.name for p in (run / "samples").iterdir())  # noqa: E731
+    assert grids() == [f"step_0000000{k}.npy" for k in (1, 2, 3, 4)]
+    (run / "samples" / "notes.txt").write_text("the user's own")
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # killed before step 4's checkpoint
+    assert main(flags + ["--steps", "3", "--out", str(run), "--resume"]) == 0
+    assert grids() == ["notes.txt", "step_00000001.npy", "step_00000002.npy", "step_00000003.npy"]
+    shutil.rmtree(run / "checkpoints")  # killed before the first checkpoint: a fresh start
+    assert main(flags + ["--steps", "1", "--out", str(run)]) == 0
+    assert grids() == ["notes.txt", "step_00000001.npy"]
+
+
+def _edit_config(run, edit) -> None:
+    for path in [run / "config.json", *(run / "checkpoints").glob("step_*/config.json")]:
+        meta = json.loads(path.read_text())
+        edit(meta["config"])
+        path.write_text(json.dumps(meta))
+
+
+def _edit_state(run, edit) -> None:
+    path = find_checkpoint(run) / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    reseal(path)
+
+
+def _prefix_weights(run) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = find_checkpoint(run) / "model.safetensors"
+    save_file({"_orig_mod." + k: v for k, v in load_file(path).items()}, path)
+    reseal(path)
+
+
+OTHER_VERSIONS = {  # an intact checkpoint whose contents this code does not take
+    "a config field of a newer version": lambda run: _edit_config(run, lambda c: c.update(new_field=1)),
+    "a config value this version refuses": lambda run: _edit_config(run, lambda c: c.update(method="sde")),
+    "a generator state of another torch": lambda run: _edit_state(
+        run, lambda s: s.update(generator=torch.cat([s["generator"], torch.zeros(16, dtype=torch.uint8)]))),
+    "a train_state key missing": lambda run: _edit_state(run, lambda s: s.pop("generator_device")),
+    "weights saved under another module prefix": _prefix_weights,
+}
+
+
+@pytest.mark.parametrize("change", list(OTHER_VERSIONS))
+def test_a_checkpoint_of_another_version_is_one_line_and_left_as_it_is(tmp_path, capsys, change):
+    run = tmp_path / "run"
+    assert main(GMM + ["--steps", "2", "--out", str(run)]) == 0
+    OTHER_VERSIONS[change](run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(GMM + ["--steps", "3", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume:") and len(err.splitlines()) == 1, err
+    assert "step_00000002" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # not set aside as damaged
+    assert steps_logged(run) == [1, 2]
+
+
+def test_notes_for_tf32_and_parallel_where_they_do_nothing(tmp_path, capsys):
+    assert main(GMM + ["--steps", "1", "--device", "cpu", "--no-tf32", "--parallel", "ddp",
+                       "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "note: --tf32 has no effect on this run: TF32 is a CUDA matmul mode; this run is on the CPU" in err
+    assert "note: --parallel has no effect on this run: DDP splits the work of torchrun's processes" in err

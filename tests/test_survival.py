@@ -522,9 +522,10 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(capsys
     DAMAGE[damage](run / "checkpoints" / "step_00000006")
     capsys.readouterr()
     assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "step_00000004 at step 4" in out
-    assert "step_00000006" in out and NAMED[damage] in out and "damaged-step_00000006" in out
+    captured = capsys.readouterr()
+    assert "resumed from" in captured.out and "step_00000004 at step 4" in captured.out
+    note = captured.err  # passed over: a note, on stderr
+    assert "step_00000006" in note and NAMED[damage] in note and "damaged-step_00000006" in note
     assert (run / "checkpoints" / "damaged-step_00000006").is_dir()
     assert metrics_steps(run) == list(range(1, 9))
     reference = tmp_path / "reference"
@@ -588,9 +589,9 @@ def test_a_run_whose_data_moved_resumes_from_the_new_place(capsys, tmp_path):
     assert train("--out", run, "--resume", "--steps", 3, "--device", "cpu") == 2
     assert_one_line_error(capsys, str(first), "is gone", "--data NEW_PLACE")
     assert train("--out", run, "--resume", "--steps", 3, "--data", moved, "--device", "cpu") == 0
-    assert f"trained on {first}; it continues on {moved}" in capsys.readouterr().out
+    assert f"trained on {first}; it continues on {moved}" in capsys.readouterr().err
     assert json.loads((run / "config.json").read_text())["config"]["data"] == str(moved)
-    np.save(tmp_path / "wide.npy", np.zeros((64, 3), np.float32))
+    np.save(tmp_path / "wide.npy", np.random.default_rng(1).standard_normal((64, 3)).astype(np.float32))
     assert train("--out", run, "--resume", "--steps", 4, "--data", tmp_path / "wide.npy", "--device", "cpu") == 2
     assert_one_line_error(capsys, "shape (2,)", "(3,)")
 
@@ -719,7 +720,7 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
     assert process.returncode == 128 + signum, (out, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
     if moment == "training":
-        assert f"stopped by signal {int(signum)}" in out and "--resume" in out
+        assert f"stopped by {signal.Signals(signum).name}" in out and "--resume" in out
         assert ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name) in err
         assert len(list_checkpoints(run)) == 1
     else:
@@ -827,21 +828,119 @@ def test_a_sample_grid_that_cannot_be_written_costs_no_checkpoint(capsys, tmp_pa
     monkeypatch.setattr(run_log, "write_sample_grid", read_only)
     run = tmp_path / "run"
     assert train(*GMM, "--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--keep-checkpoints", 5, "--out", run) == 0
-    out = capsys.readouterr().out
-    assert "warning: step 2: could not write the sample grid" in out and "training goes on" in out
+    err = capsys.readouterr().err  # a warning: on stderr, where a log keeps warnings
+    assert "warning: step 2: could not write the sample grid" in err and "training goes on" in err
     assert [c.name for c in list_checkpoints(run)] == ["step_00000004", "step_00000002"]
 
 
 def test_checkpoints_by_the_clock_and_log_lines_with_an_eta(capsys, tmp_path):
-    """--ckpt-minutes saves at the log interval once that much time has passed (here: at every one); the
-    lines written to a log file say when, and how long is left."""
+    """--ckpt-minutes saves once that much time has passed, checked at every step (here: due at every one), not
+    only at the --log-every records, which a slow step would stretch; each save is a line, and the lines
+    written to a log file say when, and how long is left."""
     run = tmp_path / "run"
     assert train(*GMM, "--steps", 6, "--log-every", 2, "--ckpt-every", 1000, "--ckpt-minutes", 1e-9,
                  "--keep-checkpoints", 10, "--out", run) == 0
-    assert [c.name for c in list_checkpoints(run)] == ["step_00000006", "step_00000004", "step_00000002"]
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("step 4/6")]
+    assert [c.name for c in list_checkpoints(run)] == [f"step_0000000{k}" for k in range(6, 0, -1)]
+    out = capsys.readouterr().out.splitlines()
+    assert f"step 3: checkpoint -> {run / 'checkpoints' / 'step_00000003'}" in out
+    lines = [x for x in out if x.startswith("step 4/6")]
     assert re.search(r"\| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d \| \d\d:\d\d:\d\d$", lines[0]), lines
     by_steps = tmp_path / "steps"
     assert train(*GMM, "--steps", 6, "--log-every", 2, "--ckpt-every", 1000, "--ckpt-minutes", 0,
                  "--out", by_steps) == 0
     assert [c.name for c in list_checkpoints(by_steps)] == ["step_00000006"]
+
+
+def test_a_failed_metrics_write_names_metrics_jsonl(tmp_path, monkeypatch, capsys):
+    """A write (not an open) that fails carries no file name of its own: the error must still name the file."""
+    from stmd_fast import run_log
+
+    real_record = run_log.RunLog.record
+
+    def full_at_the_first_record(self, record):
+        class Full(io.StringIO):
+            name = self.metrics.name
+
+            def write(self, text):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.metrics = Full()
+        return real_record(self, record)
+
+    monkeypatch.setattr(run_log.RunLog, "record", full_at_the_first_record)
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 2, "--out", run) == 1
+    assert_one_line_error(capsys, "No space left on device", str(run / "metrics.jsonl"))
+
+
+@pytest.fixture
+def rotated_while_read(monkeypatch):
+    """The first weights read finds its checkpoint rotated away by the run still training, which has saved a newer one
+    (copied here from the one read)."""
+    real = ckpt_module.load_weights
+    seen = []
+
+    def load_weights(ckpt, name, device="cpu"):
+        if not seen:
+            seen.append(ckpt)
+            newer = ckpt.with_name(f"step_{int(ckpt.name.removeprefix('step_')) + 1:08d}")
+            shutil.copytree(ckpt, newer)
+            shutil.rmtree(ckpt)
+        return real(ckpt, name, device)
+
+    monkeypatch.setattr(ckpt_module, "load_weights", load_weights)
+    return seen
+
+
+def test_sample_and_export_take_the_newest_checkpoint_when_theirs_is_rotated_away(gmm_run, tmp_path, capsys,
+                                                                                rotated_while_read):
+    run = tmp_path / "run"
+    shutil.copytree(gmm_run, run)
+    model = ckpt_module.load_checkpoint(run)
+    assert rotated_while_read == [run / "checkpoints" / "step_00000002"]
+    assert model.checkpoint == run / "checkpoints" / "step_00000003"
+    rotated_while_read.clear()
+    assert export(run, "--out", tmp_path / "s.pt2") == 0
+    from stmd_fast.export import open_exported
+
+    assert open_exported(tmp_path / "s.pt2")[1]["checkpoint"] == str((run / "checkpoints" / "step_00000004").resolve())
+    # named explicitly, it cannot be replaced: said as what happened, not as damage
+    rotated_while_read.clear()
+    assert sample(run / "checkpoints" / "step_00000004", "--num", 2, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "step_00000004 was deleted while it was read", "still training")
+
+
+CPU_ALLOCATOR = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 512000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_sample_and_export_out_of_memory_is_one_line_naming_the_batch(gmm_run, tmp_path, capsys, monkeypatch):
+    from stmd_fast import export as export_module
+    from stmd_fast.checkpoint import Model
+
+    def no_memory(*args, **kwargs):
+        raise CPU_ALLOCATOR
+
+    monkeypatch.setattr(Model, "sample", no_memory)
+    assert sample(gmm_run, "--num", 1000, "--batch-size", 1000, "--out", tmp_path / "x.npy") == 1
+    assert_one_line_error(capsys, "out of memory on cpu", "can't allocate memory", "lower --batch-size 1000")
+    assert not (tmp_path / "x.npy").exists()
+    monkeypatch.setattr(export_module, "export_sampler", no_memory)
+    assert export(gmm_run, "--batch", 10**9, "--out", tmp_path / "s.pt2") == 1
+    assert_one_line_error(capsys, "out of memory on cpu", "lower --batch 1000000000")
+
+
+@pytest.mark.parametrize("flags", [["--steps", "10000000000"], ["--steps", str(10**20)],
+                                   ["--flow-steps", "10000000000"]])
+def test_a_huge_number_of_steps_is_refused_before_sampling(gmm_run, tmp_path, capsys, no_sampling, flags):
+    assert sample(gmm_run, *flags, "--num", 2, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "at most 100000 steps each")
+    assert export(gmm_run, *flags, "--out", tmp_path / "s.pt2") == 2
+    assert_one_line_error(capsys, "at most 100000 steps each")
+
+
+def test_export_says_an_aoti_package_beside_it_is_stale(gmm_run, tmp_path, capsys):
+    out = tmp_path / "s.pt2"
+    (tmp_path / "s.aoti.pt2").write_bytes(b"an earlier export's package")
+    assert export(gmm_run, "--out", out) == 0
+    assert "note: " + str(tmp_path / "s.aoti.pt2") + " beside it is from an earlier export" in capsys.readouterr().err
