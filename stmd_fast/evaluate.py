@@ -394,10 +394,11 @@ def sweep(args) -> int:
             tqdm.write(f"[{i}/{len(plan)}] {label}: N={n} M={m} NFE {row['nfe']}: {metric.name} {row['value']:.3f} "
                        f"({timing})")
             write_results(out, rows, metric, record, len(plan), plot)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if rows:
             print(f"interrupted after {len(rows)} of {len(plan)} settings: they are kept in {out / 'results.json'}; "
                   "the same command again measures the rest", file=sys.stderr)
+            err.said = True  # main's plain "interrupted" would say it again
         raise
     return 0
 
@@ -1069,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # every file is written whole or not at all; a sweep keeps its settings so far
-        print("interrupted", file=sys.stderr)
+        if not getattr(err, "said", False):
+            print("interrupted", file=sys.stderr)
         return 128 + getattr(err, "signum", signal.SIGINT)
 
 
