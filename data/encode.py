@@ -30,6 +30,7 @@ import io
 import json
 import os
 import random
+import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,8 +44,8 @@ from tqdm import tqdm
 from ..cli import Parser, one_line_errors
 from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic, write_fix
 from .datasets import DataError
-from .images import UNREADABLE, list_images, resize_center_crop
-from .vae import latent_shape, load_vae  # noqa: F401 (load_vae: importable from here too)
+from .images import UNREADABLE, enlarged_note, list_images, resize_center_crop
+from .vae import latent_shape, load_vae, vae_fingerprint  # noqa: F401 (load_vae: importable from here too)
 
 FORMAT = "stmd_fast.latents/2"  # /2: a SHA-256 per sample
 SETTINGS = ("format", "vae", "resolution", "flip", "shard_size", "source")  # a rerun must match these to reuse shards
@@ -81,13 +82,14 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     return resize_center_crop(image, resolution).float() / 127.5 - 1
 
 
-def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
-    """(preprocessed image, None), or (None, why) for a file that cannot be read as an image."""
+def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool]:
+    """(preprocessed image, None, whether it was enlarged: its shorter side under the resolution), or
+    (None, why, False) for a file that cannot be read as an image."""
     try:
         with Image.open(path) as image:
-            return preprocess(image, resolution), None
+            return preprocess(image, resolution), None, min(image.size) < resolution
     except UNREADABLE as error:
-        return None, f"{type(error).__name__}: {error}"
+        return None, f"{type(error).__name__}: {error}", False
 
 
 @torch.no_grad()
@@ -98,7 +100,8 @@ def encode(vae, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def loaded_batches(pool: ThreadPoolExecutor, root: Path, paths: list[str], batch_size: int, resolution: int):
-    """Yields (paths, [(image or None, error or None), ...]) per batch, reading the next batch meanwhile."""
+    """Yields (paths, [load_image's (image or None, error or None, enlarged), ...]) per batch, reading the next
+    batch meanwhile."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
 
     def submit(batch):
@@ -117,12 +120,23 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
     # temporary name and renamed only once complete, so a crash never leaves a half shard under the
     # final name, and shard k always holds the same images, so a rerun can skip finished shards.
     tmp = path.with_name(path.name + ".tmp")  # a rerun overwrites what a killed run left
-    samples, skipped = 0, []
+    try:
+        entry = _write_shard(tmp, sources, index, vae, pool, root, args, bar)
+    except BaseException:  # a bad latent, a broken VAE, Ctrl-C: no half shard stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return {"name": path.name, "sources_sha1": digest(sources, root), **entry}
+
+
+def _write_shard(tmp: Path, sources: list[str], index: dict[str, int], vae, pool, root: Path, args, bar) -> dict:
+    samples, skipped, enlarged = 0, [], 0
     # in Python file I/O, so a full disk is an OSError (main says it in one line)
     with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
         for batch, loaded in loaded_batches(pool, root, sources, args.batch_size, args.resolution):
-            good = [(index[p], p, image) for p, (image, _) in zip(batch, loaded) if image is not None]
-            skipped += [{"path": p, "error": error} for p, (_, error) in zip(batch, loaded) if error is not None]
+            good = [(index[p], p, image) for p, (image, *_) in zip(batch, loaded) if image is not None]
+            skipped += [{"path": p, "error": error} for p, (_, error, _) in zip(batch, loaded) if error is not None]
+            enlarged += sum(small for *_, small in loaded)
             if good:
                 images = torch.stack([image for _, _, image in good])
                 views = [("", images)] + ([("_flip", images.flip(-1))] if args.flip else [])
@@ -140,9 +154,7 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
                         samples += 1
             bar.update(len(batch))
     fsync_path(tmp)
-    os.replace(tmp, path)
-    return {"name": path.name, "sources_sha1": digest(sources, root), "images": len(sources) - len(skipped),
-            "samples": samples, "skipped": skipped}
+    return {"images": len(sources) - len(skipped), "samples": samples, "skipped": skipped, "enlarged": enlarged}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -199,11 +211,18 @@ def check_out_folder(out: Path) -> None:
 
 
 def check_previous(previous: dict | None, settings: dict, out: Path) -> dict:
-    """Finished shards of an earlier run with the same settings, by name (empty if none)."""
+    """Finished shards of an earlier run with the same settings, by name (empty if none). settings["vae_sha256"]
+    (once the VAE is loaded): the shards' VAE must be the one at --vae now, not only one of the same name."""
     if previous is None:
         return {}
+    fingerprint = settings.get("vae_sha256")
+    # None in an older manifest: encoded before the fingerprint was kept
+    if fingerprint is not None and previous.get("vae_sha256") not in (None, fingerprint):
+        raise DataError(f"{out} holds shards encoded with another VAE than --vae {settings['vae']} is now (its "
+                        f"weights or scaling differ: replaced or retrained since); pass a new --out, or delete {out} "
+                        f"to re-encode")
     old = {key: previous.get(key) for key in SETTINGS}
-    if old != settings:
+    if old != {key: settings[key] for key in SETTINGS}:
         differ = ", ".join(f"{k} {old[k]!r} -> {settings[k]!r}" for k in SETTINGS if old[k] != settings[k])
         raise DataError(f"{out} holds shards encoded with other settings ({differ}); "
                         f"pass a new --out, or delete {out} to re-encode")
@@ -242,9 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     made = not out.exists()
     check_out_folder(out)
     try:
-        finished = check_previous(previous_manifest(out), settings, out)
+        previous = previous_manifest(out)
+        check_previous(previous, settings, out)  # the settings at hand, before the VAE loads
         vae = load_vae(args.vae, device)
         shape = latent_shape(vae, args.resolution)
+        settings["vae_sha256"] = vae_fingerprint(vae)
+        finished = check_previous(previous, settings, out)
     except DataError:
         if made:
             out.rmdir()  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
@@ -296,12 +318,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: {len(stale)} shard files in {out} are not part of this encoding (e.g. {stale[0]}, "
               "from an earlier run over more images); delete them, or keep them out of the shard pattern",
               file=sys.stderr)
+    enlarged = sum(s.get("enlarged", 0) for s in info)  # absent in shards encoded before it was counted
+    if enlarged:
+        print(enlarged_note(enlarged, result["images"], args.resolution), file=sys.stderr)
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} unreadable image(s):")
         for s in result["skipped"]:
             print(f"  {s['path']}: {s['error']}")
     print(f"wrote {result['count']} samples from {result['images']} images in {len(names)} shards, latents "
-          f"{'x'.join(map(str, shape))} float16: train on {out / result['pattern']}")
+          f"{'x'.join(map(str, shape))} float16: train with --data {shlex.quote(str(out))}")
     return result
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ..devices import physical_memory
 from .datasets import DataError, TensorData, preset_files_hint
 
 # What Pillow reads without plugins; a TIFF or GIF of several frames gives its first.
@@ -106,9 +107,8 @@ def check_fits_in_memory(count: int, resolution: int, workers: int) -> None:
     """DataError before any image is read if `count` RGB images at `resolution` (kept as uint8), plus each
     reader's image being resized, would take more than half of this machine's memory: past that the kernel
     kills the process without a word (and, on a shared machine, maybe others')."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to check against
+    total = physical_memory()
+    if total is None:  # nothing to check against
         return
     need = (count + 2 * workers) * 3 * resolution ** 2
     if need > total / 2:
@@ -117,7 +117,16 @@ def check_fits_in_memory(count: int, resolution: int, workers: int) -> None:
                         "latents with python -m stmd_fast.data.encode")
 
 
-def load_image_folder(folder: str | Path, resolution: int, workers: int | None = None) -> TensorData:
+def enlarged_note(enlarged: int, total: int, resolution: int, size_from: str = "--resolution") -> str:
+    """The note for images smaller than the size they are read at; size_from: what set that size (a flag the
+    user can lower, or e.g. "the checkpoints' image size", which they cannot)."""
+    fix = "; a lower --resolution keeps their own detail" if size_from.startswith("--") else ""
+    return (f"note: {enlarged} of the {total} images are smaller than {size_from} {resolution} (shorter side) and "
+            f"were enlarged to it{fix}")
+
+
+def load_image_folder(folder: str | Path, resolution: int, workers: int | None = None,
+                      size_from: str = "--resolution") -> TensorData:
     """Every image under `folder` (recursively) as (N, C, R, R) uint8 pixels; C = 1 if all are grayscale."""
     if resolution < 1:
         raise DataError(f"--resolution {resolution}: must be at least 1")
@@ -139,8 +148,7 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
         print(f"note: skipped {len(skipped)} unreadable image(s) under {folder}:{shown}{more}", file=sys.stderr)
     enlarged = sum(small for *_, small in loaded)
     if enlarged:  # upscaled pixels add no detail: the network learns the blur
-        print(f"note: {enlarged} of the {len(images)} images are smaller than --resolution {resolution} (shorter "
-              f"side) and were enlarged to it; a lower --resolution keeps their own detail", file=sys.stderr)
+        print(enlarged_note(enlarged, len(images), resolution, size_from), file=sys.stderr)
     values = torch.stack(images)
     if all(gray for image, _, gray, _ in loaded if image is not None):
         values = values[:, :1].contiguous()  # R = G = B after convert("RGB"): keep one channel

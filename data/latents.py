@@ -24,6 +24,7 @@ import glob
 import io
 import json
 import math
+import os
 import random
 import sys
 import tarfile
@@ -122,7 +123,7 @@ def expand_pattern(urls: str) -> list[str]:
                                 "stmd_fast.data.encode wrote, or pass their folder")
             paths += matched
         else:
-            paths.append(part)
+            paths.append(os.path.expanduser(part))  # as a glob or a folder: ~/shards/shard-{0..9}.tar
     return paths
 
 
@@ -139,6 +140,13 @@ def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: in
         raise DataError(f"{encoded}, and this preset trains at {resolution}: re-encode with python -m "
                         f"stmd_fast.data.encode --resolution {resolution} --out NEW_FOLDER, or train with --preset "
                         f"latent, which takes any resolution")
+
+
+def epoch_shares(sizes: list[int], world_size: int) -> tuple[int, int]:
+    """The fewest and the most samples one of `world_size` processes can be dealt in an epoch from shards of
+    `sizes` samples (rank_shards deals whole shards, shuffled per epoch)."""
+    ordered = sorted(sizes)
+    return sum(ordered[:len(ordered) // world_size]), sum(ordered[-math.ceil(len(ordered) / world_size):])
 
 
 def rank_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
@@ -282,6 +290,11 @@ class LatentShards:
             raise DataError(f"{unlisted[0]}: not a shard of the encoding its folder's manifest.json describes "
                             f"({len(unlisted)} such); leave it out of the pattern, or pass the folder (its manifest "
                             "names the shards)")
+        # a shard of no samples (all its images unreadable) would leave a process an epoch of nothing
+        self.urls = [u for u in self.urls if self._expected[str(Path(u))] > 0]
+        if not self.urls:
+            raise DataError(f"--data {urls}: its shards hold no samples (every image was unreadable when encoded); "
+                            f"re-encode readable images with stmd_fast.data.encode")
         self.count = sum(self._expected[str(Path(u))] for u in self.urls)  # samples, in all ranks' shards together
         images = self.manifest.get("images", self.count)
         smaller = f"--shard-size {max(1, images // (4 * world_size))} (or less)"
@@ -289,12 +302,15 @@ class LatentShards:
             raise DataError(f"{len(self.urls)} shard{'s' if len(self.urls) != 1 else ''} cannot be split over "
                             f"{world_size} processes (each needs shards of its own): re-encode with {smaller}, so "
                             f"that each process and data worker has several")
-        sizes = [self._expected[str(Path(u))] for u in self.urls]
-        if world_size > 1 and rank == 0 and (len(sizes) % world_size or len(set(sizes)) > 1):
-            # each rank counts its own epochs (its shards, shuffled per epoch): uneven shares drift apart
-            print(f"note: {len(sizes)} shards of {min(sizes)}-{max(sizes)} samples do not split evenly over "
-                  f"{world_size} processes, so the processes end their epochs at different steps and over a stretch "
-                  f"of training some samples are drawn more often than others; {smaller} evens it out", flush=True,
+        sizes = sorted(self._expected[str(Path(u))] for u in self.urls)
+        fewest, most = epoch_shares(sizes, world_size)
+        if world_size > 1 and rank == 0 and fewest < 0.9 * most:
+            # each rank counts its own epochs: shares more than 10% apart drift apart noticeably; with 20 shards
+            # per process or more, one shard more or less is within 5%
+            print(f"note: {len(sizes)} shards of {sizes[0]}-{sizes[-1]} samples give each of the {world_size} "
+                  f"processes {fewest}-{most} samples an epoch, so they end their epochs at different steps and "
+                  f"over a stretch of training some samples are drawn more often than others; re-encoding with "
+                  f"--shard-size {max(1, images // (20 * world_size))} (or less) evens it out", flush=True,
                   file=sys.stderr)
         self.shape = tuple(self.manifest["latent_shape"])
         self.scaling_factor = float(self.manifest["scaling_factor"])

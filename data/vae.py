@@ -4,6 +4,7 @@ is data/encode.py; the trainer's sample grids, Model.decode and `sample --export
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -19,16 +20,24 @@ def looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
 
 
+def check_vae_path(name_or_path: str, moved: str = "check the path") -> None:
+    """DataError if a --vae meant as a local folder is not there (cheap: before any expensive work)."""
+    if not Path(name_or_path).expanduser().exists() and looks_local(name_or_path):
+        raise DataError(f"VAE {name_or_path}: no such folder; {moved}")
+
+
 def load_vae(name_or_path: str, device: torch.device, moved: str = "check the path"):
     """diffusers' AutoencoderKL in eval mode on `device`, or DataError saying what to pass instead
     (`moved`: what to do when a local folder is not there, e.g. the flag that names its new place)."""
     from diffusers import AutoencoderKL  # imported here: diffusers is slow to import
 
-    if not Path(name_or_path).expanduser().exists() and looks_local(name_or_path):
-        raise DataError(f"VAE {name_or_path}: no such folder; {moved}")
+    check_vae_path(name_or_path, moved)
     try:
-        # low_cpu_mem_usage=False: the path that needs no `accelerate` (and prints no notice asking for it)
-        vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
+        # low_cpu_mem_usage=False: the path that needs no `accelerate` (and prints no notice asking for it);
+        # diffusers' own list of missing weights silenced: the line below says it
+        with _diffusers_errors_only():
+            vae, loading = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False,
+                                                         output_loading_info=True)
     except Exception as error:  # OSError, huggingface_hub's validation and connection errors, bad configs
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(
@@ -36,7 +45,25 @@ def load_vae(name_or_path: str, device: torch.device, moved: str = "check the pa
             "save_pretrained (config.json + weights; for a whole pipeline, its vae/ subfolder) or a hub id "
             "reachable from this machine"
         ) from None
+    if loading["missing_keys"]:  # diffusers would initialise them at random: no VAE's latents
+        missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+        found = f"; it holds {len(unexpected)} others, e.g. {unexpected[0]}" if unexpected else ""
+        raise DataError(f"--vae {name_or_path}: its weights do not fit an AutoencoderKL ({len(missing)} of the "
+                        f"AutoencoderKL's weights are not in it, e.g. {missing[0]}{found}); pass the folder of a VAE "
+                        f"saved with save_pretrained (for a whole pipeline, its vae/ subfolder)")
     return vae.eval().requires_grad_(False).to(device)
+
+
+@contextmanager
+def _diffusers_errors_only():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def latent_shape(vae, resolution: int) -> list[int]:
@@ -86,3 +113,19 @@ def latent_decoder(name_or_path: str, device: torch.device, scaling_factor: floa
         return decode_latents(vae, z, scaling_factor, shift_factor, batch_size)
 
     return decode
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 of a VAE's weights and of the config values that shape its latents (scaling and shift factors,
+    latent channels, the blocks; not its path, nor settings a diffusers release may add): shards encoded by one
+    VAE are reused only with that same VAE. About a second for the SD VAE's 84M parameters."""
+    import hashlib
+    import json
+
+    shaping = {k: getattr(vae.config, k, None) for k in ("scaling_factor", "shift_factor", "latent_channels",
+                                                          "block_out_channels")}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

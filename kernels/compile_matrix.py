@@ -96,7 +96,8 @@ def _source(entry: dict):
             types = [f"*{dt}"] * 4 + ["*fp32"] * 2 + [f"*{dt}", "i32", "i32", "fp32"]
     elif kernel == "meanflow_loss delta":
         fn = meanflow_loss._delta_kernel
-        types = [f"*{dt}"] * 3 + ["*fp32"] * 3 + ["i32", "i32"]
+        # u and du/dt come from the network (bf16 under autocast); v = e - x0 and h = t - r stay fp32
+        types = [f"*{dt}"] * 2 + ["*fp32"] * 4 + ["i32", "i32"]
     elif kernel == "meanflow_loss grad":
         fn = meanflow_loss._grad_kernel
         types = ["*fp32", "*fp32", f"*{dt}", "i32", "fp32", "fp32", "fp32"]

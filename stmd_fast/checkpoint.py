@@ -53,6 +53,17 @@ class CheckpointError(ValueError):
     """A checkpoint that is damaged, incomplete or unreadable; the message names the file."""
 
 
+class ReadFailed(CheckpointError):
+    """A checkpoint file that could not be read for a cause outside its bytes (an I/O or permission error,
+    memory): not damage, so newest_intact passes nothing over and nothing is set aside."""
+
+
+def read_failed(path: Path, err: BaseException) -> ReadFailed:
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror else None) or type(err).__name__
+    return ReadFailed(f"cannot read {path} ({reason}): the file may well be intact, so nothing was set aside as "
+                      f"damaged; fix the cause (the file system, its permissions, free memory) and run again")
+
+
 class NonFiniteState(CheckpointError):
     """save_checkpoint was handed weights or optimizer state holding NaN or inf (nothing was written)."""
 
@@ -144,7 +155,7 @@ def _rotate(root: Path, keep: int, final: Path) -> None:
     folder than it exists, the newest of those that verifies: rotation never deletes the newest intact one."""
     folders = sorted(root.glob("step_*"))
     spared = {final, *folders[-keep:]}
-    newer_intact = next((c for c in reversed(folders) if c.name > final.name and is_intact(c)), None)
+    newer_intact = next((c for c in reversed(folders) if c.name > final.name and _maybe_intact(c)), None)
     if newer_intact is not None:
         spared.add(newer_intact)
     doomed = [old for old in folders if old not in spared]
@@ -154,6 +165,14 @@ def _rotate(root: Path, keep: int, final: Path) -> None:
         fsync_path(root)
         for old in doomed:
             shutil.rmtree(root / f".del-{old.name}")
+
+
+def _maybe_intact(ckpt: Path) -> bool:
+    """is_intact, with one that cannot be read now counted as intact: rotation spares what it cannot judge."""
+    try:
+        return is_intact(ckpt)
+    except ReadFailed:
+        return True
 
 
 def recover_leftovers(run_dir: str | Path) -> None:
@@ -223,7 +242,9 @@ def read_meta(ckpt: Path) -> dict:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: {ckpt} is not a whole checkpoint") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+    except (OSError, MemoryError) as err:
+        raise read_failed(path, err) from None
+    except ValueError as err:  # not UTF-8, not JSON
         raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}): "
                               f"the checkpoint is damaged") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
@@ -248,11 +269,17 @@ def verify_checkpoint(ckpt: str | Path, finite: bool = False) -> dict:
         expected = record.get(name)
         if expected is None:
             continue
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+            digest = file_sha256(path) if size == expected["bytes"] else None
+        except FileNotFoundError:  # deleted since is_file: a rotation by a run still writing here
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+        except OSError as err:
+            raise read_failed(path, err) from None
         if size != expected["bytes"]:
             raise CheckpointError(f"{path} has {size} bytes, {expected['bytes']} were written: the file is "
                                   f"truncated or overwritten")
-        if file_sha256(path) != expected["sha256"]:
+        if digest != expected["sha256"]:
             raise CheckpointError(f"{path} fails its SHA-256 check: its bytes changed after it was written "
                                   f"(a damaged disk or an edit)")
     if finite:
@@ -270,11 +297,14 @@ def checked_files(meta: dict) -> list[str]:
 
 
 def is_intact(ckpt: Path) -> bool:
-    """Whether the checkpoint verifies (verify_checkpoint), as a bool."""
+    """Whether the checkpoint verifies (verify_checkpoint), as a bool; ReadFailed (it could not be read, which
+    says nothing of its bytes) is raised."""
     try:
         verify_checkpoint(ckpt)
         return True
-    except (CheckpointError, OSError):
+    except ReadFailed:
+        raise
+    except CheckpointError:
         return False
 
 
@@ -296,7 +326,9 @@ def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, l
     for ckpt in candidates:
         try:
             return ckpt, verify_checkpoint(ckpt, finite), damaged
-        except (CheckpointError, OSError) as err:
+        except ReadFailed:  # maybe intact: passing it over would resume from an older one and set it aside
+            raise
+        except CheckpointError as err:
             damaged.append(str(err))
     raise CheckpointError(f"none of the {len(candidates)} checkpoints in {path / 'checkpoints'} is intact "
                           f"(newest: {damaged[0]})")
@@ -307,8 +339,16 @@ def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> d
     parse or holds NaN or inf."""
     path = Path(ckpt) / name
     try:
-        state = load_safetensors(path.read_bytes())
-    except Exception as err:  # safetensors' SafetensorError, a missing file
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (OSError, MemoryError) as err:
+        raise read_failed(path, err) from None
+    try:
+        state = load_safetensors(raw)
+    except MemoryError as err:
+        raise read_failed(path, err) from None
+    except Exception as err:  # safetensors' SafetensorError: the bytes do not parse
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
     bad = _nonfinite(state, name)
@@ -323,6 +363,10 @@ def load_train_state(ckpt: Path, device: str | torch.device) -> dict:
     path = Path(ckpt) / STATE_FILE
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (OSError, MemoryError, torch.OutOfMemoryError) as err:
+        raise read_failed(path, err) from None
     except Exception as err:  # pickle errors, a truncated zip
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
@@ -366,7 +410,7 @@ class Model:
     def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
         self.checkpoint: Path | None = None  # load_checkpoint's: the checkpoint folder the weights came from
-        self._decode = None
+        self._decode, self._vae = None, None  # the loaded decoder and the VAE folder it came from
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """A latent model's samples -> images (about [-1, 1]) through the VAE it was trained with
@@ -376,16 +420,17 @@ class Model:
         return self.load_vae()(z.to(self.device), batch_size)
 
     def load_vae(self, vae: str | None = None):
-        """The latent model's VAE decoder, loaded once (call it early: a bad path fails before sampling):
-        the VAE it was trained with, or `vae` (its new place, when it moved), which must make this model's
-        latent shape."""
+        """The latent model's VAE decoder, loaded on the first call and kept (call it early: a bad path fails
+        before sampling): the VAE it was trained with, or `vae` (its new place, when it moved: a folder other
+        than the loaded one is loaded), which must make this model's latent shape."""
         from .data.vae import expected_latents, latent_decoder
 
-        if self._decode is None:
-            latent = self.meta["latent"]
+        latent = self.meta["latent"]
+        if self._decode is None or (vae is not None and vae != self._vae):  # another folder given: load it
             self._decode = latent_decoder(vae or latent["vae"], self.device, latent["scaling_factor"],
                                           latent["shift_factor"], fits=expected_latents(self.data_shape, latent),
                                           moved="if it moved, pass its new place with --vae DIR")
+            self._vae = vae or latent["vae"]
         return self._decode
 
     @property
@@ -406,7 +451,8 @@ class Model:
         if not x.is_floating_point():
             raise ValueError(f"{name} is {x.dtype}: the model takes floats in [-1, 1] (for 8-bit pixels, "
                              f"x.float() / 127.5 - 1)")
-        peak = float(x.nan_to_num().abs().max()) if x.numel() else 0.0  # NaN: a missing pixel of an observation
+        finite = x[torch.isfinite(x)]  # NaN: a missing pixel of an observation; NaN and inf are the operator's to say
+        peak = float(finite.abs().max()) if finite.numel() else 0.0
         if self.data_kind == "image" and name != "x" and peak > 20:
             warnings.warn(f"{name} reaches {peak:g}: the model's images are in [-1, 1] (for 0..255 pixels, "
                           f"x / 127.5 - 1)", stacklevel=3)
@@ -501,10 +547,8 @@ class Model:
         SMC, at least one run of K).
         steps: as for sample. DDNM+ corrects only steps that end above s = 0, so it needs N >= 2 and a
         method with diffusion steps (STMD, DDPM)."""
-        from .operators import DDNM, check_ddnm_corrects, check_sigma_y
+        from .operators import DDNM, LinearOperator, check_ddnm_corrects, check_sigma_y
         from .smc import network_denoiser, smc_sample
-
-        from .operators import LinearOperator
 
         steps = self._steps(steps)
         check_steps(self.method, steps, flow_steps)
@@ -518,6 +562,7 @@ class Model:
         if tuple(y.shape) != expected:
             raise ValueError(f"y has shape {tuple(y.shape)}; {operator.name} measures {self.data_shape} samples "
                              f"as {expected}")
+        operator.check_finite(y)
         check_sigma_y(sigma_y)
         if particles is None:
             check_ddnm_corrects(self.method, steps, sigma_y)

@@ -147,9 +147,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
         if f.name in skip or f.type not in ("int", "int | None", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
             continue
         flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
-        if f.type == "bool":  # a switch; one that is on by default gets its --no- form
-            action = argparse.BooleanOptionalAction if f.default is True else "store_true"
-            parser.add_argument(flag, action=action, help=f"{text} [default: {'on' if f.default else 'off'}]")
+        if f.type == "bool":  # a switch with its --no- form: --resume can switch a resumable one either way
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                help=f"{text} [default: {'on' if f.default else 'off'}]")
             continue
         default = default_text(f.name)
         kind, nargs = TUPLE_FLAGS.get(f.type, ({"int": int, "int | None": int, "float": float}.get(f.type, str), None))
@@ -157,7 +157,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
         if nargs is not None:
             kwargs["nargs"] = nargs
         if f.metadata.get("choices"):
-            kwargs["choices"] = list(f.metadata["choices"])
+            # a list that is empty by default takes "none" for it: --resume can then turn a --log off again
+            kwargs["choices"] = list(f.metadata["choices"]) + (["none"] if f.default == () else [])
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]
         parser.add_argument(flag, **kwargs)

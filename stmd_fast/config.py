@@ -15,7 +15,7 @@ from .distributed import PARALLEL_MODES
 from .files import local_path
 from .kernels.dispatch import BACKENDS
 from .loggers import LOGGERS
-from .methods import METHODS
+from .methods import MAX_STEPS, METHODS
 from .models import UNET_WIDTHS, NetConfig, dit_config, dit_names, unet_config
 from .objectives import ObjectiveConfig
 from .schedule import TIME_GRIDS
@@ -181,6 +181,9 @@ class TrainConfig:
                      "sample_steps", "sample_flow_steps", "sample_ddpm_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("sample_steps", "sample_flow_steps", "sample_ddpm_steps"):  # the sampler's own bound, now
+            if getattr(self, name) > MAX_STEPS:  # not at the first grid, after training, on every resume
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: at most {MAX_STEPS} steps")
         for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
@@ -196,6 +199,10 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
+        if "none" in self.log:  # --log none: no logger (the flag's way to say an empty list)
+            if len(self.log) > 1:
+                raise ValueError(f"--log {' '.join(self.log)}: 'none' means no logger; give it alone")
+            self.log = ()
         if len(set(self.log)) != len(self.log):  # each copy would open its own logger: every curve twice
             raise ValueError(f"--log {' '.join(self.log)} names a logger twice: give each once")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -5,12 +5,14 @@ nothing was lost (README, "What survives what"). Run it on the machine and file 
 2. the same run started, SIGKILLed at a random moment (start-up, mid-step, mid-checkpoint or
    mid-rotation alike), and started again (--resume once it has a checkpoint), --kills times;
    after every kill each visible checkpoint must verify (sizes, SHA-256);
-3. once, a second process started into a live run's --out (a long run of its own) must be refused
+3. first, a second process started into a live run's --out (a long run of its own) must be refused
    in one line;
 4. the run finished: metrics.jsonl must hold each step once, in order, and the final weights
    and EMA must equal the reference's bit for bit (resume is exact on the CPU).
 
-Prints one line per kill and a final JSON line; exit code 0 if everything held, 1 otherwise.
+Prints one line per kill and a final JSON line; exit code 0 if everything held, 1 otherwise, also
+when no start was killed (then nothing of 2. was tested). Start-up takes most of a short run's
+time: a start without a checkpoint is killed only after its first one, while it trains on.
 """
 from __future__ import annotations
 
@@ -39,6 +41,21 @@ def train_command(out: Path, steps: int, resume: bool) -> list[str]:
 def start(out: Path, steps: int) -> subprocess.Popen:
     return subprocess.Popen(train_command(out, steps, resume=bool(list_checkpoints(out))),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def first_checkpoint_after(process: subprocess.Popen, out: Path, step: int | None = None,
+                           deadline_s: float = 600) -> float | None:
+    """Seconds until `out` holds a checkpoint (that of `step`, if given), polled while `process` runs; None if
+    it ended before, or none came within deadline_s (a hung run: the caller's kill or check says so)."""
+    def there() -> bool:
+        return (out / "checkpoints" / f"step_{step:08d}").is_dir() if step else bool(list_checkpoints(out))
+
+    began = time.perf_counter()
+    while not there():
+        if process.poll() is not None or time.perf_counter() - began > deadline_s:
+            return time.perf_counter() - began if there() else None  # written just before it ended
+        time.sleep(0.02)
+    return time.perf_counter() - began
 
 
 def check_visible_checkpoints(out: Path) -> str | None:
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --kills >= 1 and --steps >= 20")
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="stmd-crashtest-"))
     # its runs are removed before each test: never in a folder of the user's own
+    if root.exists() and not root.is_dir():
+        p.error(f"--out {root} is a file: give a new or empty folder")
     if root.is_dir() and any(root.iterdir()) and not (root / CRASHTEST_MARK).exists():
         p.error(f"--out {root} holds files a crashtest did not make: give a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
@@ -103,27 +122,39 @@ def main(argv: list[str] | None = None) -> int:
         for folder in (reference, crashed, root / "live"):
             shutil.rmtree(folder, ignore_errors=True)
         began = time.perf_counter()
-        done = subprocess.run(train_command(reference, args.steps, resume=False), capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"the reference run failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
-            return 1
+        done = start(reference, args.steps)
+        first_ckpt = first_checkpoint_after(done, reference)
+        training = first_checkpoint_after(done, reference, args.steps)  # from the first checkpoint to the last
+        _, stderr = done.communicate()
         wall = time.perf_counter() - began
-        print(f"reference: {args.steps} steps in {wall:.1f} s (start-up included); killing the test run up to "
-              f"{args.kills} times at random moments in [0, {0.7 * wall:.1f}] s after each start")
+        if done.returncode != 0 or first_ckpt is None or training is None:
+            print(f"the reference run failed: {stderr.strip()[-500:]}", file=sys.stderr)
+            return 1
+        # start-up takes most of a short run's time: a start without a checkpoint yet is killed only after its
+        # first one, while it trains on, so that the kills hit a run with something to lose
+        after_ckpt = 0.7 * training
+        window = first_ckpt + after_ckpt  # a resumed start: anywhere from start-up to most of the training
+        print(f"reference: {args.steps} steps in {wall:.1f} s (start-up included), its first checkpoint after "
+              f"{first_ckpt:.1f} s; killing the test run up to {args.kills} times at random moments in "
+              f"[0, {window:.1f}] s after each start (the first start: in [0, {after_ckpt:.2f}] s after its first "
+              f"checkpoint)")
 
+        refused = second_run_refused(root / "live")  # first: a loop that ends early still runs it
+        print(f"second run into the live --out: {'refused in one line' if refused is None else refused}")
+        if refused:
+            problems.append(f"second run: {refused}")
         kills = 0
         for attempt in range(args.kills):
-            if attempt == args.kills // 2:  # once, mid-way: a second process into a live run
-                refused = second_run_refused(root / "live")
-                print(f"second run into the live --out: {'refused in one line' if refused is None else refused}")
-                if refused:
-                    problems.append(f"second run: {refused}")
+            fresh = not list_checkpoints(crashed)
             process = start(crashed, args.steps)
-            at = rng.uniform(0, 0.7 * wall)  # short of a whole run, so that most starts are killed
+            at = rng.uniform(0, after_ckpt if fresh else window)  # short of a whole run: most starts are killed
             try:
+                waited = first_checkpoint_after(process, crashed) if fresh else 0.0
                 process.wait(timeout=at)
                 finished = True
+                at += waited or 0.0
             except subprocess.TimeoutExpired:
+                at += waited
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 finished = False
@@ -156,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 b = load_file(newest_intact(crashed)[0] / name)
                 if a.keys() != b.keys() or any(not a[k].equal(b[k]) for k in a):
                     problems.append(f"the final {name} differs from the uninterrupted run's")
+        if not kills:  # the first start finished before its kill: nothing was tested
+            problems.append("no start was killed (the run finished before its kill time): nothing was tested; give "
+                            "more --steps")
         verdict = {"kills": kills, "steps": args.steps, "ok": not problems, "problems": problems}
         print(("survived" if not problems else "FAILED") + f": {kills} kills; "
               + ("every checkpoint intact, metrics once per step, final weights equal the uninterrupted run's"

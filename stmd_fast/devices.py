@@ -1,6 +1,7 @@
 """Which device a command runs on: the --device flag checked against this machine."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -64,3 +65,12 @@ def fits_in_memory(device, fix: str):
         if not out_of_memory(err):
             raise
         raise OutOfMemory(f"out of memory on {device} ({str(err).strip().splitlines()[0][:160]}): {fix}") from None
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where sysconf cannot tell, e.g. Windows): what a check that data
+    fits in memory compares with, before the kernel's out-of-memory killer ends the process without a word."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

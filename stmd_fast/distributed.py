@@ -142,7 +142,7 @@ def _attempt_store(ctx: Dist, timeout: timedelta) -> dist.Store:
     """The rendezvous store of this attempt: torchrun's agent store under a prefix per restart.
 
     Why: torch's env:// rendezvous connects the workers to the store that torchrun's agent keeps for
-    the whole job, without a per-attempt prefix (torch 2.15; earlier versions had one). After a
+    the whole job, without a per-attempt prefix (torch 2.14 and 2.15 here). After a
     --max-restarts restart the new workers then read the previous attempt's peer addresses:
     measured here, gloo fails with 'connectFullMesh ... Connection refused' (NCCL's unique id is
     exchanged the same way; pytorch issue 135712). TORCHELASTIC_RESTART_COUNT is the same on all
@@ -278,8 +278,11 @@ class StopVote:
 def lost_peer(err: BaseException) -> bool:
     """Whether a collective failed because another process of the job is gone (killed, crashed)."""
     text = str(err)
+    # the words gloo's TCP pairs and NCCL use for a peer gone, not "NCCL" or "gloo" alone: a CUDA fault or a
+    # bug of this rank must keep its traceback
     return isinstance(err, dist.DistError) or any(words in text for words in (
-        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL", "gloo"))
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "ncclRemoteError",
+        "remote process exit", "communicator was aborted"))
 
 
 def gather_objects(obj) -> list:

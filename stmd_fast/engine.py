@@ -79,6 +79,7 @@ def make_train_step(loss_fn, net, optimizer, scheduler, ema, ema_decay: float, c
         loss_fn = torch.compile(loss_fn, mode="reduce-overhead" if cuda_graphs else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     # several EMA decays (training_state.EMAs): one foreach update per AveragedModel, each at its own decay
+    # (ema_decay is for a bare AveragedModel: an EMAs carries its decays)
     averages = ema.by_decay.items() if hasattr(ema, "by_decay") else [(ema_decay, ema)]
     ema_updates = [make_ema_update(average, net, decay) for decay, average in averages]
 

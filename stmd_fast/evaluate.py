@@ -23,6 +23,7 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, Model, ema_decays_of, load_checkpoint, newest_intact
 from .cli import Parser, interrupt_on_stop_signals
 from .devices import resolve_device
-from .files import write_atomic
+from .files import RunLocked, run_lock, write_atomic, write_fix
 from .methods import METHODS
 from .run_log import clock
 from .sampling import check_steps, nfe
@@ -200,7 +201,8 @@ def reference_images(meta: dict, args) -> tuple[torch.Tensor, str]:
         from .data.images import load_image_folder
 
         try:
-            ref = (load_image_folder(args.reference, image_shape(meta)[-1]) if Path(args.reference).is_dir()
+            ref = (load_image_folder(args.reference, image_shape(meta)[-1], size_from="the checkpoints' image size")
+                   if Path(args.reference).is_dir()
                    else load_npy(args.reference))
         except DataError as err:
             raise EvalError(f"--reference: {err}") from None
@@ -341,6 +343,7 @@ def sweep(args) -> int:
     if args.grid is not None and not any(METHODS[m].diffusion for m in methods):
         raise EvalError("--grid is the diffusion time grid of STMD and DDPM; Mean Flow samples at s = 1 only: "
                         "drop --grid")
+    check_vae(found, args.vae)
     plot = plots_available(f"{'fd' if uses_fd(found[0][1], args) else 'fid'}_vs_nfe.png")
     out = writable_dir(args.out)
     device = resolve_device(args.device)
@@ -375,7 +378,7 @@ def sweep(args) -> int:
             measured = row is None
             if measured:
                 if loaded != ckpt:
-                    model, loaded = load_for_sweep(ckpt, device, args.ema), ckpt
+                    model, loaded = load_for_sweep(ckpt, device, args.ema, args.vae), ckpt
                 t0 = time.perf_counter()
                 generator = torch.Generator(model.device).manual_seed(args.seed)  # same seed, same samples
                 x = model.sample(args.num, n, m, generator, key["grid"], batch_size=args.batch_size).float()
@@ -452,7 +455,24 @@ def keep_replaced_results(out: Path, before: dict[str, dict], planned: set[str])
               f"use another --out to keep sweeps apart", file=sys.stderr)
 
 
-def load_for_sweep(ckpt: Path, device, ema: float | None) -> Model:
+def check_vae(found: list[tuple[Path, dict]], vae: str | None) -> None:
+    """--vae only for latent checkpoints; their VAE folder (--vae, or the one each run recorded) there before the
+    reference statistics and any sampling, not found missing at the first checkpoint's turn."""
+    from .data.datasets import DataError
+    from .data.vae import check_vae_path
+
+    if found[0][1]["data_kind"] != "latent":
+        if vae is not None:
+            raise EvalError("--vae is the VAE of checkpoints trained on latents; these make images: drop --vae")
+        return
+    try:
+        for _, meta in found:
+            check_vae_path(vae or meta["latent"]["vae"], "if it moved, pass its new place with --vae DIR")
+    except DataError as err:
+        raise EvalError(str(err)) from None
+
+
+def load_for_sweep(ckpt: Path, device, ema: float | None, vae: str | None = None) -> Model:
     """The checkpoint at its turn; one gone since the sweep checked it (a run still training rotates its
     checkpoints away) is an EvalError that says the settings measured so far are kept."""
     try:
@@ -462,7 +482,7 @@ def load_for_sweep(ckpt: Path, device, ema: float | None) -> Model:
                         f"checkpoints (--keep-checkpoints)? Copy the checkpoint aside and sweep the copy; the "
                         f"settings measured so far are kept") from None
     if model.data_kind == "latent":
-        model.load_vae()  # before sampling: an unreachable VAE fails now
+        model.load_vae(vae)  # before sampling: an unreachable VAE fails now
     return model
 
 
@@ -707,11 +727,16 @@ def posterior(args) -> int:
     for model in models.values():
         for n in steps:
             check_steps(model.method, n, flow_steps if METHODS[model.method].flow else 1)
+    grids = {model.grid for model in models.values() if METHODS[model.method].diffusion}  # Mean Flow: no grid
+    if args.grid is None and len(grids) > 1:
+        raise EvalError(f"these runs sample on different grids ({', '.join(sorted(grids))}): one table compares "
+                        f"them on one, pass --grid")
+    grid = args.grid or (grids.pop() if grids else "uniform")
     out = writable_dir(args.out)
     rows = posterior_grid(models, default_mixture(), POSTERIOR_MATRIX, args.sigma_y, steps, particles,
-                          args.observations, args.runs, flow_steps, args.seed)
+                          args.observations, args.runs, flow_steps, args.seed, grid=grid)
     result = {"provenance": provenance(args), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
-              "runs": args.runs, "flow_steps": flow_steps, "seed": args.seed,
+              "runs": args.runs, "flow_steps": flow_steps, "grid": grid, "seed": args.seed,
               "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
     write_json(out / "posterior.json", result)
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
@@ -725,7 +750,7 @@ def posterior(args) -> int:
     lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
     print("\n".join(lines))
     lines.append(f"\n{args.observations} measurements y, {args.runs} runs per y and cell, sigma_y {args.sigma_y}, "
-                 f"seed {args.seed}")
+                 f"the {grid} diffusion time grid, seed {args.seed}")
     lines.append(made_by(result))
     write_md(out / "posterior.md", lines)
     print(f"wrote {out}/posterior.json and posterior.md")
@@ -935,6 +960,8 @@ def plots_available(plots: str) -> bool:
 
 def writable_dir(path: str, flag: str = "--out") -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"{flag} {out} is a file, not a folder: give a folder (it is made if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").write_text("ok")
@@ -942,6 +969,29 @@ def writable_dir(path: str, flag: str = "--out") -> Path:
     except OSError as err:
         raise EvalError(f"cannot write to {flag} {out}: {err.strerror or err}: choose a writable directory") from None
     return out
+
+
+EVALUATE_LOCK = ".evaluate.lock"
+
+
+@contextmanager
+def holding_out(path: str | None):
+    """--out, made if missing and held by this command alone: two sweeps into one folder each rewrote
+    results.json with their own rows, and one's were lost. On the way out, still holding it, the lock file goes
+    (run_lock: a process that opened it meanwhile locks a new one), and so does a folder made here that the
+    command left empty (it failed early)."""
+    if path is None:  # train-classifier's default folder
+        yield
+        return
+    made = not Path(path).exists()
+    out = writable_dir(path)
+    with run_lock(out, EVALUATE_LOCK, "another evaluate command") as lock:
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            if made and not any(out.iterdir()):
+                out.rmdir()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -989,6 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ddpm-steps", help=f"DDPM N [default: {DEFAULT_DDPM}]")
     s.add_argument("--grid", choices=TIME_GRIDS,
                    help="diffusion time grid of STMD and DDPM [default: each run's --sample-grid]")
+    s.add_argument("--vae", metavar="DIR", help="checkpoints trained on latents: their VAE's new place, if it moved "
+                                                "since training [default: the one each run recorded]")
     common(s)
 
     k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")
@@ -1029,6 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--particles", default="1,4,16,64", help="SMC particle counts K [default: 1,4,16,64]")
     q.add_argument("--flow-steps", type=int, help="M for STMD / Mean Flow [default: 1]")
     q.add_argument("--sigma-y", type=float, default=0.1, help="measurement noise [default: 0.1]")
+    q.add_argument("--grid", choices=TIME_GRIDS, help="diffusion time grid of every chain [default: the runs' "
+                                                      "--sample-grid]")
     q.add_argument("--observations", type=int, default=4, help="measurements y, each of a fresh x_0 [default: 4]")
     q.add_argument("--runs", type=int, default=1000, help="independent runs (draws) per y and cell [default: 1000]")
     q.add_argument("--out", required=True, help="output directory")
@@ -1064,11 +1118,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
-        with interrupt_on_stop_signals():  # SIGTERM and SIGHUP stop it as Ctrl-C does
+        with interrupt_on_stop_signals(), holding_out(getattr(args, "out", None)):  # SIGTERM, SIGHUP as Ctrl-C
             return commands[args.command](args)
-    except (EvalError, ValueError, FileNotFoundError) as err:  # bad input, found before sampling
+    except (EvalError, ValueError, FileNotFoundError, RunLocked) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a write that failed (a full disk): every file is written whole or not at all
+        print(f"error: {err.filename or args.out}: {err.strerror or err}: {write_fix(err)}, then run the same "
+              f"command again (a sweep reuses the settings it measured)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:  # every file is written whole or not at all; a sweep keeps its settings so far
         if not getattr(err, "said", False):
             print("interrupted", file=sys.stderr)

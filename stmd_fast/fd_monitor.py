@@ -10,11 +10,13 @@ different steps compare the weights alone.
 """
 from __future__ import annotations
 
+import math
 import sys
 from argparse import Namespace
 
 import torch
 
+from .devices import physical_memory
 from .sampling import sample
 
 SEED_OFFSET = 2_000_003  # reference draw and sampling noise: apart from the training generator's seed
@@ -30,7 +32,7 @@ class TrainingFD:
 
     def __init__(self, cfg, meta: dict, data, device: torch.device, steps: int, flow_steps: int, decode=None,
                  batch_size: int = 256):
-        from .evaluate import EvalError, build_metric
+        from .evaluate import EvalError, build_metric, image_shape
 
         if data.kind == "vector":
             raise ValueError(vector_data_message(cfg))
@@ -44,6 +46,7 @@ class TrainingFD:
         except EvalError as err:
             raise ValueError(f"--fd-every: {err}") from None
         self.name = self.metric.name
+        check_fd_memory(cfg.fd_num, image_shape(meta))
         reference = self._reference(data)
         self.reference_count = len(reference)
         self.metric.set_reference(reference)
@@ -87,6 +90,18 @@ class TrainingFD:
             chunks.append(self._decoded(x).cpu())
         ema_net.train(was_training)
         return self.metric.score(torch.cat(chunks))
+
+
+def check_fd_memory(fd_num: int, shape: tuple[int, ...]) -> None:
+    """ValueError before the reference is drawn if --fd-num's reference and samples (float32 images, kept whole
+    for the metric) would take more than half of this machine's memory."""
+    total = physical_memory()
+    need = 2 * fd_num * math.prod(shape) * 4
+    if total is not None and need > total / 2:
+        raise ValueError(f"--fd-num {fd_num}: the FD keeps {fd_num} reference images and as many samples of shape "
+                         f"{tuple(shape)} in memory, {need / 1e9:.3g} GB, more than half of this machine's "
+                         f"{total / 1e9:.3g} GB: lower --fd-num (FID's usual is 50000; python -m stmd_fast.evaluate "
+                         f"sweep measures a checkpoint with more)")
 
 
 def vector_data_message(cfg) -> str:

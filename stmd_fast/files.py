@@ -106,7 +106,7 @@ class RunLocked(RuntimeError):
 
 
 @contextmanager
-def run_lock(run_dir: str | Path):
+def run_lock(run_dir: str | Path, name: str = LOCK_FILE, holder_kind: str = "another training run"):
     """One training process per run directory: flock(2) on RUN/.lock, held while the block runs.
 
     The kernel releases the lock whenever the process ends, however it ends (an exception, SIGKILL,
@@ -118,7 +118,7 @@ def run_lock(run_dir: str | Path):
     other programs are not stopped by it."""
     import fcntl  # POSIX only: imported here so the package imports elsewhere
 
-    path = Path(run_dir) / LOCK_FILE
+    path = Path(run_dir) / name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -128,7 +128,7 @@ def run_lock(run_dir: str | Path):
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunLocked(f"{run_dir} is in use by another training run ({holder}): wait for it to end, "
+            raise RunLocked(f"{run_dir} is in use by {holder_kind} ({holder}): wait for it to end, "
                             f"or choose another --out") from None
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:

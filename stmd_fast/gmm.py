@@ -209,7 +209,7 @@ def transition_distances(model, mixture: GaussianMixture, s_from: float = 0.5, s
 
 def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: float, steps: list[int],
                    particles: list[int], observations: int = 4, runs: int = 1000, flow_steps: int = 1, seed: int = 0,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, grid: str = "uniform") -> list[dict]:
     """Energy distance between posterior samplers and the exact p(x_0 | y) (GaussianMixture.observe)
     for y = A x_0 + sigma_y n, averaged over `observations` y's (x_0 drawn from the mixture, seeded).
 
@@ -217,7 +217,8 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     (stmd_fast.smc) with K particles, `runs` independent runs per y, one weighted draw per run;
     and DDNM+ (operators.DDNM in the sampler loop, `runs` chains). Each distance compares `runs`
     draws with `runs` exact draws; the floor row compares two exact sets, and the 'exact kernel' rows run
-    SMC over the true transitions (what a perfect STMD would give at that K). Returns rows
+    SMC over the true transitions (what a perfect STMD would give at that K). Every chain steps on the
+    diffusion time grid `grid` (the runs' --sample-grid, where their STMD is trained to step). Returns rows
     {"model", "method", "sampler" ('smc', 'ddnm+' or 'exact'), "N", "K", "energy"}.
     """
     from tqdm import tqdm
@@ -244,7 +245,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
                 for i, y in enumerate(ys):
                     gen = torch.Generator().manual_seed(seed + 100 * i + k)
                     r = smc_sample(lambda x, step, g: mixture.posterior_sample(x, step.s_from, g), "stmd", op,
-                                   y.expand(runs, -1), sigma_y, k, mixture.shape, n, 1, gen)
+                                   y.expand(runs, -1), sigma_y, k, mixture.shape, n, 1, gen, grid)
                     energy += energy_distance(r.draw(gen), truth[i]) / observations
                     bar.update(1)
                 rows.append({"model": "exact kernel", "method": "exact", "sampler": "smc", "N": n, "K": k,
@@ -262,11 +263,11 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
                     for k in particles:
                         gen = torch.Generator(model.device).manual_seed(seed + 100 * i + k)
                         r = smc_sample(denoise, model.method, op, y.expand(runs, -1), sigma_y, k, mixture.shape, n,
-                                       m, gen)
+                                       m, gen, grid)
                         cells[k] += energy_distance(r.draw(gen).cpu(), truth[i]) / observations
                         bar.update(1)
                     gen = torch.Generator(model.device).manual_seed(seed + 100 * i)
-                    x = sample(model.net, model.method, runs, mixture.shape, n, m, gen,
+                    x = sample(model.net, model.method, runs, mixture.shape, n, m, gen, grid,
                                project=DDNM(op, y, sigma_y))
                     ddnm += energy_distance(x.cpu(), truth[i]) / observations
                     bar.update(1)

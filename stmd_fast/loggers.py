@@ -10,16 +10,19 @@ grids as images. Only rank 0 opens a logger (the trainer's job).
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set, and says which it is
 and where the run is kept: an offline run uploads later with `wandb sync RUN/wandb/offline-run-*`.
-A resumed training run continues the same W&B run (its id is kept in RUN/wandb/run-id) and
-TensorBoard drops the events after the checkpoint (they are logged again), as metrics.jsonl does.
-A fresh start over a run killed before its first checkpoint starts both over, as metrics.jsonl
-does: new TensorBoard event files in place of the old, a new W&B run.
+A resumed training run drops TensorBoard's events after the checkpoint (they are logged again), as
+metrics.jsonl does; W&B cannot drop steps (they only increase), so a resume opens a new W&B run that
+gets metrics.jsonl's records and grids up to the checkpoint, then goes on, and the earlier run's
+offline copy is deleted (RUN/wandb/run-id names the current one). A fresh start over a run killed
+before its first checkpoint starts both over: new TensorBoard event files, a new W&B run.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import secrets
+import shlex
 import shutil
 from pathlib import Path
 
@@ -31,17 +34,25 @@ _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class LoggerUnavailable(ValueError):
-    """An unknown logger, or its package is not installed: the message names the fix."""
+    """An unknown logger, or its package is not installed or does not import: the message names the fix."""
 
 
 def check_loggers(names: tuple[str, ...] | list[str]) -> None:
-    """LoggerUnavailable unless every name is a logger whose package is installed (nothing imported)."""
+    """LoggerUnavailable unless every name is a logger whose package is installed and imports (before any work:
+    a broken install failed only when the logger opened, after start-up, with a traceback)."""
     for name in names:
         if name not in LOGGERS:
             raise LoggerUnavailable(f"--log {name}: unknown logger; choose from {', '.join(LOGGERS)}")
         if importlib.util.find_spec(_PACKAGE[name]) is None:
             raise LoggerUnavailable(f"--log {name} needs the {_PACKAGE[name]} package: "
                                     f"pip install -e \".[{name}]\" (or pip install {_PACKAGE[name]})")
+        try:
+            importlib.import_module(_PACKAGE[name])
+        except Exception as err:  # any error of a broken install: a missing dependency, a version clash
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise LoggerUnavailable(f"--log {name}: the {_PACKAGE[name]} package is installed but fails to import "
+                                    f"({type(err).__name__}: {reason}): reinstall it (pip install --force-reinstall "
+                                    f"{_PACKAGE[name]}), or drop --log {name}") from None
 
 
 class TensorBoardLogger:
@@ -61,7 +72,7 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         if not start_step:
             self.writer.add_text("config", _as_markdown(config), 0)
-        print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {run_dir})")
+        print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {shlex.quote(str(run_dir))})")
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -87,13 +98,13 @@ class WandbLogger:
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run-id"
         kept = id_file.read_text().strip() if id_file.exists() else ""
-        if start_step and kept:  # resumed from a checkpoint: continue its W&B run
-            run_id = kept
-        else:  # a fresh start: a new W&B run, not the one of a run killed before its first checkpoint,
-            run_id = secrets.token_hex(4)
-            if kept:  # whose offline copy would otherwise go up too with wandb sync RUN/wandb/offline-run-*
-                for dead in root.glob(f"offline-run-*-{kept}"):
-                    shutil.rmtree(dead, ignore_errors=True)
+        # Every start is a new W&B run. A resume replays metrics.jsonl's records up to its checkpoint into it
+        # (below): W&B's steps only increase, so the earlier run would keep what the stopped process logged
+        # after the checkpoint beside the new values. The earlier run's offline copy is deleted (else wandb
+        # sync RUN/wandb/offline-run-* would upload it too); an online one stays on the server, and is named.
+        run_id = secrets.token_hex(4)
+        for dead in root.glob(f"offline-run-*-{kept}") if kept else ():
+            shutil.rmtree(dead, ignore_errors=True)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
@@ -102,11 +113,36 @@ class WandbLogger:
                               settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
         self._wandb = wandb
         self.mode = mode
+        if start_step:
+            self._replay(Path(run_dir), start_step)
+        if start_step and kept and mode != "offline":
+            print(f"W&B: run {run_id} holds this run's records up to step {start_step} and goes on; the earlier W&B "
+                  f"run {kept} also holds those its stopped process logged after step {start_step}")
         if mode == "offline":
+            kept_in = Path(self.run.dir).parent
             print(f"W&B: offline (set WANDB_MODE=online or WANDB_API_KEY to go online); the run is kept in "
-                  f"{Path(self.run.dir).parent}: upload it later with wandb sync {Path(self.run.dir).parent}")
+                  f"{kept_in}: upload it later with wandb sync {shlex.quote(str(kept_in))}")
         else:
             print(f"W&B: {mode} run {self.run.id} (project {self.run.project})")
+
+    def _replay(self, run_dir: Path, start_step: int) -> None:
+        """metrics.jsonl's records up to start_step (the checkpoint resumed from), with the sample grids of
+        their steps, as they were logged."""
+        import numpy as np
+        from PIL import Image
+
+        path = run_dir / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else ():
+            record = json.loads(line)
+            if record["step"] > start_step:
+                break
+            self.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+            grid = run_dir / "samples" / f"step_{record['step']:08d}.png"
+            if grid.exists():
+                with Image.open(grid) as image:  # as written: one channel (gray images) or RGB
+                    pixels = np.array(image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB"))
+                pixels = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).float() / 255
+                self.log_image(record["step"], "samples", pixels)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(dict(values), step=step)

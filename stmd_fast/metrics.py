@@ -8,6 +8,7 @@ evaluation sweep computes them once.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -93,7 +94,11 @@ class FrechetDistance:
             getattr(self._metric, name).zero_()
         self._add(images, real=True)
         if cache is not None:
-            self._save_cache(Path(cache), key)
+            try:
+                self._save_cache(Path(cache), key)
+            except OSError as err:  # a cache: the statistics are computed, only the next run recomputes them
+                print(f"warning: could not write the reference statistics cache {err.filename or cache} "
+                      f"({err.strerror or err}); going on without it", file=sys.stderr)
 
     def score(self, generated: torch.Tensor) -> float:
         """The Frechet distance between the reference set and `generated` (N >= 2, model space)."""

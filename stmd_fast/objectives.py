@@ -136,13 +136,21 @@ class ObjectiveConfig:
                          f"denominator up to {MAX_JVP_BLOCK}: the JVP runs on a fixed count of rows per block; "
                          f"use e.g. {round(self.flow_matching_fraction * 64) / 64:.10g}")
 
+    def nearest_fraction_for(self, batch: int) -> float | None:
+        """The fraction j / d nearest flow_matching_fraction (j = round(fraction * d)) that a batch of
+        `batch` rows lays out: d divides the batch and is a block jvp_block takes (<= MAX_JVP_BLOCK); None if
+        every such fraction is 1 (no JVP row at all: no Mean Flow objective)."""
+        fraction = self.flow_matching_fraction
+        options = [round(fraction * d) / d for d in range(1, min(batch, MAX_JVP_BLOCK) + 1)
+                   if batch % d == 0 and round(fraction * d) < d]
+        return min(options, key=lambda near: abs(near - fraction), default=None)
+
     def check_batch(self, batch: int) -> None:
         """The batch (per process) must be whole blocks of jvp_block; one line saying how, if not."""
         k, block = self.jvp_block
         if batch % block:
-            # the batch's own nearest fraction, unless that is 1: no JVP row at all, no Mean Flow objective
-            near = round(self.flow_matching_fraction * batch) / batch
-            other = f", or use a fraction that is a multiple of 1/{batch}, e.g. {near:.10g}" if near < 1 else ""
+            near = self.nearest_fraction_for(batch)
+            other = "" if near is None else f", or use a fraction whose denominator divides {batch}, e.g. {near:.10g}"
             raise ValueError(f"--flow-matching-fraction {self.flow_matching_fraction} runs the JVP on {k} of "
                              f"every {block} rows, so the batch per process ({batch}) must be a multiple of "
                              f"{block}: change the batch{other}")

@@ -37,6 +37,9 @@ def check_sigma_y(sigma_y: float, flag: str = "sigma_y") -> None:
         raise TypeError(f"{flag} must be a number, got {sigma_y!r}")
     if not 0 <= sigma_y <= MAX_SIGMA_Y:
         raise ValueError(f"{flag} must be a number in [0, {MAX_SIGMA_Y:g}] (the data are about [-1, 1]), got {sigma_y}")
+    if sigma_y > 0 and sigma_y**2 == 0:  # the likelihood's variance: 0 in float64, as if no noise were given
+        raise ValueError(f"{flag} {sigma_y} squares to 0 in float64: give 0 for a noiseless measurement, or at "
+                         f"least 1e-150")
 
 
 class LinearOperator:
@@ -90,6 +93,17 @@ class LinearOperator:
         """y restricted to the measured entries (all of them but for a mask)."""
         return y
 
+    def check_finite(self, y: torch.Tensor, name: str = "y") -> None:
+        """ValueError if a measured entry of y is NaN or inf: every chain would come out NaN (or SMC fail in
+        its resampling). A mask's missing entries may hold anything."""
+        bad = ~torch.isfinite(y) & self._is_measured(y)
+        if bad.any():
+            raise ValueError(f"{name} holds {int(bad.sum())} NaN or inf value(s) where it is measured: a "
+                             f"measurement must be finite there")
+
+    def _is_measured(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(y, dtype=torch.bool)
+
     def log_likelihood(self, x: torch.Tensor, y: torch.Tensor, sigma_y: float) -> torch.Tensor:
         """log N(y; A x, sigma_y^2 I) per batch row (B,), in float64, with its normalising constant."""
         if not sigma_y > 0:
@@ -142,6 +156,9 @@ class Mask(_ScaledIsometry):
     pinv = __call__  # diag(m) is its own pseudo-inverse
     _measured = __call__
 
+    def _is_measured(self, y):
+        return self._m(y).bool().expand_as(y)
+
     # where, not a product: y's missing entries may hold anything (NaN too), and 0 * NaN is NaN
     def residual(self, x, y):
         return torch.where(self._m(x).bool(), x - y, 0.0)
@@ -157,12 +174,16 @@ class AvgPool(_ScaledIsometry):
     """Super-resolution: A = f x f average pooling of (C, H, W) images; A^+ = nearest upsampling."""
 
     def __init__(self, factor: int):
+        if not isinstance(factor, numbers.Integral) or isinstance(factor, bool):
+            raise TypeError(f"the pooling factor must be a whole number (pixels per block side), got {factor!r}")
         if factor < 2:
             raise ValueError(f"the pooling factor must be at least 2, got {factor}")
         self.factor, self.scale, self.name = factor, 1.0 / factor, f"sr{factor}"
 
     def check(self, data_shape):
-        if len(data_shape) != 3 or data_shape[1] % self.factor or data_shape[2] % self.factor:
+        if len(data_shape) != 3:
+            raise ValueError(f"{self.name} pools blocks of (C, H, W) images; these samples are {tuple(data_shape)}")
+        if data_shape[1] % self.factor or data_shape[2] % self.factor:
             raise ValueError(f"{self.name} pools {self.factor}x{self.factor} blocks of (C, H, W) images: "
                              f"{tuple(data_shape)} does not divide (use a factor that divides H and W)")
 

@@ -196,17 +196,20 @@ def elapsed_so_far(path: Path) -> float:
         return 0.0
 
 
-def keep_metrics_until(path: Path, step: int) -> None:
+def keep_metrics_until(path: Path, step: int, pending: dict | None = None) -> None:
     """On resume, drop the metrics logged after the checkpoint (they will be logged again), and a last
-    line cut short by a killed process."""
+    line cut short by a killed process; add the checkpoint's pending record (its step's, kept while its FD
+    was measured after the save) if the process was killed before writing it."""
     def kept(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step
         except (ValueError, KeyError, TypeError):
             return False
 
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and kept(line)]
+    lines = [line for line in path.read_text().splitlines() if line and kept(line)] if path.exists() else []
+    if pending is not None and pending["step"] == step and not any(json.loads(line)["step"] == step for line in lines):
+        lines.append(json.dumps(pending))
+    if path.exists() or lines:
         write_atomic(path, "".join(line + "\n" for line in lines).encode())
 
 

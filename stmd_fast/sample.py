@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inverse", choices=OPERATOR_NAMES, help="sample the posterior of a linear measurement y = A x + sigma_y n: "
         "sr4/sr2 (average pooling), gray (channel mean), inpaint (with --mask); give y with --observed")
     add("--observed", metavar="IMAGE", help="with --inverse: the measurement y at its own size (e.g. 2x2 for sr4 "
-        "of 8x8), or an image of the model's size, which is measured through A (plus sigma_y noise, seeded)")
+        "of 8x8, one channel for gray), used as given, or an image of the model's size, which is measured through "
+        "A (plus sigma_y noise, seeded); inpaint's y has the image's size: see --measured")
+    add("--measured", action="store_true", default=None, help="with --inverse: --observed is the measurement y itself "
+        "(its noise included), used as given, also where it has the image's size (inpaint)")
     add("--sigma-y", type=float, help="with --inverse: measurement noise std in model units ([-1, 1] images); 0 = "
         "exact y (DDNM), > 0 DDNM+ or SMC [default: 0]")
     add("--particles", type=int, help="with --inverse: SMC posterior sampling with K particles per sample (needs "
@@ -115,12 +118,39 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     return x.expand(c, h, w).clone()
 
 
+def one_channel(path: str) -> bool:
+    """Whether an .npy or image file holds one channel, from its header (False if unreadable: read_array says
+    why)."""
+    from PIL import Image
+
+    from .data.images import GRAYSCALE_MODES
+
+    try:
+        if Path(path).suffix == ".npy":
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            return array.ndim == 2 or (array.ndim >= 3 and array.shape[-3] == 1)
+        with Image.open(path) as image:
+            return image.mode in GRAYSCALE_MODES
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def read_observation(path: str, operator, data_shape: tuple[int, ...], sigma_y: float,
-                     generator: torch.Generator) -> torch.Tensor:
-    """y for --inverse: an image of the model's size, measured through A (plus sigma_y noise), or the
-    measurement itself at its own size (e.g. 2x2 for sr4 of 8x8 digits)."""
-    y_shape = tuple(operator(torch.zeros(1, *data_shape)).shape[1:])
-    for shape, what in ((tuple(data_shape), "image"), (y_shape, "measurement")):
+                     generator: torch.Generator, measured: bool = False) -> torch.Tensor:
+    """y for --inverse: the measurement itself at its own size (e.g. 2x2 for sr4 of 8x8 digits, one channel
+    for gray), used as given, or an image of the model's size, measured through A (plus sigma_y noise).
+    measured: the file is y, also where y has the image's size (inpaint). Where only the channels differ (gray),
+    a one-channel file is y (read as an RGB image it got its noise twice) and a color one an image."""
+    y_shape, data_shape = tuple(operator(torch.zeros(1, *data_shape)).shape[1:]), tuple(data_shape)
+    if measured:
+        tries = [(y_shape, "measurement")]
+    elif y_shape == data_shape:
+        tries = [(data_shape, "image")]
+    elif y_shape[1:] == data_shape[1:]:
+        tries = [(y_shape, "measurement") if one_channel(path) else (data_shape, "image")]
+    else:  # the size tells them apart
+        tries = [(y_shape, "measurement"), (data_shape, "image")]
+    for shape, what in tries:
         try:
             x = read_array(path, shape, f"--observed {what}")
         except ValueError as err:
@@ -128,6 +158,8 @@ def read_observation(path: str, operator, data_shape: tuple[int, ...], sigma_y: 
                 raise
             continue
         return operator.measure(x[None].double(), sigma_y, generator)[0].float() if what == "image" else x
+    if measured:
+        raise ValueError(f"--observed {path} (--measured) must be the {operator.name} measurement of shape {y_shape}")
     raise ValueError(f"--observed {path} must be an image of the model's shape {tuple(data_shape)} or the "
                      f"{operator.name} measurement {y_shape}")
 
@@ -208,7 +240,8 @@ def main_exported(args) -> int:
                                       ("--grid", args.grid), ("--weights", args.weights), ("--ema", args.ema),
                                       ("--inpaint", args.inpaint), ("--mask", args.mask), ("--inverse", args.inverse),
                                       ("--observed", args.observed), ("--sigma-y", args.sigma_y),
-                                      ("--particles", args.particles)) if value is not None]
+                                      ("--particles", args.particles), ("--measured", args.measured))
+             if value is not None]
     if baked:
         raise ValueError(f"{', '.join(baked)} cannot be used with --exported: N, M, the grid and the EMA weights "
                          f"are baked into the program (re-export to change them; inpainting and inverse problems "
@@ -283,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     check_counts(args)
     if args.inverse is None:
         extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
-                                ("--particles", args.particles)) if v is not None]
+                                ("--particles", args.particles), ("--measured", args.measured)) if v is not None]
         if extra:
             raise ValueError(f"{', '.join(extra)} {'go' if len(extra) > 1 else 'goes'} with --inverse OPERATOR")
         if (args.inpaint is None) != (args.mask is None):
@@ -328,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         operator = make_operator(args.inverse, mask)
         operator.check(model.data_shape)
         y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,
-                             torch.Generator().manual_seed(args.seed))
+                             torch.Generator().manual_seed(args.seed), bool(args.measured))
         # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels 0 there: grey)
         observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 
@@ -340,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     how = "" if operator is None else (f", {args.inverse} sigma_y={args.sigma_y}, " + (
         f"SMC K={args.particles}" if args.particles else ("DDNM+" if args.sigma_y > 0 else "DDNM")))
     what = "posterior samples" if operator is not None else "completions" if observed is not None else "samples"
-    print(f"{len(x)} {what} ({model.method}, N={steps}, "
-          f"M={args.flow_steps}, NFE {nfe(model.method, steps, args.flow_steps)}{how}) -> {out}")
+    cost = nfe(model.method, steps, args.flow_steps)
+    cost = f"{cost} per chain, {args.particles} chains each" if operator is not None and args.particles else cost
+    print(f"{len(x)} {what} ({model.method}, N={steps}, M={args.flow_steps}, NFE {cost}{how}) -> {out}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Algorithm 2 (math.md section 5): N diffusion steps x M flow steps, and its baselines.
 
-One loop serves all three methods; only the way x0_hat is made differs (objectives.Method's
+One loop serves all three methods; only the way x0_hat is made differs (methods.Method's
 `flow`, `diffusion` and `conditional`):
   stmd      x0_hat ~ p(x_0 | x_s) by M steps of the conditional flow map from fresh noise;
   ddpm      x0_hat = E[x_0 | x_s] = (x_s - sigma_s eps) / alpha_s, one call;
@@ -240,4 +240,5 @@ def inpainting_projection(observed: torch.Tensor, mask: torch.Tensor) -> Project
     operator.check(tuple(observed.shape))
     if not mask.any():
         raise ValueError("the mask observes nothing (all 0): that is unconditional sampling, model.sample")
+    operator.check_finite(observed, "the observation")
     return lambda x0: operator.project(x0, observed)

@@ -71,7 +71,7 @@ class SMCResult:
     def draw(self, generator: torch.Generator) -> torch.Tensor:
         """One particle per observation picked by its weight: (G, *data_shape). Its law tends to
         p_model(x_0 | y) as K grows (one draw per run: the K particles of a run are dependent)."""
-        pick = torch.multinomial(self.weights, 1, generator=_cpu(generator)).squeeze(1).to(self.particles.device)
+        pick = torch.multinomial(self.weights.cpu(), 1, generator=_cpu(generator)).squeeze(1).to(self.particles.device)
         return self.particles[torch.arange(len(pick), device=pick.device), pick]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 
@@ -38,8 +39,9 @@ from pathlib import Path
 import torch
 
 from . import distributed, parallel
-from .checkpoint import (CheckpointError, NonFiniteState, find_checkpoint, is_intact, is_run_config, list_checkpoints,
-                         newest_intact, recover_leftovers, run_holding, saved_config, set_aside, write_json_atomic)
+from .checkpoint import (CheckpointError, NonFiniteState, ReadFailed, find_checkpoint, is_intact, is_run_config,
+                         list_checkpoints, newest_intact, recover_leftovers, run_holding, saved_config, set_aside,
+                         write_json_atomic)
 from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, interrupt_on_stop_signals,
                   one_line_errors, quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
@@ -149,7 +151,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         raise UserError(str(err)) from None
     if cfg.out and (run_dir := run_holding(cfg.out)) is not None:  # training in there would rewrite a checkpoint
         raise UserError(f"--out {cfg.out} is inside the checkpoints of the run {run_dir}: give the run's own folder, "
-                        f"--out {run_dir}")
+                        f"--out {shlex.quote(str(run_dir))}")
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
     try:
@@ -158,6 +160,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         refuse_if_live(cfg.out)  # a live run before its first checkpoint: say so, not "no checkpoint"
         raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start") \
             from None
+    except ReadFailed as err:
+        raise UserError(f"--resume: {err}") from None
     except CheckpointError as err:
         refuse_if_live(cfg.out)
         raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
@@ -191,14 +195,10 @@ def as_flag(key: str, value) -> str:
     """A config value as the flags that set it: --tf32 / --no-tf32, --ema-decays 0.9 0.99, --unet unset."""
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
-        return flag if value else f"--no-{flag[2:]}" if key in SWITCHES_ON else f"no {flag}"
+        return flag if value else f"--no-{flag[2:]}"  # every switch has its --no- form (cli.add_dataclass_flags)
     if isinstance(value, (list, tuple)):
         return f"{flag} {' '.join(map(str, value))}" if value else f"no {flag}"
     return f"{flag} {value}" if value is not None else f"{flag} unset (the preset's default)"
-
-
-SWITCHES_ON = {f.name for f in fields(TrainConfig) if f.default is True}
-"""Switches on by default: their off form is --no-NAME (cli.add_dataclass_flags)."""
 
 
 FLOW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_grid_fraction",
@@ -548,7 +548,7 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     except CheckpointError as err:  # intact, but of another layout: a one-line error, not a traceback
         raise UserError(f"--resume: {err}") from None
     if ctx.is_main:
-        keep_metrics_until(run.out / "metrics.jsonl", state.step)
+        keep_metrics_until(run.out / "metrics.jsonl", state.step, state.pending_record)
         drop_samples_after(run.out / "samples", state.step)
         if ckpt is not None:
             again = f" (torchrun restart {ctx.restart_count})" if ctx.restart_count else ""
@@ -612,8 +612,9 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                 raise PeerLost(f"another process of this torchrun job is gone ({str(err).strip().splitlines()[0][:120]}) "
                                f"after step {state.step}; this one stops too. "
                                + (f"The last checkpoint, {ckpt}, is intact: continue with torchrun "
-                                  f"--nproc_per_node=K -m stmd_fast.train --out {run.out} --resume (torchrun "
-                                  f"--max-restarts N does so by itself)" if ckpt else "No checkpoint was written")) \
+                                  f"--nproc_per_node=K -m stmd_fast.train --out {shlex.quote(str(run.out))} --resume "
+                                  f"(torchrun --max-restarts N does so by itself)" if ckpt else
+                                  "No checkpoint was written")) \
                     from None
         if ctx.is_main:
             print(f"done: step {cfg.steps}, {cfg.steps - first_step} of them in this process, in "
@@ -675,9 +676,10 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
                                    f"Try {diverged_fixes(cfg)}")
-        if fd_due:
-            record.update(measure_fd(run, state.ema))
-        log.record(record)
+        if fd_due:  # measured after the checkpoint, which keeps the record meanwhile
+            state.pending_record = dict(record)
+        else:
+            log.record(record)
         at_end = step == cfg.steps or stopping
         if step % cfg.ckpt_every == 0 or at_end or save_due:
             state.log_window = sums.open_window()
@@ -692,6 +694,10 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 raise TrainingDiverged(f"{err}; stopped, {where}. Try {diverged_fixes(cfg)}") from None
             except OSError as err:  # a full disk: save_checkpoint left no partial checkpoint
                 raise write_failed(err, f"the step {step} checkpoint in {run.out}", run.out) from None
+        if fd_due:  # after the checkpoint too: a long measurement, a stop or an error in it costs no training
+            record.update(measure_fd(run, state.ema))
+            log.record(record)
+            state.pending_record = None
         if sample_due or at_end:  # after the checkpoint: a grid that cannot be drawn or written costs no work
             log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         sums.restart_clock(step)  # the checkpoint, grid and FD are not training: the next rates leave them out
@@ -700,7 +706,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
             again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             by = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
             log.write(f"stopped by {by} at step {step}; checkpoint {last_good}; "
-                      f"continue with: {again} --out {run.out} --resume")
+                      f"continue with: {again} --out {shlex.quote(str(run.out))} --resume")
             raise Stopped(stop.signal)
     vote.close()
     return last_good

@@ -24,8 +24,8 @@ from .parallel import Sharded, Single
 
 class EMAs:
     """One AveragedModel per EMA decay, all updated after every step. The first decay (the run's
-    ema_decay) is the main EMA: ema.safetensors and the sample grids. Where the trainer uses an
-    AveragedModel (update_parameters, module, n_averaged) this stands in for it."""
+    ema_decay) is the main EMA: ema.safetensors and the sample grids. The trainer updates them through
+    by_decay (engine.make_ema_update, one foreach update each); module and n_averaged are the main one's."""
 
     def __init__(self, net: torch.nn.Module, decays: tuple[float, ...], use_buffers: bool):
         self.by_decay = {d: AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=use_buffers)
@@ -44,10 +44,6 @@ class EMAs:
 
     def modules(self) -> dict[float, torch.nn.Module]:
         return {decay: average.module for decay, average in self.by_decay.items()}
-
-    def update_parameters(self, net: torch.nn.Module) -> None:
-        for average in self.by_decay.values():
-            average.update_parameters(net)
 
 
 def dropout_rng_state(device: torch.device) -> dict:
@@ -84,6 +80,9 @@ class TrainingState:
     # the loss sums of the log interval a checkpoint falls inside (run_log.IntervalSums.open_window): a resumed
     # run goes on averaging over the same steps, so its records at the --log-every steps are the uninterrupted run's
     log_window: dict | None = None
+    # the record of a step whose FD is measured after its checkpoint (train.loop): a resume after a kill during
+    # the measurement writes it, without the FD, so that metrics.jsonl still holds every record step once
+    pending_record: dict | None = None
 
     @classmethod
     def build(cls, cfg, net, data, device: torch.device, strategy: Single, ckpt: Path | None = None):
@@ -119,6 +118,7 @@ class TrainingState:
             average.n_averaged.copy_(saved["ema_n_averaged"])
         self.step = saved["step"]
         self.log_window = saved.get("log_window")  # absent in checkpoints of older versions: a fresh interval
+        self.pending_record = saved.get("pending_record")
         self._restore_stream(saved, seed, device, strategy)
         self._restore_dropout_rng(saved, seed, device, strategy)
 
@@ -184,7 +184,8 @@ class TrainingState:
             train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
                            "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world,
-                           "dropout_rng": dropout_rng_state(self.generator.device), "log_window": self.log_window}
+                           "dropout_rng": dropout_rng_state(self.generator.device), "log_window": self.log_window,
+                           "pending_record": self.pending_record}
             if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position

@@ -90,3 +90,15 @@ def tiny_disk(tmp_path):
     """A real file system with 64 KiB free (root only; skipped elsewhere)."""
     with _mounted(tmp_path / "tiny", "size=64k") as mounted:
         yield mounted
+
+
+def assert_one_line_error(capsys, *words: str) -> str:
+    """stderr is exactly one line 'error: ...' (blank lines aside) that contains every word; returns it.
+    Test modules import it: `from conftest import assert_one_line_error`."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert lines[0].startswith("error:"), lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]

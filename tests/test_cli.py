@@ -34,6 +34,7 @@ import stmd_fast
 import stmd_fast.train as train_module
 from stmd_fast.sample import main as sample_main
 from stmd_fast.train import main as train_main
+from conftest import assert_one_line_error
 
 GMM = ["--preset", "gmm", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
 
@@ -44,18 +45,6 @@ def train(*args) -> int:
 
 def sample(*args) -> int:
     return sample_main([str(a) for a in args] + ["--device", "cpu"])
-
-
-def assert_one_line_error(capsys, *words: str) -> str:
-    """stderr is exactly one line 'error: ...' that contains every word; returns it."""
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    line = lines[0]
-    assert line.startswith("error:"), line
-    for word in words:
-        assert word in line, f"{word!r} not in {line!r}"
-    return line
 
 
 def checkpoint_steps(run: Path) -> list[int]:
@@ -613,7 +602,36 @@ def test_inverse_smc_takes_the_measurement_at_its_own_size(capsys, image_run, tm
     assert sample(image_run, "--inverse", "sr4", "--observed", y, "--sigma-y", 0.1, "--particles", 3, "--num", 2,
                   "--steps", 2, "--out", out) == 0
     assert tuple(read_png(out).shape[-2:]) == grid_size(3)  # A^+ y + 2 samples
-    assert "SMC K=3" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "SMC K=3" in said and "NFE 2 per chain, 3 chains each" in said  # each sample costs K chains
+
+
+def test_a_measurement_file_is_used_as_given_and_an_image_is_measured(tmp_path):
+    """gray's y (one channel) was read as an RGB image (a one-channel file fits one), measured and given
+    --sigma-y noise a second time; inpaint's y has the image's size, so --measured says the file is y."""
+    from stmd_fast.operators import Grayscale, Mask
+    from stmd_fast.sample import read_observation
+
+    zeros = tmp_path / "zeros.npy"
+    np.save(zeros, np.zeros((1, 8, 8), np.float32))
+    rgb = tmp_path / "rgb.npy"
+    np.save(rgb, np.full((3, 8, 8), 0.3, np.float32))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(read_observation(str(zeros), Grayscale(), (3, 8, 8), 0.5, gen()), torch.zeros(1, 8, 8))
+    measured_rgb = read_observation(str(rgb), Grayscale(), (3, 8, 8), 0.0, gen())  # an image: measured
+    assert measured_rgb.shape == (1, 8, 8) and torch.allclose(measured_rgb, torch.full((1, 8, 8), 0.3))
+    red, gray = tmp_path / "red.png", tmp_path / "gray.png"
+    Image.fromarray(np.tile(np.array([255, 0, 0], np.uint8), (8, 8, 1))).save(red)
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(gray)
+    # a color PNG is an image, measured through A (the channel mean, -1/3), not its luma taken as y
+    assert torch.allclose(read_observation(str(red), Grayscale(), (3, 8, 8), 0.0, gen()), torch.full((1, 8, 8), -1 / 3))
+    assert torch.equal(read_observation(str(gray), Grayscale(), (3, 8, 8), 0.5, gen()), torch.ones(1, 8, 8))
+    mask = torch.ones(1, 8, 8)
+    mask[:, :, 4:] = 0
+    simulated = read_observation(str(zeros), Mask(mask), (1, 8, 8), 0.5, gen())  # a clean image: noise added
+    assert simulated[mask.bool()].std() > 0.3 and (simulated[~mask.bool()] == 0).all()
+    assert torch.equal(read_observation(str(zeros), Mask(mask), (1, 8, 8), 0.5, gen(), measured=True),
+                       torch.zeros(1, 8, 8))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -806,7 +824,7 @@ def test_resume_messages_name_flags_as_typed():
     from stmd_fast.train import as_flag
 
     assert as_flag("tf32", False) == "--no-tf32" and as_flag("tf32", True) == "--tf32"
-    assert as_flag("flip", False) == "no --flip" and as_flag("flip", True) == "--flip"
+    assert as_flag("flip", False) == "--no-flip" and as_flag("flip", True) == "--flip"
     assert as_flag("ema_decays", [0.9, 0.99]) == "--ema-decays 0.9 0.99"
     assert as_flag("ema_decays", []) == "no --ema-decays"
     assert as_flag("unet", None).startswith("--unet unset") and as_flag("lr", 0.001) == "--lr 0.001"
@@ -957,3 +975,69 @@ def test_config_refuses_an_empty_out_and_path_from_python(tmp_path):
         TrainConfig(data="", out=str(tmp_path / "r"))
     with pytest.raises(ValueError, match=r"\[0, 2\^63\)"):
         TrainConfig(seed=2**63, out=str(tmp_path / "r"))
+
+
+def test_a_resumable_switch_and_the_loggers_can_be_turned_off_on_resume(tmp_path):
+    """--help lists --compile, --strict-data and --log among what --resume may change, but they could only be
+    turned on: there was no --no-compile, and --log took no value meaning none."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--strict-data", "--log", "tensorboard", "--out", run) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["strict_data"] is True and saved["log"] == ["tensorboard"]
+    assert train(*GMM, "--steps", 2, "--no-strict-data", "--log", "none", "--out", run, "--resume") == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["strict_data"] is False and saved["log"] == []
+    assert train(*GMM, "--steps", 3, "--no-compile", "--out", run, "--resume") == 0
+
+
+@pytest.mark.parametrize("flag", ["--sample-steps", "--sample-flow-steps", "--sample-ddpm-steps"])
+def test_sampling_steps_beyond_the_samplers_bound_are_refused_before_training(capsys, tmp_path, flag):
+    """They passed the config and failed with a traceback at the first sample grid, after the training (and
+    on every resume, which refuses to change them)."""
+    assert train(*GMM, "--steps", 1, flag, 200_000, "--out", tmp_path / "run") == 2
+    assert_one_line_error(capsys, f"{flag} 200000: at most 100000 steps")
+    assert not (tmp_path / "run").exists()
+
+
+def test_log_none_with_a_logger_is_refused(capsys, tmp_path):
+    assert train(*GMM, "--steps", 1, "--log", "none", "tensorboard", "--out", tmp_path / "run") == 2
+    assert_one_line_error(capsys, "'none' means no logger; give it alone")
+
+
+def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path):
+    """--fd-every measured before the step's checkpoint: a long measurement (a stop waits for it) or one that
+    failed cost the training since the last checkpoint. Now the checkpoint is written first (holding the step's
+    record), and the record, FD included, after the measurement; a resume after a failed or killed measurement
+    writes the checkpoint's record, without its FD, so that each step is logged once."""
+    import stmd_fast.train as train_module
+
+    def failing(run, ema):
+        raise RuntimeError("the measurement failed")
+
+    measure_fd = train_module.measure_fd
+    monkeypatch.setattr(train_module, "measure_fd", failing)
+    run = tmp_path / "run"
+    args = ["--preset", "digits", "--fd-every", 2, "--fd-num", 16, "--sample-every", 0, "--log-every", 1,
+            "--device", "cpu", "--out", run]
+    with pytest.raises(RuntimeError, match="the measurement failed"):
+        train(*args, "--steps", 2)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    monkeypatch.setattr(train_module, "measure_fd", measure_fd)
+    assert train(*args, "--steps", 4, "--resume") == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "loss" in records[1] and not any(k.startswith("FD/") for k in records[1])  # its FD was never measured
+    assert any(k.startswith("FD/") for k in records[3])
+
+
+def test_commands_printed_to_paste_quote_a_path_with_spaces(capsys, tmp_path):
+    """A run in "my runs/ü run" was told to continue with `--out my runs/ü run --resume`, which the shell splits."""
+    import shlex
+
+    run = tmp_path / "my runs" / "ü run"
+    assert train(*GMM, "--steps", 1, "--log", "tensorboard", "--out", run) == 0
+    assert f"tensorboard --logdir {shlex.quote(str(run))}" in capsys.readouterr().out
+    assert train(*GMM, "--steps", 2, "--out", run / "checkpoints", "--resume") == 2
+    line = assert_one_line_error(capsys, "is inside the checkpoints of the run")
+    assert shlex.split(line.rsplit("give the run's own folder, ", 1)[1]) == ["--out", str(run)]

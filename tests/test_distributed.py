@@ -355,3 +355,17 @@ def test_a_lost_peer_is_one_line_naming_the_checkpoint(runs):
     assert "another process of this torchrun job is gone" in err and "step_00000004" in err and "--resume" in err, \
         err[-3000:]
     assert "[rank0]: Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error", True),
+    ("CUDA error: an illegal memory access was encountered (the NCCL watchdog saw it first)", False),
+    ("gloo all_reduce: tensors of different shapes on this rank", False),
+])
+def test_only_a_peer_gone_is_blamed_on_the_other_processes(message, lost):
+    """lost_peer decides whether an error becomes "another process of this torchrun job is gone" (one line, the
+    traceback dropped): a fault of this rank that merely mentions NCCL or gloo must keep its traceback."""
+    from stmd_fast.distributed import lost_peer
+
+    assert lost_peer(RuntimeError(message)) is lost

@@ -449,8 +449,17 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
     assert ("exact kernel", "smc", 2, 3) in cells
     assert all(np.isfinite(r["energy"]) for r in result["rows"])
     md = (tmp_path / "post" / "posterior.md").read_text()
-    assert "SMC K = 3" in md and "DDNM+" in md
+    assert "SMC K = 3" in md and "DDNM+" in md and "the quadratic diffusion time grid" in md
     assert first_column(tmp_path / "post" / "posterior.md") == {"exact kernel", "stmd", "ddpm"}  # as kernel.md
+    # the runs' own grid (the gmm preset's --sample-grid), as every other sampler of theirs: it ran on the
+    # uniform one, where their STMD is not trained to step, and did not say so
+    assert result["grid"] == "quadratic"
+    assert evaluate(args[:-1] + [str(tmp_path / "uniform"), "--grid", "uniform"]) == 0
+    uniform = json.loads((tmp_path / "uniform" / "posterior.json").read_text())
+    assert uniform["grid"] == "uniform"
+    energy = lambda rows: {(r["model"], r["sampler"], r["N"], r["K"]): r["energy"] for r in rows}  # noqa: E731
+    assert energy(uniform["rows"])[("stmd", "ddnm+", 2, None)] != energy(result["rows"])[
+        ("stmd", "ddnm+", 2, None)]
     assert evaluate(args) == 0  # seeded: the same numbers (made again: the provenance's time differs)
     again = json.loads((tmp_path / "post" / "posterior.json").read_text())
     assert again.pop("provenance")["command"] == result.pop("provenance")["command"] and again == result
@@ -485,6 +494,8 @@ def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, caps
 def test_sweep_and_kernel_write_their_results_without_matplotlib(runs, gmm, tmp_path, capsys, monkeypatch):
     # matplotlib is the optional plot extra: without it the numbers are written all the same, and a note names
     # the plots skipped and how to get them
+    import torchmetrics.image  # noqa: F401 (first: it sees matplotlib installed here and imports it, which would fail)
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # unimportable, as when the extra is not installed
     assert evaluate(["sweep", str(runs / "meanflow"), "--meanflow-steps", "1", "--num", "16", *scoring(runs),
                      "--out", str(tmp_path / "sweep")]) == 0
@@ -596,4 +607,46 @@ def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path,
 def test_a_cache_dir_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert evaluate(one_setting(runs / "meanflow", tmp_path / "out", runs, cache=tmp_path / "a_file")) == 2
-    one_line_error(capsys, "cannot write to --cache-dir", "a_file")
+    one_line_error(capsys, "--cache-dir", "a_file is a file, not a folder")
+
+
+def test_an_out_folder_in_use_by_another_evaluation_is_refused(runs, tmp_path, capsys):
+    """Two sweeps into one --out each rewrote results.json with their own rows: one sweep's results were lost
+    without a word. The folder is held by one evaluate command at a time (flock: released however it ends)."""
+    from stmd_fast.evaluate import EVALUATE_LOCK
+    from stmd_fast.files import run_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_lock(out, EVALUATE_LOCK, "another evaluate command"):
+        assert evaluate(one_setting(runs / "meanflow", out, runs)) == 2
+        one_line_error(capsys, f"{out} is in use by another evaluate command (pid", "choose another --out")
+    assert evaluate(one_setting(runs / "meanflow", out, runs)) == 0
+
+
+def test_evaluate_out_that_is_a_file_or_is_left_empty(runs, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert evaluate(one_setting(runs / "meanflow", tmp_path / "a_file", runs)) == 2
+    one_line_error(capsys, "--out", "a_file is a file, not a folder")
+    assert evaluate(one_setting(runs / "meanflow", tmp_path / "new", runs, "--ddpm-steps", "2")) == 2
+    assert not (tmp_path / "new").exists()  # refused before any work: the folder made for it is gone again
+
+
+def test_a_write_that_fails_is_one_line_and_an_unwritable_cache_a_warning(runs, tmp_path, capsys, monkeypatch):
+    """A full disk gave evaluate a traceback; the reference statistics' cache is a cache: a warning, not a stop."""
+    import errno
+
+    import stmd_fast.evaluate as evaluate_module
+    import stmd_fast.metrics as metrics_module
+
+    def full(path, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(metrics_module, "write_atomic", full)
+    assert evaluate(one_setting(runs / "meanflow", tmp_path / "a", runs, cache=tmp_path / "cache")) == 0
+    assert "warning: could not write the reference statistics cache" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate_module, "write_atomic", full)
+    assert evaluate(one_setting(runs / "meanflow", tmp_path / "b", runs)) == 1
+    err = capsys.readouterr().err  # beside the small --num's warning
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "results" in line and "No space left on device: free space" in line and "Traceback" not in err, err

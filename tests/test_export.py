@@ -34,22 +34,13 @@ from stmd_fast.objectives import METHODS
 from stmd_fast.sample import main as sample_main
 from stmd_fast.schedule import alpha_sigma, bridge_sample, time_grid
 from stmd_fast.train import main as train_main
+from conftest import assert_one_line_error
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)  # fp32: a different batch size or kernel fusion moves the last bits
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def assert_one_line_error(capsys, *words: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert lines[0].startswith("error:"), lines[0]
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def read_png(path) -> torch.Tensor:

@@ -486,3 +486,50 @@ def test_an_observation_in_0_255_is_said_and_other_weights_dtypes_refused(image_
     with pytest.raises(ValueError, match="model.net is torch.float64"):
         Model(net, "stmd", (1, 8, 8), "image", {}).sample(2, generator=gen(0))
     assert image_model.transition(torch.zeros(0, 1, 8, 8), 0.5, 0.1).shape == (0, 1, 8, 8)  # an empty batch
+
+
+def test_a_measurement_with_nan_or_inf_where_it_is_measured_is_refused(image_model):
+    """NaN in y gave all-NaN DDNM draws (half NaN for an inpainting observation), and SMC a traceback from its
+    resampling; a mask's missing entries may still hold anything."""
+    op = AvgPool(2)
+    y = op(torch.randn(1, 1, 8, 8, generator=gen(50)))[0]
+    for bad in (float("nan"), float("inf")):
+        y_bad = y.clone()
+        y_bad[0, 0, 0] = bad
+        for sigma_y, particles in ((0.0, None), (0.1, None), (0.1, 4)):
+            with pytest.raises(ValueError, match=r"y holds 1 NaN or inf value\(s\) where it is measured"):
+                image_model.posterior_sample(y_bad, op, sigma_y, particles, steps=2, generator=gen(0))
+    mask = torch.ones(1, 8, 8)
+    mask[:, 4:] = 0
+    observed = torch.randn(1, 8, 8, generator=gen(51))
+    observed[0, 0, 0] = float("nan")  # an observed pixel
+    with pytest.raises(ValueError, match="the observation holds 1 NaN"):
+        image_model.inpaint(observed, mask, 1, steps=2, generator=gen(0))
+    with pytest.raises(ValueError, match="y holds 1 NaN"):
+        image_model.posterior_sample(observed, Mask(mask), 0.1, 4, steps=2, generator=gen(0))
+
+
+def test_operator_arguments_that_would_fail_later_are_refused_at_once():
+    with pytest.raises(TypeError, match="the pooling factor must be a whole number"):
+        AvgPool(2.5)  # 10 % 2.5 == 0: it passed check() and failed inside avg_pool2d
+    with pytest.raises(TypeError, match="whole number"):
+        AvgPool("2")
+    with pytest.raises(ValueError, match=r"sr2 pools blocks of \(C, H, W\) images; these samples are \(10,\)"):
+        AvgPool(2).check((10,))
+    from stmd_fast.operators import check_sigma_y
+
+    with pytest.raises(ValueError, match="squares to 0 in float64"):
+        check_sigma_y(1e-200)  # the likelihood's variance underflowed and the error said "got 0.0"
+    check_sigma_y(1e-150)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smc_draws_on_cuda():
+    """The weights live on the particles' device; multinomial with the CPU generator _cpu makes needs them on the
+    CPU (it failed with "Expected a 'cuda' device type for generator")."""
+    from stmd_fast.smc import SMCResult
+
+    weights = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64, device="cuda")
+    particles = torch.arange(6.0, device="cuda").view(2, 3, 1)
+    result = SMCResult(particles, weights, torch.zeros(2), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
+    assert result.draw(torch.Generator("cuda").manual_seed(0)).view(-1).tolist() == [1.0, 5.0]

@@ -135,3 +135,31 @@ def test_compile_matrix_refuses_a_filter_of_nothing_and_jobs_below_1(capsys, arg
     assert stop.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_loss_kernels_matrix_entry_has_the_dtypes_the_trainer_launches_it_with(monkeypatch, precision):
+    """The compile matrix compiles the fused loss for the dtypes of its real launch: u and du/dt from the
+    network (bf16 under autocast), v and h in fp32 (the bf16 entry once had v in bf16, a launch that never runs)."""
+    import stmd_fast.objectives as objectives
+    from stmd_fast.kernels.compile_matrix import _source, entries
+    from stmd_fast.kernels.meanflow_loss import meanflow_loss_reference
+    from stmd_fast.models import NetConfig, build_net
+
+    seen = {}
+
+    def spy(u, dudt, v, h, c, p):
+        seen.update(u=u.dtype, dudt=dudt.dtype, v=v.dtype, h=h.dtype)
+        return meanflow_loss_reference(u, dudt, v, h, c, p)
+
+    monkeypatch.setattr(objectives, "meanflow_loss", spy)
+    torch.manual_seed(0)
+    net = build_net(NetConfig(kind="mlp", width=32, depth=2, time_freqs=16), (3,), True, 3)
+    x0 = torch.randn(8, 3)
+    noise = objectives.draw_noise(x0, objectives.ObjectiveConfig(), torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):  # as engine.make_train_step
+        objectives.compute_loss("stmd", net, x0, noise, objectives.ObjectiveConfig())
+    entry = next(e for e in entries() if e["kernel"] == "meanflow_loss delta" and e["precision"] == precision)
+    signature = _source(entry)[1]
+    names = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+    assert {arg: signature[f"{arg}_ptr"] for arg in seen} == {arg: names[dtype] for arg, dtype in seen.items()}

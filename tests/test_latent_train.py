@@ -17,6 +17,7 @@ from stmd_fast.models import NetConfig
 from stmd_fast.sample import main as sample_main
 from stmd_fast.train import main as train_main
 from stmd_fast.train import train
+from conftest import assert_one_line_error
 
 R = 16  # image resolution of the stand-in shards: latents (4, 8, 8) with the tiny VAE
 TINY_DIT = NetConfig(kind="dit", width=32, depth=1, heads=2, patch_size=4, time_freqs=16)
@@ -84,9 +85,10 @@ def test_dit_trains_from_shards_and_samples_decode_to_images(shards, vae_dir, tm
 
 @pytest.mark.slow
 def test_evaluate_sweep_scores_decoded_images_with_fid(shards, vae_dir, tmp_path, at_test_resolution,
-                                                      random_inception):
+                                                      random_inception, capsys):
     """evaluate sweep decodes a latent checkpoint's samples through its VAE and computes FID
-    against real images of the decoded size."""
+    against real images of the decoded size; a VAE moved since training is named before any work, and its
+    new place taken with --vae (the message said so, and sweep had no --vae)."""
     from stmd_fast.evaluate import main as evaluate_main
 
     run = tmp_path / "run"
@@ -99,6 +101,21 @@ def test_evaluate_sweep_scores_decoded_images_with_fid(shards, vae_dir, tmp_path
                           "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out)]) == 0
     (row,) = json.loads((out / "results.json").read_text())["rows"]
     assert row["metric"] == "FID" and np.isfinite(row["value"]) and row["value"] > 0
+    moved_vae = vae_dir.with_name(vae_dir.name + "-moved")
+    again = ["sweep", str(run), "--stmd", "1x1", "--num", "8", "--batch-size", "8", "--metric", "fid",
+             "--inception-weights", random_inception, "--reference", str(reference), "--cache-dir",
+             str(tmp_path / "cache2"), "--device", "cpu", "--out", str(tmp_path / "eval-moved")]
+    capsys.readouterr()
+    vae_dir.rename(moved_vae)  # the module's VAE, put back below
+    try:
+        assert evaluate_main(again) == 2
+        assert_one_line_error(capsys, f"VAE {vae_dir}: no such folder; if it moved, pass its new place with --vae DIR")
+        assert not (tmp_path / "cache2").exists()  # said before the reference statistics
+        assert evaluate_main(again + ["--vae", str(moved_vae)]) == 0
+    finally:
+        moved_vae.rename(vae_dir)
+    (moved,) = json.loads((tmp_path / "eval-moved" / "results.json").read_text())["rows"]
+    assert moved["value"] == row["value"]
     # latents of the wrong shape would not even reach the metric: the reference must be images
     bad = tmp_path / "latents.npy"
     np.save(bad, np.zeros((8, 4, R // 2, R // 2), dtype=np.float32))

@@ -111,7 +111,7 @@ def _read_samples(folder: Path) -> dict[str, dict]:
 
 def _direct(vae, image_dir: Path, src: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE run on one image, preprocessed by the encoder's own function: fp16 (mean, std)."""
-    x, error = enc.load_image(image_dir / src, R)
+    x, error, _ = enc.load_image(image_dir / src, R)
     assert error is None
     x = x[None].flip(-1) if flip else x[None]
     with torch.no_grad():
@@ -225,7 +225,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_crashed_one(tmp_path, image_di
     monkeypatch.setattr(enc, "encode", crash_in_shard_1)
     with pytest.raises(KeyboardInterrupt):
         enc.main(args)
-    assert (out / "shard-000000.tar").exists() and (out / "shard-000001.tar.tmp").exists()
+    assert (out / "shard-000000.tar").exists() and not (out / "shard-000001.tar.tmp").exists()  # removed on the way out
     assert not (out / "shard-000001.tar").exists()  # never a half shard under the final name
     with pytest.raises(DataError, match="did not finish"):
         LatentShards(str(out / "shard-000000.tar"))
@@ -398,11 +398,26 @@ def test_a_folder_without_images_fails_before_the_vae_loads(tmp_path, vae_dir, m
                   "--device", "cpu"])
 
 
-@pytest.mark.parametrize("vae", ["missing-folder", "images-folder"])
+def _unet_folder(path: Path) -> Path:
+    """A pipeline's unet/ folder: a diffusers model folder, and no VAE (diffusers loaded it as one, its
+    weights initialised at random, and the encoding failed later with a traceback)."""
+    from diffusers import UNet2DModel
+
+    UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                layers_per_block=1).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("vae", ["missing-folder", "images-folder", "unet-folder"])
 def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
-    path = tmp_path / "nothing here" if vae == "missing-folder" else image_dir  # a folder without config.json
+    path = {"missing-folder": lambda: tmp_path / "nothing here", "images-folder": lambda: image_dir,  # no config.json
+            "unet-folder": lambda: _unet_folder(tmp_path / "unet")}[vae]()
     # a missing folder is said without asking the hub (whose retries take a minute offline)
-    expected = "no such folder; check the path" if vae == "missing-folder" else "could not load an AutoencoderKL.*save_pretrained"
+    expected = {"missing-folder": "no such folder; check the path",
+                "images-folder": "could not load an AutoencoderKL.*save_pretrained",
+                "unet-folder": r"weights do not fit an AutoencoderKL \(\d+ of the AutoencoderKL's weights are not in "
+                               r"it"}[vae]
     with pytest.raises(DataError, match=expected):
         enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
     assert not (tmp_path / "o").exists()  # the --out it made is removed again
@@ -509,11 +524,51 @@ def test_shards_that_split_unevenly_over_the_processes_get_a_note(shards, capsys
     """Each rank counts its own epochs: with unequal shares they drift apart and some samples are drawn more
     often than others for a while. Said once (rank 0), with the shard size that evens it out."""
     LatentShards(_pattern(shards), rank=0, world_size=2)  # 5 shards over 2 processes
-    assert re.search(r"note: 5 shards of \d+-\d+ samples do not split evenly over 2 processes.*--shard-size \d+",
-                     capsys.readouterr().err)
+    assert re.search(r"note: 5 shards of \d+-\d+ samples give each of the 2 processes \d+-\d+ samples an epoch.*"
+                     r"--shard-size \d+ \(or less\) evens it out", capsys.readouterr().err)
     LatentShards(_pattern(shards), rank=1, world_size=2)
     LatentShards(_pattern(shards), rank=0, world_size=1)
     assert capsys.readouterr().out == ""  # once per job; one process has nothing to split
+
+
+@pytest.mark.parametrize("sizes, world_size, note", [
+    ([1000] * 202 + [599], 8, False),  # CelebA's 202,599 images in shards of 1000: a partial last shard is no matter
+    ([3] * 21 + [1], 2, False),
+    ([4, 4, 2, 4, 4], 2, True),        # 3 shards to one process, 2 to the other
+    ([100] * 8 + [10] * 8, 8, True),   # even counts, uneven sizes
+])
+def test_the_uneven_split_note_is_for_shares_more_than_a_tenth_apart(sizes, world_size, note):
+    """The note once fired for any partial last shard (nearly every real data set) and suggested a shard size
+    the shards already had; a shard size it suggests brings the shares within 10%."""
+    from stmd_fast.data.latents import epoch_shares
+
+    fewest, most = epoch_shares(sizes, world_size)
+    assert (fewest < 0.9 * most) == note
+    if note:
+        images = sum(sizes)
+        suggested = max(1, images // (20 * world_size))
+        even = [suggested] * (images // suggested) + ([images % suggested] if images % suggested else [])
+        fewest, most = epoch_shares(even, world_size)
+        assert fewest >= 0.9 * most
+
+
+def test_a_shard_of_unreadable_images_only_is_left_out(tmp_path, image_dir, vae_dir):
+    """A shard whose images were all unreadable holds no sample: a process dealt it had an epoch of nothing
+    and stopped the run ("no readable samples ... re-encode them"), which re-encoding cannot fix."""
+    out = tmp_path / "shards"
+    enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--batch-size", "4", "--device", "cpu", "--shard-size", "1"])
+    infos = json.loads((out / "manifest.json").read_text())["shard_info"]
+    assert len(infos) == 10 and sum(info["samples"] == 0 for info in infos) == 1  # broken.png's
+    for rank in range(9):
+        loader = LatentShards(str(out), rank=rank, world_size=9, num_workers=0)
+        for _ in range(3):  # several epochs of one shard each
+            assert loader.batch(1, torch.Generator().manual_seed(rank)).shape == (1, 4, R // 2, R // 2)
+
+
+def test_a_brace_pattern_under_the_home_folder_is_expanded(shards, monkeypatch):
+    monkeypatch.setenv("HOME", str(shards.parent))
+    assert LatentShards(f"~/{shards.name}/shard-{{000000..000004}}.tar").count == LatentShards(str(shards)).count
 
 
 # --- benchmark ----------------------------------------------------------------------------------
@@ -657,3 +712,52 @@ def test_encode_on_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp
     monkeypatch.undo()
     manifest = enc.main(args)
     assert manifest["complete"] and manifest["shards"] == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_model_load_vae_loads_the_folder_it_is_given(monkeypatch):
+    """Model.load_vae(vae) after a decoder is loaded: the VAE's new place is loaded, not the old one kept;
+    without an argument (or the same folder) the loaded one is reused."""
+    import stmd_fast.data.vae as vae_module
+    from stmd_fast.checkpoint import Model
+
+    loads = []
+
+    def fake_decoder(folder, *args, **kwargs):
+        loads.append(folder)
+        return lambda z, batch: folder
+
+    monkeypatch.setattr(vae_module, "latent_decoder", fake_decoder)
+    latent = {"vae": "/old", "scaling_factor": 1.0, "shift_factor": 0.0, "resolution": 32}
+    model = Model(torch.nn.Linear(2, 2), "stmd", (4, 4, 4), "latent", {"latent": latent})
+    assert model.load_vae()(None, 1) == "/old"
+    assert model.load_vae("/new")(None, 1) == "/new"
+    assert model.load_vae()(None, 1) == "/new" and model.load_vae("/new")(None, 1) == "/new"
+    assert loads == ["/old", "/new"]
+
+
+def test_a_rerun_after_the_vae_was_replaced_in_its_folder_is_refused(tmp_path, image_dir):
+    """Shards are reused by their settings, the VAE named by its path: a VAE retrained or replaced in the same
+    folder once reused every old shard and wrote the new VAE's scaling factor into the manifest (latents 2.7x
+    off their scale). The manifest keeps the VAE's weights' SHA-256, and a rerun with another VAE is refused."""
+    vae_dir, out = tmp_path / "vae", tmp_path / "shards"
+    _tiny_vae().save_pretrained(vae_dir)
+    args = ["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+            "--batch-size", "4", "--device", "cpu", "--shard-size", "4", "--limit", "4"]
+    first = enc.main(args)
+    assert enc.main(args)["vae_sha256"] == first["vae_sha256"]  # the same VAE: reused
+    replaced = _tiny_vae()
+    replaced.register_to_config(scaling_factor=0.5)  # a VAE of another scale, in the same folder
+    replaced.save_pretrained(vae_dir)
+    with pytest.raises(DataError, match=f"{re.escape(str(out))} holds shards encoded with another VAE"):
+        enc.main(args)
+    assert json.loads((out / "manifest.json").read_text())["scaling_factor"] == first["scaling_factor"]
+
+
+def test_encode_says_how_many_images_it_enlarged(tmp_path, image_dir, vae_dir, capsys):
+    """As the pixel loader does: a tiny image upscaled to --resolution adds only blur (e.jpeg is 12x9, R = 16),
+    counted for shards reused from an earlier run too."""
+    args = ["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(tmp_path / "o"),
+            "--batch-size", "4", "--device", "cpu", "--shard-size", "4"]
+    for _ in range(2):  # encoded, then every shard reused
+        enc.main(args)
+        assert "note: 1 of the 9 images are smaller than --resolution 16 (shorter side)" in capsys.readouterr().err

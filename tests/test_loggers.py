@@ -8,8 +8,10 @@ import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from stmd_fast import loggers
 
@@ -110,6 +112,20 @@ def test_a_missing_package_is_a_one_line_error_naming_the_extra(name, monkeypatc
     assert "\n" not in message and f'pip install -e ".[{name}]"' in message
 
 
+@pytest.mark.parametrize("name", loggers.LOGGERS)
+def test_a_package_that_is_installed_but_fails_to_import_is_a_one_line_error(name, monkeypatch):
+    """A broken install passed the check (find_spec found it) and failed with a traceback when the logger
+    opened, after start-up, leaving the run folder behind."""
+    def broken(module):
+        raise ImportError(f"simulated broken {module}\nsecond line")
+
+    monkeypatch.setattr(loggers.importlib, "import_module", broken)
+    with pytest.raises(loggers.LoggerUnavailable) as err:
+        loggers.check_loggers([name])
+    message = str(err.value)
+    assert "\n" not in message and f"simulated broken {name}" in message and "installed but fails to import" in message
+
+
 def test_an_unknown_logger_lists_the_choices():
     with pytest.raises(loggers.LoggerUnavailable, match="tensorboard, wandb"):
         loggers.check_loggers(["mlflow"])
@@ -138,7 +154,7 @@ def test_tensorboard_fresh_start_drops_the_curve_of_a_run_killed_before_its_firs
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
-def test_wandb_fresh_start_is_a_new_run_and_a_resume_continues_it(tmp_path, monkeypatch):
+def test_wandb_fresh_start_is_a_new_run_and_a_resume_replays_the_records_up_to_its_checkpoint(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     id_file = tmp_path / "wandb" / "run-id"
@@ -150,6 +166,20 @@ def test_wandb_fresh_start_is_a_new_run_and_a_resume_continues_it(tmp_path, monk
     fresh.close()
     rows = wandb_history(tmp_path)  # one offline run: the dead one's is gone, so wandb sync uploads this one alone
     assert [(row["_step"], row["loss"]) for row in rows] == [(2, 0.5)]
-    resumed = loggers.WandbLogger(tmp_path, {}, start_step=2)  # from a checkpoint at step 2: the same W&B run
-    assert resumed.run.id == fresh.run.id
+    # that run logs step 4 and is killed; it resumes from its checkpoint at step 2, metrics.jsonl cut back to
+    # it. Continued, the W&B run kept the killed timeline's step 4 (its steps only increase: the new one was
+    # dropped). A new W&B run gets the records (and grids) up to step 2, then the new step 4.
+    killed = loggers.WandbLogger(tmp_path, {})
+    for step, loss in ((2, 0.5), (4, 9.0)):
+        killed.log_scalars(step, {"loss": loss})
+    killed.close()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.5}) + "\n")
+    (tmp_path / "samples").mkdir()
+    Image.fromarray(np.full((10, 12), 200, np.uint8)).save(tmp_path / "samples" / "step_00000002.png")
+    resumed = loggers.WandbLogger(tmp_path, {}, start_step=2)
+    assert resumed.run.id != killed.run.id and id_file.read_text() == resumed.run.id
+    resumed.log_scalars(4, {"loss": 0.25})
     resumed.close()
+    rows = wandb_history(tmp_path)  # the one offline run left
+    assert [(row["_step"], row["loss"]) for row in rows if "loss" in row] == [(2, 0.5), (4, 0.25)]
+    assert [(row["_step"], row["samples/width"]) for row in rows if "samples/_type" in row] == [(2, 12)]

@@ -364,3 +364,24 @@ def test_training_fd_on_vectors_names_what_measures_them():
     assert "gmm" not in message and "kernel" not in message
     with pytest.raises(ValueError, match="not trained on the built-in gmm preset"):
         check_gmm_model(SimpleNamespace(meta={"config": own.to_dict()}), "RUN")
+
+
+def test_training_fd_that_would_not_fit_in_memory_is_refused_before_the_reference(monkeypatch):
+    """--fd-num keeps the reference and the samples whole: --fd-num 1e9 sampled for minutes after the first step,
+    growing until the kernel's out-of-memory killer would end the run. Refused at construction (before training)."""
+    import dataclasses
+
+    import stmd_fast.fd_monitor as fd_monitor
+    from stmd_fast.config import PRESETS
+    from stmd_fast.data.datasets import TensorData
+
+    cfg = dataclasses.replace(PRESETS["digits"](), fd_num=1_000_000)
+    meta = {"config": cfg.to_dict(), "data_shape": [1, 8, 8], "data_kind": "image"}
+    monkeypatch.setattr(fd_monitor, "physical_memory", lambda: 2 * 10**9)  # 2 x 1e6 x 64 x 4 bytes = 0.512 GB
+    fd_monitor.TrainingFD(cfg, meta, TensorData("digits", load_digits("train").all()[:64], "image"),
+                          torch.device("cpu"), 1, 1)  # a quarter of the memory: fits
+    monkeypatch.setattr(fd_monitor, "physical_memory", lambda: 10**9)
+    monkeypatch.setattr(fd_monitor.TrainingFD, "_reference", lambda *a: pytest.fail("the reference was drawn"))
+    with pytest.raises(ValueError, match=r"--fd-num 1000000: .* 0\.512 GB, more than half of this machine's 1 GB"):
+        fd_monitor.TrainingFD(cfg, meta, TensorData("digits", load_digits("train").all()[:64], "image"),
+                              torch.device("cpu"), 1, 1)

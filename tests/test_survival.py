@@ -31,18 +31,9 @@ import stmd_fast.files as files
 from stmd_fast.checkpoint import (CheckpointError, NonFiniteState, list_checkpoints, load_weights, newest_intact,
                                   recover_leftovers, save_checkpoint, verify_checkpoint)
 from stmd_fast.files import RunLocked, run_lock
+from conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def assert_one_line_error(capsys, *words: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert lines[0].startswith("error:"), lines[0]
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- file-system fixtures
@@ -537,6 +528,41 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_which(capsys
         assert all(torch.equal(a[k], b[k]) for k in a)  # steps 5-6 redone exactly
 
 
+def _fail_on_newest(real, err):
+    """`real` (a function of a path or of bytes), failing with `err` on the files of step_00000006."""
+    def wrapped(arg):
+        if isinstance(arg, Path) and "step_00000006" in str(arg) or isinstance(arg, bytes):
+            raise err
+        return real(arg)
+    return wrapped
+
+
+READ_FAILURES = {  # a cause outside the checkpoint's bytes, as a network file system or a full machine gives
+    "I/O error while hashing": ("file_sha256", OSError(errno.EIO, "Input/output error"), "Input/output error"),
+    "permission denied": ("file_sha256", PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    "out of memory while parsing": ("load_safetensors", MemoryError(), "MemoryError"),
+}
+
+
+@pytest.mark.parametrize("failure", list(READ_FAILURES))
+def test_a_checkpoint_that_cannot_be_read_now_is_not_set_aside_as_damaged(monkeypatch, capsys, three_checkpoints,
+                                                                          tmp_path, failure):
+    """An I/O error, a permission or memory shortage while --resume reads the newest checkpoint says so in one
+    line: resuming from an older one would drop intact steps, and renaming it damaged-step_* would hide it."""
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    name, err, said = READ_FAILURES[failure]
+    monkeypatch.setattr(ckpt_module, name, _fail_on_newest(getattr(ckpt_module, name), err))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: --resume: cannot read") and len(message.splitlines()) == 1, message
+    assert "step_00000006" in message and said in message and "nothing was set aside" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert metrics_steps(run) == list(range(1, 7))
+
+
 def test_a_run_that_fails_before_writing_anything_leaves_no_folder(capsys, tmp_path):
     """A start-up error after --out was created (here: the images preset without --data) removes the folders
     it created, lock file included; a folder that existed before stays."""
@@ -691,7 +717,8 @@ def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_logs_each_step_o
 @pytest.mark.parametrize("moment,signum", [("importing torch", signal.SIGINT), ("network built", signal.SIGINT),
                                            ("training", signal.SIGINT), ("training", signal.SIGTERM),
                                            ("network built", signal.SIGTERM), ("network built", signal.SIGHUP),
-                                           ("training", signal.SIGHUP)])
+                                           ("training", signal.SIGHUP)],
+                         ids=lambda value: value.name if isinstance(value, signal.Signals) else value)
 def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, moment, signum):
     """SIGINT while torch imports, right after the network is built, or once training runs: no
     traceback, exit 130, at most one line on stderr; in training a checkpoint is saved first and the
@@ -702,9 +729,12 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
     if moment == "importing torch" and not Path("/proc/self/maps").exists():
         pytest.skip("needs /proc to see torch being imported")
     run = tmp_path / "run"
+    # the child takes SIGHUP's default even when these tests run under nohup, which it would inherit (and
+    # rightly obey: a hang-up is then ignored, and the SIGHUP cases waited for an exit that never came)
     process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000",
                                 "--ckpt-every", "1000000", "--out", str(run)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     if moment == "importing torch":  # torch's shared library is mapped: its import is under way
         maps = Path(f"/proc/{process.pid}/maps")
         while "libtorch" not in maps.read_text():
