@@ -282,11 +282,16 @@ def finish(name: str, result: dict, save: bool) -> None:
         slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
         path = RESULTS_DIR / f"{slug}-{env['date']}.json"
         merged = json.loads(path.read_text()) if path.exists() else {}
+        kept = ""
+        if name in merged:  # the same benchmark run again that day (other variants, flags): keep both
+            earlier = next(f"{name}#{i}" for i in range(1, len(merged) + 2) if f"{name}#{i}" not in merged)
+            merged[earlier] = merged[name]
+            kept = f"; the earlier result under '{name}' kept as '{earlier}'"
         merged[name] = result
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_text(json.dumps(merged, indent=1) + "\n")
         tmp.replace(path)
-        print(f"saved under '{name}' in {path}")
+        print(f"saved under '{name}' in {path}{kept}")
     print(json.dumps({"benchmark": name, **result}))
 
 

@@ -271,7 +271,8 @@ def main(argv=None) -> int:
     peak_text = ", ".join(f"measured {c} matmul peak {t:.3g} TFLOP/s" for c, t in peaks.items()) or "no MFU"
     print(f"{env['device']} | torch {env['torch']} | {args.preset} {args.method} {n_params / 1e6:.2f}M params, "
           f"batch {batch} | {peak_text} | "
-          f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps")
+          + ("compile only: one step per variant" if args.compile_only else
+             f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps"))
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = 64  # every variant's compiled loss stays live for the interleaving
     flops, runners, rows, losses, ema_ms = {}, {}, {}, {}, {}

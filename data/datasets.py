@@ -29,6 +29,8 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"  # the python version, the one torchvision (and stmd_fast) reads
+CIFAR10_BINARY_ARCHIVE = "cifar-10-binary.tar.gz"  # the C version: cifar-10-batches-bin/data_batch_1.bin ...
 
 
 class DataError(ValueError):
@@ -212,6 +214,9 @@ def _check_mnist(root: str, split: str) -> None:
     naming the file and the fix, before torchvision's own messages (a bare "Dataset not found", a ValueError)."""
     base = Path(root).expanduser()
     raw = base / "MNIST" / "raw"
+    processed = base / "MNIST" / "processed"
+    if (processed / "training.pt").is_file() and (processed / "test.pt").is_file():
+        return  # torchvision's older layout, which it still reads (load_mnist names it if it does not load)
     absent = [name for name in MNIST_FILES if not (raw / name).is_file()]
     if absent:  # torchvision wants all four, whichever split is read
         raise _missing(root, "MNIST", os.path.join("MNIST", "raw"), "the four uncompressed idx files ("
@@ -236,7 +241,13 @@ def _check_cifar10(root: str) -> None:
     absent = [name for name, _ in official if not (folder / name).is_file()]
     if absent:
         hint = ""
-        if (base / "data_batch_1").is_file():
+        binary = next((p for p in (base / "cifar-10-batches-bin", base, base / CIFAR10_BINARY_ARCHIVE)
+                       if (p / "data_batch_1.bin").is_file() or p.name == CIFAR10_BINARY_ARCHIVE and p.is_file()), None)
+        if binary is not None:
+            into = base.parent if binary == base else base  # base is the binary version's own folder
+            hint = (f" ({binary} is CIFAR-10's binary version; stmd_fast reads the python version, "
+                    f"{CIFAR10_ARCHIVE}: unpack that into {into} and pass --data-dir {into})")
+        elif (base / "data_batch_1").is_file():
             hint = f" (they are in {base} itself: pass --data-dir {base.parent})"
         elif (base / cifar.CIFAR10.filename).is_file():
             hint = f" ({base / cifar.CIFAR10.filename} is the archive: tar -xzf {base / cifar.CIFAR10.filename} -C {base})"
@@ -246,7 +257,7 @@ def _check_cifar10(root: str) -> None:
     if damaged:
         raise DataError(f"CIFAR-10 in {folder}: {', '.join(damaged)} {'does' if len(damaged) == 1 else 'do'} not match "
                         f"the official MD5 (damaged, or another release): replace {'it' if len(damaged) == 1 else 'them'} "
-                        f"from cifar-10-python.tar.gz, or pass --download where the network allows")
+                        f"from {CIFAR10_ARCHIVE}, or pass --download where the network allows")
 
 
 def _download_failed(what: str, root: str, error: OSError) -> DataError:
@@ -265,10 +276,13 @@ def load_mnist(root: str, split: str = "train", download: bool = False) -> Tenso
         dataset = MNIST(root, train=split == "train", download=download)
     except OSError as error:  # urllib's URLError offline
         raise _download_failed("MNIST", root, error) from None
-    except (RuntimeError, ValueError, AssertionError) as error:  # what _check_mnist did not foresee
-        raise DataError(f"MNIST files in {os.path.join(os.path.expanduser(root), 'MNIST', 'raw')} could not be "
+    except (RuntimeError, ValueError, AssertionError, pickle.UnpicklingError, EOFError) as error:  # not foreseen
+        legacy = Path(root).expanduser() / "MNIST" / "processed"  # read instead of raw/ when both files are there
+        where, files = (("processed", "training.pt and test.pt files")
+                        if (legacy / "training.pt").is_file() and (legacy / "test.pt").is_file() else ("raw", "four idx files"))
+        raise DataError(f"MNIST files in {os.path.join(os.path.expanduser(root), 'MNIST', where)} could not be "
                         f"read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): replace "
-                        "the four idx files with intact copies, or pass --download where the network allows") from None
+                        f"the {files} with intact copies, or pass --download where the network allows") from None
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     return TensorData("mnist", dataset.data.unsqueeze(1).contiguous(), "image", labels)
 
@@ -311,13 +325,24 @@ def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", d
 
 
 def preset_files_hint(path: Path) -> str:
-    """For --data given MNIST or CIFAR-10 files (or their folder): the flags that read them."""
+    """For --data given MNIST or CIFAR-10 files, their folder or the data root above it (what --data-dir
+    takes): the flags that read them, with the folder to pass where it can be told."""
     folder = path if path.is_dir() else path.parent
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    if path.name in MNIST_FILES or names & set(MNIST_FILES) or path.name == "MNIST":
-        return "; MNIST's files are read by --preset mnist --data-dir DIR (DIR/MNIST/raw holds them)"
-    if "data_batch_1" in names or path.name in ("cifar-10-batches-py", "cifar-10-python.tar.gz"):
-        return "; CIFAR-10's are read by --preset cifar10 --data-dir DIR (DIR/cifar-10-batches-py holds them)"
+    mnist_names = set(MNIST_FILES) | {f"{name}.gz" for name in MNIST_FILES}
+    if path.is_dir() and "MNIST" in names:  # the data root itself (a file beside it is a file of one's own)
+        return f"; MNIST is read by --preset mnist --data-dir {folder}"
+    if path.name == "MNIST":
+        return f"; MNIST is read by --preset mnist --data-dir {path.parent}"
+    if path.name in mnist_names or names & mnist_names:
+        root = f"{folder.parent.parent}" if folder.name == "raw" and folder.parent.name == "MNIST" else "DIR"
+        return f"; MNIST's files are read by --preset mnist --data-dir {root} ({root}/MNIST/raw holds them)"
+    if path.is_dir() and names & {"cifar-10-batches-py", "cifar-10-batches-bin"}:
+        return f"; CIFAR-10 is read by --preset cifar10 --data-dir {folder}"
+    if "data_batch_1" in names or "data_batch_1.bin" in names or path.name in (
+            "cifar-10-batches-py", "cifar-10-batches-bin", CIFAR10_ARCHIVE, CIFAR10_BINARY_ARCHIVE):
+        root = f"{folder.parent}" if folder.name in ("cifar-10-batches-py", "cifar-10-batches-bin") else "DIR"
+        return f"; CIFAR-10's are read by --preset cifar10 --data-dir {root} ({root}/cifar-10-batches-py holds them)"
     return ""
 
 

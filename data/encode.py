@@ -9,7 +9,7 @@ trainer draws a fresh latent every time it sees the image. Per sample, the shard
     KEY.mean.npy, KEY.std.npy   float16 (C, R/f, R/f): the latent distribution (f: the VAE's downsampling)
     KEY.sha256.txt              SHA-256 of the two .npy files' bytes (mean's, then std's): the loader
                                 checks it and skips a sample whose bytes changed (a damaged disk)
-    KEY.src.txt                 the image's path relative to DIR
+    KEY.src.txt                 the image's path relative to DIR (its bytes as the file system holds them)
 
 KEY is the image's index in the sorted file list (9 digits); with --flip, KEY_flip holds the encoding
 of the mirrored image, a sample of its own.
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ..cli import Parser, one_line_errors
 from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic, write_fix
 from .datasets import DataError
-from .images import UNREADABLE, enlarged_note, list_images, resize_center_crop
+from .images import UNREADABLE, enlarged_note, list_images, printable, resize_center_crop
 from .vae import latent_shape, load_vae, vae_fingerprint  # noqa: F401 (load_vae: importable from here too)
 
 FORMAT = "stmd_fast.latents/2"  # /2: a SHA-256 per sample
@@ -135,7 +135,8 @@ def _write_shard(tmp: Path, sources: list[str], index: dict[str, int], vae, pool
     with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
         for batch, loaded in loaded_batches(pool, root, sources, args.batch_size, args.resolution):
             good = [(index[p], p, image) for p, (image, *_) in zip(batch, loaded) if image is not None]
-            skipped += [{"path": p, "error": error} for p, (_, error, _) in zip(batch, loaded) if error is not None]
+            skipped += [{"path": printable(p), "error": printable(error)} for p, (_, error, _) in zip(batch, loaded)
+                        if error is not None]
             enlarged += sum(small for *_, small in loaded)
             if good:
                 images = torch.stack([image for _, _, image in good])
@@ -150,7 +151,7 @@ def _write_shard(tmp: Path, sources: list[str], index: dict[str, int], vae, pool
                     for (number, p, _), m, s in zip(good, mean, std):
                         m, s = npy_bytes(m), npy_bytes(s)
                         sink.write({"__key__": f"{number:09d}{suffix}", "mean.npy": m, "std.npy": s,
-                                    "sha256.txt": sample_sha256(m, s), "src.txt": p})
+                                    "sha256.txt": sample_sha256(m, s), "src.txt": os.fsencode(p)})  # bytes: a name need not be UTF-8
                         samples += 1
             bar.update(len(batch))
     fsync_path(tmp)
@@ -179,7 +180,7 @@ def digest(sources: list[str], root: Path) -> str:
             return f"{path}\tmissing"
         return f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
 
-    return hashlib.sha1("\n".join(map(stamp, sources)).encode()).hexdigest()
+    return hashlib.sha1("\n".join(map(stamp, sources)).encode("utf-8", "surrogateescape")).hexdigest()  # names need not be UTF-8
 
 
 def previous_manifest(folder: Path) -> dict | None:

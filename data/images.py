@@ -47,6 +47,19 @@ def walk_files(root: Path):
                 yield (Path(folder) / name).relative_to(root)
 
 
+def _is_file_or_broken_link(path: Path) -> bool:
+    """A file, or a symlink to nothing (its target moved or unmounted, or a loop): listed so that reading it
+    fails and it is skipped, counted and named like any unreadable image, not left out without a word.
+    Folders and special files (a FIFO would block the reader) are not images."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def printable(path: str) -> str:
+    """A path for messages: bytes of a file name that is not UTF-8 (held as surrogate escapes by os.walk)
+    shown as \\xNN, so that printing it cannot raise UnicodeEncodeError."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     """Relative paths (posix) of the image files under `folder`, sorted so that runs are reproducible.
     Hidden files and folders (.name: editor backups, .ipynb_checkpoints, .Trash) are not images of the set."""
@@ -54,7 +67,7 @@ def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     if not root.is_dir():
         raise DataError(f"--images {folder}: not a folder; pass the folder that holds your images")
     paths = sorted(p.as_posix() for p in walk_files(root)
-                   if p.suffix.lower() in IMAGE_SUFFIXES and (root / p).is_file())
+                   if p.suffix.lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(root / p))
     if not paths:
         raise DataError(f"no images under {folder}; pass the folder that holds them (searched recursively, "
                         f"hidden folders left out, for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)"
@@ -138,7 +151,7 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
         loaded = list(tqdm(pool.map(lambda p: read_image(root / p, resolution), paths), total=len(paths),
                            desc=f"read {root.name or root}", unit="img", disable=None, leave=False))
     images = [image for image, *_ in loaded if image is not None]
-    skipped = [(p, why) for p, (_, why, *_) in zip(paths, loaded) if why is not None]
+    skipped = [(printable(p), printable(why)) for p, (_, why, *_) in zip(paths, loaded) if why is not None]
     if not images:
         raise DataError(f"none of the {len(paths)} images under {folder} could be read (first: {skipped[0][0]}: "
                         f"{skipped[0][1]}); check the files")

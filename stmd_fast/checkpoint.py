@@ -65,7 +65,8 @@ def read_failed(path: Path, err: BaseException) -> ReadFailed:
 
 
 class NonFiniteState(CheckpointError):
-    """save_checkpoint was handed weights or optimizer state holding NaN or inf (nothing was written)."""
+    """Weights or optimizer state holding NaN or inf: handed to save_checkpoint (nothing was written), or
+    read from a checkpoint whose bytes are intact (its run had diverged)."""
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -320,7 +321,9 @@ def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, l
         path = path.parent  # RUN/checkpoints given for RUN: the folder that holds the step_* folders
     candidates = list_checkpoints(path)
     if not candidates:
-        raise FileNotFoundError(f"no checkpoint in {path}: pass a run directory (with checkpoints/) "
+        exported = (" (it is an exported sampler: python -m stmd_fast.sample --exported " + str(path) + " runs it)"
+                    if path.suffix == ".pt2" and path.is_file() else "")
+        raise FileNotFoundError(f"no checkpoint in {path}{exported}: pass a run directory (with checkpoints/) "
                                 f"or a checkpoints/step_* directory")
     damaged = []
     for ckpt in candidates:
@@ -353,7 +356,7 @@ def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> d
         raise CheckpointError(f"{path} is unreadable ({reason}): the checkpoint is damaged") from None
     bad = _nonfinite(state, name)
     if bad:
-        raise CheckpointError(f"{path}: {bad.removeprefix(name)} holds NaN or inf: these weights cannot be used; "
+        raise NonFiniteState(f"{path}: {bad.removeprefix(name)} holds NaN or inf: these weights cannot be used; "
                               f"take an earlier checkpoint")
     return {k: v.to(device) for k, v in state.items()}
 

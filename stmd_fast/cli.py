@@ -14,6 +14,7 @@ import signal
 import sys
 import textwrap
 import time
+import warnings
 from typing import Callable
 
 
@@ -98,23 +99,85 @@ class Parser(argparse.ArgumentParser):
         return namespace, extras
 
 
-def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = ()):
+def _ours(filename: str) -> bool:
+    """Whether a warning was raised from stmd_fast's code (its data and kernels packages included)."""
+    roots = [os.path.dirname(module.__file__) for name in ("stmd_fast", "stmd_fast.data", "stmd_fast.kernels")
+             if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None)]
+    return any(os.path.abspath(filename).startswith(root + os.sep) for root in roots)
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Within: a UserWarning of stmd_fast's (a damaged sample skipped, a checkpoint passed over) prints as one
+    `warning: ...` line, like the commands' notes, not as Python's `FILE:LINE: UserWarning: ...` and the
+    source line, which read like a crash. Others (torch's, diffusers') keep Python's format."""
+    python_format = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and _ours(filename):
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
+def printable_output() -> None:
+    """A command's stdout and stderr write what they cannot encode as \\xNN escapes: a path whose name is not
+    UTF-8 (os.walk and argv hold its bytes as surrogates) printed by a command must not stop it with a
+    UnicodeEncodeError (stdout is strict under a UTF-8 locale)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def several_processes() -> bool:
+    """True, having said so on rank 0, if this command (which runs in one process) was launched by torchrun
+    with several: each would do the whole work and write the same files (evaluate's lock took its twin for
+    another command)."""
+    from .distributed import from_env
+
+    ctx = from_env()
+    if ctx.launched and ctx.world_size > 1:
+        if ctx.is_main:
+            spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m NAME, or a script
+            command = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+            print(f"error: {command} runs in one process, and torchrun started {ctx.world_size}: run it with "
+                  f"{command} alone (only python -m stmd_fast.train takes torchrun)", file=sys.stderr)
+        return True
+    return False
+
+
+def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = (),
+                    alone: tuple[type[BaseException], ...] = (), torchrun: bool = False):
     """Decorator for a CLI's main(argv) -> int: an exception of user_errors prints `error: ...` as one line
     on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C
     prints `interrupted` and exits 130; anything else is a bug and keeps its traceback. Under torchrun
     every rank meets the same error and rank 0 says it: the others wait so torchrun stops them first,
-    and only an error of one rank alone is still printed, after the wait, with its rank."""
+    and only an error of one rank alone is still printed, after the wait, with its rank. An error of
+    `alone` (e.g. the loss of another process, rank 0 maybe) is one rank's by nature: said at once. A command
+    that does not take torchrun (torchrun=False) refuses to run under it with several processes."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            printable_output()
+            if not torchrun and several_processes():
+                return 2
             try:
-                return main(argv)
+                with warnings_as_lines():
+                    return main(argv)
             except user_errors + failures as err:
                 from .distributed import from_env
 
                 ctx = from_env()
-                if not ctx.is_main:
-                    time.sleep(5)
+                if not ctx.is_main and not isinstance(err, alone):
+                    try:
+                        time.sleep(5)
+                    except KeyboardInterrupt:  # stopped while waiting: rank 0 says the error
+                        return 130
                 print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
                 return 1 if isinstance(err, failures) else 2
             except KeyboardInterrupt:  # Ctrl-C: the user knows why; outputs are written whole or not at all

@@ -101,6 +101,16 @@ def torch_older_than(major: int, minor: int) -> bool:
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
 
 
+def check_launch(ctx: Dist) -> None:
+    """ValueError if RANK, WORLD_SIZE and LOCAL_RANK are set (left in the environment by hand or by another
+    launcher) without the rendezvous address that torchrun sets with them."""
+    absent = [k for k in ("MASTER_ADDR", "MASTER_PORT") if ctx.launched and k not in os.environ]
+    if absent:
+        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK are set but {' and '.join(absent)} not: launch with "
+                         f"torchrun --nproc_per_node=K -m stmd_fast.train ..., or unset RANK, WORLD_SIZE and LOCAL_RANK "
+                         f"for one process")
+
+
 def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1) -> None:
     """ValueError (one line, naming the fix) for a --parallel / --batch-size that cannot run here.
 
@@ -356,7 +366,8 @@ def skip_grad_sync_for_tests() -> bool:
 
 
 def fail_at_step_for_tests(ctx: Dist) -> int | None:
-    """TEST ONLY: STMD_FAST_FAIL_AT_STEP=k makes rank 1 exit (os._exit(1), no cleanup) as it starts step k
-    of the first attempt of a torchrun job, to test the elastic restart; None when not asked for here."""
-    at = os.environ.get("STMD_FAST_FAIL_AT_STEP")
-    return int(at) if at is not None and ctx.rank == 1 and ctx.restart_count == 0 else None
+    """TEST ONLY: STMD_FAST_FAIL_AT_STEP=k makes rank 1 (or STMD_FAST_FAIL_RANK) exit (os._exit(1), no cleanup)
+    as it starts step k of the first attempt of a torchrun job, to test the elastic restart and the survivors'
+    line; None when not asked for here."""
+    at, rank = os.environ.get("STMD_FAST_FAIL_AT_STEP"), int(os.environ.get("STMD_FAST_FAIL_RANK", "1"))
+    return int(at) if at is not None and ctx.rank == rank and ctx.restart_count == 0 else None

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, Model, ema_decays_of, load_checkpoint, newest_intact
-from .cli import Parser, interrupt_on_stop_signals
+from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, load_checkpoint, newest_intact
+from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
 from .devices import resolve_device
 from .files import RunLocked, run_lock, write_atomic, write_fix
 from .methods import METHODS
@@ -348,7 +348,9 @@ def sweep(args) -> int:
     out = writable_dir(args.out)
     device = resolve_device(args.device)
     metric, images = prepare_metric(found[0][1], args, device)
-    scored = {"metric": metric.name, "features": metric.extractor_id, "num": args.num,
+    from .metrics import SCORING_VERSION
+
+    scored = {"metric": metric.name, "scoring": SCORING_VERSION, "features": metric.extractor_id, "num": args.num,
               "reference": reference_name(found[0][1], args), "reference_images": len(images),
               "reference_sha256": metric.reference_sha256}  # the same file with other images: measured again
     warn_small_fd(metric, args.num, "--num", len(images))
@@ -477,6 +479,8 @@ def load_for_sweep(ckpt: Path, device, ema: float | None, vae: str | None = None
     checkpoints away) is an EvalError that says the settings measured so far are kept."""
     try:
         model = load_checkpoint(ckpt, device=device, ema=ema)
+    except NonFiniteState as err:  # intact bytes of a diverged run: nothing to do with a rotation
+        raise EvalError(f"{err}; sweep without {ckpt}: the settings measured so far are kept") from None
     except (CheckpointError, FileNotFoundError) as err:
         raise EvalError(f"{err}. It was whole when the sweep began: is its run still training and deleting old "
                         f"checkpoints (--keep-checkpoints)? Copy the checkpoint aside and sweep the copy; the "
@@ -526,7 +530,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_md(path: Path, lines: list[str]) -> None:
-    write_atomic(path, ("\n".join(lines) + "\n").encode())
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # paths need not be UTF-8
 
 
 def write_results(out: Path, rows: list[dict], metric, record: dict, settings: int, plot: bool = True) -> None:
@@ -613,12 +617,12 @@ def kernel(args) -> int:
               "flow_steps": flow_steps}
     write_json(out / "kernel.json", {**record, "runs": report})
     lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
-             "| SW2 (model) | SW2 (exact-mean bridge) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| SW2 (model) | SW2 (exact-mean bridge) | SW2 floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in report.items():
         for r in entry["rows"]:
             lines.append(f"| {name} | {entry['method']} | {r['s_from']} | {r['s_to']} | {r['flow_steps']} | "
                          f"{r['energy_model']:.4f} | {r['energy_mean_bridge']:.4f} | {r['energy_floor']:.1e} | "
-                         f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} |")
+                         f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} | {r['sw2_floor']:.4f} |")
     lines.append(f"\n{args.points} conditioning states per (s_from, s_to), {args.num} draws each, seed {args.seed}")
     lines.append(made_by(record))
     write_md(out / "kernel.md", lines)
@@ -1106,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_output()
+    if several_processes():
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded with the results (provenance)
@@ -1118,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
-        with interrupt_on_stop_signals(), holding_out(getattr(args, "out", None)):  # SIGTERM, SIGHUP as Ctrl-C
+        with interrupt_on_stop_signals(), warnings_as_lines(), holding_out(getattr(args, "out", None)):  # SIGTERM, SIGHUP as Ctrl-C
             return commands[args.command](args)
     except (EvalError, ValueError, FileNotFoundError, RunLocked) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)

@@ -41,6 +41,7 @@ import sys
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ def save(program, meta: dict, path: str | Path) -> None:
     partial .pt2, where torch.export.save to a path can abort the process)."""
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # check_writable made and removed it: made once there is output
     write_atomic(path, buffer.getvalue())
 
 
@@ -181,6 +183,15 @@ def open_exported(path: str | Path):
     if file.suffix != ".pt2" or not zipfile.is_zipfile(file):
         raise ExportError(f"--exported {path} is not a .pt2 archive: pass a file written by python -m stmd_fast.export")
     with zipfile.ZipFile(file) as archive:
+        # torch.export.load and aoti_load_package read members without their CRC: damaged weights load and give
+        # wrong samples without a word (checkpoints have their SHA-256; an exported file has its zip CRCs)
+        try:
+            damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+            damaged = f"{type(err).__name__}: {err}"
+        if damaged is not None:
+            raise ExportError(f"--exported {path} is damaged ({damaged} fails its CRC check): export it again "
+                              f"with python -m stmd_fast.export")
         names = archive.namelist()
         aoti = any("/data/aotinductor/" in name for name in names)
         extra = [name for name in names if name.endswith(f"/extra/{META_FILE}")]
@@ -260,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                "python -m stmd_fast.sample --exported OUT "
                "--num K --seed S --out FILE. The --aoti package checks its input only when "
                "AOTI_RUNTIME_CHECK_INPUTS=1 is set (sample --exported checks it). Exit codes: 2 bad input (nothing "
-               "exported), 1 --aoti could not build (OUT is still written).")
+               "exported); 1 out of memory or a failed write (nothing written), or --aoti could not build (OUT "
+               "is written, and the line says so); 130 interrupted (nothing written).")
     add = p.add_argument
     add("checkpoint", metavar="CKPT", help="a run directory (its newest checkpoint) or a checkpoints/step_* directory")
     add("--steps", type=int, help="N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm]")
@@ -278,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_out(out: Path) -> None:
-    if out.suffix != ".pt2":
-        raise ExportError(f"--out must end in .pt2, got {out.name}")
+    if not out.name.endswith(".pt2") or out.name == ".pt2":  # Path(".pt2").suffix is "": a hidden name
+        raise ExportError(f"--out must be a file name ending in .pt2 (e.g. sampler.pt2), got {out.name or out}")
     try:
         check_out_path(out, "--out")
         check_writable(out, "--out")

@@ -89,7 +89,13 @@ class TrainingFD:
                        self.cfg.sample_grid)
             chunks.append(self._decoded(x).cpu())
         ema_net.train(was_training)
-        return self.metric.score(torch.cat(chunks))
+        from .metrics import NonFiniteImages
+
+        try:
+            return self.metric.score(torch.cat(chunks))
+        except NonFiniteImages as err:  # the EMA weights diverged: logged as NaN, training goes on
+            print(f"note: {self.name} not measured: {err}", file=sys.stderr)
+            return math.nan
 
 
 def check_fd_memory(fd_num: int, shape: tuple[int, ...]) -> None:

@@ -88,17 +88,26 @@ def local_path(name: str | None) -> str | None:
 def check_writable(path: str | Path, flag: str) -> None:
     """ValueError naming `flag` unless `path` (a file to be written) can be created: its folder is made
     and a temporary sibling written and removed, the only test that holds for read-only file systems,
-    permissions and root alike. Run it before expensive work."""
+    permissions and root alike; the folders made for the test are removed again (the writer makes them when it
+    has the file to write), so a command that stops before it leaves none. Run it before expensive work."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"cannot write {flag} {path}: it is a directory: give a file path")
+    target = Path(os.path.abspath(path))  # ".." resolved: mkdir of a/../b would make a too
+    missing = [folder for folder in target.parents if not folder.exists()]  # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = temp_sibling(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_sibling(target)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise ValueError(f"cannot write {flag} {path}: {err.strerror or err}: choose a writable path") from None
+    finally:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 class RunLocked(RuntimeError):

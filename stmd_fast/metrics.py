@@ -20,7 +20,10 @@ from .classifier import FeatureClassifier
 from .data.datasets import to_unit_range
 from .files import write_atomic
 
-CACHE_FORMAT = "1"
+SCORING_VERSION = "2"
+"""How images are scored; in the reference caches and evaluate's results, so a change is measured again (FD's
+too, once: one version for both). 2: FID's pixels rounded to uint8 (torchmetrics' normalize=True truncates: 1..63
+of 255 came out a level dark)."""
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -38,6 +41,10 @@ class _ClassifierFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(x)
+
+
+class NonFiniteImages(ValueError):
+    """Images holding NaN given to FD / FID."""
 
 
 class FrechetDistance:
@@ -86,7 +93,7 @@ class FrechetDistance:
         self.reference_sha256 = _sha256_tensor(images)  # what a result is scored against (evaluate's sweep keys)
         key = None
         if cache is not None:
-            key = {"format": CACHE_FORMAT, "metric": self.name, "feature_extractor": self.extractor_id,
+            key = {"format": SCORING_VERSION, "metric": self.name, "feature_extractor": self.extractor_id,
                    "num_images": str(len(images)), "images_sha256": self.reference_sha256}
             if self._load_cache(Path(cache), key):
                 return
@@ -128,12 +135,19 @@ class FrechetDistance:
                              f"{self.classifier.data_shape}: use the classifier trained on this dataset")
         if self.classifier is None and images.shape[1] not in (1, 3):
             raise ValueError(f"{what} images have {images.shape[1]} channels: Inception FID needs 1 (gray) or 3 (RGB)")
+        # inf is clamped to the image's range like any overshoot; NaN is no image, and NaN features crash
+        # torchmetrics' eigvals inside MKL (a segmentation fault, not an exception)
+        bad = int(images.flatten(1).isnan().any(1).sum())
+        if bad:
+            raise NonFiniteImages(f"{bad} of the {len(images)} {what} images hold NaN, which {self.name} cannot "
+                                  + ("score: the model diverged at this setting, or its weights did"
+                                     if what == "generated" else "score: check the reference data"))
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32).clamp(-1, 1)
         if self.classifier is not None:
             return x  # the classifier reads model space
-        x = to_unit_range(x)  # normalize=True: torchmetrics wants [0, 1] and makes uint8 itself
+        x = (to_unit_range(x) * 255).round().to(torch.uint8)  # the saved image's pixels (normalize=False)
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # Inception is RGB only
 
     @torch.no_grad()
@@ -175,7 +189,7 @@ def _inception_fid(fid_class, weights: str | None):
                                 f"{_inception_filename()} file to --inception-weights")
     try:
         # torch-fidelity reads a local file with torch.load(weights_only=False): pass only files you trust.
-        return fid_class(feature=2048, normalize=True, reset_real_features=False,
+        return fid_class(feature=2048, normalize=False, reset_real_features=False,
                          feature_extractor_weights_path=weights)
     except Exception as error:  # noqa: BLE001 (torch.load of a bad file raises anything: pickle, zip, key errors)
         if weights is not None:  # a truncated download, or another file

@@ -259,8 +259,9 @@ UNET_WIDTHS = {"S": 32, "B": 64, "L": 128}
 
 
 def unet_config(size: str, image_shape: tuple[int, ...]) -> NetConfig:
-    """A U-Net of size S, B or L laid out for (C, H, W) images: halve H and W down to 4 to 8 pixels (at
-    most 6 levels), attention at the first level of at most 16 pixels, 2 residual blocks per level.
+    """A U-Net of size S, B or L laid out for (C, H, W) images: halve H and W while both are even and the
+    shorter is over 4 pixels (at most 6 levels), attention at the first level of at most 16 pixels, 2 residual
+    blocks per level.
     For 32 pixels, L is the cifar10 preset's U-Net (128, 256, 256, 256)."""
     if size not in UNET_WIDTHS:
         raise ValueError(f"--unet {size}: unknown size; choose one of {', '.join(UNET_WIDTHS)}")

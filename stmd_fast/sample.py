@@ -186,6 +186,22 @@ def check_counts(args) -> None:
                          f"grows with its square")
 
 
+def check_output_memory(num: int, shape, out: Path, zoom: int = 1, latent: dict | None = None) -> None:
+    """ValueError before sampling when --num samples, kept whole for --out as float32 (decoded to images of the
+    latent's resolution with a VAE, enlarged zoom times in a .png grid), would take more than half of this
+    machine's memory: such a --num otherwise ran for as long as memory lasted."""
+    from .devices import physical_memory
+
+    if latent is not None and latent.get("resolution") and out.suffix == ".png":  # decoded: RGB at that resolution
+        shape = (3, latent["resolution"], latent["resolution"])
+    scale = zoom ** 2 if out.suffix == ".png" else 1
+    total, need = physical_memory(), num * math.prod(shape) * 4 * scale
+    if total is not None and need > total / 2:
+        raise ValueError(f"--num {num}: {num} samples of shape {tuple(shape)} are {need / 1e9:.3g} GB as float32, kept "
+                         f"whole for --out: more than half of this machine's {total / 1e9:.3g} GB; lower --num (and "
+                         f"draw several files, each with its own --seed)")
+
+
 def check_zoom(args, out: Path) -> None:
     """--zoom enlarges a .png grid: refused for a .npy, which keeps the samples as drawn; default 1."""
     if args.zoom is not None and out.suffix != ".png":
@@ -224,6 +240,7 @@ def write_samples(x: torch.Tensor, out: Path, zoom: int = 1, observed=None, mask
         x = torch.nn.functional.interpolate(x, scale_factor=zoom, mode="nearest") if zoom > 1 else x
         save_image(viewable(x), buffer, format="png", nrow=int(np.ceil(np.sqrt(len(x)))), padding=1)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # check_writable made and removed it: made once there is output
         write_atomic(out, buffer.getvalue())
     except OSError as err:
         raise WriteFailed(f"could not write --out {out}: {err.strerror or err}: nothing was written; "
@@ -271,6 +288,7 @@ def main_exported(args) -> int:
     if decoded and out.suffix != ".png":
         raise ValueError("--vae decodes the latents into a .png grid; a .npy --out keeps the latents: drop --vae")
     check_zoom(args, out)
+    check_output_memory(args.num, meta["output"]["shape"][1:], out, args.zoom, meta.get("latent") if decoded else None)
     prepare_out(out)
     decode = None
     if decoded:
@@ -349,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                          if model.data_kind != "latent" else "--vae decodes the latents into a .png grid; a .npy "
                          "--out keeps the latents: drop --vae")
     check_zoom(args, out)
+    check_output_memory(args.num, model.data_shape, out, args.zoom,
+                        model.meta["latent"] if model.data_kind == "latent" else None)
     prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae(args.vae)  # before sampling: an unreachable VAE fails now, not after the work

@@ -75,6 +75,10 @@ PAPER_PARAMS = {
 }
 
 
+def clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
+
+
 class TrainingDiverged(Exception):
     """The loss, or the weights, became NaN or inf."""
 
@@ -216,6 +220,10 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
     if "preset" in given and "data" in given and cfg.preset not in LATENT_RESOLUTION:
         notes.append(f"note: --preset {cfg.preset} with --data: the preset's training settings are kept, its network "
                      f"is not: one is chosen for the data's shape (--unet or --dit picks another)")
+    if METHODS[cfg.method].flow and cfg.objective.jvp_block[0] == 0:
+        notes.append(f"note: --flow-matching-fraction {cfg.objective.flow_matching_fraction:g}: every row has r = t, "
+                     f"so this trains plain flow matching: no row teaches the jumps r < t that "
+                     f"{METHODS[cfg.method].label}'s few-step sampler takes (an ablation; below 1 for the method)")
     return notes
 
 
@@ -409,6 +417,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     """Check everything the user gave, before expensive work; lock the run directory (into `held`), load
     the data and build the network."""
     try:
+        distributed.check_launch(ctx)
         device = distributed.process_device(ctx, resolve_device(cfg.device))
         jvp_rows = METHODS[cfg.method].flow  # the JVP rows are a fixed count per block of the batch
         distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size, cfg.objective.jvp_block[1] if jvp_rows else 1)
@@ -510,7 +519,7 @@ def sample_count(data) -> int | None:
 
 def print_summary(cfg: TrainConfig, run: Run) -> None:
     note = ""
-    if cfg.data is None and cfg.preset in PAPER_PARAMS:
+    if cfg.data is None and cfg.unet is None and cfg.preset in PAPER_PARAMS:  # --unet: not the paper's layout
         paper, why = PAPER_PARAMS[cfg.preset]
         note = f" (paper: {paper / 1e6:.1f}M; {why})"
     s = run.strategy
@@ -609,7 +618,7 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                 if not (ctx.distributed and distributed.lost_peer(err)):
                     raise
                 ckpt = find_checkpoint(run.out)
-                raise PeerLost(f"another process of this torchrun job is gone ({str(err).strip().splitlines()[0][:120]}) "
+                raise PeerLost(f"another process of this torchrun job is gone ({clipped(str(err).strip().splitlines()[0], 120)}) "
                                f"after step {state.step}; this one stops too. "
                                + (f"The last checkpoint, {ckpt}, is intact: continue with torchrun "
                                   f"--nproc_per_node=K -m stmd_fast.train --out {shlex.quote(str(run.out))} --resume "
@@ -880,8 +889,12 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
 
 
 @one_line_errors(UserError, DataError, CheckpointError,
-                 failures=(TrainingDiverged, GradientSyncFailed, PeerLost, WriteFailed))  # DataError: e.g. shards unreadable mid-run
+                 failures=(TrainingDiverged, GradientSyncFailed, PeerLost, WriteFailed),  # DataError: e.g. shards unreadable mid-run
+                 alone=(PeerLost,), torchrun=True)
 def main(argv: list[str] | None = None) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the imports are done: the import-time line would be false now
+        if signal.getsignal(sig) is _interrupted_at_import:  # (a rank's error waits, and torchrun sends SIGTERM)
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     cfg = None
     # from here a stop signal is a KeyboardInterrupt (start-up cleans up after it); the caller's come back after
@@ -907,5 +920,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the start-up handler's "interrupted during start-up"
     sys.exit(code)

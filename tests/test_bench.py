@@ -228,6 +228,7 @@ def test_compile_only_runs_one_step_per_variant_and_times_nothing(capsys, monkey
                             "--compile-only", "--device", "cpu", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert "eager fp32 | flow matching: first step" in out and "| stmd" not in out and "ms/step" not in out
+    assert "compile only: one step per variant" in out and "interleaved" not in out  # its header said "10 + 30 steps"
     assert sample.main(["--preset", "gmm", "--batch", "8", "--variants", "eager fp32,compiled fp32",
                         "--compile-only", "--device", "cpu", "--no-save"]) == 0
     out = capsys.readouterr().out
@@ -360,3 +361,18 @@ def test_mfu_peaks_follow_the_rows_compute():
                              ("NVIDIA H100 80GB HBM3", 989.4, 494.7), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
                              ("NVIDIA GeForce RTX 4090", None, None)):
         assert (common.spec_tflops(name, "bf16"), common.spec_tflops(name, "tf32")) == (bf16, tf32), name
+
+
+def test_a_result_saved_again_the_same_day_keeps_the_earlier_one(tmp_path, monkeypatch, capsys):
+    """train_step saves under train_step/<preset>/<method> whatever its variants: a second run that day
+    (other variants, --flow-matching-only) replaced the first's table without a word."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    env = {"device": "Test GPU", "date": "2026-12-02"}
+    for rows in (["stmd"], ["flow matching"], ["again"]):
+        common.finish("train_step/gmm/stmd", {"environment": env, "rows": rows}, save=True)
+    saved = json.loads((tmp_path / "test-gpu-2026-12-02.json").read_text())
+    assert saved["train_step/gmm/stmd"]["rows"] == ["again"]
+    assert saved["train_step/gmm/stmd#1"]["rows"] == ["stmd"] and saved["train_step/gmm/stmd#2"]["rows"] == ["flow matching"]
+    assert "the earlier result under 'train_step/gmm/stmd' kept as 'train_step/gmm/stmd#2'" in capsys.readouterr().out

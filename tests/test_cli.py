@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -161,6 +162,46 @@ def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_pa
     err = capsys.readouterr().err
     noted = set(re.findall(r"note: (--[\w-]+) has no effect on this run", err))
     assert noted == {str(a) for a in unused if str(a).startswith("--")}
+
+
+@pytest.mark.parametrize("method, noted", [("stmd", True), ("meanflow", True), ("ddpm", False)])
+def test_a_flow_matching_fraction_of_1_says_it_trains_no_jump(capsys, tmp_path, method, noted):
+    """Every row at r = t trains plain flow matching: no map step r < t, which the few-step sampler takes."""
+    assert train(*GMM, "--method", method, "--steps", 1, "--out", tmp_path / "run", "--flow-matching-fraction", 1) == 0
+    err = capsys.readouterr().err
+    assert ("every row has r = t, so this trains plain flow matching" in err) == noted, err
+
+
+def test_our_warnings_are_one_line_in_a_command_and_others_keep_pythons_format():
+    """A damaged sample skipped mid-run printed as `.../parallel.py:44: UserWarning: ...` and the source line,
+    which reads like a crash; inside a command, our warnings are `warning: ...` lines like the notes."""
+    import warnings
+
+    import stmd_fast.checkpoint as ours
+    import stmd_fast.data.latents as ours_too
+    from stmd_fast.cli import warnings_as_lines
+
+    python_format = warnings.formatwarning
+    with warnings_as_lines():
+        for filename in (ours.__file__, ours_too.__file__):
+            assert warnings.formatwarning("passed over", UserWarning, filename, 10) == "warning: passed over\n"
+        assert "UserWarning: theirs" in warnings.formatwarning("theirs", UserWarning, "/site-packages/lib.py", 3)
+        assert "FutureWarning: x" in warnings.formatwarning("x", FutureWarning, ours.__file__, 3)
+    assert warnings.formatwarning is python_format
+
+
+def test_a_command_prints_paths_that_are_not_utf8_under_a_strict_utf8_stdout(tmp_path):
+    """A folder named in latin-1 (os.walk and argv hold its bytes as surrogates) stopped a command at its first
+    print with UnicodeEncodeError: stdout is strict under a UTF-8 locale. Printed as \\xNN escapes now."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stmd_fast.cli import one_line_errors\n"
+            "@one_line_errors(ValueError)\ndef main(argv):\n    print('run dir', sys.argv[1])\n    return 0\n"
+            "sys.exit(main(None))")
+    result = subprocess.run([sys.executable, "-c", code, b"/tmp/caf\xe9"], capture_output=True,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=60)
+    assert result.returncode == 0 and result.stdout == b"run dir /tmp/caf\\udce9\n", result
 
 
 def test_one_grid_per_run_trains_the_s_sampler_and_is_the_samplers_default(tmp_path, capsys):

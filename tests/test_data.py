@@ -253,12 +253,44 @@ def test_preset_files_given_as_data_name_the_flags_that_read_them(tmp_path):
 
     _write_mnist(tmp_path / "m", n_train=3, n_test=2)
     _write_cifar10(tmp_path / "c", per_batch=2)
+    m, c = tmp_path / "m", tmp_path / "c"
+    for given, data_dir in [(m / "MNIST" / "raw" / "train-images-idx3-ubyte", m), (m / "MNIST" / "raw", m),
+                            (m / "MNIST", m), (m, m)]:  # a file, its folders, and the data root --data-dir takes
+        with pytest.raises(DataError, match=re.escape(f"--preset mnist --data-dir {data_dir}")):
+            (load_npy if given.is_file() else list_images)(str(given))
+    for given in (c / "cifar-10-batches-py", c):
+        with pytest.raises(DataError, match=re.escape(f"--preset cifar10 --data-dir {c}")):
+            list_images(given)
+    loose = tmp_path / "loose"  # the original site's four .gz files, loose in a download folder
+    loose.mkdir()
+    (loose / "train-images-idx3-ubyte.gz").write_bytes(b"")
     with pytest.raises(DataError, match="--preset mnist --data-dir DIR"):
-        load_npy(str(tmp_path / "m" / "MNIST" / "raw" / "train-images-idx3-ubyte"))
-    with pytest.raises(DataError, match="--preset cifar10 --data-dir DIR"):
-        list_images(tmp_path / "c" / "cifar-10-batches-py")
-    with pytest.raises(DataError, match="--preset mnist --data-dir DIR"):
-        list_images(tmp_path / "m" / "MNIST")
+        list_images(loose)
+
+
+def test_cifar10_binary_version_is_named_as_the_wrong_release(tmp_path):
+    binary = tmp_path / "cifar-10-batches-bin"
+    binary.mkdir()
+    (binary / "data_batch_1.bin").write_bytes(b"")
+    for given, into in [(tmp_path, tmp_path), (binary, tmp_path)]:
+        with pytest.raises(DataError, match=re.escape(f"{binary} is CIFAR-10's binary version; stmd_fast reads the "
+                                                      f"python version, cifar-10-python.tar.gz: unpack that into "
+                                                      f"{into} and pass --data-dir {into}")):
+            load_cifar10(str(given))
+
+
+def test_mnist_in_torchvisions_older_processed_layout_is_read(tmp_path):
+    """torchvision still reads MNIST/processed/{training,test}.pt (what it wrote before 0.9); so do we."""
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    x = torch.from_numpy(_distinct_rows(4, 28 * 28, seed=3).reshape(4, 28, 28))
+    torch.save((x, torch.arange(4)), processed / "training.pt")
+    torch.save((x[:2], torch.arange(2)), processed / "test.pt")
+    train = load_mnist(str(tmp_path), "train")
+    assert torch.equal(train.values[:, 0], x) and train.labels.tolist() == [0, 1, 2, 3]
+    (processed / "training.pt").write_bytes(b"garbage")  # damaged: one line naming these files, not raw/'s
+    with pytest.raises(DataError, match=re.escape(f"{processed} could not be read") + ".*replace the training.pt and"):
+        load_mnist(str(tmp_path), "train")
 
 
 def test_cifar10_one_step_off_is_found_and_the_fix_named(tmp_path, no_md5):

@@ -233,7 +233,26 @@ def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path):
     assert "--batch-size 15" in errors[0] and "2 processes" in errors[0] and "16" in errors[0]
     assert "exitcode  : 2" in result.stderr  # the trainer's user-error code (torchrun then stops the other rank)
     assert "stmd_fast/train.py" not in result.stderr  # no traceback from the trainer
+    assert "during start-up" not in result.stderr  # rank 1, stopped by torchrun while it waits: not a false line
     assert not run.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("given", [{}, {"MASTER_ADDR": "127.0.0.1"}])
+def test_torchrun_variables_without_the_rendezvous_address_are_one_line(tmp_path, capsys, monkeypatch, given):
+    """RANK, WORLD_SIZE, LOCAL_RANK left set (another launcher, a copied environment) without MASTER_ADDR and
+    MASTER_PORT gave a KeyError traceback from the process group's set-up."""
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--preset", "gmm", "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    missing = "MASTER_PORT not" if given else "MASTER_ADDR and MASTER_PORT not"
+    assert len(err) == 1 and missing in err[0] and "unset RANK, WORLD_SIZE and LOCAL_RANK" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_fsdp_without_torchrun_is_one_line(tmp_path, capsys):
@@ -345,16 +364,19 @@ def test_timed_checkpoints_under_torchrun_are_agreed_a_step_later(runs):
 
 
 @pytest.mark.slow
-def test_a_lost_peer_is_one_line_naming_the_checkpoint(runs):
-    """Rank 1 dies at step 5 (no restart): rank 0's all-reduce fails. One line saying so, the last checkpoint
-    and how to resume, not the gloo traceback."""
-    run = runs / "lost-peer"
-    result = torchrun(*GMM, "--out", run, env={"STMD_FAST_FAIL_AT_STEP": "5"})
+@pytest.mark.parametrize("dies", [1, 0])
+def test_a_lost_peer_is_one_line_naming_the_checkpoint(runs, dies):
+    """Rank 1 (or 0) dies at step 5 (no restart): the other's all-reduce fails. One line saying so, the last
+    checkpoint and how to resume, not the gloo traceback. When rank 0 died, rank 1 used to wait 5 s before
+    its line (as for errors every rank meets), torchrun's SIGTERM came first, and the start-up handler said
+    "interrupted during start-up ... no checkpoint was written"."""
+    run = runs / f"lost-peer-{dies}"
+    result = torchrun(*GMM, "--out", run, env={"STMD_FAST_FAIL_AT_STEP": "5", "STMD_FAST_FAIL_RANK": str(dies)})
     assert result.returncode != 0
     err = result.stderr
     assert "another process of this torchrun job is gone" in err and "step_00000004" in err and "--resume" in err, \
         err[-3000:]
-    assert "[rank0]: Traceback" not in err, err[-3000:]
+    assert f"[rank{1 - dies}]: Traceback" not in err and "during start-up" not in err, err[-3000:]
 
 
 @pytest.mark.parametrize("message, lost", [
@@ -369,3 +391,21 @@ def test_only_a_peer_gone_is_blamed_on_the_other_processes(message, lost):
     from stmd_fast.distributed import lost_peer
 
     assert lost_peer(RuntimeError(message)) is lost
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_process_commands_refuse_several_under_torchrun(monkeypatch, capsys, tmp_path, rank):
+    """evaluate under torchrun found its twin rank holding its --out's lock ("in use by another evaluate
+    command"); sample did the whole work twice over into the same file. Each says it takes one process."""
+    from stmd_fast import evaluate, export, sample
+    from stmd_fast.data import encode
+
+    for key, value in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(key, str(value))
+    for command in (evaluate.main, sample.main, export.main, encode.cli):
+        assert command(["--help"]) == 2  # before anything else, --help included
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ([] if rank else [err[0]]), err  # said once, by rank 0
+        if not rank:
+            assert "runs in one process, and torchrun started 2" in err[0] and "stmd_fast.train" in err[0]

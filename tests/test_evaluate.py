@@ -386,6 +386,10 @@ def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     assert [r["energy_mean_bridge"] for r in rows["ddpm"]] == [r["energy_mean_bridge"] for r in rows["stmd"][::2]]
     table = [line for line in (out / "kernel.md").read_text().splitlines()[2:] if line.startswith("|")]
     assert len(table) == 13 * 3
+    # each metric with its floor, SW2 too (without it the SW2 column could not be read)
+    assert (out / "kernel.md").read_text().splitlines()[0].endswith("| SW2 (model) | SW2 (exact-mean bridge) | SW2 floor |")
+    assert table[0].endswith(f"| {rows['stmd'][0]['sw2_floor']:.4f} |") or table[0].endswith(
+        f"| {rows['ddpm'][0]['sw2_floor']:.4f} |")
     assert "2 conditioning states per (s_from, s_to), 50 draws each, seed 0" in (out / "kernel.md").read_text()
     assert set(report) == first_column(out / "kernel.md") == {"stmd", "ddpm"}  # by run folder, as sweep does
     assert len(list(out.glob("kernel_*_M*.png"))) == 3  # stmd M=1, M=2; ddpm M=1
@@ -650,3 +654,26 @@ def test_a_write_that_fails_is_one_line_and_an_unwritable_cache_a_warning(runs, 
     err = capsys.readouterr().err  # beside the small --num's warning
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert "results" in line and "No space left on device: free space" in line and "Traceback" not in err, err
+
+
+def test_a_checkpoint_of_a_diverged_run_is_not_blamed_on_a_rotation(tmp_path, monkeypatch):
+    """NaN weights at a checkpoint's turn said "is its run still training and deleting old checkpoints?":
+    true of a checkpoint gone or changed since the sweep began, not of intact bytes of a diverged run."""
+    import stmd_fast.evaluate as ev
+    from stmd_fast.checkpoint import CheckpointError, NonFiniteState
+
+    def diverged(*args, **kwargs):
+        raise NonFiniteState("ckpt/ema.safetensors: w holds NaN or inf: these weights cannot be used")
+
+    monkeypatch.setattr(ev, "load_checkpoint", diverged)
+    with pytest.raises(ev.EvalError) as caught:
+        ev.load_for_sweep(tmp_path, "cpu", None)
+    assert "holds NaN or inf" in str(caught.value) and "still training" not in str(caught.value)
+    assert "measured so far are kept" in str(caught.value)
+
+    def rotated(*args, **kwargs):
+        raise CheckpointError("ckpt/model.safetensors is missing: the checkpoint is incomplete")
+
+    monkeypatch.setattr(ev, "load_checkpoint", rotated)
+    with pytest.raises(ev.EvalError, match="is missing.*still training and deleting old checkpoints"):
+        ev.load_for_sweep(tmp_path, "cpu", None)

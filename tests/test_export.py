@@ -512,25 +512,63 @@ def test_export_bakes_in_the_ema_it_is_asked_for(capsys, tmp_path):
                                    **TIGHT)
     assert not torch.allclose(outputs[None], outputs[0.5])  # two averages, two programs
     capsys.readouterr()
-    assert export_main(export_args(run, tmp_path / "x.pt2", "--ema", 0.3)) == 2
+    assert export_main(export_args(run, tmp_path / "new" / "deeper" / "x.pt2", "--ema", 0.3)) == 2
     assert_one_line_error(capsys, "--ema 0.3", "0.5")
+    assert not (tmp_path / "new").exists()  # the folders --out's check made are gone with the refusal
 
 
-@pytest.mark.parametrize("case", ["under-a-file", "a-directory", "not-pt2"])
+def test_a_pt2_with_damaged_bytes_is_refused_not_sampled(capsys, exported, tmp_path):
+    """torch.export.load reads members without their CRC: flipped bits in a weight loaded and gave wrong
+    samples without a word."""
+    import zipfile
+
+    good = exported("gmm-stmd", 2, 2)
+    with zipfile.ZipFile(good) as archive:
+        info = next(i for i in archive.infolist() if "/data/weights/" in i.filename and i.file_size >= 16)
+    data = bytearray(good.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len  # the member's bytes, after its local header
+    data[start:start + 16] = bytes(b ^ 0x40 for b in data[start:start + 16])
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "x.npy"
+    assert sample_main(["--exported", str(damaged), "--out", str(out)]) == 2
+    assert_one_line_error(capsys, "damaged.pt2 is damaged", info.filename, "CRC", "export it again")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["under-a-file", "a-directory", "not-pt2", "no-name"])
 def test_export_refuses_an_unwritable_out(capsys, runs, tmp_path, case):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     (tmp_path / "d.pt2").mkdir()
-    out = {"under-a-file": blocker / "s.pt2", "a-directory": tmp_path / "d.pt2", "not-pt2": tmp_path / "s.pt"}[case]
+    out = {"under-a-file": blocker / "s.pt2", "a-directory": tmp_path / "d.pt2", "not-pt2": tmp_path / "s.pt",
+           "no-name": tmp_path / ".pt2"}[case]
     assert export_main(export_args(runs["gmm-stmd"], out)) == 2
     assert_one_line_error(capsys, "--out", {"under-a-file": "file.txt is a file, not a directory",
-                                            "a-directory": "directory", "not-pt2": ".pt2"}[case])
+                                            "a-directory": "directory", "not-pt2": ".pt2",
+                                            "no-name": "a file name ending in .pt2 (e.g. sampler.pt2), got .pt2"}[case])
     assert blocker.read_text() == "x" and not (tmp_path / "s.pt").exists()
 
 
-def test_export_refuses_a_missing_checkpoint(capsys, tmp_path):
+def test_export_refuses_a_missing_checkpoint(capsys, tmp_path, exported):
     assert export_main(export_args(tmp_path / "nothing", tmp_path / "s.pt2")) == 2
     assert_one_line_error(capsys, "no checkpoint")
+    program = exported("gmm-stmd", 2, 2)  # a sampler given where a run goes
+    for command in (export_main, sample_main):
+        assert command(export_args(program, tmp_path / "x.pt2")[:3]) == 2
+        assert_one_line_error(capsys, "is an exported sampler", f"--exported {program}")
+
+
+def test_a_num_beyond_memory_is_refused_before_sampling(capsys, runs, exported, tmp_path):
+    """--num 1e12 sampled for as long as memory lasted, exported or not: the output alone is 8 TB here."""
+    for source in ([str(runs["gmm-stmd"])], ["--exported", str(exported("gmm-stmd", 2, 2))]):
+        assert sample_main([*source, "--num", str(10**12), "--out", str(tmp_path / "x.npy")]) == 2
+        assert_one_line_error(capsys, f"--num {10**12}", "GB as float32", "lower --num")
+    # a .png grid is kept zoom^2 times larger: 10^6 digits (0.26 GB) at --zoom 64 are over 1 TB
+    assert sample_main([str(runs["image"]), "--num", str(10**6), "--zoom", "64", "--out", str(tmp_path / "x.png")]) == 2
+    assert_one_line_error(capsys, f"--num {10**6}", "GB as float32")
 
 
 def test_sample_refuses_another_export_format(capsys, exported, tmp_path):

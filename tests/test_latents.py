@@ -197,6 +197,31 @@ def test_images_in_symlinked_folders_are_found_once(tmp_path, image_dir):
     assert not any(p.startswith("real/loop/") for p in found)
 
 
+def test_file_names_that_are_not_utf8_and_broken_links_are_encoded_or_named(tmp_path, image_dir, vae_dir, capsys):
+    """A latin-1 file name (an old camera, a zip, a Windows share) stopped encode with a UnicodeEncodeError
+    traceback from the tar writer; a link into an unmounted drive was left out without a word."""
+    root = tmp_path / "set"
+    root.mkdir()
+    shutil.copy(image_dir / "a.png", root / "ok.png")
+    latin1 = os.fsdecode(bytes(root) + b"/caf\xe9.png")
+    shutil.copy(image_dir / "b.jpg", latin1)
+    os.symlink(tmp_path / "unmounted" / "photo.jpg", root / "gone.jpg")
+    Path(os.fsdecode(bytes(root) + b"/bad\xff.png")).write_bytes(b"junk")
+    out = tmp_path / "shards"
+    enc.main(["--images", str(root), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--device", "cpu", "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert "skipped 2 unreadable image(s)" in printed and "\n  bad\\xff.png: " in printed
+    assert "\n  gone.jpg: FileNotFoundError" in printed
+    sources = []
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            sources += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".src.txt")]
+    assert sorted(sources) == [b"caf\xe9.png", b"ok.png"]  # the names' bytes as the file system holds them
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(s["path"] for s in manifest["skipped"]) == ["bad\\xff.png", "gone.jpg"]
+
+
 def test_preprocess_crops_the_center_square_in_model_range():
     # 80x40, white but for black 10-pixel sides: 4x down to 20x10, whose center 10x10 is the middle 40
     # columns; the white reaches 10 pixels beyond them, past the reach of the bicubic filter (8 at 4x)

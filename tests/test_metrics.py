@@ -171,6 +171,23 @@ def test_fd_rejects_misuse_with_the_fix(digits):
         fd.set_reference(torch.zeros(4, 1, 28, 28))
 
 
+def test_nan_images_are_refused_by_name_and_inf_clamped(digits):
+    """One NaN in the samples made torchmetrics' eigvals crash inside MKL: a segmentation fault, no message."""
+    from stmd_fast.metrics import NonFiniteImages
+
+    test, train = digits
+    fd = FrechetDistance(_classifier(0))
+    with pytest.raises(NonFiniteImages, match="1 of the 4 reference images hold NaN, which FD cannot score: check"):
+        fd.set_reference(torch.stack([test[0], test[1], test[2], test[3].clone().fill_(math.nan)]))
+    fd.set_reference(test)
+    bad = train[:50].clone()
+    bad[3, 0, 2, 2] = bad[7, 0, 0, 0] = math.nan
+    with pytest.raises(NonFiniteImages, match="2 of the 50 generated images hold NaN, .*the model diverged"):
+        fd.score(bad)
+    bad[3, 0, 2, 2] = bad[7, 0, 0, 0] = math.inf  # a saved image clamps it: scored as +1
+    assert fd.score(bad) == pytest.approx(fd.score(bad.clamp(-1, 1)), rel=1e-6)
+
+
 # --- the classifier ------------------------------------------------------------------------------
 
 
@@ -306,7 +323,7 @@ def test_inception_fid_from_a_local_weights_file(random_inception):
     # M = A B^T / (n-1) (4x4), so tr sqrtm(S1 S2) is the sum of M's singular values.
     net = NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=random_inception)
     with torch.no_grad():
-        a, b = (net((to_unit_range(x).expand(-1, 3, -1, -1) * 255).byte()).double() for x in (real, fake))
+        a, b = (net((to_unit_range(x).expand(-1, 3, -1, -1) * 255).round().byte()).double() for x in (real, fake))
     n = len(a)
     a_c, b_c = a - a.mean(0), b - b.mean(0)
     trace_sqrt = torch.linalg.matrix_norm(a_c @ b_c.T / (n - 1), ord="nuc")
@@ -316,6 +333,12 @@ def test_inception_fid_from_a_local_weights_file(random_inception):
     assert score == pytest.approx(expected.item(), rel=1e-3)
     itself = fid.score(real)
     assert math.isfinite(itself) and abs(itself) < 1e-3 * expected.item()
+    # images that save to the same 8-bit pixels score as the same images: FID rounds to uint8, as a PNG does
+    # (torchmetrics' normalize=True truncated, so pixel 1..63 of 255 read one level dark, and this scored 0.05)
+    pixels = torch.randint(0, 64, (8, 3, 8, 8), generator=g, dtype=torch.uint8)
+    dark = pixels.float() / 127.5 - 1
+    fid.set_reference(dark)
+    assert abs(fid.score(dark + 1e-5)) < 1e-6 * expected.item()
 
 
 # --- --fd-every (fd_monitor.TrainingFD) and the U-Net's fit to images of one's own ---------------
@@ -339,7 +362,13 @@ def test_training_fd_above_the_training_set_uses_all_of_it_and_says_so(capsys):
     assert len(notes) == 1 and "--fd-num 300" in notes[0] and "all 200" in notes[0]
     assert fd.reference_count == len(train) == int(fd.metric._metric.real_features_num_samples)
     torch.manual_seed(0)
-    assert math.isfinite(fd.measure(METHODS["stmd"].build_net(cfg.net, (1, 8, 8))))  # the run still measures
+    net = METHODS["stmd"].build_net(cfg.net, (1, 8, 8))
+    assert math.isfinite(fd.measure(net))  # the run still measures
+    capsys.readouterr()
+    with torch.no_grad():  # EMA weights that diverged: NaN samples are a NaN FD and a note, not a crash
+        next(net.parameters()).fill_(math.nan)
+    assert math.isnan(fd.measure(net))
+    assert "note: FD not measured: 300 of the 300 generated images hold NaN" in capsys.readouterr().err
 
 
 def test_training_fd_on_vectors_names_what_measures_them():

@@ -2,6 +2,8 @@
 sized per resolution, the DiT chosen per latent size, and dropout (which must keep the JVP exact)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,35 @@ def test_an_exif_rotated_photo_is_read_upright(tmp_path):
     data = load_image_folder(tmp_path, 16)
     upright = data.values[0].numpy()  # the viewer's 32 wide, 64 high, red on top, center-cropped
     assert upright[0, 0].tolist() == [255] * 16 and upright[0, -1].tolist() == [0] * 16
+
+
+def test_broken_links_are_skipped_and_named_and_special_files_left_out(tmp_path, capsys):
+    """A data set of links into a drive that is not mounted: each link is an image that could not be read,
+    not a file that is not there (which made a folder of them "no images")."""
+    import os
+
+    _noise_image(tmp_path / "good.png", (20, 20))
+    os.symlink(tmp_path / "unmounted" / "photo.jpg", tmp_path / "gone.jpg")
+    os.symlink("loop-b.png", tmp_path / "loop-a.png")
+    os.symlink("loop-a.png", tmp_path / "loop-b.png")
+    os.mkfifo(tmp_path / "pipe.png")  # would block a reader: not an image file
+    data = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    assert len(data) == 1 and "skipped 3 unreadable image(s)" in err
+    assert "\n  gone.jpg: FileNotFoundError" in err and "\n  loop-a.png: " in err and "pipe" not in err
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(DataError, match="none of the 3 images under .* could be read"):
+        load_image_folder(tmp_path, 16)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named_printably(tmp_path, capsys):
+    import os
+
+    _noise_image(tmp_path / "ok.png", (20, 20))
+    _noise_image(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")), (20, 20), seed=1)  # latin-1 name
+    Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.png")).write_bytes(b"junk")
+    data = load_image_folder(tmp_path, 16)
+    assert len(data) == 2 and "\n  bad\\xff.png: " in capsys.readouterr().err
 
 
 def test_hidden_folders_are_left_out_and_other_formats_read(tmp_path):

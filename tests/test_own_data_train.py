@@ -253,6 +253,20 @@ def test_an_mnist_run_resumes_from_any_folder_and_from_files_that_moved(tmp_path
     assert read_meta(find_checkpoint(tmp_path / "runs" / "m"))["step"] == 3
 
 
+def test_the_papers_parameter_count_is_compared_only_with_the_papers_network(tmp_path, capsys):
+    """--unet S on mnist is not the paper's layout: its start-up line compared it with the paper all the same."""
+    from test_data import _write_mnist
+
+    _write_mnist(tmp_path / "files", n_train=16, n_test=4)
+    common = ["--preset", "mnist", "--data-dir", str(tmp_path / "files"), "--batch-size", "8", "--steps", "1",
+              "--sample-every", "0", "--device", "cpu"]
+    assert train_main([*common, "--out", str(tmp_path / "paper")]) == 0
+    assert "1.177M parameters (paper: 1.1M;" in capsys.readouterr().out
+    assert train_main([*common, "--unet", "S", "--out", str(tmp_path / "own")]) == 0
+    out = capsys.readouterr().out
+    assert "1.751M parameters; device" in out and "(paper:" not in out
+
+
 def test_images_of_more_channels_than_a_png_holds_train_and_show_their_first_three(tmp_path, capsys):
     """A 5-channel .npy trained to its first sample grid and crashed there (PIL has no 5-channel mode): grids
     show channels 1-3. (Fewer samples than the batch: trained, with a note.)"""
