@@ -161,7 +161,8 @@ def load_digits(split: str = "train") -> TensorData:
 def _missing(root: str, what: str, folder: str, files: str, hint: str = "") -> DataError:
     # torchvision says only "Dataset not found" (and names its own download=True): say where the files go.
     where = os.path.join(os.path.expanduser(root), folder)
-    return DataError(f"{what} files missing: put {files} in {where}{hint}, or pass --download where the network allows")
+    return DataError(f"{what} files missing: put {files} in {where}{hint}, pass --data-dir DIR where they are, or "
+                     f"--download where the network allows")
 
 
 IDX = {"images": (0x0803, 3), "labels": (0x0801, 1)}  # an MNIST idx file's magic (uint8 data, its dims), dims

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m stmd_fast.data.encode", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True,
-                   help="folder of images (JPEG, PNG, WebP, BMP, TIFF, GIF), searched recursively; hidden folders left out")
+                   help="folder of images (JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, TGA, PPM, QOI, JPEG 2000), searched "
+                        "recursively; hidden files and folders left out")
     p.add_argument("--vae", required=True,
                    help="AutoencoderKL: a local folder saved with save_pretrained, or a hub id (e.g. stabilityai/sd-vae-ft-ema)")
     p.add_argument("--resolution", type=int, default=256, help="square image size before encoding [default: 256]")

@@ -4,13 +4,16 @@ stmd_fast.data.encode shares before its VAE.
     data = load_image_folder("~/textures", resolution=64)   # TensorData (N, C, 64, 64) uint8
 
 Each image is resized (shorter side to R, bicubic) and center-cropped to R x R. A folder whose images
-are all grayscale gives one channel, anything else three (RGB; alpha is dropped). Files that are not
-readable images are skipped, counted and named; a folder with none at all is a DataError.
+are all grayscale (R = G = B in every pixel, whatever mode the file is stored in) gives one channel,
+anything else three (RGB; alpha is dropped). Files that are not readable images are skipped, counted
+and named, and files that are not images by their suffix are counted; a folder with no image at all is
+a DataError.
 """
 from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +25,10 @@ from tqdm import tqdm
 from ..devices import physical_memory
 from .datasets import DataError, TensorData, preset_files_hint
 
-# What Pillow reads without plugins; a TIFF or GIF of several frames gives its first.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
+# What Pillow reads without plugins (.jfif/.jpe: JPEG as Windows and browsers name it; .avif where Pillow was
+# built with it, else the file is skipped and named); a TIFF or GIF of several frames gives its first.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".bmp", ".dib", ".tif",
+                  ".tiff", ".gif", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".qoi", ".jp2", ".j2k"}
 # PIL's errors for files that are not (whole) images: truncated (OSError), unknown format
 # (UnidentifiedImageError, an OSError), broken PNG chunks (SyntaxError, ValueError), decompression bombs.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -66,27 +70,39 @@ def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"--images {folder}: not a folder; pass the folder that holds your images")
-    paths = sorted(p.as_posix() for p in walk_files(root)
-                   if p.suffix.lower() in IMAGE_SUFFIXES and _is_file_or_broken_link(root / p))
+    files = [p for p in walk_files(root) if _is_file_or_broken_link(root / p)]
+    paths = sorted(p.as_posix() for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+    others = Counter(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+    left_out = ""
+    if others:  # captions and metadata beside the images are expected; say so, in case one was an image
+        kinds = ", ".join(f"{suffix} x{n}" for suffix, n in others.most_common(5))
+        left_out = (f"{sum(others.values())} file(s) under {printable(str(folder))} that are not images by their "
+                    f"suffix ({kinds}{', ...' if len(others) > 5 else ''})")
     if not paths:
-        raise DataError(f"no images under {folder}; pass the folder that holds them (searched recursively, "
-                        f"hidden folders left out, for {', '.join(sorted(IMAGE_SUFFIXES))}, any case)"
-                        f"{preset_files_hint(root)}")
+        raise DataError(f"no images under {folder}{f' (only {left_out})' if left_out else ''}; pass the folder that "
+                        f"holds them (searched recursively, hidden files and folders left out, for "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}, any case){preset_files_hint(root)}")
+    if left_out:
+        print(f"note: left out {left_out}", file=sys.stderr)
     return paths[:limit] if limit is not None else paths
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit grayscale ('I;16*', 'I') and float ('F') images as 8-bit 'L': Pillow's convert() clips
     them to 0..255, which turns a 16-bit scan all but white. Integer modes are read as 16-bit (0..65535),
-    floats as [0, 1] when they fit there, else as 0..255."""
+    floats as 0..1. Pixels outside that range (or NaN) raise ValueError naming the range, not clipped or
+    rescaled by a guess: no one rule for such files is right (0..255 floats, HDR, signed data), so the
+    file is skipped and named and its owner converts it."""
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
-    else:
-        scale = 255.0 / 65535.0
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+    top = 1.0 if image.mode == "F" else 65535.0
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= top):
+        kind = "float" if image.mode == "F" else "integer"
+        raise ValueError(f"{kind} pixels in [{np.nanmin(values):.4g}, {np.nanmax(values):.4g}]"
+                         f"{' with NaN or inf' if not np.isfinite(values).all() else ''}, outside the "
+                         f"0..{top:g} read as black..white: save it as 8- or 16-bit, or as float in 0..1")
+    return Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -99,19 +115,28 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     image = to_8bit(ImageOps.exif_transpose(image)).convert("RGB")  # grayscale, palette, RGBA (alpha dropped)
     scale = resolution / min(image.size)
     size = [max(resolution, round(side * scale)) for side in image.size]
-    image = image.resize(size, Image.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    # The crop of the whole image resized to `size`, computed for the crop alone (the same sample points and
+    # filter footprint): a 2 x 40000 strip would otherwise be resized to 64 x 1280000 for one 64 x 64 crop.
+    sx, sy = image.size[0] / size[0], image.size[1] / size[1]
+    box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+    image = image.resize((resolution, resolution), Image.BICUBIC, box=box)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def read_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool, bool]:
-    """(the (3, R, R) uint8 image, None, whether it was grayscale, whether it was enlarged: its shorter side
-    under R), or (None, why, False, False) for a file that cannot be read as an image."""
+    """(the (3, R, R) uint8 image, None, whether it is grayscale, whether it was enlarged: its shorter side
+    under R), or (None, why, False, False) for a file that cannot be read as an image. Grayscale is read
+    from the pixels (R = G = B), not the file's mode: a GIF or palette PNG of grays, a 16-bit gray+alpha
+    PNG (which Pillow opens as RGBA) are grayscale."""
     try:
         with Image.open(path) as image:
-            return (resize_center_crop(image, resolution), None, image.mode in GRAYSCALE_MODES,
-                    min(image.size) < resolution)
+            pixels = resize_center_crop(image, resolution)
+            gray = bool((pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all())
+            return pixels, None, gray, min(image.size) < resolution
+    except Image.DecompressionBombError as error:
+        return None, (f"{type(error).__name__}: {error} (Pillow's guard against decompression bombs): downscale "
+                      "the file, e.g. to 8192 pixels on its longer side"), False, False
     except UNREADABLE as error:
         return None, f"{type(error).__name__}: {error}", False, False
 
@@ -147,6 +172,9 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
     paths = list_images(root)
     workers = workers or min(8, os.cpu_count() or 1)
     check_fits_in_memory(len(paths), resolution, workers)
+    if not sys.stderr.isatty():  # no progress bar in a log: say what the wait is for
+        print(f"reading {len(paths)} images under {printable(str(folder))} at {resolution}x{resolution}",
+              file=sys.stderr, flush=True)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL
         loaded = list(tqdm(pool.map(lambda p: read_image(root / p, resolution), paths), total=len(paths),
                            desc=f"read {root.name or root}", unit="img", disable=None, leave=False))
@@ -163,6 +191,11 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
     if enlarged:  # upscaled pixels add no detail: the network learns the blur
         print(enlarged_note(enlarged, len(images), resolution, size_from), file=sys.stderr)
     values = torch.stack(images)
-    if all(gray for image, _, gray, _ in loaded if image is not None):
-        values = values[:, :1].contiguous()  # R = G = B after convert("RGB"): keep one channel
+    grays = [gray for image, _, gray, _ in loaded if image is not None]
+    if all(grays):
+        values = values[:, :1].contiguous()  # R = G = B: keep one channel
+    elif any(grays):  # one colour image makes the whole set RGB: name it, in case it was a stray
+        first = next(printable(p) for p, (image, _, gray, _) in zip(paths, loaded) if image is not None and not gray)
+        print(f"note: {len(grays) - sum(grays)} of the {len(grays)} images are in colour (first: {first}), so all "
+              "are read as RGB; the others are grayscale", file=sys.stderr)
     return TensorData(root.name or str(root), values, "image")

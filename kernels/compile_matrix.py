@@ -117,16 +117,16 @@ def _source(entry: dict):
 
 def _ptxas_report(ptx: str, capability, cache: Path) -> dict:
     """Registers and spill bytes per thread from `ptxas -v` on the PTX (cached by its hash)."""
-    import triton
-
     arch = f"sm_{capability[0]}{capability[1]}" + ("a" if capability[0] >= 9 else "")
     key = hashlib.sha256((arch + ptx).encode()).hexdigest()
     path = cache / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    tool = "ptxas-blackwell" if capability[0] >= 10 else "ptxas"
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = bin_dir / tool if (bin_dir / tool).exists() else bin_dir / "ptxas"
+    # the ptxas Triton itself runs for this target: which one changes between releases (Triton 3.9 takes its
+    # CUDA 13 "ptxas-blackwell" from sm_90 on, 3.6 from sm_100; the CUDA 12.9 one fails on 3.9's sm_90a PTX)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(capability[0] * 10 + capability[1]).path
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(ptx)
         log = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", "k.ptx", "-o", "k.cubin"], cwd=tmp,

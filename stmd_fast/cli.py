@@ -9,7 +9,9 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import os
+import shlex
 import signal
 import sys
 import textwrap
@@ -20,6 +22,32 @@ from typing import Callable
 
 class UserError(Exception):
     """Bad input found by the trainer: printed as one line, before any expensive work."""
+
+
+# Every command: Inductor (train --compile, export --aoti, sample --exported X.aoti.pt2) on a machine without a
+# GPU loads torch's C++ extension helper, which warns "No CUDA runtime is found, using CUDA_HOME=..." with the
+# CUDA build of torch that users install: nothing is wrong on a CPU, so it is not shown.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def clipped(text: str, limit: int) -> str:
+    """text cut to `limit` characters for a one-line message."""
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
+
+
+def provenance(module: str, argv: list[str], device=None) -> dict:
+    """How a result was made: the command, the versions, the device and when (the settings are beside it)."""
+    from datetime import datetime, timezone
+
+    import torch
+
+    from . import __version__
+
+    made = {"command": shlex.join(["python", "-m", f"stmd_fast.{module}", *argv]), "stmd_fast": __version__,
+            "torch": torch.__version__, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if device is not None:
+        made["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return made
 
 
 def stop_signals() -> tuple[int, ...]:

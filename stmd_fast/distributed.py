@@ -38,11 +38,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .cli import clipped
 
 PARALLEL_MODES = ("ddp", "fsdp")
 BUCKET_NUMEL = 1 << 24  # elements per all_reduce bucket (64 MB of fp32): a few calls for any model
@@ -73,14 +77,21 @@ class Dist:
         return self.launched and self.world_size > 1
 
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def from_env() -> Dist:
-    """The torchrun environment of this process, or the single-process default without it."""
+    """The torchrun environment of this process, or the single-process default without it (or with one that
+    does not parse: check_launch says what is wrong with it)."""
     env = os.environ
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if not all(k in env for k in LAUNCH_VARIABLES):
         return Dist()
-    return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
-                local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launched=True, restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                run_id=env.get("TORCHELASTIC_RUN_ID"))
+    try:
+        return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
+                    local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launched=True,
+                    restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), run_id=env.get("TORCHELASTIC_RUN_ID"))
+    except ValueError:
+        return Dist()
 
 
 def process_device(ctx: Dist, device: torch.device) -> torch.device:
@@ -102,8 +113,27 @@ def torch_older_than(major: int, minor: int) -> bool:
 
 
 def check_launch(ctx: Dist) -> None:
-    """ValueError if RANK, WORLD_SIZE and LOCAL_RANK are set (left in the environment by hand or by another
-    launcher) without the rendezvous address that torchrun sets with them."""
+    """ValueError for a launch environment torchrun would not make (left by hand or by another launcher): some
+    of RANK, WORLD_SIZE and LOCAL_RANK without the others, values that are no ranks, or no rendezvous address.
+    Before any work: such a process trained alone without a word, divided by WORLD_SIZE=0, or waited 30
+    minutes for peers that were never started."""
+    unset = [k for k in LAUNCH_VARIABLES if k not in os.environ]
+    fix = ("launch with torchrun --nproc_per_node=K -m stmd_fast.train ..., or unset RANK, WORLD_SIZE and LOCAL_RANK "
+           "for one process")
+    if 0 < len(unset) < len(LAUNCH_VARIABLES):
+        given = [f"{k}={os.environ[k]}" for k in LAUNCH_VARIABLES if k in os.environ]
+        raise ValueError(f"{' '.join(given)} is set but {' and '.join(unset)} not: {fix}")
+    if unset:
+        return
+    values = {k: os.environ[k] for k in (*LAUNCH_VARIABLES, "LOCAL_WORLD_SIZE") if k in os.environ}
+    bad = [f"{k}={v}" for k, v in values.items() if not v.strip().lstrip("-").isdigit()]
+    if not bad:
+        rank, world, local = (int(values[k]) for k in LAUNCH_VARIABLES)
+        bad = ([f"WORLD_SIZE={world}"] if world < 1 else []) + \
+              ([f"RANK={rank} (of WORLD_SIZE={world})"] if world >= 1 and not 0 <= rank < world else []) + \
+              ([f"LOCAL_RANK={local}"] if local < 0 or local > rank else [])
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not a process of a job (ranks run from 0 to WORLD_SIZE - 1): {fix}")
     absent = [k for k in ("MASTER_ADDR", "MASTER_PORT") if ctx.launched and k not in os.environ]
     if absent:
         raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK are set but {' and '.join(absent)} not: launch with "
@@ -140,7 +170,9 @@ def setup(ctx: Dist, device: torch.device) -> None:
     if not ctx.launched or dist.is_initialized():
         return
     timeout = timedelta(minutes=30)
-    kwargs = dict(timeout=timeout, store=_attempt_store(ctx, timeout), rank=ctx.rank, world_size=ctx.world_size)
+    store = _attempt_store(ctx, timeout)
+    _wait_for_every_rank(store, ctx, timeout)
+    kwargs = dict(timeout=timeout, store=store, rank=ctx.rank, world_size=ctx.world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, **kwargs)
@@ -159,12 +191,56 @@ def _attempt_store(ctx: Dist, timeout: timedelta) -> dist.Store:
     workers of a single-node job and of multi-node jobs whose nodes all restart for a worker failure.
     """
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent serves it: every worker is a client
-        store = dist.TCPStore(addr, port, world_size=ctx.world_size, is_master=False, timeout=timeout)
-    else:  # no agent store (e.g. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): rank 0 serves it, as env:// does
-        store = dist.TCPStore(addr, port, world_size=ctx.world_size, is_master=ctx.rank == 0, timeout=timeout,
-                              multi_tenant=True)
+    # the agent serves it: every worker is a client. Without an agent store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
+    # or another launcher) rank 0 serves it, as env:// does
+    serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and ctx.rank == 0
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:  # short tries: a wait inside C++ lets no Ctrl-C or SIGTERM through, for up to `timeout`
+        try:
+            store = dist.TCPStore(addr, port, world_size=ctx.world_size, is_master=serves, timeout=JOIN_POLL,
+                                  wait_for_workers=False, multi_tenant=serves)
+            break
+        except (RuntimeError, OSError) as err:  # the server (rank 0, or torchrun's agent) is not up yet
+            if serves:  # this process serves it: the port is taken, or the address is not this machine's
+                raise RendezvousFailed(f"could not serve the rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} "
+                                       f"({clipped(str(err).strip().splitlines()[0], 160)}): choose a free "
+                                       f"MASTER_PORT, or this machine's address") from None
+            if time.monotonic() > deadline:
+                raise RendezvousFailed(f"no rendezvous server at MASTER_ADDR={addr} MASTER_PORT={port} within "
+                                       f"{timeout}: start rank 0 there, or check the address "
+                                       f"({clipped(str(err).strip().splitlines()[0], 160)})") from None
+    store.set_timeout(timeout)
     return dist.PrefixStore(f"stmd_fast/attempt_{ctx.restart_count}", store)
+
+
+JOIN_POLL = timedelta(seconds=2)  # how long each wait inside torch lasts: a stop signal acts within it
+JOIN_SAY_AFTER_S = 20.0  # then rank 0 says whom it waits for
+
+
+class RendezvousFailed(ValueError):
+    """The processes of the job could not meet: no server, a port taken, ranks missing after the timeout."""
+
+
+def _wait_for_every_rank(store: dist.Store, ctx: Dist, timeout: timedelta) -> None:
+    """Each rank checks in, then waits (in Python, between short store calls, so that Ctrl-C and SIGTERM act)
+    until all WORLD_SIZE have: init_process_group would wait inside C++ for the missing ones, deaf to signals,
+    for `timeout`. Rank 0 names the missing ranks after JOIN_SAY_AFTER_S; RendezvousFailed names them at the end."""
+    store.set(f"joined/{ctx.rank}", "1")
+    began, said = time.monotonic(), False
+    while True:
+        missing = [r for r in range(ctx.world_size) if not store.check([f"joined/{r}"])]
+        if not missing:
+            return
+        waited = time.monotonic() - began
+        if waited > timeout.total_seconds():
+            raise RendezvousFailed(f"rank(s) {', '.join(map(str, missing))} of WORLD_SIZE={ctx.world_size} did not "
+                                   f"start within {timeout}: start every process of the job (torchrun "
+                                   f"--nproc_per_node=K starts them all), or check WORLD_SIZE")
+        if waited > JOIN_SAY_AFTER_S and not said and ctx.is_main:
+            print(f"waiting for rank(s) {', '.join(map(str, missing))} of WORLD_SIZE={ctx.world_size} to start "
+                  f"(up to {timeout}; Ctrl-C stops)", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
 
 
 def teardown() -> None:

@@ -19,12 +19,10 @@ import argparse
 import hashlib
 import json
 import re
-import shlex
 import signal
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, load_checkpoint, newest_intact
 from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
+from .cli import provenance as cli_provenance
 from .devices import resolve_device
 from .files import RunLocked, run_lock, write_atomic, write_fix
 from .methods import METHODS
@@ -508,14 +507,7 @@ def features_line(metric) -> str:
 
 
 def provenance(args, device: torch.device | None = None) -> dict:
-    """How a result was made: the command, the versions, the device and when (the settings are beside it)."""
-    from . import __version__
-
-    made = {"command": shlex.join(["python", "-m", "stmd_fast.evaluate", *args.argv]), "stmd_fast": __version__,
-            "torch": torch.__version__, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    if device is not None:
-        made["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    return made
+    return cli_provenance("evaluate", args.argv, device)
 
 
 def made_by(record: dict) -> str:
@@ -602,17 +594,18 @@ def kernel(args) -> int:
     flow_steps = parse_ints("1,2" if args.flow_steps is None else args.flow_steps, "--flow-steps")
     plot = plots_available("the heat maps kernel_*.png")
     out = writable_dir(args.out)
-    report = {}  # by run
+    report, heat_maps = {}, []  # by run; (run, rows, M) of each heat map
     for name, (ckpt, model) in models.items():
         fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
         report[name] = {"checkpoint": str(ckpt), "method": model.method, "rows": rows}
-        if plot:
-            from .plots import plot_kernel_heatmap
+        heat_maps += [(name, rows, m) for m in fs]
+    # drawn once every run is measured: an interrupted command leaves no heat maps without their table
+    for name, rows, m in heat_maps if plot else ():
+        from .plots import plot_kernel_heatmap
 
-            safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
-            for m in fs:
-                plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
+        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
+        plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
     record = {"provenance": provenance(args), "seed": args.seed, "points": args.points, "num": args.num,
               "flow_steps": flow_steps}
     write_json(out / "kernel.json", {**record, "runs": report})

@@ -10,16 +10,19 @@ grids as images. Only rank 0 opens a logger (the trainer's job).
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set, and says which it is
 and where the run is kept: an offline run uploads later with `wandb sync RUN/wandb/offline-run-*`.
-A resumed training run drops TensorBoard's events after the checkpoint (they are logged again), as
-metrics.jsonl does; W&B cannot drop steps (they only increase), so a resume opens a new W&B run that
-gets metrics.jsonl's records and grids up to the checkpoint, then goes on, and the earlier run's
-offline copy is deleted (RUN/wandb/run-id names the current one). A fresh start over a run killed
-before its first checkpoint starts both over: new TensorBoard event files, a new W&B run.
+metrics.jsonl (cut back to the checkpoint on a resume) is what both show: every start writes new
+TensorBoard event files and opens a new W&B run, which get metrics.jsonl's records and grids up to
+the checkpoint resumed from, then go on. So a logger first named on a resume (--log may change
+there) still shows the whole run, and what a stopped process logged after its checkpoint is gone,
+as from metrics.jsonl (W&B's steps only increase: an earlier run could not drop them). The earlier
+W&B run's offline copy is deleted (RUN/wandb/run-id names the current one); an online one stays on
+the server, and is named. A run that ends with an error is marked failed in W&B (exit code 1).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import secrets
 import shlex
@@ -27,6 +30,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from .cli import clipped
 
 LOGGERS = ("tensorboard", "wandb")
 # the package each logger imports, and the extra of pyproject.toml that installs it
@@ -62,17 +67,14 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / "tensorboard"
-        if not start_step:
-            # a fresh start: what is here is a run killed before its first checkpoint, and starts over as
-            # metrics.jsonl does. Removed, not purged (purge_step=0): every reader then sees the new curve alone
-            for old in self.log_dir.glob("events.out.tfevents.*"):
-                old.unlink()
-        # purge_step: a resumed run drops the events logged after its checkpoint (they are logged again)
-        # and keeps those at the checkpoint's step, as metrics.jsonl does
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
-        if not start_step:
-            self.writer.add_text("config", _as_markdown(config), 0)
-        print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {shlex.quote(str(run_dir))})")
+        # The earlier events are removed, not purged (purge_step): they may stop short of the checkpoint (a
+        # start with --log none in between) or go past it; metrics.jsonl replayed below is the whole run
+        for old in self.log_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer.add_text("config", _as_markdown(config), 0)
+        replay(self, Path(run_dir), start_step)
+        print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {shlex.quote(str(run_dir))})", flush=True)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():
@@ -84,7 +86,7 @@ class TensorBoardLogger:
         self.writer.add_image(tag, image, step)
         self.writer.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -107,42 +109,29 @@ class WandbLogger:
             shutil.rmtree(dead, ignore_errors=True)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
-                              id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,  # into RUN/wandb/
-                              # no console capture (the progress bar stays ours), no system-metrics sampler
-                              settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
+                                  id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,  # RUN/wandb/
+                                  # no console capture (the progress bar stays ours), no system-metrics sampler
+                                  settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        except Exception as err:  # no key (UsageError), no network (CommError after its timeout), a bad project
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise LoggerUnavailable(f"--log wandb: W&B could not start a{'n' if mode[0] in 'aeiou' else ''} {mode} "
+                                    f"run ({type(err).__name__}: {clipped(reason, 200)}): log in (wandb login) or check "
+                                    f"the network, or keep the run here and upload it later: WANDB_MODE=offline"
+                                    ) from None
         self._wandb = wandb
         self.mode = mode
-        if start_step:
-            self._replay(Path(run_dir), start_step)
+        replay(self, Path(run_dir), start_step)
         if start_step and kept and mode != "offline":
             print(f"W&B: run {run_id} holds this run's records up to step {start_step} and goes on; the earlier W&B "
-                  f"run {kept} also holds those its stopped process logged after step {start_step}")
+                  f"run {kept} also holds those its stopped process logged after step {start_step}", flush=True)
         if mode == "offline":
             kept_in = Path(self.run.dir).parent
             print(f"W&B: offline (set WANDB_MODE=online or WANDB_API_KEY to go online); the run is kept in "
-                  f"{kept_in}: upload it later with wandb sync {shlex.quote(str(kept_in))}")
+                  f"{kept_in}: upload it later with wandb sync {shlex.quote(str(kept_in))}", flush=True)
         else:
-            print(f"W&B: {mode} run {self.run.id} (project {self.run.project})")
-
-    def _replay(self, run_dir: Path, start_step: int) -> None:
-        """metrics.jsonl's records up to start_step (the checkpoint resumed from), with the sample grids of
-        their steps, as they were logged."""
-        import numpy as np
-        from PIL import Image
-
-        path = run_dir / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else ():
-            record = json.loads(line)
-            if record["step"] > start_step:
-                break
-            self.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
-            grid = run_dir / "samples" / f"step_{record['step']:08d}.png"
-            if grid.exists():
-                with Image.open(grid) as image:  # as written: one channel (gray images) or RGB
-                    pixels = np.array(image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB"))
-                pixels = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).float() / 255
-                self.log_image(record["step"], "samples", pixels)
+            print(f"W&B: {mode} run {self.run.id} (project {self.run.project})", flush=True)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         self.run.log(dict(values), step=step)
@@ -152,10 +141,30 @@ class WandbLogger:
         pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
         self.run.log({tag: self._wandb.Image(pixels)}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a nonzero exit as a failed run
         # finish() can return before W&B's service process has written the run file; teardown waits for it
         self._wandb.teardown()
+
+
+def replay(logger, run_dir: Path, start_step: int) -> None:
+    """metrics.jsonl's records up to start_step (the checkpoint resumed from; none at 0), with the sample grids
+    of their steps, into a logger as they were logged (a NaN, written to metrics.jsonl as null, as NaN)."""
+    import numpy as np
+    from PIL import Image
+
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if start_step and path.exists() else ():
+        record = json.loads(line)
+        if record["step"] > start_step:
+            break
+        logger.log_scalars(record["step"], {k: math.nan if v is None else v for k, v in record.items() if k != "step"})
+        grid = run_dir / "samples" / f"step_{record['step']:08d}.png"
+        if grid.exists():
+            with Image.open(grid) as image:  # as written: one channel (gray images) or RGB
+                pixels = np.array(image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB"))
+            pixels = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).float() / 255
+            logger.log_image(record["step"], "samples", pixels)
 
 
 def open_loggers(names, run_dir: Path, config: dict, start_step: int = 0) -> list:

@@ -73,10 +73,13 @@ class FrechetDistance:
         self.reference_sha256: str | None = None  # set_reference's images
         if classifier is not None:
             self.name = "FD"
-            metric = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), reset_real_features=False)
+            metric = FrechetInceptionDistance(feature=_ClassifierFeatures(classifier), reset_real_features=False,
+                                              sync_on_compute=False)
         else:
             self.name = "FID"
             metric = _inception_fid(FrechetInceptionDistance, inception_weights)
+        # sync_on_compute=False (above): one process measures with all the samples (rank 0 under torchrun, while
+        # the others train on); torchmetrics' default gathers over the process group, which hung the job
         self._metric = metric.to(self.device)
 
     # ------------------------------------------------------------------ public API
@@ -189,7 +192,7 @@ def _inception_fid(fid_class, weights: str | None):
                                 f"{_inception_filename()} file to --inception-weights")
     try:
         # torch-fidelity reads a local file with torch.load(weights_only=False): pass only files you trust.
-        return fid_class(feature=2048, normalize=False, reset_real_features=False,
+        return fid_class(feature=2048, normalize=False, reset_real_features=False, sync_on_compute=False,
                          feature_extractor_weights_path=weights)
     except Exception as error:  # noqa: BLE001 (torch.load of a bad file raises anything: pickle, zip, key errors)
         if weights is not None:  # a truncated download, or another file

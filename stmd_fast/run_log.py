@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,9 +64,10 @@ class IntervalSums:
         loss, error = (sum(r[i] for r in ranks) / world for i in (0, 1))
         n, dt = step - self.step_log, time.perf_counter() - self.t_log
         steps = step - self.window_start
-        record = {"step": step, "loss": loss / steps, error_name: error / steps,
-                  "lr": lr, "img_per_s": n * batch_size / dt,
-                  "ms_per_step": 1e3 * dt / n, "elapsed_s": time.perf_counter() - self.t_start}
+        record = {"step": step, "loss": loss / steps, error_name: error / steps, "lr": lr}
+        if n:  # none at a record that is this process's first step: its time is start-up's (a first --compile)
+            record.update(img_per_s=n * batch_size / dt, ms_per_step=1e3 * dt / n)
+        record["elapsed_s"] = time.perf_counter() - self.t_start
         record.update({name: int(sum(r[5 + i] for r in ranks)) for i, name in enumerate(skipped)})
         if interval_end:
             self.loss.zero_()
@@ -84,6 +87,14 @@ class IntervalSums:
         return self.closed
 
 
+def terminal_columns(stream) -> int | None:
+    """The width of the terminal `stream` writes to (0 for a pseudo-terminal no one sized), None if none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else None
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), closed
+        return None
+
+
 def clock(seconds: float) -> str:
     """h:mm:ss."""
     seconds = int(round(seconds))
@@ -97,19 +108,28 @@ class RunLog:
     def __init__(self, out: Path, steps: int, step: int, is_main: bool, loggers=()):
         self.out, self.steps, self.is_main, self.loggers = out, steps, is_main, list(loggers)
         self.metrics = (out / "metrics.jsonl").open("a") if is_main else None
-        self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, disable=None if is_main else True)
+        # no bar on a terminal of no width (script, docker run -t without one): tqdm would draw nothing there
+        self.bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
+                        disable=None if is_main and terminal_columns(sys.stderr) != 0 else True)
         # progress lines go to stdout whenever it is a file (nohup, > log), the bar on stderr's terminal or not
         self.lines = is_main and (self.bar.disable or not sys.stdout.isatty())
 
     def __enter__(self) -> RunLog:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self.bar.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        # an error is a failed run; a stop signal (KeyboardInterrupt, after its checkpoint) is not
+        failed = kind is not None and not issubclass(kind, KeyboardInterrupt)
         for logger in self.loggers:
-            logger.close()
+            logger.close(failed)
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except OSError as err:  # a full disk fails the flush again: the error under way (naming the file) stays
+                if kind is None:
+                    err.filename = err.filename or self.metrics.name
+                    raise
 
     def step(self) -> None:
         self.bar.update(1)
@@ -124,8 +144,9 @@ class RunLog:
         """Append one interval's record to metrics.jsonl and show it."""
         if not self.is_main:
             return
-        try:
-            self.metrics.write(json.dumps(record) + "\n")
+        try:  # NaN (an FD of diverged weights) as null: a bare NaN is not JSON, and strict readers (jq) refuse it
+            self.metrics.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                           for k, v in record.items()}) + "\n")
             self.metrics.flush()
         except OSError as err:  # a failed write names no file by itself: the message names metrics.jsonl
             err.filename = err.filename or self.metrics.name
@@ -133,15 +154,17 @@ class RunLog:
         for logger in self.loggers:  # --log: the same record, the same step
             logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
         error_name = list(record)[2]
-        status = (f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "
-                  f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step")
+        status = f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "
+        status += (f"{record['img_per_s']:.0f} img/s | {record['ms_per_step']:.1f} ms/step" if "ms_per_step" in record
+                   else "first step of this process: rates from the next record")
         if record.get("skipped_shards") or record.get("skipped_samples"):  # damaged latent data, skipped
             status += f" | skipped {record['skipped_shards']} shards, {record['skipped_samples']} samples"
         status += "".join(f" | {key} {value:.4g}" for key, value in record.items() if key.startswith(("FD/", "FID/")))
         if self.lines:  # a log file: when, and how long to go, as the bar would show
-            left = (self.steps - record["step"]) * record["ms_per_step"] / 1e3
-            print(f"step {record['step']}/{self.steps} | {status} | elapsed {clock(record['elapsed_s'])} | "
-                  f"eta {clock(left)} | {time.strftime('%H:%M:%S')}", flush=True)
+            eta = clock((self.steps - record["step"]) * record["ms_per_step"] / 1e3) if "ms_per_step" in record else "?"
+            # through the bar (| tee on a terminal: both there): it clears itself, the line, then redraws below
+            self.write(f"step {record['step']}/{self.steps} | {status} | elapsed {clock(record['elapsed_s'])} | "
+                       f"eta {eta} | {time.strftime('%H:%M:%S')}")
         if not self.bar.disable:
             self.bar.set_postfix_str(status)
 
@@ -215,7 +238,10 @@ def keep_metrics_until(path: Path, step: int, pending: dict | None = None) -> No
 
 def drop_samples_after(folder: Path, step: int) -> None:
     """On resume (or a fresh start, step 0), remove the sample grids saved after the checkpoint: a killed or
-    set-aside timeline's, which would otherwise sit among the new run's (they are drawn again)."""
+    set-aside timeline's, which would otherwise sit among the new run's (they are drawn again); and what a
+    process killed while writing one left (write_atomic's .tmp-*)."""
+    for path in folder.glob(".tmp-*"):
+        path.unlink(missing_ok=True)
     for path in folder.glob("step_*.*"):
         try:
             if int(path.stem.removeprefix("step_")) > step:

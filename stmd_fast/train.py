@@ -27,12 +27,12 @@ if __name__ == "__main__":  # a Ctrl-C (or SIGTERM) while torch and the rest imp
 import argparse
 import errno
 import glob
+import hashlib
 import json
-import logging
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -42,8 +42,8 @@ from . import distributed, parallel
 from .checkpoint import (CheckpointError, NonFiniteState, ReadFailed, find_checkpoint, is_intact, is_run_config,
                          list_checkpoints, newest_intact, recover_leftovers, run_holding, saved_config, set_aside,
                          write_json_atomic)
-from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, interrupt_on_stop_signals,
-                  one_line_errors, quiet_if_hung_up, stop_signals)
+from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, interrupt_on_stop_signals,
+                  one_line_errors, provenance, quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
 from .devices import out_of_memory, resolve_device, use_tf32
@@ -62,9 +62,6 @@ from .training_state import TrainingState
 # torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
 # torch.func.jvp: not ours to fix, and noise in every run's output.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
-# Inductor on a machine without a GPU loads torch's C++ extension helper, which warns "No CUDA runtime is
-# found, using CUDA_HOME=..." with the CUDA build of torch: nothing is wrong on a CPU, so it is not shown.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {
@@ -73,10 +70,6 @@ PAPER_PARAMS = {
                         "the rest (head size, time-embedding width, mid block), and our scale-shift time embedding "
                         "doubles each block's time projection"),
 }
-
-
-def clipped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 4] + " ..."
 
 
 class TrainingDiverged(Exception):
@@ -355,7 +348,9 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
             probe_file.write_text("ok")
             probe_file.unlink()
     except OSError as err:
-        raise UserError(f"cannot write to --out {out}: {err.strerror or err}: choose a writable directory") from None
+        fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
+               "choose a writable directory")
+        raise UserError(f"cannot write to --out {out}: {err.strerror or err}: {fix}") from None
     if main:
         try:
             held.enter_context(run_lock(out))
@@ -411,6 +406,7 @@ class Run:
     strategy: Single
     decode: object = None  # latent data: the VAE decoder for sample grids (rank 0)
     fd: object = None  # --fd-every: the TrainingFD that measures the EMAs (rank 0)
+    argv: list = field(default_factory=list)  # the command line's arguments, for config.json's "starts"
 
 
 def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: ExitStack) -> Run:
@@ -431,7 +427,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     try:
         check_loggers(cfg.log)
     except LoggerUnavailable as err:
-        raise UserError(str(err)) from None
+        saved = " (this run's --log, from its config.json; --resume --log none goes on without it)" if resume else ""
+        raise UserError(f"{err}{saved}") from None
     if device.type == "cuda":  # --tf32 is about fp32 math: under bf16 autocast the matmuls are bf16 anyway
         use_tf32(cfg.tf32 and cfg.precision == "fp32")
     out = Path(cfg.out)
@@ -443,8 +440,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
             raise UserError(f"--resume: {out} was trained on --data {cfg.data}, which is gone: if it moved, "
                             f"resume with --data NEW_PLACE (samples of the same shape)") from None
         raise
+    digest = data_sha256(data)  # on the CPU, before the data moves to the device
     if resume:
-        check_same_data(out, cfg, data, ctx.is_main)
+        check_same_data(out, cfg, data, ctx.is_main, digest)
     try:  # before the VAE loads: a --unet for latents or a DiT patch that does not divide them is said at once
         cfg.net = choose_net(cfg, data.shape, data.kind)
     except ValueError as err:
@@ -467,7 +465,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         raise UserError(f"the network does not fit the data: {err}") from None
     data = data.to(device)
     meta = {"config": cfg.to_dict(), "data_shape": list(data.shape), "data_count": sample_count(data),
-            "data_kind": data.kind}
+            "data_kind": data.kind, "data_sha256": digest}
     if data.kind == "latent":  # what Model.decode needs
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
                           "resolution": data.manifest["resolution"]}
@@ -486,9 +484,10 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     return run
 
 
-def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
+def check_same_data(out: Path, cfg: TrainConfig, data, main: bool, digest: str | None = None) -> None:
     """A resumed run's data must have the shape per sample it was trained on (its network takes nothing
-    else); a changed place (--data) or count is allowed, and said. All come from the run's config.json."""
+    else); a changed place (--data), count or content (digest: data_sha256) is allowed, and said. All come
+    from the run's config.json."""
     try:
         trained = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
@@ -510,6 +509,21 @@ def check_same_data(out: Path, cfg: TrainConfig, data, main: bool) -> None:
     if trained.get("data_count") not in (None, count) and count is not None and main:
         print(f"note: {source} now holds {count} samples, where the run was trained on {trained['data_count']}: "
               f"it continues on the new set", file=sys.stderr)
+    elif trained.get("data_sha256") not in (None, digest) and digest is not None and main:  # rewritten in place
+        print(f"note: {source} holds other samples than the run was trained on (the same count, another SHA-256): "
+              f"it continues on the new set, no longer as an uninterrupted run would", file=sys.stderr)
+
+
+def data_sha256(data) -> str | None:
+    """SHA-256 of an in-memory dataset's samples (a second or so per GB), so that a resume can tell data
+    rewritten in place; None for a latent stream (its shards are checked against their manifest)."""
+    if not hasattr(data, "values"):
+        return None
+    flat = data.values.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256()
+    for start in range(0, flat.size, 1 << 26):  # 64 MB at a time: no copy of the whole set
+        digest.update(flat[start:start + (1 << 26)])
+    return digest.hexdigest()
 
 
 def sample_count(data) -> int | None:
@@ -557,22 +571,41 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     except CheckpointError as err:  # intact, but of another layout: a one-line error, not a traceback
         raise UserError(f"--resume: {err}") from None
     if ctx.is_main:
-        keep_metrics_until(run.out / "metrics.jsonl", state.step, state.pending_record)
+        # the pending record of a process killed during its FD: added without it, or measured again (loop)
+        keep_metrics_until(run.out / "metrics.jsonl", state.step, state.pending_record if run.fd is None else None)
         drop_samples_after(run.out / "samples", state.step)
         if ckpt is not None:
             again = f" (torchrun restart {ctx.restart_count})" if ctx.restart_count else ""
-            print(f"resumed from {ckpt} at step {state.step}{again}")
+            print(f"resumed from {ckpt} at step {state.step}{again}", flush=True)
             for note in passed_over:
                 print(f"note: the newest intact checkpoint was taken; passed over {note}", file=sys.stderr)
         if state.step < cfg.steps:  # a resume with nothing to do leaves config.json saying how the run was trained
-            write_json_atomic(run.out / "config.json", run.meta)
+            write_json_atomic(run.out / "config.json", {**run.meta, "starts": starts_so_far(run, resume, state.step)})
     return state
+
+
+def starts_so_far(run: Run, resume: bool, step: int) -> list[dict]:
+    """config.json's "starts": how each start of the run was made (the command, the step it began at, the
+    processes, the device, the versions, when), this one appended to a resumed run's earlier ones; the
+    config beside it is the one of the latest start."""
+    earlier = []
+    if resume:
+        try:
+            earlier = json.loads((run.out / "config.json").read_text()).get("starts", [])
+        except (OSError, ValueError, AttributeError):  # none yet, or unreadable: the record starts here
+            pass
+    ctx = run.strategy.ctx
+    made = provenance("train", run.argv, run.device)
+    made["command"] = made["command"].replace("python -m", f"torchrun --nproc_per_node={ctx.world_size} -m", 1) \
+        if ctx.launched else made["command"]
+    return [*earlier, {**made, "step": step, "processes": ctx.world_size}]
 
 
 # ----------------------------------------------------------------------------- loop
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Run (or continue) training; returns the final checkpoint directory.
+def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None) -> Path:
+    """Run (or continue) training; returns the final checkpoint directory. argv: the command line's arguments
+    (config.json records them).
 
     Under torchrun (K processes; stmd_fast/distributed.py), cfg.batch_size is the GLOBAL batch. Every
     rank draws the same global batch and noise from the same seeded generator, exactly as one process
@@ -587,13 +620,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ctx = distributed.from_env()
     with ExitStack() as held:  # the run directory's lock (rank 0), released however train() ends
         run = prepare_run(cfg, resume, ctx, held)
+        run.argv = list(argv or [])
         return train_run(cfg, run, resume)
 
 
 def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
     """train() once the run is prepared (and its directory locked): the process group, the state, the loop."""
     ctx = run.strategy.ctx
-    distributed.setup(ctx, run.device)  # torchrun: the process group; every user error above came before it
+    try:  # torchrun: the process group; every user error above came before it
+        distributed.setup(ctx, run.device)
+    except distributed.RendezvousFailed as err:
+        raise UserError(str(err)) from None
     clean_exit = False
     try:
         state = start_state(cfg, run, resume)
@@ -608,7 +645,10 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                                      cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, run, state)
         t_start, first_step = time.perf_counter(), state.step
-        loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
+        try:
+            loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
+        except LoggerUnavailable as err:  # W&B online without a key or a network
+            raise UserError(str(err)) from None
         when = "after the next step (the processes agree on it)" if ctx.distributed else "after this step"
         with StopRequest(quit_before_first_step=not ctx.distributed, when=when) as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
@@ -642,11 +682,17 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
 def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunLog, stop: StopRequest) -> Path:
     """The training loop: draw, step, and at each interval log, sample and checkpoint. Returns the last checkpoint."""
     strategy = run.strategy
-    sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"), state.log_window)
+    # the checkpoint's open interval, unless --log-every changed on --resume so that it began before this one's
+    # interval: the next record then averages from the checkpoint's step (not the old interval's steps)
+    window = state.log_window
+    if window is not None and window["start"] < state.step - state.step % cfg.log_every:
+        window = None
+    sums = IntervalSums(run.device, state.step, elapsed_so_far(run.out / "metrics.jsonl"), window)
     last_good, last_save = find_checkpoint(run.out), time.monotonic()
     vote = distributed.StopVote()  # under torchrun, a stop or timed save agreed by the ranks a step later
     save_voted = stale_save_vote = False  # this rank asked for a timed save; a vote sent before the last save
     first_step = state.step
+    finish_checkpoints_step(cfg, run, state, log)
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
@@ -672,10 +718,10 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         save_voted |= time_due
         if stale_save_vote:  # sent before the last save, which answered it
             save_agreed = stale_save_vote = False
+        if step == first_step + 1:  # this process's first step (a first --compile): not in the rates
+            sums.restart_clock(step)
         if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
                 or stop_agreed or save_agreed):
-            if step == first_step + 1:  # this process's first step (a first --compile): not in the rates
-                sums.restart_clock(step)
             continue
         record, bad_step, stopping, save_due = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
                                                           METHODS[cfg.method].error_name, lr,
@@ -720,6 +766,30 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     vote.close()
     return last_good
 
+
+
+def finish_checkpoints_step(cfg: TrainConfig, run: Run, state: TrainingState, log: RunLog) -> None:
+    """The FD and sample grid of the checkpoint resumed from, if its process was killed before making them:
+    both come after the save (so that they cost no training), and the checkpoint holds the EMA weights they
+    are made of. The grid is drawn from the same fixed noise, so it is the one the killed process would have
+    written. Decided on rank 0, which holds the files; collective (the FD and an FSDP grid are)."""
+    step, pending, undone = state.step, state.pending_record, (False, False)
+    if run.strategy.ctx.is_main and step:
+        path = run.out / "metrics.jsonl"
+        logged = {json.loads(line)["step"] for line in path.read_text().splitlines()} if path.exists() else set()
+        grid = bool(cfg.sample_every) and step % cfg.sample_every == 0 and \
+            not any((run.out / "samples").glob(f"step_{step:08d}.*"))
+        undone = (grid, run.fd is not None and pending is not None and pending["step"] == step and step not in logged)
+    grid, fd = distributed.gather_objects(undone)[0]
+    if fd:
+        if run.fd is not None:  # rank 0
+            log.write(f"step {step}: its {run.fd.name}, which the stopped process did not log, is measured now")
+        values = measure_fd(run, state.ema)  # every rank: collective
+        if run.fd is not None:
+            log.record({**pending, **values})
+    state.pending_record = None
+    if grid:
+        log.samples(run.strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
 
 
 def write_failed(err: OSError, what: str, out: str | Path) -> WriteFailed:
@@ -905,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
                 for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
                     if note is not None:
                         print(note, file=sys.stderr)
-            train(cfg, resume)
+            train(cfg, resume, sys.argv[1:] if argv is None else argv)
         except Stopped as stopped:  # after a checkpoint; the resume command was printed
             return stopped.exit_code
         except KeyboardInterrupt as err:

@@ -8,10 +8,13 @@ and come before any expensive work (no checkpoints written).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1045,11 +1048,12 @@ def test_log_none_with_a_logger_is_refused(capsys, tmp_path):
     assert_one_line_error(capsys, "'none' means no logger; give it alone")
 
 
-def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path):
+def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path, capsys):
     """--fd-every measured before the step's checkpoint: a long measurement (a stop waits for it) or one that
     failed cost the training since the last checkpoint. Now the checkpoint is written first (holding the step's
     record), and the record, FD included, after the measurement; a resume after a failed or killed measurement
-    writes the checkpoint's record, without its FD, so that each step is logged once."""
+    measures the checkpoint's FD again (its EMA is in the checkpoint; it was lost for good) and logs the
+    record once, as an uninterrupted run does; without --fd-every then, the record is logged without it."""
     import stmd_fast.train as train_module
 
     def failing(run, ema):
@@ -1065,11 +1069,21 @@ def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path):
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     monkeypatch.setattr(train_module, "measure_fd", measure_fd)
+    for_later = tmp_path / "copy"
+    shutil.copytree(run, for_later)
+    capsys.readouterr()
     assert train(*args, "--steps", 4, "--resume") == 0
+    assert "step 2: its FD, which the stopped process did not log, is measured now" in capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    whole = tmp_path / "whole"
+    assert train(*[a for a in args if a != run], whole, "--steps", 4) == 0
+    uninterrupted = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert "loss" in records[1] and not any(k.startswith("FD/") for k in records[1])  # its FD was never measured
-    assert any(k.startswith("FD/") for k in records[3])
+    for key in ("loss", "FD/ema0.999"):
+        assert [r.get(key) for r in records] == [r.get(key) for r in uninterrupted], key
+    assert train(*[a for a in args if a != run], for_later, "--steps", 4, "--resume", "--fd-every", 0) == 0
+    records = [json.loads(line) for line in (for_later / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and not any(k.startswith("FD/") for k in records[1])
 
 
 def test_commands_printed_to_paste_quote_a_path_with_spaces(capsys, tmp_path):
@@ -1082,3 +1096,33 @@ def test_commands_printed_to_paste_quote_a_path_with_spaces(capsys, tmp_path):
     assert train(*GMM, "--steps", 2, "--out", run / "checkpoints", "--resume") == 2
     line = assert_one_line_error(capsys, "is inside the checkpoints of the run")
     assert shlex.split(line.rsplit("give the run's own folder, ", 1)[1]) == ["--out", str(run)]
+
+
+@pytest.mark.parametrize("command", ["export", "sample", "evaluate"])
+def test_every_command_hides_torchs_no_cuda_runtime_line(command):
+    """With the CUDA build of torch on a CPU, Inductor (export --aoti, sample --exported X.aoti.pt2) logged
+    "No CUDA runtime is found, using CUDA_HOME=...": only train hid it."""
+    code = (f"import logging, stmd_fast.{command}; "
+            "print(logging.getLogger('torch.utils.cpp_extension').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(level.stdout.split()[-1]) >= logging.ERROR
+
+
+def test_a_run_folder_made_unwritable_is_told_to_be_made_writable_on_resume(capsys, tmp_path, monkeypatch):
+    """--resume into a folder that cannot be written was told to "choose a writable directory": that abandons
+    the run, whose checkpoints are there."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--out", run) == 0
+    write_text = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name == ".write-test":
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert train("--out", run, "--resume", "--steps", 2) == 2
+    line = assert_one_line_error(capsys, f"cannot write to --out {run}: Operation not permitted")
+    assert "make it writable (permissions, a read-only mount), then --resume again" in line
+    assert train(*GMM, "--steps", 1, "--out", tmp_path / "other") == 2
+    assert "choose a writable directory" in assert_one_line_error(capsys, "cannot write to --out")

@@ -409,3 +409,83 @@ def test_one_process_commands_refuse_several_under_torchrun(monkeypatch, capsys,
         assert err == ([] if rank else [err[0]]), err  # said once, by rank 0
         if not rank:
             assert "runs in one process, and torchrun started 2" in err[0] and "stmd_fast.train" in err[0]
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "RANK=0 WORLD_SIZE=2 is set but LOCAL_RANK not"),
+    ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE and LOCAL_RANK not"),
+    ({"WORLD_SIZE": "0", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=0: not a process of a job"),
+    ({"WORLD_SIZE": "abc", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=abc: not a process of a job"),
+    ({"WORLD_SIZE": "1", "RANK": "1", "LOCAL_RANK": "0"}, "RANK=1 (of WORLD_SIZE=1): not a process of a job"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"}, "RANK=5 (of WORLD_SIZE=2)"),
+])
+def test_a_launch_environment_torchrun_would_not_make_is_one_line(tmp_path, capsys, monkeypatch, env, says):
+    """Some of the variables alone trained one process without a word; WORLD_SIZE=0 divided by zero, a word
+    failed int() (tracebacks); a rank outside the job waited 30 minutes, deaf to Ctrl-C and SIGTERM."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--preset", "gmm", "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "unset RANK, WORLD_SIZE and LOCAL_RANK" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_that_never_starts_is_named_when_the_wait_ends(monkeypatch, capsys):
+    from stmd_fast import distributed
+
+    monkeypatch.setattr(distributed, "JOIN_SAY_AFTER_S", 0.0)
+    store = dist.HashStore()
+    ctx = distributed.Dist(rank=0, world_size=3, launched=True)
+    store.set("joined/2", "1")  # rank 2 came, rank 1 never does
+    with pytest.raises(distributed.RendezvousFailed, match=r"rank\(s\) 1 of WORLD_SIZE=3 did not start within"):
+        distributed._wait_for_every_rank(store, ctx, __import__("datetime").timedelta(seconds=0.5))
+    assert "waiting for rank(s) 1 of WORLD_SIZE=3 to start" in capsys.readouterr().err
+    store.set("joined/1", "1")
+    distributed._wait_for_every_rank(store, ctx, __import__("datetime").timedelta(seconds=0.5))  # all there: returns
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_rank_waiting_for_peers_that_never_start(tmp_path):
+    """WORLD_SIZE=2 set by hand with one process started: it waited inside C++ for 30 minutes and neither
+    Ctrl-C nor SIGTERM stopped it (only kill -9)."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *map(str, GMM), "--out", str(tmp_path / "run")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the start-up line: the process group's set-up comes next
+            if "2 processes (ddp)" in line:
+                break
+        time.sleep(3)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - began < 10 and proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted during start-up" in err
+
+
+@pytest.mark.slow
+def test_fd_every_under_torchrun_is_measured_once_without_hanging(runs):
+    """Rank 0 measures the FD while rank 1 trains on; torchmetrics' own gather over the process group made
+    the job hang (gloo's 30-minute timeout) at the first measurement."""
+    run = runs / "fd"
+    launched("--steps", 4, "--batch-size", 16, "--fd-every", 2, "--fd-num", 64, "--log-every", 2, "--ckpt-every", 2,
+             "--sample-every", 0, "--device", "cpu", "--out", run)
+    records = metrics(run)
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(np.isfinite(r["FD/ema0.999"]) and r["FD/ema0.999"] > 0 for r in records)

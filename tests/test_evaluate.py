@@ -495,6 +495,27 @@ def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_an_interrupted_kernel_leaves_no_heat_maps_without_their_table(gmm, tmp_path, monkeypatch, capsys):
+    """Heat maps were drawn run by run: a Ctrl-C during the second run left the first's PNGs and no
+    kernel.json or kernel.md saying how they were made."""
+    from stmd_fast import gmm as gmm_module
+
+    measured = gmm_module.kernel_grid
+    calls = []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(gmm_module, "kernel_grid", second_interrupted)
+    out = tmp_path / "eval"
+    evaluate(["kernel", str(gmm / "stmd"), str(gmm / "ddpm"), "--points", "2", "--num", "20", "--out", str(out)])
+    assert len(calls) == 2 and "interrupted" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 def test_sweep_and_kernel_write_their_results_without_matplotlib(runs, gmm, tmp_path, capsys, monkeypatch):
     # matplotlib is the optional plot extra: without it the numbers are written all the same, and a note names
     # the plots skipped and how to get them

@@ -1,6 +1,8 @@
 """Triton kernels against their references: values, tangents (torch.func.jvp), gradients, and
 inside the compiled JVP train step. Without a GPU they run through TRITON_INTERPRET=1 (fp32,
 set in conftest.py); with one, on CUDA in fp32 and bf16."""
+import os
+
 import pytest
 import torch
 
@@ -210,3 +212,16 @@ def test_unet_with_all_kernels_matches_reference_under_jvp():
     torch.testing.assert_close(error, error_ref, atol=1e-4, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fp_fusion_stays_as_the_kernels_were_checked_with_unless_the_user_sets_it():
+    """Triton 3.9 warned on every compile that FP fusion (one FMA for a*b + c) turns off by default in 3.10."""
+    import subprocess
+    import sys
+
+    code = "import os, stmd_fast.kernels; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "TRITON_DEFAULT_FP_FUSION": "0"},
+                            capture_output=True, text=True, check=True)
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("1", "0")

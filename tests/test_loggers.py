@@ -4,6 +4,7 @@ LevelDB-style log), and the one-line error when the package is missing."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 from pathlib import Path
@@ -31,7 +32,13 @@ def tensorboard_scalars(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]
 
 
 def wandb_history(run_root: Path) -> list[dict]:
-    """The history rows of the (one) offline W&B run under run_root, decoded from its .wandb file.
+    """The history rows of the (one) offline W&B run under run_root, decoded from its .wandb file."""
+    return [record for kind, record in wandb_records(run_root) if kind == "history"]
+
+
+def wandb_records(run_root: Path) -> list[tuple[str, object]]:
+    """(kind, record) of the (one) offline W&B run under run_root, decoded from its .wandb file: history
+    records as {key: value}, the others as W&B's protobuf.
 
     The file is a 7-byte header (":W&B", magic, version) then LevelDB log blocks of 32 KiB: records of
     (crc32c, length, type) + payload, type 1 = a whole record, 2/3/4 = its first/middle/last piece.
@@ -54,9 +61,9 @@ def wandb_history(run_root: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(b"".join(pieces))
             pieces = []
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+            kind = record.WhichOneof("record_type")
+            rows.append((kind, {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item} if kind == "history" else record))
     return rows
 
 
@@ -79,11 +86,33 @@ def test_tensorboard_event_files_hold_the_scalars_and_the_grid(tmp_path):
 def test_tensorboard_resume_drops_the_events_after_the_checkpoint(tmp_path):
     _write(loggers.TensorBoardLogger(tmp_path, {}))
     # resumed from a checkpoint at step 2, a logged step: its record stays (metrics.jsonl keeps it too)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
     again = loggers.TensorBoardLogger(tmp_path, {}, start_step=2)
     again.log_scalars(4, {"loss": 9.0})
     again.close()
     scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars["loss"] == [(2, 1.25), (4, 9.0)]  # step 4 of the first attempt is gone
+
+
+def test_tensorboard_first_named_on_a_resume_shows_the_whole_run(tmp_path):
+    """--log may change on --resume, as the README's example does: the event files held only the steps
+    after the checkpoint, and no config. metrics.jsonl (cut back to the checkpoint) and its grids are
+    replayed, as into a new W&B run; a NaN there (null: an FD of diverged weights) as NaN."""
+    records = [*RECORDS, {"step": 6, "loss": 0.5, "delta_sq": 0.125, "lr": 1e-3, "FD/ema0.999": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "samples").mkdir()
+    Image.fromarray(np.full((10, 12), 200, np.uint8)).save(tmp_path / "samples" / "step_00000004.png")
+    logger = loggers.TensorBoardLogger(tmp_path, {"lr": 1e-3}, start_step=6)
+    logger.log_scalars(8, {"loss": 0.25})
+    logger.close()
+    scalars, images = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["loss"] == [(2, 1.25), (4, 0.75), (6, 0.5), (8, 0.25)] and images == {"samples": [4]}
+    assert [(step, math.isnan(value)) for step, value in scalars["FD/ema0.999"]] == [(6, True)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]
 
 
 def test_wandb_offline_run_holds_the_scalars_and_the_grid(tmp_path, monkeypatch, capsys):
@@ -183,3 +212,30 @@ def test_wandb_fresh_start_is_a_new_run_and_a_resume_replays_the_records_up_to_i
     rows = wandb_history(tmp_path)  # the one offline run left
     assert [(row["_step"], row["loss"]) for row in rows if "loss" in row] == [(2, 0.5), (4, 0.25)]
     assert [(row["_step"], row["samples/width"]) for row in rows if "samples/_type" in row] == [(2, 12)]
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_wandb_marks_a_run_that_ended_with_an_error_failed(tmp_path, monkeypatch, failed):
+    """A run stopped by a non-finite loss or a crash read as finished (exit code 0) in W&B."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = loggers.WandbLogger(tmp_path, {})
+    logger.log_scalars(2, {"loss": 0.5})
+    logger.close(failed=failed)
+    (exit_record,) = [record for kind, record in wandb_records(tmp_path) if kind == "exit"]
+    assert exit_record.exit.exit_code == (1 if failed else 0)
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_the_fixes(tmp_path, monkeypatch):
+    """Online without a key (or without a network, after W&B's own timeout) was a 39-line traceback."""
+    import wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.\nmore")
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(loggers.LoggerUnavailable) as err:
+        loggers.WandbLogger(tmp_path, {})
+    message = str(err.value)
+    assert "\n" not in message and "W&B could not start an online run (UsageError: No API key configured" in message
+    assert "wandb login" in message and "WANDB_MODE=offline" in message

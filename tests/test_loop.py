@@ -96,3 +96,64 @@ def test_a_stop_request_checkpoints_the_step_and_stops(tmp_path, capsys):
     said = capsys.readouterr()
     assert "stopped by SIGTERM at step 1" in said.out + said.err
     assert f"--out {tmp_path / 'run'} --resume" in said.out + said.err
+
+
+def test_a_nan_in_a_record_is_json_null_and_a_first_step_record_has_no_rates(tmp_path, capsys):
+    """An FD of diverged weights is logged as NaN: json.dumps wrote a bare NaN, which strict readers refuse."""
+    record = {"step": 3, "loss": 1.5, "delta_sq": 2.0, "lr": 1e-3, "elapsed_s": 4.0, "FD/ema0.999": float("nan")}
+    with RunLog(tmp_path, 10, 2, is_main=True) as log:
+        log.record(record)
+    written = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(written, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))["FD/ema0.999"] is None
+    out = capsys.readouterr().out  # pytest's stdout is not a terminal: a progress line, with no rate to show
+    assert "step 3/10 | loss 1.5000 | delta_sq 2 | first step of this process: rates from the next record" in out
+    assert "eta ?" in out
+
+
+def test_a_terminal_of_no_width_gets_progress_lines(tmp_path, monkeypatch):
+    """script(1) or docker run -t without a sized terminal: tqdm drew nothing at 0 columns and, stdout being a
+    terminal, no progress line was written either: no loss was ever shown."""
+    import os
+    import pty
+    import sys
+
+    main_fd, child_fd = pty.openpty()  # a new pseudo-terminal: 0 x 0 until someone sizes it
+    try:
+        with os.fdopen(os.dup(child_fd), "w") as terminal:
+            monkeypatch.setattr(sys, "stdout", terminal)
+            monkeypatch.setattr(sys, "stderr", terminal)
+            with RunLog(tmp_path, 10, 0, is_main=True) as log:
+                assert log.lines and log.bar.disable
+    finally:
+        os.close(main_fd)
+        os.close(child_fd)
+
+
+def test_a_full_disk_under_metrics_jsonl_is_named_not_hidden_by_the_close(tmp_path):
+    """The append failed naming metrics.jsonl; the close on the way out failed again (the buffer's flush), with
+    no file name, and replaced it: "could not write to --out RUN"."""
+    import errno
+
+    class FullDisk:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device", self.name)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    record = {"step": 1, "loss": 1.0, "delta_sq": 1.0, "lr": 1e-3, "elapsed_s": 1.0}
+    with pytest.raises(OSError) as err:
+        with RunLog(tmp_path, 10, 0, is_main=True) as log:
+            log.metrics.close()
+            log.metrics = FullDisk()
+            log.record(record)
+    assert err.value.filename == str(tmp_path / "metrics.jsonl")
+    log.metrics = FullDisk()  # a close that fails alone raises, naming the file
+    with pytest.raises(OSError) as err:
+        log.__exit__(None, None, None)
+    assert err.value.filename == str(tmp_path / "metrics.jsonl")

@@ -414,3 +414,21 @@ def test_training_fd_that_would_not_fit_in_memory_is_refused_before_the_referenc
     with pytest.raises(ValueError, match=r"--fd-num 1000000: .* 0\.512 GB, more than half of this machine's 1 GB"):
         fd_monitor.TrainingFD(cfg, meta, TensorData("digits", load_digits("train").all()[:64], "image"),
                               torch.device("cpu"), 1, 1)
+
+
+def test_one_process_measures_without_a_collective(digits, monkeypatch):
+    """Under torchrun, rank 0 measures --fd-every alone while the other ranks train on: torchmetrics' default
+    (sync_on_compute) gathered the statistics over the process group there, and the job hung in gloo."""
+    import torch.distributed as dist
+
+    test, train = digits
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "barrier", lambda *a, **k: pytest.fail("a collective inside the measurement"))
+        monkeypatch.setattr(dist, "all_gather", lambda *a, **k: pytest.fail("a collective inside the measurement"))
+        fd = FrechetDistance(_classifier(0), batch_size=64)
+        fd.set_reference(test)
+        assert fd.score(train[:200]) > 0
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

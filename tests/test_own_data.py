@@ -28,7 +28,8 @@ def _noise_image(path, size, mode="RGB", seed=0):
 
 
 def _reference(path, resolution) -> np.ndarray:
-    """Resize the shorter side to R (bicubic), crop the center R x R: written out here with PIL alone."""
+    """Resize the shorter side to R (bicubic), crop the center R x R: written out here with PIL alone, each
+    channel as float (no rounding between the horizontal and vertical pass), as (C, R, R) float."""
     with Image.open(path) as image:
         image = image.convert("RGB")
         w, h = image.size
@@ -36,9 +37,18 @@ def _reference(path, resolution) -> np.ndarray:
             size = (resolution, max(resolution, round(h * resolution / w)))
         else:
             size = (max(resolution, round(w * resolution / h)), resolution)
-        image = image.resize(size, Image.BICUBIC)
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        return np.asarray(image)[top:top + resolution, left:left + resolution].transpose(2, 0, 1)
+        channels = [Image.fromarray(np.asarray(image)[..., c].astype(np.float32), "F").resize(size, Image.BICUBIC)
+                    for c in range(3)]
+        return np.clip(np.stack([np.asarray(c)[top:top + resolution, left:left + resolution] for c in channels]),
+                       0, 255)
+
+
+def _assert_resized_as(pixels: torch.Tensor, reference: np.ndarray):
+    """uint8 pixels against the float reference: Pillow rounds to uint8 between its two passes (and clips
+    the bicubic overshoot there), which on noise images moves a few pixels by several levels."""
+    diff = np.abs(pixels.numpy().astype(np.float64) - reference)
+    assert diff.mean() < 0.5 and np.quantile(diff, 0.99) <= 3, (diff.mean(), np.quantile(diff, 0.99))
 
 
 def test_image_folder_loads_every_image_resized_and_center_cropped(tmp_path, capsys):
@@ -51,7 +61,7 @@ def test_image_folder_loads_every_image_resized_and_center_cropped(tmp_path, cap
     assert data.kind == "image" and data.values.dtype == torch.uint8 and data.shape == (3, 32, 32)
     order = sorted(sizes)  # sorted relative paths: a.png, b.jpg, d.jpeg, sub/c.PNG
     for row, name in zip(data.values, order):
-        assert np.array_equal(row.numpy(), _reference(tmp_path / name, 32))
+        _assert_resized_as(row, _reference(tmp_path / name, 32))
     out = capsys.readouterr().err
     assert "skipped 1 unreadable image(s)" in out and "\n  broken.png: " in out and len(data) == 4  # each named
     assert "3 of the 4 images are smaller than --resolution 32" in out  # 30, 24 and 17 pixels: enlarged
@@ -64,7 +74,7 @@ def test_a_grayscale_folder_gives_one_channel(tmp_path):
         _noise_image(tmp_path / f"{i}.png", (20, 20), mode="L", seed=i)
     data = load_image_folder(tmp_path, 16)
     assert data.shape == (1, 16, 16)
-    assert np.array_equal(data.values[0].numpy(), _reference(tmp_path / "0.png", 16)[:1])
+    _assert_resized_as(data.values[0], _reference(tmp_path / "0.png", 16)[:1])
 
 
 def test_an_unreadable_folder_is_a_data_error(tmp_path):
@@ -122,7 +132,7 @@ def test_hidden_folders_are_left_out_and_other_formats_read(tmp_path):
         _noise_image(tmp_path / name, (20, 20), seed=i)
     data = load_image_folder(tmp_path, 16)
     assert len(data) == 4
-    assert np.array_equal(data.values[1].numpy(), _reference(tmp_path / "b.bmp", 16))
+    _assert_resized_as(data.values[1], _reference(tmp_path / "b.bmp", 16))
 
 
 def test_flip_mirrors_about_half_and_leaves_the_draws_unflipped_otherwise():
@@ -275,3 +285,93 @@ def test_unet_size_error_names_fixes_that_build():
         net = stmd.build_net(choose_net(dataclasses.replace(cfg, unet=size), (1, 7, 7), "image"), (1, 7, 7))
         z = torch.randn(2, 1, 7, 7)
         assert net(z, z, torch.rand(2, len(stmd.times))).shape == z.shape
+
+
+def test_pixels_outside_the_modes_range_are_skipped_and_named_not_guessed(tmp_path, capsys):
+    """Float images are read as 0..1 and 32-bit integer ones as 0..65535; a float image at 0..1.02 used to be
+    read as 0..255 (black), one NaN blacked out its image, 0..1000 was clipped to white, without a word."""
+    ramp = np.linspace(0, 1, 60, dtype=np.float32)[None].repeat(40, 0)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 1.02).save(tmp_path / "over.tif")
+    nan = ramp.copy()
+    nan[0, 0] = np.nan
+    Image.fromarray(nan).save(tmp_path / "nan.tif")
+    Image.fromarray((ramp * 70000).astype(np.int32)).save(tmp_path / "wide.tif")  # mode I
+    data = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    assert len(data) == 1 and data.shape == (1, 16, 16) and "skipped 3 unreadable image(s)" in err
+    assert "\n  over.tif: ValueError: float pixels in [0, 1.02]" in err and "in 0..1" in err
+    assert "\n  nan.tif: ValueError: float pixels in [0, 1] with NaN or inf" in err
+    assert "\n  wide.tif: ValueError: integer pixels in [0, 7e+04], outside the 0..65535" in err
+    _assert_resized_as(data.values[0], _reference_gray(ramp * 255, 16))
+
+
+def _reference_gray(values: np.ndarray, resolution: int) -> np.ndarray:
+    """(1, R, R): a (H, W) array of 0..255 floats resized and center-cropped as _reference does."""
+    h, w = values.shape
+    size = (resolution, max(resolution, round(h * resolution / w))) if w <= h else \
+        (max(resolution, round(w * resolution / h)), resolution)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    resized = np.asarray(Image.fromarray(values.astype(np.float32), "F").resize(size, Image.BICUBIC))
+    return np.clip(resized[None, top:top + resolution, left:left + resolution], 0, 255)
+
+
+def test_other_names_of_image_formats_are_read_and_other_files_counted(tmp_path, capsys):
+    """.jfif is the JPEG that Windows and browsers save; such files were left out without a word."""
+    for i, name in enumerate(["a.jfif", "b.jpe", "c.ppm", "d.tga", "e.png"]):
+        _noise_image(tmp_path / name, (20, 20), seed=i)
+    (tmp_path / "e.txt").write_text("a caption")
+    (tmp_path / "f.svg").write_text("<svg/>")
+    (tmp_path / "README").write_text("about")
+    data = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    assert len(data) == 5 and "note: left out 3 file(s) under" in err
+    assert ".txt x1" in err and ".svg x1" in err and "(no suffix) x1" in err
+    for name in ["a.jfif", "b.jpe", "c.ppm", "d.tga", "e.png"]:
+        (tmp_path / name).unlink()
+    with pytest.raises(DataError, match=r"no images under .* \(only 3 file\(s\) under .* not images by their suffix"):
+        load_image_folder(tmp_path, 16)
+
+
+def test_grayscale_is_read_from_the_pixels_and_a_colour_stray_is_named(tmp_path, capsys):
+    """A GIF or palette PNG of grays opens in mode P, a 16-bit gray+alpha PNG as RGBA: grayscale all the same."""
+    ramp = np.linspace(0, 255, 60).astype(np.uint8)[None].repeat(40, 0)
+    Image.fromarray(ramp).save(tmp_path / "a.gif")
+    Image.fromarray(ramp).convert("P").save(tmp_path / "b.png")
+    data = load_image_folder(tmp_path, 16)
+    assert data.shape == (1, 16, 16)
+    _assert_resized_as(data.values[0], _reference_gray(ramp.astype(np.float32), 16))
+    _noise_image(tmp_path / "c.png", (20, 20))
+    capsys.readouterr()
+    data = load_image_folder(tmp_path, 16)
+    assert data.shape == (3, 16, 16)
+    assert "note: 1 of the 3 images are in colour (first: c.png), so all are read as RGB" in capsys.readouterr().err
+
+
+def test_a_long_strip_is_resized_for_its_crop_alone(tmp_path, monkeypatch):
+    """A 2 x 400 strip at R = 16 was resized whole to 3200 x 16 for one 16 x 16 crop (a 2 x 40000 one: 10 s
+    and 1 GB); now only the crop's footprint is resampled, to the same pixels."""
+    _noise_image(tmp_path / "strip.png", (400, 2))
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(tuple(size)) or
+                        resize(self, size, *a, **k))
+    data = load_image_folder(tmp_path, 16)
+    assert sizes and max(w * h for w, h in sizes) <= 16 * 16, sizes
+    _assert_resized_as(data.values[0], _reference(tmp_path / "strip.png", 16))
+
+
+def test_an_image_over_pillows_pixel_limit_is_skipped_with_the_fix(tmp_path, capsys, monkeypatch):
+    _noise_image(tmp_path / "a.png", (20, 20))
+    _noise_image(tmp_path / "scan.png", (200, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # as a 200-megapixel scan is to the default limit
+    data = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    assert len(data) == 1 and "\n  scan.png: DecompressionBombError: " in err and "downscale the file" in err
+
+
+def test_reading_says_what_it_reads_when_there_is_no_progress_bar(tmp_path, capsys):
+    for i in range(3):
+        _noise_image(tmp_path / f"{i}.png", (20, 20), seed=i)
+    load_image_folder(tmp_path, 16)  # pytest's stderr is not a terminal, as a log file is not
+    assert f"reading 3 images under {tmp_path} at 16x16" in capsys.readouterr().err

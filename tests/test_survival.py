@@ -586,7 +586,9 @@ def test_a_resumed_run_goes_on_counting_its_training_time(capsys, three_checkpoi
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in records]
     assert [r["step"] for r in records] == list(range(1, 9))
-    assert elapsed[6] >= elapsed[5] + records[6]["ms_per_step"] / 1e3 * 0.999 and elapsed == sorted(elapsed)
+    assert elapsed[6] > elapsed[5] and elapsed == sorted(elapsed)
+    # step 7, this process's first, has no rates (its time is start-up's); step 8's interval is one step
+    assert "ms_per_step" not in records[6] and elapsed[7] >= elapsed[6] + records[7]["ms_per_step"] / 1e3 * 0.999
 
 
 def test_a_resume_with_nothing_to_do_leaves_the_run_as_it_was(capsys, three_checkpoints, tmp_path):
@@ -974,3 +976,72 @@ def test_export_says_an_aoti_package_beside_it_is_stale(gmm_run, tmp_path, capsy
     (tmp_path / "s.aoti.pt2").write_bytes(b"an earlier export's package")
     assert export(gmm_run, "--out", out) == 0
     assert "note: " + str(tmp_path / "s.aoti.pt2") + " beside it is from an earlier export" in capsys.readouterr().err
+
+
+def test_a_resume_with_another_log_every_does_not_average_the_old_interval_into_its_record(tmp_path):
+    """Stopped inside a long --log-every interval and resumed with --log-every 1: the first record averaged
+    the old interval's steps (step 1 on) into step 7's loss. Now it is step 7's own, as an uninterrupted
+    --log-every 1 run logs it; with --log-every unchanged the interval still goes on across the resume."""
+    flags = [a for a in GMM if a not in ("--log-every", "1")]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert train(*flags, "--log-every", 1, "--steps", 8, "--out", whole) == 0
+    assert train(*flags, "--log-every", 100, "--ckpt-every", 6, "--steps", 6, "--out", stopped) == 0
+    (stopped / "metrics.jsonl").unlink()  # its one record (step 6, the 6 steps' mean) is not compared
+    assert train("--out", stopped, "--resume", "--steps", 8, "--log-every", 1) == 0
+    loss = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (whole / "metrics.jsonl").read_text().splitlines()}
+    resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(7, loss[7]), (8, loss[8])]
+    again = tmp_path / "again"  # --log-every 4 throughout, stopped at step 6: the record at 8 is the mean of 5..8
+    assert train(*flags, "--log-every", 4, "--ckpt-every", 6, "--steps", 6, "--out", again) == 0
+    assert train("--out", again, "--resume", "--steps", 8) == 0
+    last = json.loads((again / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 8 and last["loss"] == pytest.approx(sum(loss[s] for s in range(5, 9)) / 4, rel=1e-6)
+
+
+def test_config_json_records_how_each_start_was_made(three_checkpoints, tmp_path):
+    """The run folder held the config alone: no command, versions, device or time, and a resume rewrote it."""
+    import stmd_fast
+
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
+    starts = json.loads((run / "config.json").read_text())["starts"]
+    assert [s["step"] for s in starts] == [0, 6] and all(s["processes"] == 1 for s in starts)
+    assert starts[0]["command"].startswith("python -m stmd_fast.train --preset gmm") and "--ckpt-every 2" in starts[0]["command"]
+    assert starts[1]["command"] == f"python -m stmd_fast.train --out {run} --resume --steps 8 --device cpu"
+    assert all(s["stmd_fast"] == stmd_fast.__version__ and s["torch"] == torch.__version__ and s["device"] == "cpu"
+               and s["utc"][:4].isdigit() for s in starts)
+
+
+def test_a_grid_its_process_was_killed_before_is_drawn_on_resume(tmp_path, capsys):
+    """The grid of a checkpoint's step is drawn after the save: a process killed in between (or while writing
+    it, leaving samples/.tmp-PID-step_*) lost that grid for good. The resume draws it, from the same noise."""
+    run = tmp_path / "run"
+    flags = [*GMM, "--ckpt-every", 2, "--sample-every", 2, "--out", run]
+    assert train(*flags, "--steps", 4) == 0
+    grid = run / "samples" / "step_00000004.npy"
+    drawn = np.load(grid)
+    grid.rename(run / "samples" / ".tmp-123-step_00000004.npy")  # killed mid-write
+    capsys.readouterr()
+    assert train(*flags, "--steps", 6, "--resume") == 0
+    assert f"step 4: samples -> {grid}" in capsys.readouterr().out
+    assert np.array_equal(np.load(grid), drawn) and not list((run / "samples").glob(".tmp-*"))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [f"step_0000000{s}.npy" for s in (2, 4, 6)]
+
+
+def test_a_resume_on_data_rewritten_in_place_says_so(tmp_path, capsys):
+    """A changed place or count was said on --resume; the same file rewritten with other samples was not."""
+    data = tmp_path / "data.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.normal(size=(64, 2)).astype(np.float32))
+    run = tmp_path / "run"
+    flags = ["--data", data, "--batch-size", 16, "--ckpt-every", 2, "--device", "cpu", "--out", run]
+    assert train(*flags, "--steps", 2) == 0
+    assert len(json.loads((run / "config.json").read_text())["data_sha256"]) == 64
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 4) == 0
+    assert "other samples" not in capsys.readouterr().err  # the same data: nothing to say
+    np.save(data, rng.normal(3, 0.5, size=(64, 2)).astype(np.float32))
+    assert train("--out", run, "--resume", "--steps", 6) == 0
+    assert f"note: {data} holds other samples than the run was trained on (the same count, another SHA-256)" \
+        in capsys.readouterr().err
