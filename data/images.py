@@ -194,7 +194,7 @@ def load_image_folder(folder: str | Path, resolution: int, workers: int | None =
     grays = [gray for image, _, gray, _ in loaded if image is not None]
     if all(grays):
         values = values[:, :1].contiguous()  # R = G = B: keep one channel
-    elif any(grays):  # one colour image makes the whole set RGB: name it, in case it was a stray
+    elif sum(grays) > len(grays) / 2:  # a mostly gray set made RGB by its colour images: name one, a stray?
         first = next(printable(p) for p, (image, _, gray, _) in zip(paths, loaded) if image is not None and not gray)
         print(f"note: {len(grays) - sum(grays)} of the {len(grays)} images are in colour (first: {first}), so all "
               "are read as RGB; the others are grayscale", file=sys.stderr)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -194,27 +195,40 @@ def _attempt_store(ctx: Dist, timeout: timedelta) -> dist.Store:
     # the agent serves it: every worker is a client. Without an agent store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1,
     # or another launcher) rank 0 serves it, as env:// does
     serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and ctx.rank == 0
-    deadline = time.monotonic() + timeout.total_seconds()
-    while True:  # short tries: a wait inside C++ lets no Ctrl-C or SIGTERM through, for up to `timeout`
-        try:
-            store = dist.TCPStore(addr, port, world_size=ctx.world_size, is_master=serves, timeout=JOIN_POLL,
-                                  wait_for_workers=False, multi_tenant=serves)
-            break
-        except (RuntimeError, OSError) as err:  # the server (rank 0, or torchrun's agent) is not up yet
-            if serves:  # this process serves it: the port is taken, or the address is not this machine's
-                raise RendezvousFailed(f"could not serve the rendezvous at MASTER_ADDR={addr} MASTER_PORT={port} "
-                                       f"({clipped(str(err).strip().splitlines()[0], 160)}): choose a free "
-                                       f"MASTER_PORT, or this machine's address") from None
-            if time.monotonic() > deadline:
-                raise RendezvousFailed(f"no rendezvous server at MASTER_ADDR={addr} MASTER_PORT={port} within "
-                                       f"{timeout}: start rank 0 there, or check the address "
-                                       f"({clipped(str(err).strip().splitlines()[0], 160)})") from None
-    store.set_timeout(timeout)
+    if not serves:  # torch's own connect retries wait inside C++ (no Ctrl-C) and log a stack trace per try
+        _wait_for_server(addr, port, timeout)
+    try:
+        store = dist.TCPStore(addr, port, world_size=ctx.world_size, is_master=serves, timeout=timeout,
+                              wait_for_workers=False, multi_tenant=serves)
+    except (RuntimeError, OSError) as err:
+        fix = "choose a free MASTER_PORT, or this machine's address" if serves else "check MASTER_ADDR and MASTER_PORT"
+        raise RendezvousFailed(f"could not {'serve' if serves else 'reach'} the rendezvous at MASTER_ADDR={addr} "
+                               f"MASTER_PORT={port} ({clipped(str(err).strip().splitlines()[0], 160)}): {fix}") from None
     return dist.PrefixStore(f"stmd_fast/attempt_{ctx.restart_count}", store)
 
 
-JOIN_POLL = timedelta(seconds=2)  # how long each wait inside torch lasts: a stop signal acts within it
-JOIN_SAY_AFTER_S = 20.0  # then rank 0 says whom it waits for
+JOIN_SAY_AFTER_S = 20.0  # then a waiting process says what it waits for
+
+
+def _wait_for_server(addr: str, port: int, timeout: timedelta) -> None:
+    """Until the rendezvous server (rank 0, or torchrun's agent) accepts connections: plain socket tries from
+    Python, so that a stop signal acts and nothing is logged per try; one line after JOIN_SAY_AFTER_S."""
+    began, said = time.monotonic(), False
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError as err:
+            waited = time.monotonic() - began
+            if waited > timeout.total_seconds():
+                raise RendezvousFailed(f"no rendezvous server at MASTER_ADDR={addr} MASTER_PORT={port} within "
+                                       f"{timeout} ({err.strerror or err}): start rank 0 there, or check the "
+                                       f"address") from None
+            if waited > JOIN_SAY_AFTER_S and not said:
+                print(f"waiting for the rendezvous server at MASTER_ADDR={addr} MASTER_PORT={port} (rank 0 serves "
+                      f"it; up to {timeout}; Ctrl-C stops)", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
 
 
 class RendezvousFailed(ValueError):

@@ -594,11 +594,9 @@ def starts_so_far(run: Run, resume: bool, step: int) -> list[dict]:
             earlier = json.loads((run.out / "config.json").read_text()).get("starts", [])
         except (OSError, ValueError, AttributeError):  # none yet, or unreadable: the record starts here
             pass
-    ctx = run.strategy.ctx
-    made = provenance("train", run.argv, run.device)
-    made["command"] = made["command"].replace("python -m", f"torchrun --nproc_per_node={ctx.world_size} -m", 1) \
-        if ctx.launched else made["command"]
-    return [*earlier, {**made, "step": step, "processes": ctx.world_size}]
+    ctx = run.strategy.ctx  # the command is each process's: torchrun's own flags are not seen from here
+    return [*earlier, {**provenance("train", run.argv, run.device), "step": step, "processes": ctx.world_size,
+                       "torchrun": ctx.run_id is not None}]
 
 
 # ----------------------------------------------------------------------------- loop
@@ -635,6 +633,8 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
     try:
         state = start_state(cfg, run, resume)
         if state.step >= cfg.steps:
+            with RunLog(run.out, cfg.steps, state.step, ctx.is_main) as log:  # a last FD or grid a kill left undone
+                finish_checkpoints_step(cfg, run, state, log)
             if ctx.is_main:
                 print(f"nothing to do: the run is at step {state.step} of --steps {cfg.steps}")
             clean_exit = True
@@ -952,7 +952,7 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
         return 0
     # torchrun SIGTERMs the other workers when one fails (its line says why): not the user's interrupt
     by = "stopped by torchrun (another process failed, or the job was stopped)" \
-        if signum == signal.SIGTERM and distributed.from_env().launched else "interrupted"
+        if signum == signal.SIGTERM and distributed.from_env().run_id is not None else "interrupted"
     print(f"{by} during start-up, before the first step of this process; "
           + ("the checkpoints are as they were" if meta else "no checkpoint was written"), file=sys.stderr)
     return 128 + signum

@@ -1086,6 +1086,28 @@ def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path, ca
     assert [r["step"] for r in records] == [1, 2, 3, 4] and not any(k.startswith("FD/") for k in records[1])
 
 
+def test_a_finished_run_killed_during_its_last_fd_gets_its_record_and_grid_on_resume(tmp_path, capsys):
+    """Killed during the last step's FD (its checkpoint written, holding the record), the run has nothing left
+    to train: the resume said "nothing to do" and the last record and grid were lost for good."""
+    run = tmp_path / "run"
+    args = ["--preset", "digits", "--steps", 2, "--fd-every", 2, "--fd-num", 16, "--sample-every", 2,
+            "--log-every", 1, "--device", "cpu", "--out", run]
+    assert train(*args) == 0
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    grid = run / "samples" / "step_00000002.png"
+    drawn = read_png(grid)
+    (run / "metrics.jsonl").write_text(records[0] + "\n")  # as if killed while the FD was measured
+    grid.unlink()
+    capsys.readouterr()
+    assert train("--out", run, "--resume") == 0
+    assert "nothing to do: the run is at step 2" in capsys.readouterr().out
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in records]
+    assert [r["step"] for r in again] == [1, 2] and again[0] == first[0]
+    assert again[1]["FD/ema0.999"] == first[1]["FD/ema0.999"] and again[1]["loss"] == first[1]["loss"]
+    assert torch.equal(read_png(grid), drawn)
+
+
 def test_commands_printed_to_paste_quote_a_path_with_spaces(capsys, tmp_path):
     """A run in "my runs/ü run" was told to continue with `--out my runs/ü run --resume`, which the shell splits."""
     import shlex

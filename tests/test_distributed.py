@@ -489,3 +489,38 @@ def test_fd_every_under_torchrun_is_measured_once_without_hanging(runs):
     records = metrics(run)
     assert [r["step"] for r in records] == [2, 4]
     assert all(np.isfinite(r["FD/ema0.999"]) and r["FD/ema0.999"] > 0 for r in records)
+
+
+def test_a_rank_waiting_for_the_server_waits_quietly_and_says_for_what(monkeypatch, capsys):
+    """A rank > 0 started before rank 0 (another launcher) retried torch's TCPStore connect every 2 s, each try
+    logging a C++ stack trace (25k lines in 30 minutes), and never said what it waited for."""
+    import socket
+    from datetime import timedelta
+
+    from stmd_fast import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    monkeypatch.setattr(distributed, "JOIN_SAY_AFTER_S", 0.0)
+    with pytest.raises(distributed.RendezvousFailed, match=f"no rendezvous server at MASTER_ADDR=127.0.0.1 "
+                                                           f"MASTER_PORT={port} within"):
+        distributed._wait_for_server("127.0.0.1", port, timedelta(seconds=1))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"waiting for the rendezvous server at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} (rank 0 serves it; "
+                   f"up to 0:00:01; Ctrl-C stops)"]
+
+
+def test_a_sigterm_outside_torchrun_is_not_blamed_on_torchrun(monkeypatch, capsys, tmp_path):
+    import signal
+
+    from stmd_fast.train import interrupted_outside_the_loop
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert interrupted_outside_the_loop(None, signal.SIGTERM) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("interrupted during start-up")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    interrupted_outside_the_loop(None, signal.SIGTERM)
+    assert capsys.readouterr().err.startswith("stopped by torchrun")

@@ -346,6 +346,9 @@ def test_grayscale_is_read_from_the_pixels_and_a_colour_stray_is_named(tmp_path,
     data = load_image_folder(tmp_path, 16)
     assert data.shape == (3, 16, 16)
     assert "note: 1 of the 3 images are in colour (first: c.png), so all are read as RGB" in capsys.readouterr().err
+    for i in range(3):  # now mostly colour: a few gray photos among colour ones are no stray to name
+        _noise_image(tmp_path / f"d{i}.png", (20, 20), seed=i)
+    assert load_image_folder(tmp_path, 16).shape == (3, 16, 16) and "in colour" not in capsys.readouterr().err
 
 
 def test_a_long_strip_is_resized_for_its_crop_alone(tmp_path, monkeypatch):

@@ -1006,7 +1006,7 @@ def test_config_json_records_how_each_start_was_made(three_checkpoints, tmp_path
     shutil.copytree(three_checkpoints, run)
     assert train("--out", run, "--resume", "--steps", 8, "--device", "cpu") == 0
     starts = json.loads((run / "config.json").read_text())["starts"]
-    assert [s["step"] for s in starts] == [0, 6] and all(s["processes"] == 1 for s in starts)
+    assert [s["step"] for s in starts] == [0, 6] and all(s["processes"] == 1 and not s["torchrun"] for s in starts)
     assert starts[0]["command"].startswith("python -m stmd_fast.train --preset gmm") and "--ckpt-every 2" in starts[0]["command"]
     assert starts[1]["command"] == f"python -m stmd_fast.train --out {run} --resume --steps 8 --device cpu"
     assert all(s["stmd_fast"] == stmd_fast.__version__ and s["torch"] == torch.__version__ and s["device"] == "cpu"
