@@ -8,7 +8,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import threading
 import time
@@ -186,11 +185,13 @@ def measured_copy_gbps(device: torch.device, quick: bool = False) -> float:
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set (process-wide)."""
+def peak_memory_mb(device: torch.device, since_mb: float = 0.0) -> float | None:
+    """CUDA: the peak allocated since reset_peak_memory, less since_mb (what was allocated before). CPU: None
+    (a "-" in the tables): the only peak there is the process's resident set, which never goes down, so a
+    variant measured after another would show the larger one's."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return torch.cuda.max_memory_allocated(device) / 2**20 - since_mb
+    return None
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -25,6 +25,7 @@ from common import (apply_smoke, at_least, environment, finish, kernel_ms, measu
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
+from stmd_fast.engine import remove_interrupted_compiles  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.kernels.attention import attention, attention_reference  # noqa: E402
 from stmd_fast.kernels.meanflow_loss import meanflow_loss, meanflow_loss_reference  # noqa: E402
@@ -101,7 +102,8 @@ CASES = {  # name -> (builder, full size, smoke size)
 def main(argv=None) -> int:
     p = parser("kernels.py", __doc__)
     p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=at_least(0), default=5, help="untimed calls per kernel and implementation")
+    p.add_argument("--warmup", type=at_least(1), default=5, help="untimed calls per kernel and implementation (at "
+                   "least 1: the first call compiles and autotunes)")
     p.add_argument("--iters", type=at_least(1), default=30, help="timed calls per kernel and implementation")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run, references only, 1 + 3 calls, not saved "
                    "(it sets --device, --warmup and --iters itself)")
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         print("note: no CUDA device: the Triton rows are skipped (the tests run the kernels in the interpreter)")
     rows = []
+    remove_interrupted_compiles()  # a compile stopped earlier would fail every later one
     for name, (builder, size, smoke_size) in CASES.items():
         fns, work = builder(device, smoke_size if args.smoke else size)
         # every case's functions share their code: without a reset and dynamic=False, Dynamo would compile the

@@ -5,7 +5,8 @@
 For --num training digits and each s of the list, draws (r, t) from the run's own time sampler and reports the
 per-row error l = ||u - u_tgt||^2 (summed over the image; the quantity the adaptive weight w = 1 / (l + c)^p sees)
 on the rows with r < t and on those with r = t. A row's gradient has norm proportional to w sqrt(l), about
-l^(1/2 - p): the last columns give that pull relative to s = 1, for p = 0.75 and 0.5 (the README's setting P).
+l^(1/2 - p): the last columns give that pull relative to the largest s of --s (s = 1 by default), for p = 0.75
+and 0.5 (the README's setting P). A "-" marks a kind of row the sampler drew none of at that s.
 """
 from __future__ import annotations
 
@@ -51,11 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             u, dudt, v, h = meanflow_jvp(model.net, x0, noise, _diffuse(x0, noise), s)
         l = (u - (v - per_sample(h, x0) * dudt)).square().flatten(1).sum(1)  # noqa: E741
-        rows.append((s_value, l[h > 0].mean().item(), l[h == 0].mean().item()))
-    top = rows[-1][1]  # the last s (1 by default): the reference of the pull
+        rows.append((s_value, *(l[rows_of_kind].mean().item() if rows_of_kind.any() else None
+                                for rows_of_kind in (h > 0, h == 0))))
+    top = max(rows, key=lambda row: row[0])[1]  # at the largest s: the reference of the pull
+
+    def cell(value, width):
+        return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
+
     print(f"{'s':>7} {'l, r < t':>10} {'l, r = t':>10} {'pull p=0.75':>12} {'pull p=0.5':>11}")
-    for s_value, l_jvp, l_fm in rows:
-        print(f"{s_value:7.4f} {l_jvp:10.2f} {l_fm:10.2f} {(l_jvp / top) ** -0.25:12.2f} {(l_jvp / top) ** 0:11.2f}")
+    for s_value, l_jvp, l_fm in sorted(rows, key=lambda row: row[0]):
+        pulls = [(l_jvp / top) ** (0.5 - p) if l_jvp is not None and top else None for p in (0.75, 0.5)]
+        print(f"{s_value:7.4f} {cell(l_jvp, 10)} {cell(l_fm, 10)} {cell(pulls[0], 12)} {cell(pulls[1], 11)}")
     return 0
 
 

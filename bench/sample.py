@@ -26,6 +26,7 @@ from common import (apply_smoke, at_least, environment, finish, median, parser, 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device  # noqa: E402
+from stmd_fast.engine import remove_interrupted_compiles  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.objectives import METHODS  # noqa: E402
 from stmd_fast.sampling import nfe, sample  # noqa: E402
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | {method} on {data_shape}, batch {args.batch}")
     torch._dynamo.reset()
+    remove_interrupted_compiles()  # a compile stopped earlier would fail every later one
     torch._dynamo.config.recompile_limit = 64  # every variant's compiled network stays live for the interleaving
     rows, runners = [], []
     for name in names:
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
                 synchronize(device)
                 print(f"  {name}: first call {time.perf_counter() - began:.1f} s, its graph now in Inductor's cache",
                       flush=True)
+            else:
+                print(f"  {name}: eager, nothing to compile", flush=True)
             continue
         for steps, flow_steps in STEPS[method]:
             def run(model=model, kernels=kernels, autocast=autocast, steps=steps, flow_steps=flow_steps,

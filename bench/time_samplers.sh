@@ -9,8 +9,14 @@
 # Each run is evaluated on its own --sample-grid; Dq is D's runs evaluated on the quadratic grid; ddpm
 # is DDPM trained under F, evaluated on both grids.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0
+fi
 seed=${1:-0}; shift || true
 settings=${*:-A B C D F}
+if [[ ! "$seed" =~ ^([0-9]+|gmm[0-9]*)$ ]]; then
+  echo "error: SEED $seed: give a number or gmm[SEED] first (bench/time_samplers.sh --help)" >&2; exit 2
+fi
 mixture="--time-sampler mixture --mixture-weight 0.5 --r-mean -4 --r-std 1.6 --adaptive-p 0.75"
 declare -A FLAGS=(
   [A]="--time-sampler pair --time-mean -0.4 --time-std 1.0 --flow-matching-fraction 0.75 --adaptive-p 1.0 --s-sampler uniform --sample-grid uniform"
@@ -45,6 +51,15 @@ FLAGS[Q128]="${FLAGS[Q]} --batch-size 128"
 # parameters against the preset's 0.2M).
 declare -A METHODS=([A]="stmd meanflow" [B]="stmd meanflow" [C]="stmd meanflow" [D]=stmd [E]=stmd [H]=stmd
                     [F]="stmd meanflow" [G]=meanflow [L]="stmd meanflow" [P]="stmd meanflow" [Q]="stmd meanflow" [Q128]="stmd meanflow" [R]="stmd meanflow" [Rmf]=meanflow [S]=stmd [J]=stmd [T]="stmd meanflow" [T1]="stmd meanflow" [U]="stmd meanflow" [V]=stmd [W]="stmd meanflow")
+for x in $settings; do  # all checked before the first run: a typo would fail hours in
+  if [[ -z "${FLAGS[$x]+set}" && ( "$seed" == gmm* || ( "$x" != ddpm && "$x" != Dq ) ) ]]; then
+    known=$(printf '%s\n' "${!FLAGS[@]}" | sort | tr '\n' ' ')
+    echo "error: setting $x: not one of ${known}$([[ "$seed" == gmm* ]] || echo "Dq ddpm ")(bench/time_samplers.sh --help)" >&2
+    exit 2
+  fi
+done
+python -c "import stmd_fast" 2>/dev/null || {
+  echo "error: python cannot import stmd_fast: run this from the repository after pip install -e ." >&2; exit 2; }
 root=runs/samplers
 train() {  # train SETTING METHOD OUT [more flags]: once (a finished run leaves OUT/done)
   local x=$1 method=$2 out=$3; shift 3

@@ -24,8 +24,9 @@ TF32 or fp32; none with --smoke, whose tiny CPU run cannot measure a peak, nor f
 the measured peak; on a GPU whose data sheet is known, also against its dense peak, the usual
 MFU), peak memory, the objective / flow-matching ratio, the speed-up over the public recipe, on a
 GPU (with --sequential) the median power and utilisation (nvidia-ml-py), and each variant's mean
-loss and mean squared error over its first and last few steps on the fixed batch (finite and
-falling: the step trains; the error, where the adaptive loss is about 1 by design, p = 1).
+loss and mean squared error over its first and last few steps on the fixed batch (finite: the step
+ran; the batch is random noise, not data, so they need not fall; the error, where the adaptive loss
+is about 1 by design, p = 1).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, ma
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
 from stmd_fast.devices import resolve_device, use_tf32  # noqa: E402
-from stmd_fast.engine import make_optimizer, make_train_step  # noqa: E402
+from stmd_fast.engine import make_optimizer, make_train_step, remove_interrupted_compiles  # noqa: E402
 from stmd_fast.kernels import dispatch  # noqa: E402
 from stmd_fast.models import count_params, dit_config  # noqa: E402
 from stmd_fast.objectives import METHODS, compute_loss, draw_noise, flow_matching_loss  # noqa: E402
@@ -180,7 +181,7 @@ def build_runner(name, objective, cfg, data_shape, batch, device):
 
 
 def loss_summary(losses: list[torch.Tensor]) -> dict:
-    """Finite and falling? The mean loss and mean squared error (the adaptive loss is about 1 by design
+    """Finite? The mean loss and mean squared error (the adaptive loss is about 1 by design
     at p = 1) of the first and the last few steps on the fixed batch x0."""
     values = torch.stack(losses).cpu()
     few = max(1, min(3, len(values) // 3))
@@ -260,6 +261,10 @@ def main(argv=None) -> int:
 
     method = METHODS[args.method]
     n_params = count_params(method.build_net(cfg.net, data_shape))  # a network that cannot be built says so here
+    if device.type == "cpu" and n_params > 5e6 and not args.compile_only:
+        print(f"note: timing the {n_params / 1e6:.0f}M-parameter {args.preset} network at batch {batch} on a CPU: "
+              f"each step takes seconds to minutes and the whole run can take hours; --smoke, or --preset digits, "
+              f"runs in minutes", file=sys.stderr, flush=True)
     env = environment(device)
     gpu = env["device"] if device.type == "cuda" else None  # its data-sheet peak, where known
     # --smoke: a matmul small enough for CI undershoots the peak (MFUs of 500%): no peak, no MFU;
@@ -274,6 +279,7 @@ def main(argv=None) -> int:
           + ("compile only: one step per variant" if args.compile_only else
              f"{'sequential' if args.sequential else 'interleaved'}, {args.warmup} + {args.iters} steps"))
     torch._dynamo.reset()
+    remove_interrupted_compiles()  # a compile stopped earlier would fail every later one
     torch._dynamo.config.recompile_limit = 64  # every variant's compiled loss stays live for the interleaving
     flops, runners, rows, losses, ema_ms = {}, {}, {}, {}, {}
     for key in runs:  # build, count FLOPs, warm up (compiles): one variant after another
@@ -285,8 +291,8 @@ def main(argv=None) -> int:
             began = time.perf_counter()
             run()
             synchronize(device)
-            print(f"  {name} | {objective}: first step {time.perf_counter() - began:.1f} s, its graphs now in "
-                  f"Inductor's cache", flush=True)
+            cached = ", its graphs now in Inductor's cache" if VARIANTS[name].compile else " (eager: nothing compiled)"
+            print(f"  {name} | {objective}: first step {time.perf_counter() - began:.1f} s{cached}", flush=True)
             continue
         flop_key = (objective, VARIANTS[name].public)
         if flop_key not in flops:
@@ -310,7 +316,7 @@ def main(argv=None) -> int:
         synchronize(device)
         compute = matmul_compute(device, VARIANTS[name].precision)
         rows[key] = {"variant": name, "objective": objective, "precision": VARIANTS[name].precision,
-                     "compute": compute, "peak_mem_mb": peak_memory_mb(device) - base_mb,
+                     "compute": compute, "peak_mem_mb": peak_memory_mb(device, since_mb=base_mb),
                      "gflop_per_step": flops[flop_key] / 1e9, "first_step_s": first_step_s}
         runners[key] = run
         if ema_update is not None:  # the public recipe's EMA, every PUBLIC_EMA_PERIOD steps: its share per step

@@ -116,8 +116,9 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     scale = resolution / min(image.size)
     size = [max(resolution, round(side * scale)) for side in image.size]
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    # The crop of the whole image resized to `size`, computed for the crop alone (the same sample points and
-    # filter footprint): a 2 x 40000 strip would otherwise be resized to 64 x 1280000 for one 64 x 64 crop.
+    # The crop of the whole image resized to `size`, computed for the crop alone (the same sample points;
+    # Pillow rounds the footprint near the box's edges differently, so edge pixels can differ by a few
+    # levels of 255): a 2 x 40000 strip would otherwise be resized to 64 x 1280000 for one 64 x 64 crop.
     sx, sy = image.size[0] / size[0], image.size[1] / size[1]
     box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
     image = image.resize((resolution, resolution), Image.BICUBIC, box=box)

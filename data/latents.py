@@ -41,6 +41,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..files import local_path
 from .datasets import DataError
 from .encode import FORMAT, sample_sha256
+from .vae import check_vae_path
 from .vae import decode_latents  # noqa: F401 (importable from here too)
 
 SHORT_EPOCH = 2048  # samples per rank below which the main process reads the shards itself (no workers)
@@ -132,10 +133,13 @@ def check_expected(manifest: dict, folder: Path, vae: str | None, resolution: in
     encoded = f"{folder}: shards were encoded with VAE {manifest['vae']} at resolution {manifest['resolution']}"
     # A VAE folder that moved (or a copy on another machine) is named by its new place; the trainer then
     # checks that it makes the manifest's latents (data.vae.check_vae_fits).
-    if vae is not None and local_path(vae) != local_path(manifest["vae"]) and not vae_moved(manifest):
-        raise DataError(f"{encoded}, not with the VAE {vae} (--vae, or the preset's): train with --preset latent and "
-                        f"no --vae (the manifest's VAE is used) or pass --vae {manifest['vae']}; or re-encode with "
-                        f"python -m stmd_fast.data.encode --vae {vae} --out NEW_FOLDER")
+    if vae is not None and local_path(vae) != local_path(manifest["vae"]):
+        # a --vae that is not there is said so, not taken for another VAE (nor re-encoded with)
+        check_vae_path(vae, f"check the path (the shards were encoded with {manifest['vae']})")
+        if not vae_moved(manifest):
+            raise DataError(f"{encoded}, not with the VAE {vae} (--vae, or the preset's): train with --preset latent "
+                            f"and no --vae (the manifest's VAE is used) or pass --vae {manifest['vae']}; or re-encode "
+                            f"with python -m stmd_fast.data.encode --vae {vae} --out NEW_FOLDER")
     if resolution is not None and resolution != manifest["resolution"]:
         raise DataError(f"{encoded}, and this preset trains at {resolution}: re-encode with python -m "
                         f"stmd_fast.data.encode --resolution {resolution} --out NEW_FOLDER, or train with --preset "
@@ -297,7 +301,10 @@ class LatentShards:
                             f"re-encode readable images with stmd_fast.data.encode")
         self.count = sum(self._expected[str(Path(u))] for u in self.urls)  # samples, in all ranks' shards together
         images = self.manifest.get("images", self.count)
-        smaller = f"--shard-size {max(1, images // (4 * world_size))} (or less)"
+        def shard_size_at_most(size: int) -> str:
+            return f"--shard-size {size} (or less)" if size > 1 else "--shard-size 1"
+
+        smaller = shard_size_at_most(max(1, images // (4 * world_size)))
         if len(self.urls) < world_size:
             raise DataError(f"{len(self.urls)} shard{'s' if len(self.urls) != 1 else ''} cannot be split over "
                             f"{world_size} processes (each needs shards of its own): re-encode with {smaller}, so "
@@ -310,7 +317,7 @@ class LatentShards:
             print(f"note: {len(sizes)} shards of {sizes[0]}-{sizes[-1]} samples give each of the {world_size} "
                   f"processes {fewest}-{most} samples an epoch, so they end their epochs at different steps and "
                   f"over a stretch of training some samples are drawn more often than others; re-encoding with "
-                  f"--shard-size {max(1, images // (20 * world_size))} (or less) evens it out", flush=True,
+                  f"{shard_size_at_most(max(1, images // (20 * world_size)))} evens it out", flush=True,
                   file=sys.stderr)
         self.shape = tuple(self.manifest["latent_shape"])
         self.scaling_factor = float(self.manifest["scaling_factor"])

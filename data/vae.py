@@ -4,6 +4,7 @@ is data/encode.py; the trainer's sample grids, Model.decode and `sample --export
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -61,7 +62,9 @@ def _diffusers_errors_only():
     level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated: not ours to fix
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            yield
     finally:
         logging.set_verbosity(level)
 

@@ -320,6 +320,9 @@ def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, l
     if path.name == "checkpoints" and not list_checkpoints(path) and list_checkpoints(path.parent):
         path = path.parent  # RUN/checkpoints given for RUN: the folder that holds the step_* folders
     candidates = list_checkpoints(path)
+    if not candidates and not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory (its --out, with checkpoints/) or a "
+                                f"checkpoints/step_* directory")
     if not candidates:
         exported = (" (it is an exported sampler: python -m stmd_fast.sample --exported " + str(path) + " runs it)"
                     if path.suffix == ".pt2" and path.is_file() else "")

@@ -15,6 +15,7 @@ import shlex
 import signal
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from typing import Callable
@@ -79,6 +80,7 @@ class Interrupted(KeyboardInterrupt):
 
 def interrupt_now(signum, frame):
     quiet_if_hung_up(signum)
+    signal.signal(signum, signal.SIG_DFL)  # the same signal again quits at once, also in the cleanup it starts
     raise Interrupted(signum)
 
 
@@ -182,8 +184,9 @@ def several_processes() -> bool:
 def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = (),
                     alone: tuple[type[BaseException], ...] = (), torchrun: bool = False):
     """Decorator for a CLI's main(argv) -> int: an exception of user_errors prints `error: ...` as one line
-    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C
-    prints `interrupted` and exits 130; anything else is a bug and keeps its traceback. Under torchrun
+    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C,
+    SIGTERM and SIGHUP print `interrupted` and exit 128 + the signal's number (130, 143, 129), after the
+    command's own cleanup; anything else is a bug and keeps its traceback. Under torchrun
     every rank meets the same error and rank 0 says it: the others wait so torchrun stops them first,
     and only an error of one rank alone is still printed, after the wait, with its rank. An error of
     `alone` (e.g. the loss of another process, rank 0 maybe) is one rank's by nature: said at once. A command
@@ -194,8 +197,11 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
             printable_output()
             if not torchrun and several_processes():
                 return 2
+            # SIGTERM and SIGHUP as Ctrl-C: the command's cleanup runs (no temporary file stays behind)
+            stops = interrupt_on_stop_signals() if threading.current_thread() is threading.main_thread() \
+                else contextlib.nullcontext()
             try:
-                with warnings_as_lines():
+                with warnings_as_lines(), stops:
                     return main(argv)
             except user_errors + failures as err:
                 from .distributed import from_env
@@ -208,9 +214,9 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
                         return 130
                 print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
                 return 1 if isinstance(err, failures) else 2
-            except KeyboardInterrupt:  # Ctrl-C: the user knows why; outputs are written whole or not at all
+            except KeyboardInterrupt as err:  # the user knows why; outputs are written whole or not at all
                 print("interrupted", file=sys.stderr)
-                return 130
+                return 128 + getattr(err, "signum", signal.SIGINT)  # the shell's code: 130 Ctrl-C, 143 SIGTERM
         return run
     return wrap
 

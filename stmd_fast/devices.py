@@ -19,6 +19,8 @@ def resolve_device(name: str, what: str = "--device") -> torch.device:
         raise ValueError(f"{what} {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{what} {name}: only cpu and cuda are supported")
+    if device.type == "cpu" and device.index not in (None, 0):  # torch takes cpu:1 and runs on the one CPU device
+        raise ValueError(f"{what} {name}: the CPU is one device (torch numbers no others): use {what} cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{what} {name}: CUDA is not available on this machine: use {what} cpu")

@@ -2,10 +2,67 @@
 gradient sync, fused AdamW, lr schedule, foreach EMA; CUDA graphs for the compiled loss on CUDA."""
 from __future__ import annotations
 
+import os
+import re
+import sys
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
+
+
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs between runs ($TORCHINDUCTOR_CACHE_DIR, else its default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        return cache_dir()
+    except ImportError:  # an older torch: the variable, if set
+        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's cache")
+
+
+def remove_interrupted_compiles(say: bool = True, min_age_s: float = 60.0) -> list[Path]:
+    """Remove the empty compiled libraries (*.so) in Inductor's cache (with a note on stderr, if say), and
+    return them. Call it before a first torch.compile call. A compile killed
+    while the C++ compiler wrote one (Ctrl-C or SIGTERM during a first --compile) leaves the file empty;
+    Inductor loads any library it finds there without rebuilding, so every later --compile failed with
+    "file too short". Only files older than min_age_s: a compile running now may be writing one."""
+    root, removed = Path(inductor_cache_dir()), []
+    try:  # Inductor's C++ libraries lie one folder down (its Triton cache, deeper, changes as others compile)
+        libraries = list(root.glob("*/*.so"))
+    except OSError:  # a folder removed by another process meanwhile: nothing checked this time
+        return removed
+    now = time.time()
+    for library in libraries:
+        try:
+            info = library.stat()
+            if info.st_size == 0 and now - info.st_mtime > min_age_s:
+                library.unlink()
+                removed.append(library)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            continue
+    if removed and say:
+        print(f"removed {len(removed)} empty compiled librar{'y' if len(removed) == 1 else 'ies'} from {root}, left "
+              f"by a compile that was stopped; Inductor builds them again", file=sys.stderr)
+    return removed
+
+
+BROKEN_LIBRARY = re.compile(r"(/[^:\n]+\.so): (file too short|invalid ELF header|ELF load command|cannot read file data)")
+
+
+def broken_compiled_library(err: BaseException) -> str | None:
+    """The library named by an error (or its causes) that the dynamic loader found broken, if one is in
+    Inductor's cache: a compile was stopped while writing it (a partly written one, which
+    remove_interrupted_compiles does not catch)."""
+    root, seen = os.path.realpath(inductor_cache_dir()), set()
+    while err is not None and id(err) not in seen:  # an exception can be its own cause's context
+        seen.add(id(err))
+        match = BROKEN_LIBRARY.search(str(err))
+        if match and os.path.realpath(match.group(1)).startswith(root + os.sep):
+            return match.group(1)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def make_optimizer(net, lr: float, weight_decay: float, sharded: bool = False,

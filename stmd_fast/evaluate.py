@@ -79,8 +79,8 @@ def find_checkpoints(paths: list[str]) -> list[tuple[Path, dict]]:
     for p in paths:
         try:
             ckpt, meta, passed_over = newest_intact(p)  # verified: a damaged one is named here, before any work
-        except FileNotFoundError:
-            raise EvalError(f"no checkpoint in {p}: pass run directories or checkpoints/step_* directories") from None
+        except FileNotFoundError as err:  # says "does not exist", or "no checkpoint in"
+            raise EvalError(str(err)) from None
         if passed_over:
             print(f"note: using {ckpt}, the newest intact checkpoint; passed over: {'; '.join(passed_over)}",
                   file=sys.stderr)
@@ -364,7 +364,7 @@ def sweep(args) -> int:
                    "ema": ema_used(meta, args.ema), "batch_size": args.batch_size, "device": device.type}
             plan.append((ckpt, meta, line_label(method, m, name, several), n, m, key))
     before = measured_before(out, scored)
-    keep_replaced_results(out, before, {setting_id(key) for *_, key in plan})
+    keep_earlier = True  # copied aside at the first write: a sweep stopped before it changed nothing
     reused = sum(setting_id(key) in before for *_, key in plan)
     if reused:
         print(f"reusing {reused} of {len(plan)} settings already measured in {out / 'results.json'} (same "
@@ -397,6 +397,9 @@ def sweep(args) -> int:
                       "measured before")
             tqdm.write(f"[{i}/{len(plan)}] {label}: N={n} M={m} NFE {row['nfe']}: {metric.name} {row['value']:.3f} "
                        f"({timing})")
+            if keep_earlier:
+                keep_replaced_results(out, before, {setting_id(key) for *_, key in plan})
+                keep_earlier = False
             write_results(out, rows, metric, record, len(plan), plot)
     except KeyboardInterrupt as err:
         if rows:
@@ -525,6 +528,47 @@ def write_md(path: Path, lines: list[str]) -> None:
     write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # paths need not be UTF-8
 
 
+def made_from(result: dict) -> tuple[str, list[str]]:
+    """The command line and every checkpoint (its path names the step) a result was made from."""
+    checkpoints = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("checkpoint", "checkpoints"):
+                    checkpoints.append(json.dumps(item, sort_keys=True))
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(result)
+    return result["provenance"]["command"], sorted(checkpoints)
+
+
+def keep_earlier_result(out: Path, stem: str, result: dict, files: list[str]) -> None:
+    """The files of an earlier result in `out` (stem.json and `files`, names in out) that `result`'s would
+    overwrite, made by another command line (another sampler, sigma_y, N, ...) or from other checkpoints (its
+    run trained on), copied to NAME.replaced-TIME.SUFFIX first, and said, as a sweep keeps results.json. The
+    same command on the same checkpoints again (a rerun) replaces its own result."""
+    try:
+        if made_from(json.loads((out / f"{stem}.json").read_text())) == made_from(result):
+            return
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not ours
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept = []
+    for name in [f"{stem}.json", *files]:
+        path = out / name
+        if path.is_file():
+            kept.append(path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}"))
+            write_atomic(kept[-1], path.read_bytes())
+    print(f"note: {out / stem}.json holds the result of another command or checkpoint: it is copied, with "
+          f"{len(kept) - 1} file(s) of its own, to {kept[0].name} before being rewritten; use another --out to keep "
+          f"results apart", file=sys.stderr)
+
+
 def write_results(out: Path, rows: list[dict], metric, record: dict, settings: int, plot: bool = True) -> None:
     """results.json and results.md of the rows so far of `settings` (rewritten after each, atomically), and once
     all are in, with plot, the plot; record: how and on what the values were computed (provenance, num,
@@ -590,6 +634,10 @@ def kernel(args) -> int:
     from .gmm import default_kernel_pairs, default_mixture, kernel_grid
 
     models = gmm_models(args.runs)
+    for ckpt, model in models.values():  # the kernel is p(x_s_to | x_s_from): a transition between diffusion times
+        if not METHODS[model.method].diffusion:
+            raise EvalError(f"{ckpt} is a {METHODS[model.method].label} run: it samples from noise at s = 1 only and "
+                            f"has no transition from x_s to compare with the exact kernel (give STMD or DDPM runs)")
     check_flow_steps_used(args, [model.method for _, model in models.values()])
     flow_steps = parse_ints("1,2" if args.flow_steps is None else args.flow_steps, "--flow-steps")
     plot = plots_available("the heat maps kernel_*.png")
@@ -600,14 +648,17 @@ def kernel(args) -> int:
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
         report[name] = {"checkpoint": str(ckpt), "method": model.method, "rows": rows}
         heat_maps += [(name, rows, m) for m in fs]
+    record = {"provenance": provenance(args), "seed": args.seed, "points": args.points, "num": args.num,
+              "flow_steps": flow_steps}
+    keep_earlier_result(out, "kernel", {**record, "runs": report},
+                        ["kernel.md", *sorted(path.name for path in out.glob("kernel_*_M*.png")
+                                              if ".replaced-" not in path.name)])
     # drawn once every run is measured: an interrupted command leaves no heat maps without their table
     for name, rows, m in heat_maps if plot else ():
         from .plots import plot_kernel_heatmap
 
         safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
         plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
-    record = {"provenance": provenance(args), "seed": args.seed, "points": args.points, "num": args.num,
-              "flow_steps": flow_steps}
     write_json(out / "kernel.json", {**record, "runs": report})
     lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
              "| SW2 (model) | SW2 (exact-mean bridge) | SW2 floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -677,6 +728,7 @@ def conditional(args) -> int:
                "ema": ema_used(meta, args.ema), "reference": reference_name(meta, args), "reference_images": len(images),
                "source_images": floor,
                "rows": rows}
+    keep_earlier_result(out, "conditional", summary, ["conditional.md"])
     write_json(out / "conditional.json", summary)
     lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
     lines += [f"| {r['s']:g} | {r['alpha']:.3f} | {r['M']} | {r['value']:.3f} |" for r in rows]
@@ -735,6 +787,7 @@ def posterior(args) -> int:
     result = {"provenance": provenance(args), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
               "runs": args.runs, "flow_steps": flow_steps, "grid": grid, "seed": args.seed,
               "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
+    keep_earlier_result(out, "posterior", result, ["posterior.md"])
     write_json(out / "posterior.json", result)
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
@@ -818,6 +871,7 @@ def inpaint(args) -> int:
         "psnr_missing_db": psnr(completions, images.expand_as(completions), where=missing).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
+    keep_earlier_result(out, f"inpaint_{args.mask}", result, [f"inpaint_{args.mask}.png"])
     write_json(out / f"inpaint_{args.mask}.json", result)
     shown = min(8, len(images))  # rows: observation (missing pixels black), completions, truth
     tiles = []
@@ -900,6 +954,7 @@ def inverse(args) -> int:
         "consistency_rms": torch.stack(residuals).mean().item(),
     }
     name = f"inverse_{args.operator}{'_' + mask if mask else ''}"
+    keep_earlier_result(out, name, result, [f"{name}.png"])
     write_json(out / f"{name}.json", result)
     shown = min(8, len(images))  # rows: what A^+ makes of y, completions, truth
     tiles = []
@@ -1010,7 +1065,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the checkpoints' run read them; datasets for train-classifier]")
         if metric:
             sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
-                            help="fd = classifier features (digits, mnist), fid = Inception [default: auto]")
+                            help="fd: the Frechet distance on a digit classifier's features (digits and mnist only, the "
+                                 "classifier learns their labels); fid: Inception FID, also on digits or mnist (to "
+                                 "compare with published FIDs); auto: fd on digits and mnist, fid on other data "
+                                 "[default: auto]")
             sp.add_argument("--classifier", help="FD classifier directory [default: digits: the one stmd_fast "
                                                  "ships, so FDs compare across machines; mnist: runs/classifier-mnist]")
             sp.add_argument("--inception-weights", help="local Inception weights file for FID when offline")

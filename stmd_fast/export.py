@@ -218,14 +218,23 @@ def open_exported(path: str | Path):
         logger = logging.getLogger("torch.export")  # it logs a traceback before its own generic error
         logger.disabled = True
         try:
-            module = torch.export.load(str(file)).module()
+            program = torch.export.load(str(file))
+            module = program.module()
         except Exception:  # a zip with our metadata but no (or a broken) program
             raise ExportError(f"--exported {path}: holds no loadable program (torch.export.load fails on it): "
                               f"re-export the checkpoint with python -m stmd_fast.export") from None
         finally:
             logger.disabled = False
+        takes = [tuple(node.meta["val"].shape) for node in program.graph.nodes
+                 if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
+        if takes != [tuple(meta["inputs"][0]["shape"])]:  # else the program's own guard fails at the first call
+            raise ExportError(f"--exported {path}: its {META_FILE} says the program takes noise of shape "
+                              f"{tuple(meta['inputs'][0]['shape'])}, the program takes {', '.join(map(str, takes))} "
+                              f"(the metadata of another export?): re-export the checkpoint with python -m "
+                              f"stmd_fast.export")
 
         def run(noise: torch.Tensor) -> torch.Tensor:
+            check_noise(noise, meta, path)
             with torch.no_grad():
                 return module(noise)
     return run, meta

@@ -215,7 +215,8 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
 
     models: label -> stmd_fast.Model (DDPM runs with M = 1, the others with flow_steps). For each model, N in `steps` and K in `particles`: SMC
     (stmd_fast.smc) with K particles, `runs` independent runs per y, one weighted draw per run;
-    and DDNM+ (operators.DDNM in the sampler loop, `runs` chains). Each distance compares `runs`
+    and DDNM+ (operators.DDNM in the sampler loop, `runs` chains) where it corrects any step (N >= 2, not Mean
+    Flow: operators.ddnm_corrects). Each distance compares `runs`
     draws with `runs` exact draws; the floor row compares two exact sets, and the 'exact kernel' rows run
     SMC over the true transitions (what a perfect STMD would give at that K). Every chain steps on the
     diffusion time grid `grid` (the runs' --sample-grid, where their STMD is trained to step). Returns rows
@@ -223,7 +224,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     """
     from tqdm import tqdm
 
-    from .operators import DDNM, Matrix
+    from .operators import DDNM, Matrix, ddnm_corrects
     from .sampling import sample
     from .smc import network_denoiser, smc_sample
 
@@ -256,6 +257,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
             denoise = network_denoiser(model.net, model.method, m)
             for n in steps:
                 check_steps(model.method, n, m)
+                corrects = ddnm_corrects(model.method, n, sigma_y)  # not at N = 1, nor for Mean Flow
                 cells = {k: 0.0 for k in particles}
                 ddnm = 0.0
                 for i, y in enumerate(ys):
@@ -266,15 +268,18 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
                                        m, gen, grid)
                         cells[k] += energy_distance(r.draw(gen).cpu(), truth[i]) / observations
                         bar.update(1)
+                    bar.update(1)
+                    if not corrects:
+                        continue
                     gen = torch.Generator(model.device).manual_seed(seed + 100 * i)
                     x = sample(model.net, model.method, runs, mixture.shape, n, m, gen, grid,
                                project=DDNM(op, y, sigma_y))
                     ddnm += energy_distance(x.cpu(), truth[i]) / observations
-                    bar.update(1)
                 rows += [{"model": label, "method": model.method, "sampler": "smc", "N": n, "K": k, "energy": e}
                          for k, e in cells.items()]
-                rows.append({"model": label, "method": model.method, "sampler": "ddnm+", "N": n, "K": None,
-                             "energy": ddnm})
+                if corrects:  # else its chain ignores y: no row (the table's "-"), not a number for the prior
+                    rows.append({"model": label, "method": model.method, "sampler": "ddnm+", "N": n, "K": None,
+                                 "energy": ddnm})
     return rows
 
 

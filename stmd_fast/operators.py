@@ -259,12 +259,20 @@ class Matrix(LinearOperator):
 OPERATOR_NAMES = ("inpaint", "sr2", "sr4", "gray")
 
 
-def check_ddnm_corrects(method: str, steps: int, sigma_y: float) -> None:
-    """DDNM+ (sigma_y > 0) scales its correction by the bridge noise tau, which is 0 on the last step:
-    with N = 1, or a method without diffusion steps (Mean Flow), no step is corrected and y is ignored."""
+def ddnm_corrects(method: str, steps: int, sigma_y: float) -> bool:
+    """Whether DDNM(+) corrects any step. DDNM+ (sigma_y > 0) scales its correction by the bridge noise tau,
+    which is 0 on the last step: with N = 1, or a method without diffusion steps (Mean Flow), no step is
+    corrected and y is ignored."""
     from .methods import get_method
 
-    if sigma_y > 0 and (steps < 2 or not get_method(method).diffusion):
+    return sigma_y == 0 or (steps >= 2 and get_method(method).diffusion)
+
+
+def check_ddnm_corrects(method: str, steps: int, sigma_y: float) -> None:
+    """ValueError unless DDNM(+) corrects a step (ddnm_corrects), naming what to use instead."""
+    from .methods import get_method
+
+    if not ddnm_corrects(method, steps, sigma_y):
         why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is that last step"
         raise ValueError(f"DDNM+ (sigma_y > 0 without particles) corrects only steps that end above s = 0 and {why}, "
                          f"so y would be ignored: use SMC (K particles: --particles K), N >= 2 with STMD or DDPM, "

@@ -91,7 +91,7 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
             x = torch.from_numpy(np.load(file, allow_pickle=False)).float()
             x = x.reshape(x.shape[-3:] if x.ndim > 3 and math.prod(x.shape[:-3]) == 1 else x.shape)  # (1, C, H, W)
             x = x[None] if x.ndim == 2 else x
-            if as_mask:
+            if as_mask and torch.isfinite(x).all():  # else refused below (NaN != 0 read as "observed")
                 x = (x != 0).float()
         else:
             from .data.images import to_8bit

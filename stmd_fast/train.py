@@ -25,7 +25,6 @@ if __name__ == "__main__":  # a Ctrl-C (or SIGTERM) while torch and the rest imp
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
-import errno
 import glob
 import hashlib
 import json
@@ -42,12 +41,13 @@ from . import distributed, parallel
 from .checkpoint import (CheckpointError, NonFiniteState, ReadFailed, find_checkpoint, is_intact, is_run_config,
                          list_checkpoints, newest_intact, recover_leftovers, run_holding, saved_config, set_aside,
                          write_json_atomic)
-from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, interrupt_on_stop_signals,
-                  one_line_errors, provenance, quiet_if_hung_up, stop_signals)
+from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, one_line_errors, provenance,
+                  quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
 from .data.datasets import DataError
 from .devices import out_of_memory, resolve_device, use_tf32
-from .engine import make_ema_update, make_optimizer, make_train_step  # noqa: F401 (re-exported)
+from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
+                     make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
 from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock, write_fix
 from .kernels import dispatch
@@ -369,12 +369,17 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
 
 
 def remove_if_unused(created: list[Path]) -> None:
-    """The folders prepare_run_dir created (deepest first), removed if the run left nothing but its lock."""
+    """The folders prepare_run_dir created (deepest first), removed if the run left nothing of use: its lock,
+    and the config.json and empty metrics.jsonl of a run stopped before its first step (during a first
+    --compile, say)."""
     out = created[0]
     try:
-        if [entry.name for entry in out.iterdir()] != [LOCK_FILE]:
+        left = {entry.name: entry for entry in out.iterdir()}
+        if LOCK_FILE not in left or not set(left) <= {LOCK_FILE, "config.json", "metrics.jsonl"} \
+                or ("metrics.jsonl" in left and left["metrics.jsonl"].stat().st_size > 0):
             return
-        (out / LOCK_FILE).unlink()
+        for name in sorted(left, key=lambda name: name == LOCK_FILE):  # the lock last
+            left[name].unlink()
     except OSError:  # gone or unreadable: nothing of ours to tidy, and the run's own error says what went wrong
         return
     for folder in created:
@@ -639,6 +644,8 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                 print(f"nothing to do: the run is at step {state.step} of --steps {cfg.steps}")
             clean_exit = True
             return find_checkpoint(run.out)
+        if cfg.compile:
+            remove_interrupted_compiles(say=ctx.is_main)
         train_step = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net,
                                      state.optimizer, state.scheduler, state.ema, cfg.ema_decay, cfg.compile,
                                      cfg.precision, run.device, sync_grads=run.strategy.sync_grads(run.net),
@@ -823,15 +830,6 @@ def measure_fd(run: Run, ema) -> dict[str, float]:
     return values
 
 
-def inductor_cache_dir() -> str:
-    """Where Inductor keeps compiled graphs between runs ($TORCHINDUCTOR_CACHE_DIR, else its default)."""
-    try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-        return cache_dir()
-    except ImportError:  # an older torch: the variable, if set
-        return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's cache")
-
-
 def assert_compiled(verbose: bool = True, seconds: float | None = None) -> None:
     """torch.compile falls back to eager silently on some failures: check a graph exists."""
     from torch._dynamo.utils import counters
@@ -919,7 +917,16 @@ def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
                   f"large network; a later run of the same network and batch reuses {inductor_cache_dir()}",
                   flush=True)
         began = time.perf_counter()
-        out = train_step(x0, noise)
+        try:
+            out = train_step(x0, noise)
+        except Exception as err:
+            library = broken_compiled_library(err) if first_compiled else None
+            if library is None:
+                raise
+            Path(library).unlink(missing_ok=True)
+            raise UserError(f"--compile: Inductor's cache held a broken compiled library, {library} (a compile "
+                            f"was stopped while writing it); it is removed now: run the same command again "
+                            f"(or point TORCHINDUCTOR_CACHE_DIR at a fresh folder)") from None
         if first_compiled:
             assert_compiled(verbose=ctx.is_main, seconds=time.perf_counter() - began)
         if sync_check and calls[0] - start <= 2 and not distributed.replicas_agree(state.net):
@@ -962,32 +969,31 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
                  failures=(TrainingDiverged, GradientSyncFailed, PeerLost, WriteFailed),  # DataError: e.g. shards unreadable mid-run
                  alone=(PeerLost,), torchrun=True)
 def main(argv: list[str] | None = None) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the imports are done: the import-time line would be false now
-        if signal.getsignal(sig) is _interrupted_at_import:  # (a rank's error waits, and torchrun sends SIGTERM)
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     cfg = None
-    # from here a stop signal is a KeyboardInterrupt (start-up cleans up after it); the caller's come back after
-    with interrupt_on_stop_signals():
-        try:
-            cfg, resume = resolve_config(dict(vars(args)))
-            if distributed.from_env().is_main:
-                for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
-                    if note is not None:
-                        print(note, file=sys.stderr)
-            train(cfg, resume, sys.argv[1:] if argv is None else argv)
-        except Stopped as stopped:  # after a checkpoint; the resume command was printed
-            return stopped.exit_code
-        except KeyboardInterrupt as err:
-            return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
-        except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
-            if cfg is None or err.errno is None:
-                raise
-            raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
+    try:  # a stop signal is a KeyboardInterrupt here (one_line_errors): start-up cleans up after it
+        cfg, resume = resolve_config(dict(vars(args)))
+        if distributed.from_env().is_main:
+            for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
+                if note is not None:
+                    print(note, file=sys.stderr)
+        train(cfg, resume, sys.argv[1:] if argv is None else argv)
+    except Stopped as stopped:  # after a checkpoint; the resume command was printed
+        return stopped.exit_code
+    except KeyboardInterrupt as err:
+        return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
+    except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
+        if cfg is None or err.errno is None:
+            raise
+        raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
     return 0
 
 
 if __name__ == "__main__":
+    # the imports are done: the import-time line would be false now, also after main (whose error handling,
+    # one_line_errors, brings back the handlers it found: a rank's error waits, and torchrun sends SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
     sys.exit(code)

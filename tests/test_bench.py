@@ -87,6 +87,7 @@ def test_train_step_smoke():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
         assert row["tflops"] > 0 and row["mfu_pct"] is None  # so no MFU (once 500%)
         assert row["compute"] == "fp32" and row["mfu_spec_pct"] is None  # a CPU has no data-sheet peak here
+        assert row["peak_mem_mb"] is None  # a CPU's only peak is the process's, never lower for a later variant
     # every variant's steps see the same batch and noise (the FLOP count once drew from one variant's
     # generator): the first step's loss, taken before any update, agrees across engines
     firsts = [rows[(v, "stmd")]["loss_first"] for v in ("eager fp32", "compiled fp32", "public recipe")]
@@ -138,10 +139,10 @@ def gmm_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("script, argv, words", [
-    ("loss_per_s.py", ["/nonexistent"], ["no checkpoint in /nonexistent"]),
+    ("loss_per_s.py", ["/nonexistent"], ["/nonexistent does not exist"]),
     ("loss_per_s.py", ["GMM_RUN", "--num", "8"], ["gmm preset", "--preset digits"]),
-    ("sample.py", ["--ckpt", "/nonexistent", "--smoke"], ["no checkpoint in /nonexistent"]),
-    ("precision.py", ["--ckpt", "/nonexistent"], ["no checkpoint in /nonexistent"]),
+    ("sample.py", ["--ckpt", "/nonexistent", "--smoke"], ["/nonexistent does not exist"]),
+    ("precision.py", ["--ckpt", "/nonexistent"], ["/nonexistent does not exist"]),
     ("precision.py", ["--ckpt", "GMM_RUN"], ["the gmm preset (vectors)", "image preset"]),
 ], ids=["loss-missing", "loss-gmm", "sample-missing", "precision-missing", "precision-gmm"])
 def test_bench_scripts_refuse_bad_input_in_one_line(capsys, gmm_run, script, argv, words):
@@ -185,6 +186,7 @@ def test_sample_smoke():
     nfes = sorted({r["nfe"] for r in result["rows"]})
     assert nfes == [1, 2, 4, 8]  # stmd's (N, M) grid
     assert {r["variant"] for r in result["rows"]} == {"eager fp32", "compiled fp32"}
+    assert all(r["peak_mem_mb"] is None for r in result["rows"])  # on a CPU: not measurable per variant
 
 
 @pytest.mark.slow
@@ -228,11 +230,12 @@ def test_compile_only_runs_one_step_per_variant_and_times_nothing(capsys, monkey
                             "--compile-only", "--device", "cpu", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert "eager fp32 | flow matching: first step" in out and "| stmd" not in out and "ms/step" not in out
+    assert "(eager: nothing compiled)" in out and "Inductor's cache" not in out  # it said its graphs were cached
     assert "compile only: one step per variant" in out and "interleaved" not in out  # its header said "10 + 30 steps"
     assert sample.main(["--preset", "gmm", "--batch", "8", "--variants", "eager fp32,compiled fp32",
                         "--compile-only", "--device", "cpu", "--no-save"]) == 0
     out = capsys.readouterr().out
-    assert "compiled fp32: first call" in out and "eager fp32:" not in out and "NFE" not in out
+    assert "compiled fp32: first call" in out and "eager fp32: eager, nothing to compile" in out and "NFE" not in out
     assert not (tmp_path / "rows.jsonl").exists()  # nothing measured, nothing recorded
     assert run_main("train_step.py", ["--preset", "gmm", "--no-flow-matching", "--flow-matching-only",
                                       "--compile-only"]) == 2
@@ -321,7 +324,7 @@ def test_smoke_takes_the_flags_it_does_not_change():
     ("data.py", ["/nonexistent", "--workers", "1,x"], ["--workers: comma-separated whole numbers"]),
     ("data.py", ["/nonexistent", "--batch", "0"], ["--batch: must be at least 1"]),
     ("data.py", ["/nonexistent", "--step-ms", "-5"], ["--step-ms: must be a finite number above 0"]),
-    ("kernels.py", ["--warmup", "-3"], ["--warmup: must be at least 0"]),
+    ("kernels.py", ["--warmup", "0"], ["--warmup: must be at least 1"]),          # once timed the autotuning
     ("kernels.py", ["--iters", "0"], ["--iters: must be at least 1"]),
     ("precision.py", ["--batch", "0"], ["--batch: must be at least 1"]),
     ("loss_per_s.py", ["/nonexistent", "--num", "0"], ["--num: must be at least 1"]),
@@ -376,3 +379,57 @@ def test_a_result_saved_again_the_same_day_keeps_the_earlier_one(tmp_path, monke
     assert saved["train_step/gmm/stmd"]["rows"] == ["again"]
     assert saved["train_step/gmm/stmd#1"]["rows"] == ["stmd"] and saved["train_step/gmm/stmd#2"]["rows"] == ["flow matching"]
     assert "the earlier result under 'train_step/gmm/stmd' kept as 'train_step/gmm/stmd#2'" in capsys.readouterr().out
+
+
+def test_time_samplers_script_has_help_and_checks_its_arguments_before_any_run(tmp_path):
+    """--help became the SEED (a run named seed--help) and an unknown setting stopped the script with bash's
+    "unbound variable", after the settings before it had trained for hours."""
+    script = ROOT / "bench" / "time_samplers.sh"
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("The time-sampler experiment") and "Usage:" in shown.stdout
+    for args, words in [(["--seed", "1"], ["SEED --seed", "a number"]), (["0", "A", "Z"], ["setting Z", "Dq ddpm"]),
+                        (["gmm1", "Dq"], ["setting Dq"])]:
+        result = run(*args)
+        assert result.returncode == 2 and result.stdout == "", (args, result)
+        assert len(result.stderr.splitlines()) == 1 and all(word in result.stderr for word in words), result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_loss_per_s_pulls_relative_to_the_largest_s_in_any_order(tmp_path, capsys):
+    """The pull was relative to the last --s given (1 by default), whatever it was; the header said s = 1."""
+    from stmd_fast.train import main as train_main
+
+    run = tmp_path / "digits"
+    assert train_main(["--preset", "digits", "--steps", "1", "--batch-size", "8", "--sample-every", "0",
+                       "--device", "cpu", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert run_main("loss_per_s.py", [str(run), "--s", "1.0", "0.25", "--num", "16"]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].split() == ["s", "l,", "r", "<", "t", "l,", "r", "=", "t", "pull", "p=0.75", "pull", "p=0.5"]
+    rows = {float(line.split()[0]): line.split() for line in table[1:]}
+    assert set(rows) == {0.25, 1.0} and rows[1.0][3] == "1.00"  # the reference row pulls 1
+    l_small, l_top = float(rows[0.25][1]), float(rows[1.0][1])
+    assert float(rows[0.25][3]) == pytest.approx((l_small / l_top) ** -0.25, abs=0.006)
+
+
+def test_a_large_network_timed_on_a_cpu_is_said_to_take_long_before_it_starts(capsys, monkeypatch):
+    """train_step.py with no flags on a CPU started the hours-long cifar10 benchmark without a word."""
+    import train_step
+
+    class Started(Exception):
+        pass
+
+    def started(device):
+        raise Started
+
+    monkeypatch.setattr(train_step, "environment", started)  # the first thing after the checks
+    with pytest.raises(Started):
+        train_step.main(["--device", "cpu", "--no-save"])
+    assert "note: timing the 38M-parameter cifar10 network at batch 64 on a CPU" in capsys.readouterr().err
+    with pytest.raises(Started):
+        train_step.main(["--preset", "digits", "--device", "cpu", "--no-save"])
+    assert "note:" not in capsys.readouterr().err

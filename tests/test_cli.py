@@ -387,7 +387,11 @@ def test_sample_vectors_to_png_is_refused(capsys, gmm_run, tmp_path):
 
 
 def test_sample_missing_checkpoint_is_refused(capsys, tmp_path):
+    # a path that is not there is said to be missing (a typo), not to hold no checkpoint
     assert sample(tmp_path / "nothing", "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, f"{tmp_path / 'nothing'} does not exist")
+    (tmp_path / "empty").mkdir()
+    assert sample(tmp_path / "empty", "--out", tmp_path / "x.npy") == 2
     assert_one_line_error(capsys, "no checkpoint")
 
 
@@ -612,6 +616,19 @@ def test_npy_mask_nonzero_means_observed(capsys, image_run, tmp_path):
     c = np.load(out)
     for k in range(2):
         np.testing.assert_array_equal(c[k, :, :, :4], observed[:, :, :4])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_npy_mask_is_refused_not_read_as_observed(capsys, image_run, inpaint_files, tmp_path, bad):
+    """NaN != 0 and inf != 0: a mask of NaNs became "every pixel observed" before the finite check saw it."""
+    image, _, _ = inpaint_files
+    mask = np.ones((1, 8, 8), np.float32)
+    mask[..., 4:] = bad
+    mask_path, out = tmp_path / "mask.npy", tmp_path / "c.npy"
+    np.save(mask_path, mask)
+    assert sample(image_run, "--inpaint", image, "--mask", mask_path, "--num", 2, "--out", out) == 2
+    assert_one_line_error(capsys, "--mask", "NaN or inf")
+    assert not out.exists()
 
 
 def test_sample_unwritable_out_is_a_one_line_error(capsys, gmm_run, tmp_path):

@@ -355,6 +355,16 @@ def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
     one_line_error(capsys, "gmm")
 
 
+def test_kernel_refuses_mean_flow_runs_which_have_no_transition(gmm, tmp_path, capsys):
+    """A Mean Flow run samples from s = 1 only: its 'kernel' rows were numbers for a transition it never makes."""
+    assert train(["--preset", "gmm", "--method", "meanflow", "--steps", "1", "--batch-size", "8", "--sample-every",
+                  "0", "--out", str(tmp_path / "meanflow")]) == 0
+    capsys.readouterr()
+    assert evaluate(["kernel", str(gmm / "stmd"), str(tmp_path / "meanflow"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "Mean Flow run", "STMD or DDPM")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command,counterpart", [("sweep", "kernel"), ("conditional", "kernel"),
                                                 ("inpaint", "posterior"), ("inverse", "posterior")])
 def test_image_commands_point_gmm_runs_to_their_gmm_counterpart(gmm, tmp_path, capsys, command, counterpart):
@@ -415,6 +425,41 @@ def test_inverse_evaluation(runs, tmp_path, operator, extra):
     assert again.pop("provenance")["utc"] >= result.pop("provenance")["utc"] and again == result
 
 
+def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(runs, gmm, tmp_path, capsys):
+    """inverse, inpaint, conditional, posterior and kernel name their files by what they measure but not by
+    every setting (sampler, sigma_y, N, K, checkpoint): a second command into the same --out overwrote the first's
+    result without a word (README's DDNM / DDNM+ / SMC table is made so). It is copied aside and said, as a
+    sweep does; the same command again replaces its own result."""
+    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "2", "--completions", "2", "--steps", "1",
+            *scoring(runs), "--out", str(tmp_path)]
+    assert evaluate(base) == 0
+    assert evaluate(base) == 0 and not list(tmp_path.glob("*.replaced-*"))  # a rerun: its own result, replaced
+    ddnm = (tmp_path / "inverse_sr4.json").read_bytes()
+    capsys.readouterr()
+    assert evaluate(base + ["--sigma-y", "0.2", "--particles", "2"]) == 0
+    assert "is copied, with 1 file(s) of its own, to inverse_sr4.replaced-" in capsys.readouterr().err
+    kept = {path.suffix: path for path in tmp_path.glob("inverse_sr4.replaced-*")}
+    assert set(kept) == {".json", ".png"} and kept[".json"].read_bytes() != b""
+    assert json.loads(kept[".json"].read_text())["sampler"] == "ddnm"
+    assert json.loads(kept[".json"].read_text())["provenance"] == json.loads(ddnm)["provenance"]
+    assert json.loads((tmp_path / "inverse_sr4.json").read_text())["sampler"] == "smc K=2"
+    post = ["posterior", str(gmm / "stmd"), "--particles", "1", "--observations", "1", "--runs", "5",
+            "--out", str(tmp_path / "post")]
+    assert evaluate(post + ["--steps", "1"]) == 0 and evaluate(post + ["--steps", "2"]) == 0
+    kept = sorted(path.name.split(".")[-1] for path in (tmp_path / "post").glob("posterior.replaced-*"))
+    assert kept == ["json", "md"]
+    # the same command once its run has trained on (a newer checkpoint): another result, kept too, heat maps and all
+    run = tmp_path / "gmm-stmd"
+    shutil.copytree(gmm / "stmd", run)
+    kernel = ["kernel", str(run), "--points", "2", "--num", "20", "--flow-steps", "1", "--out", str(tmp_path / "k")]
+    assert evaluate(kernel) == 0 and evaluate(kernel) == 0
+    assert not list((tmp_path / "k").glob("*.replaced-*"))
+    assert train(["--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert evaluate(kernel) == 0
+    kept = sorted(path.name.split(".replaced-")[0] for path in (tmp_path / "k").glob("*.replaced-*"))
+    assert kept == ["kernel", "kernel", "kernel_gmm-stmd_M1"]  # .json, .md and the heat map
+
+
 def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
     # the STMD run keeps EMAs of decay 0.999 (its --ema-decay, the default) and 0.5: after two training steps
     # they are different weights, so their posterior samples differ; the JSON records which one was used
@@ -449,11 +494,16 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
     assert evaluate(args) == 0
     result = json.loads((tmp_path / "post" / "posterior.json").read_text())
     cells = [(r["model"].split("/")[-1], r["sampler"], r["N"], r["K"]) for r in result["rows"]]
-    assert len(cells) == 1 + 2 * 2 + 2 * 2 * 3 and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
+    assert len(cells) == 1 + 2 * 2 + 2 * (2 * 2 + 1) and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
+    # at N = 1 DDNM+'s one step ends at s = 0, where it corrects nothing: a draw from the prior, not the posterior,
+    # was printed as its number; now no row, and "-" in the table
+    assert ("stmd", "ddnm+", 1, None) not in cells and ("ddpm", "ddnm+", 1, None) not in cells
     assert ("exact kernel", "smc", 2, 3) in cells
     assert all(np.isfinite(r["energy"]) for r in result["rows"])
     md = (tmp_path / "post" / "posterior.md").read_text()
     assert "SMC K = 3" in md and "DDNM+" in md and "the quadratic diffusion time grid" in md
+    n1 = [line for line in md.splitlines() if line.startswith(("| stmd | stmd | 1 |", "| ddpm | ddpm | 1 |"))]
+    assert len(n1) == 2 and all(line.endswith("| - |") for line in n1), md
     assert first_column(tmp_path / "post" / "posterior.md") == {"exact kernel", "stmd", "ddpm"}  # as kernel.md
     # the runs' own grid (the gmm preset's --sample-grid), as every other sampler of theirs: it ran on the
     # uniform one, where their STMD is not trained to step, and did not say so
@@ -613,10 +663,16 @@ def test_checkpoints_without_recorded_checksums_are_told_apart_by_their_files(ru
     assert values[0] != values[1]
 
 
-def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path, capsys):
+def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path, capsys, monkeypatch):
+    import stmd_fast.evaluate as evaluate_module
+
     out = tmp_path / "out"
     assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "1,2")) == 0
     earlier = (out / "results.json").read_text()
+    with monkeypatch.context() as patch:  # stopped before its first setting: results.json unchanged, no copy
+        patch.setattr(evaluate_module, "load_for_sweep", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "4")) == 130
+    assert (out / "results.json").read_text() == earlier and not list(out.glob("results.replaced-*"))
     capsys.readouterr()
     assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "2")) == 0  # a narrower list
     captured = capsys.readouterr()

@@ -554,7 +554,7 @@ def test_export_refuses_an_unwritable_out(capsys, runs, tmp_path, case):
 
 def test_export_refuses_a_missing_checkpoint(capsys, tmp_path, exported):
     assert export_main(export_args(tmp_path / "nothing", tmp_path / "s.pt2")) == 2
-    assert_one_line_error(capsys, "no checkpoint")
+    assert_one_line_error(capsys, "nothing does not exist")
     program = exported("gmm-stmd", 2, 2)  # a sampler given where a run goes
     for command in (export_main, sample_main):
         assert command(export_args(program, tmp_path / "x.pt2")[:3]) == 2
@@ -578,6 +578,19 @@ def test_sample_refuses_another_export_format(capsys, exported, tmp_path):
     out = tmp_path / "x.npy"
     assert sample_main(["--exported", str(tampered), "--out", str(out)]) == 2
     assert_one_line_error(capsys, f"format {EXPORT_FORMAT + 1}", "re-export")
+    assert not out.exists()
+
+
+def test_a_pt2_whose_metadata_disagrees_with_its_program_is_refused_in_one_line(capsys, exported, tmp_path):
+    """The program's batch is static; metadata saying another batch (from another export) fed it noise of that
+    size and its own shape guard failed with an AssertionError traceback at the first call."""
+    program, meta = load_program(exported("gmm-stmd", 2, 2))
+    shape = meta["inputs"][0]["shape"]
+    wrong = {**meta, "batch": 8, "inputs": [{**meta["inputs"][0], "shape": [shape[0], 8, *shape[2:]]}]}
+    tampered, out = tmp_path / "mixed.pt2", tmp_path / "x.npy"
+    torch.export.save(program, str(tampered), extra_files={META_FILE: json.dumps(wrong)})
+    assert sample_main(["--exported", str(tampered), "--num", "8", "--out", str(out)]) == 2
+    assert_one_line_error(capsys, str(tuple(shape)), "re-export")
     assert not out.exists()
 
 

@@ -15,7 +15,6 @@ from stmd_fast.gmm import GaussianMixture, default_mixture, energy_distance
 from stmd_fast.models import NetConfig, build_net
 from stmd_fast.objectives import METHODS
 from stmd_fast.operators import DDNM, AvgPool, Grayscale, Mask, Matrix, make_operator
-from stmd_fast.sampling import make_step
 from stmd_fast.smc import ess, smc_sample, systematic_indices
 
 UNET = dict(kind="unet", channels=(8, 16), norm_groups=4, head_dim=4, time_freqs=16,

@@ -137,6 +137,8 @@ def test_device_checks():
         resolve_device("bogus")
     with pytest.raises(ValueError, match="only cpu and cuda"):
         resolve_device("meta")
+    with pytest.raises(ValueError, match="--device cpu:1: the CPU is one device"):  # once accepted, as cpu
+        resolve_device("cpu:1")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")

@@ -759,6 +759,24 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
         assert not list_checkpoints(run) and "interrupted during start-up" in err
 
 
+@pytest.mark.slow
+def test_a_fresh_run_stopped_during_its_first_compile_leaves_no_folder(tmp_path):
+    """By the first compiled step the run has written config.json and an empty metrics.jsonl: its new --out
+    was left holding them, though nothing of use was in it (README: such a folder is removed)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # cold: the compile takes seconds
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "2", "--compile",
+                                "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env)
+    while "compiling the loss" not in (line := process.stdout.readline()):
+        assert line, f"the run ended early: {process.stderr.read()}"
+    assert (run / "config.json").exists()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "interrupted during start-up" in err, (out, err)
+    assert not run.exists()
+
+
 def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_batch_size(capsys, tmp_path):
     run = tmp_path / "run"
     assert train(*GMM, "--batch-size", 10 ** 12, "--steps", 1, "--out", run) == 2
@@ -831,6 +849,36 @@ def test_a_hang_up_is_left_to_nohup_and_a_stop_before_the_first_step_quits_at_on
         stop.step_done()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signal == signal.SIGTERM
+
+
+def test_every_command_takes_sigterm_as_ctrl_c_and_the_same_signal_again_quits_at_once():
+    """one_line_errors (sample, export, encode, the bench scripts) turns a stop signal into a KeyboardInterrupt that
+    knows its signal, for the command's cleanup and exit code 143; a second one is not caught again (it could
+    land in that cleanup and stop it), and the caller's handlers come back afterwards."""
+    from stmd_fast.cli import one_line_errors
+
+    seen = {}
+
+    @one_line_errors(ValueError)
+    def command(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    @one_line_errors(ValueError)
+    def second_signal(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            seen["after"] = signal.getsignal(signal.SIGTERM)
+            raise
+
+    mine = signal.signal(signal.SIGTERM, lambda signum, frame: seen.setdefault("fell through", signum))
+    try:
+        assert command([]) == 128 + signal.SIGTERM and "fell through" not in seen
+        assert second_signal([]) == 128 + signal.SIGTERM and seen["after"] == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, mine)
 
 
 def test_a_file_size_limit_is_one_line_naming_the_limit_and_how_to_go_on(tmp_path):
@@ -1045,3 +1093,58 @@ def test_a_resume_on_data_rewritten_in_place_says_so(tmp_path, capsys):
     assert train("--out", run, "--resume", "--steps", 6) == 0
     assert f"note: {data} holds other samples than the run was trained on (the same count, another SHA-256)" \
         in capsys.readouterr().err
+
+
+def test_empty_and_broken_compiled_libraries_in_inductors_cache(tmp_path, monkeypatch):
+    """A compile stopped while the C++ compiler wrote a library leaves it empty (or short) in Inductor's
+    cache, and Inductor loads what it finds there: every later --compile failed with "file too short"."""
+    from stmd_fast.engine import broken_compiled_library, remove_interrupted_compiles
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    old, fresh, whole = (tmp_path / "cache" / "ab" / name for name in ("c1.main.so", "c2.main.so", "c3.so"))
+    old.parent.mkdir(parents=True)
+    old.touch(), fresh.touch(), whole.write_bytes(b"\x7fELF" + bytes(60))
+    os.utime(old, (0, 0))  # long ago; `fresh` may be a compile running now
+    assert remove_interrupted_compiles() == [old]
+    assert not old.exists() and fresh.exists() and whole.exists()
+
+    inside, outside = whole, tmp_path / "elsewhere.so"
+    def failed(path):
+        try:  # as Inductor raises it: an ImportError inside its own exception
+            raise ImportError(f"{path}: file too short")
+        except ImportError as err:
+            return RuntimeError(f"backend='inductor' raised:\n{err}")
+    assert broken_compiled_library(failed(inside)) == str(inside)
+    assert broken_compiled_library(failed(outside)) is None  # not Inductor's: not ours to name or remove
+    assert broken_compiled_library(RuntimeError("some other failure")) is None
+
+
+@pytest.mark.slow
+def test_a_compile_stopped_while_writing_a_library_does_not_break_later_compiles(tmp_path):
+    """End to end, with a real first --compile: its libraries emptied (as a kill leaves them) are removed
+    and built again, with a note; one cut short fails the next run in one line naming it, removes it, and
+    the run after that compiles."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+
+    def compiled_run(name):
+        return subprocess.run([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1", "--compile",
+                               "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600,
+                              cwd=ROOT, env=env)
+
+    assert compiled_run("first").returncode == 0
+    libraries = sorted((tmp_path / "cache").rglob("*.main.so"))
+    assert libraries
+    for library in libraries:
+        library.write_bytes(b"")
+        os.utime(library, (0, 0))
+    second = compiled_run("second")
+    assert second.returncode == 0, second.stderr
+    assert f"removed {len(libraries)} empty compiled librar" in second.stderr
+    cut_short = libraries[0]
+    assert cut_short.stat().st_size > 0  # built again
+    cut_short.write_bytes(cut_short.read_bytes()[:200])
+    third = compiled_run("third")
+    lines = third.stderr.strip().splitlines()
+    assert third.returncode == 2 and lines[-1].startswith("error: --compile:"), third.stderr
+    assert str(cut_short) in lines[-1] and "run the same command again" in lines[-1] and not cut_short.exists()
+    assert compiled_run("fourth").returncode == 0
