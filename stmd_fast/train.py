@@ -335,23 +335,23 @@ def with_flip(data, flip: bool):
 
 def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
     """Create --out and check it is writable; take its lock into `held` (one live run per directory);
-    refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone probes and locks
-    under torchrun (its ranks are one run). A run that ends before writing anything into a folder it
-    created (bad data, say) removes that folder again, and the parents it created."""
+    refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone makes, probes and
+    locks it under torchrun (its ranks are one run; the others use it only after the rendezvous, which
+    waits for rank 0). A run that ends before writing anything into a folder it created (bad data, say)
+    removes that folder again, and the parents it created."""
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: give a folder for the run (it is made if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if main:
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
             probe_file = out / ".write-test"
             probe_file.write_text("ok")
             probe_file.unlink()
-    except OSError as err:
-        fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
-               "choose a writable directory")
-        raise UserError(f"cannot write to --out {out}: {err.strerror or err}: {fix}") from None
-    if main:
+        except OSError as err:
+            fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
+                   "choose a writable directory")
+            raise UserError(f"cannot write to --out {out}: {err.strerror or err}: {fix}") from None
         try:
             held.enter_context(run_lock(out))
         except RunLocked as err:

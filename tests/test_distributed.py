@@ -140,6 +140,24 @@ def test_a_run_without_the_gradient_all_reduce_stops_within_two_steps(runs):
     assert not run.exists(), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
+def test_only_rank_0_makes_the_run_folder(tmp_path):
+    """The other ranks leave --out to rank 0: one that made it first hid from rank 0 that this run made it,
+    so a failed fresh run kept an empty folder, now and then (the no-sync run above, under load)."""
+    from contextlib import ExitStack
+
+    from stmd_fast.files import LOCK_FILE
+    from stmd_fast.train import prepare_run_dir
+
+    out = tmp_path / "made" / "run"
+    with ExitStack() as held:
+        prepare_run_dir(out, False, held, main=False)
+    assert not (tmp_path / "made").exists()
+    with ExitStack() as held:
+        prepare_run_dir(out, False, held, main=True)
+        assert (out / LOCK_FILE).exists()
+    assert not (tmp_path / "made").exists()  # nothing of use was written: rank 0 removes what it made
+
+
 @pytest.mark.slow
 def test_tiny_unet_two_processes_equal_one(tmp_path):
     images = tmp_path / "tiny.npy"
