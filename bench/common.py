@@ -257,6 +257,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(value):
         if isinstance(value, float):
             return f"{value:.4g}"
+        if isinstance(value, list):  # a tensor size
+            return "x".join(map(str, value))
         return "-" if value is None else str(value)
 
     cells = [[fmt(row.get(c)) for c in columns] for row in rows]

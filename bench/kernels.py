@@ -116,10 +116,13 @@ def main(argv=None) -> int:
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | measured copy {copy_gbps:.0f} GB/s")
     if device.type != "cuda":
         print("note: no CUDA device: the Triton rows are skipped (the tests run the kernels in the interpreter)")
+    if args.smoke:  # the names keep the full run's shapes; the size column gives the one timed
+        print("smoke: every case at a tiny size (the size column), not the shape its name gives")
     rows = []
     remove_interrupted_compiles()  # a compile stopped earlier would fail every later one
-    for name, (builder, size, smoke_size) in CASES.items():
-        fns, work = builder(device, smoke_size if args.smoke else size)
+    for name, (builder, full_size, smoke_size) in CASES.items():
+        size = smoke_size if args.smoke else full_size
+        fns, work = builder(device, size)
         # every case's functions share their code: without a reset and dynamic=False, Dynamo would compile the
         # second case's shapes as symbolic (automatic dynamic shapes), a slower graph than a user's fixed one
         torch._dynamo.reset()
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
             with dispatch.backend(backend):
                 ms = median(time_ms(fn, device, args.warmup, args.iters))
                 on_gpu = kernel_ms(fn, device, args.iters)
-            row = {"kernel": name, "impl": impl, "size": list(smoke_size if args.smoke else size), "ms": ms,
+            row = {"kernel": name, "impl": impl, "size": list(size), "ms": ms,
                    "kernel_ms": on_gpu}
             rate_ms = on_gpu or ms
             if "bytes" in work:
@@ -142,14 +145,14 @@ def main(argv=None) -> int:
             rows.append(row)
             record("kernels", row)
             on_gpu_text = "" if on_gpu is None else f", kernels {on_gpu:.3f} ms"
-            print(f"  {name:>32} | {impl:>29} | {ms:.3f} ms{on_gpu_text}", flush=True)
+            print(f"  {name:>32} | {impl:>29} | {'x'.join(map(str, size))} | {ms:.3f} ms{on_gpu_text}", flush=True)
     for row in rows:  # the kernel against Inductor's fusion of the reference, measured in the same run
         inductor = next(r for r in rows if r["kernel"] == row["kernel"] and r["impl"].startswith("inductor"))
         row["speedup_vs_inductor"] = inductor["ms"] / row["ms"]
         both = row["kernel_ms"] and inductor["kernel_ms"]
         row["kernel_speedup_vs_inductor"] = inductor["kernel_ms"] / row["kernel_ms"] if both else None
     print()
-    print_table(rows, ["kernel", "impl", "ms", "kernel_ms", "gb_per_s", "pct_of_copy", "tflops", "speedup_vs_inductor",
+    print_table(rows, ["kernel", "impl", "size", "ms", "kernel_ms", "gb_per_s", "pct_of_copy", "tflops", "speedup_vs_inductor",
                        "kernel_speedup_vs_inductor"])
     finish("kernels", {"environment": env, "copy_gbps": copy_gbps, "rows": rows}, save=not args.no_save)
     return 0

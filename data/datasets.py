@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,6 +348,29 @@ def preset_files_hint(path: Path) -> str:
     return ""
 
 
+def what_file_instead_of_npy(file: Path) -> str | None:
+    """What a file given to --data as an .npy is instead, and the fix, from its first bytes; None for an .npy.
+    numpy would say that a CSV or an MNIST file "contains pickled (object) data" and suggest loading it
+    unsafely, and np.load opens any zip (torch.save writes one) as an .npz."""
+    with open(file, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "a damaged zip archive, not an .npy"
+        if any(name.endswith("/data.pkl") for name in names):
+            return "a torch.save file, not an .npy: save the tensor with np.save(path, x.numpy())"
+        return "an .npz archive, not an .npy: save the single array with np.save(path, x)"
+    if head.startswith(b"\x80"):
+        return "a pickle (pickle.dump, an old torch.save), not an .npy: save the array with np.save(path, x)"
+    return ("not an .npy file (it lacks the header np.save writes); --data takes a folder of images, latent "
+            "shards or an array saved with np.save")
+
+
 def load_npy(path: str) -> TensorData:
     """The user's own array saved with np.save: (N, D) -> 'vector', (N, C, H, W) -> 'image'.
 
@@ -365,19 +389,21 @@ def load_npy(path: str) -> TensorData:
         raise DataError(f"--data {path}: one file of your {what}; pass the folder that holds them: --data "
                         f"{file.parent}")
     try:
-        array = np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"--data {path}: not a loadable .npy ({str(error).splitlines()[0]}); --data takes a folder of "
-                        f"images, latent shards or an array saved with np.save{preset_files_hint(file)}") from None
-    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for .npz archives
-        raise DataError(f"{path}: is an .npz archive; save the single array with np.save(path, x)")
+        instead = what_file_instead_of_npy(file)
+        array = None if instead else np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # an .npy cut short, of Python objects, ...
+        instead = (f"not a loadable .npy ({str(error).splitlines()[0]}); --data takes a folder of images, latent "
+                   f"shards or an array saved with np.save")
+    if instead:
+        raise DataError(f"--data {path}: {instead}{preset_files_hint(file)}")
     # bool is not an np.number; complex is, but a model cannot use it.
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"{path}: dtype {array.dtype} is not real numbers; convert with x.astype(np.float32)")
 
     if array.ndim == 2:
         kind = "vector"
-    elif array.ndim == 4 and array.shape[-1] in (1, 3, 4) and min(array.shape[1:3]) >= 8:  # no image is 3 wide
+    elif array.ndim == 4 and array.shape[-1] <= 4 < min(array.shape[1:3]):  # as (N, C, H, W): over 4 channels
+        # of images at most 4 pixels wide; as (N, H, W, C): gray, gray + alpha, RGB or RGBA images
         raise DataError(f"{path}: shape {array.shape} looks like (N, H, W, C) images, channels last as numpy and "
                         "PIL write them; the model takes (N, C, H, W): save x.transpose(0, 3, 1, 2)")
     elif array.ndim == 4:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -23,7 +24,6 @@ from .data.datasets import TensorData, _to_model_space
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"
-TRAIN_HINT = "train one with: python -m stmd_fast.evaluate train-classifier --preset digits"
 LABEL_SMOOTHING = 0.1  # see train_classifier: worth about 2 points of digits test accuracy
 # The digits FD classifier this package ships, as FID pins its Inception weights: train-classifier trains another one
 # on another CPU (float rounding follows the kernels torch picks for it; one seed gave 97.64% test accuracy on one
@@ -35,6 +35,17 @@ REFERENCE_CLASSIFIERS = {"digits": Path(__file__).parent / "reference" / "classi
 def default_classifier(dataset: str) -> Path:
     """The FD classifier read without --classifier: the shipped one (digits), else runs/classifier-<dataset>."""
     return REFERENCE_CLASSIFIERS.get(dataset, Path(f"runs/classifier-{dataset}"))
+
+
+def train_hint(dataset: str, data_dir: str | None = None, out: str | Path | None = None) -> str:
+    """The train-classifier command that writes the classifier `dataset`'s FD reads from `out` (its files from
+    data_dir, where the dataset has files)."""
+    command = f"python -m stmd_fast.evaluate train-classifier --preset {dataset}"
+    if data_dir is not None:
+        command += f" --data-dir {shlex.quote(str(data_dir))}"
+    if out is not None and Path(out) != default_classifier(dataset):
+        command += f" --out {shlex.quote(str(out))}"
+    return f"train one with: {command}"
 
 
 class FeatureClassifier(nn.Module):
@@ -168,16 +179,19 @@ def save_classifier(model: FeatureClassifier, path: str | Path, meta: dict) -> N
     os.replace(tmp, folder / META)  # last: a json next to weights means the pair is complete
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[FeatureClassifier, dict]:
-    """(model in eval mode on `device`, the json meta) from a directory written by save_classifier."""
+def load_classifier(path: str | Path, device: torch.device | str = "cpu", hint: str | None = None
+                    ) -> tuple[FeatureClassifier, dict]:
+    """(model in eval mode on `device`, the json meta) from a directory written by save_classifier. hint: how
+    to train the one that belongs there (train_hint), said when it is missing or unusable."""
     folder = Path(path)
+    hint = hint or train_hint("digits", out=folder)
     missing = [name for name in (WEIGHTS, META) if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"no FD classifier in {folder} ({', '.join(missing)} missing): {TRAIN_HINT}")
+        raise FileNotFoundError(f"no FD classifier in {folder} ({', '.join(missing)} missing): {hint}")
     meta = json.loads((folder / META).read_text())
     if meta.get("num_features") != FeatureClassifier.num_features:
         raise ValueError(f"{folder} holds a classifier with {meta.get('num_features')} features, this stmd_fast "
-                         f"uses {FeatureClassifier.num_features}: {TRAIN_HINT}")
+                         f"uses {FeatureClassifier.num_features}: {hint}")
     model = FeatureClassifier(tuple(meta["data_shape"]), meta["num_classes"])
     model.load_state_dict(load_file(folder / WEIGHTS))
     return model.to(device).eval(), meta

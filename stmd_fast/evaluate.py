@@ -230,17 +230,17 @@ def build_metric(meta: dict, args, device):
         raise EvalError(f"--metric fd reads the features of a digit classifier, trained for {' and '.join(FD_PRESETS)} "
                         f"only (evaluate train-classifier --preset NAME); for {dataset} use --metric fid (Inception "
                         f"FID; offline, with --inception-weights FILE)")
-    from .classifier import default_classifier, load_classifier
+    from .classifier import default_classifier, load_classifier, train_hint
 
     path = args.classifier or default_classifier(dataset)
+    data_dir = (getattr(args, "data_dir", None) or meta["config"].get("data_dir")) if dataset in FILE_PRESETS else None
     try:
-        classifier, cmeta = load_classifier(path, device=device)
-    except FileNotFoundError as err:
+        classifier, cmeta = load_classifier(path, device=device, hint=train_hint(dataset, data_dir, out=path))
+    except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from None
     if cmeta.get("dataset") != dataset or tuple(cmeta["data_shape"]) != tuple(meta["data_shape"]):
         raise EvalError(f"the classifier in {path} was trained on {cmeta.get('dataset')} {tuple(cmeta['data_shape'])}, "
-                        f"the checkpoints on {dataset} {tuple(meta['data_shape'])}: train one with "
-                        f"'python -m stmd_fast.evaluate train-classifier --preset {dataset}'")
+                        f"the checkpoints on {dataset} {tuple(meta['data_shape'])}: {train_hint(dataset, data_dir)}")
     return FrechetDistance(classifier, device=device, batch_size=args.batch_size)
 
 
@@ -609,16 +609,17 @@ def write_results(out: Path, rows: list[dict], metric, record: dict, settings: i
 
 # ----------------------------------------------------------------------------- kernel (gmm)
 
-def gmm_models(paths: list[str]) -> dict[str, tuple[Path, Model]]:
+def gmm_models(paths: list[str], exact: str) -> dict[str, tuple[Path, Model]]:
     """label -> (checkpoint, model) of the gmm-preset runs `paths` (loaded on the CPU), each checkpoint given
-    once, labelled as sweep labels its checkpoints (checkpoint_names)."""
+    once, labelled as sweep labels its checkpoints (checkpoint_names); exact: what the command compares them
+    with, named when a run is not a gmm one."""
     from .gmm import check_gmm_model
 
     found = find_checkpoints(paths)
     models = {}
     for (ckpt, _), name in zip(found, checkpoint_names(found)):
         model = load_checkpoint(ckpt)
-        check_gmm_model(model, ckpt)
+        check_gmm_model(model, ckpt, exact)
         models[name] = ckpt, model
     return models
 
@@ -633,7 +634,7 @@ def check_flow_steps_used(args, methods: list[str]) -> None:
 def kernel(args) -> int:
     from .gmm import default_kernel_pairs, default_mixture, kernel_grid
 
-    models = gmm_models(args.runs)
+    models = gmm_models(args.runs, "transition kernel")
     for ckpt, model in models.values():  # the kernel is p(x_s_to | x_s_from): a transition between diffusion times
         if not METHODS[model.method].diffusion:
             raise EvalError(f"{ckpt} is a {METHODS[model.method].label} run: it samples from noise at s = 1 only and "
@@ -769,7 +770,7 @@ def posterior(args) -> int:
                         f"density), got {args.sigma_y}")
     if args.runs < 2 or args.observations < 1:
         raise EvalError("need --runs >= 2 (energy distance is a U-statistic) and --observations >= 1")
-    found = gmm_models(args.runs_dirs)
+    found = gmm_models(args.runs_dirs, "posterior p(x_0 | y)")
     models = {name: model for name, (_, model) in found.items()}
     check_flow_steps_used(args, [model.method for model in models.values()])
     flow_steps = 1 if args.flow_steps is None else args.flow_steps
@@ -1061,8 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per network batch; the random draws follow the batches, so the same --seed "
                              "gives the same numbers at the same --batch-size (recorded with them) [default: 256]")
         sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N [default: auto]")
-        sp.add_argument("--data-dir", help="where the mnist/cifar10 files are (other data has none) [default: where "
-                        "the checkpoints' run read them; datasets for train-classifier]")
+        default = "where the checkpoints' run read them" if metric else "datasets"
+        sp.add_argument("--data-dir", help=f"where the mnist/cifar10 files are (other data has none) [default: {default}]")
         if metric:
             sp.add_argument("--metric", choices=("auto", "fd", "fid"), default="auto",
                             help="fd: the Frechet distance on a digit classifier's features (digits and mnist only, the "
@@ -1100,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")
     k.add_argument("runs", nargs="+", metavar="RUN")
-    k.add_argument("--flow-steps", help="M values for STMD / Mean Flow [default: 1,2]")
+    k.add_argument("--flow-steps", help="M values for STMD [default: 1,2]")
     k.add_argument("--points", type=int, default=8, help="conditioning states per (s_from, s_to) [default: 8]")
     k.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     k.add_argument("--out", required=True, help="output directory")

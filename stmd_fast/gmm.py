@@ -283,10 +283,12 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     return rows
 
 
-def check_gmm_model(model, run) -> None:
-    """The exact kernel is known only for the built-in mixture: refuse any other model."""
+def check_gmm_model(model, run, exact: str = "transition kernel") -> None:
+    """The exact `exact` (transition kernel, posterior) is known only for the built-in mixture: refuse any other
+    model."""
     if model.meta["config"]["preset"] != "gmm" or model.meta["config"]["data"] is not None:
-        raise ValueError(f"{run} was not trained on the built-in gmm preset: the exact kernel is known only for it")
+        raise ValueError(f"{run} was not trained on the built-in gmm preset: the exact {exact} is known only for it "
+                         f"(train one with python -m stmd_fast.train --preset gmm)")
 
 
 @one_line_errors(ValueError, FileNotFoundError)

@@ -137,7 +137,9 @@ class WandbLogger:
         self.run.log(dict(values), step=step)
 
     def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
-        """image: (C, H, W) in [0, 1]."""
+        """image: (C, H, W) in [0, 1]; gray + alpha (a 2-channel run's grid) goes as RGBA: W&B refuses 2 channels."""
+        if image.shape[0] == 2:
+            image = torch.cat([image[:1].expand(3, -1, -1), image[1:]])
         pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
         self.run.log({tag: self._wandb.Image(pixels)}, step=step)
 
@@ -161,8 +163,8 @@ def replay(logger, run_dir: Path, start_step: int) -> None:
         logger.log_scalars(record["step"], {k: math.nan if v is None else v for k, v in record.items() if k != "step"})
         grid = run_dir / "samples" / f"step_{record['step']:08d}.png"
         if grid.exists():
-            with Image.open(grid) as image:  # as written: one channel (gray images) or RGB
-                pixels = np.array(image.convert("L" if image.mode in ("1", "L", "I;16") else "RGB"))
+            with Image.open(grid) as image:  # as written: gray, gray + alpha, RGB or RGBA
+                pixels = np.array(image if image.mode in ("L", "LA", "RGB", "RGBA") else image.convert("RGB"))
             pixels = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).float() / 255
             logger.log_image(record["step"], "samples", pixels)
 

@@ -532,8 +532,9 @@ def data_sha256(data) -> str | None:
 
 
 def sample_count(data) -> int | None:
-    """How many samples an in-memory dataset holds; None for a latent stream (its manifest says)."""
-    return len(data) if hasattr(data, "__len__") else None
+    """How many samples the data hold: an in-memory dataset's length, a latent stream's count (from its
+    manifest, all ranks' shards together); None for a distribution drawn from (gmm)."""
+    return len(data) if hasattr(data, "__len__") else getattr(data, "count", None)
 
 
 def print_summary(cfg: TrainConfig, run: Run) -> None:
@@ -576,6 +577,9 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     except CheckpointError as err:  # intact, but of another layout: a one-line error, not a traceback
         raise UserError(f"--resume: {err}") from None
     if ctx.is_main:
+        for name in ("config.json", "metrics.jsonl"):  # a kill in write_atomic left it; no writer lives (the lock)
+            for leftover in run.out.glob(f".tmp-*-{name}"):
+                leftover.unlink(missing_ok=True)
         # the pending record of a process killed during its FD: added without it, or measured again (loop)
         keep_metrics_until(run.out / "metrics.jsonl", state.step, state.pending_record if run.fd is None else None)
         drop_samples_after(run.out / "samples", state.step)

@@ -12,11 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def run_smoke(script: str) -> dict:
+def run_smoke(script: str, printed: list[str] | None = None) -> dict:
+    """The JSON line a --smoke run ends with; printed, if given, receives the lines before it."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    *before, last = proc.stdout.strip().splitlines()
+    if printed is not None:
+        printed.extend(before)
     return json.loads(last)  # each benchmark ends with one JSON line
 
 
@@ -191,10 +194,14 @@ def test_sample_smoke():
 
 @pytest.mark.slow
 def test_kernels_smoke():
-    result = run_smoke("kernels.py")
+    printed = []
+    result = run_smoke("kernels.py", printed)
     kernels = {r["kernel"] for r in result["rows"]}
     # the two memory-bound kernels, and attention at three shapes, forward + tangent and with backward
     assert len(kernels) == 2 + 2 * 3 and result["copy_gbps"] > 0
+    # the names keep the full shapes ("DiT-M/2 L1024"): each row says the tiny size it timed
+    assert result["rows"][-1]["size"] == [2, 2, 16, 16] and "2x2x16x16" in printed[-1] \
+        and any(line.startswith("smoke: every case at a tiny size") for line in printed)
     assert all(r["ms"] > 0 for r in result["rows"])
     for row in result["rows"]:  # each kernel's rate against Inductor's fusion of its reference, same run
         inductor = next(r for r in result["rows"] if r["kernel"] == row["kernel"] and r["impl"].startswith("inductor"))

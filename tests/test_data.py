@@ -439,7 +439,7 @@ def test_npy_unloadable_files_rejected(tmp_path):
         load_npy(str(tmp_path / "missing.npy"))
 
     (tmp_path / "junk.npy").write_bytes(b"not an array at all")
-    with pytest.raises(DataError, match="not a loadable"):
+    with pytest.raises(DataError, match="not an .npy file"):
         load_npy(str(tmp_path / "junk.npy"))
 
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
@@ -449,6 +449,31 @@ def test_npy_unloadable_files_rejected(tmp_path):
     np.savez(tmp_path / "archive.npz", x=np.zeros((2, 2)))
     with pytest.raises(DataError, match="npz"):
         load_npy(str(tmp_path / "archive.npz"))
+
+
+@pytest.mark.parametrize("name, save, said", [
+    # a zip as np.savez's: np.load opened it as an .npz, and the error said it was one
+    ("x.pt", lambda p: torch.save(torch.zeros(4, 3, 8, 8), p), r"a torch\.save file, not an \.npy: .*x\.numpy\(\)"),
+    ("x.pkl", lambda p: p.write_bytes(pickle.dumps(np.zeros((4, 2)))), r"a pickle .*np\.save\(path, x\)"),
+    # numpy said these "contain pickled (object) data" and told how to load them unsafely
+    ("data.csv", lambda p: p.write_text("1,2\n3,4\n"), r"not an \.npy file .*np\.save$"),
+    ("data_batch_1", lambda p: p.write_bytes(b"\x00\x00\x08\x03" + bytes(16)), r"not an \.npy file .*--preset cifar10"),
+])
+def test_a_file_that_is_no_npy_is_named_for_what_it_is(tmp_path, name, save, said):
+    save(tmp_path / name)
+    with pytest.raises(DataError, match=said) as err:
+        load_npy(str(tmp_path / name))
+    assert "pickled" not in str(err.value) and "unsafe" not in str(err.value)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 16, 2), (4, 6, 6, 3), (4, 8, 8, 1), (4, 32, 32, 4)])
+def test_channels_last_images_of_any_channel_count_are_refused(tmp_path, shape):
+    """(N, 16, 16, 2), gray + alpha channels last, trained as 16-channel 16 x 2 images, without a word."""
+    np.save(tmp_path / "hwc.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=r"\(N, H, W, C\).*x\.transpose\(0, 3, 1, 2\)"):
+        load_npy(str(tmp_path / "hwc.npy"))
+    np.save(tmp_path / "chw.npy", np.zeros((4, shape[-1], *shape[1:3]), np.uint8))  # the same, channels first
+    assert load_npy(str(tmp_path / "chw.npy")).shape == (shape[-1], *shape[1:3])
 
 
 # --- TensorData.batch and helpers --------------------------------------------------------------

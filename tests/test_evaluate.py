@@ -377,6 +377,28 @@ def test_image_commands_point_gmm_runs_to_their_gmm_counterpart(gmm, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command, exact", [("kernel", "transition kernel"), ("posterior", "posterior p(x_0 | y)")])
+def test_kernel_and_posterior_on_an_image_run_name_what_they_compare_with(runs, tmp_path, capsys, command, exact):
+    """posterior on a digits run said "the exact kernel is known only for it", and neither named a fix."""
+    assert evaluate([command, str(runs / "stmd"), "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys, f"the exact {exact} is known only for it", "python -m stmd_fast.train --preset gmm")
+    assert ("kernel" in err) == (command == "kernel")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "inpaint", "conditional", "inverse", "kernel", "posterior",
+                                     "train-classifier"])
+def test_each_subcommands_help_says_its_own_defaults(command, capsys):
+    """kernel's --flow-steps help offered Mean Flow, which kernel refuses; sweep's, inpaint's and conditional's
+    --data-dir help gave train-classifier's default."""
+    with pytest.raises(SystemExit):
+        evaluate([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("train-classifier" in text) == (command == "train-classifier")
+    if command == "kernel":
+        assert "M values for STMD [default: 1,2]" in text and "Mean Flow" not in text
+
+
 def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     out = tmp_path / "eval"
     args = ["kernel", str(gmm / "stmd"), str(gmm / "ddpm"), "--points", "2", "--num", "50",

@@ -828,3 +828,22 @@ def test_encode_says_how_many_images_it_enlarged(tmp_path, image_dir, vae_dir, c
     for _ in range(2):  # encoded, then every shard reused
         enc.main(args)
         assert "note: 1 of the 9 images are smaller than --resolution 16 (shorter side)" in capsys.readouterr().err
+
+
+def test_a_resume_on_shards_of_another_count_says_so(shards, tmp_path, capsys):
+    """config.json recorded no sample count for latent shards (data_count null), so a resume on a
+    re-encoded, larger set went on without the note image folders and arrays get."""
+    from stmd_fast.train import main as train
+
+    run = tmp_path / "run"
+    flags = ["--data", str(shards), "--dit", "DiT-S/2", "--batch-size", "4", "--sample-every", "0", "--device", "cpu",
+             "--out", str(run)]
+    assert train([*flags, "--steps", "1"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    total = sum(info["samples"] for info in json.loads((shards / "manifest.json").read_text())["shard_info"])
+    assert config["data_count"] == total
+    config["data_count"] = total - 3  # as if the run had trained on an encoding of three images fewer
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert train([*flags, "--steps", "2", "--resume"]) == 0
+    assert f"now holds {total} samples, where the run was trained on {total - 3}" in capsys.readouterr().err

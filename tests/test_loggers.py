@@ -132,6 +132,32 @@ def test_wandb_offline_run_holds_the_scalars_and_the_grid(tmp_path, monkeypatch,
     assert run_id and len(run_id) == 8  # kept, so that a resumed training run continues this W&B run
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_wandb_takes_the_grid_of_any_channel_count_a_run_draws(tmp_path, monkeypatch, channels):
+    """A 2-channel run's grid (gray + alpha) raised "Un-supported shape" from wandb.Image at its first grid,
+    mid-run; it goes as RGBA now, gray in R = G = B, and the others as they are. A resumed run replays the
+    grids it wrote (samples/*.png) into its new W&B run the same way (alpha was dropped)."""
+    from torchvision.utils import make_grid, save_image  # as train draws and writes samples/step_*.png
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    grid = make_grid(torch.randint(0, 256, (3, channels, 4, 5)).float() / 255, nrow=8, padding=1)
+    expected = (grid * 255).round().byte().permute(1, 2, 0).numpy()
+    if channels == 2:
+        expected = expected[..., [0, 0, 0, 1]]
+    live, resumed = tmp_path / "live", tmp_path / "resumed"
+    logger = loggers.WandbLogger(live, {})
+    logger.log_image(4, "samples", grid)
+    logger.close()
+    (resumed / "samples").mkdir(parents=True)
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    save_image(grid, resumed / "samples" / "step_00000004.png")
+    loggers.WandbLogger(resumed, {}, start_step=4).close()
+    for run in live, resumed:
+        (png,) = run.glob("wandb/offline-run-*/files/media/images/samples_*.png")
+        assert np.array_equal(np.array(Image.open(png)).reshape(expected.shape), expected), run.name
+
+
 @pytest.mark.parametrize("name", loggers.LOGGERS)
 def test_a_missing_package_is_a_one_line_error_naming_the_extra(name, monkeypatch):
     monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda module: None)

@@ -244,6 +244,26 @@ def test_load_classifier_missing_names_the_command(tmp_path):
         load_classifier(tmp_path / "nothing")
 
 
+def test_a_missing_classifier_names_the_command_that_makes_it_where_it_is_read(tmp_path, monkeypatch):
+    """An mnist run's --fd-every (and evaluate) without runs/classifier-mnist told the user to train a digits
+    classifier, which lands in runs/classifier-digits and fixes nothing."""
+    from argparse import Namespace
+
+    from stmd_fast.evaluate import EvalError, build_metric
+
+    monkeypatch.chdir(tmp_path)
+    meta = {"config": {"data": None, "preset": "mnist", "data_dir": "/data/my mnist"}, "data_shape": [1, 28, 28]}
+    options = Namespace(metric="auto", classifier=None, inception_weights=None, batch_size=64)
+    with pytest.raises(EvalError) as err:
+        build_metric(meta, options, "cpu")
+    assert str(err.value).endswith("train one with: python -m stmd_fast.evaluate train-classifier --preset mnist "
+                                   "--data-dir '/data/my mnist'")
+    options.classifier = str(tmp_path / "mine")  # --classifier names where it is read: the command writes it there
+    with pytest.raises(EvalError) as err:
+        build_metric(meta, options, "cpu")
+    assert str(err.value).endswith(f"--preset mnist --data-dir '/data/my mnist' --out {tmp_path / 'mine'}")
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_classifier_shapes(shape):
     model = FeatureClassifier(shape)

@@ -777,6 +777,22 @@ def test_a_fresh_run_stopped_during_its_first_compile_leaves_no_folder(tmp_path)
     assert not run.exists()
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_what_a_kill_left_while_config_or_metrics_was_replaced_is_removed(tmp_path, resume):
+    """A SIGKILL between write_atomic's write and its rename leaves .tmp-PID-config.json (or -metrics.jsonl) in
+    the run folder, and no later run, resumed or fresh, removed it."""
+    run = tmp_path / "run"
+    if resume:
+        assert train(*GMM, "--steps", 2, "--ckpt-every", 2, "--out", run) == 0
+    run.mkdir(exist_ok=True)
+    leftovers = [run / ".tmp-99999999-config.json", run / ".tmp-99999999-metrics.jsonl"]
+    for leftover in leftovers:
+        leftover.write_text('{"step": 1')  # cut short by the kill
+    assert train(*GMM, "--steps", 4, "--ckpt-every", 2, "--out", run, *["--resume"] * resume) == 0
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_batch_size(capsys, tmp_path):
     run = tmp_path / "run"
     assert train(*GMM, "--batch-size", 10 ** 12, "--steps", 1, "--out", run) == 2
