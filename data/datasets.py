@@ -348,9 +348,9 @@ def preset_files_hint(path: Path) -> str:
     return ""
 
 
-def what_file_instead_of_npy(file: Path) -> str | None:
-    """What a file given to --data as an .npy is instead, and the fix, from its first bytes; None for an .npy.
-    numpy would say that a CSV or an MNIST file "contains pickled (object) data" and suggest loading it
+def what_file_instead_of_npy(file: Path) -> tuple[str, str | None] | None:
+    """(what a file given as an .npy is instead, the fix where one is known), from its first bytes; None for an
+    .npy. numpy would say that a CSV or an MNIST file "contains pickled (object) data" and suggest loading it
     unsafely, and np.load opens any zip (torch.save writes one) as an .npz."""
     with open(file, "rb") as f:
         head = f.read(6)
@@ -361,14 +361,13 @@ def what_file_instead_of_npy(file: Path) -> str | None:
             with zipfile.ZipFile(file) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile:
-            return "a damaged zip archive, not an .npy"
+            return "a damaged zip archive, not an .npy", None
         if any(name.endswith("/data.pkl") for name in names):
-            return "a torch.save file, not an .npy: save the tensor with np.save(path, x.numpy())"
-        return "an .npz archive, not an .npy: save the single array with np.save(path, x)"
+            return "a torch.save file, not an .npy", "save the tensor with np.save(path, x.numpy())"
+        return "an .npz archive, not an .npy", "save the single array with np.save(path, x)"
     if head.startswith(b"\x80"):
-        return "a pickle (pickle.dump, an old torch.save), not an .npy: save the array with np.save(path, x)"
-    return ("not an .npy file (it lacks the header np.save writes); --data takes a folder of images, latent "
-            "shards or an array saved with np.save")
+        return "a pickle (pickle.dump, an old torch.save), not an .npy", "save the array with np.save(path, x)"
+    return "not an .npy file (it lacks the header np.save writes)", None
 
 
 def load_npy(path: str) -> TensorData:
@@ -388,14 +387,18 @@ def load_npy(path: str) -> TensorData:
         what = "latent shards" if file.suffix.lower() == ".json" else "images"
         raise DataError(f"--data {path}: one file of your {what}; pass the folder that holds them: --data "
                         f"{file.parent}")
+    takes = "--data takes a folder of images, latent shards or an array saved with np.save"
     try:
         instead = what_file_instead_of_npy(file)
         array = None if instead else np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:  # an .npy cut short, of Python objects, ...
-        instead = (f"not a loadable .npy ({str(error).splitlines()[0]}); --data takes a folder of images, latent "
-                   f"shards or an array saved with np.save")
+        objects = "Object arrays cannot be loaded" in str(error)  # numpy's words go on to allow_pickle=True: unsafe
+        instead = ("an .npy of Python objects (dtype object), not numbers", "save a numeric array, e.g. "
+                   "x.astype(np.float32)") if objects else (f"not a loadable .npy ({str(error).splitlines()[0]})", None)
     if instead:
-        raise DataError(f"--data {path}: {instead}{preset_files_hint(file)}")
+        what, fix = instead
+        hint = preset_files_hint(file)  # a dataset's own file: the preset reads it, no conversion needed
+        raise DataError(f"--data {path}: {what}{hint or f': {fix or takes}'}")
     # bool is not an np.number; complex is, but a model cannot use it.
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"{path}: dtype {array.dtype} is not real numbers; convert with x.astype(np.float32)")

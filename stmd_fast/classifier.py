@@ -43,7 +43,7 @@ def train_hint(dataset: str, data_dir: str | None = None, out: str | Path | None
     command = f"python -m stmd_fast.evaluate train-classifier --preset {dataset}"
     if data_dir is not None:
         command += f" --data-dir {shlex.quote(str(data_dir))}"
-    if out is not None and Path(out) != default_classifier(dataset):
+    if out is not None and Path(out) != Path(f"runs/classifier-{dataset}"):  # train-classifier's default --out
         command += f" --out {shlex.quote(str(out))}"
     return f"train one with: {command}"
 

@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, l
 from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
 from .cli import provenance as cli_provenance
 from .devices import resolve_device
-from .files import RunLocked, run_lock, write_atomic, write_fix
+from .files import RunLocked, remove_stale_temps, run_lock, write_atomic, write_fix
 from .methods import METHODS
 from .run_log import clock
 from .sampling import check_steps, nfe
@@ -230,7 +230,7 @@ def build_metric(meta: dict, args, device):
         raise EvalError(f"--metric fd reads the features of a digit classifier, trained for {' and '.join(FD_PRESETS)} "
                         f"only (evaluate train-classifier --preset NAME); for {dataset} use --metric fid (Inception "
                         f"FID; offline, with --inception-weights FILE)")
-    from .classifier import default_classifier, load_classifier, train_hint
+    from .classifier import REFERENCE_CLASSIFIERS, default_classifier, load_classifier, train_hint
 
     path = args.classifier or default_classifier(dataset)
     data_dir = (getattr(args, "data_dir", None) or meta["config"].get("data_dir")) if dataset in FILE_PRESETS else None
@@ -239,8 +239,12 @@ def build_metric(meta: dict, args, device):
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from None
     if cmeta.get("dataset") != dataset or tuple(cmeta["data_shape"]) != tuple(meta["data_shape"]):
+        fix = train_hint(dataset, data_dir)  # into runs/classifier-DATASET, read without --classifier
+        if args.classifier is not None:
+            fix = f"drop --classifier to read {default_classifier(dataset)}" + (
+                "" if dataset in REFERENCE_CLASSIFIERS else f" ({fix}, if it is missing)")
         raise EvalError(f"the classifier in {path} was trained on {cmeta.get('dataset')} {tuple(cmeta['data_shape'])}, "
-                        f"the checkpoints on {dataset} {tuple(meta['data_shape'])}: {train_hint(dataset, data_dir)}")
+                        f"the checkpoints on {dataset} {tuple(meta['data_shape'])}: {fix}")
     return FrechetDistance(classifier, device=device, batch_size=args.batch_size)
 
 
@@ -1032,13 +1036,14 @@ def holding_out(path: str | None):
     """--out, made if missing and held by this command alone: two sweeps into one folder each rewrote
     results.json with their own rows, and one's were lost. On the way out, still holding it, the lock file goes
     (run_lock: a process that opened it meanwhile locks a new one), and so does a folder made here that the
-    command left empty (it failed early)."""
+    command left empty (it failed early). A killed command's temporary files go when the next one takes it."""
     if path is None:  # train-classifier's default folder
         yield
         return
     made = not Path(path).exists()
     out = writable_dir(path)
     with run_lock(out, EVALUATE_LOCK, "another evaluate command") as lock:
+        remove_stale_temps(out)  # of results.json and the like, from a kill while write_atomic replaced it
         try:
             yield
         finally:

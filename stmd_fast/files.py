@@ -49,6 +49,24 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
+def remove_stale_temps(folder: Path, min_age_s: float = 0.0) -> None:
+    """Remove the temporary files (temp_sibling's .tmp-PID-NAME) in `folder` that a killed process left: of a
+    PID no process here has, and older than min_age_s (a folder shared with other machines: their PIDs
+    are not ours to test)."""
+    import time
+
+    for leftover in Path(folder).glob(".tmp-*-*"):
+        pid = leftover.name.split("-")[1]
+        try:
+            if not pid.isdigit() or not leftover.is_file() or time.time() - leftover.stat().st_mtime < min_age_s:
+                continue
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except OSError:  # alive under another user (EPERM), or the file went meanwhile
+            continue
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` by `data`: written to a temporary sibling, fsynced, renamed over it."""
     path = Path(path)

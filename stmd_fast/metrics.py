@@ -18,7 +18,7 @@ from torch import nn
 
 from .classifier import FeatureClassifier
 from .data.datasets import to_unit_range
-from .files import write_atomic
+from .files import remove_stale_temps, write_atomic
 
 SCORING_VERSION = "2"
 """How images are scored; in the reference caches and evaluate's results, so a change is measured again (FD's
@@ -179,6 +179,7 @@ class FrechetDistance:
 
     def _save_cache(self, path: Path, key: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent, min_age_s=3600)  # a killed writer's (32 MB for Inception); no lock here
         tensors = {name: getattr(self._metric, name).detach().cpu().contiguous() for name in REAL_STATES}
         # A per-process temporary name: two evaluations sharing --cache-dir never write one file; a reader
         # sees the old cache or the new one, never half

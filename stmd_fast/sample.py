@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .cli import Parser, one_line_errors
+from .data.datasets import what_file_instead_of_npy
 from .devices import OutOfMemory, fits_in_memory
 from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic, write_fix
@@ -86,6 +87,13 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
     if not file.is_file():
         raise ValueError(f"{what} {path} does not exist")
     c, h, w = shape
+    try:
+        instead = what_file_instead_of_npy(file) if file.suffix == ".npy" else None  # numpy would say "pickled"
+    except OSError:  # unreadable: said below
+        instead = None
+    if instead:
+        what_it_is, fix = instead
+        raise ValueError(f"{what} {path} is {what_it_is}: {fix or f'give a .png/.jpg, or an .npy of shape {shape}'}")
     try:
         if file.suffix == ".npy":
             x = torch.from_numpy(np.load(file, allow_pickle=False)).float()

@@ -49,7 +49,7 @@ from .devices import out_of_memory, resolve_device, use_tf32
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
                      make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
-from .files import LOCK_FILE, RunLocked, WriteFailed, run_lock, write_fix
+from .files import LOCK_FILE, RunLocked, WriteFailed, remove_stale_temps, run_lock, write_fix
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -548,8 +548,8 @@ def print_summary(cfg: TrainConfig, run: Run) -> None:
     print(f"{cfg.method} on {cfg.data or cfg.preset} {tuple(run.data.shape)}: {cfg.net.kind}, "
           f"{count_params(run.net) / 1e6:.3f}M parameters{note}; device {run.device}, {cfg.precision}"
           f"{', compiled' if cfg.compile else ''}{procs}; run dir {run.out}", flush=True)
-    count = sample_count(run.data)
-    if count is not None and count < cfg.batch_size:  # batches draw with replacement: legal, but say it
+    count = len(run.data) if hasattr(run.data, "__len__") else None  # in memory: batches draw with replacement
+    if count is not None and count < cfg.batch_size:  # legal, but say it
         print(f"note: {cfg.data or cfg.preset} holds {count} samples, fewer than --batch-size {cfg.batch_size}: each "
               f"batch repeats them (drawn with replacement); a network this size will memorize them", file=sys.stderr)
 
@@ -577,9 +577,7 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     except CheckpointError as err:  # intact, but of another layout: a one-line error, not a traceback
         raise UserError(f"--resume: {err}") from None
     if ctx.is_main:
-        for name in ("config.json", "metrics.jsonl"):  # a kill in write_atomic left it; no writer lives (the lock)
-            for leftover in run.out.glob(f".tmp-*-{name}"):
-                leftover.unlink(missing_ok=True)
+        remove_stale_temps(run.out)  # of config.json or metrics.jsonl, from a kill while write_atomic replaced it
         # the pending record of a process killed during its FD: added without it, or measured again (loop)
         keep_metrics_until(run.out / "metrics.jsonl", state.step, state.pending_record if run.fd is None else None)
         drop_samples_after(run.out / "samples", state.step)

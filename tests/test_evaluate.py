@@ -399,6 +399,17 @@ def test_each_subcommands_help_says_its_own_defaults(command, capsys):
         assert "M values for STMD [default: 1,2]" in text and "Mean Flow" not in text
 
 
+def test_an_evaluate_into_a_folder_removes_what_a_killed_one_left_half_written(gmm, tmp_path):
+    """A kill while results.json (or any output) was replaced left .tmp-PID-results.json in --out for good."""
+    out = tmp_path / "o"
+    out.mkdir()
+    dead, live = out / ".tmp-99999999-kernel.json", out / ".tmp-1-results.json"  # PID 1 lives: not ours to take
+    for leftover in dead, live:
+        leftover.write_text("{")
+    assert evaluate(["kernel", str(gmm / "ddpm"), "--points", "1", "--num", "8", "--out", str(out)]) == 0
+    assert not dead.exists() and live.exists() and (out / "kernel.json").is_file()
+
+
 def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     out = tmp_path / "eval"
     args = ["kernel", str(gmm / "stmd"), str(gmm / "ddpm"), "--points", "2", "--num", "50",

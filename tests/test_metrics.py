@@ -128,6 +128,21 @@ def test_reference_cache_is_reused_and_invalidated(digits, tmp_path):
     assert other_counter.calls == 3 and fifth.score(train) == pytest.approx(uncached.score(train), rel=1e-6)
 
 
+def test_a_killed_writers_temporary_cache_file_is_removed_by_the_next_writer(digits, tmp_path):
+    """A kill during the cache's write left .tmp-PID-NAME (32 MB for Inception) in --cache-dir for good. The
+    folder may be shared by other machines, whose PIDs mean nothing here: only an hour-old one goes."""
+    import os
+
+    test, _ = digits
+    cache = tmp_path / "digits-FD.safetensors"
+    old, recent = (tmp_path / f".tmp-99999999-{name}" for name in ("a.safetensors", "b.safetensors"))
+    for leftover in old, recent:
+        leftover.write_bytes(b"half a cache")
+    os.utime(old, (0, 0))
+    FrechetDistance(_classifier(0)).set_reference(test, cache=cache)
+    assert cache.is_file() and not old.exists() and recent.exists()
+
+
 def test_reference_cache_is_written_atomically_and_readable(digits, tmp_path, monkeypatch):
     # Another evaluation writing the same cache at the same moment owns the old fixed temporary name
     # .tmp-NAME: ours must not overwrite or rename it away; the cache is fsynced and gets the permissions
@@ -262,6 +277,16 @@ def test_a_missing_classifier_names_the_command_that_makes_it_where_it_is_read(t
     with pytest.raises(EvalError) as err:
         build_metric(meta, options, "cpu")
     assert str(err.value).endswith(f"--preset mnist --data-dir '/data/my mnist' --out {tmp_path / 'mine'}")
+    # another dataset's classifier given: the fix is to read mnist's, not to train one into the folder given
+    save_classifier(FeatureClassifier((1, 8, 8)), tmp_path / "mine", {"dataset": "digits"})
+    with pytest.raises(EvalError) as err:
+        build_metric(meta, options, "cpu")
+    assert str(err.value).endswith("drop --classifier to read runs/classifier-mnist (train one with: python -m "
+                                   "stmd_fast.evaluate train-classifier --preset mnist --data-dir '/data/my mnist', "
+                                   "if it is missing)")
+    # the shipped digits classifier is read from the package: one trained anew must be written there to be read
+    from stmd_fast.classifier import default_classifier, train_hint
+    assert train_hint("digits", out=default_classifier("digits")).endswith(f"--out {default_classifier('digits')}")
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])

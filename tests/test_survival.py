@@ -348,6 +348,21 @@ def test_inpaint_or_mask_that_is_not_an_image_is_one_line(capsys, image_run, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("make, said", [
+    (lambda p: torch.save(torch.ones(1, 8, 8), p), "is a torch.save file, not an .npy: save the tensor with np.save"),
+    (lambda p: p.write_text("1,2\n3,4\n"), "is not an .npy file (it lacks the header np.save writes): give a .png"),
+])
+def test_an_npy_that_is_another_kind_of_file_is_named_for_what_it_is(capsys, image_run, tmp_path, no_sampling,
+                                                                    make, said):
+    """numpy's message for these said the file "contains pickled (object) data" and how to load it unsafely."""
+    good, bad = tmp_path / "good.npy", tmp_path / "mask.npy"
+    np.save(good, np.ones((1, 8, 8), dtype=np.float32))
+    make(bad)
+    assert sample(image_run, "--inpaint", good, "--mask", bad, "--out", tmp_path / "x.png") == 2
+    err = assert_one_line_error(capsys, f"--mask {bad}", said)
+    assert "pickled" not in err and "unsafe" not in err
+
+
 def test_sample_into_a_read_only_folder_fails_before_sampling(capsys, gmm_run, readonly_dir, no_sampling):
     out = readonly_dir / "x.npy"
     assert sample(gmm_run, "--num", 2, "--out", out) == 2
@@ -785,11 +800,12 @@ def test_what_a_kill_left_while_config_or_metrics_was_replaced_is_removed(tmp_pa
     if resume:
         assert train(*GMM, "--steps", 2, "--ckpt-every", 2, "--out", run) == 0
     run.mkdir(exist_ok=True)
-    leftovers = [run / ".tmp-99999999-config.json", run / ".tmp-99999999-metrics.jsonl"]
-    for leftover in leftovers:
+    leftovers = [run / ".tmp-99999999-config.json", run / ".tmp-99999999-metrics.jsonl"]  # no such process
+    live = run / ".tmp-1-results.json"  # a live process's (PID 1): an evaluate writing into this folder now
+    for leftover in [*leftovers, live]:
         leftover.write_text('{"step": 1')  # cut short by the kill
     assert train(*GMM, "--steps", 4, "--ckpt-every", 2, "--out", run, *["--resume"] * resume) == 0
-    assert not any(leftover.exists() for leftover in leftovers)
+    assert not any(leftover.exists() for leftover in leftovers) and live.exists()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
