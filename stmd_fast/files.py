@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,8 +54,6 @@ def remove_stale_temps(folder: Path, min_age_s: float = 0.0) -> None:
     """Remove the temporary files (temp_sibling's .tmp-PID-NAME) in `folder` that a killed process left: of a
     PID no process here has, and older than min_age_s (a folder shared with other machines: their PIDs
     are not ours to test)."""
-    import time
-
     for leftover in Path(folder).glob(".tmp-*-*"):
         pid = leftover.name.split("-")[1]
         try:
