@@ -53,9 +53,10 @@ def provenance(module: str, argv: list[str], device=None) -> dict:
 
 def stop_signals() -> tuple[int, ...]:
     """The signals that stop a run: Ctrl-C, SIGTERM (schedulers, kill) and SIGHUP (the terminal closed),
-    unless the run was started to ignore hang-ups (nohup)."""
-    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
-    return (signal.SIGINT, signal.SIGTERM, *hangup)
+    less any the process was started to ignore: nohup's SIGHUP, and the SIGINT that a shell script's
+    `command &` ignores so that a Ctrl-C meant for the script leaves the background job running."""
+    return tuple(sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                 if signal.getsignal(sig) != signal.SIG_IGN)
 
 
 def quiet_if_hung_up(signum: int) -> None:
@@ -90,7 +91,8 @@ def interrupt_on_stop_signals():
     cleans up and exits 128 + signum. On the way out the caller's handlers come back, SIGINT's as Python's
     default (a KeyboardInterrupt)."""
     previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()}
-    previous[signal.SIGINT] = signal.default_int_handler
+    if signal.SIGINT in previous:
+        previous[signal.SIGINT] = signal.default_int_handler
     try:
         yield
     finally:

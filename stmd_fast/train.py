@@ -21,7 +21,8 @@ def _interrupted_at_import(signum, frame):
 
 if __name__ == "__main__":  # a Ctrl-C (or SIGTERM) while torch and the rest import (seconds): one line
     for _signum in (signal.SIGINT, signal.SIGTERM):  # SIGHUP stays as nohup left it
-        signal.signal(_signum, _interrupted_at_import)
+        if signal.getsignal(_signum) != signal.SIG_IGN:  # one ignored from the start stays so (cli.stop_signals)
+            signal.signal(_signum, _interrupted_at_import)
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
@@ -994,8 +995,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # the imports are done: the import-time line would be false now, also after main (whose error handling,
     # one_line_errors, brings back the handlers it found: a rank's error waits, and torchrun sends SIGTERM)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
     sys.exit(code)

@@ -883,6 +883,44 @@ def test_a_hang_up_is_left_to_nohup_and_a_stop_before_the_first_step_quits_at_on
         assert stop.requested and stop.signal == signal.SIGTERM
 
 
+def test_a_signal_ignored_from_the_start_stays_ignored_by_every_command():
+    """A shell script's `python -m stmd_fast.train ... &` starts with SIGINT ignored, so that a Ctrl-C meant for
+    the script leaves the job running; nohup does the same for SIGHUP. No command may take that signal over."""
+    from stmd_fast.cli import one_line_errors, stop_signals
+
+    @one_line_errors(ValueError)
+    def command(argv):
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert signal.SIGINT not in stop_signals() and signal.SIGTERM in stop_signals()
+        assert command([]) == 0 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_run_started_with_sigint_ignored_trains_on_through_it_and_stops_on_sigterm(tmp_path):
+    """The trainer's own handlers (at import, around main, in the loop) leave an inherited SIG_IGN alone."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "1000000",
+                                "--ckpt-every", "1000000", "--out", str(run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for wanted in ("step 3/", "step 9/"):  # SIGINT at import time, then in the loop: neither stops it
+            process.send_signal(signal.SIGINT)
+            while wanted not in (line := process.stdout.readline()):
+                assert line, f"the run ended early: {process.stderr.read()}"
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "stopped by SIGTERM" in out and len(list_checkpoints(run)) == 1
+
+
 def test_every_command_takes_sigterm_as_ctrl_c_and_the_same_signal_again_quits_at_once():
     """one_line_errors (sample, export, encode, the bench scripts) turns a stop signal into a KeyboardInterrupt that
     knows its signal, for the command's cleanup and exit code 143; a second one is not caught again (it could
