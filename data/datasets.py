@@ -328,20 +328,23 @@ def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", d
 
 def preset_files_hint(path: Path) -> str:
     """For --data given MNIST or CIFAR-10 files, their folder or the data root above it (what --data-dir
-    takes): the flags that read them, with the folder to pass where it can be told."""
+    takes): the flags that read them, with the folder to pass where it can be told. A file is known by its own
+    name only: a file of one's own beside MNIST's is not one of them."""
     folder = path if path.is_dir() else path.parent
-    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    names = {p.name for p in folder.iterdir()} if path.is_dir() else {path.name}
     mnist_names = set(MNIST_FILES) | {f"{name}.gz" for name in MNIST_FILES}
-    if path.is_dir() and "MNIST" in names:  # the data root itself (a file beside it is a file of one's own)
+    cifar_names = {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"}
+    cifar_names |= {f"{name}.bin" for name in cifar_names - {"batches.meta"}} | {"batches.meta.txt"}
+    if path.is_dir() and "MNIST" in names:  # the data root itself
         return f"; MNIST is read by --preset mnist --data-dir {folder}"
     if path.name == "MNIST":
         return f"; MNIST is read by --preset mnist --data-dir {path.parent}"
-    if path.name in mnist_names or names & mnist_names:
+    if names & mnist_names:
         root = f"{folder.parent.parent}" if folder.name == "raw" and folder.parent.name == "MNIST" else "DIR"
         return f"; MNIST's files are read by --preset mnist --data-dir {root} ({root}/MNIST/raw holds them)"
     if path.is_dir() and names & {"cifar-10-batches-py", "cifar-10-batches-bin"}:
         return f"; CIFAR-10 is read by --preset cifar10 --data-dir {folder}"
-    if "data_batch_1" in names or "data_batch_1.bin" in names or path.name in (
+    if names & cifar_names or path.name in (
             "cifar-10-batches-py", "cifar-10-batches-bin", CIFAR10_ARCHIVE, CIFAR10_BINARY_ARCHIVE):
         root = f"{folder.parent}" if folder.name in ("cifar-10-batches-py", "cifar-10-batches-bin") else "DIR"
         return f"; CIFAR-10's are read by --preset cifar10 --data-dir {root} ({root}/cifar-10-batches-py holds them)"

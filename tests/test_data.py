@@ -471,6 +471,19 @@ def test_a_file_that_is_no_npy_is_named_for_what_it_is(tmp_path, name, save, sai
     assert "pickled" not in str(err.value) and "unsafe" not in str(err.value)
 
 
+def test_a_file_of_ones_own_beside_a_datasets_files_is_not_taken_for_one_of_them(tmp_path):
+    """A CSV in MNIST/raw or cifar-10-batches-py was told "MNIST's files are read by --preset mnist"."""
+    for folder, theirs in [("MNIST/raw", "train-images-idx3-ubyte"), ("cifar-10-batches-py", "data_batch_1")]:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / theirs).write_bytes(b"\x00" * 20)
+        (tmp_path / folder / "mine.csv").write_text("1,2\n3,4\n")
+        with pytest.raises(DataError, match=r"not an \.npy file .*np\.save$") as err:
+            load_npy(str(tmp_path / folder / "mine.csv"))
+        assert "--preset" not in str(err.value)
+        with pytest.raises(DataError, match="read by --preset"):  # their own file still names its preset
+            load_npy(str(tmp_path / folder / theirs))
+
+
 @pytest.mark.parametrize("shape", [(4, 16, 16, 2), (4, 6, 6, 3), (4, 8, 8, 1), (4, 32, 32, 4)])
 def test_channels_last_images_of_any_channel_count_are_refused(tmp_path, shape):
     """(N, 16, 16, 2), gray + alpha channels last, trained as 16-channel 16 x 2 images, without a word."""
