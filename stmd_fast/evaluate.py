@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import re
 import signal
@@ -35,6 +36,7 @@ from .devices import resolve_device
 from .files import RunLocked, remove_stale_temps, run_lock, write_atomic, write_fix
 from .methods import METHODS
 from .run_log import clock
+from .sample import MAX_ZOOM
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS, alpha_sigma, time_grid
 
@@ -278,6 +280,18 @@ def held_out(images: torch.Tensor, args, reference: str) -> torch.Tensor:
         print(f"note: --images {args.images}: the {reference} holds {len(images)} images; using all {len(images)}",
               file=sys.stderr)
     return images[: args.images]
+
+
+def grid_png(tiles: list[torch.Tensor], rows: int, zoom: int) -> bytes:
+    """The PNG of a grid of `rows` rows of images in [-1, 1], each pixel enlarged zoom times (nearest)."""
+    from torchvision.utils import save_image
+
+    from .data.datasets import viewable
+
+    tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=zoom, mode="nearest")
+    buffer = io.BytesIO()
+    save_image(viewable(tiles), buffer, format="png", nrow=len(tiles) // rows, padding=1)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -831,9 +845,6 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 
 
 def inpaint(args) -> int:
-    from torchvision.utils import save_image
-
-    from .data.datasets import viewable
     from .metrics import diversity, psnr
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint], "inpaint", args.ema)
@@ -876,16 +887,15 @@ def inpaint(args) -> int:
         "psnr_missing_db": psnr(completions, images.expand_as(completions), where=missing).mean().item(),
         "diversity": diversity(completions[missing].reshape(args.completions, -1)),
     }
-    keep_earlier_result(out, f"inpaint_{args.mask}", result, [f"inpaint_{args.mask}.png"])
-    write_json(out / f"inpaint_{args.mask}.json", result)
     shown = min(8, len(images))  # rows: observation (missing pixels black), completions, truth
     tiles = []
     for i in range(shown):
         observed = images[i] * masks[i] - (1 - masks[i])
         tiles += [observed, *completions[: min(6, args.completions), i], images[i]]
-    grid = out / f"inpaint_{args.mask}.png"
-    tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
-    save_image(viewable(tiles), grid, nrow=len(tiles) // shown, padding=1)
+    png = grid_png(tiles, shown, args.zoom)  # before any file is written: the .json never goes without its .png
+    keep_earlier_result(out, f"inpaint_{args.mask}", result, [f"inpaint_{args.mask}.png"])
+    write_json(out / f"inpaint_{args.mask}.json", result)
+    write_atomic(out / f"inpaint_{args.mask}.png", png)
     print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
           f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB ({result['psnr_missing_db']:.2f} dB on the missing "
           f"pixels), diversity {result['diversity']:.4f} -> {out}")
@@ -895,9 +905,6 @@ def inpaint(args) -> int:
 # ----------------------------------------------------------------------------- inverse problems (images)
 
 def inverse(args) -> int:
-    from torchvision.utils import save_image
-
-    from .data.datasets import viewable
     from .metrics import diversity, psnr
     from .operators import check_ddnm_corrects, check_sigma_y, make_operator
 
@@ -912,10 +919,7 @@ def inverse(args) -> int:
     shape = tuple(meta["data_shape"])
     try:
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
-        mask_gen = torch.Generator().manual_seed(args.seed)
-        masks = [make_mask(mask, shape, mask_gen) if mask else None for _ in range(args.images)]
-        operators = [make_operator(args.operator, m) for m in masks]
-        operators[0].check(shape)
+        make_operator(args.operator, make_mask(mask, shape, torch.Generator()) if mask else None).check(shape)
     except ValueError as err:
         raise EvalError(str(err)) from None
     if args.completions < 2:
@@ -933,6 +937,8 @@ def inverse(args) -> int:
     metric, reference = prepare_metric(meta, args, device)
     images = held_out(reference, args, reference_name(meta, args))
     warn_small_fd(metric, len(images) * args.completions, "--images x --completions", len(reference))
+    mask_gen = torch.Generator().manual_seed(args.seed)  # one mask per image used, not per --images asked for
+    operators = [make_operator(args.operator, make_mask(mask, shape, mask_gen) if mask else None) for _ in images]
     model = load_checkpoint(ckpt, device=device, ema=args.ema)
     generator = torch.Generator(model.device).manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -959,14 +965,14 @@ def inverse(args) -> int:
         "consistency_rms": torch.stack(residuals).mean().item(),
     }
     name = f"inverse_{args.operator}{'_' + mask if mask else ''}"
-    keep_earlier_result(out, name, result, [f"{name}.png"])
-    write_json(out / f"{name}.json", result)
     shown = min(8, len(images))  # rows: what A^+ makes of y, completions, truth
     tiles = []
     for i in range(shown):
         tiles += [observed[i], *samples[: min(6, args.completions), i], images[i]]
-    tiles = torch.nn.functional.interpolate(torch.stack(tiles), scale_factor=args.zoom, mode="nearest")
-    save_image(viewable(tiles), out / f"{name}.png", nrow=len(tiles) // shown, padding=1)
+    png = grid_png(tiles, shown, args.zoom)
+    keep_earlier_result(out, name, result, [f"{name}.png"])
+    write_json(out / f"{name}.json", result)
+    write_atomic(out / f"{name}.png", png)
     print(f"{model.method} {args.operator} ({sampler}, sigma_y={args.sigma_y}, N={args.steps}, M={args.flow_steps}): "
           f"{metric.name} {result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f}, "
           f"RMS ||A x - y|| {result['consistency_rms']:.2e} -> {out}")
@@ -1119,7 +1125,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
     i.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
     i.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
-    i.add_argument("--zoom", type=int, default=1, help="enlarge the grid's pixels K times [default: 1]")
+    i.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(i)
 
     v = sub.add_parser("inverse", help="PSNR, FD, diversity and consistency of posterior samples for an operator")
@@ -1133,7 +1139,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--completions", type=int, default=8, help="samples per image [default: 8]")
     v.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
     v.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
-    v.add_argument("--zoom", type=int, default=1, help="enlarge the grid's pixels K times [default: 1]")
+    v.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(v)
 
     q = sub.add_parser("posterior", help="gmm: energy distance of SMC and DDNM+ posterior samples to the exact posterior")
@@ -1180,6 +1186,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, name, 1)  # posterior's --steps is a list, --particles may be absent
             if isinstance(value, int) and value < 1:
                 raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
+        if getattr(args, "zoom", 1) > MAX_ZOOM:  # the grid grows with its square, after all the sampling
+            raise EvalError(f"--zoom {args.zoom}: at most {MAX_ZOOM}")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
         with interrupt_on_stop_signals(), warnings_as_lines(), holding_out(getattr(args, "out", None)):  # SIGTERM, SIGHUP as Ctrl-C

@@ -30,16 +30,20 @@ MAX_SIGMA_Y = 1e3
 """The largest measurement noise taken: data live in about [-1, 1], so a y with more noise measures nothing,
 and its squares overflow the likelihood's arithmetic long before float64 does."""
 
+MIN_SIGMA_Y = 1e-150
+"""The smallest nonzero measurement noise taken: 1 / sigma_y^2 = 1e300 leaves float64 room for a residual's squares
+(below about 1e-154 it is inf, and every SMC weight NaN)."""
+
 
 def check_sigma_y(sigma_y: float, flag: str = "sigma_y") -> None:
-    """ValueError unless 0 <= sigma_y <= MAX_SIGMA_Y (NaN fails the comparison too)."""
+    """ValueError unless sigma_y is 0 or in [MIN_SIGMA_Y, MAX_SIGMA_Y] (NaN fails the comparison too)."""
     if not isinstance(sigma_y, numbers.Real) or isinstance(sigma_y, bool):
         raise TypeError(f"{flag} must be a number, got {sigma_y!r}")
     if not 0 <= sigma_y <= MAX_SIGMA_Y:
         raise ValueError(f"{flag} must be a number in [0, {MAX_SIGMA_Y:g}] (the data are about [-1, 1]), got {sigma_y}")
-    if sigma_y > 0 and sigma_y**2 == 0:  # the likelihood's variance: 0 in float64, as if no noise were given
-        raise ValueError(f"{flag} {sigma_y} squares to 0 in float64: give 0 for a noiseless measurement, or at "
-                         f"least 1e-150")
+    if 0 < sigma_y < MIN_SIGMA_Y:  # the likelihood's 1 / sigma_y^2 overflows float64 (SMC's weights turn NaN)
+        raise ValueError(f"{flag} {sigma_y} is too small for the likelihood's float64 arithmetic: give 0 for a "
+                         f"noiseless measurement, or at least {MIN_SIGMA_Y:g}")
 
 
 class LinearOperator:

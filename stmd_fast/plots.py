@@ -7,6 +7,7 @@ or pyplot state and works without a display.
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -28,9 +29,14 @@ def _figure(**kwargs):
 
 
 def _save(fig, path) -> None:
+    """Rendered in memory, written atomically: a kill or a full disk leaves the earlier plot, not half a new one."""
+    from .files import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    write_atomic(path, buffer.getvalue())
 
 
 def _require(rows: list[dict], keys: tuple[str, ...], what: str) -> None:

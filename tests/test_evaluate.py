@@ -352,6 +352,50 @@ def test_inpaint_says_when_it_has_fewer_images_than_asked(runs, tmp_path, capsys
             in capsys.readouterr().err)
 
 
+def test_inverse_draws_a_mask_per_image_used_not_per_image_asked_for(runs, tmp_path, capsys, monkeypatch):
+    """--images 3000000 drew three million masks (3.5 GB, minutes) before it was cut to the 297 test digits."""
+    import stmd_fast.evaluate as evaluate_module
+
+    drawn = []
+    real = evaluate_module.make_mask
+    monkeypatch.setattr(evaluate_module, "make_mask", lambda *a: drawn.append(1) or real(*a))
+    reference = len(load_split("digits", "test", "datasets"))
+    assert evaluate(["inverse", str(runs / "stmd"), "--operator", "inpaint", "--mask", "pixels", "--images", "3000000",
+                     "--completions", "2", "--steps", "1", *scoring(runs), "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "inverse_inpaint_pixels.json").read_text())["images"] == reference
+    assert len(drawn) <= reference + 1  # + the one that checks the operator before any work
+    assert f"using all {reference}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inpaint", "inverse"])
+def test_a_grid_too_large_is_refused_first_and_a_result_never_goes_without_its_grid(runs, tmp_path, capsys,
+                                                                                    monkeypatch, command):
+    """--zoom 5000 sampled everything, then failed allocating 51 GB for the grid, with the .json written and no
+    .png (an earlier .png beside a new .json); the grid was also the one file not written atomically."""
+    import stmd_fast.evaluate as evaluate_module
+
+    args = [command, str(runs / "stmd"), *(["--operator", "sr4"] if command == "inverse" else []), "--images", "2",
+            "--completions", "2", "--steps", "1", *scoring(runs)]
+    assert evaluate(args + ["--zoom", "5000", "--out", str(tmp_path / "big")]) == 2
+    one_line_error(capsys, "--zoom 5000: at most 64")
+    assert not (tmp_path / "big").exists()
+
+    def fails(*a):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(evaluate_module, "grid_png", fails)
+    with pytest.raises(RuntimeError):
+        evaluate(args + ["--out", str(tmp_path / "o")])
+    assert not list((tmp_path / "o").glob("*.json"))
+    monkeypatch.undo()
+    assert evaluate(args + ["--zoom", "2", "--out", str(tmp_path / "o")]) == 0
+    from PIL import Image
+
+    (png,) = (tmp_path / "o").glob("*.png")
+    assert Image.open(png).height == 2 * (2 * 8 + 1) + 1  # two rows of 16-pixel tiles, padding 1
+    assert png.with_suffix(".json").exists()
+
+
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
     assert evaluate(["kernel", str(runs / "stmd"), "--out", str(tmp_path)]) == 2
     one_line_error(capsys, "gmm")

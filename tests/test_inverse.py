@@ -508,7 +508,7 @@ def test_a_measurement_with_nan_or_inf_where_it_is_measured_is_refused(image_mod
         image_model.posterior_sample(observed, Mask(mask), 0.1, 4, steps=2, generator=gen(0))
 
 
-def test_operator_arguments_that_would_fail_later_are_refused_at_once():
+def test_operator_arguments_that_would_fail_later_are_refused_at_once(image_model):
     with pytest.raises(TypeError, match="the pooling factor must be a whole number"):
         AvgPool(2.5)  # 10 % 2.5 == 0: it passed check() and failed inside avg_pool2d
     with pytest.raises(TypeError, match="whole number"):
@@ -517,9 +517,14 @@ def test_operator_arguments_that_would_fail_later_are_refused_at_once():
         AvgPool(2).check((10,))
     from stmd_fast.operators import check_sigma_y
 
-    with pytest.raises(ValueError, match="squares to 0 in float64"):
-        check_sigma_y(1e-200)  # the likelihood's variance underflowed and the error said "got 0.0"
+    for tiny in (1e-200, 1e-155):  # the variance underflowed ("got 0.0"); 1 / sigma_y^2 overflowed (SMC's weights
+        with pytest.raises(ValueError, match="too small for the likelihood's float64 arithmetic"):  # NaN, a traceback)
+            check_sigma_y(tiny)
     check_sigma_y(1e-150)
+    op = AvgPool(2)  # the smallest sigma_y taken: SMC's weights stay finite, its draws too
+    y = op(torch.randn(1, 1, 8, 8, generator=gen(52)))[0]
+    x = image_model.posterior_sample(y, op, 1e-150, 4, steps=2, num=2, generator=gen(0))
+    assert torch.isfinite(x).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
