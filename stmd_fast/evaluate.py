@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, load_checkpoint, newest_intact
 from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
 from .cli import provenance as cli_provenance
-from .devices import resolve_device
+from .devices import OutOfMemory, fits_in_memory, resolve_device
 from .files import RunLocked, remove_stale_temps, run_lock, write_atomic, write_fix
 from .methods import METHODS
 from .run_log import clock
@@ -1172,6 +1172,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MEMORY_FLAGS = ("batch_size", "particles", "num", "images", "completions", "runs")
+"""The flags that size an evaluation's tensors: an out-of-memory error names those its command has, with their values."""
+
+
 def main(argv: list[str] | None = None) -> int:
     printable_output()
     if several_processes():
@@ -1190,11 +1194,17 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--zoom {args.zoom}: at most {MAX_ZOOM}")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
-        with interrupt_on_stop_signals(), warnings_as_lines(), holding_out(getattr(args, "out", None)):  # SIGTERM, SIGHUP as Ctrl-C
-            return commands[args.command](args)
+        sizes = [f"--{name.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, list) else value}"
+                 for name in MEMORY_FLAGS if (value := getattr(args, name, None)) is not None]
+        with interrupt_on_stop_signals(), warnings_as_lines(), holding_out(getattr(args, "out", None)), \
+                fits_in_memory(getattr(args, "device", None) or "this device", f"lower {' or '.join(sizes)}"):
+            return commands[args.command](args)  # SIGTERM, SIGHUP as Ctrl-C
     except (EvalError, ValueError, FileNotFoundError, RunLocked) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OutOfMemory as err:  # every file is written whole or not at all
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a write that failed (a full disk): every file is written whole or not at all
         print(f"error: {err.filename or args.out}: {err.strerror or err}: {write_fix(err)}, then run the same "
               f"command again (a sweep reuses the settings it measured)", file=sys.stderr)

@@ -396,6 +396,24 @@ def test_a_grid_too_large_is_refused_first_and_a_result_never_goes_without_its_g
     assert png.with_suffix(".json").exists()
 
 
+def test_running_out_of_memory_is_one_line_naming_the_flags_to_lower(runs, tmp_path, capsys, monkeypatch):
+    """--particles 100000000 ended in the CPU allocator's traceback; sample said it in one line."""
+    import stmd_fast.evaluate as evaluate_module
+
+    def allocates(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 25600000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(evaluate_module, "inverse", allocates)
+    assert evaluate(["inverse", str(runs / "stmd"), "--operator", "sr4", "--sigma-y", "0.1", "--particles",
+                     "100000000", "--out", str(tmp_path)]) == 1
+    line = one_line_error(capsys, "out of memory on", "can't allocate memory", "lower --batch-size")
+    assert "--particles 100000000" in line and "--images" in line and "--completions" in line
+    monkeypatch.setattr(evaluate_module, "posterior", allocates)
+    assert evaluate(["posterior", str(runs / "stmd"), "--particles", "1,4", "--out", str(tmp_path)]) == 1
+    assert "--particles 1,4" in one_line_error(capsys, "out of memory")
+
+
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
     assert evaluate(["kernel", str(runs / "stmd"), "--out", str(tmp_path)]) == 2
     one_line_error(capsys, "gmm")
