@@ -150,6 +150,13 @@ def read_observation(path: str, operator, data_shape: tuple[int, ...], sigma_y: 
     measured: the file is y, also where y has the image's size (inpaint). Where only the channels differ (gray),
     a one-channel file is y (read as an RGB image it got its noise twice) and a color one an image."""
     y_shape, data_shape = tuple(operator(torch.zeros(1, *data_shape)).shape[1:]), tuple(data_shape)
+    if measured and y_shape[0] == 1 < data_shape[0] and not one_channel(path):  # gray's y, given in color
+        x = read_array(path, (data_shape[0], *y_shape[1:]), "--observed measurement")
+        if not (x == x[:1]).all():  # PIL's "L" would weigh the channels by luma, not average them as A does
+            raise ValueError(f"--observed {path} (--measured) is a color image; the {operator.name} measurement is "
+                             f"one channel (the channels' mean): give it as a one-channel file, or drop --measured "
+                             f"to measure this image")
+        return x[:1].clone()
     if measured:
         tries = [(y_shape, "measurement")]
     elif y_shape == data_shape:

@@ -687,6 +687,15 @@ def test_a_measurement_file_is_used_as_given_and_an_image_is_measured(tmp_path):
     # a color PNG is an image, measured through A (the channel mean, -1/3), not its luma taken as y
     assert torch.allclose(read_observation(str(red), Grayscale(), (3, 8, 8), 0.0, gen()), torch.full((1, 8, 8), -1 / 3))
     assert torch.equal(read_observation(str(gray), Grayscale(), (3, 8, 8), 0.5, gen()), torch.ones(1, 8, 8))
+    # --measured: the file is y; a color one was taken by its luma (PIL's "L": red read as 0.3 x 255), not refused
+    with pytest.raises(ValueError, match=r"is a color image; the gray measurement is one channel .*drop --measured"):
+        read_observation(str(red), Grayscale(), (3, 8, 8), 0.0, gen(), measured=True)
+    gray_rgb = tmp_path / "gray_rgb.png"  # gray saved as RGB: its one channel, as it is
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(gray_rgb)
+    assert torch.equal(read_observation(str(gray_rgb), Grayscale(), (3, 8, 8), 0.5, gen(), measured=True),
+                       torch.ones(1, 8, 8))
+    assert torch.equal(read_observation(str(zeros), Grayscale(), (3, 8, 8), 0.5, gen(), measured=True),
+                       torch.zeros(1, 8, 8))
     mask = torch.ones(1, 8, 8)
     mask[:, :, 4:] = 0
     simulated = read_observation(str(zeros), Mask(mask), (1, 8, 8), 0.5, gen())  # a clean image: noise added
