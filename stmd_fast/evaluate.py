@@ -792,8 +792,11 @@ def posterior(args) -> int:
     models = {name: model for name, (_, model) in found.items()}
     check_flow_steps_used(args, [model.method for model in models.values()])
     flow_steps = 1 if args.flow_steps is None else args.flow_steps
-    for model in models.values():
-        for n in steps:
+    for run, model in models.items():
+        if not METHODS[model.method].diffusion and 1 not in steps:
+            raise EvalError(f"{run} is a Mean Flow run: it has no diffusion steps and is measured at N = 1 only; "
+                            f"add 1 to --steps")
+        for n in steps if METHODS[model.method].diffusion else [1]:  # Mean Flow: N = 1 only, "-" in other rows
             check_steps(model.method, n, flow_steps if METHODS[model.method].flow else 1)
     grids = {model.grid for model in models.values() if METHODS[model.method].diffusion}  # Mean Flow: no grid
     if args.grid is None and len(grids) > 1:
@@ -814,7 +817,8 @@ def posterior(args) -> int:
     for run, method in [("exact kernel", "exact")] + [(run, model.method) for run, model in models.items()]:
         for n in steps:
             cells = {r["K"]: r["energy"] for r in rows if r["model"] == run and r["N"] == n}
-            lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" for k in particles)
+            lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" if k in cells else "-"
+                                                                    for k in particles)
                          + (f" | {cells[None]:.4f} |" if None in cells else " | - |"))
     lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
     print("\n".join(lines))

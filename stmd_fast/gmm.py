@@ -11,6 +11,7 @@ import math
 import torch
 
 from .cli import Parser, one_line_errors
+from .methods import METHODS
 from .sampling import check_steps
 from .data.gmm import GaussianMixture, _device_of, default_mixture  # noqa: F401 (GaussianMixture: importable from here too)
 from .schedule import alpha_sigma
@@ -237,7 +238,8 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     floor = sum(energy_distance(post.sample(runs, torch.Generator().manual_seed(seed + 10_001 + i)), t)
                 for i, (post, t) in enumerate(zip(exact, truth))) / observations
     rows = [{"model": "exact", "method": "exact", "sampler": "exact", "N": None, "K": None, "energy": floor}]
-    total = (len(models) + 1) * len(steps) * (len(particles) + 1) * observations
+    chains = len(steps) + sum(len(steps) if METHODS[model.method].diffusion else 1 for model in models.values())
+    total = chains * (len(particles) + 1) * observations
     with tqdm(total=total, unit="cell", desc="posterior grid", disable=None if progress else True) as bar:
         # SMC over the exact transitions (x0_hat ~ the true p(x_0 | x_s)): what a perfect STMD would give at each K
         for n in steps:
@@ -256,6 +258,8 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
             m = 1 if model.method == "ddpm" else flow_steps  # DDPM makes x0_hat in one call
             denoise = network_denoiser(model.net, model.method, m)
             for n in steps:
+                if not METHODS[model.method].diffusion and n != 1:  # Mean Flow: one flow map from s = 1, no N
+                    continue
                 check_steps(model.method, n, m)
                 corrects = ddnm_corrects(model.method, n, sigma_y)  # not at N = 1, nor for Mean Flow
                 cells = {k: 0.0 for k in particles}

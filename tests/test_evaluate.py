@@ -619,6 +619,25 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
     one_line_error(capsys, "--sigma-y")
 
 
+def test_posterior_measures_a_mean_flow_run_at_n_1_beside_the_others_steps(gmm, tmp_path, capsys):
+    """Mean Flow has no diffusion steps: the default --steps 1,2,4,8 refused it for N = 2 and measured nothing."""
+    assert train(["--preset", "gmm", "--method", "meanflow", "--steps", "1", "--batch-size", "8", "--sample-every",
+                  "0", "--out", str(tmp_path / "meanflow")]) == 0
+    args = ["posterior", str(gmm / "stmd"), str(tmp_path / "meanflow"), "--particles", "1,2", "--observations", "1",
+            "--runs", "5"]
+    assert evaluate(args + ["--steps", "1,2", "--out", str(tmp_path / "post")]) == 0
+    rows = json.loads((tmp_path / "post" / "posterior.json").read_text())["rows"]
+    assert sorted((r["N"], r["K"]) for r in rows if r["method"] == "meanflow") == [(1, 1), (1, 2)]
+    assert {(r["N"], r["K"]) for r in rows if r["method"] == "stmd" and r["sampler"] == "smc"} == {
+        (1, 1), (1, 2), (2, 1), (2, 2)}
+    md = (tmp_path / "post" / "posterior.md").read_text()
+    assert "| meanflow | meanflow | 2 | - | - | - |" in md
+    capsys.readouterr()
+    assert evaluate(args + ["--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "Mean Flow run", "N = 1 only", "add 1 to --steps")
+    assert not (tmp_path / "o").exists()
+
+
 def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, capsys):
     # a flag the chosen run or options do not use would change nothing: refused in one line, before any work
     few = ["--images", "2", "--completions", "2", "--steps", "1", *scoring(runs)]
