@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.inverse:
         operator = make_operator(args.inverse, mask)
         operator.check(model.data_shape)
-        y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,
-                             torch.Generator().manual_seed(args.seed), bool(args.measured))
+        y = read_observation(args.observed, operator, model.data_shape, args.sigma_y,  # y's noise: its own stream
+                             torch.Generator().manual_seed(args.seed + 1), bool(args.measured))  # (as evaluate's)
         # first tile of a PNG: what A^+ makes of y (an inpainting mask's missing pixels 0 there: grey)
         observed, mask = operator.pinv(y[None])[0], (mask if mask is not None else torch.ones(model.data_shape))
 

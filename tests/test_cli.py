@@ -656,6 +656,30 @@ def test_inverse_sr_noiseless_reproduces_the_measurement(capsys, image_run, inpa
     assert "DDNM" in capsys.readouterr().out
 
 
+def test_the_measurement_noise_of_an_image_is_not_the_samplers_own_noise(image_run, inpaint_files, tmp_path,
+                                                                         monkeypatch):
+    """y's --sigma-y noise and the chains' noise came from two generators of the same seed: one stream, twice."""
+    import stmd_fast.sample as sample_module
+
+    seeds = {}
+    real_read, real_draw = sample_module.read_observation, sample_module.draw
+
+    def read_observation(path, operator, shape, sigma_y, generator, measured):
+        seeds["y"] = generator.initial_seed()
+        return real_read(path, operator, shape, sigma_y, generator, measured)
+
+    def draw(model, args, *rest):
+        seeds["chains"] = args.seed  # draw seeds its generator with it
+        return real_draw(model, args, *rest)
+
+    monkeypatch.setattr(sample_module, "read_observation", read_observation)
+    monkeypatch.setattr(sample_module, "draw", draw)
+    image, _, _ = inpaint_files
+    assert sample(image_run, "--inverse", "sr2", "--observed", image, "--sigma-y", 0.1, "--num", 2, "--steps", 2,
+                  "--seed", 5, "--out", tmp_path / "x.npy") == 0
+    assert seeds == {"chains": 5, "y": 6}  # evaluate inverse measures with seed + 1 too
+
+
 def test_inverse_smc_takes_the_measurement_at_its_own_size(capsys, image_run, tmp_path):
     y = tmp_path / "y.npy"
     np.save(y, np.zeros((1, 2, 2), np.float32))
