@@ -1093,6 +1093,17 @@ def test_sampling_steps_beyond_the_samplers_bound_are_refused_before_training(ca
     assert not (tmp_path / "run").exists()
 
 
+def test_a_sample_grid_whose_n_times_m_cannot_finish_is_refused_before_training(capsys, tmp_path):
+    """N and M each in bounds, 10^10 network calls per sample together: the final grid ran on after training."""
+    assert train(*GMM, "--steps", 1, "--sample-steps", 1000, "--sample-flow-steps", 1000, "--out", tmp_path / "r") == 2
+    assert_one_line_error(capsys, "--sample-steps 1000 x --sample-flow-steps 1000: 1000000 network evaluations",
+                          "at most 100000")
+    assert not (tmp_path / "r").exists()
+    # only the method's own grid counts: DDPM's N is --sample-ddpm-steps, Mean Flow's N is 1
+    assert train(*GMM, "--method", "meanflow", "--steps", 1, "--sample-steps", 1000, "--sample-flow-steps", 100,
+                 "--out", tmp_path / "m") == 0
+
+
 def test_log_none_with_a_logger_is_refused(capsys, tmp_path):
     assert train(*GMM, "--steps", 1, "--log", "none", "tensorboard", "--out", tmp_path / "run") == 2
     assert_one_line_error(capsys, "'none' means no logger; give it alone")
