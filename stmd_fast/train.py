@@ -753,6 +753,8 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 last_save, save_voted, stale_save_vote = time.monotonic(), False, vote.lagged
                 if not at_end:  # the last one is named by the run's final line
                     log.write(f"step {step}: checkpoint -> {last_good}")
+                elif not strategy.ctx.distributed:  # under torchrun the ranks stop together, by the vote
+                    stop.nothing_left_to_save()
             except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
                 where = (f"the last good checkpoint {last_good} is intact (its weights are finite)" if last_good
                          else "no checkpoint was written")
@@ -874,6 +876,11 @@ class StopRequest:
 
     def step_done(self) -> None:
         self.started = True
+
+    def nothing_left_to_save(self) -> None:
+        """The run's last checkpoint is written: what follows (its sample grid, FD) is not training, so a stop
+        signal now quits at once, not "after this step" (a large grid can take long)."""
+        self.started = False
 
     def _request(self, signum, frame):
         quiet_if_hung_up(signum)

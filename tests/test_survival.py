@@ -774,6 +774,28 @@ def test_ctrl_c_at_any_moment_of_start_up_is_one_line_and_exit_130(tmp_path, mom
         assert not list_checkpoints(run) and "interrupted during start-up" in err
 
 
+def test_a_stop_during_the_final_sample_grid_quits_at_once(tmp_path):
+    """The last checkpoint is written; a signal in the grid after it said "stopping after this step, with a
+    checkpoint" and the grid ran on (a large one for hours); one signal could not stop it."""
+    import time
+
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "2", "--sample-steps", "1000",
+                                "--sample-flow-steps", "100", "--out", str(run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT)  # a grid of 10^5 calls: tens of seconds
+    try:
+        while not list_checkpoints(run):
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in err, err
+    assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "stopping after" not in err
+    assert not list((run / "samples").glob("step_00000002.*")) and "done:" not in out
+
+
 @pytest.mark.slow
 def test_a_fresh_run_stopped_during_its_first_compile_leaves_no_folder(tmp_path):
     """By the first compiled step the run has written config.json and an empty metrics.jsonl: its new --out
