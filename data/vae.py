@@ -88,26 +88,31 @@ def decode_latents(vae, z: torch.Tensor, scaling_factor: float, shift_factor: fl
     return torch.cat(parts).to(z.device)
 
 
-def check_vae_fits(vae, name: str, shape, resolution: int) -> None:
-    """DataError unless `vae` makes latents of `shape` [C, h, w] from images of `resolution` pixels: a VAE
-    named by another path (moved, or copied to another machine) must at least be of the same kind."""
+def check_vae_fits(vae, name: str, shape, resolution: int, fingerprint: str | None = None) -> None:
+    """DataError unless `vae` makes latents of `shape` [C, h, w] from images of `resolution` pixels and, where the
+    latents' encoding recorded it (manifest and checkpoint: vae_sha256), is that very VAE: one named by another
+    path (moved, copied to another machine) or replaced in place decodes them wrongly without a word."""
     made = latent_shape(vae, resolution)
     if made != list(shape):
         raise DataError(f"VAE {name} makes {'x'.join(map(str, made))} latents from {resolution}-pixel images, and "
                         f"this model's are {'x'.join(map(str, shape))}: pass the VAE its latents were encoded with")
+    if fingerprint is not None and vae_fingerprint(vae) != fingerprint:
+        raise DataError(f"VAE {name} is not the VAE these latents were encoded with (its weights or latent scaling "
+                        f"differ from the SHA-256 recorded at encoding, {fingerprint[:12]}...): pass that VAE")
 
 
-def expected_latents(shape, latent: dict) -> tuple[list[int], int] | None:
+def expected_latents(shape, latent: dict) -> tuple[list[int], int, str | None] | None:
     """latent_decoder's `fits` from a model's latent shape and its "latent" metadata (None if it predates
-    recording the resolution)."""
-    return (list(shape), latent["resolution"]) if latent.get("resolution") else None
+    recording the resolution; no fingerprint if it predates recording the VAE's)."""
+    return (list(shape), latent["resolution"], latent.get("vae_sha256")) if latent.get("resolution") else None
 
 
 def latent_decoder(name_or_path: str, device: torch.device, scaling_factor: float, shift_factor: float = 0.0,
-                   fits: tuple[list[int], int] | None = None,
+                   fits: tuple[list[int], int, str | None] | None = None,
                    moved: str = "check the path") -> Callable[..., torch.Tensor]:
     """Load the VAE now (a bad path fails before any sampling) and return decode(z, batch_size=64):
-    model-space latents -> images in [-1, 1]. fits: (latent shape, resolution) the VAE must make."""
+    model-space latents -> images in [-1, 1]. fits: (latent shape, resolution, the VAE's fingerprint or None),
+    what check_vae_fits holds the VAE to."""
     vae = load_vae(name_or_path, device, moved)
     if fits is not None:
         check_vae_fits(vae, name_or_path, *fits)

@@ -122,7 +122,8 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
     }
     if model.data_kind == "latent":
         latent = model.meta["latent"]
-        meta["latent"] = {key: latent.get(key) for key in ("vae", "scaling_factor", "shift_factor", "resolution")}
+        meta["latent"] = {key: latent.get(key) for key in ("vae", "scaling_factor", "shift_factor", "resolution",
+                                                           "vae_sha256")}
     return program, meta
 
 

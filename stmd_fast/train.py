@@ -460,7 +460,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         from .data.vae import latent_decoder
         try:
             decode = latent_decoder(cfg.vae, device, data.scaling_factor, data.shift_factor,
-                                    fits=(list(data.shape), data.manifest["resolution"]),
+                                    fits=(list(data.shape), data.manifest["resolution"],
+                                          data.manifest.get("vae_sha256")),
                                     moved=f"if it moved, pass its new place: {'--resume ' if resume else ''}--vae DIR")
         except DataError as err:
             raise UserError(str(err)) from None
@@ -474,7 +475,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
             "data_kind": data.kind, "data_sha256": digest}
     if data.kind == "latent":  # what Model.decode needs
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
-                          "resolution": data.manifest["resolution"]}
+                          "resolution": data.manifest["resolution"], "vae_sha256": data.manifest.get("vae_sha256")}
     if ctx.launched:  # lets a torchrun restart of this job tell its own checkpoints from another run's
         meta["torchelastic_run_id"] = ctx.run_id
     fd = None

@@ -447,7 +447,8 @@ def test_latent_program_returns_latents_and_sample_decodes_with_vae(capsys, late
     model, path, vae_dir = latent_program
     _, meta = load_program(path)
     assert meta["data_kind"] == "latent" and meta["output"]["is"] == "latents (not decoded)"
-    assert meta["latent"] == {"vae": str(vae_dir), "scaling_factor": 0.7, "shift_factor": 0.1, "resolution": 16}
+    assert meta["latent"] == {"vae": str(vae_dir), "scaling_factor": 0.7, "shift_factor": 0.1, "resolution": 16,
+                              "vae_sha256": None}  # the model's metadata records none
     eager = model.sample(4, 2, 1, gen(0), batch_size=256)
     assert sample_main(["--exported", str(path), "--num", "4", "--out", str(tmp_path / "z.npy")]) == 0
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "z.npy")), eager, **TIGHT)

@@ -261,6 +261,48 @@ def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp
     assert not (tmp_path / "b.png").exists()
 
 
+def test_another_vae_of_the_same_kind_is_refused_by_train_sample_and_the_exported_sampler(capsys, vae_dir, tmp_path):
+    """The manifest records the encoding VAE's SHA-256, but training and sampling compared the path and the latent
+    shape only: a VAE of the same kind (replaced in place, or passed by --vae) decoded the latents without a word."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from stmd_fast.export import main as export_main
+
+    vae = tmp_path / "vae"
+    shutil.copytree(vae_dir, vae)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((R, R, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    enc.main(["--images", str(images), "--vae", str(vae), "--resolution", str(R), "--out", str(tmp_path / "shards"),
+              "--device", "cpu"])
+    run = tmp_path / "run"
+    flags = ["--preset", "latent", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--sample-every", "0",
+             "--device", "cpu", "--out", str(run), "--dit", "DiT-S/4"]
+    assert train_main([*flags, "--steps", "1"]) == 0
+    program = tmp_path / "sampler.pt2"
+    assert export_main([str(run), "--device", "cpu", "--steps", "1", "--out", str(program)]) == 0
+    other = tmp_path / "other-vae"  # the same architecture, other weights
+    torch.manual_seed(5)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=R).save_pretrained(other)
+    capsys.readouterr()
+    for i, argv in enumerate(([str(run)], ["--exported", str(program)])):
+        out = tmp_path / f"x{i}.png"
+        assert sample_main([*argv, "--num", "2", "--vae", str(other), "--out", str(out)]) == 2
+        assert_one_line_error(capsys, f"VAE {other} is not the VAE these latents were encoded with")
+        assert not out.exists()
+        assert sample_main([*argv, "--num", "2", "--vae", str(vae), "--out", str(out)]) == 0
+    shutil.rmtree(vae)
+    shutil.copytree(other, vae)  # replaced in place: the path the manifest names
+    capsys.readouterr()
+    assert train_main([*flags, "--steps", "2", "--resume"]) == 2
+    assert_one_line_error(capsys, f"VAE {vae} is not the VAE these latents were encoded with")
+
+
 def test_a_network_that_does_not_fit_latents_is_refused_before_the_vae_loads(capsys, shards, vae_dir, tmp_path,
                                                                              monkeypatch, at_test_resolution):
     from stmd_fast.data import vae
