@@ -299,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+FEW_STEPS = 16
+"""The NFE up to which an export is a few-step sampler: each network call is unrolled into the program."""
+
+
+def unrolled_note(method: str, steps: int, flow_steps: int) -> str | None:
+    """A note, before tracing, for a sampler of many network calls (DDPM's default N = 100): the program holds
+    each call unrolled, so tracing takes minutes and the file grows with them, where a few steps take seconds."""
+    cost = nfe(method, steps, flow_steps)
+    if cost <= FEW_STEPS:
+        return None
+    return (f"note: {method} N={steps} M={flow_steps} unrolls {cost} network calls into the program: tracing time and "
+            f"the file's size grow with each (minutes on a CPU; NFE {FEW_STEPS} or less exports in seconds: --steps)")
+
+
 def check_out(out: Path) -> None:
     if not out.name.endswith(".pt2") or out.name == ".pt2":  # Path(".pt2").suffix is "": a hidden name
         raise ExportError(f"--out must be a file name ending in .pt2 (e.g. sampler.pt2), got {out.name or out}")
@@ -333,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note.message}", file=sys.stderr)
     ckpt, ckpt_meta = model.checkpoint, model.meta
 
+    if (note := unrolled_note(method, steps, args.flow_steps)) is not None:
+        print(note, file=sys.stderr)
     start = time.perf_counter()
     with fits_in_memory(device, f"lower --batch {args.batch}"):
         program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)

@@ -691,6 +691,22 @@ def test_sample_needs_a_checkpoint_or_exported(capsys, runs, exported):
     assert_one_line_error(capsys, "not both")
 
 
+def test_export_says_before_tracing_when_it_unrolls_many_network_calls(capsys, runs, tmp_path, monkeypatch):
+    """DDPM's default N = 100 traced for minutes without a word (a few-step sampler is what export is for)."""
+    from stmd_fast.export import FEW_STEPS, unrolled_note
+
+    assert unrolled_note("stmd", 4, 4) is None and unrolled_note("meanflow", 1, FEW_STEPS) is None
+    assert "unrolls 100 network calls" in unrolled_note("ddpm", 100, 1)
+    assert "unrolls 18 network calls" in unrolled_note("stmd", 9, 2)
+
+    def stops_before_tracing(*a, **k):  # the note comes first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_sampler", stops_before_tracing)
+    assert export.main(export_args(runs["gmm-ddpm"], tmp_path / "d.pt2")) == 130
+    assert "note: ddpm N=100 M=1 unrolls 100 network calls" in capsys.readouterr().err
+
+
 def test_export_help_states_the_static_batch(capsys):
     with pytest.raises(SystemExit) as exc:
         export_main(["--help"])
