@@ -324,29 +324,9 @@ def main_exported(args) -> int:
     return 0
 
 
-@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed, OutOfMemory))
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.exported is not None:
-        return main_exported(args)
-    from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
-    from .devices import resolve_device
-
-    args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
-    args.weights = args.weights or "ema"
-    if args.checkpoint is None:
-        raise ValueError("give a checkpoint (CKPT) or --exported PT2")
-    with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
-        warnings.simplefilter("always")
-        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
-                                ema=args.ema)
-    for note in notes:
-        print(f"note: {note.message}", file=sys.stderr)
-    steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
-    check_steps(model.method, steps, args.flow_steps)
-    if args.grid is not None and not METHODS[model.method].diffusion:
-        raise ValueError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
-    check_counts(args)
+def check_inverse_flags(args) -> None:
+    """--inpaint/--mask and --inverse with its flags: which go together, checked before the checkpoint loads;
+    --sigma-y's default (0) with --inverse."""
     if args.inverse is None:
         extra = [f for f, v in (("--observed", args.observed), ("--sigma-y", args.sigma_y),
                                 ("--particles", args.particles), ("--measured", args.measured)) if v is not None]
@@ -367,8 +347,37 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--particles must be at least 1 (K particles per sample), got {args.particles}")
         if args.particles is not None and args.sigma_y == 0:
             raise ValueError("--particles K (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
-        if args.particles is None:
-            check_ddnm_corrects(model.method, steps, args.sigma_y)
+
+
+@one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed, OutOfMemory))
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.exported is not None:
+        return main_exported(args)
+    from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
+    from .devices import resolve_device
+
+    args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
+    args.weights = args.weights or "ema"
+    if args.checkpoint is None:
+        raise ValueError("give a checkpoint (CKPT) or --exported PT2")
+    check_counts(args)  # the flags, and a given --out, before the checkpoint loads (seconds for a large network)
+    check_inverse_flags(args)
+    if args.out is not None:
+        check_zoom(args, Path(args.out))
+        prepare_out(Path(args.out))
+    with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint
+        warnings.simplefilter("always")
+        model = load_checkpoint(args.checkpoint, device=resolve_device(args.device), weights=args.weights,
+                                ema=args.ema)
+    for note in notes:
+        print(f"note: {note.message}", file=sys.stderr)
+    steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
+    check_steps(model.method, steps, args.flow_steps)
+    if args.grid is not None and not METHODS[model.method].diffusion:
+        raise ValueError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
+    if args.inverse is not None and args.particles is None:
+        check_ddnm_corrects(model.method, steps, args.sigma_y)
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "
@@ -381,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--vae decodes latents into a .png grid; this checkpoint makes {model.data_kind}s"
                          if model.data_kind != "latent" else "--vae decodes the latents into a .png grid; a .npy "
                          "--out keeps the latents: drop --vae")
-    check_zoom(args, out)
+    if args.out is None:  # the default, by the kind of data
+        check_zoom(args, out)
+        prepare_out(out)
     check_output_memory(args.num, model.data_shape, out, args.zoom,
                         model.meta["latent"] if model.data_kind == "latent" else None)
-    prepare_out(out)
     if model.data_kind == "latent" and out.suffix == ".png":
         model.load_vae(args.vae)  # before sampling: an unreachable VAE fails now, not after the work
     observed = mask = operator = y = None

@@ -656,6 +656,27 @@ def test_inverse_sr_noiseless_reproduces_the_measurement(capsys, image_run, inpa
     assert "DDNM" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--num", "0"], ["--num must be at least 1"]),
+    (["--out", "x.jpg"], ["--out must end in .png or .npy"]),
+    (["--zoom", "2", "--out", "x.npy"], ["drop --zoom"]),
+    (["--observed", "y.png"], ["--observed goes with --inverse OPERATOR"]),
+    (["--inverse", "sr2"], ["--observed IMAGE"]),
+])
+def test_sample_checks_its_flags_and_out_before_the_checkpoint_loads(capsys, image_run, tmp_path, monkeypatch, args,
+                                                                       words):
+    """They were checked after the whole checkpoint had loaded (seconds for a DiT-XL, onto the GPU first)."""
+    import stmd_fast.checkpoint
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint loaded")
+
+    monkeypatch.setattr(stmd_fast.checkpoint, "load_checkpoint", never)
+    monkeypatch.chdir(tmp_path)
+    assert sample(image_run, *args) == 2
+    assert_one_line_error(capsys, *words)
+
+
 def test_the_measurement_noise_of_an_image_is_not_the_samplers_own_noise(image_run, inpaint_files, tmp_path,
                                                                          monkeypatch):
     """y's --sigma-y noise and the chains' noise came from two generators of the same seed: one stream, twice."""
