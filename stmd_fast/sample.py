@@ -285,6 +285,9 @@ def main_exported(args) -> int:
         wanted = device if args.device == "auto" else torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu or cuda") from None
+    if wanted.type == "cuda" != device.type and not torch.cuda.is_available():  # re-exporting for it cannot help
+        raise ValueError(f"--device {args.device}: CUDA is not available here; {args.exported} was exported for "
+                         f"{device}: drop --device")
     if wanted.type != device.type:
         raise ValueError(f"{args.exported} was exported for {device}, not {args.device}: re-export with "
                          f"--device {args.device}")

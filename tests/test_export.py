@@ -610,7 +610,8 @@ def test_sample_refuses_a_pt2_without_metadata(capsys, tmp_path):
     (["--num", "0"], ["--num"]),
     (["--vae", "somewhere"], ["--vae", "vectors"]),
     (["--out", "x.png"], ["vectors", ".npy"]),
-    (["--device", "cuda"], ["exported for cpu"]),
+    # without CUDA, "re-export with --device cuda" was advice that cannot work
+    (["--device", "cuda"], ["exported for cpu", "re-export" if torch.cuda.is_available() else "CUDA is not available"]),
 ], ids=["steps", "grid", "num0", "vae-for-vectors", "png-for-vectors", "device"])
 def test_sample_exported_refuses_bad_flags(capsys, exported, tmp_path, argv, words):
     assert sample_main(["--exported", str(exported("gmm-stmd", 2, 2)), *argv]) == 2
