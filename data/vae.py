@@ -40,12 +40,7 @@ def load_vae(name_or_path: str, device: torch.device, moved: str = "check the pa
             vae, loading = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False,
                                                          output_loading_info=True)
     except Exception as error:  # OSError, huggingface_hub's validation and connection errors, bad configs
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(
-            f"--vae {name_or_path}: could not load an AutoencoderKL ({reason}); pass a local folder saved with "
-            "save_pretrained (config.json + weights; for a whole pipeline, its vae/ subfolder) or a hub id "
-            "reachable from this machine"
-        ) from None
+        raise DataError(f"--vae {name_or_path}: {load_failure(error)}") from None
     if loading["missing_keys"]:  # diffusers would initialise them at random: no VAE's latents
         missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
         found = f"; it holds {len(unexpected)} others, e.g. {unexpected[0]}" if unexpected else ""
@@ -53,6 +48,24 @@ def load_vae(name_or_path: str, device: torch.device, moved: str = "check the pa
                         f"AutoencoderKL's weights are not in it, e.g. {missing[0]}{found}); pass the folder of a VAE "
                         f"saved with save_pretrained (for a whole pipeline, its vae/ subfolder)")
     return vae.eval().requires_grad_(False).to(device)
+
+
+def load_failure(error: BaseException) -> str:
+    """Why from_pretrained failed, and the fix. An unreachable hub surfaces as diffusers' "does not appear to have
+    a file named config.json": the cause is in the exception's chain (huggingface_hub's LocalEntryNotFoundError,
+    over the connection error)."""
+    chain = []
+    while error is not None and len(chain) < 16:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    first_line = lambda e: str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # noqa: E731
+    if any(type(e).__name__ == "LocalEntryNotFoundError" for e in chain):
+        return (f"the Hugging Face hub could not be reached from this machine ({first_line(chain[-1])}), and the VAE "
+                f"is not in the local cache: download it where the hub is reachable (save_pretrained) and pass "
+                f"its folder")
+    return (f"could not load an AutoencoderKL ({first_line(chain[0])}); pass a local folder saved with save_pretrained "
+            f"(config.json + weights; for a whole pipeline, its vae/ subfolder) or a hub id reachable from this "
+            f"machine")
 
 
 @contextmanager
