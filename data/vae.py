@@ -4,6 +4,7 @@ is data/encode.py; the trainer's sample grids, Model.decode and `sample --export
 """
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,7 +61,8 @@ def load_failure(error: BaseException) -> str:
         error = error.__cause__ or error.__context__
     first_line = lambda e: str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # noqa: E731
     if any(type(e).__name__ == "LocalEntryNotFoundError" for e in chain):
-        return (f"the Hugging Face hub could not be reached from this machine ({first_line(chain[-1])}), and the VAE "
+        cause = re.sub(r"Cannot reach \S+: ", "", first_line(chain[-1]))  # the URL: a line too long for one line
+        return (f"the Hugging Face hub could not be reached from this machine ({cause}), and the VAE "
                 f"is not in the local cache: download it where the hub is reachable (save_pretrained) and pass "
                 f"its folder")
     return (f"could not load an AutoencoderKL ({first_line(chain[0])}); pass a local folder saved with save_pretrained "
