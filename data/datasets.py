@@ -328,13 +328,16 @@ def load_preset(preset: str, split: str = "train", data_dir: str = "datasets", d
 
 def preset_files_hint(path: Path) -> str:
     """For --data given MNIST or CIFAR-10 files, their folder or the data root above it (what --data-dir
-    takes): the flags that read them, with the folder to pass where it can be told. A file is known by its own
+    takes), or latent shards to an image preset: the flags that read them, with the folder to pass where it can be
+    told. A file is known by its own
     name only: a file of one's own beside MNIST's is not one of them."""
     folder = path if path.is_dir() else path.parent
     names = {p.name for p in folder.iterdir()} if path.is_dir() else {path.name}
     mnist_names = set(MNIST_FILES) | {f"{name}.gz" for name in MNIST_FILES}
     cifar_names = {*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"}
     cifar_names |= {f"{name}.bin" for name in cifar_names - {"batches.meta"}} | {"batches.meta.txt"}
+    if path.is_dir() and "manifest.json" in names and any(name.endswith(".tar") for name in names):
+        return "; they are latent shards (manifest.json beside them): train them with --preset latent"
     if path.is_dir() and "MNIST" in names:  # the data root itself
         return f"; MNIST is read by --preset mnist --data-dir {folder}"
     if path.name == "MNIST":

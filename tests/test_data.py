@@ -471,6 +471,18 @@ def test_a_file_that_is_no_npy_is_named_for_what_it_is(tmp_path, name, save, sai
     assert "pickled" not in str(err.value) and "unsafe" not in str(err.value)
 
 
+def test_latent_shards_given_to_an_image_preset_are_named_as_such(tmp_path):
+    """--preset digits --data SHARDS said only "no images ... (.tar x4, .json x1)"."""
+    from stmd_fast.data.images import list_images
+
+    for i in range(2):
+        (tmp_path / f"shard-{i:06d}.tar").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match=r"no images under .*; they are latent shards \(manifest\.json beside them\): "
+                                        r"train them with --preset latent$"):
+        list_images(tmp_path)
+
+
 def test_a_file_of_ones_own_beside_a_datasets_files_is_not_taken_for_one_of_them(tmp_path):
     """A CSV in MNIST/raw or cifar-10-batches-py was told "MNIST's files are read by --preset mnist"."""
     for folder, theirs in [("MNIST/raw", "train-images-idx3-ubyte"), ("cifar-10-batches-py", "data_batch_1")]:
