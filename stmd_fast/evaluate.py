@@ -1198,10 +1198,11 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--zoom {args.zoom}: at most {MAX_ZOOM}")
         if args.command in ("sweep", "conditional") and args.num < 2:  # FD and FID need a covariance
             raise EvalError(f"--num must be at least 2 to score a distribution by FD/FID, got {args.num}")
+        device_name = "this device" if getattr(args, "device", "auto") in (None, "auto") else args.device
         sizes = [f"--{name.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, list) else value}"
                  for name in MEMORY_FLAGS if (value := getattr(args, name, None)) is not None]
         with interrupt_on_stop_signals(), warnings_as_lines(), holding_out(getattr(args, "out", None)), \
-                fits_in_memory(getattr(args, "device", None) or "this device", f"lower {' or '.join(sizes)}"):
+                fits_in_memory(device_name, f"lower {' or '.join(sizes)}"):
             return commands[args.command](args)  # SIGTERM, SIGHUP as Ctrl-C
     except (EvalError, ValueError, FileNotFoundError, RunLocked) as err:  # bad input, found before sampling
         print(f"error: {err}", file=sys.stderr)
