@@ -12,3 +12,7 @@ def __getattr__(name: str):
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'stmd_fast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})  # the lazy names too: a notebook completes stmd_fast.Model

@@ -37,8 +37,8 @@ from safetensors.torch import save as save_safetensors
 from .config import TrainConfig
 from .devices import resolve_device, same_device
 from .files import fsync_path, write_atomic, write_bytes_durably
-from .methods import METHODS
-from .sampling import check_steps, inpainting_projection, sample, transition
+from .methods import METHODS, get_method
+from .sampling import check_steps, check_times, inpainting_projection, sample, transition
 
 if TYPE_CHECKING:
     from .operators import LinearOperator
@@ -414,6 +414,7 @@ class Model:
     """
 
     def __init__(self, net: torch.nn.Module, method: str, data_shape: tuple[int, ...], data_kind: str, meta: dict):
+        get_method(method)  # an unknown one said now, not as a KeyError at the first sample
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
         self.checkpoint: Path | None = None  # load_checkpoint's: the checkpoint folder the weights came from
         self._decode, self._vae = None, None  # the loaded decoder and the VAE folder it came from
@@ -421,8 +422,6 @@ class Model:
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """A latent model's samples -> images (about [-1, 1]) through the VAE it was trained with
         (loaded on first use from the path or hub id in its config)."""
-        if self.data_kind != "latent":
-            raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: there is nothing to decode")
         return self.load_vae()(z.to(self.device), batch_size)
 
     def load_vae(self, vae: str | None = None):
@@ -431,6 +430,8 @@ class Model:
         than the loaded one is loaded), which must make this model's latent shape."""
         from .data.vae import expected_latents, latent_decoder
 
+        if self.data_kind != "latent":
+            raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: it has no VAE, nothing to decode")
         latent = self.meta["latent"]
         if self._decode is None or (vae is not None and vae != self._vae):  # another folder given: load it
             self._decode = latent_decoder(vae or latent["vae"], self.device, latent["scaling_factor"],
@@ -445,6 +446,10 @@ class Model:
         points): the default of every sampling call here; pass grid= to use another."""
         return self.meta.get("config", {}).get("sample_grid", "uniform")  # a Model built by hand: uniform
 
+    def _grid(self, grid: str | None) -> str:
+        """The grid asked for, or the run's when None ("" is an unknown grid, not the default)."""
+        return self.grid if grid is None else grid
+
     @property
     def device(self) -> torch.device:
         """Where the network's weights are (load_checkpoint's device): inputs are moved there."""
@@ -458,7 +463,7 @@ class Model:
             raise ValueError(f"{name} is {x.dtype}: the model takes floats in [-1, 1] (for 8-bit pixels, "
                              f"x.float() / 127.5 - 1)")
         finite = x[torch.isfinite(x)]  # NaN: a missing pixel of an observation; NaN and inf are the operator's to say
-        peak = float(finite.abs().max()) if finite.numel() else 0.0
+        peak = float(finite.detach().abs().max()) if finite.numel() else 0.0  # detached: no requires_grad warning
         if self.data_kind == "image" and name != "x" and peak > 20:
             warnings.warn(f"{name} reaches {peak:g}: the model's images are in [-1, 1] (for 0..255 pixels, "
                           f"x / 127.5 - 1)", stacklevel=3)
@@ -503,7 +508,7 @@ class Model:
         batch_size. Sampling runs under torch.no_grad (here and in every method below)."""
         steps, generator = self._steps(steps), self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
-            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid or self.grid))
+            self.net, self.method, n, self.data_shape, steps, flow_steps, generator, self._grid(grid)))
 
     def _batched(self, num: int, batch_size: int | None, draw) -> torch.Tensor:
         self._count("num", num)
@@ -521,7 +526,8 @@ class Model:
         x = self._input(x, "x")
         if tuple(x.shape[1:]) != self.data_shape:
             raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])}, the model takes {self.data_shape}")
-        if len(x) == 0:
+        if len(x) == 0:  # the times checked all the same
+            check_times(s_from, s_to)
             return x.clone()
         return transition(self.net, self.method, x, s_from, s_to, flow_steps, self._generator(generator))
 
@@ -535,7 +541,7 @@ class Model:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
         project = inpainting_projection(observed, torch.as_tensor(mask).to(self.device))
         generator = self._generator(generator)
-        grid = grid or self.grid
+        grid = self._grid(grid)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, grid, project=project))
 
@@ -572,7 +578,7 @@ class Model:
         check_sigma_y(sigma_y)
         if particles is None:
             check_ddnm_corrects(self.method, steps, sigma_y)
-        generator, grid = self._generator(generator), grid or self.grid
+        generator, grid = self._generator(generator), self._grid(grid)
         if particles is None:
             hook = DDNM(operator, y, sigma_y)
             return self._batched(num, batch_size, lambda n: sample(

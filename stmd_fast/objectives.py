@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,6 +21,10 @@ from .kernels.meanflow_loss import meanflow_loss
 from .methods import METHODS, get_method  # noqa: F401 (METHODS: importable from here too)
 from .schedule import TIME_GRIDS, alpha_sigma, grid_points, per_sample
 
+
+# torch's forward-AD decompositions call the deprecated torch.jit.script on first use of torch.func.jvp: not ours
+# to fix, and noise in every run's output (and in a script computing the loss itself).
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 MAX_JVP_BLOCK = 1024  # the largest block of rows jvp_block may need
 
@@ -339,7 +344,18 @@ def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Objectiv
     (STMD, Mean Flow) or the eps mean squared error (DDPM). The JVP runs on the rows with r < t
     only (split_meanflow); full_batch_jvp runs it on every row instead, as the official Mean Flow
     code does: the same loss and gradients, more work (the reference the tests and benchmarks use)."""
+    check_noise(x0, noise)
     return get_method(method).loss(net, x0, noise, cfg, full_batch_jvp)
+
+
+def check_noise(x0: torch.Tensor, noise: Noise) -> None:
+    """ValueError unless the noise was drawn for this batch (draw_noise(x0, ...)): noise of another batch size
+    failed in a broadcast deep in the loss. Shapes only: free under torch.compile (no device sync)."""
+    for name, value in noise._asdict().items():
+        want = x0.shape if value.dim() > 1 else x0.shape[:1]
+        if value.shape != want:
+            raise ValueError(f"noise.{name} is {tuple(value.shape)}, for a batch x0 of {tuple(x0.shape)} it must be "
+                             f"{tuple(want)}: draw the noise for this batch, draw_noise(x0, cfg, generator)")
 
 
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
@@ -348,6 +364,7 @@ def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Ob
     time it beside compute_loss to measure what the JVP costs."""
     if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
+    check_noise(x0, noise)
     t = noise.t
     tb = per_sample(t, x0)
     z_t = (1 - tb) * x0 + tb * noise.e

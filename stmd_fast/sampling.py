@@ -20,6 +20,8 @@ float64, before the loop (sampler_plan): the loop itself is tensor arithmetic on
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -159,13 +161,17 @@ def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection
     """Algorithm 2 on given noise: the loop behind sample() and the exported samplers.
 
     noise: the plan's noise tensors in order (a list, a stacked tensor, or a lazy iterator)."""
-    draws = iter(noise)
+    draws, first = iter(noise), []
 
     def draw(name: str) -> torch.Tensor:
         x = next(draws, None)
         if x is None:
             raise ValueError(f"ran out of noise at {name!r}: {plan.method} with N={plan.steps} takes "
                              f"{len(plan.noise_names)} tensors ({', '.join(plan.noise_names)})")
+        if first and (x.shape != first[0].shape or x.dtype != first[0].dtype):  # it broadcast: noise shared
+            raise ValueError(f"noise {name!r} is {tuple(x.shape)} {x.dtype}; each noise tensor is shaped like x_1: "
+                             f"{tuple(first[0].shape)} {first[0].dtype}")
+        first.append(x)
         return x
 
     m = get_method(plan.method)
@@ -205,19 +211,44 @@ def transition(net, method: str, x: torch.Tensor, s_from: float, s_to: float, fl
     """Draw x_{s_to} ~ p(x_{s_to} | x_{s_from} = x) for a batch: x0_hat, then the exact bridge.
 
     For DDPM this is the posterior-mean bridge step (exact only for small steps)."""
-    if not 0.0 <= s_to < s_from <= 1.0:
-        raise ValueError(f"a transition needs 0 <= s_to < s_from <= 1, got s_from={s_from}, s_to={s_to}")
+    s_from, s_to = check_times(s_from, s_to)
+    check_generator(generator)
     step = make_step(s_from, s_to, x.dtype)
     z = _randn(x.shape, generator, x.dtype) if get_method(method).flow else None
     eps = None if step.bridge is None else _randn(x.shape, generator, x.dtype, x.device)
     return _transition(net, method, x, step, flow_steps, z, eps, project)
 
 
+def check_times(s_from, s_to) -> tuple[float, float]:
+    """(s_from, s_to) as floats, or an error: one diffusion time each for the whole batch, 0 <= s_to < s_from <= 1."""
+    times = []
+    for name, value in (("s_from", s_from), ("s_to", s_to)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number (one diffusion time for the whole batch), got {value!r}")
+        times.append(float(value))
+    if not 0.0 <= times[1] < times[0] <= 1.0:
+        raise ValueError(f"a transition needs 0 <= s_to < s_from <= 1, got s_from={s_from}, s_to={s_to}")
+    return times[0], times[1]
+
+
+def check_generator(generator) -> None:
+    """TypeError unless a torch.Generator: None failed deep in the first draw ("no attribute 'device'")."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (seeded: torch.Generator().manual_seed(0)), got "
+                        f"{type(generator).__name__}")
+
+
 @torch.no_grad()
 def sample_from_noise(net, method: str, noise: Sequence[torch.Tensor] | torch.Tensor, steps: int, flow_steps: int,
                       grid: str = "uniform", project: Projection | BridgeHook | None = None) -> torch.Tensor:
     """Algorithm 2 on given noise (draw_sampler_noise's list, or those tensors stacked on a new
-    first axis); samples shaped like one noise tensor."""
+    first axis); samples shaped like one noise tensor, in the network's dtype."""
+    weight = next(net.parameters(), None)
+    if len(noise) and weight is not None and noise[0].dtype != weight.dtype:  # else conv fails 16 frames down
+        raise ValueError(f"the noise is {noise[0].dtype} and the network {weight.dtype}: give the noise in the "
+                         f"network's dtype (noise.to({weight.dtype}))")
     plan = sampler_plan(method, steps, flow_steps, grid, noise[0].dtype if len(noise) else torch.float32)
     return run_plan(net, plan, noise, project)
 
@@ -228,6 +259,9 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
     """Algorithm 2: x ~ N(0, I) at s = 1, then N transitions down the grid to s = 0.
 
     Returns `num` samples on the generator's device. NFE per sample: see nfe()."""
+    check_generator(generator)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a whole number >= 1, got {num!r}")
     plan = sampler_plan(method, steps, flow_steps, grid)
     return run_plan(net, plan, iter_sampler_noise(plan, num, data_shape, generator), project)
 

@@ -6,14 +6,16 @@ near s = 0, and cast to the caller's dtype at the end.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 BETA_MIN, BETA_MAX = 0.1, 20.0  # linear beta(s) of Song et al. 2021
 
 
 def log_alpha(s: torch.Tensor) -> torch.Tensor:
-    """log alpha_s = -1/4 s^2 (b1 - b0) - 1/2 s b0, in float64."""
-    s = s.double()
+    """log alpha_s = -1/4 s^2 (b1 - b0) - 1/2 s b0, in float64 (s: a tensor, or a Python number)."""
+    s = torch.as_tensor(s).double()
     return -0.25 * s**2 * (BETA_MAX - BETA_MIN) - 0.5 * s * BETA_MIN
 
 
@@ -72,8 +74,8 @@ def time_grid(steps: int, kind: str = "uniform", device=None) -> torch.Tensor:
 
     'uniform': s_k = k / N. 'quadratic': s_k = (k / N)^2, denser near the data.
     """
-    if steps < 1:
-        raise ValueError(f"need at least one diffusion step, got steps={steps}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:  # 2.5: a grid below 0
+        raise ValueError(f"need a whole number of diffusion steps >= 1, got steps={steps!r}")
     return grid_points(torch.arange(steps, -1, -1, dtype=torch.float64, device=device) / steps, kind)
 
 

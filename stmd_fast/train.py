@@ -30,7 +30,6 @@ import glob
 import hashlib
 import json
 import time
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -59,10 +58,6 @@ from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
 from .training_state import TrainingState
-
-# torch's forward-AD decompositions call the deprecated torch.jit.script on first use of
-# torch.func.jvp: not ours to fix, and noise in every run's output.
-warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
 PAPER_PARAMS = {

@@ -309,6 +309,52 @@ def image_model():
     return Model(tiny_net("stmd", (1, 8, 8)), "stmd", (1, 8, 8), "image", {})
 
 
+def test_the_library_says_misuse_at_the_call(image_model):
+    """What a notebook gets wrong, said where it happens, not as a silent broadcast or a failure frames deep."""
+    import warnings
+
+    import stmd_fast
+    from stmd_fast import sampling, schedule
+    from stmd_fast.objectives import ObjectiveConfig, compute_loss, draw_noise
+
+    net = image_model.net
+    noise = sampling.draw_sampler_noise("stmd", 5, (1, 8, 8), 2, 1, gen(0))  # x_1, z_0, eps_0, z_1
+    for bad in (noise[2][:1], noise[2][..., :1]):  # broadcast: one bridge noise shared by samples or pixels
+        with pytest.raises(ValueError, match=r"noise 'eps_0' is \((1, 1, 8, 8|5, 1, 8, 1)\) .* like x_1: \(5, 1, 8, 8\)"):
+            sampling.sample_from_noise(net, "stmd", [noise[0], noise[1], bad, noise[3]], 2, 1)
+    with pytest.raises(ValueError, match="the noise is torch.float64 and the network torch.float32"):
+        sampling.sample_from_noise(net, "stmd", [x.double() for x in noise], 2, 1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sampling.sample(net, "stmd", 2, (1, 8, 8), 2, 1, None)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sampling.transition(net, "stmd", noise[0], 1.0, 0.5, 1, None)
+    with pytest.raises(ValueError, match="num must be a whole number >= 1"):
+        sampling.sample(net, "stmd", 0, (1, 8, 8), 2, 1, gen(0))
+    # times: checked for an empty batch too; a one-element tensor is a number; per-sample times are not
+    with pytest.raises(ValueError, match="0 <= s_to < s_from <= 1"):
+        image_model.transition(torch.zeros(0, 1, 8, 8), 0.1, 0.5, generator=gen(0))
+    with pytest.raises(TypeError, match="s_from must be a number"):
+        image_model.transition(noise[0], torch.full((5,), 0.5), 0.1, generator=gen(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.tensor(tensor) warned; requires_grad input warned on float()
+        x = image_model.transition(noise[0].requires_grad_(), torch.tensor(0.5), 0.1, generator=gen(1))
+    assert torch.equal(x, image_model.transition(noise[0].detach(), 0.5, 0.1, generator=gen(1)))
+    with pytest.raises(ValueError, match="unknown time grid|unknown grid"):
+        image_model.sample(2, steps=2, grid="", generator=gen(0))  # not the run's grid, silently
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        Model(net, "foo", (1, 8, 8), "image", {})
+    with pytest.raises(ValueError, match="makes images, not latents"):
+        image_model.load_vae()
+    assert {"Model", "load_checkpoint"} <= set(dir(stmd_fast))  # tab completion of the lazy names
+    with pytest.raises(ValueError, match="whole number of diffusion steps"):
+        schedule.time_grid(2.5)  # [1, 0.6, 0.2, -0.2]: a grid ending below 0
+    assert torch.equal(torch.stack(schedule.alpha_sigma(0.5)), torch.stack(schedule.alpha_sigma(torch.tensor(0.5))))
+    cfg = ObjectiveConfig()
+    x0 = torch.randn(16, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"noise.s is \(16,\), for a batch x0 of \(8, 1, 8, 8\) it must be \(8,\)"):
+        compute_loss("stmd", net, x0[:8], draw_noise(x0, cfg, gen(0)), cfg)
+
+
 def test_posterior_sample_api(image_model):
     op = AvgPool(2)
     y = op(torch.randn(1, 1, 8, 8, generator=gen(30)))[0]
