@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -188,10 +189,21 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", hint: 
     missing = [name for name in (WEIGHTS, META) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"no FD classifier in {folder} ({', '.join(missing)} missing): {hint}")
-    meta = json.loads((folder / META).read_text())
+
+    def damaged(err: Exception) -> ValueError:  # one line naming the folder, not a traceback from json,
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""  # safetensors or torch
+        return ValueError(f"the FD classifier in {folder} is damaged ({type(err).__name__}: {reason}): {hint}")
+
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError) as err:
+        raise damaged(err) from None
     if meta.get("num_features") != FeatureClassifier.num_features:
         raise ValueError(f"{folder} holds a classifier with {meta.get('num_features')} features, this stmd_fast "
                          f"uses {FeatureClassifier.num_features}: {hint}")
-    model = FeatureClassifier(tuple(meta["data_shape"]), meta["num_classes"])
-    model.load_state_dict(load_file(folder / WEIGHTS))
+    try:
+        model = FeatureClassifier(tuple(meta["data_shape"]), meta["num_classes"])
+        model.load_state_dict(load_file(folder / WEIGHTS))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        raise damaged(err) from None
     return model.to(device).eval(), meta

@@ -259,6 +259,35 @@ def test_load_classifier_missing_names_the_command(tmp_path):
         load_classifier(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("damage", ["truncated weights", "a tensor missing", "no data_shape", "not json"])
+def test_a_damaged_classifier_is_one_error_naming_its_folder(tmp_path, damage):
+    """Each was a traceback (SafetensorError, load_state_dict's RuntimeError, KeyError) or json's bare message,
+    in evaluate and in train --fd-every alike."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from stmd_fast.classifier import META, WEIGHTS, default_classifier
+
+    folder = tmp_path / "cls"
+    shutil.copytree(default_classifier("digits"), folder)
+    if damage == "truncated weights":
+        (folder / WEIGHTS).write_bytes((folder / WEIGHTS).read_bytes()[:1000])
+    elif damage == "a tensor missing":
+        weights = load_file(folder / WEIGHTS)
+        save_file({k: v for k, v in weights.items() if k != "conv1.bias"}, folder / WEIGHTS)
+    elif damage == "no data_shape":
+        meta = json.loads((folder / META).read_text())
+        del meta["data_shape"]
+        (folder / META).write_text(json.dumps(meta))
+    else:
+        (folder / META).write_text("{not json")
+    with pytest.raises(ValueError, match=f"the FD classifier in {folder} is damaged .*train-classifier") as err:
+        load_classifier(folder)
+    assert "\n" not in str(err.value)
+
+
 def test_a_missing_classifier_names_the_command_that_makes_it_where_it_is_read(tmp_path, monkeypatch):
     """An mnist run's --fd-every (and evaluate) without runs/classifier-mnist told the user to train a digits
     classifier, which lands in runs/classifier-digits and fixes nothing."""
