@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import re
 import signal
 import sys
@@ -353,6 +354,8 @@ def checkpoint_names(found: list[tuple[Path, dict]]) -> list[str]:
 
 
 def sweep(args) -> int:
+    from .metrics import NonFiniteImages
+
     found = checkpoint_metas(args.checkpoints, "sweep", args.ema)
     check_scoring(found[0][1], args)
     methods = [m["config"]["method"] for _, m in found]
@@ -404,8 +407,13 @@ def sweep(args) -> int:
                 if model.data_kind == "latent":
                     x = model.decode(x, args.batch_size)  # FID is on the decoded images
                 sample_s = time.perf_counter() - t0
+                try:
+                    value = metric.score(x)
+                except NonFiniteImages as err:  # this setting diverged: recorded as NaN, the others still measured
+                    tqdm.write(f"note: {label} N={n} M={m}: {metric.name} not measured: {err}")
+                    value = math.nan
                 row = {"checkpoint": str(ckpt), "step": meta.get("step"), **key, "nfe": nfe(key["method"], n, m),
-                       "metric": metric.name, "value": metric.score(x), "sample_s": sample_s}
+                       "metric": metric.name, "value": value, "sample_s": sample_s}
                 seconds.append(time.perf_counter() - t0)
                 calls += row["nfe"]
             rows.append({**row, "label": label})  # labels depend on which checkpoints this sweep compares

@@ -414,6 +414,26 @@ def test_running_out_of_memory_is_one_line_naming_the_flags_to_lower(runs, tmp_p
     assert "--particles 1,4" in one_line_error(capsys, "out of memory")
 
 
+def test_a_setting_that_diverges_is_recorded_as_nan_and_the_sweep_goes_on(runs, tmp_path, capsys, monkeypatch):
+    """Its NaN samples stopped the sweep with an error after their sampling, and every rerun stopped there again:
+    the settings after it were never measured."""
+    real = Model.sample
+
+    def diverges_at_n_2(self, num, steps=None, *args, **kwargs):
+        x = real(self, num, steps, *args, **kwargs)
+        return x * float("nan") if steps == 2 else x
+
+    monkeypatch.setattr(Model, "sample", diverges_at_n_2)
+    args = ["sweep", str(runs / "stmd"), "--stmd", "2x1,1x1", "--num", "20", *scoring(runs), "--out", str(tmp_path)]
+    assert evaluate(args) == 0
+    rows = {row["N"]: row["value"] for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert np.isnan(rows[2]) and np.isfinite(rows[1])
+    assert "N=2 M=1: FD not measured: 20 of the 20 generated images hold NaN" in capsys.readouterr().out
+    assert evaluate(args) == 0  # the same command again: both reused, the NaN included
+    assert capsys.readouterr().out.count("(measured before)") == 2
+    assert json.loads((tmp_path / "results.json").read_text())["complete"] is True
+
+
 def test_kernel_refuses_non_gmm_runs(runs, tmp_path, capsys):
     assert evaluate(["kernel", str(runs / "stmd"), "--out", str(tmp_path)]) == 2
     one_line_error(capsys, "gmm")
