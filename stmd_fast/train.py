@@ -178,10 +178,20 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         if was != value:
             raise UserError(f"--resume: {cfg.out} was trained with {as_flag(key, was)}, not {as_flag(key, value)}: "
                             f"drop the flag, or use a new --out to start another run")
+    measured_otherwise = [f"{as_flag(key, saved.get(key))} -> {as_flag(key, value)}" for key, value in top.items()
+                          if key in FD_SERIES_FLAGS and saved.get(key) not in (value, getattr(cfg, key))]
+    if measured_otherwise and (saved.get("fd_every") or top.get("fd_every")) and distributed.from_env().is_main:
+        print(f"note: --resume with {', '.join(measured_otherwise)}: the FD logged from step {meta['step']} on is "
+              f"measured otherwise than the FD before it, so a step in the curve there may be the measurement's",
+              file=sys.stderr)
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
     return TrainConfig(**saved), True
+
+
+FD_SERIES_FLAGS = ("fd_num", "fd_classifier")
+"""What --fd-every's FD is measured with: a resume may change them, and the logged series then changes meaning."""
 
 
 def as_flag(key: str, value) -> str:

@@ -1168,6 +1168,19 @@ def test_the_fd_measurement_comes_after_the_checkpoint(monkeypatch, tmp_path, ca
     assert [r["step"] for r in records] == [1, 2, 3, 4] and not any(k.startswith("FD/") for k in records[1])
 
 
+def test_a_resume_that_changes_how_fd_is_measured_says_the_series_changes_there(tmp_path, capsys):
+    """--fd-num 16 -> 24 on --resume: the logged FD jumped at the resume, measured on other sample counts, unsaid."""
+    run = tmp_path / "run"
+    args = ["--preset", "digits", "--fd-every", 1, "--sample-every", 0, "--device", "cpu", "--out", run]
+    assert train(*args, "--fd-num", 16, "--steps", 1) == 0
+    capsys.readouterr()
+    assert train(*args, "--fd-num", 16, "--steps", 2, "--resume") == 0
+    assert "measured otherwise" not in capsys.readouterr().err  # restated, not changed
+    assert train(*args, "--fd-num", 24, "--steps", 3, "--resume") == 0
+    assert ("note: --resume with --fd-num 16 -> --fd-num 24: the FD logged from step 2 on is measured otherwise"
+            in capsys.readouterr().err)
+
+
 def test_a_finished_run_killed_during_its_last_fd_gets_its_record_and_grid_on_resume(tmp_path, capsys):
     """Killed during the last step's FD (its checkpoint written, holding the record), the run has nothing left
     to train: the resume said "nothing to do" and the last record and grid were lost for good."""
