@@ -60,6 +60,9 @@ def load_failure(error: BaseException) -> str:
         chain.append(error)
         error = error.__cause__ or error.__context__
     first_line = lambda e: str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # noqa: E731
+    if any(type(e).__name__ == "OfflineModeIsEnabled" for e in chain):
+        return ("HF_HUB_OFFLINE is set and the VAE is not in the local Hugging Face cache: unset it to download the "
+                "VAE, or pass a folder saved with save_pretrained")
     if any(type(e).__name__ == "LocalEntryNotFoundError" for e in chain):
         cause = re.sub(r"Cannot reach \S+: ", "", first_line(chain[-1]))  # the URL: a line too long for one line
         return (f"the Hugging Face hub could not be reached from this machine ({cause}), and the VAE "

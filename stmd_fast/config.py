@@ -159,6 +159,16 @@ class TrainConfig:
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    def check_grid_cost(self) -> None:
+        """ValueError if a sample grid's N x M network calls per sample exceed MAX_STEPS: each bounded, their
+        product ran for days after training. A new run's check (train.resolve_config), not __post_init__'s: a
+        checkpoint saved before it still loads."""
+        grid_steps = METHODS[self.method].grid_steps(self)
+        if METHODS[self.method].nfe(*grid_steps) > MAX_STEPS:
+            raise ValueError(f"--sample-steps {grid_steps[0]} x --sample-flow-steps {grid_steps[1]}: "
+                             f"{METHODS[self.method].nfe(*grid_steps)} network evaluations per sample of every grid; "
+                             f"at most {MAX_STEPS}")
+
     def __post_init__(self):
         if isinstance(self.net, dict):
             self.net = NetConfig(**self.net)
@@ -184,11 +194,6 @@ class TrainConfig:
         for name in ("sample_steps", "sample_flow_steps", "sample_ddpm_steps"):  # the sampler's own bound, now
             if getattr(self, name) > MAX_STEPS:  # not at the first grid, after training, on every resume
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: at most {MAX_STEPS} steps")
-        grid_steps = METHODS[self.method].grid_steps(self)
-        if METHODS[self.method].nfe(*grid_steps) > MAX_STEPS:  # each bounded, their product ran for days at the end
-            raise ValueError(f"--sample-steps {grid_steps[0]} x --sample-flow-steps {grid_steps[1]}: "
-                             f"{METHODS[self.method].nfe(*grid_steps)} network evaluations per sample of every grid; "
-                             f"at most {MAX_STEPS}")
         for name in ("warmup_steps", "sample_every", "data_workers", "seed"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")

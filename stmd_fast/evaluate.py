@@ -789,11 +789,15 @@ def posterior(args) -> int:
     from .gmm import default_mixture, posterior_grid
 
     steps, particles = parse_ints(args.steps, "--steps"), parse_ints(args.particles, "--particles")
-    from .operators import MAX_SIGMA_Y
+    from .operators import MAX_SIGMA_Y, check_sigma_y
 
     if not 0 < args.sigma_y <= MAX_SIGMA_Y:
         raise EvalError(f"--sigma-y must be in (0, {MAX_SIGMA_Y:g}] (the exact posterior of a noiseless y has no "
                         f"density), got {args.sigma_y}")
+    try:
+        check_sigma_y(args.sigma_y, "--sigma-y")  # the smallest the likelihood's float64 takes
+    except ValueError as err:
+        raise EvalError(str(err)) from None
     if args.runs < 2 or args.observations < 1:
         raise EvalError("need --runs >= 2 (energy distance is a U-statistic) and --observations >= 1")
     found = gmm_models(args.runs_dirs, "posterior p(x_0 | y)")

@@ -351,7 +351,7 @@ def compute_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: Objectiv
 def check_noise(x0: torch.Tensor, noise: Noise) -> None:
     """ValueError unless the noise was drawn for this batch (draw_noise(x0, ...)): noise of another batch size
     failed in a broadcast deep in the loss. Shapes only: free under torch.compile (no device sync)."""
-    for name, value in noise._asdict().items():
+    for name, value in zip(noise._fields, noise):
         want = x0.shape if value.dim() > 1 else x0.shape[:1]
         if value.shape != want:
             raise ValueError(f"noise.{name} is {tuple(value.shape)}, for a batch x0 of {tuple(x0.shape)} it must be "

@@ -161,17 +161,17 @@ def run_plan(net, plan: Plan, noise: Iterable[torch.Tensor], project: Projection
     """Algorithm 2 on given noise: the loop behind sample() and the exported samplers.
 
     noise: the plan's noise tensors in order (a list, a stacked tensor, or a lazy iterator)."""
-    draws, first = iter(noise), []
+    draws, first = iter(noise), []  # x_1's shape and dtype (not x_1: a long chain holds one noise tensor at a time)
 
     def draw(name: str) -> torch.Tensor:
         x = next(draws, None)
         if x is None:
             raise ValueError(f"ran out of noise at {name!r}: {plan.method} with N={plan.steps} takes "
                              f"{len(plan.noise_names)} tensors ({', '.join(plan.noise_names)})")
-        if first and (x.shape != first[0].shape or x.dtype != first[0].dtype):  # it broadcast: noise shared
+        if first and (x.shape, x.dtype) != first[0]:  # it would broadcast: one noise shared by samples or pixels
             raise ValueError(f"noise {name!r} is {tuple(x.shape)} {x.dtype}; each noise tensor is shaped like x_1: "
-                             f"{tuple(first[0].shape)} {first[0].dtype}")
-        first.append(x)
+                             f"{tuple(first[0][0])} {first[0][1]}")
+        first[:] = first or [(x.shape, x.dtype)]
         return x
 
     m = get_method(plan.method)
@@ -260,8 +260,10 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
 
     Returns `num` samples on the generator's device. NFE per sample: see nfe()."""
     check_generator(generator)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a whole number >= 1, got {num!r}")
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+        raise TypeError(f"num must be a whole number, got {num!r}")
+    if num < 1:
+        raise ValueError(f"num must be at least 1, got {num}")
     plan = sampler_plan(method, steps, flow_steps, grid)
     return run_plan(net, plan, iter_sampler_noise(plan, num, data_shape, generator), project)
 

@@ -140,6 +140,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         fresh["out"] = None  # derived from preset/data and method
     try:
         cfg = TrainConfig(**fresh)
+        cfg.check_grid_cost()
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.out and (run_dir := run_holding(cfg.out)) is not None:  # training in there would rewrite a checkpoint
@@ -759,8 +760,8 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
                 last_save, save_voted, stale_save_vote = time.monotonic(), False, vote.lagged
                 if not at_end:  # the last one is named by the run's final line
                     log.write(f"step {step}: checkpoint -> {last_good}")
-                elif not strategy.ctx.distributed:  # under torchrun the ranks stop together, by the vote
-                    stop.nothing_left_to_save()
+                elif step == cfg.steps and not stopping and not strategy.ctx.distributed:  # a stop says its own
+                    stop.nothing_left_to_save()  # line; under torchrun the ranks stop together, by the vote
             except NonFiniteState as err:  # the loss was finite, the weights (or optimizer state) not
                 where = (f"the last good checkpoint {last_good} is intact (its weights are finite)" if last_good
                          else "no checkpoint was written")

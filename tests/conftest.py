@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,12 @@ import torch
 # the Triton path.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Started as a shell script's `pytest ... &`, this process ignores SIGINT, and so would every command it runs (they
+# keep a signal they were started to ignore): the Ctrl-C tests need it back. A handler, not SIG_DFL, so that the
+# subprocesses start with SIGINT's default (exec keeps SIG_IGN, not handlers).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

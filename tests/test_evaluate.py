@@ -658,6 +658,13 @@ def test_posterior_measures_a_mean_flow_run_at_n_1_beside_the_others_steps(gmm, 
     assert not (tmp_path / "o").exists()
 
 
+def test_posterior_refuses_a_sigma_y_too_small_for_the_likelihood_before_any_work(gmm, tmp_path, capsys):
+    """1e-155 passed, and SMC failed after the exact floor was computed, naming sigma_y, not --sigma-y."""
+    assert evaluate(["posterior", str(gmm / "stmd"), "--sigma-y", "1e-155", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "--sigma-y 1e-155 is too small", "at least 1e-150")
+    assert not (tmp_path / "o").exists()
+
+
 def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, capsys):
     # a flag the chosen run or options do not use would change nothing: refused in one line, before any work
     few = ["--images", "2", "--completions", "2", "--steps", "1", *scoring(runs)]

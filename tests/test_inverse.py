@@ -328,7 +328,7 @@ def test_the_library_says_misuse_at_the_call(image_model):
         sampling.sample(net, "stmd", 2, (1, 8, 8), 2, 1, None)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         sampling.transition(net, "stmd", noise[0], 1.0, 0.5, 1, None)
-    with pytest.raises(ValueError, match="num must be a whole number >= 1"):
+    with pytest.raises(ValueError, match="num must be at least 1"):
         sampling.sample(net, "stmd", 0, (1, 8, 8), 2, 1, gen(0))
     # times: checked for an empty batch too; a one-element tensor is a number; per-sample times are not
     with pytest.raises(ValueError, match="0 <= s_to < s_from <= 1"):

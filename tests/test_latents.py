@@ -484,8 +484,30 @@ def test_a_hub_id_that_does_not_load_is_one_line_without_a_library_warning(tmp_p
     lines = [line for line in result.stderr.splitlines() if not line.startswith("note:")]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     # the cause, not diffusers' "does not appear to have a file named config.json" (its chain holds the cause)
-    assert lines[0].startswith("error: --vae someorg/no-such-vae: the Hugging Face hub could not be reached from this "
-                               "machine (") and "offline mode is enabled" in lines[0] and "config.json" not in lines[0]
+    assert lines[0] == ("error: --vae someorg/no-such-vae: HF_HUB_OFFLINE is set and the VAE is not in the local "
+                        "Hugging Face cache: unset it to download the VAE, or pass a folder saved with save_pretrained")
+
+
+def test_an_unreachable_hub_is_said_from_the_errors_chain():
+    """diffusers says "does not appear to have a file named config.json"; the cause is further down its chain."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from stmd_fast.data.vae import load_failure
+
+    def chained(*errors):
+        for outer, inner in zip(errors, errors[1:]):
+            outer.__cause__ = inner
+        return errors[0]
+
+    error = chained(OSError("someorg/vae does not appear to have a file named config.json."),
+                    LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
+                    ConnectionError("Cannot reach https://huggingface.co/someorg/vae/resolve/main/config.json: "
+                                    "[Errno -2] Name or service not known"))
+    said = load_failure(error)
+    assert said.startswith("the Hugging Face hub could not be reached from this machine ([Errno -2] Name or service "
+                           "not known), and the VAE is not in the local cache")
+    assert "config.json" not in said and "https://" not in said
+    assert load_failure(OSError("bad folder")).startswith("could not load an AutoencoderKL (bad folder)")
 
 
 def test_shards_of_another_vae_or_resolution_are_refused(shards):

@@ -787,6 +787,7 @@ def test_a_stop_during_the_final_sample_grid_quits_at_once(tmp_path):
         while not list_checkpoints(run):
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
+        time.sleep(1)  # past the checkpoint's rotation and fsync, into the grid (tens of seconds)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
