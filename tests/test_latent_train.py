@@ -216,12 +216,9 @@ def test_a_damaged_sample_is_skipped_and_counted_in_metrics_or_stops_strict_runs
 
 
 @pytest.mark.slow
-def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp_path, at_test_resolution):
-    """Shards and a run whose VAE folder moved: training, resuming and sampling take --vae NEW_PLACE
-    (checked to make the model's latents); without it, the error says so."""
+def run_with_its_own_vae(vae_dir: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """(a copy of the VAE, a one-step --preset latent run on shards it encoded, that run's flags)."""
     import shutil
-
-    from diffusers import AutoencoderKL
 
     vae = tmp_path / "vae"
     shutil.copytree(vae_dir, vae)
@@ -235,6 +232,15 @@ def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp
     flags = ["--preset", "latent", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--sample-every", "0",
              "--device", "cpu", "--out", str(run), "--dit", "DiT-S/4"]
     assert train_main([*flags, "--steps", "1"]) == 0
+    return vae, run, flags
+
+
+def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp_path, at_test_resolution):
+    """Shards and a run whose VAE folder moved: training, resuming and sampling take --vae NEW_PLACE
+    (checked to make the model's latents); without it, the error says so."""
+    from diffusers import AutoencoderKL
+
+    vae, run, flags = run_with_its_own_vae(vae_dir, tmp_path)
     moved = tmp_path / "moved-vae"
     vae.rename(moved)
     capsys.readouterr()
@@ -270,18 +276,7 @@ def test_another_vae_of_the_same_kind_is_refused_by_train_sample_and_the_exporte
 
     from stmd_fast.export import main as export_main
 
-    vae = tmp_path / "vae"
-    shutil.copytree(vae_dir, vae)
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.fromarray(np.full((R, R, 3), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
-    enc.main(["--images", str(images), "--vae", str(vae), "--resolution", str(R), "--out", str(tmp_path / "shards"),
-              "--device", "cpu"])
-    run = tmp_path / "run"
-    flags = ["--preset", "latent", "--data", str(tmp_path / "shards"), "--batch-size", "4", "--sample-every", "0",
-             "--device", "cpu", "--out", str(run), "--dit", "DiT-S/4"]
-    assert train_main([*flags, "--steps", "1"]) == 0
+    vae, run, flags = run_with_its_own_vae(vae_dir, tmp_path)
     program = tmp_path / "sampler.pt2"
     assert export_main([str(run), "--device", "cpu", "--steps", "1", "--out", str(program)]) == 0
     other = tmp_path / "other-vae"  # the same architecture, other weights
