@@ -215,7 +215,6 @@ def test_a_damaged_sample_is_skipped_and_counted_in_metrics_or_stops_strict_runs
     assert build_parser().parse_args(["--strict-data"]).strict_data is True
 
 
-@pytest.mark.slow
 def run_with_its_own_vae(vae_dir: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
     """(a copy of the VAE, a one-step --preset latent run on shards it encoded, that run's flags)."""
     import shutil
@@ -235,6 +234,7 @@ def run_with_its_own_vae(vae_dir: Path, tmp_path: Path) -> tuple[Path, Path, lis
     return vae, run, flags
 
 
+@pytest.mark.slow
 def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp_path, at_test_resolution):
     """Shards and a run whose VAE folder moved: training, resuming and sampling take --vae NEW_PLACE
     (checked to make the model's latents); without it, the error says so."""
@@ -267,6 +267,7 @@ def test_a_moved_vae_is_named_by_its_new_place_and_must_fit(capsys, vae_dir, tmp
     assert not (tmp_path / "b.png").exists()
 
 
+@pytest.mark.slow
 def test_another_vae_of_the_same_kind_is_refused_by_train_sample_and_the_exported_sampler(capsys, vae_dir, tmp_path):
     """The manifest records the encoding VAE's SHA-256, but training and sampling compared the path and the latent
     shape only: a VAE of the same kind (replaced in place, or passed by --vae) decoded the latents without a word."""
