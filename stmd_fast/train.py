@@ -796,7 +796,8 @@ def finish_checkpoints_step(cfg: TrainConfig, run: Run, state: TrainingState, lo
     if run.strategy.ctx.is_main and step:
         path = run.out / "metrics.jsonl"
         logged = {json.loads(line)["step"] for line in path.read_text().splitlines()} if path.exists() else set()
-        grid = bool(cfg.sample_every) and step % cfg.sample_every == 0 and \
+        # the run's last grid is drawn whatever --sample-every says (the loop's at_end)
+        grid = (step == cfg.steps or bool(cfg.sample_every) and step % cfg.sample_every == 0) and \
             not any((run.out / "samples").glob(f"step_{step:08d}.*"))
         undone = (grid, run.fd is not None and pending is not None and pending["step"] == step and step not in logged)
     grid, fd = distributed.gather_objects(undone)[0]
@@ -972,7 +973,10 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
     except (FileNotFoundError, CheckpointError, OSError):
         meta = None
     if meta is not None and meta["step"] >= cfg.steps:
-        print(f"interrupted after the run finished: step {meta['step']} is saved in {cfg.out}", file=sys.stderr)
+        grid = any((Path(cfg.out) / "samples").glob(f"step_{meta['step']:08d}.*"))
+        print(f"interrupted after the run finished: step {meta['step']} is saved in {cfg.out}"
+              + ("" if grid else f"; its final sample grid was not drawn: python -m stmd_fast.train "
+                                 f"--out {shlex.quote(str(cfg.out))} --resume draws it"), file=sys.stderr)
         return 0
     # torchrun SIGTERMs the other workers when one fails (its line says why): not the user's interrupt
     by = "stopped by torchrun (another process failed, or the job was stopped)" \

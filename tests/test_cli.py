@@ -970,6 +970,20 @@ def test_ctrl_c_after_the_last_step_says_the_run_finished_and_exits_0(capsys, tm
     assert train(*GMM, "--steps", 2, "--out", run) == 0
     err = capsys.readouterr().err
     assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "start-up" not in err
+    assert "final sample grid" not in err  # it was drawn
+
+
+def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
+    """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
+    drawn again by --resume unless the last step was also a multiple of --sample-every."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 2, "--sample-every", 1000, "--out", run) == 0
+    (grid,) = (run / "samples").glob("step_00000002.*")
+    first = grid.read_bytes()
+    grid.unlink()
+    capsys.readouterr()
+    assert train(*GMM, "--steps", 2, "--sample-every", 1000, "--out", run, "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out and grid.read_bytes() == first  # the same fixed noise
 
 
 # ----------------------------------------------------------------------------- flags: third round of probes

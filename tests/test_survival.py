@@ -795,6 +795,7 @@ def test_a_stop_during_the_final_sample_grid_quits_at_once(tmp_path):
     assert process.returncode == 0 and "Traceback" not in err, err
     assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "stopping after" not in err
     assert not list((run / "samples").glob("step_00000002.*")) and "done:" not in out
+    assert f"its final sample grid was not drawn: python -m stmd_fast.train --out {run} --resume draws it" in err
 
 
 @pytest.mark.slow
