@@ -10,11 +10,19 @@ shared memory fits the target's limit (launch.SMEM_LIMITS) and its spill stores 
 launch.spill_budget. Compiles run in parallel and are cached by Triton (and the ptxas report
 here, keyed by the PTX), so a second run takes seconds.
 
-Shapes: attention at padded head dims 16 (the U-Net presets' head dim 8) and 64 (DiT-S/B/M/L,
-the celeba-latent preset, and the widest the kernel takes); the loss kernel
-at the smallest and largest block (digits' 64 values per sample, 4096 for 4 x 32 x 32 latents
-and up); the time features at the presets' 32 and 256 frequencies. Must run without
-TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+Shapes: Triton's launcher compiles one variant per class of its integer arguments (a value of 1
+becomes a constant, a multiple of 16 is marked divisible by 16, which changes the code: shared
+memory, registers and spills), so each kernel is compiled at a shape of each class:
+- attention at head dim 8 (the U-Nets' digits, mnist; padded to 16 inside) and 64 (the cifar10
+  U-Net, DiT-S/B/M/L, and the widest the kernel takes), each at a sequence length that is a
+  multiple of 16 (digits' 8 x 8 = 64, cifar10's and DiT/2's 256) and one that is not (mnist's
+  14 x 14 = 196);
+- the loss at the smallest block (digits' 64 values per sample), at the largest in one chunk
+  (4096: 4 x 32 x 32 latents), in one chunk of an odd size (2700: 3 x 30 x 30) and in four
+  (16384: 4 x 64 x 64 latents);
+- the time features at the presets' 32 and 256 frequencies, for a batch x time inputs that is a
+  multiple of 16 and one that is not.
+Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 """
 from __future__ import annotations
 
@@ -31,12 +39,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..cli import Parser
+from .dispatch import interpret_mode
 from .launch import (ATTENTION_KERNELS, KB, PRECISIONS, SMEM_LIMITS, TARGETS, attention_config,
                      padded_head_dim, spill_budget)
 
-ATTENTION_HEAD_DIMS = (8, 64)
-LOSS_SIZES = (64, 4096)
-TIME_FREQS = (32, 256)
+ATTENTION_SHAPES = ((8, 64), (8, 196), (64, 256), (64, 196))  # (head dim, sequence length)
+LOSS_SIZES = (64, 2700, 4096, 16384)  # values per sample
+TIME_SHAPES = ((32, 192), (32, 300), (256, 384), (256, 300))  # (frequencies, batch x time inputs)
 
 
 def _sm(capability) -> str:
@@ -51,10 +60,11 @@ def entries() -> list[dict]:
     for cap in TARGETS:
         for kernel in ATTENTION_KERNELS:
             for precision in PRECISIONS:
-                for head_dim in ATTENTION_HEAD_DIMS:
+                for head_dim, length in ATTENTION_SHAPES:
                     cfg = attention_config(kernel, head_dim, precision, cap)
                     out.append({"kernel": f"attention {kernel}", "dtype": "bf16" if precision == "bf16" else "fp32",
-                                "precision": precision, "shape": f"head dim {head_dim}", "target": cap,
+                                "precision": precision, "shape": f"head dim {head_dim}, {length} tokens",
+                                "target": cap, "ints": {"L": length, "D": head_dim},
                                 "config": {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                                            "BLOCK_D": padded_head_dim(head_dim), "num_warps": cfg.num_warps,
                                            "num_stages": cfg.num_stages},
@@ -62,21 +72,25 @@ def entries() -> list[dict]:
         for dtype in ("fp32", "bf16"):
             for size in LOSS_SIZES:
                 block = meanflow_loss.block_size(size)
+                chunks = -(-size // block)
                 for name in ("delta", "grad"):
+                    ints = {"D": size, "N_CHUNKS": chunks} if name == "delta" else {"D": size}
                     out.append({"kernel": f"meanflow_loss {name}", "dtype": dtype, "precision": dtype,
-                                "shape": f"{size} values", "target": cap, "config": {"BLOCK": block},
+                                "shape": f"{size} values", "target": cap, "ints": ints, "config": {"BLOCK": block},
                                 "budget": spill_budget(dtype)})
-        for freqs in TIME_FREQS:
-            _, block_r, block_f = time_embedding.launch_settings(1, freqs)
+        for freqs, rows in TIME_SHAPES:
+            _, block_r, block_f = time_embedding.launch_settings(rows, freqs)
             for name in ("fwd", "fwd_tangent", "bwd"):
                 out.append({"kernel": f"time_features {name}", "dtype": "fp32", "precision": "fp32",
-                            "shape": f"{freqs} freqs", "target": cap,
+                            "shape": f"{freqs} freqs, {rows} rows", "target": cap,
+                            "ints": {"n_rows": rows, "HALF": freqs // 2},
                             "config": {"BLOCK_R": block_r, "BLOCK_F": block_f}, "budget": spill_budget("fp32")})
     return out
 
 
 def _source(entry: dict):
-    """(jit function, signature, constexprs, options) of an entry, as the host wrapper launches it."""
+    """(jit function, signature, constexprs, attributes, options) of an entry, as the host wrapper launches it
+    at the entry's shape (its "ints": the integer arguments' values), specialised as Triton's launcher does."""
     from . import attention, meanflow_loss, time_embedding
 
     kernel, dt, cfg = entry["kernel"], entry["dtype"], dict(entry["config"])
@@ -109,9 +123,13 @@ def _source(entry: dict):
             cfg["HAS_TANGENT"] = kernel.endswith("tangent")
     names = [n for n in fn.arg_names if n not in cfg]
     assert len(names) == len(types), (kernel, names, types)
-    signature = dict(zip(names, types)) | {name: "constexpr" for name in cfg}
-    # what the launcher specialises on: torch allocations are 16-byte aligned
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in zip(names, types) if t.startswith("*")}
+    ints = entry["ints"]
+    assert set(ints) == {n for n, t in zip(names, types) if t == "i32"}, (kernel, ints)
+    cfg |= {n: 1 for n, value in ints.items() if value == 1}  # the launcher makes an argument of 1 a constant
+    signature = {n: t for n, t in zip(names, types) if n not in cfg} | {name: "constexpr" for name in cfg}
+    # and marks pointers (torch allocations are 16-byte aligned) and multiples of 16 as divisible by 16
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or t == "i32" and ints[n] % 16 == 0}
     return fn, signature, cfg, attrs, options
 
 
@@ -166,7 +184,7 @@ def compile_entry(entry: dict) -> dict:
 
 
 def run(jobs: int | None = None, select=None) -> list[dict]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpret_mode():
         raise SystemExit("compile_matrix needs TRITON_INTERPRET unset (the interpreter replaces the kernels)")
     todo = [e for e in entries() if select is None or select(e)]
     # the slowest (fp32 attention) first, so the pool's tail is short

@@ -26,8 +26,9 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def interpret_mode() -> bool:
-    """True when Triton kernels run on CPU tensors through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when Triton kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET read as
+    Triton reads it (1, true, yes, on, y in any case), so that the two never disagree."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def set_backend(name: str) -> None:
@@ -76,7 +77,19 @@ def split_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     returns primal and tangent keeps the tangent computation an explicit node in the graph.
     """
     primal, tangent = fwAD.unpack_dual(x)
+    if tangent is not None and not torch.compiler.is_compiling() and nested_jvp():
+        raise NotImplementedError("a Triton kernel of stmd_fast computes one tangent: under a jvp of a jvp "
+                                  "(or jacfwd / hessian over a jvp) the outer tangent would come back as zero; "
+                                  "run the PyTorch reference instead: --kernels reference, or "
+                                  "stmd_fast.kernels.dispatch.backend('reference') around the call")
     return primal, tangent
+
+
+def nested_jvp() -> bool:
+    """More than one torch.func forward-mode level is active (jvp inside jvp, jacfwd over jvp)."""
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    return sum(level.key() == TransformType.Jvp for level in get_interpreter_stack() or ()) > 1
 
 
 def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,9 @@ def block_size(values_per_sample: int) -> int:
 @torch.library.custom_op("stmd_fast::meanflow_loss", mutates_args=())
 def _meanflow_loss_op(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
     b = u.shape[0]
+    if b == 0:  # as the reference: the mean of no samples is NaN
+        return (u.new_full((), float("nan"), dtype=torch.float32), u.new_empty(0, dtype=torch.float32),
+                torch.empty_like(u, memory_format=torch.contiguous_format))
     d = u[0].numel()
     u, dudt, v, h = u.contiguous(), dudt.contiguous(), v.contiguous(), h.contiguous()
     block = block_size(d)
@@ -85,8 +88,9 @@ def _meanflow_loss_op(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p
 
 
 @_meanflow_loss_op.register_fake
-def _(u, dudt, v, h, c, p):
-    return u.new_empty((), dtype=torch.float32), u.new_empty(u.shape[0], dtype=torch.float32), torch.empty_like(u)
+def _(u, dudt, v, h, c, p):  # the gradient is contiguous whatever u's strides (the op makes u contiguous)
+    return (u.new_empty((), dtype=torch.float32), u.new_empty(u.shape[0], dtype=torch.float32),
+            torch.empty_like(u, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
@@ -97,6 +101,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_sq, grad_grad):
     # Only u gets a gradient: the target (v, du/dt, h) is stop-gradient, and so are the
     # per-sample ||delta||^2 and the weights.
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradient is a constant, its own would be lost
+        raise RuntimeError("meanflow_loss's Triton kernel has no second derivative (create_graph=True): run the "
+                           "PyTorch reference, --kernels reference or stmd_fast.kernels.dispatch.backend('reference')")
     (grad_u,) = ctx.saved_tensors
     return grad_u * grad_loss, None, None, None, None, None
 

@@ -127,8 +127,8 @@ def _(times, tangent, freqs, scale):
 
 
 @_time_features_backward_op.register_fake
-def _(times, grad, freqs, scale):
-    return torch.empty_like(times)
+def _(times, grad, freqs, scale):  # contiguous, as the op makes the times
+    return torch.empty_like(times, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,7 +156,7 @@ def time_features(times: Tensor, freqs: int, scale: float) -> Tensor:
     if freqs % 2:
         raise ValueError("freqs must be even (cos and sin halves)")
     if times.dtype != torch.float32:
-        if times.is_cuda and use_triton(times):
+        if use_triton(times):
             warn_fallback("time_features", f"dtype {times.dtype} (the kernel takes float32 times)")
         return time_features_reference(times, freqs, scale)
     if not use_triton(times):

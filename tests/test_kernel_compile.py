@@ -32,10 +32,45 @@ def test_every_kernel_compiles_fits_and_spills_within_budget_on_every_target():
     for r in rows:
         assert 0 <= r["smem"] <= r["smem_limit"] and 0 < r["regs"] <= 255 and r["spill_stores"] <= r["budget"]
     attention_rows = {(r["kernel"], r["precision"], r["shape"]) for r in rows if r["kernel"].startswith("attention")}
-    for kernel in launch.ATTENTION_KERNELS:  # the presets' head dims 8 (U-Nets) and 64 (DiT) in every precision
-        for precision in launch.PRECISIONS:
+    for kernel in launch.ATTENTION_KERNELS:  # the presets' head dims 8 (U-Nets) and 64 (DiT), in every precision,
+        for precision in launch.PRECISIONS:  # at a sequence length of each divisibility class
             for head_dim in (8, 64):
-                assert (f"attention {kernel}", precision, f"head dim {head_dim}") in attention_rows
+                for tokens in (196, 256 if head_dim == 64 else 64):
+                    assert (f"attention {kernel}", precision, f"head dim {head_dim}, {tokens} tokens") in attention_rows
+
+
+def test_the_matrix_specialises_integer_arguments_as_tritons_launcher_does():
+    """The matrix marked pointers divisible by 16 and no integer, while the launcher also marks every integer
+    that is a multiple of 16 and makes a 1 a constant: it compiled, and reported registers and spills of,
+    variants that never launch (the bf16 attention forward at head dim 64: 44 bytes of spills on sm_80 as
+    compiled, none as launched). Each entry's integers are specialised by Triton's own rule here, and every
+    class (a multiple of 16, not, a 1) is compiled for each kernel that takes an integer."""
+    from stmd_fast.kernels.compile_matrix import _source, entries
+
+    def tritons(value):  # Triton's own specialisation where this version has it in this form (3.9 does)
+        try:
+            from triton.backends.compiler import BaseBackend
+            from triton.runtime.jit import native_specialize_impl
+            return tuple(native_specialize_impl(BaseBackend, value, False, True, True))
+        except (ImportError, TypeError):
+            return None
+
+    assert tritons(1) in (("constexpr", 1), None) and tritons(48) in (("i32", "D"), None)
+    classes = {}
+    for entry in entries():
+        fn, signature, constexprs, attrs, _ = _source(entry)
+        for name, value in entry["ints"].items():
+            index = (fn.arg_names.index(name),)
+            ours = ("constexpr", value) if signature[name] == "constexpr" else \
+                ("i32", "D" if attrs.get(index) == [["tt.divisibility", 16]] else "")
+            assert ours == (("constexpr", 1) if value == 1 else ("i32", "D" if value % 16 == 0 else "")), (entry, name)
+            assert tritons(value) in (ours, None), (entry, name)
+            assert signature[name] != "constexpr" or constexprs[name] == 1
+            classes.setdefault((entry["kernel"], name), set()).add(ours)
+    assert classes[("attention fwd", "L")] == {("i32", "D"), ("i32", "")}
+    assert classes[("meanflow_loss delta", "N_CHUNKS")] == {("constexpr", 1), ("i32", "")}
+    assert classes[("meanflow_loss delta", "D")] == {("i32", "D"), ("i32", "")}
+    assert classes[("time_features fwd", "n_rows")] == {("i32", "D"), ("i32", "")}
 
 
 def test_every_preset_head_dim_has_a_launch_setting_on_every_target():

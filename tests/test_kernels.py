@@ -225,3 +225,95 @@ def test_fp_fusion_stays_as_the_kernels_were_checked_with_unless_the_user_sets_i
     theirs = subprocess.run([sys.executable, "-c", code], env={**env, "TRITON_DEFAULT_FP_FUSION": "0"},
                             capture_output=True, text=True, check=True)
     assert (ours.stdout.strip(), theirs.stdout.strip()) == ("1", "0")
+
+
+# --- what the kernels cannot do is said, never a silently wrong number (fourteenth round of probes) --------
+
+def test_custom_ops_fakes_match_the_real_outputs_strides(triton_backend):
+    """The fakes of meanflow_loss and time_features_backward kept a non-contiguous input's strides while the
+    ops return contiguous tensors, so torch.compile failed ("expected ... stride") on a permuted u or times."""
+    from stmd_fast.kernels import meanflow_loss as loss_module
+    from stmd_fast.kernels import time_embedding
+
+    u = torch.randn(3, 5, 4).transpose(1, 2)
+    dudt, v, h = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3)
+    for op, args in ((loss_module._meanflow_loss_op, (u, dudt, v, h, 1e-3, 1.0)),
+                     (time_embedding._time_features_backward_op, (torch.rand(3, 4).t(), torch.randn(4, 24), 8, 10.0))):
+        checks = torch.library.opcheck(op, args, test_utils=("test_faketensor",), raise_exception=False)
+        assert checks["test_faketensor"] == "SUCCESS", checks
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    step = lambda x: meanflow_loss(x.transpose(1, 2) * 2.0, dudt, v, h, 1e-3, 1.0)[0]  # noqa: E731
+    torch.compile(step, fullgraph=True)(x).backward()
+    x_ref = x.detach().clone().requires_grad_()
+    with dispatch.backend("reference"):
+        step(x_ref).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback loop over the dual op
+def test_a_jvp_of_a_jvp_through_a_kernel_is_refused_not_zero(triton_backend):
+    """The kernels compute one tangent: under nested jvp the outer one came back as exactly zero."""
+    from stmd_fast.kernels.attention import attention
+
+    q, k, v, q_t, w = (torch.randn(1, 1, 6, 8) for _ in range(5))
+    inner = lambda a: torch.func.jvp(lambda b: attention(b, k, v, 0.4), (a,), (q_t,))[1]  # noqa: E731
+    with pytest.raises(NotImplementedError, match="jvp of a jvp.*--kernels reference"):
+        torch.func.jvp(inner, (q,), (w,))
+    t = torch.rand(3, 2)
+    with pytest.raises(NotImplementedError, match="jvp of a jvp"):
+        torch.func.jacfwd(lambda a: torch.func.jvp(lambda b: time_features(b, 8, 10.0), (a,), (torch.ones_like(a),))[1])(t)
+    # one level, and vmap over it, still run the kernel: equal to the reference's tangent
+    _, tangent = torch.func.jvp(lambda b: attention(b, k, v, 0.4), (q,), (q_t,))
+    with dispatch.backend("reference"):
+        _, expected = torch.func.jvp(lambda b: attention(b, k, v, 0.4), (q,), (q_t,))
+        second = torch.func.jvp(inner, (q,), (w,))[1]
+    torch.testing.assert_close(tangent, expected, atol=1e-5, rtol=1e-5)
+    assert second.abs().max() > 1e-3  # what the kernel returned as zero
+    batched = torch.func.vmap(lambda x: torch.func.jvp(lambda b: time_features(b, 8, 10.0), (x,), (x,))[1])(t[:, None])
+    torch.testing.assert_close(batched[:, 0], torch.func.jvp(lambda b: time_features_reference(b, 8, 10.0), (t,), (t,))[1],
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend):
+    """create_graph=True got the saved first derivative as a constant: d^2 loss / du^2 silently lost."""
+    u, dudt, v, h = torch.randn(2, 6, requires_grad=True), torch.randn(2, 6), torch.randn(2, 6), torch.rand(2)
+    loss, _ = meanflow_loss(u, dudt, v, h, 1e-3, 0.0)
+    with pytest.raises(RuntimeError, match="no second derivative.*--kernels reference"):
+        torch.autograd.grad(loss, u, create_graph=True)
+    (grad,) = torch.autograd.grad(meanflow_loss(u, dudt, v, h, 1e-3, 0.0)[0], u)  # the first derivative works
+    with dispatch.backend("reference"):
+        (expected,) = torch.autograd.grad(meanflow_loss(u, dudt, v, h, 1e-3, 0.0)[0], u)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_meanflow_loss_kernel_on_an_empty_batch_is_the_references_nan(triton_backend):
+    loss, sq = meanflow_loss(torch.randn(0, 6), torch.randn(0, 6), torch.randn(0, 6), torch.rand(0), 1e-3, 1.0)
+    with dispatch.backend("reference"):
+        loss_ref, sq_ref = meanflow_loss_reference(*(torch.randn(0, 6),) * 3, torch.rand(0), 1e-3, 1.0)
+    assert loss.isnan() and loss_ref.isnan() and sq.shape == sq_ref.shape == (0,)
+
+
+@pytest.mark.parametrize("value,interprets", [("1", True), ("true", True), ("On", True), ("yes", True),
+                                              ("0", False), ("", False), ("off", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interprets):
+    """TRITON_INTERPRET=true had Triton interpret while stmd_fast refused the CPU tensor (and compile_matrix,
+    which must refuse the interpreter, went on and failed every entry)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert dispatch.interpret_mode() is interprets
+    if interprets:
+        from stmd_fast.kernels import compile_matrix
+
+        with pytest.raises(SystemExit, match="TRITON_INTERPRET unset"):
+            compile_matrix.run(select=lambda e: False)
+
+
+def test_float64_times_with_the_triton_backend_say_the_reference_runs(triton_backend):
+    from stmd_fast.kernels import launch
+
+    launch._warned.clear()
+    times = torch.rand(3, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="time_features runs the PyTorch reference for dtype torch.float64"):
+        out = time_features(times, 8, 10.0)
+    torch.testing.assert_close(out, time_features_reference(times, 8, 10.0))
