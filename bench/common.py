@@ -49,15 +49,33 @@ def positive(text: str) -> float:
 positive.__name__ = "float"
 
 
+def diffusion_time(text: str) -> float:
+    """argparse type: a diffusion time s in (0, 1] (2, -1 and nan were measured as if they were)."""
+    value = float(text)
+    if not 0 < value <= 1:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be a diffusion time in (0, 1], got {text}")
+    return value
+
+
+diffusion_time.__name__ = "float"
+
+
+def given_flags(p: argparse.ArgumentParser, argv: list[str] | None, names) -> dict:
+    """{dest: value} of the flags among `names` given on the command line, even at their default value: a
+    second parse with those flags preset to a marker tells them from defaults."""
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name: getattr(given, name) for name in names if getattr(given, name) is not unset}
+
+
 def apply_smoke(p: argparse.ArgumentParser, argv: list[str] | None, args, smoke: dict) -> None:
     """With --smoke, set the flags of `smoke` (dest -> value) to its values. One the user also gave with
-    another value is refused (one line naming them) rather than silently dropped: a second parse with
-    those flags preset to a marker tells the given ones from defaults, even a default given explicitly."""
+    another value is refused (one line naming them) rather than silently dropped, even a default given
+    explicitly (given_flags)."""
     if not args.smoke:
         return
-    unset = object()
-    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(smoke, unset)))
-    clash = [name for name, value in smoke.items() if getattr(given, name) not in (unset, value)]
+    given = given_flags(p, argv, smoke)
+    clash = [name for name, value in smoke.items() if name in given and given[name] != value]
     if clash:
         p.error(f"--smoke sets {', '.join('--' + name.replace('_', '-') for name in clash)} itself: drop "
                 f"{'it' if len(clash) == 1 else 'them'}, or drop --smoke")
@@ -277,25 +295,60 @@ def record(benchmark: str, row: dict) -> None:
             f.write(json.dumps({"benchmark": benchmark, "row": row}) + "\n")
 
 
+def parse_variants(p: argparse.ArgumentParser, text: str, known) -> list[str]:
+    """--variants "a,b": the names, each known and given once (a repeat was built, warmed up and compiled
+    again, for one row), else the parser's one-line error."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in known]
+    if unknown or not names:
+        p.error(f"--variants: {f'unknown {unknown}' if unknown else 'none given'}: choose from {', '.join(known)}")
+    repeated = sorted({v for v in names if names.count(v) > 1})
+    if repeated:
+        p.error(f"--variants: {', '.join(repeated)} given twice: give each variant once")
+    return names
+
+
 def finish(name: str, result: dict, save: bool) -> None:
-    """Print the final JSON line; with save, merge it under `name` into the device/date file."""
+    """Print the final JSON line; with save, merge it under `name` into the device/date file first. A save
+    that fails still prints the line (the result is not lost), then exits 1 naming the file and the cause."""
+    failed = None
     if save:
-        RESULTS_DIR.mkdir(exist_ok=True)
         env = result["environment"]
         slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
         path = RESULTS_DIR / f"{slug}-{env['date']}.json"
+        try:
+            kept = save_result(path, name, result)
+            print(f"saved under '{name}' in {path}{kept}")
+        except OSError as err:
+            failed = f"could not save it in {path}: {err.strerror or err} ({err.filename or path})"
+        except ValueError as err:  # a damaged day file: not rewritten, so its other results stay
+            failed = f"could not save it: {path} is not the JSON of a results file ({err}); move it aside"
+    print(json.dumps({"benchmark": name, **result}), flush=True)
+    if failed is not None:
+        raise SystemExit(f"error: the result above (its JSON line) is not saved: {failed}, or pass --no-save")
+
+
+def save_result(path: Path, name: str, result: dict) -> str:
+    """Merge `result` under `name` into the results file `path`, keeping a same-day earlier one as NAME#i
+    (returned as a note). Under a lock: two benchmarks finishing together each keep their result."""
+    import fcntl
+
+    from stmd_fast.files import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, however the process ends
         merged = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(merged, dict):
+            raise ValueError(f"a JSON {type(merged).__name__}, not an object")
         kept = ""
         if name in merged:  # the same benchmark run again that day (other variants, flags): keep both
             earlier = next(f"{name}#{i}" for i in range(1, len(merged) + 2) if f"{name}#{i}" not in merged)
             merged[earlier] = merged[name]
             kept = f"; the earlier result under '{name}' kept as '{earlier}'"
         merged[name] = result
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(json.dumps(merged, indent=1) + "\n")
-        tmp.replace(path)
-        print(f"saved under '{name}' in {path}{kept}")
-    print(json.dumps({"benchmark": name, **result}))
+        write_atomic(path, (json.dumps(merged, indent=1) + "\n").encode())
+    return kept
 
 
 def time_ms_interleaved(fns: dict, device: torch.device, iters: int) -> dict:

@@ -96,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     asked = args.workers
     # a worker reads whole shards, so the loader runs min(workers, shards) of them: each count once
     counts = list(dict.fromkeys(min(w, len(probe.urls)) for w in asked))
-    if counts != asked:
-        print(f"note: {len(probe.urls)} shard(s) feed at most {len(probe.urls)} worker(s): measuring "
-              f"{','.join(map(str, counts))} workers instead of {','.join(map(str, asked))}")
+    if counts != asked:  # said for what it is: a count over the shards, or one given twice
+        why = [f"{len(probe.urls)} shard(s) feed at most {len(probe.urls)} worker(s)"] * any(w > len(probe.urls) for w in asked)
+        why += ["a count given twice is measured once"] * (len(set(asked)) < len(asked))
+        print(f"note: {' and '.join(why)}: measuring {','.join(map(str, counts))} workers instead of "
+              f"{','.join(map(str, asked))}")
     needed = None if args.step_ms is None else args.batch / (args.step_ms / 1e3)
 
     env = environment(device)
-    print(f"{env['device']} | torch {env['torch']} | {len(probe.urls)} shards, {probe.manifest['count']} samples "
+    print(f"{env['device']} | torch {env['torch']} | {len(probe.urls)} shards, {probe.count} samples "
           f"of {'x'.join(map(str, probe.shape))} | batch {args.batch}"
           + ("" if needed is None else f" | a {args.step_ms:g} ms step needs {needed:.0f} samples/s"))
     rows = [measure(urls, w, args, device, needed) for w in counts]
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "keeps up with" if best["samples_per_s"] >= needed else "is slower than"
         print(f"best: {best['workers']} workers, {best['samples_per_s']:.0f} samples/s: the loader {verdict} "
               f"training ({needed:.0f} samples/s needed)")
-    result = {"environment": env, "shards": len(probe.urls), "samples": probe.manifest["count"],
+    result = {"environment": env, "shards": len(probe.urls), "samples": probe.count,  # of the shards given, not the whole manifest's
               "latent_shape": list(probe.shape), "batch": args.batch, "seconds": args.seconds,
               "step_ms": args.step_ms, "needed_samples_per_s": needed, "best_workers": best["workers"],
               "results": rows}

@@ -89,11 +89,11 @@ STAGES = [
           [PY, "bench/train_step.py", "--smoke", "--sequential"],
           after=("cifar10 STMD step", "cifar10 flow-matching step")),
     Stage("sampling cifar10", 40, [*CIFAR_SAMPLE, "--sequential", "--warmup", "2", "--iters", "5", "--no-save"],
-          [PY, "bench/sample.py", "--smoke"], after=("cifar10 sampler",)),
+          [PY, "bench/sample.py", "--smoke", "--sequential"], after=("cifar10 sampler",)),
     Stage("train step DiT-M/2", 65, [*DIT_STEP, "--sequential", *STEADY],
           [PY, "bench/train_step.py", "--preset", "celeba-latent", "--dit", "DiT-S/2", "--method", "stmd",
            "--no-flow-matching", "--variants", "eager fp32", "--batch", "4", "--warmup", "1", "--iters", "1",
-           "--device", "cpu", "--no-save"], after=("DiT-M/2 STMD step",)),
+           "--device", "cpu", "--no-save", "--sequential"], after=("DiT-M/2 STMD step",)),
 ]
 # Of a stage's time, kept for its own run when its warmers are not done: a warm Inductor cache still leaves
 # Dynamo and AOTAutograd to redo (AOTAutograd's cache is bypassed for the JVP: "_jvp_increment_nesting"),
@@ -244,17 +244,18 @@ def end_warmers(running: dict, out: Path, kill: bool) -> None:
         del running[name]
 
 
-def wait_for_warmers(stage: Stage, running: dict, timeout_s: float) -> float:
+def wait_for_warmers(stage: Stage, running: dict, timeout_s: float) -> tuple[float, list[str]]:
     """Wait for the stage's warmers to end, leaving the stage AFTER_RESERVE_S (at least half its time)
-    to run; the seconds waited."""
+    to run; the seconds waited and the warmers waited for (those still running: none in a dry run that
+    has no small version of one, or once it ended)."""
     start, most = time.monotonic(), max(timeout_s - AFTER_RESERVE_S, timeout_s / 2)
-    for name in stage.after:
-        if name in running:
-            try:
-                running[name][0].wait(timeout=max(0.0, most - (time.monotonic() - start)))
-            except subprocess.TimeoutExpired:
-                break  # the stage compiles what is missing itself, in the time it has left
-    return time.monotonic() - start
+    waited = [name for name in stage.after if name in running]
+    for name in waited:
+        try:
+            running[name][0].wait(timeout=max(0.0, most - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            break  # the stage compiles what is missing itself, in the time it has left
+    return time.monotonic() - start, waited
 
 
 def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log) -> dict:
@@ -266,11 +267,16 @@ def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log
     start, timeout_s = time.monotonic(), max(timeout_s, 1.0)  # what earlier stages overran is gone: 1 s at least
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    stopped = None
     try:
         rc = proc.wait(timeout=timeout_s)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
         status = f"out of time ({timeout_s:.0f} s)"
+    except (KeyboardInterrupt, SystemExit) as err:  # the run stopped: this stage's end is recorded, then passed on
+        stopped, code = err, getattr(err, "code", None)
+        status = "stopped: " + ("Ctrl-C" if isinstance(err, KeyboardInterrupt) else
+                                signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else f"exit {code}")
     finally:
         if proc.poll() is None:  # out of time, or the run stopped: the whole group, compile workers included
             os.killpg(proc.pid, signal.SIGKILL)
@@ -278,7 +284,12 @@ def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log
     seconds = time.monotonic() - start
     log.write(f"===== {stage.name}: {status}, {seconds:.1f} s\n")
     log.flush()
-    return {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "budget_s": stage.budget_s}
+    result = {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "budget_s": stage.budget_s}
+    if stopped is not None:
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        raise stopped
+    return result
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # `timeout`, a job scheduler, a closed terminal
@@ -307,10 +318,10 @@ def run_stages(stages: list[Stage], out: Path, dry_run: bool, warmers: list[Warm
                 budget_so_far += stage.budget_s
                 # the stage's own budget plus what the stages before it left unused
                 timeout_s = DRY_RUN_TIMEOUT_S if dry_run else budget_so_far - (time.monotonic() - start)
-                waited = wait_for_warmers(stage, running, timeout_s)
+                waited, waited_for = wait_for_warmers(stage, running, timeout_s)
                 end_warmers(running, out, kill=False)
-                if stage.after:
-                    log.write(f"\n===== {stage.name}: waited {waited:.1f} s for {', '.join(stage.after)}\n")
+                if waited_for:
+                    log.write(f"\n===== {stage.name}: waited {waited:.1f} s for {', '.join(waited_for)}\n")
                 # a warmer's first step runs on the GPU too (Inductor autotunes there): a stage's timings
                 # taken beside one are flagged by its name, not silently mixed with the clean ones
                 beside = sorted(running)  # still running now (end_warmers just dropped the ended ones)
@@ -332,6 +343,16 @@ def run_stages(stages: list[Stage], out: Path, dry_run: bool, warmers: list[Warm
     return results
 
 
+def out_dir_problem(out: Path) -> str | None:
+    """Why `out` cannot be made (or used) as a writable folder, or None; nothing is created here."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def main(argv=None) -> int:
     # plain argparse (this script checks that stmd_fast imports, so it cannot rely on it); allow_abbrev=False:
     # no prefix of a flag stands for it (`--train` reached the hidden --train-check)
@@ -345,6 +366,10 @@ def main(argv=None) -> int:
         return train_check(args.dry_run)
     if not args.out:
         p.error("give the output folder: bench/gpu_check.sh OUT_DIR [--dry-run]")
+    out = Path(args.out).resolve()
+    unusable = out_dir_problem(out)
+    if unusable:  # one line, before the import check spends the budget
+        p.error(f"output folder {out}: {unusable}: give a folder that can be created and written")
     began = time.monotonic()  # the budget counts the import check too (88 s on 2 CPU cores, cold)
     missing = missing_modules()
     if missing:  # every stage would fail on its import: say so before any GPU time goes
@@ -354,7 +379,6 @@ def main(argv=None) -> int:
         import torch
         if not torch.cuda.is_available():
             sys.exit("error: no CUDA device: run on the GPU, or add --dry-run for the CPU rehearsal")
-    out = Path(args.out).resolve()
     # the environment first, in this process (torch is imported already): no stage budget can cut it short
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import at_least, parser, trained_on  # noqa: E402
+from common import at_least, diffusion_time, parser, trained_on  # noqa: E402
 
 from stmd_fast.checkpoint import load_checkpoint  # noqa: E402
 from stmd_fast.cli import one_line_errors  # noqa: E402
@@ -29,7 +29,8 @@ from stmd_fast.schedule import per_sample  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = parser("loss_per_s.py", __doc__)
     p.add_argument("run", help="an STMD run on digits (its newest checkpoint, EMA weights)")
-    p.add_argument("--s", type=float, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0])
+    p.add_argument("--s", type=diffusion_time, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0],
+                   help="diffusion times in (0, 1] at which the error is measured")
     p.add_argument("--num", type=at_least(1), default=2048, help="training digits measured")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

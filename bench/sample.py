@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (apply_smoke, at_least, environment, finish, median, parser, peak_memory_mb,  # noqa: E402
-                    print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
+from common import (apply_smoke, at_least, environment, finish, given_flags, median, parse_variants, parser,  # noqa: E402
+                    peak_memory_mb, print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
@@ -92,10 +92,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        p.error(f"--variants: {f'unknown {unknown}' if unknown else 'none given'}: choose from {', '.join(VARIANTS)}")
+    names = parse_variants(p, args.variants, VARIANTS)
+    ignored = [f"--{name}" for name in given_flags(p, argv, ("preset", "method"))] if args.ckpt else []
+    if ignored:  # the checkpoint is the network and its method: a flag naming others was timed as if it were not
+        p.error(f"--ckpt times the checkpoint's own network and method: drop {' and '.join(ignored)}")
     if device.type != "cuda" and any(VARIANTS[v][2] == "triton" for v in names):
         print("note: skipping the triton variant: the kernels run on CUDA (on a CPU only in the tests' interpreter)")
         names = [v for v in names if VARIANTS[v][2] != "triton"]

@@ -42,7 +42,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, matmul_compute,  # noqa: E402
+from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, matmul_compute, parse_variants,  # noqa: E402
                     measured_matmul_tflops, median, parser, peak_memory_mb, print_table, record, reset_peak_memory,
                     spec_tflops, synchronize, time_ms, time_ms_interleaved)
 
@@ -219,10 +219,7 @@ def main(argv=None) -> int:
     apply_smoke(p, argv, args, SMOKE)
     device = resolve_device(args.device)
     use_tf32(args.tf32)  # as the trainer sets it (its --tf32 is on by default): the same fp32 on CUDA
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        p.error(f"--variants: {f'unknown {unknown}' if unknown else 'none given'}: choose from {', '.join(VARIANTS)}")
+    names = parse_variants(p, args.variants, VARIANTS)
     if args.no_flow_matching and args.flow_matching_only:
         p.error("--no-flow-matching and --flow-matching-only exclude each other: keep one")
     dropped = []  # why a variant given is not timed, for the error if none is left

@@ -113,7 +113,9 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, prog=prog, allow_abbrev=kwargs.pop("allow_abbrev", False), **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # under torchrun every rank parses the same command line: rank 0 says what is wrong, once
+        said = os.environ.get("RANK", "0") == "0"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
 
     def parse_known_args(self, args=None, namespace=None):
         """argparse's, then the checks every command shares: an empty value (--out "" would mean the current
@@ -245,9 +247,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
     for f in dataclasses.fields(cls):
         if f.name in skip or f.type not in ("int", "int | None", "float", "str", "str | None", "bool", *TUPLE_FLAGS):
             continue
-        flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        flag, text = f.metadata.get("flag") or "--" + f.name.replace("_", "-"), docs.get(f.name, "")
         if f.type == "bool":  # a switch with its --no- form: --resume can switch a resumable one either way
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 help=f"{text} [default: {'on' if f.default else 'off'}]")
             continue
         default = default_text(f.name)
@@ -256,8 +258,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, default_text: Call
         if nargs is not None:
             kwargs["nargs"] = nargs
         if f.metadata.get("choices"):
-            # a list that is empty by default takes "none" for it: --resume can then turn a --log off again
+            # a list that is empty by default takes "none" for it: --resume can then turn a --loggers off again
             kwargs["choices"] = list(f.metadata["choices"]) + (["none"] if f.default == () else [])
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, dest=f.name, **kwargs)

@@ -24,10 +24,18 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def option(default, *, choices: tuple[str, ...] | None = None, metavar: str | tuple[str, ...] | None = None,
-           resumable: bool = False):
+           resumable: bool = False, flag: str | None = None):
     """A TrainConfig field with what its command-line flag needs besides the docstring under it:
-    the choices, a metavar, and whether --resume may change it (resumable)."""
-    return field(default=default, metadata={"choices": choices, "metavar": metavar, "resumable": resumable})
+    the choices, a metavar, whether --resume may change it (resumable), and the flag where it is not
+    --field-name (flag_of)."""
+    return field(default=default, metadata={"choices": choices, "metavar": metavar, "resumable": resumable,
+                                            "flag": flag})
+
+
+def flag_of(name: str, cls=None) -> str:
+    """The command-line flag of a config field: --field-name, or the one its option() names."""
+    fields = {f.name: f for f in dataclasses.fields(cls or TrainConfig)}
+    return (fields[name].metadata.get("flag") if name in fields else None) or "--" + name.replace("_", "-")
 
 
 PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent", "images", "latent")  # PRESETS below, in this order
@@ -153,7 +161,9 @@ class TrainConfig:
     digits the classifier stmd_fast ships (so FDs compare across machines), for mnist runs/classifier-mnist."""
     inception_weights: str | None = option(None, metavar="FILE", resumable=True)
     """Inception FID offline: the weights file (the error without it names the file to fetch)."""
-    log: tuple[str, ...] = option((), choices=LOGGERS, resumable=True)
+    # --loggers, not --log: torchrun's parser reads --log after the script too, as an ambiguous abbreviation of
+    # its own --log-dir and --logs-specs, and stops the job (the field keeps its name: checkpoints record it)
+    log: tuple[str, ...] = option((), choices=LOGGERS, resumable=True, flag="--loggers")
     """Also send metrics.jsonl's records and the sample grids to tensorboard and/or wandb (pip install -e
     ".[tensorboard]" or ".[wandb]"; W&B runs offline unless WANDB_MODE=online or WANDB_API_KEY is set)."""
     net: NetConfig = field(default_factory=NetConfig)
@@ -209,12 +219,12 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)
-        if "none" in self.log:  # --log none: no logger (the flag's way to say an empty list)
+        if "none" in self.log:  # --loggers none: no logger (the flag's way to say an empty list)
             if len(self.log) > 1:
-                raise ValueError(f"--log {' '.join(self.log)}: 'none' means no logger; give it alone")
+                raise ValueError(f"--loggers {' '.join(self.log)}: 'none' means no logger; give it alone")
             self.log = ()
         if len(set(self.log)) != len(self.log):  # each copy would open its own logger: every curve twice
-            raise ValueError(f"--log {' '.join(self.log)} names a logger twice: give each once")
+            raise ValueError(f"--loggers {' '.join(self.log)} names a logger twice: give each once")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas takes two numbers in [0, 1), got {' '.join(map(str, self.adam_betas))}")
         decays = (self.ema_decay,) + self.ema_decays

@@ -77,6 +77,18 @@ class Dist:
     def distributed(self) -> bool:
         return self.launched and self.world_size > 1
 
+    @property
+    def job_id(self) -> str | None:
+        """What tells this torchrun job's checkpoints from another job's, the same in each of its attempts: its
+        rendezvous id. Without --rdzv-id (or --standalone) that id is "none" for every job, so on one node the
+        agent that restarts the workers (their parent process) tells jobs apart; across nodes nothing does
+        (None: a restart then does not resume by itself)."""
+        if self.run_id is None or self.run_id != "none":
+            return self.run_id
+        if self.local_world_size != self.world_size:
+            return None
+        return f"none@{socket.gethostname()}:{os.getppid()}"
+
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -142,11 +154,12 @@ def check_launch(ctx: Dist) -> None:
                          f"for one process")
 
 
-def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1) -> None:
+def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1, resume: bool = False) -> None:
     """ValueError (one line, naming the fix) for a --parallel / --batch-size that cannot run here.
 
     jvp_block: the rows P of ObjectiveConfig.jvp_block (1 for ddpm), of which each process's batch must be a
-    multiple: the batches suggested are then multiples of world_size * P, so that each one runs."""
+    multiple: the batches suggested are then multiples of world_size * P, so that each one runs. resume: the
+    batch is the run's own (--resume refuses another), so the fix named is a process count."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"unknown --parallel {parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
     if parallel == "fsdp" and not ctx.launched:
@@ -161,6 +174,12 @@ def check_parallel(ctx: Dist, parallel: str, batch_size: int, jvp_block: int = 1
         lower = batch_size // unit * unit
         blocks = (f", into batches of whole JVP blocks ({jvp_block} rows, from --flow-matching-fraction)"
                   if jvp_block > 1 else "")
+        if resume:
+            counts = [k for k in range(1, batch_size // jvp_block + 1) if batch_size % (k * jvp_block) == 0][:8]
+            raise ValueError(f"--batch-size {batch_size}, the resumed run's global batch (--resume keeps it), must "
+                             f"split evenly over the processes{blocks}: launch {', '.join(map(str, counts[:-1]))}"
+                             f"{' or ' if len(counts) > 1 else ''}{counts[-1]} of them "
+                             f"(torchrun --nproc_per_node=K), not {ctx.world_size}")
         raise ValueError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
                          f"{ctx.world_size} processes{blocks}: use a multiple of {unit} "
                          f"(e.g. {' or '.join(map(str, sorted({lower or unit, lower + unit})))})")

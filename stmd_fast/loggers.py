@@ -1,7 +1,7 @@
 """Training curves where researchers already look: TensorBoard and Weights & Biases.
 
-    python -m stmd_fast.train --log tensorboard        # RUN/tensorboard/, then: tensorboard --logdir RUN
-    python -m stmd_fast.train --log wandb              # RUN/wandb/, offline unless W&B is set up to go online
+    python -m stmd_fast.train --loggers tensorboard        # RUN/tensorboard/, then: tensorboard --logdir RUN
+    python -m stmd_fast.train --loggers wandb              # RUN/wandb/, offline unless W&B is set up to go online
 
 Both are optional extras (pip install -e ".[tensorboard]" or ".[wandb]"), imported only when
 asked for; a missing one is a one-line error naming the extra, raised before any training. Each
@@ -12,7 +12,7 @@ W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set, and s
 and where the run is kept: an offline run uploads later with `wandb sync RUN/wandb/offline-run-*`.
 metrics.jsonl (cut back to the checkpoint on a resume) is what both show: every start writes new
 TensorBoard event files and opens a new W&B run, which get metrics.jsonl's records and grids up to
-the checkpoint resumed from, then go on. So a logger first named on a resume (--log may change
+the checkpoint resumed from, then go on. So a logger first named on a resume (--loggers may change
 there) still shows the whole run, and what a stopped process logged after its checkpoint is gone,
 as from metrics.jsonl (W&B's steps only increase: an earlier run could not drop them). The earlier
 W&B run's offline copy is deleted (RUN/wandb/run-id names the current one); an online one stays on
@@ -47,17 +47,17 @@ def check_loggers(names: tuple[str, ...] | list[str]) -> None:
     a broken install failed only when the logger opened, after start-up, with a traceback)."""
     for name in names:
         if name not in LOGGERS:
-            raise LoggerUnavailable(f"--log {name}: unknown logger; choose from {', '.join(LOGGERS)}")
+            raise LoggerUnavailable(f"--loggers {name}: unknown logger; choose from {', '.join(LOGGERS)}")
         if importlib.util.find_spec(_PACKAGE[name]) is None:
-            raise LoggerUnavailable(f"--log {name} needs the {_PACKAGE[name]} package: "
+            raise LoggerUnavailable(f"--loggers {name} needs the {_PACKAGE[name]} package: "
                                     f"pip install -e \".[{name}]\" (or pip install {_PACKAGE[name]})")
         try:
             importlib.import_module(_PACKAGE[name])
         except Exception as err:  # any error of a broken install: a missing dependency, a version clash
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise LoggerUnavailable(f"--log {name}: the {_PACKAGE[name]} package is installed but fails to import "
+            raise LoggerUnavailable(f"--loggers {name}: the {_PACKAGE[name]} package is installed but fails to import "
                                     f"({type(err).__name__}: {reason}): reinstall it (pip install --force-reinstall "
-                                    f"{_PACKAGE[name]}), or drop --log {name}") from None
+                                    f"{_PACKAGE[name]}), or drop --loggers {name}") from None
 
 
 class TensorBoardLogger:
@@ -68,7 +68,7 @@ class TensorBoardLogger:
 
         self.log_dir = Path(run_dir) / "tensorboard"
         # The earlier events are removed, not purged (purge_step): they may stop short of the checkpoint (a
-        # start with --log none in between) or go past it; metrics.jsonl replayed below is the whole run
+        # start with --loggers none in between) or go past it; metrics.jsonl replayed below is the whole run
         for old in self.log_dir.glob("events.out.tfevents.*"):
             old.unlink()
         self.writer = SummaryWriter(str(self.log_dir))
@@ -116,7 +116,7 @@ class WandbLogger:
                                   settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
         except Exception as err:  # no key (UsageError), no network (CommError after its timeout), a bad project
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise LoggerUnavailable(f"--log wandb: W&B could not start a{'n' if mode[0] in 'aeiou' else ''} {mode} "
+            raise LoggerUnavailable(f"--loggers wandb: W&B could not start a{'n' if mode[0] in 'aeiou' else ''} {mode} "
                                     f"run ({type(err).__name__}: {clipped(reason, 200)}): log in (wandb login) or check "
                                     f"the network, or keep the run here and upload it later: WANDB_MODE=offline"
                                     ) from None

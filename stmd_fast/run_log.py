@@ -151,7 +151,7 @@ class RunLog:
         except OSError as err:  # a failed write names no file by itself: the message names metrics.jsonl
             err.filename = err.filename or self.metrics.name
             raise
-        for logger in self.loggers:  # --log: the same record, the same step
+        for logger in self.loggers:  # --loggers: the same record, the same step
             logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
         error_name = list(record)[2]
         status = f"loss {record['loss']:.4f} | {error_name} {record[error_name]:.4g} | "

@@ -43,7 +43,7 @@ from .checkpoint import (CheckpointError, NonFiniteState, ReadFailed, find_check
                          write_json_atomic)
 from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, one_line_errors, provenance,
                   quiet_if_hung_up, stop_signals)
-from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, preset_for_data
+from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, flag_of, preset_for_data
 from .data.datasets import DataError
 from .devices import out_of_memory, resolve_device, use_tf32
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
@@ -112,9 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, ObjectiveConfig, partial(default, of=lambda cfg: cfg.objective),
                         skip=("s_grid",))  # the run's --sample-grid
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint; "
-                   f"only {', '.join('--' + name.replace('_', '-') for name in sorted(RESUME_OVERRIDABLE))} "
+                   f"only {', '.join(flag_of(name) for name in sorted(RESUME_OVERRIDABLE))} "
                    "may change")
+    p.add_argument("--log", nargs="*", action=Renamed, help=argparse.SUPPRESS)  # an earlier version's name
     return p
+
+
+class Renamed(argparse.Action):
+    """A flag an earlier version had under another name: one line naming the new one and why."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now --loggers (torchrun reads a --log after the script as its own "
+                     f"--log-dir): --loggers {' '.join(values) or 'tensorboard'}")
 
 
 OBJECTIVE_FLAGS = {f.name for f in fields(ObjectiveConfig)}
@@ -197,7 +206,7 @@ FD_SERIES_FLAGS = ("fd_num", "fd_classifier")
 
 def as_flag(key: str, value) -> str:
     """A config value as the flags that set it: --tf32 / --no-tf32, --ema-decays 0.9 0.99, --unet unset."""
-    flag = "--" + key.replace("_", "-")
+    flag = flag_of(key)
     if isinstance(value, bool):
         return flag if value else f"--no-{flag[2:]}"  # every switch has its --no- form (cli.add_dataclass_flags)
     if isinstance(value, (list, tuple)):
@@ -216,7 +225,7 @@ def unused_flags(cfg: TrainConfig, given) -> list[str]:
     """A note for each flag the user gave that this run does not read (the method, or the data, has no use
     for it), so that a typo of intent is not silently ignored."""
     why = unread_flags(cfg)
-    notes = [f"note: --{name.replace('_', '-')} has no effect on this run: {why[name]}" for name in given if name in why]
+    notes = [f"note: {flag_of(name)} has no effect on this run: {why[name]}" for name in given if name in why]
     if "preset" in given and "data" in given and cfg.preset not in LATENT_RESOLUTION:
         notes.append(f"note: --preset {cfg.preset} with --data: the preset's training settings are kept, its network "
                      f"is not: one is chosen for the data's shape (--unet or --dit picks another)")
@@ -286,13 +295,15 @@ def warmup_note(cfg: TrainConfig, given) -> str | None:
 
 def elastic_restart_of_this_run(out: str) -> bool:
     """torchrun --max-restarts restarted this job's workers with the same command, and the run directory
-    holds a checkpoint that this job (same TORCHELASTIC_RUN_ID) wrote: continue from it instead of refusing.
+    holds a checkpoint that this job (Dist.job_id) wrote: continue from it instead of refusing.
     A first attempt, a checkpoint of another job, or no checkpoint: False (a fresh start, as without torchrun)."""
     ctx = distributed.from_env()
     if ctx.restart_count == 0:
         return False
+    if ctx.job_id is None:
+        return False
     try:
-        return newest_intact(out)[1].get("torchelastic_run_id") == ctx.run_id
+        return newest_intact(out)[1].get("torchelastic_run_id") == ctx.job_id
     except (FileNotFoundError, CheckpointError, OSError):
         return False
 
@@ -428,7 +439,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         distributed.check_launch(ctx)
         device = distributed.process_device(ctx, resolve_device(cfg.device))
         jvp_rows = METHODS[cfg.method].flow  # the JVP rows are a fixed count per block of the batch
-        distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size, cfg.objective.jvp_block[1] if jvp_rows else 1)
+        distributed.check_parallel(ctx, cfg.parallel, cfg.batch_size, cfg.objective.jvp_block[1] if jvp_rows else 1,
+                                   resume)
         if jvp_rows:
             cfg.objective.check_batch(cfg.batch_size // ctx.world_size)
     except ValueError as err:
@@ -439,7 +451,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     try:
         check_loggers(cfg.log)
     except LoggerUnavailable as err:
-        saved = " (this run's --log, from its config.json; --resume --log none goes on without it)" if resume else ""
+        saved = " (this run's --loggers, from its config.json; --resume --loggers none goes on without it)" if resume else ""
         raise UserError(f"{err}{saved}") from None
     if device.type == "cuda":  # --tf32 is about fp32 math: under bf16 autocast the matmuls are bf16 anyway
         use_tf32(cfg.tf32 and cfg.precision == "fp32")
@@ -483,7 +495,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
                           "resolution": data.manifest["resolution"], "vae_sha256": data.manifest.get("vae_sha256")}
     if ctx.launched:  # lets a torchrun restart of this job tell its own checkpoints from another run's
-        meta["torchelastic_run_id"] = ctx.run_id
+        meta["torchelastic_run_id"] = ctx.job_id
     fd = None
     if cfg.fd_every and ctx.is_main:  # the metric and its reference statistics now: a missing classifier fails here
         from .fd_monitor import TrainingFD
@@ -628,7 +640,8 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     Latent shards are split by rank instead: each rank reads its own shards and draws b latents and
     their noise from its own generator, which is the same distribution but not bit-equal to one process.
     Rank 0 alone prints, logs (loss and error averaged over ranks), draws sample grids and writes
-    checkpoints; the others wait for it at a barrier after each checkpoint.
+    checkpoints; the others wait for it at a barrier after each checkpoint (and for its FD and sample grid, which
+    come after that barrier, in the next step's gradient all-reduce).
     """
     ctx = distributed.from_env()
     with ExitStack() as held:  # the run directory's lock (rank 0), released however train() ends
@@ -894,7 +907,7 @@ class StopRequest:
         quiet_if_hung_up(signum)
         if not self.started:
             raise Interrupted(signum)
-        if self.signal is None:  # said at once: a step may take a while
+        if self.signal is None and distributed.from_env().is_main:  # said at once (a step may take a while), once
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{name}: stopping {self.when}, with a "
                              f"checkpoint; a second {name} quits at once, without one\n")  # a newline ends the bar

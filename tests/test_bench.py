@@ -335,6 +335,13 @@ def test_smoke_takes_the_flags_it_does_not_change():
     ("kernels.py", ["--iters", "0"], ["--iters: must be at least 1"]),
     ("precision.py", ["--batch", "0"], ["--batch: must be at least 1"]),
     ("loss_per_s.py", ["/nonexistent", "--num", "0"], ["--num: must be at least 1"]),
+    # fourteenth round of probes: a repeat built and compiled a variant twice for one row; a --ckpt run's
+    # --method was ignored; diffusion times outside (0, 1] (and nan) were measured
+    ("train_step.py", ["--variants", "eager fp32,eager fp32", "--device", "cpu"], ["eager fp32 given twice"]),
+    ("sample.py", ["--variants", "eager fp32, eager fp32"], ["eager fp32 given twice"]),
+    ("sample.py", ["--ckpt", "/nonexistent", "--method", "ddpm"], ["--ckpt times the checkpoint's own", "drop --method"]),
+    ("loss_per_s.py", ["/nonexistent", "--s", "0.5", "2"], ["--s: must be a diffusion time in (0, 1], got 2"]),
+    ("loss_per_s.py", ["/nonexistent", "--s", "nan"], ["--s: must be a diffusion time in (0, 1], got nan"]),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bench_scripts_refuse_nonsense_values_in_one_line(capsys, script, argv, words):
     assert run_main(script, argv) == 2
@@ -386,6 +393,42 @@ def test_a_result_saved_again_the_same_day_keeps_the_earlier_one(tmp_path, monke
     assert saved["train_step/gmm/stmd"]["rows"] == ["again"]
     assert saved["train_step/gmm/stmd#1"]["rows"] == ["stmd"] and saved["train_step/gmm/stmd#2"]["rows"] == ["flow matching"]
     assert "the earlier result under 'train_step/gmm/stmd' kept as 'train_step/gmm/stmd#2'" in capsys.readouterr().out
+
+
+def test_benchmarks_finishing_together_each_keep_their_results(tmp_path):
+    """The day file was read, merged and written back unlocked, through one temporary name for every process:
+    two benchmarks saving together lost results, and one ended in a traceback after its whole run."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; from pathlib import Path; "
+            "common.RESULTS_DIR = Path(sys.argv[2]); env = {'device': 'Race GPU', 'date': '2026-12-03'}; "
+            "[common.finish(f'{sys.argv[3]}/{i}', {'environment': env, 'rows': [i]}, save=True) for i in range(25)]")
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "bench"), str(tmp_path), who],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for who in "AB"]
+    assert all(w.wait(timeout=120) == 0 for w in writers), [w.stderr.read() for w in writers]
+    saved = json.loads((tmp_path / "race-gpu-2026-12-03.json").read_text())
+    assert sorted(saved) == sorted(f"{who}/{i}" for who in "AB" for i in range(25))
+
+
+@pytest.mark.parametrize("damage", ["json", "folder"])
+def test_a_result_that_cannot_be_saved_is_still_printed_and_the_error_names_the_file(tmp_path, monkeypatch, capsys,
+                                                                                     damage):
+    """A damaged day file ended the run in a bare JSON parse error, a file where bench/results belongs in a
+    traceback: either way after the table, with the result's JSON line never printed."""
+    import common
+
+    env = {"device": "Test GPU", "date": "2026-12-03"}
+    day = tmp_path / "results" / "test-gpu-2026-12-03.json"
+    if damage == "json":
+        day.parent.mkdir()
+        day.write_text('{"x": {')
+    else:
+        day.parent.write_text("a file")
+    monkeypatch.setattr(common, "RESULTS_DIR", day.parent)
+    with pytest.raises(SystemExit) as stop:
+        common.finish("train_step/gmm/stmd", {"environment": env, "rows": [1]}, save=True)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == [1]  # printed all the same
+    assert "is not saved" in str(stop.value) and str(day if damage == "json" else day.parent) in str(stop.value)
+    if damage == "json":
+        assert day.read_text() == '{"x": {'  # not rewritten: whatever it held is not lost either
 
 
 def test_time_samplers_script_has_help_and_checks_its_arguments_before_any_run(tmp_path):

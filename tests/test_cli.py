@@ -7,6 +7,7 @@ and come before any expensive work (no checkpoints written).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -559,7 +560,8 @@ def test_help_states_every_default(capsys, monkeypatch):
             current = None
     entries = {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
 
-    parser_flags = {s for a in train_module.build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    parser_flags = {s for a in train_module.build_parser()._actions for s in a.option_strings
+                    if s.startswith("--") and a.help != argparse.SUPPRESS}  # not the old --log's pointer
     assert set(entries) == parser_flags  # the parsing saw every option
     missing = sorted(f for f in parser_flags - NO_DEFAULT if "[default" not in entries[f])
     assert not missing, f"--help gives no default for {missing}"
@@ -991,11 +993,11 @@ def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--out", ""], ["--out is empty"]),                       # it meant the current folder
     (["--data", ""], ["--data is empty"]),
-    (["--log", "tensorboard", ""], ["--log", "invalid choice: ''"]),
+    (["--loggers", "tensorboard", ""], ["--loggers", "invalid choice: ''"]),
     (["--seed", str(2**64)], ["--seed 18446744073709551616", "[0, 2^63)"]),  # was a traceback after the data loaded
     (["--seed", "-1"], ["--seed -1", "[0, 2^63)"]),
     (["--sample-ev", "5"], ["unrecognized arguments: --sample-ev"]),  # no prefixes: --sample-every was taken
-    (["--log", "tensorboard", "tensorboard"], ["names a logger twice"]),
+    (["--loggers", "tensorboard", "tensorboard"], ["names a logger twice"]),
 ])
 def test_empty_values_out_of_range_seeds_prefixes_and_twice_named_loggers_are_refused(capsys, tmp_path, argv, words):
     try:
@@ -1102,13 +1104,13 @@ def test_config_refuses_an_empty_out_and_path_from_python(tmp_path):
 
 
 def test_a_resumable_switch_and_the_loggers_can_be_turned_off_on_resume(tmp_path):
-    """--help lists --compile, --strict-data and --log among what --resume may change, but they could only be
-    turned on: there was no --no-compile, and --log took no value meaning none."""
+    """--help lists --compile, --strict-data and --loggers among what --resume may change, but they could only be
+    turned on: there was no --no-compile, and --loggers took no value meaning none."""
     run = tmp_path / "run"
-    assert train(*GMM, "--steps", 1, "--strict-data", "--log", "tensorboard", "--out", run) == 0
+    assert train(*GMM, "--steps", 1, "--strict-data", "--loggers", "tensorboard", "--out", run) == 0
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["strict_data"] is True and saved["log"] == ["tensorboard"]
-    assert train(*GMM, "--steps", 2, "--no-strict-data", "--log", "none", "--out", run, "--resume") == 0
+    assert train(*GMM, "--steps", 2, "--no-strict-data", "--loggers", "none", "--out", run, "--resume") == 0
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["strict_data"] is False and saved["log"] == []
     assert train(*GMM, "--steps", 3, "--no-compile", "--out", run, "--resume") == 0
@@ -1135,7 +1137,7 @@ def test_a_sample_grid_whose_n_times_m_cannot_finish_is_refused_before_training(
 
 
 def test_log_none_with_a_logger_is_refused(capsys, tmp_path):
-    assert train(*GMM, "--steps", 1, "--log", "none", "tensorboard", "--out", tmp_path / "run") == 2
+    assert train(*GMM, "--steps", 1, "--loggers", "none", "tensorboard", "--out", tmp_path / "run") == 2
     assert_one_line_error(capsys, "'none' means no logger; give it alone")
 
 
@@ -1217,7 +1219,7 @@ def test_commands_printed_to_paste_quote_a_path_with_spaces(capsys, tmp_path):
     import shlex
 
     run = tmp_path / "my runs" / "ü run"
-    assert train(*GMM, "--steps", 1, "--log", "tensorboard", "--out", run) == 0
+    assert train(*GMM, "--steps", 1, "--loggers", "tensorboard", "--out", run) == 0
     assert f"tensorboard --logdir {shlex.quote(str(run))}" in capsys.readouterr().out
     assert train(*GMM, "--steps", 2, "--out", run / "checkpoints", "--resume") == 2
     line = assert_one_line_error(capsys, "is inside the checkpoints of the run")

@@ -211,6 +211,62 @@ def test_a_restart_resumes_only_checkpoints_of_its_own_job(one_proc, tmp_path, m
     assert not resumes(0, "job-a")  # the first attempt: a fresh run, refused into a dir with checkpoints
 
 
+def test_without_a_rendezvous_id_a_restart_resumes_only_its_own_agents_checkpoints(one_proc, tmp_path, monkeypatch):
+    """torchrun --max-restarts without --rdzv-id or --standalone gives every job the run id "none": a job whose
+    first attempt was refused (the run dir held another job's checkpoints, no --resume) was restarted into
+    that other run and trained it on. Such a job is now told by its agent, the workers' parent process."""
+    import socket
+
+    from stmd_fast import distributed
+    from stmd_fast.train import resolve_config
+
+    run = shutil.copytree(one_proc, tmp_path / "run")
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+                            TORCHELASTIC_RUN_ID="none").items():
+        monkeypatch.setenv(name, value)
+
+    def written_by(job_id):
+        for ckpt in (run / "checkpoints").iterdir():
+            meta = json.loads((ckpt / "config.json").read_text())
+            (ckpt / "config.json").write_text(json.dumps({**meta, "torchelastic_run_id": job_id}))
+
+    def restart_resumes() -> bool:
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        return resolve_config({"out": str(run), "preset": "gmm", "steps": 8})[1]
+
+    assert distributed.from_env().job_id == f"none@{socket.gethostname()}:{os.getppid()}"
+    written_by("none")  # another job without a rendezvous id (or this code before)
+    assert not restart_resumes()
+    written_by(f"none@{socket.gethostname()}:{os.getppid() + 1}")  # another agent's job
+    assert not restart_resumes()
+    written_by(distributed.from_env().job_id)  # this agent's first attempt
+    assert restart_resumes()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes: no agent is shared, nothing tells the jobs apart
+    assert distributed.from_env().job_id is None and not restart_resumes()
+
+
+def test_torchruns_parser_leaves_every_trainer_flag_to_the_trainer():
+    """argparse prefix-matches the script's flags too: torchrun took --log as an ambiguous abbreviation of its
+    own --log-dir and --logs-specs and stopped (now --loggers); a flag that abbreviated one of its options
+    alone would be taken silently. The trainer's flags reach the trainer as given."""
+    from torch.distributed.run import get_args_parser
+
+    from stmd_fast.train import build_parser
+
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s not in ("-h", "--help", "--log")]
+    assert "--loggers" in flags and len(flags) > 50
+    for flag in flags:
+        args = get_args_parser().parse_args(["--nproc_per_node=2", "-m", "stmd_fast.train", flag, "1"])
+        assert args.training_script_args == [flag, "1"], flag
+
+
+def test_the_old_log_flag_names_its_new_name(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--log", "tensorboard", "--steps", "1"])
+    assert stop.value.code == 2
+    assert "--log is now --loggers" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- 4. checkpoints across process counts
 
 def truncated_copy(run: Path, to: Path, last_step: int) -> Path:
@@ -543,3 +599,40 @@ def test_a_sigterm_outside_torchrun_is_not_blamed_on_torchrun(monkeypatch, capsy
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     interrupted_outside_the_loop(None, signal.SIGTERM)
     assert capsys.readouterr().err.startswith("stopped by torchrun")
+
+
+# ----------------------------------------------------------------------------- fourteenth round of probes
+
+def test_a_resume_over_a_process_count_that_does_not_split_its_batch_names_counts_that_do():
+    """The advice was another --batch-size, which --resume then refused (a run keeps its batch)."""
+    from stmd_fast.distributed import Dist, check_parallel
+
+    three = Dist(world_size=3, launched=True)
+    with pytest.raises(ValueError, match=r"--batch-size 16, the resumed run's global batch .*launch 1, 2, 4, 8 or 16 "
+                                         r"of them \(torchrun --nproc_per_node=K\), not 3"):
+        check_parallel(three, "ddp", 16, 1, resume=True)
+    with pytest.raises(ValueError, match=r"JVP blocks \(4 rows.*launch 1, 2 or 4 of them"):
+        check_parallel(three, "ddp", 16, 4, resume=True)
+    with pytest.raises(ValueError, match=r"use a multiple of 3 \(e.g. 15 or 18\)"):  # a new run: another batch
+        check_parallel(three, "ddp", 16, 1)
+
+
+def test_a_bad_command_line_and_a_stop_are_said_by_rank_0_alone(monkeypatch, capsys):
+    """Every rank parses the same command line and gets torchrun's forwarded signal: each said it (8 times with
+    8 processes)."""
+    import signal
+
+    from stmd_fast.train import StopRequest
+
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            main(["--steps", "abc"])
+        assert stop.value.code == 2 and ("invalid int value: 'abc'" in capsys.readouterr().err) is said
+        with StopRequest() as stop:
+            stop.step_done()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested
+        assert ("SIGTERM: stopping after this step" in capsys.readouterr().err) is said

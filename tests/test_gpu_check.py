@@ -71,14 +71,26 @@ def test_a_stage_waits_for_its_warmer_and_unfinished_warmers_are_ended(tmp_path,
                gpu_check.Warmer("gpu only", [], None)]
     stages = [gpu_check.Stage("needs it", 1, [], [py, "-c", f"import pathlib, sys; "
                                                         f"sys.exit(0 if pathlib.Path({str(marker)!r}).exists() else 3)"],
-                              after=("compile",))]
+                              after=("compile",)),
+              gpu_check.Stage("needs the gpu one", 1, [], [py, "-c", "pass"], after=("gpu only",))]
     results = gpu_check.run_stages(stages, tmp_path, dry_run=True, warmers=warmers)
+    log = (tmp_path / "gpu_check.log").read_text()
+    # a warmer that never ran (no dry version) is not said to be waited for, as the dry run's log once did
+    assert "needs it: waited" in log and "for compile" in log and "needs the gpu one: waited" not in log
     assert results[0]["status"] == "ok" and results[0]["waited_s"] >= 0.5
     assert results[0]["warmers_running"] == ["endless"]  # its timings were taken beside a warmer: flagged
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     ended = {x["warmer"]: x["status"] for x in lines if "warmer" in x}
     assert ended == {"compile": "ok", "endless": "killed at the end of the run"}  # "gpu only" never started
     assert "warmer compile" in (tmp_path / "warm.log").read_text()
+
+
+def test_the_dry_run_rehearses_the_gpu_runs_code_paths():
+    """The GPU's sampling and DiT stages ran --sequential (rows kept as measured), their dry versions did not:
+    the path the GPU run takes was never rehearsed."""
+    for stage in gpu_check.STAGES:
+        for flag in ("--sequential", "--train-check"):
+            assert (flag in stage.gpu) == (flag in stage.dry), (stage.name, flag)
 
 
 @pytest.mark.slow
@@ -133,6 +145,18 @@ def test_a_missing_module_stops_the_run_before_any_stage(tmp_path, monkeypatch, 
                                            "'no_such_module_for_the_test')"]
 
 
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_unusable_out_dir_is_one_line_before_the_import_check(tmp_path, monkeypatch, capsys, where):
+    """A file given as OUT_DIR was a FileExistsError traceback, after the import check had spent its seconds."""
+    monkeypatch.setattr(gpu_check, "missing_modules", lambda: pytest.fail("the import check ran first"))
+    (tmp_path / "f").write_text("a file")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "out"
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(out), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in err[-1]
+
+
 def test_warmers_run_below_the_stages_priority(tmp_path):
     """Warmers compile while stages measure: they are niced so the stages keep the CPU."""
     py, seen = sys.executable, tmp_path / "nice"
@@ -182,9 +206,11 @@ def test_a_stopped_run_kills_its_warmers_and_the_running_stage(tmp_path, sig):
         for name, pid in pids.items():  # killed and reaped, not left running
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-        warmers = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-        assert warmers == [{"warmer": "endless", "status": "killed at the end of the run",
-                            "seconds": warmers[0]["seconds"]}]
+        stage, warmer = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+        assert warmer == {"warmer": "endless", "status": "killed at the end of the run", "seconds": warmer["seconds"]}
+        # the stage it stopped is recorded too (it had no line, and the log ended mid-stage)
+        assert stage == {"stage": "hangs", "status": f"stopped: {sig}", "seconds": stage["seconds"], "budget_s": 1}
+        assert (out / "gpu_check.log").read_text().splitlines()[-1].startswith(f"===== hangs: stopped: {sig}, ")
     finally:  # a failed test leaves no sleepers behind
         proc.kill()
         for pid in pids.values():

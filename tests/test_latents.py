@@ -682,6 +682,20 @@ def test_data_benchmark_measures_each_worker_count_the_shards_allow_once(shards)
     assert "1 shard(s) feed at most 1 worker(s): measuring 0,1 workers instead of 0,1,2,4" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [row["workers"] for row in result["results"]] == [0, 1]
+    # the samples of the shard given, not the manifest's whole set (which it reported)
+    from stmd_fast.data.latents import LatentShards
+
+    one_shard = LatentShards(_pattern(shards, 1), num_workers=0).count
+    assert result["samples"] == one_shard < json.loads((shards / "manifest.json").read_text())["count"]
+
+
+def test_data_benchmark_says_a_repeated_worker_count_is_measured_once(shards):
+    """A count given twice was blamed on the shard limit ("1 shard(s) feed at most ...")."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), _pattern(shards), "--workers",
+                           "0,0", "--seconds", "0.2", "--warmup", "0", "--no-save"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: a count given twice is measured once: measuring 0 workers instead of 0,0" in proc.stdout
 
 
 # --- integrity: damaged bytes, full disk, bad --out --------------------------------------------

@@ -1,4 +1,4 @@
-"""--log tensorboard | wandb: what each logger writes, read back with the tool's own reader
+"""--loggers tensorboard | wandb: what each logger writes, read back with the tool's own reader
 (TensorBoard's EventAccumulator; W&B's offline run file, whose records are W&B's protobufs in a
 LevelDB-style log), and the one-line error when the package is missing."""
 from __future__ import annotations
@@ -95,7 +95,7 @@ def test_tensorboard_resume_drops_the_events_after_the_checkpoint(tmp_path):
 
 
 def test_tensorboard_first_named_on_a_resume_shows_the_whole_run(tmp_path):
-    """--log may change on --resume, as the README's example does: the event files held only the steps
+    """--loggers may change on --resume, as the README's example does: the event files held only the steps
     after the checkpoint, and no config. metrics.jsonl (cut back to the checkpoint) and its grids are
     replayed, as into a new W&B run; a NaN there (null: an FD of diverged weights) as NaN."""
     records = [*RECORDS, {"step": 6, "loss": 0.5, "delta_sq": 0.125, "lr": 1e-3, "FD/ema0.999": None}]

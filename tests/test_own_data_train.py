@@ -156,7 +156,7 @@ def test_resume_with_dropout_and_several_emas_equals_the_uninterrupted_run(tmp_p
 
 @pytest.mark.slow
 def test_loggers_and_fd_during_training_in_a_real_run(tmp_path, monkeypatch):
-    """--log tensorboard wandb --fd-every 2 on digits: both loggers hold exactly metrics.jsonl's records (the
+    """--loggers tensorboard wandb --fd-every 2 on digits: both loggers hold exactly metrics.jsonl's records (the
     FD of each EMA included) and the sample grids; the logged FD equals one recomputed from the checkpoint.
     FD here is on a random-weight digits classifier (evaluate's FD path): Inception FID's 2048-d matrix
     square root takes minutes on 2 CPU cores, and TrainingFD takes either metric from evaluate alike."""
@@ -176,7 +176,7 @@ def test_loggers_and_fd_during_training_in_a_real_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert train_main(["--steps", "4", "--batch-size", "8", "--log-every", "1", "--sample-every", "2",
                        "--ckpt-every", "4", "--ema-decays", "0.9", "--fd-every", "2", "--fd-num", "64",
-                       "--fd-classifier", str(tmp_path / "classifier"), "--log", "tensorboard", "wandb",
+                       "--fd-classifier", str(tmp_path / "classifier"), "--loggers", "tensorboard", "wandb",
                        "--device", "cpu", "--out", str(run)]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
