@@ -1004,6 +1004,7 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
                  alone=(PeerLost,), torchrun=True)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.stop_with_the_agent(distributed.from_env())
     cfg = None
     try:  # a stop signal is a KeyboardInterrupt here (one_line_errors): start-up cleans up after it
         cfg, resume = resolve_config(dict(vars(args)))

@@ -425,6 +425,60 @@ def test_sigterm_under_torchrun_stops_within_a_step_with_a_checkpoint(runs):
     stmd_fast.load_checkpoint(run / "checkpoints" / ckpts[0])
 
 
+def processes(ppid: int | None = None, among=None) -> list[int]:
+    """Running processes (an orphan's zombie, which a container's init may never reap, is not running): the
+    children of `ppid`, or those of `among` still running."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, ...
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        if fields[0] != "Z" and (int(fields[1]) == ppid if ppid is not None else pid in among):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_workers_whose_torchrun_is_killed_stop_with_a_checkpoint(runs):
+    """SIGKILL to torchrun itself (a scheduler's hard kill) forwards nothing: its workers trained on, orphans
+    holding the run's lock. Each now gets a SIGTERM when its agent dies and stops as on torchrun's own."""
+    import signal
+    import time
+
+    run = runs / "agent-killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 10**6, "--ckpt-every", 10**6]),
+           "--out", str(run)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    workers = []
+    try:
+        for line in proc.stdout:
+            if "2 processes (ddp)" in line:
+                break
+        time.sleep(5)
+        workers = processes(ppid=proc.pid)  # each in a session of its own: no signal to torchrun's group reaches it
+        assert len(workers) == 2, workers
+        proc.kill()  # torchrun alone: its workers are left (they print a line or two: the pipe holds them)
+        deadline = time.monotonic() + 60
+        while processes(among=workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        orphans = processes(among=workers)
+    finally:
+        for pid in processes(among=workers):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    rest = proc.stdout.read()
+    assert not orphans, f"the workers ran on without their torchrun: {rest[-3000:]}"
+    ckpts = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and ckpts[0].startswith("step_"), (ckpts, rest[-3000:])
+    assert "stopped by SIGTERM" in rest and "--resume" in rest, rest[-3000:]
+    stmd_fast.load_checkpoint(run / "checkpoints" / ckpts[0])
+
+
 @pytest.mark.slow
 def test_timed_checkpoints_under_torchrun_are_agreed_a_step_later(runs):
     """--ckpt-minutes is checked every step, each rank by its own clock, and agreed in the per-step vote (it was
