@@ -29,7 +29,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from .checkpoint import list_checkpoints, newest_intact, verify_checkpoint
-from .cli import Parser
+from .cli import Parser, one_line_errors
 
 
 def train_command(out: Path, steps: int, resume: bool) -> list[str]:
@@ -38,9 +38,13 @@ def train_command(out: Path, steps: int, resume: bool) -> list[str]:
             "--device", "cpu", "--out", str(out), *(["--resume"] if resume else [])]
 
 
+STARTED: list[subprocess.Popen] = []  # the training processes, killed if the crashtest itself is stopped
+
+
 def start(out: Path, steps: int) -> subprocess.Popen:
-    return subprocess.Popen(train_command(out, steps, resume=bool(list_checkpoints(out))),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    STARTED.append(subprocess.Popen(train_command(out, steps, resume=bool(list_checkpoints(out))),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return STARTED[-1]
 
 
 def first_checkpoint_after(process: subprocess.Popen, out: Path, step: int | None = None,
@@ -96,6 +100,7 @@ CRASHTEST_MARK = ".stmd-crashtest"
 """Left in --out: a later crashtest may replace the runs there."""
 
 
+@one_line_errors()  # Ctrl-C / SIGTERM: "interrupted", exit 130 / 143, after the cleanup below
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m stmd_fast.crashtest", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish [default: 12]")
@@ -197,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(verdict))
         return 0 if not problems else 1
     finally:
+        for process in STARTED:  # a Ctrl-C or SIGTERM to the crashtest: no run goes on without it
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -15,13 +15,18 @@ import sys
 
 
 def _interrupted_at_import(signum, frame):
-    sys.stderr.write("interrupted during start-up, before the first step; no checkpoint was written\n")
-    os._exit(128 + signum)  # the shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM
+    try:  # after a hang-up the terminal may be gone
+        sys.stderr.write("interrupted during start-up, before the first step; no checkpoint was written\n")
+    except OSError:
+        pass
+    os._exit(128 + signum)  # the shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
-if __name__ == "__main__":  # a Ctrl-C (or SIGTERM) while torch and the rest import (seconds): one line
-    for _signum in (signal.SIGINT, signal.SIGTERM):  # SIGHUP stays as nohup left it
-        if signal.getsignal(_signum) != signal.SIG_IGN:  # one ignored from the start stays so (cli.stop_signals)
+IMPORT_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+if __name__ == "__main__":  # a Ctrl-C, SIGTERM or hang-up while torch and the rest import (seconds): one line
+    for _signum in IMPORT_STOP_SIGNALS:
+        if signal.getsignal(_signum) != signal.SIG_IGN:  # one ignored from the start stays so: nohup's SIGHUP
             signal.signal(_signum, _interrupted_at_import)
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
@@ -49,7 +54,7 @@ from .devices import out_of_memory, resolve_device, use_tf32
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
                      make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
-from .files import LOCK_FILE, RunLocked, WriteFailed, remove_stale_temps, run_lock, write_fix
+from .files import LOCK_FILE, RunLocked, WriteFailed, remove_stale_temps, run_lock, temp_sibling, write_fix
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -173,6 +178,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         saved_config(ckpt, meta)
     except CheckpointError as err:
         raise UserError(f"--resume: {err}") from None
+    refuse_a_foreign_checkpoint(Path(cfg.out), ckpt, meta)
     saved = meta["config"]
     # a flag the resumed run does not read gets main's note, not a refusal (those it may change are applied)
     resumed = TrainConfig(**{**saved, **{k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}})
@@ -293,6 +299,29 @@ def warmup_note(cfg: TrainConfig, given) -> str | None:
     return None
 
 
+def refuse_a_foreign_checkpoint(out: Path, ckpt: Path, meta: dict) -> None:
+    """UserError if the newest checkpoint is not one this run wrote (copied in from another run): its step is
+    not the one its folder is named for, or its method, preset or data shape is not the run's config.json's.
+    Resumed, it was trained on as this run, which then rotated the run's own checkpoints out."""
+    problems = []
+    if ckpt.name != f"step_{meta['step']:08d}":
+        problems.append(f"it holds step {meta['step']}")
+    try:
+        run = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        run = None  # none (a run of an earlier version, or killed before writing it): nothing to compare with
+    if isinstance(run, dict) and isinstance(run.get("config"), dict):
+        saved = {"method": meta["config"].get("method"), "preset": meta["config"].get("preset"),
+                 "data shape": meta.get("data_shape")}
+        runs = {"method": run["config"].get("method"), "preset": run["config"].get("preset"),
+                "data shape": run.get("data_shape")}
+        problems += [f"its {key} is {saved[key]}, the run's {runs[key]}" for key in saved
+                     if runs[key] is not None and saved[key] != runs[key]]
+    if problems:
+        raise UserError(f"--resume: {ckpt} is not a checkpoint of the run in {out} ({'; '.join(problems)}): move it "
+                        f"out of {out / 'checkpoints'} (nothing was changed)")
+
+
 def elastic_restart_of_this_run(out: str) -> bool:
     """torchrun --max-restarts restarted this job's workers with the same command, and the run directory
     holds a checkpoint that this job (Dist.job_id) wrote: continue from it instead of refusing.
@@ -351,6 +380,9 @@ def with_flip(data, flip: bool):
     return dataclasses.replace(data, flip=True)
 
 
+RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "wandb")  # what a run writes in below its --out
+
+
 def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
     """Create --out and check it is writable; take its lock into `held` (one live run per directory);
     refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone makes, probes and
@@ -361,15 +393,18 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: give a folder for the run (it is made if missing)")
     if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe_file = out / ".write-test"
-            probe_file.write_text("ok")
-            probe_file.unlink()
-        except OSError as err:
-            fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
-                   "choose a writable directory")
-            raise UserError(f"cannot write to --out {out}: {err.strerror or err}: {fix}") from None
+        # the run's own folders too, where they exist: a read-only checkpoints/ was found a whole interval later
+        for folder in (out, *(sub for name in RUN_FOLDERS if (sub := out / name).is_dir())):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe_file = temp_sibling(folder / ".write-test")  # named per process: two starts never share it
+                probe_file.write_text("ok")
+                probe_file.unlink()
+            except OSError as err:
+                fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
+                       "choose a writable directory")
+                where = f"--out {out}" if folder == out else str(folder)
+                raise UserError(f"cannot write to {where}: {err.strerror or err}: {fix}") from None
         try:
             held.enter_context(run_lock(out))
         except RunLocked as err:
@@ -661,8 +696,11 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
     try:
         state = start_state(cfg, run, resume)
         if state.step >= cfg.steps:
-            with RunLog(run.out, cfg.steps, state.step, ctx.is_main) as log:  # a last FD or grid a kill left undone
-                finish_checkpoints_step(cfg, run, state, log)
+            undone = undone_at_checkpoint(cfg, run, state)  # a last FD or grid a kill left undone
+            if any(undone):  # the loggers get them too, as metrics.jsonl and samples/ do
+                loggers = open_run_loggers(cfg, run, state.step)
+                with RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
+                    finish_checkpoints_step(cfg, run, state, log, undone)
             if ctx.is_main:
                 print(f"nothing to do: the run is at step {state.step} of --steps {cfg.steps}")
             clean_exit = True
@@ -675,10 +713,7 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
                                      cuda_graphs=False if isinstance(run.strategy, Sharded) else None)
         train_step = with_checks(train_step, cfg, run, state)
         t_start, first_step = time.perf_counter(), state.step
-        try:
-            loggers = open_loggers(cfg.log, run.out, run.meta["config"], state.step) if ctx.is_main else []
-        except LoggerUnavailable as err:  # W&B online without a key or a network
-            raise UserError(str(err)) from None
+        loggers = open_run_loggers(cfg, run, state.step)
         when = "after the next step (the processes agree on it)" if ctx.distributed else "after this step"
         with StopRequest(quit_before_first_step=not ctx.distributed, when=when) as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
@@ -722,7 +757,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
     vote = distributed.StopVote()  # under torchrun, a stop or timed save agreed by the ranks a step later
     save_voted = stale_save_vote = False  # this rank asked for a timed save; a vote sent before the last save
     first_step = state.step
-    finish_checkpoints_step(cfg, run, state, log)
+    finish_checkpoints_step(cfg, run, state, log, undone_at_checkpoint(cfg, run, state))
     while state.step < cfg.steps:
         try:
             x0, noise = strategy.draw(state.data, state.generator, cfg.objective)
@@ -800,11 +835,17 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
 
 
 
-def finish_checkpoints_step(cfg: TrainConfig, run: Run, state: TrainingState, log: RunLog) -> None:
-    """The FD and sample grid of the checkpoint resumed from, if its process was killed before making them:
-    both come after the save (so that they cost no training), and the checkpoint holds the EMA weights they
-    are made of. The grid is drawn from the same fixed noise, so it is the one the killed process would have
-    written. Decided on rank 0, which holds the files; collective (the FD and an FSDP grid are)."""
+def open_run_loggers(cfg: TrainConfig, run: Run, step: int) -> list:
+    """The --loggers of rank 0 (none elsewhere), given the records up to `step`; UserError if one cannot start."""
+    try:
+        return open_loggers(cfg.log, run.out, run.meta["config"], step) if run.strategy.ctx.is_main else []
+    except LoggerUnavailable as err:  # W&B online without a key or a network
+        raise UserError(str(err)) from None
+
+
+def undone_at_checkpoint(cfg: TrainConfig, run: Run, state: TrainingState) -> tuple[bool, bool]:
+    """(grid, FD): what the process that wrote the checkpoint resumed from was killed before making. Decided
+    on rank 0, which holds the files, and shared with every rank (collective)."""
     step, pending, undone = state.step, state.pending_record, (False, False)
     if run.strategy.ctx.is_main and step:
         path = run.out / "metrics.jsonl"
@@ -813,7 +854,17 @@ def finish_checkpoints_step(cfg: TrainConfig, run: Run, state: TrainingState, lo
         grid = (step == cfg.steps or bool(cfg.sample_every) and step % cfg.sample_every == 0) and \
             not any((run.out / "samples").glob(f"step_{step:08d}.*"))
         undone = (grid, run.fd is not None and pending is not None and pending["step"] == step and step not in logged)
-    grid, fd = distributed.gather_objects(undone)[0]
+    return tuple(distributed.gather_objects(undone)[0])
+
+
+def finish_checkpoints_step(cfg: TrainConfig, run: Run, state: TrainingState, log: RunLog,
+                            undone: tuple[bool, bool]) -> None:
+    """The FD and sample grid of the checkpoint resumed from, if its process was killed before making them
+    (undone_at_checkpoint): both come after the save (so that they cost no training), and the checkpoint holds
+    the EMA weights they are made of. The grid is drawn from the same fixed noise, so it is the one the killed
+    process would have written. Collective (the FD and an FSDP grid are)."""
+    step, pending = state.step, state.pending_record
+    grid, fd = undone
     if fd:
         if run.fd is not None:  # rank 0
             log.write(f"step {step}: its {run.fd.name}, which the stopped process did not log, is measured now")
@@ -986,10 +1037,17 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
     except (FileNotFoundError, CheckpointError, OSError):
         meta = None
     if meta is not None and meta["step"] >= cfg.steps:
-        grid = any((Path(cfg.out) / "samples").glob(f"step_{meta['step']:08d}.*"))
-        print(f"interrupted after the run finished: step {meta['step']} is saved in {cfg.out}"
-              + ("" if grid else f"; its final sample grid was not drawn: python -m stmd_fast.train "
-                                 f"--out {shlex.quote(str(cfg.out))} --resume draws it"), file=sys.stderr)
+        step, out = meta["step"], Path(cfg.out)
+        missing = [] if any((out / "samples").glob(f"step_{step:08d}.*")) else ["its final sample grid"]
+        try:  # the last record waits for its FD (--fd-every), which a stop during the measurement leaves out
+            logged = any(json.loads(line)["step"] == step for line in (out / "metrics.jsonl").read_text().splitlines())
+        except (OSError, ValueError, KeyError):
+            logged = True  # not ours to judge: said by the next run
+        missing += [] if logged else [f"its step {step} record (with its FD)"]
+        print(f"interrupted after the run finished: step {step} is saved in {cfg.out}"
+              + (f"; {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not written: python -m "
+                 f"stmd_fast.train --out {shlex.quote(str(cfg.out))} --resume makes "
+                 f"{'it' if len(missing) == 1 else 'them'}" if missing else ""), file=sys.stderr)
         return 0
     # torchrun SIGTERMs the other workers when one fails (its line says why): not the user's interrupt
     by = "stopped by torchrun (another process failed, or the job was stopped)" \
@@ -1020,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
         if cfg is None or err.errno is None:
             raise
-        raise write_failed(err, err.filename or f"to --out {cfg.out}", cfg.out) from None
+        raise write_failed(err, os.fsdecode(err.filename) if err.filename else f"to --out {cfg.out}", cfg.out) from None
     return 0
 
 
@@ -1029,8 +1087,9 @@ if __name__ == "__main__":
     # one_line_errors, brings back the handlers it found: a rank's error waits, and torchrun sends SIGTERM)
     if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for _signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(_signum) != signal.SIG_IGN:
+            signal.signal(_signum, signal.SIG_DFL)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
     sys.exit(code)

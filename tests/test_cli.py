@@ -975,6 +975,70 @@ def test_ctrl_c_after_the_last_step_says_the_run_finished_and_exits_0(capsys, tm
     assert "final sample grid" not in err  # it was drawn
 
 
+def test_a_finished_runs_grid_drawn_by_resume_reaches_the_loggers_too(capsys, tmp_path):
+    """The resume that only finishes the last step's grid (or FD) wrote them to samples/ and metrics.jsonl
+    but opened no logger: TensorBoard and W&B never got them, whatever later resumes did."""
+    import shutil
+
+    from test_loggers import tensorboard_scalars
+
+    run = tmp_path / "run"
+    base = ["--batch-size", 8, "--steps", 2, "--log-every", 1, "--loggers", "tensorboard", "--device", "cpu",
+            "--out", run]
+    assert train(*base) == 0
+    (run / "samples" / "step_00000002.png").unlink()  # as if killed before the grid, with its event files
+    shutil.rmtree(run / "tensorboard")
+    capsys.readouterr()
+    assert train(*base, "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out and (run / "samples" / "step_00000002.png").exists()
+    scalars, images = tensorboard_scalars(run / "tensorboard")
+    assert images == {"samples": [2]} and [step for step, _ in scalars["loss"]] == [1, 2]
+
+
+def test_a_stop_after_the_last_checkpoint_names_what_it_left_unwritten(capsys, tmp_path):
+    """A stop during the final FD said only "interrupted after the run finished" (exit 0), while the step's
+    record, which waits for its FD, was missing from metrics.jsonl."""
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 2, "--out", run) == 0
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))  # the step 2 record
+    capsys.readouterr()
+    assert train_module.interrupted_outside_the_loop(SimpleNamespace(out=run, steps=2)) == 0
+    assert (f"its step 2 record (with its FD) was not written: python -m stmd_fast.train --out {run} --resume "
+            f"makes it") in capsys.readouterr().err
+    for grid in (run / "samples").glob("step_00000002.*"):
+        grid.unlink()
+    assert train_module.interrupted_outside_the_loop(SimpleNamespace(out=run, steps=2)) == 0
+    assert "its final sample grid and its step 2 record (with its FD) were not written" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_copied_in_from_another_run(capsys, tmp_path):
+    """A DDPM checkpoint copied into an STMD run's checkpoints/ as step_00000070 was resumed "at step 10" and
+    trained on as the run: config.json turned ddpm, metrics.jsonl mixed both, and the run's own checkpoints
+    were rotated out. Now one line names it, and nothing changes."""
+    import shutil
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert train(*GMM, "--steps", 4, "--ckpt-every", 2, "--keep-checkpoints", 2, "--out", run) == 0
+    assert train(*GMM, "--method", "ddpm", "--steps", 2, "--out", other) == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.json").read_text()
+    foreign = run / "checkpoints" / "step_00000070"
+    shutil.copytree(other / "checkpoints" / "step_00000002", foreign)
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 80) == 2
+    line = assert_one_line_error(capsys, f"--resume: {foreign} is not a checkpoint of the run in {run}")
+    assert "it holds step 2" in line and "its method is ddpm, the run's stmd" in line and "move it out" in line
+    shutil.rmtree(foreign)
+    shutil.copytree(run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000006")  # renamed
+    assert train("--out", run, "--resume", "--steps", 80) == 2
+    assert "(it holds step 4)" in assert_one_line_error(capsys, "is not a checkpoint of the run")
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    assert (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.json").read_text()) == before
+    assert train("--out", run, "--resume", "--steps", 6) == 0  # its own checkpoints still resume
+
+
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
     """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
     drawn again by --resume unless the last step was also a multiple of --sample-every."""
@@ -1079,6 +1143,34 @@ def test_gmm_names_its_own_flags(capsys, gmm_run):
             gmm_main([str(gmm_run), flag, "0"])
         assert stop.value.code == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_write_failure_names_a_bytes_path_as_text(capsys, tmp_path, monkeypatch):
+    """TensorBoard's writer reports its event file as bytes: the line read "could not write b'/...'"."""
+    def fails(*args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "events.out").encode())
+
+    monkeypatch.setattr(train_module, "train", fails)
+    assert train(*GMM, "--steps", 1, "--out", tmp_path / "run") == 1
+    assert_one_line_error(capsys, f"could not write {tmp_path / 'run' / 'events.out'}: Permission denied")
+
+
+def test_crashtest_stopped_is_one_line_and_leaves_no_run_behind(capsys, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM to crashtest ended in a traceback and death by the signal (exit -2)."""
+    import signal
+
+    from stmd_fast import crashtest
+
+    def interrupted(out, steps):
+        real_start(out, steps)
+        os.kill(os.getpid(), signal.SIGTERM)  # stops the crashtest while its reference run trains
+        signal.pause()  # not reached: the handler raises
+
+    real_start = crashtest.start
+    monkeypatch.setattr(crashtest, "start", interrupted)
+    assert crashtest.main(["--out", str(tmp_path / "crash"), "--kills", "1", "--steps", "20"]) == 143
+    assert capsys.readouterr().err.strip() == "interrupted"
+    assert crashtest.STARTED and all(process.poll() is not None for process in crashtest.STARTED)
 
 
 def test_crashtest_keeps_a_folder_it_did_not_make(capsys, tmp_path):
@@ -1243,8 +1335,10 @@ def test_a_run_folder_made_unwritable_is_told_to_be_made_writable_on_resume(caps
     assert train(*GMM, "--steps", 1, "--out", run) == 0
     write_text = Path.write_text
 
+    read_only_folders = {run}
+
     def read_only(self, *args, **kwargs):
-        if self.name == ".write-test":
+        if self.name.endswith(".write-test") and self.parent in read_only_folders:
             raise PermissionError(1, "Operation not permitted", str(self))
         return write_text(self, *args, **kwargs)
 
@@ -1252,5 +1346,14 @@ def test_a_run_folder_made_unwritable_is_told_to_be_made_writable_on_resume(caps
     assert train("--out", run, "--resume", "--steps", 2) == 2
     line = assert_one_line_error(capsys, f"cannot write to --out {run}: Operation not permitted")
     assert "make it writable (permissions, a read-only mount), then --resume again" in line
+    read_only_folders.add(tmp_path / "other")
     assert train(*GMM, "--steps", 1, "--out", tmp_path / "other") == 2
     assert "choose a writable directory" in assert_one_line_error(capsys, "cannot write to --out")
+    # the run's own folders too: a read-only checkpoints/ was found at the first save, an interval later
+    read_only_folders.clear()
+    for name in ("checkpoints", "samples"):
+        read_only_folders.add(run / name)
+        assert train("--out", run, "--resume", "--steps", 2) == 2
+        line = assert_one_line_error(capsys, f"cannot write to {run / name}: Operation not permitted")
+        assert "then --resume again" in line
+        read_only_folders.clear()

@@ -795,7 +795,7 @@ def test_a_stop_during_the_final_sample_grid_quits_at_once(tmp_path):
     assert process.returncode == 0 and "Traceback" not in err, err
     assert f"interrupted after the run finished: step 2 is saved in {run}" in err and "stopping after" not in err
     assert not list((run / "samples").glob("step_00000002.*")) and "done:" not in out
-    assert f"its final sample grid was not drawn: python -m stmd_fast.train --out {run} --resume draws it" in err
+    assert f"its final sample grid was not written: python -m stmd_fast.train --out {run} --resume makes it" in err
 
 
 @pytest.mark.slow
@@ -923,6 +923,20 @@ def test_a_signal_ignored_from_the_start_stays_ignored_by_every_command():
         assert command([]) == 0 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_hang_up_while_the_trainer_imports_is_one_line_and_exit_129(tmp_path):
+    """SIGINT and SIGTERM had a handler while torch and the rest import (seconds), SIGHUP not: a closed terminal
+    then killed the process by the signal, without a line (the README promises "as Ctrl-C, with exit 129")."""
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--out", str(tmp_path / "run")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(1.0)  # importing torch (seconds): or, on a fast machine, after it, where main's handlers say the same
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, (out, err)
+    assert "interrupted during start-up" in err and "Traceback" not in err
 
 
 def test_a_run_started_with_sigint_ignored_trains_on_through_it_and_stops_on_sigterm(tmp_path):
