@@ -320,7 +320,10 @@ def finish(name: str, result: dict, save: bool) -> None:
             kept = save_result(path, name, result)
             print(f"saved under '{name}' in {path}{kept}")
         except OSError as err:
-            failed = f"could not save it in {path}: {err.strerror or err} ({err.filename or path})"
+            from stmd_fast.files import write_fix
+
+            failed = (f"could not save it in {path}: {err.strerror or err} ({err.filename or path}): "
+                      f"{write_fix(err, 'make bench/results a writable folder')}")
         except ValueError as err:  # a damaged day file: not rewritten, so its other results stay
             failed = f"could not save it: {path} is not the JSON of a results file ({err}); move it aside"
     print(json.dumps({"benchmark": name, **result}), flush=True)

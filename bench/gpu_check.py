@@ -258,9 +258,12 @@ def wait_for_warmers(stage: Stage, running: dict, timeout_s: float) -> tuple[flo
     return time.monotonic() - start, waited
 
 
-def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log) -> dict:
+def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log, waited: float = 0.0,
+              beside: list[str] = ()) -> dict:
     """Run one stage in its own process group, stream its output to the log, kill it at timeout_s
-    (or when the run is stopped: Ctrl-C, or SIGTERM / SIGHUP through stop_on_signal)."""
+    (or when the run is stopped: Ctrl-C, or SIGTERM / SIGHUP through stop_on_signal, when its row is written
+    to results.jsonl here before the stop goes on). Its row: status, seconds (with the `waited` for its
+    warmers before it), budget, the wait and the warmers running `beside` it."""
     log.write(f"\n===== {stage.name} (budget {stage.budget_s} s on the GPU): {' '.join(command)}\n")
     log.flush()
     env = dict(os.environ, STMD_BENCH_JSONL=str(out / "results.jsonl"), PYTHONUNBUFFERED="1")
@@ -284,7 +287,8 @@ def run_stage(stage: Stage, command: list[str], timeout_s: float, out: Path, log
     seconds = time.monotonic() - start
     log.write(f"===== {stage.name}: {status}, {seconds:.1f} s\n")
     log.flush()
-    result = {"stage": stage.name, "status": status, "seconds": round(seconds, 1), "budget_s": stage.budget_s}
+    result = {"stage": stage.name, "status": status, "seconds": round(seconds + waited, 1), "budget_s": stage.budget_s,
+              "waited_s": round(waited, 1), "warmers_running": list(beside)}
     if stopped is not None:
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
@@ -325,10 +329,7 @@ def run_stages(stages: list[Stage], out: Path, dry_run: bool, warmers: list[Warm
                 # a warmer's first step runs on the GPU too (Inductor autotunes there): a stage's timings
                 # taken beside one are flagged by its name, not silently mixed with the clean ones
                 beside = sorted(running)  # still running now (end_warmers just dropped the ended ones)
-                result = run_stage(stage, command, timeout_s - waited, out, log)
-                result["seconds"] = round(result["seconds"] + waited, 1)
-                result["waited_s"] = round(waited, 1)
-                result["warmers_running"] = beside
+                result = run_stage(stage, command, timeout_s - waited, out, log, waited, beside)
                 with open(out / "results.jsonl", "a") as f:
                     f.write(json.dumps(result) + "\n")
                 print(f"{stage.name:>20} | {result['status']:<22} | {result['seconds']:7.1f} s | "

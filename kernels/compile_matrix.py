@@ -13,13 +13,13 @@ here, keyed by the PTX), so a second run takes seconds.
 Shapes: Triton's launcher compiles one variant per class of its integer arguments (a value of 1
 becomes a constant, a multiple of 16 is marked divisible by 16, which changes the code: shared
 memory, registers and spills), so each kernel is compiled at a shape of each class:
-- attention at head dim 8 (the U-Nets' digits, mnist; padded to 16 inside) and 64 (the cifar10
-  U-Net, DiT-S/B/M/L, and the widest the kernel takes), each at a sequence length that is a
-  multiple of 16 (digits' 8 x 8 = 64, cifar10's and DiT/2's 256) and one that is not (mnist's
-  14 x 14 = 196);
+- attention at head dim 8 (the presets' U-Nets; padded to 16 inside) and 64 (the U-Net of --unet L,
+  DiT-S/B/M/L, and the widest the kernel takes), each at a sequence length that is a multiple of
+  16 (cifar10's 16 x 16 = 256, DiT/2's 256 on 32 x 32 latents) and one that is not (mnist's
+  14 x 14 = 196 and 7 x 7 = 49);
 - the loss at the smallest block (digits' 64 values per sample), at the largest in one chunk
-  (4096: 4 x 32 x 32 latents), in one chunk of an odd size (2700: 3 x 30 x 30) and in four
-  (16384: 4 x 64 x 64 latents);
+  (4096: 4 x 32 x 32 latents), in one chunk of a size that is no multiple of 16 (2700:
+  3 x 30 x 30) and in four (16384: 4 x 64 x 64 latents);
 - the time features at the presets' 32 and 256 frequencies, for a batch x time inputs that is a
   multiple of 16 and one that is not.
 Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).

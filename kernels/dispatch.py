@@ -28,7 +28,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 def interpret_mode() -> bool:
     """True when Triton kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET read as
     Triton reads it (1, true, yes, on, y in any case), so that the two never disagree."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
 
 
 def set_backend(name: str) -> None:
@@ -77,19 +77,23 @@ def split_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     returns primal and tangent keeps the tangent computation an explicit node in the graph.
     """
     primal, tangent = fwAD.unpack_dual(x)
-    if tangent is not None and not torch.compiler.is_compiling() and nested_jvp():
-        raise NotImplementedError("a Triton kernel of stmd_fast computes one tangent: under a jvp of a jvp "
-                                  "(or jacfwd / hessian over a jvp) the outer tangent would come back as zero; "
-                                  "run the PyTorch reference instead: --kernels reference, or "
-                                  "stmd_fast.kernels.dispatch.backend('reference') around the call")
     return primal, tangent
 
 
-def nested_jvp() -> bool:
-    """More than one torch.func forward-mode level is active (jvp inside jvp, jacfwd over jvp)."""
+def refuse_nested_jvp(op: str) -> None:
+    """NotImplementedError under more than one torch.func forward-mode level (jvp inside jvp, jacfwd over a
+    jvp): a kernel computes one tangent, and the outer one would come back as zero. Called on the kernels'
+    paths only (the references and the tangent-lean layers take any nesting). Eager only: under
+    torch.compile the interpreter stack is not visible here, and a nested jvp there is not caught."""
+    if torch.compiler.is_compiling():
+        return
     from torch._C._functorch import TransformType, get_interpreter_stack
 
-    return sum(level.key() == TransformType.Jvp for level in get_interpreter_stack() or ()) > 1
+    if sum(level.key() == TransformType.Jvp for level in get_interpreter_stack() or ()) > 1:
+        raise NotImplementedError(f"{op}: the Triton kernel computes one tangent, so under a jvp of a jvp (or "
+                                  f"jacfwd / hessian over a jvp) the outer tangent would come back as zero; run "
+                                  f"the PyTorch reference instead: --kernels reference, or "
+                                  f"stmd_fast.kernels.dispatch.backend('reference') around the call")
 
 
 def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:

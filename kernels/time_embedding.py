@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .dispatch import HAS_TRITON, make_dual, split_dual, use_triton
+from .dispatch import HAS_TRITON, make_dual, refuse_nested_jvp, split_dual, use_triton
 from .launch import warn_fallback
 
 LOG_BASE = math.log(10000.0)
@@ -164,5 +164,6 @@ def time_features(times: Tensor, freqs: int, scale: float) -> Tensor:
     primal, tangent = split_dual(times)
     if tangent is None:
         return _time_features_op(primal, freqs, scale)
+    refuse_nested_jvp("time_features")
     out, out_t = _time_features_dual_op(primal, tangent, freqs, scale)
     return make_dual(out, out_t)

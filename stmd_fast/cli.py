@@ -113,8 +113,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, prog=prog, allow_abbrev=kwargs.pop("allow_abbrev", False), **kwargs)
 
     def error(self, message: str):
-        # under torchrun every rank parses the same command line: rank 0 says what is wrong, once
-        said = os.environ.get("RANK", "0") == "0"
+        from .distributed import from_env  # under torchrun every rank parses the same command line: rank 0
+        said = from_env().is_main           # says what is wrong, once
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
 
     def parse_known_args(self, args=None, namespace=None):

@@ -118,7 +118,7 @@ class TrainConfig:
     A device setting, like --device: --resume may change it."""
     compile: bool = option(False, resumable=True)
     """torch.compile the loss (JVP, target, loss); backward and optimizer stay eager. The first step waits for a
-    cold compile: about 3 min for the digits network and 6 for cifar10's on 2 CPU cores (README); a later run of
+    cold compile: about 3 min for the digits network and 6.5 for cifar10's on 2 CPU cores (README); a later run of
     the same network and batch reads Inductor's on-disk cache (digits: 44 s)."""
     kernels: str = option("auto", choices=BACKENDS, resumable=True)
     """auto = our Triton kernels on CUDA (fused time embedding, Mean Flow loss, JVP flash attention), PyTorch on

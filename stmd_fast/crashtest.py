@@ -104,7 +104,8 @@ CRASHTEST_MARK = ".stmd-crashtest"
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m stmd_fast.crashtest", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--kills", type=int, default=12, help="SIGKILLs before the run may finish [default: 12]")
-    p.add_argument("--steps", type=int, default=300, help="steps of the test run, at least 20 [default: 300]")
+    p.add_argument("--steps", type=int, default=300, help="steps of the test run, at least 20; under about 100 a start may finish before its kill, and "
+                        "a crashtest that killed nothing fails as untested [default: 300]")
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times [default: 0]")
     p.add_argument("--out", "--dir", dest="dir",  # --out as in every other command; --dir kept
                    help="where the runs go (kept): a new or empty folder, or one an earlier crashtest made, whose "

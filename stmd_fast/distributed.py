@@ -125,20 +125,6 @@ def torch_older_than(major: int, minor: int) -> bool:
     return tuple(int(x) for x in torch.__version__.split(".")[:2]) < (major, minor)
 
 
-def stop_with_the_agent(ctx: Dist) -> None:
-    """Under torchrun: a SIGTERM to this worker when its agent, the parent process, dies, even by SIGKILL
-    (which forwards nothing). The worker then stops as on torchrun's own SIGTERM, with a checkpoint a step
-    later, instead of training on unsupervised and holding the run's lock. Linux only (prctl)."""
-    if ctx.run_id is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) == 0 and os.getppid() != parent:  # PR_SET_PDEATHSIG
-        os.kill(os.getpid(), signal.SIGTERM)  # the agent died in between: the signal it can no longer send
-
-
 def check_launch(ctx: Dist) -> None:
     """ValueError for a launch environment torchrun would not make (left by hand or by another launcher): some
     of RANK, WORLD_SIZE and LOCAL_RANK without the others, values that are no ranks, or no rendezvous address.

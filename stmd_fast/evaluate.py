@@ -1,4 +1,5 @@
-"""python -m stmd_fast.evaluate: FD/FID against NFE, the exact-kernel metric, inpainting.
+"""python -m stmd_fast.evaluate: FD/FID against NFE, the exact-kernel metric, inpainting, inverse problems, the
+posterior (gmm), the per-s conditional FD.
 
   train-classifier --preset digits|mnist     the FD feature network (2 conv + 2 FC, 128-d features; digits ships one)
   sweep CKPT [CKPT ...] --out DIR            FD (or FID) over each method's (N, M) settings

@@ -22,12 +22,29 @@ def _interrupted_at_import(signum, frame):
     os._exit(128 + signum)  # the shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
 
 
+def _stop_with_the_agent() -> None:
+    """Under torchrun: a SIGTERM to this worker when its agent, the parent process, dies, even by SIGKILL
+    (which forwards nothing), so that the worker stops as on torchrun's own SIGTERM, with a checkpoint a step
+    later, instead of training on unsupervised and holding the run's lock. Set before the imports (seconds),
+    while the agent is still the parent. Linux only (prctl); the agent starts its workers from its main
+    thread, whose end the signal follows. A --no-python wrapper between them defeats it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+        return
+    if os.getppid() == 1:  # the agent died before the line above: the signal it can no longer send
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 IMPORT_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 if __name__ == "__main__":  # a Ctrl-C, SIGTERM or hang-up while torch and the rest import (seconds): one line
     for _signum in IMPORT_STOP_SIGNALS:
         if signal.getsignal(_signum) != signal.SIG_IGN:  # one ignored from the start stays so: nohup's SIGHUP
             signal.signal(_signum, _interrupted_at_import)
+    _stop_with_the_agent()
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
@@ -127,8 +144,9 @@ class Renamed(argparse.Action):
     """A flag an earlier version had under another name: one line naming the new one and why."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is now --loggers (torchrun reads a --log after the script as its own "
-                     f"--log-dir): --loggers {' '.join(values) or 'tensorboard'}")
+        parser.error(f"{option_string} is now --loggers (torchrun's parser takes a --log after the script for an "
+                     f"ambiguous abbreviation of its --log-dir and --logs-specs): --loggers "
+                     f"{' '.join(values) or 'tensorboard'}")
 
 
 OBJECTIVE_FLAGS = {f.name for f in fields(ObjectiveConfig)}
@@ -304,7 +322,8 @@ def refuse_a_foreign_checkpoint(out: Path, ckpt: Path, meta: dict) -> None:
     not the one its folder is named for, or its method, preset or data shape is not the run's config.json's.
     Resumed, it was trained on as this run, which then rotated the run's own checkpoints out."""
     problems = []
-    if ckpt.name != f"step_{meta['step']:08d}":
+    # (a .replaced-step_X is read while its replacement is missing: a kill between the two renames)
+    if ckpt.name.removeprefix(".replaced-") != f"step_{meta['step']:08d}":
         problems.append(f"it holds step {meta['step']}")
     try:
         run = json.loads((out / "config.json").read_text())
@@ -329,8 +348,10 @@ def elastic_restart_of_this_run(out: str) -> bool:
     ctx = distributed.from_env()
     if ctx.restart_count == 0:
         return False
-    if ctx.job_id is None:
-        return False
+    if ctx.job_id is None:  # else "pass --resume", which no restart can, for every one of --max-restarts
+        raise UserError("torchrun restarted this job, which spans several nodes without --rdzv-id: its checkpoints "
+                        "cannot be told from another job's; launch it with torchrun --rdzv-id=JOB_ID (the same "
+                        "on every node), or continue it by hand with --resume")
     try:
         return newest_intact(out)[1].get("torchelastic_run_id") == ctx.job_id
     except (FileNotFoundError, CheckpointError, OSError):
@@ -825,10 +846,9 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         sums.restart_clock(step)  # the checkpoint, grid and FD are not training: the next rates leave them out
         if stopping:
             vote.close()
-            again = "torchrun --nproc_per_node=K -m stmd_fast.train" if strategy.ctx.launched else "python -m stmd_fast.train"
             by = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
             log.write(f"stopped by {by} at step {step}; checkpoint {last_good}; "
-                      f"continue with: {again} --out {shlex.quote(str(run.out))} --resume")
+                      f"continue with: {resume_command(strategy.ctx, run.out)}")
             raise Stopped(stop.signal)
     vote.close()
     return last_good
@@ -1028,6 +1048,12 @@ def skipped_counts(data) -> dict[str, int] | None:
     return {"skipped_shards": data.skipped_shards, "skipped_samples": data.skipped_samples}
 
 
+def resume_command(ctx: distributed.Dist, out) -> str:
+    """The command that continues the run in `out`: under torchrun, with torchrun."""
+    again = "torchrun --nproc_per_node=K -m stmd_fast.train" if ctx.launched else "python -m stmd_fast.train"
+    return f"{again} --out {shlex.quote(str(out))} --resume"
+
+
 def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.SIGINT) -> int:
     """A stop signal outside the training loop (whose own saves, then stops): during start-up or the first
     step, or after the last step, while the process winds down. Says which, by the run's newest checkpoint;
@@ -1036,22 +1062,25 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
         meta = newest_intact(cfg.out)[1] if cfg is not None and cfg.out else None
     except (FileNotFoundError, CheckpointError, OSError):
         meta = None
+    ctx = distributed.from_env()
     if meta is not None and meta["step"] >= cfg.steps:
+        if not ctx.is_main:  # rank 0 says it, once
+            return 0
         step, out = meta["step"], Path(cfg.out)
         missing = [] if any((out / "samples").glob(f"step_{step:08d}.*")) else ["its final sample grid"]
         try:  # the last record waits for its FD (--fd-every), which a stop during the measurement leaves out
             logged = any(json.loads(line)["step"] == step for line in (out / "metrics.jsonl").read_text().splitlines())
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             logged = True  # not ours to judge: said by the next run
         missing += [] if logged else [f"its step {step} record (with its FD)"]
         print(f"interrupted after the run finished: step {step} is saved in {cfg.out}"
-              + (f"; {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not written: python -m "
-                 f"stmd_fast.train --out {shlex.quote(str(cfg.out))} --resume makes "
-                 f"{'it' if len(missing) == 1 else 'them'}" if missing else ""), file=sys.stderr)
+              + (f"; {' and '.join(missing)} {'was' if len(missing) == 1 else 'were'} not written: "
+                 f"{resume_command(ctx, out)} makes {'it' if len(missing) == 1 else 'them'}" if missing else ""),
+              file=sys.stderr)
         return 0
     # torchrun SIGTERMs the other workers when one fails (its line says why): not the user's interrupt
     by = "stopped by torchrun (another process failed, or the job was stopped)" \
-        if signum == signal.SIGTERM and distributed.from_env().run_id is not None else "interrupted"
+        if signum == signal.SIGTERM and ctx.run_id is not None else "interrupted"
     print(f"{by} during start-up, before the first step of this process; "
           + ("the checkpoints are as they were" if meta else "no checkpoint was written"), file=sys.stderr)
     return 128 + signum
@@ -1062,7 +1091,6 @@ def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.S
                  alone=(PeerLost,), torchrun=True)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    distributed.stop_with_the_agent(distributed.from_env())
     cfg = None
     try:  # a stop signal is a KeyboardInterrupt here (one_line_errors): start-up cleans up after it
         cfg, resume = resolve_config(dict(vars(args)))

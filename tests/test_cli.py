@@ -1037,6 +1037,9 @@ def test_resume_refuses_a_checkpoint_copied_in_from_another_run(capsys, tmp_path
     shutil.rmtree(run / "checkpoints" / "step_00000006")
     assert (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "config.json").read_text()) == before
     assert train("--out", run, "--resume", "--steps", 6) == 0  # its own checkpoints still resume
+    # a kill between the two renames of a checkpoint saved again leaves .replaced-step_X, read as step_X
+    (run / "checkpoints" / "step_00000006").rename(run / "checkpoints" / ".replaced-step_00000006")
+    assert train("--out", run, "--resume", "--steps", 8) == 0
 
 
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):

@@ -242,7 +242,11 @@ def test_without_a_rendezvous_id_a_restart_resumes_only_its_own_agents_checkpoin
     written_by(distributed.from_env().job_id)  # this agent's first attempt
     assert restart_resumes()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two nodes: no agent is shared, nothing tells the jobs apart
-    assert distributed.from_env().job_id is None and not restart_resumes()
+    assert distributed.from_env().job_id is None
+    from stmd_fast.cli import UserError
+
+    with pytest.raises(UserError, match="without --rdzv-id.*torchrun --rdzv-id=JOB_ID"):  # not "pass --resume",
+        restart_resumes()                                                           # which no restart can
 
 
 def test_torchruns_parser_leaves_every_trainer_flag_to_the_trainer():
@@ -690,3 +694,9 @@ def test_a_bad_command_line_and_a_stop_are_said_by_rank_0_alone(monkeypatch, cap
             os.kill(os.getpid(), signal.SIGTERM)
             assert stop.requested
         assert ("SIGTERM: stopping after this step" in capsys.readouterr().err) is said
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):  # a stray RANK alone (a pod's node rank) is no torchrun rank
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main(["--steps", "abc"])
+    assert "invalid int value: 'abc'" in capsys.readouterr().err

@@ -209,7 +209,8 @@ def test_a_stopped_run_kills_its_warmers_and_the_running_stage(tmp_path, sig):
         stage, warmer = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
         assert warmer == {"warmer": "endless", "status": "killed at the end of the run", "seconds": warmer["seconds"]}
         # the stage it stopped is recorded too (it had no line, and the log ended mid-stage)
-        assert stage == {"stage": "hangs", "status": f"stopped: {sig}", "seconds": stage["seconds"], "budget_s": 1}
+        assert stage == {"stage": "hangs", "status": f"stopped: {sig}", "seconds": stage["seconds"], "budget_s": 1,
+                         "waited_s": 0.0, "warmers_running": ["endless"]}  # the shape of every stage's row
         assert (out / "gpu_check.log").read_text().splitlines()[-1].startswith(f"===== hangs: stopped: {sig}, ")
     finally:  # a failed test leaves no sleepers behind
         proc.kill()
