@@ -396,6 +396,17 @@ def test_uneven_batch_error_suggests_batches_that_pass_the_jvp_block_check():
         distributed.check_parallel(launched, "ddp", 15)
 
 
+def endless_torchrun(run: Path) -> subprocess.Popen:
+    """A 2-process gmm run of 10^6 steps whose log and checkpoint intervals never come, in a session of its own,
+    stdout and stderr in one pipe: only a stop saves it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 10**6, "--ckpt-every", 10**6]),
+           "--out", str(run)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_within_a_step_with_a_checkpoint(runs):
     """torchrun passes a SIGTERM on to its workers and SIGKILLs them 30 s later. The ranks once agreed on a
@@ -405,12 +416,7 @@ def test_sigterm_under_torchrun_stops_within_a_step_with_a_checkpoint(runs):
     import time
 
     run = runs / "sigterm"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 10**6, "--ckpt-every", 10**6]),
-           "--out", str(run)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = endless_torchrun(run)
     try:
         for line in proc.stdout:  # training has begun once the progress bar (or its first line) shows
             if "2 processes (ddp)" in line:
@@ -452,12 +458,7 @@ def test_workers_whose_torchrun_is_killed_stop_with_a_checkpoint(runs):
     import time
 
     run = runs / "agent-killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 10**6, "--ckpt-every", 10**6]),
-           "--out", str(run)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = endless_torchrun(run)
     workers = []
     try:
         for line in proc.stdout:
