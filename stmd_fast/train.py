@@ -60,6 +60,7 @@ import glob
 import hashlib
 import json
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -325,10 +326,26 @@ def warmup_note(cfg: TrainConfig, given) -> str | None:
     return None
 
 
+def run_id(out: Path, resume: bool) -> str:
+    """The run's identity, written into its config.json and every checkpoint: a new random one on a fresh
+    start; on a resume the run's own (config.json's, else its newest checkpoint's; a run of a version before
+    run ids gets one from here on). A copy of the whole run folder keeps it: a branch of the same run."""
+    if resume:
+        for read in (lambda: json.loads((out / "config.json").read_text()), lambda: newest_intact(out)[1]):
+            try:
+                found = read().get("run_id")
+            except (OSError, ValueError, AttributeError, CheckpointError):
+                continue
+            if isinstance(found, str) and found:
+                return found
+    return uuid.uuid4().hex
+
+
 def refuse_a_foreign_checkpoint(out: Path, ckpt: Path, meta: dict) -> None:
-    """UserError if the newest checkpoint is not one this run wrote (copied in from another run): its step is
-    not the one its folder is named for, or its method, preset or data shape is not the run's config.json's.
-    Resumed, it was trained on as this run, which then rotated the run's own checkpoints out."""
+    """UserError if the newest checkpoint is not one this run wrote (copied in from another run): its run id
+    is not the run's config.json's, its step is not the one its folder is named for, or its method, preset or
+    data shape is not config.json's. Resumed, it was trained on as this run, which then rotated the run's own
+    checkpoints out. (A run or checkpoint of a version before run ids is checked on the rest.)"""
     problems = []
     # (a .replaced-step_X is read while its replacement is missing: a kill between the two renames)
     if ckpt.name.removeprefix(".replaced-") != f"step_{meta['step']:08d}":
@@ -344,6 +361,8 @@ def refuse_a_foreign_checkpoint(out: Path, ckpt: Path, meta: dict) -> None:
                 "data shape": run.get("data_shape")}
         problems += [f"its {key} is {saved[key]}, the run's {runs[key]}" for key in saved
                      if runs[key] is not None and saved[key] != runs[key]]
+        if None not in (meta.get("run_id"), run.get("run_id")) and meta["run_id"] != run["run_id"]:
+            problems.append(f"another run wrote it: run id {meta['run_id']}, this run's {run['run_id']}")
     if problems:
         raise UserError(f"--resume: {ckpt} is not a checkpoint of the run in {out} ({'; '.join(problems)}): move it "
                         f"out of {out / 'checkpoints'} (nothing was changed)")
@@ -558,6 +577,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if data.kind == "latent":  # what Model.decode needs
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
                           "resolution": data.manifest["resolution"], "vae_sha256": data.manifest.get("vae_sha256")}
+    meta["run_id"] = run_id(out, resume)  # what tells this run's checkpoints from any other's
     if ctx.launched:  # lets a torchrun restart of this job tell its own checkpoints from another run's
         meta["torchelastic_run_id"] = ctx.job_id
     fd = None

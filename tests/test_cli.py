@@ -1042,6 +1042,31 @@ def test_resume_refuses_a_checkpoint_copied_in_from_another_run(capsys, tmp_path
     assert train("--out", run, "--resume", "--steps", 8) == 0
 
 
+def test_resume_tells_runs_of_the_same_setup_apart_by_their_run_id(capsys, tmp_path):
+    """A checkpoint of another run of the same method, preset and data, copied in under its own step's name,
+    was resumed as the run's own. Every run now has an id in its config.json and checkpoints: a resume keeps
+    it, a copy of the whole run folder (a branch) keeps it, another run's checkpoint is refused by it."""
+    import shutil
+
+    run, other, branch = tmp_path / "run", tmp_path / "other", tmp_path / "branch"
+    assert train(*GMM, "--steps", 2, "--out", run) == 0
+    assert train(*GMM, "--steps", 4, "--out", other) == 0
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    assert run_id != json.loads((other / "config.json").read_text())["run_id"]
+    assert json.loads((run / "checkpoints" / "step_00000002" / "config.json").read_text())["run_id"] == run_id
+    shutil.copytree(run, branch)
+    shutil.copytree(other / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 6) == 2
+    assert "another run wrote it" in assert_one_line_error(capsys, "is not a checkpoint of the run")
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    assert train("--out", run, "--resume", "--steps", 4) == 0
+    assert train("--out", branch, "--resume", "--steps", 4) == 0
+    for folder in (run, branch):
+        assert {json.loads((c / "config.json").read_text())["run_id"]
+                for c in [folder, *(folder / "checkpoints").glob("step_*")]} == {run_id}
+
+
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
     """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
     drawn again by --resume unless the last step was also a multiple of --sample-every."""
