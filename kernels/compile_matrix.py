@@ -19,7 +19,9 @@ memory, registers and spills), so each kernel is compiled at a shape of each cla
   14 x 14 = 196 and 7 x 7 = 49);
 - the loss at the smallest block (digits' 64 values per sample), at the largest in one chunk
   (4096: 4 x 32 x 32 latents), in one chunk of a size that is no multiple of 16 (2700:
-  3 x 30 x 30) and in four (16384: 4 x 64 x 64 latents);
+  3 x 30 x 30), in four (16384: 4 x 64 x 64 latents), in two of a size that is no multiple of 16
+  (7500: 3 x 50 x 50), in 48 (196608: 3 x 256 x 256) and in 16 of a size that is no multiple of
+  16 (64827: 3 x 147 x 147);
 - the time features at the presets' 32 and 256 frequencies, for a batch x time inputs that is a
   multiple of 16 and one that is not.
 Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
@@ -44,7 +46,8 @@ from .launch import (ATTENTION_KERNELS, KB, PRECISIONS, SMEM_LIMITS, TARGETS, at
                      padded_head_dim, spill_budget)
 
 ATTENTION_SHAPES = ((8, 64), (8, 196), (64, 256), (64, 196))  # (head dim, sequence length)
-LOSS_SIZES = (64, 2700, 4096, 16384)  # values per sample
+LOSS_SIZES = (64, 2700, 4096, 16384, 7500, 196608, 64827)  # values per sample: D and the chunk count each a
+# multiple of 16 or not, in every pair that launches (one chunk: D up to 4096; 3x256x256 = 48 chunks; 3x147x147)
 TIME_SHAPES = ((32, 192), (32, 300), (256, 384), (256, 300))  # (frequencies, batch x time inputs)
 
 

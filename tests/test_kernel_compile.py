@@ -68,8 +68,12 @@ def test_the_matrix_specialises_integer_arguments_as_tritons_launcher_does():
             assert signature[name] != "constexpr" or constexprs[name] == 1
             classes.setdefault((entry["kernel"], name), set()).add(ours)
     assert classes[("attention fwd", "L")] == {("i32", "D"), ("i32", "")}
-    assert classes[("meanflow_loss delta", "N_CHUNKS")] == {("constexpr", 1), ("i32", "")}
+    assert classes[("meanflow_loss delta", "N_CHUNKS")] == {("constexpr", 1), ("i32", "D"), ("i32", "")}
     assert classes[("meanflow_loss delta", "D")] == {("i32", "D"), ("i32", "")}
+    # the loss's two integers jointly: an unaligned D over several chunks is a variant of its own
+    pairs = {(e["ints"]["D"] % 16 == 0, min(e["ints"]["N_CHUNKS"], 2), e["ints"]["N_CHUNKS"] % 16 == 0)
+             for e in entries() if e["kernel"] == "meanflow_loss delta"}
+    assert pairs == {(d, n, n == 2 and m) for d in (True, False) for n in (1, 2) for m in (True, False)}
     assert classes[("time_features fwd", "n_rows")] == {("i32", "D"), ("i32", "")}
 
 
