@@ -27,6 +27,8 @@ import os
 import secrets
 import shlex
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,22 +74,52 @@ class TensorBoardLogger:
         for old in self.log_dir.glob("events.out.tfevents.*"):
             old.unlink()
         self.writer = SummaryWriter(str(self.log_dir))
+        _quiet_tensorboard_writer_threads()
         self.writer.add_text("config", _as_markdown(config), 0)
         replay(self, Path(run_dir), start_step)
         print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {shlex.quote(str(run_dir))})", flush=True)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()  # once per log interval: the curves are live
+        with self._naming_the_folder():
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()  # once per log interval: the curves are live
 
     def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """image: (C, H, W) in [0, 1]."""
-        self.writer.add_image(tag, image, step)
-        self.writer.flush()
+        with self._naming_the_folder():
+            self.writer.add_image(tag, image, step)
+            self.writer.flush()
 
     def close(self, failed: bool = False) -> None:
-        self.writer.close()
+        with self._naming_the_folder():
+            self.writer.close()
+
+    @contextmanager
+    def _naming_the_folder(self):
+        """A failed write comes back from the writer thread without its file: it is named here."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.log_dir)) from err
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """TensorBoard's writer thread prints the traceback of a write that failed (a full disk), then the
+    same error is raised again in the main thread at the next write or flush, where the trainer makes it
+    one line naming the file and the fix: the thread's copy is dropped, others' are printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 class WandbLogger:

@@ -265,3 +265,31 @@ def test_wandb_that_cannot_start_is_one_line_naming_the_fixes(tmp_path, monkeypa
     message = str(err.value)
     assert "\n" not in message and "W&B could not start an online run (UsageError: No API key configured" in message
     assert "wandb login" in message and "WANDB_MODE=offline" in message
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_naming_its_folder(tmp_path):
+    """TensorBoard writes from a thread of its own: a failed write (a full disk) printed that thread's traceback,
+    then the trainer's line said "could not write to --out" without naming the file. Now: one line naming
+    RUN/tensorboard, no traceback."""
+    import subprocess
+
+    script = """if True:
+        import errno, sys
+        from stmd_fast import loggers, train
+        opened = loggers.TensorBoardLogger.__init__
+        def full(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        def opened_on_a_full_disk(self, *args, **kwargs):
+            opened(self, *args, **kwargs)
+            self.writer.file_writer.event_writer._async_writer._worker._record_writer.write = full
+        loggers.TensorBoardLogger.__init__ = opened_on_a_full_disk
+        sys.exit(train.main(sys.argv[1:]))
+    """
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", script, "--preset", "gmm", "--batch-size", "16", "--steps", "30",
+                           "--log-every", "5", "--loggers", "tensorboard", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"error: could not write {out / 'tensorboard'}: No space left on device; "
+                                                f"stopped, no checkpoint was written: free space, then run the same "
+                                                f"command again"]
