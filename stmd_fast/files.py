@@ -131,6 +131,17 @@ class RunLocked(RuntimeError):
     """Another live process holds the run directory's lock."""
 
 
+def _holder(fd: int) -> str:
+    """The lock file's "pid N on HOST". The holder writes it just after it locks: a start racing it reads
+    an empty file for a moment, so an empty one is read again for up to a second."""
+    for _ in range(20):
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return "a process"
+
+
 @contextmanager
 def run_lock(run_dir: str | Path, name: str = LOCK_FILE, holder_kind: str = "another training run"):
     """One training process per run directory: flock(2) on RUN/.lock, held while the block runs.
@@ -150,10 +161,11 @@ def run_lock(run_dir: str | Path, name: str = LOCK_FILE, holder_kind: str = "ano
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
-            os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
                 raise
+            holder = _holder(fd)
+            os.close(fd)
             raise RunLocked(f"{run_dir} is in use by {holder_kind} ({holder}): wait for it to end, "
                             f"or choose another --out") from None
         try:

@@ -256,6 +256,24 @@ def test_a_kill_at_any_point_of_a_save_leaves_every_visible_checkpoint_intact(tm
 
 # ----------------------------------------------------------------------------- run lock
 
+def test_a_start_racing_the_lock_holder_reads_its_name_not_a_process(tmp_path):
+    """The holder writes "pid N on HOST" just after it locks: a start in between read an empty file and said
+    "in use by another training run (a process)". It now reads the name once the holder has written it."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # locked, not yet named
+        threading.Timer(0.2, os.pwrite, (fd, b"pid 4242 on elsewhere", 0)).start()
+        with pytest.raises(RunLocked, match=r"in use by another training run \(pid 4242 on elsewhere\)"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        os.close(fd)
+
+
 def test_the_run_lock_admits_one_holder_and_is_released_by_any_exit(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(RunLocked, match=f"in use by another training run .pid {os.getpid()}.*another --out"):
