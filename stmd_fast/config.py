@@ -141,11 +141,11 @@ class TrainConfig:
     """Write a sample grid (EMA weights) every this many steps and at the end; 0 = only at the end."""
     log_every: int = option(50, resumable=True)
     """Append to metrics.jsonl and refresh the progress bar every this many steps."""
-    sample_steps: int = 1
+    sample_steps: int = option(1, resumable=True)
     """N of the sample grids (STMD diffusion steps; DDPM uses --sample-ddpm-steps)."""
-    sample_flow_steps: int = 1
+    sample_flow_steps: int = option(1, resumable=True)
     """M of the sample grids (flow steps per diffusion step; STMD, Mean Flow)."""
-    sample_ddpm_steps: int = 100
+    sample_ddpm_steps: int = option(100, resumable=True)
     """N of DDPM's sample grids."""
     sample_grid: str = option("uniform", choices=TIME_GRIDS)
     """Diffusion time grid this run samples on: uniform (s_k = k / N) | quadratic ((k / N)^2, denser near the data).

@@ -233,8 +233,9 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     return TrainConfig(**saved), True
 
 
-FD_SERIES_FLAGS = ("fd_num", "fd_classifier")
-"""What --fd-every's FD is measured with: a resume may change them, and the logged series then changes meaning."""
+FD_SERIES_FLAGS = ("fd_num", "fd_classifier", "sample_steps", "sample_flow_steps", "sample_ddpm_steps")
+"""What --fd-every's FD is measured with (its samples drawn as the grids' are, N x M): a resume may change them,
+and the logged series then changes meaning."""
 
 
 def as_flag(key: str, value) -> str:

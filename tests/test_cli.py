@@ -1067,6 +1067,18 @@ def test_resume_tells_runs_of_the_same_setup_apart_by_their_run_id(capsys, tmp_p
                 for c in [folder, *(folder / "checkpoints").glob("step_*")]} == {run_id}
 
 
+def test_resume_may_change_the_sample_grids_n_and_m(capsys, tmp_path):
+    """--sample-steps, --sample-flow-steps and --sample-ddpm-steps say how the grids (and --fd-every's samples)
+    are drawn, not how the run trains: a --resume that changed them was refused as another experiment."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 2, "--out", run) == 0
+    assert train("--out", run, "--resume", "--steps", 4, "--sample-steps", 3, "--sample-flow-steps", 2) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["sample_steps"], saved["sample_flow_steps"]) == (3, 2)
+    assert train("--out", run, "--resume", "--steps", 4, "--sample-steps", 1000, "--sample-flow-steps", 1000) == 2
+    assert_one_line_error(capsys, "--sample-steps 1000 x --sample-flow-steps 1000")  # still bounded
+
+
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
     """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
     drawn again by --resume unless the last step was also a multiple of --sample-every."""
