@@ -118,19 +118,30 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
 
     def parse_known_args(self, args=None, namespace=None):
-        """argparse's, then the checks every command shares: an empty value (--out "" would mean the current
-        folder) and a --seed torch cannot take are refused before any work."""
+        """argparse's, then what every command shares: a leading ~ is the home folder (the shell leaves it as
+        typed in --out=~/runs or in quotes, and a folder named ~ was made); an empty value (--out "" would mean
+        the current folder) and a --seed torch cannot take are refused before any work."""
         namespace, extras = super().parse_known_args(args, namespace)
         for action in self._actions:
             if action.dest == argparse.SUPPRESS or not hasattr(namespace, action.dest):
                 continue
-            value = getattr(namespace, action.dest)
+            value = home_expanded(getattr(namespace, action.dest))
+            setattr(namespace, action.dest, value)
             name = max(action.option_strings, key=len) if action.option_strings else action.metavar or action.dest
             if value == "" or (isinstance(value, (list, tuple)) and "" in value):
                 self.error(f"{name} is empty: give a value (or leave the flag out for its default)")
             if action.dest == "seed" and isinstance(value, int) and not 0 <= value < 2**63:
                 self.error(f"{name} {value}: a seed is an integer in [0, 2^63)")
         return namespace, extras
+
+
+def home_expanded(value):
+    """A command-line value with a leading ~ (or ~user) expanded, in a list or tuple too; others unchanged."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(home_expanded(item) for item in value)
+    return value
 
 
 def _ours(filename: str) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,8 @@ class TrainConfig:
         self.data, self.vae, self.inception_weights = map(local_path, (self.data, self.vae, self.inception_weights))
         if self.out == "":
             raise ValueError("--out is empty: give a folder (or leave --out out for runs/<data>-<method>)")
+        if self.out is not None:
+            self.out = os.path.expanduser(self.out)  # a folder named ~ is never what was meant
         if self.out is None:
             own_data = self.data is not None and self.preset not in LATENT_RESOLUTION
             # resolved: --data . or ../ has no name of its own

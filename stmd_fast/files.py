@@ -94,12 +94,12 @@ def write_fix(err: OSError, otherwise: str = "check --out") -> str:
 
 
 def local_path(name: str | None) -> str | None:
-    """`name` made absolute when it is a file or folder here, else unchanged (a Hub id, a missing path):
-    a run or a manifest that saves it then works from any working directory. An empty name is refused: it
-    would silently mean the current folder."""
+    """`name` made absolute when it is a file or folder here (~ is the home folder), else unchanged (a Hub id,
+    a missing path): a run or a manifest that saves it then works from any working directory. An empty name
+    is refused: it would silently mean the current folder."""
     if name == "":
         raise ValueError("an empty path would mean the current folder: give the file or folder")
-    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+    return str(Path(name).expanduser().resolve()) if name is not None and Path(name).expanduser().exists() else name
 
 
 def check_writable(path: str | Path, flag: str) -> None:

@@ -1079,6 +1079,26 @@ def test_resume_may_change_the_sample_grids_n_and_m(capsys, tmp_path):
     assert_one_line_error(capsys, "--sample-steps 1000 x --sample-flow-steps 1000")  # still bounded
 
 
+def test_a_leading_tilde_in_out_or_data_is_the_home_folder(capsys, tmp_path, monkeypatch):
+    """--out=~/runs/x (the shell leaves ~ as typed after =) made a folder named ~ in the current folder, where
+    rm -rf ~ cleans up the wrong thing; and --data=~/x.npy was read. Both are under the home folder now, also
+    through the Python API."""
+    import numpy as np
+
+    from stmd_fast.config import TrainConfig
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    np.save(home / "x.npy", np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert train("--data=~/x.npy", "--steps", 1, "--batch-size", 4, "--out=~/runs/x") == 0
+    assert (home / "runs" / "x" / "checkpoints").is_dir() and list(cwd.iterdir()) == []
+    assert json.loads((home / "runs" / "x" / "config.json").read_text())["config"]["data"] == str(home / "x.npy")
+    cfg = TrainConfig(data="~/x.npy", out="~/runs/y")
+    assert (cfg.data, cfg.out) == (str(home / "x.npy"), str(home / "runs" / "y"))
+
+
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
     """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
     drawn again by --resume unless the last step was also a multiple of --sample-every."""

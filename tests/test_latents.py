@@ -885,3 +885,21 @@ def test_a_resume_on_shards_of_another_count_says_so(shards, tmp_path, capsys):
     capsys.readouterr()
     assert train([*flags, "--steps", "2", "--resume"]) == 0
     assert f"now holds {total} samples, where the run was trained on {total - 3}" in capsys.readouterr().err
+
+
+def test_paths_given_with_a_leading_tilde_are_under_the_home_folder(tmp_path, image_dir, vae_dir, monkeypatch):
+    """The shell leaves ~ as typed after = (--images=~/photos) or in quotes: encode found the images under the home
+    folder (list_images expanded it) but read each one from the literal path, failed them all, and made a folder
+    named ~ holding an empty shard. Every command's flags now take ~ as the home folder."""
+    import shutil
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    shutil.copytree(image_dir, home / "photos")
+    shutil.copytree(vae_dir, home / "vae")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    enc.main(["--images=~/photos", "--vae=~/vae", "--resolution", str(R), "--out=~/shards", "--device", "cpu",
+              "--shard-size", "4"])
+    assert json.loads((home / "shards" / "manifest.json").read_text())["count"] == len(IMAGES)
+    assert list(cwd.iterdir()) == []
