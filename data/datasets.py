@@ -370,7 +370,13 @@ def what_file_instead_of_npy(file: Path) -> tuple[str, str | None] | None:
             return "a damaged zip archive, not an .npy", None
         if any(name.endswith("/data.pkl") for name in names):
             return "a torch.save file, not an .npy", "save the tensor with np.save(path, x.numpy())"
-        return "an .npz archive, not an .npy", "save the single array with np.save(path, x)"
+        from .images import IMAGE_SUFFIXES
+
+        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in names):  # CelebA's img_align_celeba.zip
+            return "a zip archive of images, not an .npy", f"unzip it and pass the folder: --data {file.with_suffix('')}"
+        if names and all(name.endswith(".npy") for name in names):
+            return "an .npz archive, not an .npy", "save the single array with np.save(path, x)"
+        return "a zip archive, not an .npy", "unzip it and pass the folder of images, or save an array with np.save"
     if head.startswith(b"\x80"):
         return "a pickle (pickle.dump, an old torch.save), not an .npy", "save the array with np.save(path, x)"
     return "not an .npy file (it lacks the header np.save writes)", None

@@ -55,6 +55,17 @@ class DamagedSample(ValueError):
     """One sample's entries are missing, unparsable, of the wrong shape, fail the checksum or are not finite."""
 
 
+def _first_member_is_an_image(tar: Path) -> bool:
+    from .images import IMAGE_SUFFIXES
+
+    try:
+        with tarfile.open(tar) as archive:
+            member = next((m for m in archive if m.isfile()), None)
+    except (tarfile.TarError, OSError):
+        return False
+    return member is not None and Path(member.name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest.json that encode writes beside the shards; DataError if missing or unfinished."""
     path = folder / "manifest.json"
@@ -67,6 +78,10 @@ def read_manifest(folder: Path) -> dict:
             raise DataError(f"{folder} holds images, not latent shards: encode them first (python -m "
                             f"stmd_fast.data.encode --images {folder} --vae VAE --out SHARDS, then --data SHARDS), "
                             f"or train on the pixels (--data {folder} without a latent --preset)") from None
+        archive = next((tar for tar in sorted(folder.glob("*.tar")) if _first_member_is_an_image(tar)), None)
+        if archive is not None:
+            raise DataError(f"{archive} is a tar archive of images, not latent shards: extract it (tar xf "
+                            f"{archive}) and pass the folder of images") from None
         raise DataError(f"{folder}: no manifest.json beside the shards; write the shards with "
                         "python -m stmd_fast.data.encode (it writes the manifest)") from None
     except (OSError, ValueError) as error:

@@ -6,6 +6,7 @@ The preset names the data and the network; every field can be overridden from th
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -385,9 +386,19 @@ def preset_for_data(data: str | None) -> str:
     if data is None:
         return "digits"
     path = Path(data).expanduser()
-    if data.endswith(".tar") or (path / "manifest.json").is_file() or any(path.glob("shard-*.tar")):
+    if data.endswith(".tar") or _holds_our_manifest(path) or any(path.glob("shard-*.tar")):
         return "latent"  # a shard folder without its manifest: the latent loader says what is missing
     return "images" if path.is_dir() else "digits"
+
+
+def _holds_our_manifest(folder: Path) -> bool:
+    """Whether folder/manifest.json is one that stmd_fast.data.encode wrote (of any version: the latent loader
+    names one to re-encode). Another program's manifest.json in a folder of images leaves it a folder of images."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("stmd_fast.latents")
 
 
 def choose_net(cfg: TrainConfig, data_shape: tuple[int, ...], data_kind: str) -> NetConfig:

@@ -378,3 +378,36 @@ def test_reading_says_what_it_reads_when_there_is_no_progress_bar(tmp_path, caps
         _noise_image(tmp_path / f"{i}.png", (20, 20), seed=i)
     load_image_folder(tmp_path, 16)  # pytest's stderr is not a terminal, as a log file is not
     assert f"reading 3 images under {tmp_path} at 16x16" in capsys.readouterr().err
+
+
+def test_archives_and_a_foreign_manifest_are_named_for_what_they_are(tmp_path):
+    """A folder of images holding another program's manifest.json was taken for latent shards ("format None, this
+    loader reads 'stmd_fast.latents/2'"); CelebA's img_align_celeba.zip was "an .npz archive"; a tar of images
+    was "no manifest.json beside the shards"."""
+    import tarfile
+    import zipfile
+
+    from stmd_fast.config import preset_for_data
+    from stmd_fast.data.datasets import load_npy
+    from stmd_fast.data.latents import LatentShards
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(2):
+        _noise_image(photos / f"{k}.png", (12, 12), seed=k)
+    (photos / "manifest.json").write_text('{"name": "my photos"}')
+    assert preset_for_data(str(photos)) == "images"
+    (photos / "manifest.json").write_text('{"format": "stmd_fast.latents/1"}')  # ours, older: latent says re-encode
+    assert preset_for_data(str(photos)) == "latent"
+    with zipfile.ZipFile(tmp_path / "img_align_celeba.zip", "w") as archive:
+        archive.write(photos / "0.png", "img_align_celeba/0.png")
+    with pytest.raises(DataError, match="a zip archive of images, not an .npy: unzip it and pass the folder"):
+        load_npy(str(tmp_path / "img_align_celeba.zip"))
+    np.savez(tmp_path / "arrays.npz", x=np.zeros(3))
+    with pytest.raises(DataError, match="an .npz archive, not an .npy"):
+        load_npy(str(tmp_path / "arrays.npz"))
+    (tmp_path / "tarred").mkdir()
+    with tarfile.open(tmp_path / "tarred" / "images.tar", "w") as archive:
+        archive.add(photos / "0.png", "photos/0.png")
+    with pytest.raises(DataError, match=r"images.tar is a tar archive of images, not latent shards: extract it"):
+        LatentShards(str(tmp_path / "tarred" / "images.tar"))
