@@ -382,6 +382,10 @@ def what_file_instead_of_npy(file: Path) -> tuple[str, str | None] | None:
     return "not an .npy file (it lacks the header np.save writes)", None
 
 
+LEVELS_NOT_PIXELS = 32
+"""Integer images whose largest value is below this hold levels (a mask's 0/1, 0..16), not pixels 0..255."""
+
+
 def load_npy(path: str) -> TensorData:
     """The user's own array saved with np.save: (N, D) -> 'vector', (N, C, H, W) -> 'image'.
 
@@ -436,6 +440,10 @@ def load_npy(path: str) -> TensorData:
         if low < 0 or high > 255:
             raise DataError(f"{path}: integer images with values in [{low}, {high}]; integer images are read as "
                             "pixels 0..255: save uint8 pixels, or float32 already scaled to [-1, 1]")
+        if 0 < high < LEVELS_NOT_PIXELS:  # 0/1 masks, sklearn's digits (0..16): near-black pixels, trained on unsaid
+            raise DataError(f"{path}: integer images with values in [{low}, {high}] look like levels, not pixels "
+                            f"0..255 (as which integer images are read, all of them near black): save "
+                            f"(x * 255 // {high}).astype(np.uint8), or float32 scaled to [-1, 1]")
         values = torch.from_numpy(array.astype(np.uint8))  # pixels in any integer dtype: scaled when drawn
     else:
         with np.errstate(over="ignore"):  # overflow to inf is reported just below, as a DataError

@@ -348,6 +348,21 @@ def test_npy_integer_images_outside_0_255_are_refused(tmp_path):
         load_npy(str(tmp_path / "deep.npy"))
 
 
+@pytest.mark.parametrize("high, saved", [(1, "(x * 255 // 1).astype(np.uint8)"), (16, "(x * 255 // 16)")])
+def test_npy_integer_levels_are_refused_not_read_as_near_black_pixels(tmp_path, high, saved):
+    """A 0/1 mask or sklearn's 0..16 digits saved as integers were read as pixels 0..255 without a word and
+    trained on as images near black ([-1, -0.87] at most)."""
+    np.save(tmp_path / "levels.npy", np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) % (high + 1))
+    with pytest.raises(DataError, match=rf"values in \[0, {high}\] look like levels, not pixels 0..255.*"
+                                        + re.escape(saved)):
+        load_npy(str(tmp_path / "levels.npy"))
+    np.save(tmp_path / "dark.npy", np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) + 32 - 2 * 4 * 4)  # pixels up to 31
+    with pytest.raises(DataError, match="look like levels"):
+        load_npy(str(tmp_path / "dark.npy"))
+    np.save(tmp_path / "pixels.npy", np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) + 32)
+    assert load_npy(str(tmp_path / "pixels.npy")).values.max() == 63
+
+
 @pytest.mark.parametrize("largest", [1e30, -2e4])
 def test_npy_data_far_beyond_unit_scale_is_refused(tmp_path, largest):
     """1e30 would train until the NaN stop; the message says to standardize."""
