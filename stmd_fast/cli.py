@@ -173,10 +173,46 @@ def warnings_as_lines():
 def printable_output() -> None:
     """A command's stdout and stderr write what they cannot encode as \\xNN escapes: a path whose name is not
     UTF-8 (os.walk and argv hold its bytes as surrogates) printed by a command must not stop it with a
-    UnicodeEncodeError (stdout is strict under a UTF-8 locale)."""
-    for stream in (sys.stdout, sys.stderr):
+    UnicodeEncodeError (stdout is strict under a UTF-8 locale). And a reader that went away (| head) does not
+    stop it either: the rest of its output goes nowhere, and the work goes on."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+        if stream is not None and not isinstance(stream, _ReaderMayLeave):
+            setattr(sys, name, _ReaderMayLeave(stream))
+
+
+class _ReaderMayLeave:
+    """A text stream whose writes, once its pipe's reader has closed it (BrokenPipeError), go to /dev/null:
+    `encode ... | head -1` stopped the encoding with a traceback at its second line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def _divert(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._divert()
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._divert()
+            self._stream.flush()
 
 
 def several_processes() -> bool:

@@ -274,6 +274,19 @@ def test_a_start_racing_the_lock_holder_reads_its_name_not_a_process(tmp_path):
         os.close(fd)
 
 
+def test_a_reader_that_goes_away_does_not_stop_the_work(tmp_path):
+    """`encode ... | head -1` stopped the encoding with a BrokenPipeError traceback at its second line; a training
+    run piped into head stopped the same way. The rest of the output now goes nowhere and the run finishes."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "40", "--log-every", "1",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("stmd on gmm")
+    process.stdout.close()  # as head -1 does
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["step_00000040"]
+
+
 def test_the_run_lock_admits_one_holder_and_is_released_by_any_exit(tmp_path):
     with run_lock(tmp_path):
         with pytest.raises(RunLocked, match=f"in use by another training run .pid {os.getpid()}.*another --out"):
