@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
     settings = {"format": FORMAT, "vae": local_path(args.vae), "resolution": args.resolution, "flip": args.flip,
                 "shard_size": args.shard_size, "source": str(root.resolve())}
-    made = not out.exists()
+    made = [folder for folder in [out, *Path(os.path.abspath(out)).parents] if not folder.exists()]  # deepest first
     check_out_folder(out)
     try:
         previous = previous_manifest(out)
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings["vae_sha256"] = vae_fingerprint(vae)
         finished = check_previous(previous, settings, out)
     except DataError:
-        if made:
-            out.rmdir()  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
+        for folder in made:  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
+            folder.rmdir()
         raise
 
     groups = shard_groups(sources, args.shard_size)

@@ -99,8 +99,10 @@ def to_8bit(image: Image.Image) -> Image.Image:
     top = 1.0 if image.mode == "F" else 65535.0
     if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= top):
         kind = "float" if image.mode == "F" else "integer"
-        raise ValueError(f"{kind} pixels in [{np.nanmin(values):.4g}, {np.nanmax(values):.4g}]"
-                         f"{' with NaN or inf' if not np.isfinite(values).all() else ''}, outside the "
+        finite = values[np.isfinite(values)]  # (nanmin of all NaN warns, before the line that names the file)
+        span = (f"in [{finite.min():.4g}, {finite.max():.4g}]{' with NaN or inf' if finite.size < values.size else ''}"
+                if finite.size else "all NaN or inf")
+        raise ValueError(f"{kind} pixels {span}, outside the "
                          f"0..{top:g} read as black..white: save it as 8- or 16-bit, or as float in 0..1")
     return Image.fromarray(np.rint(values * (255.0 / top)).astype(np.uint8))  # 2-D uint8: mode L
 

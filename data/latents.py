@@ -286,6 +286,9 @@ class LatentShards:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         folder = Path(urls).expanduser()
+        if folder.is_file() and folder.suffix.lower() != ".tar":  # an .npy (or an image) under --preset latent
+            raise DataError(f"{urls} is a file, not latent shards: pass the folder stmd_fast.data.encode wrote (or a "
+                            f"pattern of its .tar shards); an array or images train without a latent --preset")
         if folder.is_dir():  # the folder encode wrote: its manifest names the shards
             urls = str(folder / read_manifest(folder)["pattern"])
         self.urls = expand_pattern(urls)

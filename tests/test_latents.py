@@ -472,8 +472,9 @@ def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
                 "unet-folder": r"weights do not fit an AutoencoderKL \(\d+ of the AutoencoderKL's weights are not in "
                                r"it"}[vae]
     with pytest.raises(DataError, match=expected):
-        enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert not (tmp_path / "o").exists()  # the --out it made is removed again
+        enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o" / "new" / "shards"),
+                  "--device", "cpu"])
+    assert not (tmp_path / "o").exists()  # the --out it made is removed again, with the folders made for it
 
 
 def test_a_hub_id_that_does_not_load_is_one_line_without_a_library_warning(tmp_path, image_dir):

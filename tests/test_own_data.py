@@ -2,6 +2,7 @@
 sized per resolution, the DiT chosen per latent size, and dropout (which must keep the JVP exact)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -297,9 +298,13 @@ def test_pixels_outside_the_modes_range_are_skipped_and_named_not_guessed(tmp_pa
     nan[0, 0] = np.nan
     Image.fromarray(nan).save(tmp_path / "nan.tif")
     Image.fromarray((ramp * 70000).astype(np.int32)).save(tmp_path / "wide.tif")  # mode I
-    data = load_image_folder(tmp_path, 16)
+    Image.fromarray(np.full_like(ramp, np.nan)).save(tmp_path / "void.tif")  # numpy warned "All-NaN slice" first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_image_folder(tmp_path, 16)
     err = capsys.readouterr().err
-    assert len(data) == 1 and data.shape == (1, 16, 16) and "skipped 3 unreadable image(s)" in err
+    assert len(data) == 1 and data.shape == (1, 16, 16) and "skipped 4 unreadable image(s)" in err
+    assert "\n  void.tif: ValueError: float pixels all NaN or inf, outside" in err
     assert "\n  over.tif: ValueError: float pixels in [0, 1.02]" in err and "in 0..1" in err
     assert "\n  nan.tif: ValueError: float pixels in [0, 1] with NaN or inf" in err
     assert "\n  wide.tif: ValueError: integer pixels in [0, 7e+04], outside the 0..65535" in err
@@ -411,3 +416,6 @@ def test_archives_and_a_foreign_manifest_are_named_for_what_they_are(tmp_path):
         archive.add(photos / "0.png", "photos/0.png")
     with pytest.raises(DataError, match=r"images.tar is a tar archive of images, not latent shards: extract it"):
         LatentShards(str(tmp_path / "tarred" / "images.tar"))
+    np.save(tmp_path / "x.npy", np.zeros((2, 4)))  # under --preset latent
+    with pytest.raises(DataError, match=r"x.npy is a file, not latent shards: .*without a latent --preset"):
+        LatentShards(str(tmp_path / "x.npy"))
