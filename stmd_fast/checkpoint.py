@@ -484,9 +484,15 @@ class Model:
             return
         raise TypeError(f"{name} must be a whole number, got {value!r}")
 
-    def _steps(self, steps: int | None) -> int:
-        """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given."""
-        return METHODS[self.method].default_steps if steps is None else steps
+    def _steps(self, steps: int | None, conditioned: bool = False) -> int:
+        """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given; for a chain an
+        observation conditions without particles, at least CONDITIONED_STEPS (N = 1 would ignore it)."""
+        from .operators import CONDITIONED_STEPS
+
+        if steps is not None:
+            return steps
+        default = METHODS[self.method].default_steps
+        return max(default, CONDITIONED_STEPS) if conditioned and METHODS[self.method].diffusion else default
 
     def _generator(self, generator: torch.Generator | None) -> torch.Generator:
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -535,8 +541,13 @@ class Model:
                 flow_steps: int = 1, generator: torch.Generator | None = None, grid: str | None = None,
                 batch_size: int | None = None) -> torch.Tensor:
         """`num` completions of one observation (mask 1 = observed); observed entries are kept exactly
-        (the missing ones are ignored: they may hold anything, NaN included). steps: as for sample."""
-        observed, steps = self._input(observed, "the observation"), self._steps(steps)
+        (the missing ones are ignored: they may hold anything, NaN included). steps: N >= 2 with STMD or DDPM
+        (operators.check_conditions: N = 1, or Mean Flow, would ignore the observation); default 8 (DDPM 100)."""
+        from .operators import check_conditions
+
+        observed, steps = self._input(observed, "the observation"), self._steps(steps, conditioned=True)
+        check_steps(self.method, steps, flow_steps)
+        check_conditions(self.method, steps, "the observation")
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
         project = inpainting_projection(observed, torch.as_tensor(mask).to(self.device))
@@ -557,12 +568,12 @@ class Model:
         by weight from its own run of K (num * K chains); its law tends to the model's exact
         posterior p(x_0) N(y; A x_0, sigma_y^2 I) / p(y) as K grows. batch_size: chains per batch (with
         SMC, at least one run of K).
-        steps: as for sample. DDNM+ corrects only steps that end above s = 0, so it needs N >= 2 and a
-        method with diffusion steps (STMD, DDPM)."""
-        from .operators import DDNM, LinearOperator, check_ddnm_corrects, check_sigma_y
+        steps: with particles as for sample; without, N >= 2 with STMD or DDPM (operators.check_conditions: N = 1,
+        or Mean Flow, would ignore y), default 8 (DDPM 100)."""
+        from .operators import DDNM, LinearOperator, check_conditions, check_sigma_y
         from .smc import network_denoiser, smc_sample
 
-        steps = self._steps(steps)
+        steps = self._steps(steps, conditioned=particles is None)
         check_steps(self.method, steps, flow_steps)
         if not isinstance(operator, LinearOperator):
             raise TypeError(f"operator must be one of stmd_fast.operators' (e.g. AvgPool(4), Mask(m)), "
@@ -577,7 +588,7 @@ class Model:
         operator.check_finite(y)
         check_sigma_y(sigma_y)
         if particles is None:
-            check_ddnm_corrects(self.method, steps, sigma_y)
+            check_conditions(self.method, steps)
         generator, grid = self._generator(generator), self._grid(grid)
         if particles is None:
             hook = DDNM(operator, y, sigma_y)

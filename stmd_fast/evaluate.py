@@ -863,6 +863,7 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
 
 def inpaint(args) -> int:
     from .metrics import diversity, psnr
+    from .operators import check_conditions
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint], "inpaint", args.ema)
     check_scoring(meta, args)
@@ -871,6 +872,7 @@ def inpaint(args) -> int:
                         "(a pixel mask does not carry over to latents)")
     try:
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
+        check_conditions(meta["config"]["method"], args.steps, "the observation")
     except ValueError as err:
         raise EvalError(str(err)) from None
     if args.completions < 2:
@@ -923,7 +925,7 @@ def inpaint(args) -> int:
 
 def inverse(args) -> int:
     from .metrics import diversity, psnr
-    from .operators import check_ddnm_corrects, check_sigma_y, make_operator
+    from .operators import check_conditions, check_sigma_y, make_operator
 
     (ckpt, meta), = checkpoint_metas([args.checkpoint], "inverse", args.ema)
     check_scoring(meta, args)
@@ -946,7 +948,7 @@ def inverse(args) -> int:
     try:
         check_sigma_y(args.sigma_y, "--sigma-y")
         if args.particles is None:
-            check_ddnm_corrects(meta["config"]["method"], args.steps, args.sigma_y)
+            check_conditions(meta["config"]["method"], args.steps)
     except ValueError as err:
         raise EvalError(str(err)) from None
     out = writable_dir(args.out)

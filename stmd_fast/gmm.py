@@ -217,7 +217,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     models: label -> stmd_fast.Model (DDPM runs with M = 1, the others with flow_steps). For each model, N in `steps` and K in `particles`: SMC
     (stmd_fast.smc) with K particles, `runs` independent runs per y, one weighted draw per run;
     and DDNM+ (operators.DDNM in the sampler loop, `runs` chains) where it corrects any step (N >= 2, not Mean
-    Flow: operators.ddnm_corrects). Each distance compares `runs`
+    Flow: operators.conditions). Each distance compares `runs`
     draws with `runs` exact draws; the floor row compares two exact sets, and the 'exact kernel' rows run
     SMC over the true transitions (what a perfect STMD would give at that K). Every chain steps on the
     diffusion time grid `grid` (the runs' --sample-grid, where their STMD is trained to step). Returns rows
@@ -225,7 +225,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
     """
     from tqdm import tqdm
 
-    from .operators import DDNM, Matrix, ddnm_corrects
+    from .operators import DDNM, Matrix, conditions
     from .sampling import sample
     from .smc import network_denoiser, smc_sample
 
@@ -261,7 +261,7 @@ def posterior_grid(models: dict, mixture: GaussianMixture, matrix, sigma_y: floa
                 if not METHODS[model.method].diffusion and n != 1:  # Mean Flow: one flow map from s = 1, no N
                     continue
                 check_steps(model.method, n, m)
-                corrects = ddnm_corrects(model.method, n, sigma_y)  # not at N = 1, nor for Mean Flow
+                corrects = conditions(model.method, n)  # not at N = 1, nor for Mean Flow
                 cells = {k: 0.0 for k in particles}
                 ddnm = 0.0
                 for i, y in enumerate(ys):

@@ -263,24 +263,33 @@ class Matrix(LinearOperator):
 OPERATOR_NAMES = ("inpaint", "sr2", "sr4", "gray")
 
 
-def ddnm_corrects(method: str, steps: int, sigma_y: float) -> bool:
-    """Whether DDNM(+) corrects any step. DDNM+ (sigma_y > 0) scales its correction by the bridge noise tau,
-    which is 0 on the last step: with N = 1, or a method without diffusion steps (Mean Flow), no step is
-    corrected and y is ignored."""
+CONDITIONED_STEPS = 8
+"""N of inpainting and of DDNM(+) when none is given (sample, Model.inpaint and posterior_sample, evaluate
+inpaint and inverse): an observation needs steps that end above s = 0 (check_conditions), and N = 8 is where the
+README measures them."""
+
+
+def conditions(method: str, steps: int) -> bool:
+    """Whether an observation shapes the chain of a sampler without particles (inpainting, DDNM, DDNM+): only a
+    step that ends above s = 0 passes it on, its corrected x0_hat bridged to the next step. With N = 1, or Mean
+    Flow (no diffusion steps), the one x0_hat is an unconditional draw that inpainting and DDNM overwrite only
+    where the observation measures it (DDNM+, whose correction is scaled by the bridge noise, not even there):
+    the rest ignores it."""
     from .methods import get_method
 
-    return sigma_y == 0 or (steps >= 2 and get_method(method).diffusion)
+    return steps >= 2 and get_method(method).diffusion
 
 
-def check_ddnm_corrects(method: str, steps: int, sigma_y: float) -> None:
-    """ValueError unless DDNM(+) corrects a step (ddnm_corrects), naming what to use instead."""
+def check_conditions(method: str, steps: int, what: str = "y") -> None:
+    """ValueError unless the observation shapes the chain (conditions), naming what to use instead."""
     from .methods import get_method
 
-    if not ddnm_corrects(method, steps, sigma_y):
-        why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is that last step"
-        raise ValueError(f"DDNM+ (sigma_y > 0 without particles) corrects only steps that end above s = 0 and {why}, "
-                         f"so y would be ignored: use SMC (K particles: --particles K), N >= 2 with STMD or DDPM, "
-                         f"or sigma_y = 0 (DDNM)")
+    if conditions(method, steps):
+        return
+    why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is the last step"
+    raise ValueError(f"without particles {what} shapes only the steps that end above s = 0, and {why}: the samples "
+                     f"would be unconditional draws with {what} pasted in where it measures them: use N >= 2 "
+                     f"(--steps, e.g. {CONDITIONED_STEPS}) with STMD or DDPM, or SMC (--inverse OP --particles K --sigma-y S)")
 
 
 def make_operator(name: str, mask: torch.Tensor | None = None) -> LinearOperator:

@@ -30,7 +30,7 @@ from .devices import OutOfMemory, fits_in_memory
 from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
-from .operators import OPERATOR_NAMES, check_ddnm_corrects, check_sigma_y, make_operator
+from .operators import CONDITIONED_STEPS, OPERATOR_NAMES, check_conditions, check_sigma_y, make_operator
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS
 
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run directory (its newest checkpoint) or a checkpoints/step_* directory (or give --exported)")
     add("--exported", metavar="PT2", help="run a sampler written by python -m stmd_fast.export (a .pt2 program, or "
         "its .aoti.pt2 AOTInductor package) instead of a checkpoint; it fixes N, M and the grid")
-    add("--steps", type=int, help="N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm]")
+    add("--steps", type=int, help=f"N diffusion steps [default: 1 for stmd/meanflow, 100 for ddpm; "
+                                  f"{CONDITIONED_STEPS} for stmd with --inpaint or --inverse without --particles]")
     add("--flow-steps", type=int, help="M flow steps per diffusion step (stmd, meanflow) [default: 1]")
     add("--num", type=int, default=64, help="number of samples (completions with --inpaint) [default: 64]")
     add("--batch-size", type=int, default=256, help="samples per network batch; with --exported, samples per noise "
@@ -375,12 +376,15 @@ def main(argv: list[str] | None = None) -> int:
                                 ema=args.ema)
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
+    conditioned = (args.inpaint or args.inverse) and args.particles is None  # an observation, no particles
     steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
+    if args.steps is None and conditioned and METHODS[model.method].diffusion:
+        steps = max(steps, CONDITIONED_STEPS)  # N = 1 would ignore the observation
     check_steps(model.method, steps, args.flow_steps)
     if args.grid is not None and not METHODS[model.method].diffusion:
         raise ValueError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
-    if args.inverse is not None and args.particles is None:
-        check_ddnm_corrects(model.method, steps, args.sigma_y)
+    if conditioned:
+        check_conditions(model.method, steps, "y" if args.inverse else "the --inpaint image")
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "

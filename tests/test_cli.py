@@ -1166,11 +1166,18 @@ def test_a_sigma_y_outside_the_datas_scale_is_one_line(capsys, image_run, inpain
         assert_one_line_error(capsys, "--sigma-y must be a number in [0, 1000]")
 
 
-def test_ddnm_plus_at_one_step_is_refused_on_the_command_line(capsys, image_run, inpaint_files, tmp_path):
-    image, _, _ = inpaint_files
-    assert sample(image_run, "--inverse", "sr4", "--observed", image, "--sigma-y", 0.1, "--steps", 1,
-                  "--out", tmp_path / "x.npy") == 2
-    assert_one_line_error(capsys, "DDNM+", "y would be ignored", "--particles K")
+def test_a_chain_that_would_ignore_the_observation_is_refused_on_the_command_line(capsys, image_run, inpaint_files,
+                                                                                 tmp_path):
+    """--inpaint and --inverse (DDNM, DDNM+) at N = 1, STMD's default, printed "completions" and "posterior samples"
+    that were the seed's unconditional draws with the observation pasted in. Refused when asked for; N = 8 when
+    --steps is not given."""
+    image, mask, _ = inpaint_files
+    for flags in (["--inverse", "sr4", "--observed", image], ["--inverse", "sr4", "--observed", image, "--sigma-y", 0.1],
+                  ["--inpaint", image, "--mask", mask]):
+        assert sample(image_run, *flags, "--steps", 1, "--out", tmp_path / "x.npy") == 2
+        assert_one_line_error(capsys, "N = 1 is the last step", "unconditional draws", "--particles K")
+        assert sample(image_run, *flags, "--num", 2, "--out", tmp_path / "x.npy") == 0
+        assert "(stmd, N=8, M=1, NFE 8" in capsys.readouterr().out
 
 
 def test_notes_for_a_metric_flag_of_the_other_metric_and_a_preset_whose_network_the_data_replaces(

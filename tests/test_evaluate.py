@@ -321,7 +321,7 @@ def test_sweep_records_what_its_fd_was_computed_on(runs, tmp_path, capsys):
 
 def test_reference_is_refused_where_it_would_be_ignored(runs, tmp_path, capsys):
     # --reference is the held-out set of a --data run; a preset's runs are scored against its --reference-split
-    few = ["--images", "2", "--completions", "2", "--steps", "1"]  # cheap, were --reference ignored
+    few = ["--images", "2", "--completions", "2", "--steps", "2"]  # cheap, were --reference ignored
     commands = [["sweep", "--num", "2", "--stmd", "1x1"], ["inpaint", *few], ["inverse", "--operator", "sr4", *few]]
     for command, *flags in commands:
         assert evaluate([command, str(runs / "stmd"), *flags, "--reference", str(tmp_path), *scoring(runs),
@@ -332,7 +332,7 @@ def test_reference_is_refused_where_it_would_be_ignored(runs, tmp_path, capsys):
 
 def test_data_dir_is_refused_where_no_files_are_read(runs, tmp_path, capsys):
     """digits ships with scikit-learn: a --data-dir there was accepted and ignored."""
-    few = ["--images", "2", "--completions", "2", "--steps", "1"]
+    few = ["--images", "2", "--completions", "2", "--steps", "2"]
     for command, *flags in (["sweep", "--num", "2", "--stmd", "1x1"], ["inpaint", *few]):
         assert evaluate([command, str(runs / "stmd"), *flags, "--data-dir", str(tmp_path), *scoring(runs),
                          "--out", str(tmp_path / "o")]) == 2
@@ -345,7 +345,7 @@ def test_data_dir_is_refused_where_no_files_are_read(runs, tmp_path, capsys):
 
 def test_inpaint_says_when_it_has_fewer_images_than_asked(runs, tmp_path, capsys):
     reference = len(load_split("digits", "test", "datasets"))
-    assert evaluate(["inpaint", str(runs / "stmd"), "--images", "1000", "--completions", "2", "--steps", "1",
+    assert evaluate(["inpaint", str(runs / "stmd"), "--images", "1000", "--completions", "2", "--steps", "2",
                      *scoring(runs), "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "inpaint_center.json").read_text())["images"] == reference
     assert (f"note: --images 1000: the digits test split holds {reference} images; using all {reference}"
@@ -361,7 +361,7 @@ def test_inverse_draws_a_mask_per_image_used_not_per_image_asked_for(runs, tmp_p
     monkeypatch.setattr(evaluate_module, "make_mask", lambda *a: drawn.append(1) or real(*a))
     reference = len(load_split("digits", "test", "datasets"))
     assert evaluate(["inverse", str(runs / "stmd"), "--operator", "inpaint", "--mask", "pixels", "--images", "3000000",
-                     "--completions", "2", "--steps", "1", *scoring(runs), "--out", str(tmp_path)]) == 0
+                     "--completions", "2", "--steps", "2", *scoring(runs), "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "inverse_inpaint_pixels.json").read_text())["images"] == reference
     assert len(drawn) <= reference + 1  # + the one that checks the operator before any work
     assert f"using all {reference}" in capsys.readouterr().err
@@ -375,7 +375,7 @@ def test_a_grid_too_large_is_refused_first_and_a_result_never_goes_without_its_g
     import stmd_fast.evaluate as evaluate_module
 
     args = [command, str(runs / "stmd"), *(["--operator", "sr4"] if command == "inverse" else []), "--images", "2",
-            "--completions", "2", "--steps", "1", *scoring(runs)]
+            "--completions", "2", "--steps", "2", *scoring(runs)]
     assert evaluate(args + ["--zoom", "5000", "--out", str(tmp_path / "big")]) == 2
     one_line_error(capsys, "--zoom 5000: at most 64")
     assert not (tmp_path / "big").exists()
@@ -547,7 +547,7 @@ def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(run
     every setting (sampler, sigma_y, N, K, checkpoint): a second command into the same --out overwrote the first's
     result without a word (README's DDNM / DDNM+ / SMC table is made so). It is copied aside and said, as a
     sweep does; the same command again replaces its own result."""
-    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "2", "--completions", "2", "--steps", "1",
+    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "2", "--completions", "2", "--steps", "2",
             *scoring(runs), "--out", str(tmp_path)]
     assert evaluate(base) == 0
     assert evaluate(base) == 0 and not list(tmp_path.glob("*.replaced-*"))  # a rerun: its own result, replaced
@@ -580,7 +580,7 @@ def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(run
 def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
     # the STMD run keeps EMAs of decay 0.999 (its --ema-decay, the default) and 0.5: after two training steps
     # they are different weights, so their posterior samples differ; the JSON records which one was used
-    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "3", "--completions", "2", "--steps", "1",
+    base = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "3", "--completions", "2", "--steps", "2",
             *scoring(runs)]
     results = {}
     for ema in (None, "0.999", "0.5"):
@@ -667,7 +667,7 @@ def test_posterior_refuses_a_sigma_y_too_small_for_the_likelihood_before_any_wor
 
 def test_flags_are_refused_where_they_would_be_ignored(runs, gmm, tmp_path, capsys):
     # a flag the chosen run or options do not use would change nothing: refused in one line, before any work
-    few = ["--images", "2", "--completions", "2", "--steps", "1", *scoring(runs)]
+    few = ["--images", "2", "--completions", "2", "--steps", "2", *scoring(runs)]
     cases = [
         (["inverse", str(runs / "stmd"), "--operator", "sr2", "--mask", "half", *few], "--mask", "--operator inpaint"),
         (["sweep", str(runs / "meanflow"), "--num", "2", "--stmd", "1x1", *scoring(runs)], "--stmd", "STMD"),

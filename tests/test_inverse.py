@@ -374,20 +374,34 @@ def test_posterior_sample_api(image_model):
         image_model.posterior_sample(y, Grayscale(), generator=gen(0))
 
 
-def test_ddnm_plus_that_would_ignore_y_is_refused(image_model):
-    """DDNM+ corrects only steps ending above s = 0: at N = 1 (or for Mean Flow) the draw would be
-    the unconditional one whatever y is, so it is refused, naming SMC and N >= 2."""
+@pytest.mark.parametrize("sigma_y", [0.0, 0.1])
+def test_a_chain_that_would_ignore_the_observation_is_refused(image_model, sigma_y):
+    """Without particles only the steps ending above s = 0 pass the observation on: at N = 1 (the default for
+    STMD) or for Mean Flow, DDNM and inpainting gave the unconditional draw of the seed with y pasted in where it
+    measures it (DDNM+ not even that), reported as posterior samples. Refused, naming N >= 2 and SMC; without
+    steps given, N is 8."""
     op = AvgPool(2)
     y = op(torch.randn(1, 1, 8, 8, generator=gen(40)))[0]
-    with pytest.raises(ValueError, match="N = 1 is that last step.*--particles"):
-        image_model.posterior_sample(y, op, sigma_y=0.1, steps=1, generator=gen(0))
+    mask = torch.ones(1, 8, 8)
+    mask[:, 4:] = 0
+    with pytest.raises(ValueError, match="N = 1 is the last step.*N >= 2.*--particles"):
+        image_model.posterior_sample(y, op, sigma_y=sigma_y, steps=1, generator=gen(0))
+    with pytest.raises(ValueError, match="the observation shapes only the steps that end above s = 0"):
+        image_model.inpaint(torch.zeros(1, 8, 8), mask, 1, steps=1, generator=gen(0))
     meanflow = Model(tiny_net("meanflow", (1, 8, 8)), "meanflow", (1, 8, 8), "image", {})
     with pytest.raises(ValueError, match="Mean Flow has no diffusion steps"):
-        meanflow.posterior_sample(y, op, sigma_y=0.1, flow_steps=4, generator=gen(0))
-    # with N = 2 the first step is corrected: two measurements give two draws from one seed
-    a = image_model.posterior_sample(-y.abs() - 1, op, 0.1, steps=2, num=2, generator=gen(41))
-    b = image_model.posterior_sample(y.abs() + 1, op, 0.1, steps=2, num=2, generator=gen(41))
-    assert not torch.equal(a, b)
+        meanflow.posterior_sample(y, op, sigma_y=sigma_y, flow_steps=4, generator=gen(0))
+    with pytest.raises(ValueError, match="Mean Flow has no diffusion steps"):
+        meanflow.inpaint(torch.zeros(1, 8, 8), mask, 1, flow_steps=2, generator=gen(0))
+    # the default N is 8: what steps=8 draws from the same seed
+    torch.testing.assert_close(image_model.posterior_sample(y, op, sigma_y, num=2, generator=gen(41)),
+                               image_model.posterior_sample(y, op, sigma_y, steps=8, num=2, generator=gen(41)))
+    # with N = 2 the first step passes y on: two measurements give two draws from one seed, apart also
+    # where y does not measure them (the observed part is all DDNM would set at N = 1)
+    a = image_model.posterior_sample(-y.abs() - 1, op, sigma_y, steps=2, num=2, generator=gen(41))
+    b = image_model.posterior_sample(y.abs() + 1, op, sigma_y, steps=2, num=2, generator=gen(41))
+    null_space = lambda x: x - op.pinv(op(x))  # noqa: E731
+    assert (null_space(a) - null_space(b)).abs().max() > 1e-3
 
 
 def test_mask_ignores_whatever_the_missing_entries_hold(image_model):
@@ -526,7 +540,7 @@ def test_an_observation_in_0_255_is_said_and_other_weights_dtypes_refused(image_
     mask[:, 4:] = 0
     pixels = torch.randint(0, 256, (1, 8, 8), generator=gen(54)).float()
     with pytest.warns(UserWarning, match=r"reaches 2\d\d.*x / 127.5 - 1"):
-        image_model.inpaint(pixels, mask, 1, steps=1, generator=gen(0))
+        image_model.inpaint(pixels, mask, 1, steps=2, generator=gen(0))
     net = tiny_net("stmd", (1, 8, 8)).double()  # the sampler's noise and times are float32: it crashed in a conv
     with pytest.raises(ValueError, match="model.net is torch.float64"):
         Model(net, "stmd", (1, 8, 8), "image", {}).sample(2, generator=gen(0))
