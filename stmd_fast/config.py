@@ -218,6 +218,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be a finite number in (0, 1], got {self.lr}")
         if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight_decay every step
+            raise ValueError(f"--weight-decay {self.weight_decay:g} at --lr {self.lr:g}: AdamW scales the weights by "
+                             f"1 - lr x weight_decay = {1 - self.lr * self.weight_decay:.3g} every step, which erases "
+                             f"them; lr x weight_decay must stay below 1 (usually about 1e-5)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)

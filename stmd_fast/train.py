@@ -189,6 +189,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
                         f"--out {shlex.quote(str(run_dir))}")
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
+    refuse_a_file_as_out(Path(cfg.out))  # not "cannot read FILE/config.json"
     try:
         ckpt, meta, _ = newest_intact(cfg.out, finite=True)
     except FileNotFoundError:
@@ -230,7 +231,12 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     saved.update({k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}, out=cfg.out)  # the run may have moved
     if saved.get("parallel") == "fsdp" and "parallel" not in top and not distributed.from_env().launched:
         saved["parallel"] = "ddp"  # an FSDP run's (unsharded) checkpoint continues in one process
-    return TrainConfig(**saved), True
+    try:
+        resumed = TrainConfig(**saved)
+        resumed.check_grid_cost()  # a new --sample-steps beside the run's own --sample-flow-steps, say
+    except ValueError as err:
+        raise UserError(f"--resume: {err}") from None
+    return resumed, True
 
 
 FD_SERIES_FLAGS = ("fd_num", "fd_classifier", "sample_steps", "sample_flow_steps", "sample_ddpm_steps")
@@ -369,6 +375,11 @@ def refuse_a_foreign_checkpoint(out: Path, ckpt: Path, meta: dict) -> None:
                         f"out of {out / 'checkpoints'} (nothing was changed)")
 
 
+def refuse_a_file_as_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: give a folder for the run (it is made if missing)")
+
+
 def elastic_restart_of_this_run(out: str) -> bool:
     """torchrun --max-restarts restarted this job's workers with the same command, and the run directory
     holds a checkpoint that this job (Dist.job_id) wrote: continue from it instead of refusing.
@@ -439,8 +450,7 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
     waits for rank 0). A run that ends before writing anything into a folder it created (bad data, say)
     removes that folder again, and the parents it created."""
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder: give a folder for the run (it is made if missing)")
+    refuse_a_file_as_out(out)
     if main:
         # the run's own folders too, where they exist: a read-only checkpoints/ was found a whole interval later
         for folder in (out, *(sub for name in RUN_FOLDERS if (sub := out / name).is_dir())):

@@ -1075,8 +1075,10 @@ def test_resume_may_change_the_sample_grids_n_and_m(capsys, tmp_path):
     assert train("--out", run, "--resume", "--steps", 4, "--sample-steps", 3, "--sample-flow-steps", 2) == 0
     saved = json.loads((run / "config.json").read_text())["config"]
     assert (saved["sample_steps"], saved["sample_flow_steps"]) == (3, 2)
-    assert train("--out", run, "--resume", "--steps", 4, "--sample-steps", 1000, "--sample-flow-steps", 1000) == 2
-    assert_one_line_error(capsys, "--sample-steps 1000 x --sample-flow-steps 1000")  # still bounded
+    # still bounded, also where the run's saved M meets a new N: that resume hung on a grid of 10^6 calls
+    assert train(*GMM, "--steps", 2, "--sample-flow-steps", 1000, "--out", tmp_path / "m") == 0
+    assert train("--out", tmp_path / "m", "--resume", "--steps", 3, "--sample-steps", 1000) == 2
+    assert_one_line_error(capsys, "--resume: --sample-steps 1000 x --sample-flow-steps 1000")
 
 
 def test_a_leading_tilde_in_out_or_data_is_the_home_folder(capsys, tmp_path, monkeypatch):
@@ -1097,6 +1099,19 @@ def test_a_leading_tilde_in_out_or_data_is_the_home_folder(capsys, tmp_path, mon
     assert json.loads((home / "runs" / "x" / "config.json").read_text())["config"]["data"] == str(home / "x.npy")
     cfg = TrainConfig(data="~/x.npy", out="~/runs/y")
     assert (cfg.data, cfg.out) == (str(home / "x.npy"), str(home / "runs" / "y"))
+
+
+def test_resume_into_a_file_and_weights_erased_by_decay_or_a_runaway_p_are_one_line(capsys, tmp_path):
+    """--out FILE --resume said "cannot read FILE/config.json ... fix the file system"; --weight-decay 1e308 and
+    --adaptive-p 1e308 trained into a non-finite loss that blamed --lr."""
+    (tmp_path / "grid.npy").write_bytes(b"")
+    assert train("--out", tmp_path / "grid.npy", "--resume") == 2
+    assert_one_line_error(capsys, f"--out {tmp_path / 'grid.npy'} is a file, not a folder")
+    assert train(*GMM, "--steps", 1, "--weight-decay", 1000, "--lr", 1e-3, "--out", tmp_path / "r") == 2
+    assert_one_line_error(capsys, "--weight-decay 1000 at --lr 0.001", "lr x weight_decay must stay below 1")
+    assert train(*GMM, "--steps", 1, "--adaptive-p", 1e308, "--out", tmp_path / "r") == 2
+    assert_one_line_error(capsys, "--adaptive-p must be in [0, 4]")
+    assert not (tmp_path / "r").exists()
 
 
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
