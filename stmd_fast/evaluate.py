@@ -481,9 +481,10 @@ def keep_replaced_results(out: Path, before: dict[str, dict], planned: set[str])
     if dropped > 0:
         kept = out / f"results.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json"
         write_atomic(kept, path.read_bytes())
-        print(f"note: {path} holds {dropped} result(s) of an earlier sweep that this one does not measure (other "
-              f"checkpoints, settings, --num or reference): it is copied to {kept.name} before being rewritten; "
-              f"use another --out to keep sweeps apart", file=sys.stderr)
+        print(f"note: {path} holds {dropped} result(s) of an earlier sweep that this one does not measure (another "
+              f"checkpoint, N x M, --seed, --grid, --ema, --batch-size or device; all, with another --num, metric or "
+              f"reference): it is copied to {kept.name} before being rewritten; use another --out to keep sweeps "
+              f"apart", file=sys.stderr)
 
 
 def check_vae(found: list[tuple[Path, dict]], vae: str | None) -> None:

@@ -820,7 +820,7 @@ def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path,
     assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "2")) == 0  # a narrower list
     captured = capsys.readouterr()
     assert "reusing 1 of 1" in captured.out
-    assert "holds 1 result(s) of an earlier sweep that this one does not measure" in captured.err
+    assert "holds 1 result(s) of an earlier sweep that this one does not measure (another checkpoint, N x M, --seed" in captured.err
     [kept] = out.glob("results.replaced-*.json")
     assert kept.read_text() == earlier
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
