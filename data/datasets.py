@@ -383,7 +383,8 @@ def what_file_instead_of_npy(file: Path) -> tuple[str, str | None] | None:
 
 
 LEVELS_NOT_PIXELS = 32
-"""Integer images whose largest value is below this hold levels (a mask's 0/1, 0..16), not pixels 0..255."""
+"""Integer images whose largest value is below this hold levels (a mask's 0/1, 0..16), not pixels 0..255: refused,
+or as uint8 (maybe very dark photos) a note."""
 
 
 def load_npy(path: str) -> TensorData:
@@ -441,9 +442,12 @@ def load_npy(path: str) -> TensorData:
             raise DataError(f"{path}: integer images with values in [{low}, {high}]; integer images are read as "
                             "pixels 0..255: save uint8 pixels, or float32 already scaled to [-1, 1]")
         if 0 < high < LEVELS_NOT_PIXELS:  # 0/1 masks, sklearn's digits (0..16): near-black pixels, trained on unsaid
-            raise DataError(f"{path}: integer images with values in [{low}, {high}] look like levels, not pixels "
-                            f"0..255 (as which integer images are read, all of them near black): save "
-                            f"(x * 255 // {high}).astype(np.uint8), or float32 scaled to [-1, 1]")
+            levels = (f"{path}: integer images with values in [{low}, {high}] look like levels, not pixels 0..255 (as "
+                      f"which integer images are read, all of them near black): save np.rint(x * (255 / {high}))"
+                      f".astype(np.uint8), or float32 scaled to [-1, 1]")
+            if array.dtype != np.uint8:  # int64 from a list or sklearn, a mask's 0/1: levels, refused
+                raise DataError(levels)
+            print(f"note: {levels}; uint8 is taken as pixels, of very dark images", file=sys.stderr)  # may be photos
         values = torch.from_numpy(array.astype(np.uint8))  # pixels in any integer dtype: scaled when drawn
     else:
         with np.errstate(over="ignore"):  # overflow to inf is reported just below, as a DataError

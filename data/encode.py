@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
         finished = check_previous(previous, settings, out)
     except DataError:
         for folder in made:  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
-            folder.rmdir()
+            try:
+                folder.rmdir()
+            except OSError:  # another command's output in it by now
+                break
         raise
 
     groups = shard_groups(sources, args.shard_size)

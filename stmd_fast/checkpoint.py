@@ -484,7 +484,7 @@ class Model:
             return
         raise TypeError(f"{name} must be a whole number, got {value!r}")
 
-    def _steps(self, steps: int | None, conditioned: bool = False) -> int:
+    def default_steps(self, steps: int | None, conditioned: bool = False) -> int:
         """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given; for a chain an
         observation conditions without particles, at least CONDITIONED_STEPS (N = 1 would ignore it)."""
         from .operators import CONDITIONED_STEPS
@@ -512,7 +512,7 @@ class Model:
         steps: default 1 for STMD and Mean Flow, 100 for DDPM (its one-step x0_hat is a posterior mean).
         The noise is drawn batch by batch, so one generator seed gives other samples at another
         batch_size. Sampling runs under torch.no_grad (here and in every method below)."""
-        steps, generator = self._steps(steps), self._generator(generator)
+        steps, generator = self.default_steps(steps), self._generator(generator)
         return self._batched(num, batch_size, lambda n: sample(
             self.net, self.method, n, self.data_shape, steps, flow_steps, generator, self._grid(grid)))
 
@@ -545,9 +545,10 @@ class Model:
         (operators.check_conditions: N = 1, or Mean Flow, would ignore the observation); default 8 (DDPM 100)."""
         from .operators import check_conditions
 
-        observed, steps = self._input(observed, "the observation"), self._steps(steps, conditioned=True)
+        observed, steps = self._input(observed, "the observation"), self.default_steps(steps, conditioned=True)
         check_steps(self.method, steps, flow_steps)
-        check_conditions(self.method, steps, "the observation")
+        check_conditions(self.method, steps, "the observation", "steps=N",
+                         "posterior_sample(y, Mask(mask), sigma_y, particles=K)")
         if tuple(observed.shape) != self.data_shape:
             raise ValueError(f"the observation has shape {tuple(observed.shape)}, the model makes {self.data_shape}")
         project = inpainting_projection(observed, torch.as_tensor(mask).to(self.device))
@@ -573,7 +574,7 @@ class Model:
         from .operators import DDNM, LinearOperator, check_conditions, check_sigma_y
         from .smc import network_denoiser, smc_sample
 
-        steps = self._steps(steps, conditioned=particles is None)
+        steps = self.default_steps(steps, conditioned=particles is None)
         check_steps(self.method, steps, flow_steps)
         if not isinstance(operator, LinearOperator):
             raise TypeError(f"operator must be one of stmd_fast.operators' (e.g. AvgPool(4), Mask(m)), "
@@ -588,7 +589,7 @@ class Model:
         operator.check_finite(y)
         check_sigma_y(sigma_y)
         if particles is None:
-            check_conditions(self.method, steps)
+            check_conditions(self.method, steps, "y", "steps=N", "particles=K, sigma_y > 0")
         generator, grid = self._generator(generator), self._grid(grid)
         if particles is None:
             hook = DDNM(operator, y, sigma_y)

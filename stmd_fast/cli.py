@@ -63,11 +63,18 @@ def quiet_if_hung_up(signum: int) -> None:
     """After SIGHUP the terminal is gone and writing to it fails (EIO): send what is still said to /dev/null."""
     if signum != signal.SIGHUP:
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
     for fd in (1, 2):
         if os.isatty(fd):
-            os.dup2(devnull, fd)
-    os.close(devnull)
+            to_devnull(fd)
+
+
+def to_devnull(fd: int) -> None:
+    """What is written to `fd` from now on goes to /dev/null (its reader is gone)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -179,40 +186,37 @@ def printable_output() -> None:
         stream = getattr(sys, name)
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-        if stream is not None and not isinstance(stream, _ReaderMayLeave):
-            setattr(sys, name, _ReaderMayLeave(stream))
+        if stream is not None and not isinstance(stream, ReaderMayLeave):
+            setattr(sys, name, ReaderMayLeave(stream))
 
 
-class _ReaderMayLeave:
+class ReaderMayLeave:
     """A text stream whose writes, once its pipe's reader has closed it (BrokenPipeError), go to /dev/null:
     `encode ... | head -1` stopped the encoding with a traceback at its second line."""
 
     def __init__(self, stream):
-        self._stream = stream
+        self.wrapped = stream
 
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
+    def __getattr__(self, name):  # the rest is the stream's (fileno, isatty, encoding, reconfigure, buffer)
+        if name == "wrapped":  # not set yet (a copy in the making): no recursion
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
 
-    def _divert(self) -> None:
-        devnull = os.open(os.devnull, os.O_WRONLY)
+    def _again(self, operation, *args):
         try:
-            os.dup2(devnull, self._stream.fileno())
-        finally:
-            os.close(devnull)
+            return operation(*args)
+        except BrokenPipeError:
+            to_devnull(self.wrapped.fileno())
+            return operation(*args)
 
     def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._divert()
-            return self._stream.write(text)
+        return self._again(self.wrapped.write, text)
+
+    def writelines(self, lines) -> None:
+        self._again(self.wrapped.writelines, list(lines))
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._divert()
-            self._stream.flush()
+        self._again(self.wrapped.flush)
 
 
 def several_processes() -> bool:
@@ -245,7 +249,16 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
     def wrap(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
+            streams = sys.stdout, sys.stderr  # brought back after: a Python caller keeps its own
             printable_output()
+            try:
+                return guarded(argv)
+            finally:
+                for name, original in zip(("stdout", "stderr"), streams):
+                    if isinstance(getattr(sys, name), ReaderMayLeave):  # ours, still in place
+                        setattr(sys, name, original)
+
+        def guarded(argv: list[str] | None) -> int:
             if not torchrun and several_processes():
                 return 2
             # SIGTERM and SIGHUP as Ctrl-C: the command's cleanup runs (no temporary file stays behind)

@@ -171,10 +171,23 @@ class TrainConfig:
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    def check_new_run(self) -> None:
+        """ValueError for settings that only waste a run, checked on a new run's flags (train.resolve_config), not
+        in __post_init__: a checkpoint saved before a check existed still loads. The grid's cost; a weight decay
+        that erases the weights; an adaptive-weight power far beyond the recipes' 0 to 2 (1e308 trained into a NaN
+        loss that blamed --lr; at the default c the weight leaves float32 from p = 13)."""
+        self.check_grid_cost()
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight_decay every step
+            raise ValueError(f"--weight-decay {self.weight_decay:g} at --lr {self.lr:g}: AdamW scales the weights by "
+                             f"1 - lr x weight_decay = {1 - self.lr * self.weight_decay:.3g} every step, which erases "
+                             f"them; lr x weight_decay must stay below 1 (usually about 1e-5)")
+        if self.objective.adaptive_p > 4:
+            raise ValueError(f"--adaptive-p {self.objective.adaptive_p:g}: the recipes use 0 to 2, and the weight "
+                             f"1 / (||delta||^2 + c)^p far beyond them leaves float32; give a p in [0, 4]")
+
     def check_grid_cost(self) -> None:
         """ValueError if a sample grid's N x M network calls per sample exceed MAX_STEPS: each bounded, their
-        product ran for days after training. A new run's check (train.resolve_config), not __post_init__'s: a
-        checkpoint saved before it still loads."""
+        product ran for days after training. Also a resumed run's check: a resume may change N and M."""
         grid_steps = METHODS[self.method].grid_steps(self)
         if METHODS[self.method].nfe(*grid_steps) > MAX_STEPS:
             raise ValueError(f"--sample-steps {grid_steps[0]} x --sample-flow-steps {grid_steps[1]}: "
@@ -218,10 +231,6 @@ class TrainConfig:
             raise ValueError(f"--lr must be a finite number in (0, 1], got {self.lr}")
         if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight_decay every step
-            raise ValueError(f"--weight-decay {self.weight_decay:g} at --lr {self.lr:g}: AdamW scales the weights by "
-                             f"1 - lr x weight_decay = {1 - self.lr * self.weight_decay:.3g} every step, which erases "
-                             f"them; lr x weight_decay must stay below 1 (usually about 1e-5)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         self.adam_betas, self.ema_decays, self.log = tuple(self.adam_betas), tuple(self.ema_decays), tuple(self.log)

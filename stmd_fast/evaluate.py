@@ -37,6 +37,7 @@ from .cli import provenance as cli_provenance
 from .devices import OutOfMemory, fits_in_memory, resolve_device
 from .files import RunLocked, remove_stale_temps, run_lock, write_atomic, write_fix
 from .methods import METHODS
+from .operators import CONDITIONED_STEPS
 from .run_log import clock
 from .sample import MAX_ZOOM
 from .sampling import check_steps, nfe
@@ -873,7 +874,8 @@ def inpaint(args) -> int:
                         "(a pixel mask does not carry over to latents)")
     try:
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
-        check_conditions(meta["config"]["method"], args.steps, "the observation")
+        check_conditions(meta["config"]["method"], args.steps, "the observation",
+                         smc="evaluate inverse --operator inpaint --particles K --sigma-y S")
     except ValueError as err:
         raise EvalError(str(err)) from None
     if args.completions < 2:
@@ -1143,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mask", choices=("center", "pixels", "half"), default="center", help="[default: center]")
     i.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
-    i.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
+    i.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")
     i.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
     i.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(i)
@@ -1157,7 +1159,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--particles", type=int, help="SMC with K particles per completion [default: none, DDNM(+)]")
     v.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     v.add_argument("--completions", type=int, default=8, help="samples per image [default: 8]")
-    v.add_argument("--steps", type=int, default=8, help="N diffusion steps [default: 8]")
+    v.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")
     v.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
     v.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(v)

@@ -99,7 +99,10 @@ def local_path(name: str | None) -> str | None:
     is refused: it would silently mean the current folder."""
     if name == "":
         raise ValueError("an empty path would mean the current folder: give the file or folder")
-    return str(Path(name).expanduser().resolve()) if name is not None and Path(name).expanduser().exists() else name
+    if name is None:
+        return None
+    path = Path(os.path.expanduser(name))  # (a ~user that does not exist stays as typed: "no such file" follows)
+    return str(path.resolve()) if path.exists() else name
 
 
 def check_writable(path: str | Path, flag: str) -> None:

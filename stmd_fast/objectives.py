@@ -97,8 +97,7 @@ class ObjectiveConfig:
             "mixture_weight": (0 <= self.mixture_weight <= 1, "in [0, 1]"),
             "flow_grid_fraction": (0 <= self.flow_grid_fraction <= 1, "in [0, 1]"),
             "s_grid_fraction": (0 <= self.s_grid_fraction <= 1, "in [0, 1]"),
-            # the recipes use 0 to 2; far beyond, 1 / (||delta||^2 + c)^p leaves float32 (c = 1e-3: overflow at p 13)
-            "adaptive_p": (0 <= self.adaptive_p <= 4, "in [0, 4]"),
+            "adaptive_p": (finite(self.adaptive_p) and self.adaptive_p >= 0, "a finite number >= 0"),
             "adaptive_c": (finite(self.adaptive_c) and self.adaptive_c > 0, "a finite number > 0"),
             "r_mean": (finite(self.r_mean), "a finite number"),
             "r_std": (finite(self.r_std) and self.r_std > 0, "a finite number > 0"),

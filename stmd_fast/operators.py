@@ -264,9 +264,9 @@ OPERATOR_NAMES = ("inpaint", "sr2", "sr4", "gray")
 
 
 CONDITIONED_STEPS = 8
-"""N of inpainting and of DDNM(+) when none is given (sample, Model.inpaint and posterior_sample, evaluate
-inpaint and inverse): an observation needs steps that end above s = 0 (check_conditions), and N = 8 is where the
-README measures them."""
+"""N of STMD's inpainting and DDNM(+) when none is given (sample, Model.inpaint and posterior_sample; evaluate
+inpaint and inverse default to it too): an observation needs steps that end above s = 0 (check_conditions), and
+the README's inpainting table is measured at N = 8."""
 
 
 def conditions(method: str, steps: int) -> bool:
@@ -280,8 +280,10 @@ def conditions(method: str, steps: int) -> bool:
     return steps >= 2 and get_method(method).diffusion
 
 
-def check_conditions(method: str, steps: int, what: str = "y") -> None:
-    """ValueError unless the observation shapes the chain (conditions), naming what to use instead."""
+def check_conditions(method: str, steps: int, what: str = "y", steps_flag: str = "--steps",
+                     smc: str = "--particles K --sigma-y S") -> None:
+    """ValueError unless the observation shapes the chain (conditions), naming what to use instead in the
+    caller's terms (its flag for N, its way to SMC)."""
     from .methods import get_method
 
     if conditions(method, steps):
@@ -289,7 +291,7 @@ def check_conditions(method: str, steps: int, what: str = "y") -> None:
     why = "Mean Flow has no diffusion steps" if not get_method(method).diffusion else "N = 1 is the last step"
     raise ValueError(f"without particles {what} shapes only the steps that end above s = 0, and {why}: the samples "
                      f"would be unconditional draws with {what} pasted in where it measures them: use N >= 2 "
-                     f"(--steps, e.g. {CONDITIONED_STEPS}) with STMD or DDPM, or SMC (--inverse OP --particles K --sigma-y S)")
+                     f"({steps_flag}, e.g. {CONDITIONED_STEPS}) with STMD or DDPM, or SMC ({smc})")
 
 
 def make_operator(name: str, mask: torch.Tensor | None = None) -> LinearOperator:

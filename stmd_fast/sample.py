@@ -376,15 +376,14 @@ def main(argv: list[str] | None = None) -> int:
                                 ema=args.ema)
     for note in notes:
         print(f"note: {note.message}", file=sys.stderr)
-    conditioned = (args.inpaint or args.inverse) and args.particles is None  # an observation, no particles
-    steps = args.steps if args.steps is not None else METHODS[model.method].default_steps
-    if args.steps is None and conditioned and METHODS[model.method].diffusion:
-        steps = max(steps, CONDITIONED_STEPS)  # N = 1 would ignore the observation
+    conditioned = bool(args.inpaint or args.inverse) and args.particles is None  # an observation, no particles
+    steps = model.default_steps(args.steps, conditioned)
     check_steps(model.method, steps, args.flow_steps)
     if args.grid is not None and not METHODS[model.method].diffusion:
         raise ValueError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
     if conditioned:
-        check_conditions(model.method, steps, "y" if args.inverse else "the --inpaint image")
+        check_conditions(model.method, steps, "y" if args.inverse else "the --inpaint image",
+                         smc="--inverse OP --particles K --sigma-y S")
     vectors = model.data_kind == "vector"
     if (args.inpaint or args.inverse) and model.data_kind != "image":
         raise ValueError(f"{'--inpaint' if args.inpaint else '--inverse'} needs a pixel-space image model; this "

@@ -181,7 +181,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         fresh["out"] = None  # derived from preset/data and method
     try:
         cfg = TrainConfig(**fresh)
-        cfg.check_grid_cost()
+        cfg.check_new_run()
     except ValueError as err:
         raise UserError(str(err)) from None
     if cfg.out and (run_dir := run_holding(cfg.out)) is not None:  # training in there would rewrite a checkpoint
@@ -210,7 +210,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     saved = meta["config"]
     # a flag the resumed run does not read gets main's note, not a refusal (those it may change are applied)
     resumed = TrainConfig(**{**saved, **{k: v for k, v in top.items() if k in RESUME_OVERRIDABLE}})
-    unread = set(unread_flags(resumed)) - RESUME_OVERRIDABLE
+    not_read = set(unread_flags(resumed))
+    unread = not_read - RESUME_OVERRIDABLE
     top = {key: value for key, value in top.items() if key not in unread}
     objective = {key: value for key, value in objective.items() if key not in unread}
     for key, value in top.items():  # as typed, or as the run saves it (a path made absolute)
@@ -223,7 +224,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
             raise UserError(f"--resume: {cfg.out} was trained with {as_flag(key, was)}, not {as_flag(key, value)}: "
                             f"drop the flag, or use a new --out to start another run")
     measured_otherwise = [f"{as_flag(key, saved.get(key))} -> {as_flag(key, value)}" for key, value in top.items()
-                          if key in FD_SERIES_FLAGS and saved.get(key) not in (value, getattr(cfg, key))]
+                          if key in FD_SERIES_FLAGS and key not in not_read  # (DDPM's N on STMD: main's note)
+                          and saved.get(key) not in (value, getattr(cfg, key))]
     if measured_otherwise and (saved.get("fd_every") or top.get("fd_every")) and distributed.from_env().is_main:
         print(f"note: --resume with {', '.join(measured_otherwise)}: the FD logged from step {meta['step']} on is "
               f"measured otherwise than the FD before it, so a step in the curve there may be the measurement's",
@@ -588,7 +590,9 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if data.kind == "latent":  # what Model.decode needs
         meta["latent"] = {"vae": cfg.vae, "scaling_factor": data.scaling_factor, "shift_factor": data.shift_factor,
                           "resolution": data.manifest["resolution"], "vae_sha256": data.manifest.get("vae_sha256")}
-    meta["run_id"] = run_id(out, resume)  # what tells this run's checkpoints from any other's
+    # what tells this run's checkpoints from any other's (on a fresh torchrun start each rank draws its own:
+    # only rank 0's is written, into config.json and the checkpoints, and read back on a resume)
+    meta["run_id"] = run_id(out, resume)
     if ctx.launched:  # lets a torchrun restart of this job tell its own checkpoints from another run's
         meta["torchelastic_run_id"] = ctx.job_id
     fd = None

@@ -1110,8 +1110,17 @@ def test_resume_into_a_file_and_weights_erased_by_decay_or_a_runaway_p_are_one_l
     assert train(*GMM, "--steps", 1, "--weight-decay", 1000, "--lr", 1e-3, "--out", tmp_path / "r") == 2
     assert_one_line_error(capsys, "--weight-decay 1000 at --lr 0.001", "lr x weight_decay must stay below 1")
     assert train(*GMM, "--steps", 1, "--adaptive-p", 1e308, "--out", tmp_path / "r") == 2
-    assert_one_line_error(capsys, "--adaptive-p must be in [0, 4]")
+    assert_one_line_error(capsys, "--adaptive-p 1e+308: the recipes use 0 to 2", "give a p in [0, 4]")
     assert not (tmp_path / "r").exists()
+    # a checkpoint saved before these checks still loads, and resumes
+    from stmd_fast.checkpoint import saved_config, verify_checkpoint
+
+    assert train(*GMM, "--steps", 1, "--adaptive-p", 6, "--out", tmp_path / "old") == 2
+    assert train(*GMM, "--steps", 1, "--out", tmp_path / "old") == 0
+    ckpt = tmp_path / "old" / "checkpoints" / "step_00000001"
+    meta = verify_checkpoint(ckpt)
+    meta["config"]["objective"]["adaptive_p"], meta["config"]["weight_decay"] = 6.0, 2000.0
+    assert saved_config(ckpt, meta).objective.adaptive_p == 6.0
 
 
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
@@ -1364,6 +1373,12 @@ def test_a_resume_that_changes_how_fd_is_measured_says_the_series_changes_there(
     assert train(*args, "--fd-num", 24, "--steps", 3, "--resume") == 0
     assert ("note: --resume with --fd-num 16 -> --fd-num 24: the FD logged from step 2 on is measured otherwise"
             in capsys.readouterr().err)
+    # the grids' N (its samples are drawn as the grids'), not DDPM's N, which an STMD run does not read
+    assert train(*args, "--fd-num", 24, "--steps", 4, "--resume", "--sample-steps", 2) == 0
+    assert "note: --resume with --sample-steps 1 -> --sample-steps 2: the FD" in capsys.readouterr().err
+    assert train(*args, "--fd-num", 24, "--sample-steps", 2, "--steps", 5, "--resume", "--sample-ddpm-steps", 50) == 0
+    err = capsys.readouterr().err
+    assert "measured otherwise" not in err and "--sample-ddpm-steps has no effect on this run" in err
 
 
 def test_a_finished_run_killed_during_its_last_fd_gets_its_record_and_grid_on_resume(tmp_path, capsys):

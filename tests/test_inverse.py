@@ -384,7 +384,7 @@ def test_a_chain_that_would_ignore_the_observation_is_refused(image_model, sigma
     y = op(torch.randn(1, 1, 8, 8, generator=gen(40)))[0]
     mask = torch.ones(1, 8, 8)
     mask[:, 4:] = 0
-    with pytest.raises(ValueError, match="N = 1 is the last step.*N >= 2.*--particles"):
+    with pytest.raises(ValueError, match=r"N = 1 is the last step.*N >= 2 \(steps=N.*particles=K"):
         image_model.posterior_sample(y, op, sigma_y=sigma_y, steps=1, generator=gen(0))
     with pytest.raises(ValueError, match="the observation shapes only the steps that end above s = 0"):
         image_model.inpaint(torch.zeros(1, 8, 8), mask, 1, steps=1, generator=gen(0))
