@@ -420,9 +420,19 @@ class Model:
         self._decode, self._vae = None, None  # the loaded decoder and the VAE folder it came from
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """A latent model's samples -> images (about [-1, 1]) through the VAE it was trained with
-        (loaded on first use from the path or hub id in its config)."""
-        return self.load_vae()(z.to(self.device), batch_size)
+        """A latent model's samples, (N, *data_shape) floats, -> images (about [-1, 1]) through the VAE it was
+        trained with (loaded on first use from the path or hub id in its config), batch_size latents at a time.
+        Latents of another size decoded without a word into images of another size; now refused."""
+        if self.data_kind != "latent":
+            raise ValueError(f"this checkpoint makes {self.data_kind}s, not latents: it has no VAE, nothing to decode")
+        z = self._input(z, "z")
+        if tuple(z.shape[1:]) != self.data_shape or len(z) == 0:
+            raise ValueError(f"z has shape {tuple(z.shape)}; this model's latents are (N >= 1, "
+                             f"{', '.join(map(str, self.data_shape))}), as sample() returns them")
+        self._count("batch_size", batch_size)
+        if batch_size < 1:
+            raise ValueError(f"need batch_size >= 1, got {batch_size}")
+        return self.load_vae()(z, batch_size)
 
     def load_vae(self, vae: str | None = None):
         """The latent model's VAE decoder, loaded on the first call and kept (call it early: a bad path fails
@@ -507,8 +517,8 @@ class Model:
 
     def sample(self, num: int, steps: int | None = None, flow_steps: int = 1, generator: torch.Generator | None = None,
                grid: str | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (images in model space, about
-        [-1, 1]: not clamped), drawn `batch_size` at a time (all at once by default) from one generator.
+        """`num` samples by Algorithm 2 with N = steps, M = flow_steps (in model space: images about [-1, 1],
+        not clamped; a latent model's latents, which decode() makes images), drawn `batch_size` at a time (all at once by default) from one generator.
         steps: default 1 for STMD and Mean Flow, 100 for DDPM (its one-step x0_hat is a posterior mean).
         The noise is drawn batch by batch, so one generator seed gives other samples at another
         batch_size. Sampling runs under torch.no_grad (here and in every method below)."""

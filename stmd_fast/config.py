@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,9 @@ PRESET_NAMES = ("digits", "gmm", "mnist", "cifar10", "celeba-latent", "images", 
 @dataclass
 class TrainConfig:
     """Every training option, once: `python -m stmd_fast.train` makes a flag of each field (its
-    docstring is the help; cli.add_dataclass_flags), and presets fill them (PRESETS)."""
+    docstring is the help; cli.add_dataclass_flags), and presets fill them (PRESETS). In Python, start from a
+    preset, as the command line does: dataclasses.replace(PRESETS["gmm"](), steps=500, out="runs/x"), then
+    train.train(cfg); TrainConfig(preset="gmm") alone only names the preset and keeps the class defaults."""
 
     preset: str = option("digits", choices=PRESET_NAMES)
     """Data and network: digits (sklearn 8x8, no download), gmm (2-D Gaussian mixture, MLP), mnist, cifar10
@@ -171,6 +174,19 @@ class TrainConfig:
     net: NetConfig = field(default_factory=NetConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    def _check_types(self) -> None:
+        """TypeError for a field of the wrong kind, as the Python API can give it (the command line parses each
+        flag): steps=2.5 trained past its last step without ever checkpointing; a string where a list goes
+        (log="tensorboard") was read letter by letter."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            if kind.startswith("int") and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"{f.name} must be a whole number, got {value!r}")
+            if kind.startswith("tuple") and not isinstance(value, (tuple, list)):
+                raise TypeError(f"{f.name} must be a tuple (or list), got {value!r}: e.g. {f.name}=({value!r},)")
+
     def check_new_run(self) -> None:
         """ValueError for settings that only waste a run, checked on a new run's flags (train.resolve_config), not
         in __post_init__: a checkpoint saved before a check existed still loads. The grid's cost; a weight decay
@@ -199,6 +215,7 @@ class TrainConfig:
             self.net = NetConfig(**self.net)
         if isinstance(self.objective, dict):
             self.objective = ObjectiveConfig(**self.objective)
+        self._check_types()
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if self.method not in METHODS:

@@ -29,15 +29,16 @@ def bridge_coefficients(s: torch.Tensor, s_prev: torch.Tensor, dtype: torch.dtyp
     """Coefficients of q(x_{s'} | x_s, x_0) = N(c_xs x_s + c_x0 x_0, tau^2 I) for s' = s_prev < s.
 
     Uses sigma_{s|s'}^2 = sigma_s^2 - alpha_{s|s'}^2 sigma_{s'}^2 = 1 - alpha_{s|s'}^2, which
-    expm1 evaluates without cancellation. At s' = 0: c_xs = 0, c_x0 = 1, tau = 0.
+    expm1 evaluates without cancellation. At s' = 0: c_xs = 0, c_x0 = 1, tau = 0. s, s_prev: tensors or Python
+    numbers, as everywhere here.
     """
+    s, s_prev = torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(s_prev, dtype=torch.float64)
     la, la_prev = log_alpha(s), log_alpha(s_prev)
     if torch.any(s_prev > s):  # note: a sync point on GPU; the sampler passes CPU times
         raise ValueError("the bridge needs s_prev <= s: it steps towards the data")
     sigma2 = -torch.expm1(2 * la)
     sigma2_prev = -torch.expm1(2 * la_prev)
     # log alpha_{s|s'} in closed form: la - la_prev would cancel digits when s' is close to s
-    s, s_prev = s.double(), s_prev.double()
     la_step = -0.25 * (BETA_MAX - BETA_MIN) * (s - s_prev) * (s + s_prev) - 0.5 * BETA_MIN * (s - s_prev)
     sigma2_step = -torch.expm1(2 * la_step)  # sigma_{s|s'}^2
     # s = s' = 0 is 0 / 0: the bridge is then the point mass at x_0 (c_xs = 0, c_x0 = 1, tau = 0)

@@ -1123,6 +1123,20 @@ def test_resume_into_a_file_and_weights_erased_by_decay_or_a_runaway_p_are_one_l
     assert saved_config(ckpt, meta).objective.adaptive_p == 6.0
 
 
+def test_the_python_api_refuses_a_field_of_the_wrong_kind():
+    """TrainConfig(steps=2.5) trained past step 2.5 without a checkpoint and returned None; log="tensorboard" was
+    read letter by letter ("--loggers t e n s o r b o a r d names a logger twice")."""
+    from stmd_fast.config import TrainConfig
+
+    for fields, said in [({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+                         ({"batch_size": True}, "batch_size must be a whole number"),
+                         ({"data_workers": 1.5}, "data_workers must be a whole number"),
+                         ({"log": "tensorboard"}, "log must be a tuple (or list), got 'tensorboard'")]:
+        with pytest.raises(TypeError, match=re.escape(said)):
+            TrainConfig(**fields)
+    assert TrainConfig(data_workers=None, log=["tensorboard"], ema_decays=[0.9]).log == ("tensorboard",)
+
+
 def test_resuming_a_finished_run_draws_its_missing_final_grid(capsys, tmp_path):
     """The last step's grid is drawn whatever --sample-every says; one a stop or kill left undone was not
     drawn again by --resume unless the last step was also a multiple of --sample-every."""

@@ -597,3 +597,24 @@ def test_smc_draws_on_cuda():
     particles = torch.arange(6.0, device="cuda").view(2, 3, 1)
     result = SMCResult(particles, weights, torch.zeros(2), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
     assert result.draw(torch.Generator("cuda").manual_seed(0)).view(-1).tolist() == [1.0, 5.0]
+
+
+def test_decode_checks_its_latents_before_loading_the_vae():
+    """Model.decode passed anything to the VAE: latents of another size decoded without a word into images of
+    another size; one latent without its batch axis, an empty batch or batch_size=0 failed deep in diffusers.
+    Each is one line now, before the VAE loads (this model's VAE folder does not exist: it is never reached)."""
+    latent = Model(tiny_net("stmd", (4, 4, 4)), "stmd", (4, 4, 4), "latent",
+                   {"latent": {"vae": "/nonexistent/vae", "scaling_factor": 0.18, "shift_factor": 0.0}})
+    z = torch.randn(2, 4, 4, 4)
+    for bad in (torch.randn(2, 4, 8, 8), z[0], z[:0]):
+        with pytest.raises(ValueError, match=r"this model's latents are \(N >= 1, 4, 4, 4\)"):
+            latent.decode(bad)
+    with pytest.raises(ValueError, match="need batch_size >= 1"):
+        latent.decode(z, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size must be a whole number"):
+        latent.decode(z, batch_size=1.5)
+    with pytest.raises(ValueError, match="z is torch.int64"):
+        latent.decode(z.long())
+    image = Model(tiny_net("stmd", (1, 8, 8)), "stmd", (1, 8, 8), "image", {})
+    with pytest.raises(ValueError, match="makes images, not latents"):
+        image.decode(torch.zeros(1, 1, 8, 8))

@@ -157,6 +157,9 @@ def test_bridge_coefficients_closed_form_and_edges():
     assert float(c_xs[2]) == 0.0 and float(c_x0[2]) == 1.0 and float(tau[2]) == 0.0
     with pytest.raises(ValueError):
         schedule.bridge_coefficients(torch.tensor(0.3), torch.tensor(0.5))
+    # Python numbers, as log_alpha and bridge_sample take them (torch.any of a bool raised a TypeError)
+    for got, want in zip(schedule.bridge_coefficients(float(s[0]), float(sp[0]), torch.float64), (c_xs[0], c_x0[0], tau[0])):
+        assert float(got) == float(want)
 
 
 def test_bridge_coefficients_keep_their_digits_for_short_steps():
