@@ -20,10 +20,22 @@ from stmd_fast.cli import Parser
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """--help states each option's default, as the package's commands do, unless its text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and default is not None and default is not False and default is not argparse.SUPPRESS \
+                and "default" not in text:  # by identity: a default of 0 (== False) is said too
+            text += " [default: %(default)s]"
+        return text
+
+
 def parser(script: str, doc: str) -> argparse.ArgumentParser:
     """The benchmarks' command line: stmd_fast.cli.Parser, so a bad flag ends in one line and no prefix of a
     flag stands for it (plain argparse took `--compile` for `--compile-only`)."""
-    return Parser(prog=f"bench/{script}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=f"bench/{script}", description=doc, formatter_class=HelpWithDefaults)
 
 
 def at_least(low: int):
@@ -250,10 +262,18 @@ class GpuTelemetry:
             print(f"note: no GPU telemetry ({err})")
             return self
 
+        # each reading on its own: a MIG slice or a vGPU answers NOT_SUPPORTED for some (utilisation), and
+        # one that fails must neither stop the other nor kill the thread
+        readings = ((self.power_w, lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3),
+                    (self.util_pct, lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+
         def sample():
             while not self._stop.is_set():
-                self.power_w.append(pynvml.nvmlDeviceGetPowerUsage(handle) / 1e3)
-                self.util_pct.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                for values, read in readings:
+                    try:
+                        values.append(read())
+                    except pynvml.NVMLError:
+                        pass
                 time.sleep(self.period_s)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -266,9 +286,9 @@ class GpuTelemetry:
             self._thread.join()
 
     def summary(self) -> dict:
-        if not self.power_w:
-            return {}
-        return {"power_w": round(median(self.power_w), 1), "gpu_util_pct": round(median(self.util_pct), 1)}
+        """The median of each reading that was sampled; none for one the GPU never answered."""
+        medians = {"power_w": self.power_w, "gpu_util_pct": self.util_pct}
+        return {name: round(median(values), 1) for name, values in medians.items() if values}
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -10,6 +10,11 @@ says whether the loader keeps up: needed = batch / step seconds.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
 import sys
 import time
@@ -42,12 +47,13 @@ SMOKE = {"workers": [0], "seconds": 1.0, "warmup": 1, "no_save": True}
 def build_parser():
     p = parser("data.py", __doc__)
     p.add_argument("shards", help="brace pattern of shards (as the trainer takes it) or the shard folder")
-    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--batch", type=at_least(1), default=256, help="samples per batch")
     p.add_argument("--workers", type=worker_counts, default="0,1,2,4", help="comma-separated DataLoader worker counts")
     p.add_argument("--seconds", type=positive, default=5.0, help="timed seconds per worker count")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed batches after the first")
     p.add_argument("--step-ms", type=positive, default=None, help="ms per training step: compare with its consumption")
-    p.add_argument("--shuffle-buffer", type=at_least(1), default=1000)
+    p.add_argument("--shuffle-buffer", type=at_least(1), default=1000, help="samples held for shuffling, as "
+                   "the trainer's stream holds them")
     p.add_argument("--device", default="auto", help="where batches go (cuda includes the pinned copy)")
     p.add_argument("--smoke", action="store_true", help="1 s with 0 workers on the given shards, not saved (CI; "
                    "it sets --workers, --seconds and --warmup itself)")
@@ -123,4 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

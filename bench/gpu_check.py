@@ -6,7 +6,8 @@ in order of value, each stage with its own time budget.
 
 Everything goes to OUT_DIR as it happens: gpu_check.log (every stage's output, streamed),
 results.jsonl (one JSON line per measured row, written by the benchmarks as they measure it,
-plus one per stage with its status, seconds and budget). A stage that fails or runs out of
+plus one per stage with its status, seconds and budget), warm.log (the background compiles) and
+train_check.metrics.jsonl (the trainer's log of its stage, copied as it grows). A stage that fails or runs out of
 its budget is logged and killed, and the next one runs. The final table lists the stages. Stopped
 (Ctrl-C, SIGTERM, SIGHUP), it kills the running stage and the background compiles before it exits.
 Nothing is written to bench/results/ (the GPU machine does not send it back).
@@ -171,9 +172,14 @@ def train_check(dry_run: bool) -> int:
     wider heads) in bf16 with the Triton kernels, eagerly (compiling it takes minutes), for
     TRAIN_CHECK_STEPS steps: its logged loss must stay finite and fall, and its checkpoint must load.
     Recorded as one row; the exit status says whether it passed."""
+    import shutil
     import tempfile
 
     steps = 8 if dry_run else TRAIN_CHECK_STEPS
+    results = os.environ.get("STMD_BENCH_JSONL")
+    # the trainer's metrics.jsonl, copied beside results.jsonl each second: a stage cut off by its budget (SIGKILL,
+    # no row) still leaves its steps. One file: the GPU machine sends back 8 files at most (and not a checkpoint)
+    kept = Path(results).parent / "train_check.metrics.jsonl" if results else None
     with tempfile.TemporaryDirectory() as tmp:
         data, run_dir = Path(tmp) / "digits32.npy", Path(tmp) / "run"
         digits_as_cifar(data)
@@ -183,7 +189,16 @@ def train_check(dry_run: bool) -> int:
         command += (["--unet", "S", "--batch-size", "8", "--device", "cpu"] if dry_run else
                     ["--unet", "L", "--batch-size", CIFAR_BATCH, "--precision", "bf16", "--kernels", "triton"])
         print(" ".join(command), flush=True)
-        rc = subprocess.run(command, cwd=ROOT).returncode
+        trainer = subprocess.Popen(command, cwd=ROOT)
+        while True:
+            try:
+                rc = trainer.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if kept is not None and (run_dir / "metrics.jsonl").exists():
+                shutil.copyfile(run_dir / "metrics.jsonl", kept)
+            if rc is not None:
+                break
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
             if (run_dir / "metrics.jsonl").exists() else []
         losses = [x["loss"] for x in logged if "loss" in x]
@@ -202,9 +217,8 @@ def train_check(dry_run: bool) -> int:
             row["checkpoint_finite"] = all(torch.isfinite(p).all().item() for p in model.net.parameters())
             row["passed"] = row["passed"] and row["checkpoint_finite"]
     print(json.dumps(row), flush=True)
-    path = os.environ.get("STMD_BENCH_JSONL")
-    if path:
-        with open(path, "a") as f:
+    if results:
+        with open(results, "a") as f:
             f.write(json.dumps({"benchmark": "train_check/cifar10", "row": row}) + "\n")
     return 0 if row["passed"] else 1
 
@@ -220,9 +234,10 @@ def start_warmers(warmers: list[Warmer], out: Path, dry_run: bool) -> dict:
             continue
         log.write(f"===== warmer {warmer.name}: {' '.join(command)}\n")
         log.flush()
-        # niced: the stages measure while the warmers compile, and must keep the CPU they need
-        running[warmer.name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                 start_new_session=True, preexec_fn=lambda: os.nice(10)),
+        # niced: the stages measure while the warmers compile, and must keep the CPU they need (nice(1), not a
+        # preexec_fn: Python code between fork and exec is unsafe in a process with threads, as CUDA's)
+        running[warmer.name] = (subprocess.Popen(["nice", "-n", "10", *command], cwd=ROOT, env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT, start_new_session=True),
                                 time.monotonic())
     return running
 

@@ -10,6 +10,11 @@ and 0.5 (the README's setting P). A "-" marks a kind of row the sampler drew non
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import sys
 from pathlib import Path
 
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s", type=diffusion_time, nargs="+", default=[0.01, 0.0625, 0.25, 0.5625, 1.0],
                    help="diffusion times in (0, 1] at which the error is measured")
     p.add_argument("--num", type=at_least(1), default=2048, help="training digits measured")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the digits drawn and their noise")
     args = p.parse_args(argv)
     model = load_checkpoint(args.run, device="cpu")
     if model.method != "stmd":
@@ -68,4 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

@@ -12,6 +12,11 @@ a target noisier than the residual would stall training.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import copy
 import sys
 from contextlib import nullcontext
@@ -45,8 +50,8 @@ def jvp_outputs(net, x0, noise, method: str, dtype: torch.dtype, autocast: bool)
 def main(argv=None) -> int:
     p = parser("precision.py", __doc__)
     p.add_argument("--ckpt", help="trained checkpoint (run dir or checkpoint dir) of stmd or meanflow")
-    p.add_argument("--batch", type=at_least(1), default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=at_least(1), default=256, help="samples in the measured batch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the batch, its noise and the untrained network")
     p.add_argument("--smoke", action="store_true", help="untrained digits network, batch 32, not saved (it sets "
                    "--batch and --no-save itself, and takes no --ckpt)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
@@ -95,4 +100,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

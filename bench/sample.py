@@ -13,6 +13,11 @@ cut short keeps what it measured). The Triton variant runs on CUDA only (skipped
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import sys
 import time
 from pathlib import Path
@@ -46,15 +51,15 @@ SMOKE = {"preset": "gmm", "batch": 32, "warmup": 1, "iters": 3, "device": "cpu",
 
 def build_parser():
     p = parser("sample.py", __doc__)
-    p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES))
-    p.add_argument("--method", default="stmd", choices=sorted(METHODS))
+    p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES), help="network and data shape")
+    p.add_argument("--method", default="stmd", choices=sorted(METHODS), help="the sampler timed")
     p.add_argument("--ckpt", default=None, help="time a trained checkpoint's EMA network instead")
-    p.add_argument("--batch", type=at_least(1), default=256)
+    p.add_argument("--batch", type=at_least(1), default=256, help="samples per call")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=at_least(1), default=3, help="untimed calls per setting, at least 1 (the first "
                    "compiles)")
     p.add_argument("--iters", type=at_least(1), default=10, help="timed calls per setting")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda when there is one, else cpu")
     p.add_argument("--sequential", action="store_true", help="time each setting right after its warm-up and record "
                    "its row at once (a run cut short keeps the rows measured before the cut), instead of "
                    "interleaving all settings call by call")
@@ -157,4 +162,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

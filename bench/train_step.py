@@ -30,6 +30,11 @@ is about 1 by design, p = 1).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
 import sys
 import time
@@ -78,7 +83,8 @@ SMOKE = {"preset": "gmm", "batch": 16, "warmup": 2, "iters": 3, "device": "cpu",
 def build_parser():
     p = parser("train_step.py", __doc__)
     p.add_argument("--preset", default="cifar10", choices=sorted(PRESET_DATA_SHAPES), help="network and data shape")
-    p.add_argument("--method", default="stmd", choices=sorted(METHODS))
+    p.add_argument("--method", default="stmd", choices=sorted(METHODS), help="the objective timed (beside "
+                   "plain flow matching)")
     p.add_argument("--batch", type=at_least(1), default=None, help="batch size [default: the preset's]")
     p.add_argument("--dit", default=None, metavar="NAME", help="a DiT of the registry (DiT-B/2, DiT-M/2, ...) "
                    "instead of the preset's network [default: the preset's]")
@@ -95,7 +101,7 @@ def build_parser():
     p.add_argument("--warmup", type=at_least(1), default=10, help="untimed steps, at least 1 (the first one "
                    "compiles; its time is reported as first_step_s)")
     p.add_argument("--iters", type=at_least(1), default=30, help="timed steps")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda when there is one, else cpu")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, fp32 matmuls "
                    "and convolutions in TF32, as the trainer's --tf32 (its default) and the official code")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
@@ -364,4 +370,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

@@ -422,8 +422,10 @@ def load_npy(path: str) -> TensorData:
 
     if array.ndim == 2:
         kind = "vector"
-    elif array.ndim == 4 and array.shape[-1] <= 4 < min(array.shape[1:3]):  # as (N, C, H, W): over 4 channels
-        # of images at most 4 pixels wide; as (N, H, W, C): gray, gray + alpha, RGB or RGBA images
+    elif array.ndim == 4 and array.shape[-1] <= 4 and (4 < min(array.shape[1:3])
+                                                       or array.shape[1] == array.shape[2] != array.shape[3]):
+        # as (N, C, H, W): over 4 channels of images at most 4 pixels wide, or tiny images that are not square;
+        # as (N, H, W, C): square gray, gray + alpha, RGB or RGBA images
         raise DataError(f"{path}: shape {array.shape} looks like (N, H, W, C) images, channels last as numpy and "
                         "PIL write them; the model takes (N, C, H, W): save x.transpose(0, 3, 1, 2)")
     elif array.ndim == 4:

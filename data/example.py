@@ -10,14 +10,20 @@ latents mean nothing, so latent samples look like noise. Nothing is downloaded.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..cli import Parser
+from ..cli import Parser, one_line_errors
 
 
 def synthetic_image(rng: np.random.Generator) -> Image.Image:
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for images/ and vae/")
     p.add_argument("--num", type=int, default=64, help="number of images [default: 64]")
-    p.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    p.add_argument("--seed", type=int, default=0, help="seeds the images and the VAE's weights [default: 0]")
     args = p.parse_args(argv)
     if args.num < 1:
         p.error(f"--num {args.num}: must be at least 1")
@@ -72,5 +78,14 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
+@one_line_errors()  # Ctrl-C, SIGTERM: "interrupted", exit 130 / 143, not a traceback from inside PIL
+def cli(argv: list[str] | None = None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    from stmd_fast.startup import imports_done
+
+    imports_done()
+    sys.exit(cli())

@@ -28,6 +28,11 @@ Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit function
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and triton import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
 import hashlib
 import json
@@ -40,7 +45,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..cli import Parser
+from ..cli import Parser, one_line_errors
 from .dispatch import interpret_mode
 from .launch import (ATTENTION_KERNELS, KB, PRECISIONS, SMEM_LIMITS, TARGETS, attention_config,
                      padded_head_dim, spill_budget)
@@ -217,6 +222,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@one_line_errors()  # Ctrl-C, SIGTERM: "interrupted", exit 130 / 143
 def main(argv=None) -> int:
     p = Parser(prog="python -m stmd_fast.kernels.compile_matrix", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,4 +251,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

@@ -309,11 +309,14 @@ def is_intact(ckpt: Path) -> bool:
         return False
 
 
-def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, list[str]]:
+NO_INTACT_FIX = "this run has nothing to load: give another run or checkpoint"
+
+
+def newest_intact(path: str | Path, finite: bool = False, fix: str = NO_INTACT_FIX) -> tuple[Path, dict, list[str]]:
     """(checkpoint, its metadata, why each newer one was passed over) for a run directory: the newest
     checkpoint that verifies (verify_checkpoint(ckpt, finite)), also when given as RUN/checkpoints; for
     a checkpoint directory: itself, verified. FileNotFoundError if there is no checkpoint, CheckpointError
-    if none is intact."""
+    if none is intact (ending in `fix`: what the caller's user can do)."""
     path = Path(path)
     if is_checkpoint_dir(path):
         return path, verify_checkpoint(path, finite), []  # named by the user: no fallback
@@ -337,7 +340,7 @@ def newest_intact(path: str | Path, finite: bool = False) -> tuple[Path, dict, l
         except CheckpointError as err:
             damaged.append(str(err))
     raise CheckpointError(f"none of the {len(candidates)} checkpoints in {path / 'checkpoints'} is intact "
-                          f"(newest: {damaged[0]})")
+                          f"(newest: {damaged[0]}): {fix}")
 
 
 def load_weights(ckpt: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

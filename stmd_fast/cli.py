@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -118,6 +119,9 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, prog: str, **kwargs):
         # no prefixes: argparse's default takes --compile for --compile-only, silently
         super().__init__(*args, prog=prog, allow_abbrev=kwargs.pop("allow_abbrev", False), **kwargs)
+        # a negative number in scientific notation (--lr -1e-3) is a value, as -0.001 is: argparse's own
+        # pattern knows only digits and a point, and took it for a flag ("expected one argument")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         from .distributed import from_env  # under torchrun every rank parses the same command line: rank 0

@@ -16,6 +16,11 @@ time: a start without a checkpoint is killed only after its first one, while it 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import json
 import random
 import shutil
@@ -212,4 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

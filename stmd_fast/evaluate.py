@@ -16,6 +16,11 @@ setting as it is measured: run the same command again after an interruption and 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
 import hashlib
 import io
@@ -1004,13 +1009,20 @@ def inverse(args) -> int:
 # ----------------------------------------------------------------------------- classifier
 
 def train_classifier_cmd(args) -> int:
-    from .classifier import REFERENCE_CLASSIFIERS, save_classifier, train_classifier
+    from .classifier import META, REFERENCE_CLASSIFIERS, WEIGHTS, save_classifier, train_classifier
 
     if args.preset not in FD_PRESETS:
         raise EvalError(f"the FD classifier is for {', '.join(FD_PRESETS)}; cifar10 uses Inception FID")
     check_data_dir(args.preset, args)
+    out = Path(args.out or f"runs/classifier-{args.preset}")
+    ours = (WEIGHTS, META, EVALUATE_LOCK, ".write-test")  # (the probe of a writable_dir that was killed)
+    others = sorted(entry.name for entry in out.iterdir() if entry.name not in ours
+                    and not entry.name.startswith(".tmp-")) if out.is_dir() else []
+    if others:  # a training run's folder, say: its --classifier files would sit among the run's
+        raise EvalError(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): "
+                        f"give a new or empty folder, or a classifier's own folder to replace it")
     train, test = (load_split(args.preset, split, args.data_dir, args.download) for split in ("train", "test"))
-    out = writable_dir(args.out or f"runs/classifier-{args.preset}")
+    out = writable_dir(out)
     device = resolve_device(args.device)
     model, accuracy = train_classifier(train, test, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                                        device=device)
@@ -1090,7 +1102,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="output directory")
         else:
             sp.add_argument("--out", help="output directory [default: runs/classifier-<preset>]")
-        sp.add_argument("--seed", type=int, default=0, help="[default: 0]")
+        sp.add_argument("--seed", type=int, default=0, help="seeds every random draw (noise, images, masks) [default: 0]")
         sp.add_argument("--batch-size", type=int, default=256,
                         help="images per network batch; the random draws follow the batches, so the same --seed "
                              "gives the same numbers at the same --batch-size (recorded with them) [default: 256]")
@@ -1119,7 +1131,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="cache of reference statistics [default: runs/reference-stats]")
 
     s = sub.add_parser("sweep", help="FD/FID against NFE for one or more checkpoints")
-    s.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    s.add_argument("checkpoints", nargs="+", metavar="CKPT", help="runs (their newest intact checkpoint) or "
+                   "checkpoints/step_* folders, of one dataset")
     s.add_argument("--num", type=int, default=10000, help="samples per setting [default: 10000]")
     # Flags that only some runs or options use (sweep's settings, --flow-steps, inverse's --mask) default to None,
     # their defaults applied where they are used: one given where it would be ignored is refused
@@ -1133,16 +1146,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
 
     k = sub.add_parser("kernel", help="gmm: energy distance / sliced W2 to the exact transition kernel")
-    k.add_argument("runs", nargs="+", metavar="RUN")
+    k.add_argument("runs", nargs="+", metavar="RUN", help="runs or checkpoints trained with --preset gmm")
     k.add_argument("--flow-steps", help="M values for STMD [default: 1,2]")
     k.add_argument("--points", type=int, default=8, help="conditioning states per (s_from, s_to) [default: 8]")
     k.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
     k.add_argument("--out", required=True, help="output directory")
-    k.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    k.add_argument("--seed", type=int, default=0, help="seeds the states and the draws [default: 0]")
 
     i = sub.add_parser("inpaint", help="FD, PSNR and diversity of completions of held-out images")
-    i.add_argument("checkpoint", metavar="CKPT")
-    i.add_argument("--mask", choices=("center", "pixels", "half"), default="center", help="[default: center]")
+    i.add_argument("checkpoint", metavar="CKPT", help="an image run (its newest intact checkpoint) or a checkpoint")
+    i.add_argument("--mask", choices=("center", "pixels", "half"), default="center",
+                   help="what is hidden: the center square, random pixels, or the right half [default: center]")
     i.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
     i.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")
@@ -1151,8 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(i)
 
     v = sub.add_parser("inverse", help="PSNR, FD, diversity and consistency of posterior samples for an operator")
-    v.add_argument("checkpoint", metavar="CKPT")
-    v.add_argument("--operator", choices=("sr4", "sr2", "gray", "inpaint"), required=True)
+    v.add_argument("checkpoint", metavar="CKPT", help="an image run (its newest intact checkpoint) or a checkpoint")
+    v.add_argument("--operator", choices=("sr4", "sr2", "gray", "inpaint"), required=True,
+                   help="the measurement: 4x or 2x average-pool downsampling, grayscale, or a mask")
     v.add_argument("--mask", choices=("center", "pixels", "half"),
                    help="with --operator inpaint [default: center]")
     v.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise; 0: DDNM [default: 0]")
@@ -1165,7 +1180,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(v)
 
     q = sub.add_parser("posterior", help="gmm: energy distance of SMC and DDNM+ posterior samples to the exact posterior")
-    q.add_argument("runs_dirs", nargs="+", metavar="RUN")
+    q.add_argument("runs_dirs", nargs="+", metavar="RUN", help="runs or checkpoints trained with --preset gmm")
     q.add_argument("--steps", default="1,2,4,8", help="N values [default: 1,2,4,8]")
     q.add_argument("--particles", default="1,4,16,64", help="SMC particle counts K [default: 1,4,16,64]")
     q.add_argument("--flow-steps", type=int, help="M for STMD / Mean Flow [default: 1]")
@@ -1175,11 +1190,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--observations", type=int, default=4, help="measurements y, each of a fresh x_0 [default: 4]")
     q.add_argument("--runs", type=int, default=1000, help="independent runs (draws) per y and cell [default: 1000]")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    q.add_argument("--seed", type=int, default=0, help="seeds the measurements and the draws [default: 0]")
 
     d = sub.add_parser("conditional", help="FD of draws of p(x_0 | x_s) at each diffusion time s, x_s from real "
                                            "training images: where a chain's error comes from")
-    d.add_argument("checkpoint", metavar="CKPT")
+    d.add_argument("checkpoint", metavar="CKPT", help="a run (its newest intact checkpoint) or a checkpoint")
     d.add_argument("--s", metavar="S,S,...", help="diffusion times, comma-separated [default: the points of the run's 4-step grid, "
                                "1,0.5625,0.25,0.0625 on the quadratic one]")
     d.add_argument("--flow-steps", help="M values for STMD [default: 1,2,4]")
@@ -1187,8 +1202,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
 
     c = sub.add_parser("train-classifier", help="train the FD feature classifier and report its test accuracy")
-    c.add_argument("--preset", choices=FD_PRESETS, required=True)
-    c.add_argument("--steps", type=int, default=2000, help="[default: 2000]")
+    c.add_argument("--preset", choices=FD_PRESETS, required=True, help="the dataset whose labels it learns")
+    c.add_argument("--steps", type=int, default=2000, help="training steps (AdamW, --batch-size images each) "
+                   "[default: 2000]")
     c.add_argument("--download", action="store_true", help="let torchvision download mnist")
     common(c, metric=False)
     return p
@@ -1239,4 +1255,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

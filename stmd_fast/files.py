@@ -145,6 +145,17 @@ def _holder(fd: int) -> str:
     return "a process"
 
 
+def file_identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None if there is none (also where a folder on its way is a file now).
+    A file this process holds open keeps its inode while it lives, so another file at the path (the folder deleted,
+    moved or made again) has another."""
+    try:
+        found = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return found.st_dev, found.st_ino
+
+
 @contextmanager
 def run_lock(run_dir: str | Path, name: str = LOCK_FILE, holder_kind: str = "another training run"):
     """One training process per run directory: flock(2) on RUN/.lock, held while the block runs.

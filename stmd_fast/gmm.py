@@ -6,6 +6,11 @@ data sources). Also here: the two sample-based distances used for that compariso
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import math
 
 import torch
@@ -302,12 +307,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="python -m stmd_fast.gmm", description=main.__doc__)
     p.add_argument("run", help="run or checkpoint directory of a model trained with --preset gmm")
-    p.add_argument("--s-from", type=float, default=0.5, help="[default: 0.5]")
-    p.add_argument("--s-to", type=float, default=0.1, help="[default: 0.1]")
+    p.add_argument("--s-from", type=float, default=0.5, help="the diffusion time the step starts from, in (0, 1] "
+                   "[default: 0.5]")
+    p.add_argument("--s-to", type=float, default=0.1, help="the time it ends at, in [0, --s-from) [default: 0.1]")
     p.add_argument("--flow-steps", type=int, default=1, help="M of the learned transition [default: 1]")
     p.add_argument("--points", type=int, default=8, help="conditioning states x_s [default: 8]")
     p.add_argument("--num", type=int, default=2000, help="draws per state [default: 2000]")
-    p.add_argument("--seed", type=int, default=0, help="[default: 0]")
+    p.add_argument("--seed", type=int, default=0, help="seeds the states and the draws [default: 0]")
     args = p.parse_args(argv)
     for flag, value, least in (("--flow-steps", args.flow_steps, 1), ("--points", args.points, 1), ("--num", args.num, 2)):
         if value < least:  # named by this command's flags (the library's checks speak of N, M and num)
@@ -325,4 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     raise SystemExit(main())

@@ -49,14 +49,17 @@ class IntervalSums:
         self.error += error
 
     def close(self, step: int, stop_requested: bool, world: int, batch_size: int, error_name: str, lr: float,
-              skipped: dict[str, int] | None = None, save_requested: bool = False, interval_end: bool = True):
-        """One collective: every rank's sums, first bad step, stop and save (--ckpt-minutes) requests and counts
-        of skipped damaged data (latent shards: summed over the ranks into the record). Returns (record, first
-        bad step or None, whether any rank asked to stop, whether any asked to save); interval_end (a --log-every
+              skipped: dict[str, int] | None = None, save_requested: bool = False, interval_end: bool = True,
+              folder_gone: bool = False):
+        """One collective: every rank's sums, first bad step, stop and save (--ckpt-minutes) requests, whether its run
+        folder is gone (rank 0's check) and counts of skipped damaged data (latent shards: summed over the ranks into
+        the record). Returns (record, first bad step or None, whether any rank asked to stop, whether any asked to
+        save, whether any found the folder gone); interval_end (a --log-every
         step) starts the next interval, otherwise (even at the last step: --steps may grow on --resume) the loss
         goes on averaging over this one."""
         skipped = skipped or {}
-        flags = torch.tensor([float(stop_requested), float(save_requested), *map(float, skipped.values())],
+        flags = torch.tensor([float(stop_requested), float(save_requested), float(folder_gone),
+                              *map(float, skipped.values())],
                              dtype=torch.float64, device=self.device)
         mine = torch.cat([torch.stack([self.loss.double(), self.error.double(), self.first_bad_step.double()]), flags])
         ranks = distributed.gather(mine).tolist()
@@ -68,14 +71,15 @@ class IntervalSums:
         if n:  # none at a record that is this process's first step: its time is start-up's (a first --compile)
             record.update(img_per_s=n * batch_size / dt, ms_per_step=1e3 * dt / n)
         record["elapsed_s"] = time.perf_counter() - self.t_start
-        record.update({name: int(sum(r[5 + i] for r in ranks)) for i, name in enumerate(skipped)})
+        record.update({name: int(sum(r[6 + i] for r in ranks)) for i, name in enumerate(skipped)})
         if interval_end:
             self.loss.zero_()
             self.error.zero_()
             self.window_start, loss, error = step, 0.0, 0.0
         self.closed = {"start": self.window_start, "loss": loss, "error": error}
         self.restart_clock(step)
-        return record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks)
+        return (record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks),
+                any(r[5] for r in ranks))
 
     def restart_clock(self, step: int) -> None:
         """The rates of the next record count from here: after a record's checkpoint, sample grid and FD, and after
@@ -139,6 +143,16 @@ class RunLog:
         if self.is_main:
             self.bar.write(message, file=file)
             (file or sys.stdout).flush()
+
+    def sync(self) -> None:
+        """metrics.jsonl onto the disk, before a checkpoint (fsynced) that counts on it: a resume keeps the records
+        up to its checkpoint's step, so after a power cut the ones before it must be there too."""
+        if self.is_main:
+            try:
+                os.fsync(self.metrics.fileno())
+            except OSError as err:
+                err.filename = err.filename or self.metrics.name
+                raise
 
     def record(self, record: dict) -> None:
         """Append one interval's record to metrics.jsonl and show it."""

@@ -14,6 +14,11 @@ latents: they go to .npy as they are, or to a .png decoded through --vae.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # a stop signal while torch and the rest import (seconds): one line, not a traceback
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing()
+
 import argparse
 import io
 import math
@@ -50,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=256, help="samples per network batch; with --exported, samples per noise "
         "draw (the program runs its own static batch). The noise is drawn batch by batch, so the samples of one "
         "--seed depend on it too [default: 256]")
-    add("--seed", type=int, default=0, help="[default: 0]")
+    add("--seed", type=int, default=0, help="seeds the noise (and SMC's resampling): the same seed, the same "
+        "samples at the same --batch-size [default: 0]")
     add("--grid", choices=TIME_GRIDS, help="diffusion time grid [default: the run's --sample-grid]")
-    add("--weights", choices=("ema", "model"), help="[default: ema]")
+    add("--weights", choices=("ema", "model"), help="the EMA weights (what samples use) or the raw trained ones "
+        "[default: ema]")
     add("--ema", type=float, metavar="DECAY", help="which EMA, by its decay: a run keeps --ema-decay and each of "
         "--ema-decays [default: --ema-decay's]")
     add("--vae", help="a latent model's VAE (folder or hub id) for a .png --out: with --exported, the one that "
@@ -450,4 +457,7 @@ def draw(model, args, steps: int, observed, mask, operator, y) -> torch.Tensor:
 
 
 if __name__ == "__main__":
+    from stmd_fast.startup import imports_done
+
+    imports_done()
     sys.exit(main())

@@ -14,14 +14,6 @@ import signal
 import sys
 
 
-def _interrupted_at_import(signum, frame):
-    try:  # after a hang-up the terminal may be gone
-        sys.stderr.write("interrupted during start-up, before the first step; no checkpoint was written\n")
-    except OSError:
-        pass
-    os._exit(128 + signum)  # the shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
-
-
 def _stop_with_the_agent() -> None:
     """Under torchrun: a SIGTERM to this worker when its agent, the parent process, dies, even by SIGKILL
     (which forwards nothing), so that the worker stops as on torchrun's own SIGTERM, with a checkpoint a step
@@ -46,22 +38,21 @@ def _stop_with_the_agent() -> None:
         agent_died(signal.SIGUSR2, None)  # the agent died in between: the signal it can no longer send
 
 
-IMPORT_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 if __name__ == "__main__":  # a Ctrl-C, SIGTERM or hang-up while torch and the rest import (seconds): one line
-    for _signum in IMPORT_STOP_SIGNALS:
-        if signal.getsignal(_signum) != signal.SIG_IGN:  # one ignored from the start stays so: nohup's SIGHUP
-            signal.signal(_signum, _interrupted_at_import)
+    from stmd_fast.startup import stop_quietly_while_importing
+
+    stop_quietly_while_importing("interrupted during start-up, before the first step; no checkpoint was written")
     _stop_with_the_agent()
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
 import glob
 import hashlib
+import io
 import json
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext, redirect_stderr
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -80,7 +71,8 @@ from .devices import out_of_memory, resolve_device, use_tf32
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
                      make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
-from .files import LOCK_FILE, RunLocked, WriteFailed, remove_stale_temps, run_lock, temp_sibling, write_fix
+from .files import (LOCK_FILE, RunLocked, WriteFailed, file_identity, remove_stale_temps, run_lock, temp_sibling,
+                    write_fix)
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -88,6 +80,7 @@ from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
+from .startup import imports_done
 from .training_state import TrainingState
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
@@ -191,7 +184,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         return cfg, False
     refuse_a_file_as_out(Path(cfg.out))  # not "cannot read FILE/config.json"
     try:
-        ckpt, meta, _ = newest_intact(cfg.out, finite=True)
+        ckpt, meta, _ = newest_intact(cfg.out, finite=True, fix=nothing_to_resume(cfg.out))
     except FileNotFoundError:
         refuse_if_live(cfg.out)  # a live run before its first checkpoint: say so, not "no checkpoint"
         raise UserError(f"--resume: no checkpoint in {cfg.out}: give the run's --out, or drop --resume to start") \
@@ -200,8 +193,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
         raise UserError(f"--resume: {err}") from None
     except CheckpointError as err:
         refuse_if_live(cfg.out)
-        raise UserError(f"--resume: {err}: nothing to resume from; move {Path(cfg.out) / 'checkpoints'} aside "
-                        f"to start this run over, or choose a new --out") from None
+        raise UserError(f"--resume: {err}") from None
     try:  # intact, but a field or value this code does not take (another stmd_fast version, an edit): said now
         saved_config(ckpt, meta)
     except CheckpointError as err:
@@ -289,7 +281,10 @@ def unread_flags(cfg: TrainConfig) -> dict[str, str]:
         why["sample_steps"] = "DDPM's sample grids take --sample-ddpm-steps"
     else:
         why["sample_ddpm_steps"] = "only DDPM's sample grids read it"
-    if not image_folder:
+    # a --data that is not there gets its own error next, and may well have been meant as a folder
+    missing = cfg.preset not in LATENT_RESOLUTION and cfg.data is not None and not glob.has_magic(cfg.data) \
+        and not Path(cfg.data).exists()  # (latent shards may be a brace pattern, which glob does not know)
+    if not image_folder and not missing:
         why["resolution"] = "it sizes an image folder (--data DIR); this run's data have their own size"
     if cfg.preset not in LATENT_RESOLUTION:
         why["vae"] = "it is for the latent presets (--preset latent or celeba-latent)"
@@ -417,18 +412,21 @@ def load_training_data(cfg: TrainConfig, ctx: distributed.Dist = distributed.Dis
     if cfg.flip and latent:
         raise UserError("--flip mirrors pixel images; latents are encoded images: mirror them when encoding "
                         "(python -m stmd_fast.data.encode --flip) and drop --flip here")
+    # every rank reads the data, rank 0 says its notes (a file left out, floats in [0, 1]): not once per process
+    quiet = nullcontext() if ctx.is_main else redirect_stderr(io.StringIO())
     try:
-        if latent:
-            from .data.latents import LatentShards
-            return LatentShards(cfg.data, expect_vae=cfg.vae, expect_resolution=LATENT_RESOLUTION[cfg.preset],
-                                num_workers=cfg.data_workers, seed=cfg.seed, rank=ctx.rank,
-                                world_size=ctx.world_size, strict=cfg.strict_data)
-        if cfg.data is not None and Path(cfg.data).expanduser().is_dir():
-            from .data.images import load_image_folder
-            return with_flip(load_image_folder(cfg.data, cfg.resolution), cfg.flip)
-        if cfg.data is not None:
-            return with_flip(load_npy(cfg.data), cfg.flip)
-        return with_flip(load_preset(cfg.preset, "train", cfg.data_dir, cfg.download), cfg.flip)
+        with quiet:
+            if latent:
+                from .data.latents import LatentShards
+                return LatentShards(cfg.data, expect_vae=cfg.vae, expect_resolution=LATENT_RESOLUTION[cfg.preset],
+                                    num_workers=cfg.data_workers, seed=cfg.seed, rank=ctx.rank,
+                                    world_size=ctx.world_size, strict=cfg.strict_data)
+            if cfg.data is not None and Path(cfg.data).expanduser().is_dir():
+                from .data.images import load_image_folder
+                return with_flip(load_image_folder(cfg.data, cfg.resolution), cfg.flip)
+            if cfg.data is not None:
+                return with_flip(load_npy(cfg.data), cfg.flip)
+            return with_flip(load_preset(cfg.preset, "train", cfg.data_dir, cfg.download), cfg.flip)
     except DataError as err:
         raise UserError(str(err)) from None
 
@@ -445,12 +443,13 @@ def with_flip(data, flip: bool):
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "wandb")  # what a run writes in below its --out
 
 
-def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> None:
+def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> tuple[int, int] | None:
     """Create --out and check it is writable; take its lock into `held` (one live run per directory);
     refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone makes, probes and
     locks it under torchrun (its ranks are one run; the others use it only after the rendezvous, which
     waits for rank 0). A run that ends before writing anything into a folder it created (bad data, say)
-    removes that folder again, and the parents it created."""
+    removes that folder again, and the parents it created. Returns the identity of the lock file held (rank 0;
+    None elsewhere): run_folder_gone compares it as the run goes."""
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     refuse_a_file_as_out(out)
     if main:
@@ -462,12 +461,13 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
                 probe_file.write_text("ok")
                 probe_file.unlink()
             except OSError as err:
-                fix = ("make it writable (permissions, a read-only mount), then --resume again" if resume else
-                       "choose a writable directory")
                 where = f"--out {out}" if folder == out else str(folder)
+                # the fix names the folder that failed (a run's checkpoints/ made read-only, say), not --out alone
+                fix = write_fix(err, "make it writable (permissions, a read-only mount)").replace("--out", where) + (
+                    ", then --resume again" if resume else ", or choose another --out")
                 raise UserError(f"cannot write to {where}: {err.strerror or err}: {fix}") from None
         try:
-            held.enter_context(run_lock(out))
+            lock = held.enter_context(run_lock(out))
         except RunLocked as err:
             raise UserError(str(err)) from None
         if created:
@@ -480,6 +480,26 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
             raise UserError(f"{out} holds only damaged checkpoints: move {out / 'checkpoints'} aside to start this "
                             f"run over, or choose a new --out")
         raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out")
+    return file_identity(lock) if main else None
+
+
+def nothing_to_resume(out) -> str:
+    """What --resume's user can do when none of the run's checkpoints is intact."""
+    return (f"nothing to resume from; move {Path(out) / 'checkpoints'} aside to start this run over, or choose a "
+            f"new --out")
+
+
+def run_folder_gone(run: Run) -> bool:
+    """Whether the run folder is no longer the one this process locked (rank 0; False elsewhere): deleted (the next
+    write would make it again, without its config.json or the metrics so far, and with no lock: a new run there
+    wrote beside this one, which then rotated its checkpoints away), moved, or replaced. A file system that cannot
+    say now (an I/O error, a stale NFS handle of a folder still there) is asked again at the next record."""
+    if run.lock is None:
+        return False
+    try:
+        return file_identity(run.out / LOCK_FILE) != run.lock
+    except OSError:
+        return False
 
 
 def remove_if_unused(created: list[Path]) -> None:
@@ -525,6 +545,7 @@ class Run:
     strategy: Single
     decode: object = None  # latent data: the VAE decoder for sample grids (rank 0)
     fd: object = None  # --fd-every: the TrainingFD that measures the EMAs (rank 0)
+    lock: tuple | None = None  # the identity of the run folder's lock file this process holds (rank 0)
     argv: list = field(default_factory=list)  # the command line's arguments, for config.json's "starts"
 
 
@@ -552,7 +573,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     if device.type == "cuda":  # --tf32 is about fp32 math: under bf16 autocast the matmuls are bf16 anyway
         use_tf32(cfg.tf32 and cfg.precision == "fp32")
     out = Path(cfg.out)
-    prepare_run_dir(out, resume, held, main=ctx.is_main)
+    lock = prepare_run_dir(out, resume, held, main=ctx.is_main)
     try:
         data = load_training_data(cfg, ctx)
     except UserError:
@@ -602,7 +623,8 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
             fd = TrainingFD(cfg, meta, data, device, *METHODS[cfg.method].grid_steps(cfg), decode)
         except ValueError as err:
             raise UserError(str(err)) from None
-    run = Run(out, device, data, net, meta, parallel.choose(ctx, cfg.parallel, cfg.batch_size, data), decode, fd)
+    run = Run(out, device, data, net, meta, parallel.choose(ctx, cfg.parallel, cfg.batch_size, data), decode, fd,
+              lock=lock)
     if ctx.is_main:
         print_summary(cfg, run)
     return run
@@ -683,7 +705,7 @@ def start_state(cfg: TrainConfig, run: Run, resume: bool) -> TrainingState:
     if resume and ctx.is_main:  # under the run's lock
         recover_leftovers(run.out)  # what a kill during a save or rotation left
         try:
-            ckpt, _, passed_over = newest_intact(run.out, finite=True)
+            ckpt, _, passed_over = newest_intact(run.out, finite=True, fix=nothing_to_resume(run.out))
         except CheckpointError as err:  # damaged since resolve_config looked
             raise UserError(f"--resume: {err}") from None
         damaged = [c for c in list_checkpoints(run.out) if c.name > ckpt.name]
@@ -778,7 +800,10 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
         train_step = with_checks(train_step, cfg, run, state)
         t_start, first_step = time.perf_counter(), state.step
         loggers = open_run_loggers(cfg, run, state.step)
-        when = "after the next step (the processes agree on it)" if ctx.distributed else "after this step"
+        # under torchrun the SIGTERM may come from torchrun itself because another process died: then no step
+        # finishes, and the checkpoint is the last one written (said when the collective fails)
+        when = ("after the next step, with a checkpoint if every process gets there (they agree on it)"
+                if ctx.distributed else "after this step, with a checkpoint")
         with StopRequest(quit_before_first_step=not ctx.distributed, when=when) as stop, dispatch.backend(cfg.kernels), \
                 RunLog(run.out, cfg.steps, state.step, ctx.is_main, loggers) as log:
             try:
@@ -852,10 +877,14 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if not (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or sample_due or fd_due or step == cfg.steps
                 or stop_agreed or save_agreed):
             continue
-        record, bad_step, stopping, save_due = sums.close(step, stop.requested, strategy.world, cfg.batch_size,
-                                                          METHODS[cfg.method].error_name, lr,
-                                                          skipped_counts(state.data), save_agreed,
-                                                          interval_end=step % cfg.log_every == 0)
+        record, bad_step, stopping, save_due, folder_gone = sums.close(
+            step, stop.requested, strategy.world, cfg.batch_size, METHODS[cfg.method].error_name, lr,
+            skipped_counts(state.data), save_agreed, interval_end=step % cfg.log_every == 0,
+            folder_gone=run_folder_gone(run))  # rank 0 holds the lock; every rank stops on it, before any write
+        if folder_gone:
+            raise UserError(f"the run folder {run.out} was deleted, moved or replaced while this run trained (its "
+                            f"{LOCK_FILE} is not the one this run holds): stopped at step {step}, nothing more "
+                            f"written there. If you moved it, continue from its new place: --out NEW_PLACE --resume")
         if bad_step is not None:
             where = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"the loss became non-finite at step {bad_step}; stopped, {where}. "
@@ -867,6 +896,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         at_end = step == cfg.steps or stopping
         if step % cfg.ckpt_every == 0 or at_end or save_due:
             state.log_window = sums.open_window()
+            log.sync()
             try:
                 last_good = state.save(run.out, run.meta, cfg.keep_checkpoints, strategy)
                 last_save, save_voted, stale_save_vote = time.monotonic(), False, vote.lagged
@@ -887,7 +917,7 @@ def loop(cfg: TrainConfig, run: Run, state: TrainingState, train_step, log: RunL
         if sample_due or at_end:  # after the checkpoint: a grid that cannot be drawn or written costs no work
             log.samples(strategy.for_sampling(state.ema.module), cfg, state.data, run.device, step, run.decode)
         sums.restart_clock(step)  # the checkpoint, grid and FD are not training: the next rates leave them out
-        if stopping:
+        if stopping and step < cfg.steps:  # a stop in the last step: the run is done, and says so (exit 0)
             vote.close()
             by = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
             log.write(f"stopped by {by} at step {step}; checkpoint {last_good}; "
@@ -1002,7 +1032,7 @@ class StopRequest:
     where the ranks agree on stopping a step later: distributed.StopVote).
     A context manager: the previous handlers come back on the way out."""
 
-    def __init__(self, quit_before_first_step: bool = False, when: str = "after this step"):
+    def __init__(self, quit_before_first_step: bool = False, when: str = "after this step, with a checkpoint"):
         self.signal, self.started, self.when = None, not quit_before_first_step, when
 
     @property
@@ -1023,8 +1053,8 @@ class StopRequest:
             raise Interrupted(signum)
         if self.signal is None and distributed.from_env().is_main:  # said at once (a step may take a while), once
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{name}: stopping {self.when}, with a "
-                             f"checkpoint; a second {name} quits at once, without one\n")  # a newline ends the bar
+            sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{name}: stopping {self.when}; "
+                             f"a second {name} quits at once, without one\n")  # a newline ends the bar
         self.signal = self.signal or signum
         signal.signal(signum, signal.SIG_DFL)
 
@@ -1156,11 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # the imports are done: the import-time line would be false now, also after main (whose error handling,
     # one_line_errors, brings back the handlers it found: a rank's error waits, and torchrun sends SIGTERM)
-    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    for _signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(_signum) != signal.SIG_IGN:
-            signal.signal(_signum, signal.SIG_DFL)
+    imports_done()
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
     sys.exit(code)

@@ -483,3 +483,27 @@ def test_a_large_network_timed_on_a_cpu_is_said_to_take_long_before_it_starts(ca
     with pytest.raises(Started):
         train_step.main(["--preset", "digits", "--device", "cpu", "--no-save"])
     assert "note:" not in capsys.readouterr().err
+
+
+def test_gpu_telemetry_keeps_the_readings_a_gpu_answers(monkeypatch):
+    """A MIG slice answers NOT_SUPPORTED for utilisation: the sampling thread died after one power reading and
+    summary() took the median of no utilisation, so the benchmark lost the row it had just measured."""
+    import time
+    import types
+
+    import common
+
+    class NVMLError(Exception):
+        pass
+
+    def not_supported(handle):
+        raise NVMLError("Not Supported")
+
+    fake = types.SimpleNamespace(NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetUtilizationRates=not_supported,
+                                 nvmlDeviceGetPowerUsage=lambda handle: 250_000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(common, "nvml_handle", lambda pynvml, device: "handle")
+    with common.GpuTelemetry(torch.device("cuda"), period_s=0.001) as telemetry:
+        time.sleep(0.05)
+    assert len(telemetry.power_w) > 1 and telemetry.util_pct == []
+    assert telemetry.summary() == {"power_w": 250.0}

@@ -130,6 +130,15 @@ def test_unknown_choice_exits_2_listing_the_choices(capsys, tmp_path, flag, valu
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value, said", [("-1e-3", "got -0.001"), ("-.5E+2", "got -50.0")])
+def test_a_negative_number_in_scientific_notation_is_a_value_not_a_flag(capsys, tmp_path, value, said):
+    """argparse took --lr -1e-3 for a flag ("expected one argument") while --lr -0.001 got the range check."""
+    assert train("--lr", value, "--out", tmp_path / "run") == 2  # the old code raised SystemExit from argparse
+    err = capsys.readouterr().err
+    assert "--lr" in err and said in err and "expected one argument" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sampler_flags_reach_the_run_config(tmp_path):
     """Every time-sampler flag lands in the run's objective (what draw_noise reads), the rest keep the preset's."""
     run = tmp_path / "run"
@@ -166,6 +175,13 @@ def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_pa
     err = capsys.readouterr().err
     noted = set(re.findall(r"note: (--[\w-]+) has no effect on this run", err))
     assert noted == {str(a) for a in unused if str(a).startswith("--")}
+
+
+def test_a_missing_data_folder_is_the_one_line_not_a_note_that_resolution_needs_one(capsys, tmp_path):
+    """--resolution 32 --data MISSING said first that --resolution "sizes an image folder (--data DIR)" and has no
+    effect: the user had given --data DIR, misspelt."""
+    assert train("--resolution", 32, "--data", tmp_path / "imgs", "--out", tmp_path / "run") == 2
+    assert_one_line_error(capsys, f"--data {tmp_path / 'imgs'}: no such file or folder")
 
 
 @pytest.mark.parametrize("method, noted", [("stmd", True), ("meanflow", True), ("ddpm", False)])
@@ -296,6 +312,19 @@ def gmm_copy(gmm_run, tmp_path) -> Path:
     return run
 
 
+def test_a_full_disk_at_start_up_says_free_space_not_permissions(capsys, gmm_copy, monkeypatch):
+    """ENOSPC when --out was probed was blamed on permissions ("make it writable ..., a read-only mount")."""
+    import errno
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    assert train(*GMM, "--out", gmm_copy, "--resume") == 2
+    line = assert_one_line_error(capsys, "No space left on device: free space, then --resume again")
+    assert "permissions" not in line
+
+
 def test_out_with_checkpoints_needs_resume(capsys, gmm_copy):
     before = (gmm_copy / "metrics.jsonl").read_text()
     assert train(*GMM, "--steps", 5, "--out", gmm_copy) == 2
@@ -385,6 +414,21 @@ def test_sample_vectors_to_png_is_refused(capsys, gmm_run, tmp_path):
     assert sample(gmm_run, "--out", out, "--num", 10) == 2
     assert_one_line_error(capsys, "vectors", ".npy")
     assert not out.exists()
+
+
+def test_a_run_with_no_intact_checkpoint_says_what_to_do(capsys, gmm_copy, tmp_path):
+    """evaluate, sample and export named the damaged checkpoint but no way on (train --resume named one)."""
+    from stmd_fast.evaluate import main as evaluate_main
+    from stmd_fast.export import main as export_main
+
+    for entry in (gmm_copy / "checkpoints" / "step_00000003").iterdir():
+        entry.unlink()  # a checkpoint begun and never written: a half-made run
+    assert sample(gmm_copy, "--out", tmp_path / "x.npy") == 2
+    assert_one_line_error(capsys, "none of the 1 checkpoints", "give another run or checkpoint")
+    assert export_main([str(gmm_copy), "--out", str(tmp_path / "x.pt2"), "--device", "cpu"]) == 2
+    assert_one_line_error(capsys, "none of the 1 checkpoints", "give another run or checkpoint")
+    assert evaluate_main(["sweep", str(gmm_copy), "--num", "2", "--out", str(tmp_path / "eval")]) == 2
+    assert_one_line_error(capsys, "none of the 1 checkpoints", "give another run or checkpoint")
 
 
 def test_sample_missing_checkpoint_is_refused(capsys, tmp_path):
@@ -1456,15 +1500,94 @@ def test_a_run_folder_made_unwritable_is_told_to_be_made_writable_on_resume(caps
     monkeypatch.setattr(Path, "write_text", read_only)
     assert train("--out", run, "--resume", "--steps", 2) == 2
     line = assert_one_line_error(capsys, f"cannot write to --out {run}: Operation not permitted")
-    assert "make it writable (permissions, a read-only mount), then --resume again" in line
+    assert f"make --out {run} writable (permissions), then --resume again" in line
     read_only_folders.add(tmp_path / "other")
     assert train(*GMM, "--steps", 1, "--out", tmp_path / "other") == 2
-    assert "choose a writable directory" in assert_one_line_error(capsys, "cannot write to --out")
+    assert "or choose another --out" in assert_one_line_error(capsys, "cannot write to --out")
     # the run's own folders too: a read-only checkpoints/ was found at the first save, an interval later
     read_only_folders.clear()
     for name in ("checkpoints", "samples"):
         read_only_folders.add(run / name)
         assert train("--out", run, "--resume", "--steps", 2) == 2
         line = assert_one_line_error(capsys, f"cannot write to {run / name}: Operation not permitted")
-        assert "then --resume again" in line
+        assert f"make {run / name} writable (permissions), then --resume again" in line
         read_only_folders.clear()
+
+
+STOP_AT_TORCHS_IMPORT = """
+import os, runpy, signal, sys
+class StopAtTorch:  # a Ctrl-C just as torch starts to import: no waiting on the clock
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, StopAtTorch())
+command, sys.argv = sys.argv[1], [sys.argv[1], "--help"]
+if command.endswith(".py"):
+    runpy.run_path(command, run_name="__main__")
+else:
+    runpy.run_module(command, run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("command", ["stmd_fast.train", "stmd_fast.sample", "stmd_fast.evaluate", "stmd_fast.export",
+                                     "stmd_fast.gmm", "stmd_fast.crashtest", "stmd_fast.data.encode",
+                                     "stmd_fast.data.example", "stmd_fast.kernels.compile_matrix",
+                                     *(f"bench/{name}.py" for name in
+                                     ("data", "kernels", "loss_per_s", "precision", "sample", "train_step"))])
+def test_ctrl_c_while_a_command_imports_is_one_line(command):
+    """Seconds of imports (torch) came before any handler: a Ctrl-C there printed a traceback from inside torch."""
+    proc = subprocess.run([sys.executable, "-c", STOP_AT_TORCHS_IMPORT, command], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("interrupted") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_commands_help_describes_each_argument_and_its_default(monkeypatch):
+    """--seed's help was "[default: 0]" alone, the positional CKPT of six evaluate commands had none, and the
+    benchmarks' --batch, --device, --warmup ... showed no default."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    parsers = []
+
+    class Parsed(Exception):
+        pass
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    commands = [("stmd_fast.train", "main"), ("stmd_fast.sample", "main"), ("stmd_fast.export", "main"),
+                ("stmd_fast.evaluate", "main"), ("stmd_fast.gmm", "main"), ("stmd_fast.crashtest", "main"),
+                ("stmd_fast.data.encode", "cli"), ("stmd_fast.data.example", "cli"),
+                ("stmd_fast.kernels.compile_matrix", "main"),
+                *((name, "main") for name in ("data", "kernels", "loss_per_s", "precision", "sample", "train_step"))]
+    for module, entry in commands:
+        before = len(parsers)
+        with pytest.raises(Parsed):
+            command = getattr(importlib.import_module(module), entry)
+            getattr(command, "__wrapped__", command)([])  # without one_line_errors: the exception passes
+        assert len(parsers) == before + 1, module
+
+    def with_subcommands(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from with_subcommands(sub)
+
+    undescribed = []
+    for parser in (sub for top in parsers for sub in with_subcommands(top)):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+                continue
+            text = parser._get_formatter()._get_help_string(action) or ""
+            name = f"{parser.prog} {max(action.option_strings, key=len) if action.option_strings else action.dest}"
+            if not text.strip() or text.strip().startswith("[default"):
+                undescribed.append(f"{name}: no description")
+            if action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS \
+                    and "default" not in text.lower():  # by identity: 0 == False
+                undescribed.append(f"{name}: its default {action.default!r} is not said")
+    assert not undescribed, "\n".join(undescribed)

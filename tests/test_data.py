@@ -516,9 +516,11 @@ def test_a_file_of_ones_own_beside_a_datasets_files_is_not_taken_for_one_of_them
             load_npy(str(tmp_path / folder / theirs))
 
 
-@pytest.mark.parametrize("shape", [(4, 16, 16, 2), (4, 6, 6, 3), (4, 8, 8, 1), (4, 32, 32, 4)])
+@pytest.mark.parametrize("shape", [(4, 16, 16, 2), (4, 6, 6, 3), (4, 8, 8, 1), (4, 32, 32, 4), (4, 4, 4, 3),
+                                   (4, 2, 2, 1)])
 def test_channels_last_images_of_any_channel_count_are_refused(tmp_path, shape):
-    """(N, 16, 16, 2), gray + alpha channels last, trained as 16-channel 16 x 2 images, without a word."""
+    """(N, 16, 16, 2), gray + alpha channels last, trained as 16-channel 16 x 2 images, without a word; 4 x 4 RGB
+    images as 4-channel 4 x 3 ones."""
     np.save(tmp_path / "hwc.npy", np.zeros(shape, np.uint8))
     with pytest.raises(DataError, match=r"\(N, H, W, C\).*x\.transpose\(0, 3, 1, 2\)"):
         load_npy(str(tmp_path / "hwc.npy"))

@@ -435,6 +435,37 @@ def test_sigterm_under_torchrun_stops_within_a_step_with_a_checkpoint(runs):
     stmd_fast.load_checkpoint(run / "checkpoints" / ckpts[0])
 
 
+@pytest.mark.slow
+def test_a_run_folder_deleted_under_torchrun_stops_every_rank_with_one_line(runs):
+    """Rank 0 alone holds the lock and saw the folder go; the other rank then said "another process is gone" and
+    named a checkpoint of the folder's new contents. The check is in the interval's collective: all stop on it."""
+    import shutil
+    import signal
+    import time
+
+    run = runs / "deleted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "stmd_fast.train", *map(str, [*GMM, "--steps", 10**6, "--log-every", 2, "--ckpt-every", 10**6]),
+           "--out", str(run)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STMD_FAST_", "TORCHELASTIC_"))}
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "2 processes (ddp)" in line:
+                break
+        time.sleep(3)
+        shutil.rmtree(run)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rest.count(f"the run folder {run} was deleted, moved or replaced") == 1, rest[-3000:]
+    assert "another process of this torchrun job is gone" not in rest, rest[-3000:]
+    assert "[rank0]: Traceback" not in rest and "[rank1]: Traceback" not in rest, rest[-3000:]  # (torchrun's own stays)
+    assert not run.exists()  # nothing made again there
+
+
 def processes(ppid: int | None = None, among=None) -> list[int]:
     """Running processes (an orphan's zombie, which a container's init may never reap, is not running): the
     children of `ppid`, or those of `among` still running."""

@@ -140,6 +140,19 @@ def test_results_name_the_features_their_fd_is_on(runs, tmp_path):
     assert fingerprints[0] != fingerprints[1]
 
 
+def test_train_classifier_replaces_a_classifier_but_keeps_out_of_other_folders(tmp_path, capsys):
+    """--out a training run's folder: the classifier's files were written among the run's, without a word."""
+    assert evaluate(["train-classifier", "--preset", "digits", "--steps", "1", "--out", str(tmp_path / "clf")]) == 0
+    assert evaluate(["train-classifier", "--preset", "digits", "--steps", "2", "--out", str(tmp_path / "clf")]) == 0
+    assert load_classifier(tmp_path / "clf")[1]["steps"] == 2  # a classifier's own folder: replaced
+    capsys.readouterr()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    assert evaluate(["train-classifier", "--preset", "digits", "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "holds other files (checkpoints, config.json)", "new or empty folder")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.json"]
+
+
 def test_train_classifier_records_where_it_was_trained(tmp_path, capsys):
     assert evaluate(["train-classifier", "--preset", "digits", "--steps", "2", "--out", str(tmp_path / "clf")]) == 0
     _, meta = load_classifier(tmp_path / "clf")

@@ -114,6 +114,12 @@ def test_dry_run_passes_every_stage(tmp_path):
             "train_check/cifar10"} <= benchmarks, benchmarks
     check = next(x["row"] for x in rows if x["benchmark"] == "train_check/cifar10")
     assert check["passed"] and check["loss_last"] < check["loss_first"]
+    # the trainer's own log is kept in OUT_DIR (a stage cut off by its budget writes no row), its run folder is not:
+    # the GPU machine sends back 8 files at most
+    logged = (tmp_path / "train_check.metrics.jsonl").read_text().splitlines()
+    assert sum("loss" in json.loads(x) for x in logged) == check["steps"]
+    kept = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert kept == ["gpu_check.log", "results.jsonl", "train_check.metrics.jsonl", "warm.log"], kept
     env = next(x["row"] for x in rows if x["benchmark"] == "environment")
     assert env["torch"] and env["commit"]
     assert all(r["row"]["ms_per_step"] > 0 for r in rows if r["benchmark"].startswith("train_step"))

@@ -20,6 +20,14 @@ def triton_backend():
         yield
 
 
+@pytest.fixture
+def on_device():
+    """Tensors made without a device argument land on DEVICE. On a GPU Triton's interpreter is off (conftest), so
+    a CPU tensor under the triton backend is refused there: the test must hand the kernel what it would get."""
+    with torch.device(DEVICE):
+        yield
+
+
 # --- fused time embedding ---------------------------------------------------------------
 
 @pytest.mark.parametrize("batch,k,freqs", [(1, 1, 2), (5, 3, 64), (33, 2, 10), (7, 3, 130)])
@@ -229,7 +237,7 @@ def test_fp_fusion_stays_as_the_kernels_were_checked_with_unless_the_user_sets_i
 
 # --- what the kernels cannot do is said, never a silently wrong number (fourteenth round of probes) --------
 
-def test_custom_ops_fakes_match_the_real_outputs_strides(triton_backend):
+def test_custom_ops_fakes_match_the_real_outputs_strides(triton_backend, on_device):
     """The fakes of meanflow_loss and time_features_backward kept a non-contiguous input's strides while the
     ops return contiguous tensors, so torch.compile failed ("expected ... stride") on a permuted u or times."""
     from stmd_fast.kernels import meanflow_loss as loss_module
@@ -253,7 +261,7 @@ def test_custom_ops_fakes_match_the_real_outputs_strides(triton_backend):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's fallback loop over the dual op
-def test_a_jvp_of_a_jvp_through_a_kernel_is_refused_not_zero(triton_backend):
+def test_a_jvp_of_a_jvp_through_a_kernel_is_refused_not_zero(triton_backend, on_device):
     """The kernels compute one tangent: under nested jvp the outer one came back as exactly zero."""
     from stmd_fast.kernels.attention import attention
 
@@ -284,7 +292,7 @@ def test_a_jvp_of_a_jvp_through_a_kernel_is_refused_not_zero(triton_backend):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend):
+def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend, on_device):
     """create_graph=True got the saved first derivative as a constant: d^2 loss / du^2 silently lost."""
     u, dudt, v, h = torch.randn(2, 6, requires_grad=True), torch.randn(2, 6), torch.randn(2, 6), torch.rand(2)
     loss, _ = meanflow_loss(u, dudt, v, h, 1e-3, 0.0)
@@ -296,7 +304,7 @@ def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend):
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_meanflow_loss_kernel_on_an_empty_batch_is_the_references_nan(triton_backend):
+def test_meanflow_loss_kernel_on_an_empty_batch_is_the_references_nan(triton_backend, on_device):
     loss, sq = meanflow_loss(torch.randn(0, 6), torch.randn(0, 6), torch.randn(0, 6), torch.rand(0), 1e-3, 1.0)
     with dispatch.backend("reference"):
         loss_ref, sq_ref = meanflow_loss_reference(*(torch.randn(0, 6),) * 3, torch.rand(0), 1e-3, 1.0)
@@ -317,7 +325,7 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, interpr
             compile_matrix.run(select=lambda e: False)
 
 
-def test_float64_times_with_the_triton_backend_say_the_reference_runs(triton_backend):
+def test_float64_times_with_the_triton_backend_say_the_reference_runs(triton_backend, on_device):
     from stmd_fast.kernels import launch
 
     launch._warned.clear()

@@ -98,6 +98,84 @@ def test_a_stop_request_checkpoints_the_step_and_stops(tmp_path, capsys):
     assert f"--out {tmp_path / 'run'} --resume" in said.out + said.err
 
 
+def test_a_stop_in_the_last_step_finishes_the_run(tmp_path, capsys):
+    """The final checkpoint was written, yet the run exited 143 with "continue with ... --resume": a scheduler
+    requeued a finished job."""
+    cfg = config(tmp_path / "run")
+    cfg.steps = cfg.ckpt_every = 1
+    last, state = drive(cfg, stop_at_once=True)  # no Stopped
+    assert state.step == 1 and last.name == "step_00000001"
+    said = capsys.readouterr()
+    assert "--resume" not in said.out + said.err
+
+
+@pytest.mark.parametrize("then", ["deleted", "replaced by another run", "replaced by a file"])
+def test_a_run_whose_folder_goes_stops_without_writing_there(tmp_path, then):
+    """rm -rf RUN mid-run: the run trained on, made RUN/checkpoints again (no config.json, its metrics lost, no
+    lock), and a new run started there had its checkpoints rotated away by this one."""
+    import shutil
+
+    from stmd_fast.cli import UserError
+    from stmd_fast.files import run_lock
+
+    cfg = config(tmp_path / "run")
+    with ExitStack() as held:
+        run = prepare_run(cfg, resume=False, ctx=distributed.Dist(), held=held)
+        state = start_state(cfg, run, resume=False)
+        inner = make_train_step(partial(compute_loss, cfg.method, run.net, cfg=cfg.objective), run.net,
+                                state.optimizer, state.scheduler, state.ema, cfg.ema_decay, False, "fp32", run.device)
+
+        def step(x0, noise):
+            if state.step == 2:
+                shutil.rmtree(run.out)
+                if then == "replaced by another run":
+                    run.out.mkdir()
+                    held.enter_context(run_lock(run.out))  # the other run's lock: a new file at the path
+                elif then == "replaced by a file":
+                    run.out.write_text("not a folder")
+            return inner(x0, noise)
+
+        with StopRequest() as stop, RunLog(run.out, cfg.steps, state.step, is_main=True) as log, \
+                pytest.raises(UserError, match="was deleted, moved or replaced while this run trained.*step 3"):
+            loop(cfg, run, state, step, log, stop)
+        after = tmp_path / "run"  # nothing written there after the change
+        if then == "deleted":
+            assert not after.exists()
+        elif then == "replaced by a file":
+            assert after.read_text() == "not a folder"
+        else:
+            assert sorted(p.name for p in after.iterdir()) == [".lock"]
+
+
+def test_the_records_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints were fsynced, metrics.jsonl only flushed: after a power cut a checkpoint could outlive the records
+    before it, and a resume (which keeps the records up to its step) left a gap for good."""
+    import os
+
+    from stmd_fast import checkpoint
+
+    events, fsync, save = [], os.fsync, checkpoint.save_checkpoint
+
+    def recorded_fsync(fd):
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def recorded_save(run_dir, step, *args, **kwargs):
+        events.append(f"save {step}")
+        return save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr("stmd_fast.training_state.save_checkpoint", recorded_save)
+    cfg = config(tmp_path / "run")
+    cfg.ckpt_every = 2
+    drive(cfg)
+    metrics = str(tmp_path / "run" / "metrics.jsonl")
+    saves = [i for i, event in enumerate(events) if event.startswith("save")]
+    assert [events[i] for i in saves] == ["save 2", "save 4", "save 5"]
+    for i in saves:
+        assert events[i - 1] == metrics
+
+
 def test_a_nan_in_a_record_is_json_null_and_a_first_step_record_has_no_rates(tmp_path, capsys):
     """An FD of diverged weights is logged as NaN: json.dumps wrote a bare NaN, which strict readers refuse."""
     record = {"step": 3, "loss": 1.5, "delta_sq": 2.0, "lr": 1e-3, "elapsed_s": 4.0, "FD/ema0.999": float("nan")}

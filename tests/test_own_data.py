@@ -419,3 +419,23 @@ def test_archives_and_a_foreign_manifest_are_named_for_what_they_are(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 4)))  # under --preset latent
     with pytest.raises(DataError, match=r"x.npy is a file, not latent shards: .*without a latent --preset"):
         LatentShards(str(tmp_path / "x.npy"))
+
+
+def test_under_torchrun_only_rank_0_says_the_datas_notes(tmp_path, capsys):
+    """Every rank reads the data: each printed the notes (a file left out, a stray colour image), 8 copies on 8 GPUs."""
+    import dataclasses
+
+    from stmd_fast.config import PRESETS
+    from stmd_fast.distributed import Dist
+    from stmd_fast.train import load_training_data
+
+    for i in range(3):
+        _noise_image(tmp_path / "imgs" / f"{i}.png", (12, 12), seed=i)
+    (tmp_path / "imgs" / "captions.txt").write_text("three noise images")
+    cfg = dataclasses.replace(PRESETS["images"](), data=str(tmp_path / "imgs"), resolution=8)
+    seen = {}
+    for rank in (0, 1):
+        seen[rank] = load_training_data(cfg, Dist(rank=rank, world_size=2, launched=True))
+        seen[f"err{rank}"] = capsys.readouterr().err
+    assert "note: left out 1 file(s)" in seen["err0"] and seen["err1"] == ""
+    assert torch.equal(seen[0].values, seen[1].values)  # the same data, read by both

@@ -1,0 +1,34 @@
+"""What a command does before its imports: torch and the rest take seconds (more on a loaded machine), and a
+Ctrl-C, SIGTERM or hang-up in them printed a traceback from deep inside torch. Imports nothing heavy.
+
+Each command (python -m stmd_fast.X, the bench scripts) calls stop_quietly_while_importing() first, then
+imports_done() before main(), whose one_line_errors handles the signals from there on."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_quietly_while_importing(said: str = "interrupted") -> None:
+    """Until imports_done(): a stop signal prints `said` and exits 128 + its number (130 for Ctrl-C, 143 for
+    SIGTERM, 129 for SIGHUP). A signal ignored from the start stays ignored (nohup's SIGHUP)."""
+    def stop(signum, frame):
+        try:  # after a hang-up the terminal may be gone
+            sys.stderr.write(said + "\n")
+        except OSError:
+            pass
+        os._exit(128 + signum)
+
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, stop)
+
+
+def imports_done() -> None:
+    """Python's own handlers back (Ctrl-C a KeyboardInterrupt, the others the default), except where ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
