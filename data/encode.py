@@ -30,6 +30,7 @@ if __name__ == "__main__":  # a stop signal while torch and the rest import (sec
     stop_quietly_while_importing()
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -47,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..cli import Parser, one_line_errors
-from ..files import WriteFailed, fsync_path, local_path, temp_sibling, write_atomic, write_fix
+from ..files import RunLocked, WriteFailed, fsync_path, local_path, run_lock, temp_sibling, write_atomic, write_fix
 from .datasets import DataError
 from .images import UNREADABLE, enlarged_note, list_images, printable, resize_center_crop
 from .vae import latent_shape, load_vae, vae_fingerprint  # noqa: F401 (load_vae: importable from here too)
@@ -210,7 +211,7 @@ def check_out_folder(out: Path) -> None:
         raise DataError(f"--out {out} is a file: pass a folder for the shards (it is made if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = temp_sibling(out / "manifest.json")
+        probe = temp_sibling(out / ".write-test")  # a name remove_leftovers leaves alone
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -240,10 +241,18 @@ class EncodeWriteFailed(DataError, WriteFailed):
     """A shard or the manifest could not be written: a failure (exit 1), not a mistake in the input."""
 
 
-def write_failed(out: Path, name: str, error: OSError, finished: int) -> EncodeWriteFailed:
-    """A write that failed (a full disk): its temporary file is gone, the finished shards are kept."""
+ENCODE_LOCK = ".encode.lock"
+
+
+def remove_leftovers(out: Path) -> None:
+    """The temporary files of a shard or manifest being written: of a write that failed, or of a killed encode."""
     for leftover in [*out.glob("shard-*.tar.tmp"), *out.glob(".tmp-*manifest.json")]:
         leftover.unlink(missing_ok=True)
+
+
+def write_failed(out: Path, name: str, error: OSError, finished: int) -> EncodeWriteFailed:
+    """A write that failed (a full disk): its temporary file is gone, the finished shards are kept."""
+    remove_leftovers(out)
     return EncodeWriteFailed(f"could not write {out / name}: {error.strerror or error}; no partial file is left, "
                              f"the {finished} shards written before are kept: {write_fix(error)}, then rerun the "
                              f"same command to continue")
@@ -267,20 +276,45 @@ def main(argv: list[str] | None = None) -> dict:
                 "shard_size": args.shard_size, "source": str(root.resolve())}
     made = [folder for folder in [out, *Path(os.path.abspath(out)).parents] if not folder.exists()]  # deepest first
     check_out_folder(out)
-    try:
-        previous = previous_manifest(out)
-        check_previous(previous, settings, out)  # the settings at hand, before the VAE loads
-        vae = load_vae(args.vae, device)
-        shape = latent_shape(vae, args.resolution)
-        settings["vae_sha256"] = vae_fingerprint(vae)
-        finished = check_previous(previous, settings, out)
-    except DataError:
+
+    def remove_made() -> None:
         for folder in made:  # made just now and still empty: a bad --vae or --resolution leaves nothing behind
             try:
                 folder.rmdir()
-            except OSError:  # another command's output in it by now
+            except OSError:  # shards in it, or another command's output
                 break
-        raise
+
+    with contextlib.ExitStack() as stack:
+        try:  # two encodes at once renamed each other's shards away
+            held = stack.enter_context(run_lock(out, ENCODE_LOCK, "another encode command"))
+        except RunLocked as error:
+            raise DataError(str(error)) from None
+        except OSError as error:  # a file system without flock (some network mounts)
+            if out in made:  # its lock file is this command's own
+                (out / ENCODE_LOCK).unlink(missing_ok=True)
+                remove_made()
+            raise EncodeWriteFailed(f"cannot lock {out / ENCODE_LOCK}: {error.strerror or error}: put --out on a "
+                                    f"file system that takes file locks (a local disk)") from None
+        try:
+            remove_leftovers(out)  # of a killed encode: no other writes here while this one holds the lock
+            return encode_shards(args, out, root, sources, settings, device)
+        except DataError:
+            held.unlink(missing_ok=True)
+            remove_made()
+            raise
+        finally:  # still holding the lock, as evaluate does (a process locking the old file then takes the new)
+            held.unlink(missing_ok=True)
+
+
+def encode_shards(args, out: Path, root: Path, sources: list[str], settings: dict, device) -> dict:
+    """main's work, under --out's lock: the shards not finished by an earlier run with the same settings, then the
+    manifest."""
+    previous = previous_manifest(out)
+    check_previous(previous, settings, out)  # the settings at hand, before the VAE loads
+    vae = load_vae(args.vae, device)
+    shape = latent_shape(vae, args.resolution)
+    settings["vae_sha256"] = vae_fingerprint(vae)
+    finished = check_previous(previous, settings, out)
 
     groups = shard_groups(sources, args.shard_size)
     index = {p: i for i, p in enumerate(sources)}
@@ -297,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "pattern": f"shard-{{000000..{len(groups) - 1:06d}}}.tar", "shards": [s["name"] for s in info],
                 "skipped": skipped, "shard_info": info}
 
+    reused = 0
     bar = tqdm(total=len(sources), desc="encode", unit="img", disable=None)  # None: bar only on a terminal
     lines = bar.disable  # a log file (nohup, a batch job) gets a line per shard instead
     with ThreadPoolExecutor(args.workers) as pool:
@@ -304,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             done = finished.get(name)
             if done is not None and (out / name).exists() and done["sources_sha1"] == digest(group, root):
                 info.append(done)  # finished by an earlier run, with the same images
+                reused += 1
                 bar.update(len(group))
                 continue
             try:
@@ -314,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
             if lines:
                 print(f"encode: {name} written ({len(info)} of {len(names)} shards)", flush=True)
     bar.close()
+    if reused:
+        print(f"encode: {reused} of {len(names)} shards reused, finished by an earlier run with the same settings "
+              f"and images", flush=True)
 
     result = manifest(complete=True)
     if result["images"] == 0:

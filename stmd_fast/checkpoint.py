@@ -20,6 +20,7 @@ save at each of its file-system operations in turn and checks all of this.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -404,6 +405,17 @@ def saved_config(ckpt: Path, meta: dict) -> TrainConfig:
                               f"was it written by another stmd_fast version, or edited?") from None
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Within: torch's default dtype is `dtype`; the caller's comes back after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def build_net_from_meta(ckpt: Path, meta: dict) -> torch.nn.Module:
     cfg = saved_config(ckpt, meta)
     return METHODS[cfg.method].build_net(cfg.net, tuple(meta["data_shape"]))
@@ -639,6 +651,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     default: --ema-decay's."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    path = Path(os.path.expanduser(path))  # "~/runs/x", as a notebook writes it (an unknown ~user stays)
     device = resolve_device(device, what="device")  # before reading: a machine without CUDA says so at once
     for attempt in range(3):  # a run still training may rotate its newest checkpoint away while it is read
         ckpt, meta, damaged = newest_intact(path)
@@ -663,7 +676,9 @@ def _load_model(ckpt: Path, meta: dict, damaged: list[str], device: torch.device
                                              if weights == "ema" else "is for the EMA weights, not --weights model"))
     file = ema_file(ema, meta["config"]["ema_decay"]) if weights == "ema" else "model.safetensors"
     try:
-        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+        # the initial weights are overwritten: leave the caller's RNG alone; float32 as trained, whatever the
+        # caller's default dtype (a float64 default built a network that Model.sample then refused)
+        with torch.random.fork_rng(devices=[]), default_dtype(torch.float32):
             net = build_net_from_meta(ckpt, meta)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt / 'config.json'} does not describe a network this stmd_fast builds "

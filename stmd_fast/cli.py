@@ -21,6 +21,8 @@ import time
 import warnings
 from typing import Callable
 
+from .startup import second_signal_handler
+
 
 class UserError(Exception):
     """Bad input found by the trainer: printed as one line, before any expensive work."""
@@ -82,25 +84,28 @@ class Interrupted(KeyboardInterrupt):
     """A stop signal (Ctrl-C, SIGTERM, SIGHUP) as a KeyboardInterrupt that knows its signal: where no loop of
     a command handles it itself (the trainer's start-up, first compile and wind-down; a whole evaluation)."""
 
-    def __init__(self, signum: int = signal.SIGINT):
+    def __init__(self, signum: int = signal.SIGINT, at_once: bool = False):
         super().__init__(signum)
         self.signum = signum
+        self.at_once = at_once
+        """The same signal a second time, in a Python host: the stop under way was cut short (a command quits)."""
 
 
 def interrupt_now(signum, frame):
     quiet_if_hung_up(signum)
-    signal.signal(signum, signal.SIG_DFL)  # the same signal again quits at once, also in the cleanup it starts
-    raise Interrupted(signum)
+    signal.signal(signum, second_signal_handler())  # the same signal again quits a command at once, also in the
+    raise Interrupted(signum)                        # cleanup it starts (a Python host gets a KeyboardInterrupt)
 
 
 @contextlib.contextmanager
 def interrupt_on_stop_signals():
     """Within: a stop signal raises Interrupted (a KeyboardInterrupt carrying its signal number), so a command
-    cleans up and exits 128 + signum. On the way out the caller's handlers come back, SIGINT's as Python's
-    default (a KeyboardInterrupt)."""
+    cleans up and exits 128 + signum. On the way out the caller's handlers come back. Off the main thread
+    (a host's worker thread), where Python takes no handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {sig: signal.signal(sig, interrupt_now) for sig in stop_signals()}
-    if signal.SIGINT in previous:
-        previous[signal.SIGINT] = signal.default_int_handler
     try:
         yield
     finally:
@@ -181,17 +186,31 @@ def warnings_as_lines():
         warnings.formatwarning = python_format
 
 
-def printable_output() -> None:
-    """A command's stdout and stderr write what they cannot encode as \\xNN escapes: a path whose name is not
-    UTF-8 (os.walk and argv hold its bytes as surrogates) printed by a command must not stop it with a
+@contextlib.contextmanager
+def printable_output():
+    """Within: a command's stdout and stderr write what they cannot encode as \\xNN escapes: a path whose name is
+    not UTF-8 (os.walk and argv hold its bytes as surrogates) printed by a command must not stop it with a
     UnicodeEncodeError (stdout is strict under a UTF-8 locale). And a reader that went away (| head) does not
-    stop it either: the rest of its output goes nowhere, and the work goes on."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
+    stop it either: the rest of its output goes nowhere, and the work goes on. On the way out a Python caller
+    gets its own streams back, as they were set."""
+    streams = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    errors = {name: getattr(stream, "errors", None) for name, stream in streams.items()}
+    for name, stream in streams.items():
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
         if stream is not None and not isinstance(stream, ReaderMayLeave):
             setattr(sys, name, ReaderMayLeave(stream))
+    try:
+        yield
+    finally:
+        for name, stream in streams.items():
+            if isinstance(getattr(sys, name), ReaderMayLeave) and not isinstance(stream, ReaderMayLeave):
+                setattr(sys, name, stream)  # ours, still in place
+            if hasattr(stream, "reconfigure") and errors[name] is not None:
+                try:
+                    stream.reconfigure(errors=errors[name])
+                except (ValueError, OSError):  # closed meanwhile
+                    pass
 
 
 class ReaderMayLeave:
@@ -253,23 +272,15 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
     def wrap(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
-            streams = sys.stdout, sys.stderr  # brought back after: a Python caller keeps its own
-            printable_output()
-            try:
+            with printable_output():
                 return guarded(argv)
-            finally:
-                for name, original in zip(("stdout", "stderr"), streams):
-                    if isinstance(getattr(sys, name), ReaderMayLeave):  # ours, still in place
-                        setattr(sys, name, original)
 
         def guarded(argv: list[str] | None) -> int:
             if not torchrun and several_processes():
                 return 2
             # SIGTERM and SIGHUP as Ctrl-C: the command's cleanup runs (no temporary file stays behind)
-            stops = interrupt_on_stop_signals() if threading.current_thread() is threading.main_thread() \
-                else contextlib.nullcontext()
             try:
-                with warnings_as_lines(), stops:
+                with warnings_as_lines(), interrupt_on_stop_signals():
                     return main(argv)
             except user_errors + failures as err:
                 from .distributed import from_env

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -40,7 +41,7 @@ from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, l
 from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
 from .cli import provenance as cli_provenance
 from .devices import OutOfMemory, fits_in_memory, resolve_device
-from .files import RunLocked, remove_stale_temps, run_lock, write_atomic, write_fix
+from .files import RunLocked, fsync_path, remove_stale_temps, run_lock, write_atomic, write_fix
 from .methods import METHODS
 from .operators import CONDITIONED_STEPS
 from .run_log import clock
@@ -485,12 +486,19 @@ def keep_replaced_results(out: Path, before: dict[str, dict], planned: set[str])
         return
     dropped = len(earlier) - sum(setting_id in planned for setting_id in before)
     if dropped > 0:
-        kept = out / f"results.replaced-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        write_atomic(kept, path.read_bytes())
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        kept = out / f"results.replaced-{stamp}.json"
+        write_atomic(kept, path.read_bytes())  # copied: results.json keeps the rows carried over until rewritten
+        moved = []
+        for name in ("results.md", "fd_vs_nfe.png", "fid_vs_nfe.png"):  # moved: none stays beside the new rows
+            if (out / name).is_file():
+                moved.append(name.replace(".", f".replaced-{stamp}.", 1))
+                os.replace(out / name, out / moved[-1])
         print(f"note: {path} holds {dropped} result(s) of an earlier sweep that this one does not measure (another "
               f"checkpoint, N x M, --seed, --grid, --ema, --batch-size or device; all, with another --num, metric or "
-              f"reference): it is copied to {kept.name} before being rewritten; use another --out to keep sweeps "
-              f"apart", file=sys.stderr)
+              f"reference): it is copied to {kept.name} before being rewritten"
+              + (f" ({', '.join(moved)}: its table and plot, moved)" if moved else "")
+              + "; use another --out to keep sweeps apart", file=sys.stderr)
 
 
 def check_vae(found: list[tuple[Path, dict]], vae: str | None) -> None:
@@ -584,8 +592,10 @@ def made_from(result: dict) -> tuple[str, list[str]]:
 def keep_earlier_result(out: Path, stem: str, result: dict, files: list[str]) -> None:
     """The files of an earlier result in `out` (stem.json and `files`, names in out) that `result`'s would
     overwrite, made by another command line (another sampler, sigma_y, N, ...) or from other checkpoints (its
-    run trained on), copied to NAME.replaced-TIME.SUFFIX first, and said, as a sweep keeps results.json. The
-    same command on the same checkpoints again (a rerun) replaces its own result."""
+    run trained on), moved to NAME.replaced-TIME.SUFFIX first, and said, as a sweep keeps results.json: none
+    stays beside the new result (a heat map of a run the new one leaves out did), and a kill while the new files
+    are written leaves no mix of the two. The same command on the same checkpoints again (a rerun) replaces its
+    own result."""
     try:
         if made_from(json.loads((out / f"{stem}.json").read_text())) == made_from(result):
             return
@@ -597,8 +607,9 @@ def keep_earlier_result(out: Path, stem: str, result: dict, files: list[str]) ->
         path = out / name
         if path.is_file():
             kept.append(path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}"))
-            write_atomic(kept[-1], path.read_bytes())
-    print(f"note: {out / stem}.json holds the result of another command or checkpoint: it is copied, with "
+            os.replace(path, kept[-1])
+    fsync_path(out)
+    print(f"note: {out / stem}.json holds the result of another command or checkpoint: it is moved, with "
           f"{len(kept) - 1} file(s) of its own, to {kept[0].name} before being rewritten; use another --out to keep "
           f"results apart", file=sys.stderr)
 
@@ -1215,7 +1226,11 @@ MEMORY_FLAGS = ("batch_size", "particles", "num", "images", "completions", "runs
 
 
 def main(argv: list[str] | None = None) -> int:
-    printable_output()
+    with printable_output():  # a Python caller gets its own stdout and stderr back
+        return run_evaluation(argv)
+
+
+def run_evaluation(argv: list[str] | None) -> int:
     if several_processes():
         return 2
     argv = sys.argv[1:] if argv is None else list(argv)

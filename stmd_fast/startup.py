@@ -10,6 +10,10 @@ import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+AS_COMMAND = False
+"""Whether this process is a command (imports_done ran in its __main__), not a Python host calling main() or the
+API: a command's second stop signal quits the process at once; a host's is a KeyboardInterrupt, so a notebook
+kernel outlives it."""
 
 
 def stop_quietly_while_importing(said: str = "interrupted") -> None:
@@ -29,6 +33,20 @@ def stop_quietly_while_importing(said: str = "interrupted") -> None:
 
 def imports_done() -> None:
     """Python's own handlers back (Ctrl-C a KeyboardInterrupt, the others the default), except where ignored."""
+    global AS_COMMAND
+    AS_COMMAND = True
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def second_signal_handler():
+    """What the same stop signal does the second time: quit at once in a command (whatever its cleanup is doing);
+    in a Python host, raise at once an Interrupted (a KeyboardInterrupt) marked at_once, which main() says."""
+    return signal.SIG_DFL if AS_COMMAND else _interrupt_at_once
+
+
+def _interrupt_at_once(signum, frame):
+    from .cli import Interrupted
+
+    raise Interrupted(signum, at_once=True)

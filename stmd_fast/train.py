@@ -50,6 +50,7 @@ import glob
 import hashlib
 import io
 import json
+import threading
 import time
 import uuid
 from contextlib import ExitStack, nullcontext, redirect_stderr
@@ -80,7 +81,7 @@ from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
-from .startup import imports_done
+from .startup import imports_done, second_signal_handler
 from .training_state import TrainingState
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
@@ -765,7 +766,11 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     come after that barrier, in the next step's gradient all-reduce).
     """
     ctx = distributed.from_env()
-    with ExitStack() as held:  # the run directory's lock (rank 0), released however train() ends
+    # a Python caller's random streams come back as they were (the network's init and dropout draw from torch's
+    # global one; the batches and noise from the run's own generator): CUDA's current device's too, where the caller
+    # had started CUDA (a fork over every device would make a context on each)
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda), ExitStack() as held:  # held: the run directory's lock (rank 0)
         run = prepare_run(cfg, resume, ctx, held)
         run.argv = list(argv or [])
         return train_run(cfg, run, resume)
@@ -1056,10 +1061,12 @@ class StopRequest:
             sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{name}: stopping {self.when}; "
                              f"a second {name} quits at once, without one\n")  # a newline ends the bar
         self.signal = self.signal or signum
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, second_signal_handler())  # a command quits at once, a Python host gets an exception
 
     def __enter__(self) -> StopRequest:
-        self.previous = {sig: signal.signal(sig, self._request) for sig in stop_signals()}
+        # a host's worker thread (train() called there) takes no handler: Python allows them in the main thread only
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self.previous = {sig: signal.signal(sig, self._request) for sig in stop_signals()} if on_main_thread else {}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1127,15 +1134,23 @@ def resume_command(ctx: distributed.Dist, out) -> str:
     return f"{again} --out {shlex.quote(str(out))} --resume"
 
 
-def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.SIGINT) -> int:
+def interrupted_outside_the_loop(cfg: TrainConfig | None, signum: int = signal.SIGINT, at_once: bool = False) -> int:
     """A stop signal outside the training loop (whose own saves, then stops): during start-up or the first
-    step, or after the last step, while the process winds down. Says which, by the run's newest checkpoint;
-    0 if the run is done, else the shell's code for the signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
+    step, or after the last step, while the process winds down; or (at_once, in a Python host) the same signal a
+    second time, which cut the loop's stop short. Says which, by the run's newest checkpoint; 0 if the run is
+    done, else the shell's code for the signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     try:
         meta = newest_intact(cfg.out)[1] if cfg is not None and cfg.out else None
     except (FileNotFoundError, CheckpointError, OSError):
         meta = None
     ctx = distributed.from_env()
+    if at_once and (meta is None or meta["step"] < cfg.steps):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if ctx.is_main:
+            print(f"{name} again: stopped at once, without a checkpoint of the step under way; " + (
+                f"the last checkpoint, step {meta['step']}, is intact: continue with "
+                f"{resume_command(ctx, Path(cfg.out))}" if meta else "no checkpoint was written"), file=sys.stderr)
+        return 128 + signum
     if meta is not None and meta["step"] >= cfg.steps:
         if not ctx.is_main:  # rank 0 says it, once
             return 0
@@ -1175,7 +1190,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stopped:  # after a checkpoint; the resume command was printed
         return stopped.exit_code
     except KeyboardInterrupt as err:
-        return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT))
+        return interrupted_outside_the_loop(cfg, getattr(err, "signum", signal.SIGINT), getattr(err, "at_once", False))
     except OSError as err:  # an output of the run (metrics, config, a lock) could not be written
         if cfg is None or err.errno is None:
             raise

@@ -1591,3 +1591,119 @@ def test_every_commands_help_describes_each_argument_and_its_default(monkeypatch
                     and "default" not in text.lower():  # by identity: 0 == False
                 undescribed.append(f"{name}: its default {action.default!r} is not said")
     assert not undescribed, "\n".join(undescribed)
+
+
+# ----------------------------------------------------------------------------- library use: the host keeps its own
+
+def test_a_command_called_from_python_leaves_the_hosts_streams_and_handlers_as_they_were(gmm_run, tmp_path):
+    """evaluate.main left sys.stdout and sys.stderr replaced by its wrappers, every main() left stdout's encoding
+    errors at backslashreplace and the host's own SIGINT handler replaced by Python's default."""
+    import io
+    import signal
+
+    from stmd_fast.evaluate import main as evaluate_main
+
+    def host_handler(signum, frame):
+        pass
+
+    streams = sys.stdout, sys.stderr
+    mode = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    previous = signal.signal(signal.SIGINT, host_handler)
+    try:
+        sys.stdout = mode
+        for command in (lambda: sample(gmm_run, "--num", 4, "--out", tmp_path / "x.npy"),
+                        lambda: evaluate_main(["kernel", str(gmm_run), "--points", "1", "--num", "8",
+                                               "--out", str(tmp_path / "k")])):
+            assert command() == 0
+            assert sys.stdout is mode and mode.errors == "strict" and sys.stderr is streams[1]
+            assert signal.getsignal(signal.SIGINT) is host_handler
+    finally:
+        sys.stdout = streams[0]
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_training_from_a_worker_thread_and_the_hosts_random_stream(tmp_path):
+    """train.train() in a thread failed at once ("signal only works in main thread"), and it reseeded the host's
+    global torch RNG (the network's init)."""
+    import dataclasses
+    import threading
+
+    from stmd_fast.config import PRESETS
+    from stmd_fast.train import train as train_api
+
+    cfg = dataclasses.replace(PRESETS["gmm"](), steps=2, batch_size=16, device="cpu", out=str(tmp_path / "run"),
+                              sample_every=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(last=train_api(cfg)))
+    worker.start()
+    worker.join(timeout=300)
+    assert done["last"].name == "step_00000002"
+    assert torch.equal(torch.rand(3), expected)  # the host's stream goes on as if train() had not run
+
+
+def test_load_checkpoint_takes_a_home_path_and_builds_float32_under_a_float64_default(gmm_run, monkeypatch):
+    monkeypatch.setenv("HOME", str(gmm_run.parent))
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = stmd_fast.load_checkpoint(f"~/{gmm_run.name}")
+        assert torch.get_default_dtype() == torch.float64  # the caller's, back
+        assert next(model.net.parameters()).dtype == torch.float32
+        assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_a_second_ctrl_c_in_a_python_host_is_an_exception_not_the_end_of_the_process(tmp_path):
+    """A command's second Ctrl-C quits at once (SIG_DFL); called from a notebook, it killed the kernel."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    script = f"""
+import os, signal, sys, threading, time
+from stmd_fast.train import main
+def interrupt_twice():
+    while not (os.path.exists({str(metrics)!r}) and os.path.getsize({str(metrics)!r})):  # training has begun
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=interrupt_twice, daemon=True).start()
+code = None
+try:
+    code = main({[*GMM, "--steps", "1000000", "--out", str(tmp_path / "run")]!r})
+    time.sleep(2)  # a second signal after main returned reaches the host's own handler here
+except KeyboardInterrupt:
+    pass
+print("host still alive:", code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "host still alive: 130" in proc.stdout, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    assert "during start-up" not in proc.stderr  # the stop said as what it was (at once, or after its step)
+    assert "Ctrl-C again: stopped at once" in proc.stderr or "stopped by SIGINT" in proc.stdout + proc.stderr
+
+
+def test_every_command_is_a_command_once_imported(tmp_path):
+    """A command's second stop signal quits at once only where its __main__ said it is one (startup.imports_done)."""
+    script = """
+import runpy, sys
+from stmd_fast import startup
+for command in sys.argv[1:]:
+    startup.AS_COMMAND = False
+    sys.argv = [command, "--help"]
+    try:
+        runpy.run_path(command, run_name="__main__") if command.endswith(".py") else \\
+            runpy.run_module(command, run_name="__main__", alter_sys=True)
+    except SystemExit:
+        pass
+    print(command, startup.AS_COMMAND)
+"""
+    commands = ["stmd_fast.train", "stmd_fast.sample", "stmd_fast.evaluate", "stmd_fast.export", "stmd_fast.gmm",
+                "stmd_fast.crashtest", "stmd_fast.data.encode", "stmd_fast.data.example",
+                "stmd_fast.kernels.compile_matrix",
+                *(f"bench/{name}.py" for name in ("data", "kernels", "loss_per_s", "precision", "sample", "train_step"))]
+    proc = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    said = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.split(" ")[0] in commands)
+    assert said == {command: "True" for command in commands}, proc.stderr[-2000:]

@@ -567,7 +567,7 @@ def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(run
     ddnm = (tmp_path / "inverse_sr4.json").read_bytes()
     capsys.readouterr()
     assert evaluate(base + ["--sigma-y", "0.2", "--particles", "2"]) == 0
-    assert "is copied, with 1 file(s) of its own, to inverse_sr4.replaced-" in capsys.readouterr().err
+    assert "is moved, with 1 file(s) of its own, to inverse_sr4.replaced-" in capsys.readouterr().err
     kept = {path.suffix: path for path in tmp_path.glob("inverse_sr4.replaced-*")}
     assert set(kept) == {".json", ".png"} and kept[".json"].read_bytes() != b""
     assert json.loads(kept[".json"].read_text())["sampler"] == "ddnm"
@@ -588,6 +588,12 @@ def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(run
     assert evaluate(kernel) == 0
     kept = sorted(path.name.split(".replaced-")[0] for path in (tmp_path / "k").glob("*.replaced-*"))
     assert kept == ["kernel", "kernel", "kernel_gmm-stmd_M1"]  # .json, .md and the heat map
+    # another command (a run fewer): the earlier result's heat maps are moved aside, none left beside the new one
+    other = tmp_path / "other-stmd"
+    shutil.copytree(gmm / "stmd", other)
+    assert evaluate(["kernel", str(run), str(other), *kernel[2:]]) == 0 and evaluate(kernel) == 0
+    current = sorted(path.name for path in (tmp_path / "k").glob("kernel_*.png") if ".replaced-" not in path.name)
+    assert current == ["kernel_gmm-stmd_M1.png"]
 
 
 def test_inverse_samples_with_the_chosen_ema(runs, tmp_path, capsys):
@@ -836,9 +842,11 @@ def test_a_sweep_copies_aside_the_results_it_does_not_carry_over(runs, tmp_path,
     assert "holds 1 result(s) of an earlier sweep that this one does not measure (another checkpoint, N x M, --seed" in captured.err
     [kept] = out.glob("results.replaced-*.json")
     assert kept.read_text() == earlier
+    # its table moved aside too (and its plot, where matplotlib drew one): none beside the new rows
+    assert [p.name for p in out.glob("results.replaced-*.md")] == [kept.name.replace(".json", ".md")]
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
     assert evaluate(one_setting(runs / "meanflow", out, runs, "--meanflow-steps", "2")) == 0  # again: all kept
-    assert "earlier sweep" not in capsys.readouterr().err and len(list(out.glob("results.replaced-*"))) == 1
+    assert "earlier sweep" not in capsys.readouterr().err and len(list(out.glob("results.replaced-*.json"))) == 1
 
 
 def test_a_cache_dir_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):

@@ -818,6 +818,7 @@ def test_encode_on_a_full_disk_is_one_line_keeps_finished_shards_and_resumes(tmp
     monkeypatch.undo()
     manifest = enc.main(args)
     assert manifest["complete"] and manifest["shards"] == ["shard-000000.tar", "shard-000001.tar"]
+    assert "encode: 1 of 2 shards reused" in capsys.readouterr().out  # the rerun says what it kept
 
 
 def test_model_load_vae_loads_the_folder_it_is_given(monkeypatch):
@@ -904,3 +905,42 @@ def test_paths_given_with_a_leading_tilde_are_under_the_home_folder(tmp_path, im
               "--shard-size", "4"])
     assert json.loads((home / "shards" / "manifest.json").read_text())["count"] == len(IMAGES)
     assert list(cwd.iterdir()) == []
+
+
+def test_a_second_encode_into_a_busy_out_is_refused_and_leftovers_of_a_killed_one_are_removed(tmp_path, image_dir,
+                                                                                              vae_dir, monkeypatch):
+    """Two encodes into one --out renamed each other's shard-N.tar.tmp away and left shards of two resolutions under
+    one manifest; a killed encode's temporary files stayed for good."""
+    from stmd_fast.files import run_lock
+
+    out = tmp_path / "shards"
+    args = ["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+            "--device", "cpu"]
+    out.mkdir()
+    with run_lock(out, enc.ENCODE_LOCK, "another encode command"):  # as a live encode holds it
+        monkeypatch.setattr(enc, "load_vae", lambda *a: pytest.fail("the VAE was loaded"))
+        with pytest.raises(DataError, match=f"{out} is in use by another encode command"):
+            enc.main(args)
+    monkeypatch.undo()
+    (out / "shard-000007.tar.tmp").write_bytes(b"half a shard")
+    (out / ".tmp-999999-manifest.json").write_text("{")
+    enc.main(args)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".tmp-*")) and not (out / enc.ENCODE_LOCK).exists()
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+def test_encode_on_a_file_system_without_locks_is_one_line(tmp_path, image_dir, vae_dir, monkeypatch, capsys):
+    import contextlib
+    import errno
+
+    @contextlib.contextmanager
+    def no_locks(*args, **kwargs):
+        raise OSError(errno.ENOLCK, "No locks available")
+        yield
+
+    monkeypatch.setattr(enc, "run_lock", no_locks)
+    assert enc.cli(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out",
+                    str(tmp_path / "shards"), "--device", "cpu"]) == 1
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note: ")]
+    assert len(err) == 1 and "cannot lock" in err[0] and "No locks available" in err[0] and "file locks" in err[0]
+    assert not (tmp_path / "shards").exists()  # made for this command, removed again

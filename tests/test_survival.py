@@ -990,11 +990,16 @@ def test_a_run_started_with_sigint_ignored_trains_on_through_it_and_stops_on_sig
     assert "stopped by SIGTERM" in out and len(list_checkpoints(run)) == 1
 
 
-def test_every_command_takes_sigterm_as_ctrl_c_and_the_same_signal_again_quits_at_once():
+@pytest.mark.parametrize("as_command", [True, False])
+def test_every_command_takes_sigterm_as_ctrl_c_and_the_same_signal_again_quits_at_once(monkeypatch, as_command):
     """one_line_errors (sample, export, encode, the bench scripts) turns a stop signal into a KeyboardInterrupt that
     knows its signal, for the command's cleanup and exit code 143; a second one is not caught again (it could
-    land in that cleanup and stop it), and the caller's handlers come back afterwards."""
+    land in that cleanup and stop it): a command quits at once, a Python host calling main() gets a
+    KeyboardInterrupt (a notebook kernel once died of it); the caller's handlers come back afterwards."""
+    from stmd_fast import startup
     from stmd_fast.cli import one_line_errors
+
+    monkeypatch.setattr(startup, "AS_COMMAND", as_command)
 
     seen = {}
 
@@ -1011,11 +1016,13 @@ def test_every_command_takes_sigterm_as_ctrl_c_and_the_same_signal_again_quits_a
             seen["after"] = signal.getsignal(signal.SIGTERM)
             raise
 
-    mine = signal.signal(signal.SIGTERM, lambda signum, frame: seen.setdefault("fell through", signum))
+    mine_now = lambda signum, frame: seen.setdefault("fell through", signum)  # noqa: E731
+    mine = signal.signal(signal.SIGTERM, mine_now)
     try:
         assert command([]) == 128 + signal.SIGTERM and "fell through" not in seen
-        assert second_signal([]) == 128 + signal.SIGTERM and seen["after"] == signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the caller's handler is back
+        assert second_signal([]) == 128 + signal.SIGTERM
+        assert seen["after"] == (signal.SIG_DFL if as_command else signal.default_int_handler)
+        assert signal.getsignal(signal.SIGTERM) is mine_now  # the caller's handler is back
     finally:
         signal.signal(signal.SIGTERM, mine)
 
