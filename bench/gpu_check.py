@@ -239,6 +239,7 @@ def start_warmers(warmers: list[Warmer], out: Path, dry_run: bool) -> dict:
         running[warmer.name] = (subprocess.Popen(["nice", "-n", "10", *command], cwd=ROOT, env=env, stdout=log,
                                                  stderr=subprocess.STDOUT, start_new_session=True),
                                 time.monotonic())
+    log.close()  # the warmers hold their own copies of it
     return running
 
 

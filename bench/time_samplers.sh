@@ -65,6 +65,9 @@ train() {  # train SETTING METHOD OUT [more flags]: once (a finished run leaves 
   local x=$1 method=$2 out=$3; shift 3
   [ -f "$out/done" ] || { python -m stmd_fast.train --method $method ${FLAGS[$x]} --out $out "$@" && touch "$out/done"; }
 }
+swept() {  # swept OUT: its sweep finished (an interrupted one is run again: it measures only what it lacks)
+  grep -q '"complete": true' "$1/results.json" 2>/dev/null
+}
 if [[ "$seed" == gmm* ]]; then
   gmm_seed=${seed#gmm}; suffix=${gmm_seed:+-seed$gmm_seed}  # seed 0 keeps the first runs' names
   runs=()
@@ -79,21 +82,21 @@ for x in $settings; do
   if [ "$x" = ddpm ]; then  # DDPM under F: its uniform and quadratic grids side by side
     train F ddpm $root/F-ddpm-seed$seed --compile --seed $seed --sample-every 0
     for grid in uniform quadratic; do
-      [ -f $root/eval-ddpm-$grid-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep $root/F-ddpm-seed$seed \
+      swept $root/eval-ddpm-$grid-seed$seed || python -m stmd_fast.evaluate sweep $root/F-ddpm-seed$seed \
         --grid $grid --ddpm-steps 1,2,4,8,16,50 --out $root/eval-ddpm-$grid-seed$seed
     done
     continue
   fi
   if [ "$x" = Dq ]; then
     train D stmd $root/D-stmd-seed$seed --compile --seed $seed --sample-every 0
-    [ -f $root/eval-Dq-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep $root/D-stmd-seed$seed \
+    swept $root/eval-Dq-seed$seed || python -m stmd_fast.evaluate sweep $root/D-stmd-seed$seed \
       --grid quadratic --stmd 1x1,2x1,1x2,4x1,2x2 --out $root/eval-Dq-seed$seed
     continue
   fi
   if [ "$x" = V ]; then  # one run, each of its EMAs swept: does a longer average steady STMD's seeds?
     train V stmd $root/V-stmd-seed$seed --compile --seed $seed --sample-every 0
     for ema in 0.999 0.9995 0.9998; do
-      [ -f $root/eval-V-ema$ema-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep $root/V-stmd-seed$seed \
+      swept $root/eval-V-ema$ema-seed$seed || python -m stmd_fast.evaluate sweep $root/V-stmd-seed$seed \
         --ema $ema --stmd 1x1,2x1,1x2,4x1,2x2 --out $root/eval-V-ema$ema-seed$seed
     done
     continue
@@ -103,7 +106,7 @@ for x in $settings; do
     train $x $method $root/$x-$method-seed$seed --compile --seed $seed --sample-every 0
     runs+=("$root/$x-$method-seed$seed")
   done
-  [ -f $root/eval-$x-seed$seed/results.json ] || python -m stmd_fast.evaluate sweep "${runs[@]}" --stmd 1x1,2x1,1x2,4x1,2x2 \
+  swept $root/eval-$x-seed$seed || python -m stmd_fast.evaluate sweep "${runs[@]}" --stmd 1x1,2x1,1x2,4x1,2x2 \
     --meanflow-steps 1,2,4 --out $root/eval-$x-seed$seed
   # STMD's draws of p(x_0 | x_s) from real x_s at each point of its 4-step grid: which steps limit its chains
   [[ " ${METHODS[$x]} " != *" stmd "* || -f $root/cond-$x-seed$seed/conditional.json ]] || \

@@ -313,6 +313,11 @@ def encode_shards(args, out: Path, root: Path, sources: list[str], settings: dic
     check_previous(previous, settings, out)  # the settings at hand, before the VAE loads
     vae = load_vae(args.vae, device)
     shape = latent_shape(vae, args.resolution)
+    if shape[1] % 2:  # said before hours of encoding, not by the trainer after them
+        factor = args.resolution // shape[1]
+        raise DataError(f"--resolution {args.resolution} gives {shape[1]}x{shape[2]} latents (the VAE downsamples "
+                        f"{factor}x), an odd size that no DiT patch (2, 4, 8) divides: the trainer cannot take them; "
+                        f"pick a multiple of {2 * factor} (e.g. {(args.resolution // (2 * factor) or 1) * 2 * factor})")
     settings["vae_sha256"] = vae_fingerprint(vae)
     finished = check_previous(previous, settings, out)
 

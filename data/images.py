@@ -119,8 +119,9 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     size = [max(resolution, round(side * scale)) for side in image.size]
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     # The crop of the whole image resized to `size`, computed for the crop alone (the same sample points;
-    # Pillow rounds the footprint near the box's edges differently, so edge pixels can differ by a few
-    # levels of 255): a 2 x 40000 strip would otherwise be resized to 64 x 1280000 for one 64 x 64 crop.
+    # Pillow's fixed-point filter weights differ with the box, so pixels anywhere can differ from a resize
+    # then crop by a level or two of 255, a few on dithered images): a 2 x 40000 strip would otherwise be
+    # resized to 64 x 1280000 for one 64 x 64 crop. Training, encode and --reference all use this one.
     sx, sy = image.size[0] / size[0], image.size[1] / size[1]
     box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
     image = image.resize((resolution, resolution), Image.BICUBIC, box=box)

@@ -216,12 +216,14 @@ def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, i
     tarfile reads as a clean end.
     """
     for url in shards:
-        count = 0
+        count, listed = 0, expected.get(str(Path(url)))
         try:
             # opened here, not by webdataset's url_opener, which leaves closing the file to the GC
             with open(url, "rb") as stream:
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     count += 1
+                    if listed is not None and count > listed:  # not the shard encoded there: read no more of it
+                        break
                     try:
                         mean, std = decode_sample(sample, shape)
                     except DamagedSample as error:
@@ -232,8 +234,11 @@ def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, i
             reason = error.args[0] if error.args else ""  # webdataset appends the stream to args
             yield {"skipped": url, "error": f"{type(error).__name__}: {reason}"}
             continue
-        if count != expected.get(str(Path(url)), count):
-            yield {"skipped": url, "error": f"ends after {count} of {expected[str(Path(url))]} samples"}
+        if listed is not None and count > listed:
+            yield {"skipped": url, "error": f"holds more samples than the {listed} its manifest lists: not the shard "
+                                            f"encoded there (copied over?), re-encode it"}
+        elif listed is not None and count < listed:
+            yield {"skipped": url, "error": f"ends after {count} of {listed} samples"}
 
 
 def chunked(records, size: int):
@@ -289,9 +294,11 @@ class LatentShards:
         if folder.is_file() and folder.suffix.lower() != ".tar":  # an .npy (or an image) under --preset latent
             raise DataError(f"{urls} is a file, not latent shards: pass the folder stmd_fast.data.encode wrote (or a "
                             f"pattern of its .tar shards); an array or images train without a latent --preset")
-        if folder.is_dir():  # the folder encode wrote: its manifest names the shards
-            urls = str(folder / read_manifest(folder)["pattern"])
-        self.urls = expand_pattern(urls)
+        if folder.is_dir():  # the folder encode wrote: its manifest names the shards (the folder's own name is no
+            # pattern: brackets or braces in it, as in enc[v1], are characters)
+            self.urls = [str(folder / info["name"]) for info in read_manifest(folder)["shard_info"]]
+        else:
+            self.urls = expand_pattern(urls)
         missing = [u for u in self.urls if not Path(u).is_file()]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.urls)} shard files are missing, the first: {missing[0]}; "
@@ -420,7 +427,10 @@ class LatentShards:
     def _next_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
             if self._stream is None:
-                self._stream, self._epoch_samples = iter(self._loader(self.epoch)), 0
+                # DataLoader draws its base seed from the global generator, dropout's too (a checkpoint keeps
+                # it): a resumed run starts its iterator mid-epoch, so that draw would shift every later mask
+                with torch.random.fork_rng(devices=[]):
+                    self._stream, self._epoch_samples = iter(self._loader(self.epoch)), 0
             chunk = next(self._stream, None)
             if chunk is None:  # end of the epoch
                 self._stream = None

@@ -48,6 +48,12 @@ def load_vae(name_or_path: str, device: torch.device, moved: str = "check the pa
         raise DataError(f"--vae {name_or_path}: its weights do not fit an AutoencoderKL ({len(missing)} of the "
                         f"AutoencoderKL's weights are not in it, e.g. {missing[0]}{found}); pass the folder of a VAE "
                         f"saved with save_pretrained (for a whole pipeline, its vae/ subfolder)")
+    normalised = [k for k in ("latents_mean", "latents_std") if getattr(vae.config, k, None) is not None]
+    if normalised:  # per-channel latent statistics (Playground v2.5's VAE): latents here are shaped by
+        # scaling_factor and shift_factor alone, so such a VAE's would train several times off scale, silently
+        raise DataError(f"--vae {name_or_path}: its config sets {' and '.join(normalised)} (a per-channel "
+                        f"normalisation of its latents), which stmd_fast does not apply: use a VAE whose latents are "
+                        f"shaped by scaling_factor and shift_factor alone (SD, SDXL, SD3 and FLUX VAEs are)")
     return vae.eval().requires_grad_(False).to(device)
 
 

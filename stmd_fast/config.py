@@ -100,7 +100,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = option((0.9, 0.999), metavar=("B1", "B2"))
     """AdamW's (beta1, beta2). Mean Flow's DiT recipe (celeba-latent, latent) uses beta2 = 0.95."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0."""
+    """Linear learning-rate warm-up: step k (from 1) uses lr * min(1, k / warmup_steps)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     dropout: float = 0.0

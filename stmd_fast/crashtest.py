@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             at = rng.uniform(0, after_ckpt if fresh else window)  # short of a whole run: most starts are killed
             try:
                 waited = first_checkpoint_after(process, crashed) if fresh else 0.0
+                if waited is None and process.poll() is None:  # no checkpoint within the deadline: hung
+                    process.kill()
+                    process.wait()
+                    problems.append(f"start {attempt + 1} wrote no checkpoint within 10 minutes (hung), killed")
+                    break
                 process.wait(timeout=at)
                 finished = True
                 at += waited or 0.0

@@ -250,6 +250,10 @@ def _wait_for_server(addr: str, port: int, timeout: timedelta) -> None:
             time.sleep(0.5)
 
 
+class GradientSyncFailed(Exception):
+    """Under torchrun the replicas' weights differ after a step: the gradient all-reduce did not happen."""
+
+
 class RendezvousFailed(ValueError):
     """The processes of the job could not meet: no server, a port taken, ranks missing after the timeout."""
 

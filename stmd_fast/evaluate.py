@@ -41,7 +41,7 @@ from .checkpoint import CheckpointError, Model, NonFiniteState, ema_decays_of, l
 from .cli import Parser, interrupt_on_stop_signals, printable_output, several_processes, warnings_as_lines
 from .cli import provenance as cli_provenance
 from .devices import OutOfMemory, fits_in_memory, resolve_device
-from .files import RunLocked, fsync_path, remove_stale_temps, run_lock, write_atomic, write_fix
+from .files import RunLocked, fsync_path, remove_stale_temps, run_lock, temp_sibling, write_atomic, write_fix
 from .methods import METHODS
 from .operators import CONDITIONED_STEPS
 from .run_log import clock
@@ -699,13 +699,6 @@ def kernel(args) -> int:
     keep_earlier_result(out, "kernel", {**record, "runs": report},
                         ["kernel.md", *sorted(path.name for path in out.glob("kernel_*_M*.png")
                                               if ".replaced-" not in path.name)])
-    # drawn once every run is measured: an interrupted command leaves no heat maps without their table
-    for name, rows, m in heat_maps if plot else ():
-        from .plots import plot_kernel_heatmap
-
-        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
-        plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
-    write_json(out / "kernel.json", {**record, "runs": report})
     lines = ["| run | method | s_from | s_to | M | energy (model) | energy (exact-mean bridge) | energy floor "
              "| SW2 (model) | SW2 (exact-mean bridge) | SW2 floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in report.items():
@@ -716,6 +709,14 @@ def kernel(args) -> int:
     lines.append(f"\n{args.points} conditioning states per (s_from, s_to), {args.num} draws each, seed {args.seed}")
     lines.append(made_by(record))
     write_md(out / "kernel.md", lines)
+    # drawn once every run is measured, after their table; the .json, last, says the result is whole (a kill
+    # before it leaves none: the same command again rewrites the rest)
+    for name, rows, m in heat_maps if plot else ():
+        from .plots import plot_kernel_heatmap
+
+        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).strip("_")  # a label can be a path: not in a file name
+        plot_kernel_heatmap(rows, out / f"kernel_{safe}_M{m}.png", flow_steps=m)
+    write_json(out / "kernel.json", {**record, "runs": report})
     print(f"wrote {out}/kernel.json, kernel.md{' and heat maps' if plot else ''}")
     return 0
 
@@ -775,7 +776,6 @@ def conditional(args) -> int:
                "source_images": floor,
                "rows": rows}
     keep_earlier_result(out, "conditional", summary, ["conditional.md"])
-    write_json(out / "conditional.json", summary)
     lines = [f"| s | alpha_s | M | {metric.name} |", "|---|---|---|---|"]
     lines += [f"| {r['s']:g} | {r['alpha']:.3f} | {r['M']} | {r['value']:.3f} |" for r in rows]
     lines.append(f"\nThe source training images themselves against the same reference (the floor): {metric.name} "
@@ -785,6 +785,7 @@ def conditional(args) -> int:
     lines.append(features_line(metric))
     lines.append(made_by(summary))
     write_md(out / "conditional.md", lines)
+    write_json(out / "conditional.json", summary)  # last: a .json says its result is whole
     print(f"wrote {out}/conditional.json, conditional.md")
     return 0
 
@@ -841,7 +842,6 @@ def posterior(args) -> int:
               "runs": args.runs, "flow_steps": flow_steps, "grid": grid, "seed": args.seed,
               "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
     keep_earlier_result(out, "posterior", result, ["posterior.md"])
-    write_json(out / "posterior.json", result)
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
              "|---|---|---|" + "---|" * (len(particles) + 1)]
@@ -857,6 +857,7 @@ def posterior(args) -> int:
                  f"the {grid} diffusion time grid, seed {args.seed}")
     lines.append(made_by(result))
     write_md(out / "posterior.md", lines)
+    write_json(out / "posterior.json", result)  # last: a .json says its result is whole
     print(f"wrote {out}/posterior.json and posterior.md")
     return 0
 
@@ -930,10 +931,10 @@ def inpaint(args) -> int:
     for i in range(shown):
         observed = images[i] * masks[i] - (1 - masks[i])
         tiles += [observed, *completions[: min(6, args.completions), i], images[i]]
-    png = grid_png(tiles, shown, args.zoom)  # before any file is written: the .json never goes without its .png
+    png = grid_png(tiles, shown, args.zoom)
     keep_earlier_result(out, f"inpaint_{args.mask}", result, [f"inpaint_{args.mask}.png"])
-    write_json(out / f"inpaint_{args.mask}.json", result)
     write_atomic(out / f"inpaint_{args.mask}.png", png)
+    write_json(out / f"inpaint_{args.mask}.json", result)  # last: the .json never goes without its .png
     print(f"{model.method} inpainting ({args.mask}, N={args.steps}, M={args.flow_steps}): {metric.name} "
           f"{result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB ({result['psnr_missing_db']:.2f} dB on the missing "
           f"pixels), diversity {result['diversity']:.4f} -> {out}")
@@ -1009,8 +1010,8 @@ def inverse(args) -> int:
         tiles += [observed[i], *samples[: min(6, args.completions), i], images[i]]
     png = grid_png(tiles, shown, args.zoom)
     keep_earlier_result(out, name, result, [f"{name}.png"])
-    write_json(out / f"{name}.json", result)
     write_atomic(out / f"{name}.png", png)
+    write_json(out / f"{name}.json", result)  # last: the .json never goes without its .png
     print(f"{model.method} {args.operator} ({sampler}, sigma_y={args.sigma_y}, N={args.steps}, M={args.flow_steps}): "
           f"{metric.name} {result['fd']:.3f}, PSNR {result['psnr_db']:.2f} dB, diversity {result['diversity']:.4f}, "
           f"RMS ||A x - y|| {result['consistency_rms']:.2e} -> {out}")
@@ -1072,8 +1073,9 @@ def writable_dir(path: str, flag: str = "--out") -> Path:
         raise EvalError(f"{flag} {out} is a file, not a folder: give a folder (it is made if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("ok")
-        (out / ".write-test").unlink()
+        probe = temp_sibling(out / ".write-test")  # per process: another command's probe is not removed under it
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as err:
         raise EvalError(f"cannot write to {flag} {out}: {err.strerror or err}: choose a writable directory") from None
     return out
@@ -1167,7 +1169,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inpaint", help="FD, PSNR and diversity of completions of held-out images")
     i.add_argument("checkpoint", metavar="CKPT", help="an image run (its newest intact checkpoint) or a checkpoint")
     i.add_argument("--mask", choices=("center", "pixels", "half"), default="center",
-                   help="what is hidden: the center square, random pixels, or the right half [default: center]")
+                   help="what is hidden: the center square, random pixels, or the bottom half [default: center]")
     i.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
     i.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")

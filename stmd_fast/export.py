@@ -17,7 +17,7 @@ The batch B is STATIC: the program takes exactly --batch samples per call (the d
 dynamic batch through diffusers' U-Net hits a shape guard at batch 64); callers pad a short
 batch and drop the padding, as `python -m stmd_fast.sample --exported` does. The noise is an input, not drawn
 inside, because Inductor replaces torch.randn with its own generator: with the noise drawn by
-draw_sampler_noise from torch.Generator().manual_seed(S), the program gives the eager
+sampling.draw_sampler_noise (or iter_sampler_noise) from torch.Generator().manual_seed(S), the program gives the eager
 sampler's samples for seed S.
 
 The graph is traced with the kernels' pure-PyTorch references (kernels.dispatch backend

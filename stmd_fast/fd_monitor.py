@@ -83,12 +83,14 @@ class TrainingFD:
         was_training = ema_net.training
         ema_net.eval()
         chunks = []
-        for start in range(0, self.cfg.fd_num, self.batch_size):
-            n = min(self.batch_size, self.cfg.fd_num - start)
-            x = sample(ema_net, self.cfg.method, n, self.shape, self.steps, self.flow_steps, generator,
-                       self.cfg.sample_grid)
-            chunks.append(self._decoded(x).cpu())
-        ema_net.train(was_training)
+        try:
+            for start in range(0, self.cfg.fd_num, self.batch_size):
+                n = min(self.batch_size, self.cfg.fd_num - start)
+                x = sample(ema_net, self.cfg.method, n, self.shape, self.steps, self.flow_steps, generator,
+                           self.cfg.sample_grid)
+                chunks.append(self._decoded(x).cpu())
+        finally:  # a caller that goes on after an error (a notebook) gets the module back as it was
+            ema_net.train(was_training)
         from .metrics import NonFiniteImages
 
         try:

@@ -74,7 +74,7 @@ class TensorBoardLogger:
         for old in self.log_dir.glob("events.out.tfevents.*"):
             old.unlink()
         self.writer = SummaryWriter(str(self.log_dir))
-        _quiet_tensorboard_writer_threads()
+        self._restore_excepthook = _quiet_tensorboard_writer_threads()
         self.writer.add_text("config", _as_markdown(config), 0)
         replay(self, Path(run_dir), start_step)
         print(f"TensorBoard: {self.log_dir} (tensorboard --logdir {shlex.quote(str(run_dir))})", flush=True)
@@ -92,8 +92,11 @@ class TensorBoardLogger:
             self.writer.flush()
 
     def close(self, failed: bool = False) -> None:
-        with self._naming_the_folder():
-            self.writer.close()
+        try:
+            with self._naming_the_folder():
+                self.writer.close()
+        finally:
+            self._restore_excepthook()
 
     @contextmanager
     def _naming_the_folder(self):
@@ -106,20 +109,26 @@ class TensorBoardLogger:
             raise OSError(err.errno, err.strerror, str(self.log_dir)) from err
 
 
-def _quiet_tensorboard_writer_threads() -> None:
+def _quiet_tensorboard_writer_threads():
     """TensorBoard's writer thread prints the traceback of a write that failed (a full disk), then the
     same error is raised again in the main thread at the next write or flush, where the trainer makes it
-    one line naming the file and the fix: the thread's copy is dropped, others' are printed as before."""
+    one line naming the file and the fix: the thread's copy is dropped, others' are printed as before.
+    Returns what puts the process's hook back (the logger's close): a host's own writers later keep theirs."""
     previous = threading.excepthook
     if getattr(previous, "quiets_tensorboard", False):
-        return
+        return lambda: None
 
     def hook(args):
         if not type(args.thread).__module__.startswith("tensorboard."):
             previous(args)
 
+    def restore():
+        if threading.excepthook is hook:  # else someone set their own since: theirs stays
+            threading.excepthook = previous
+
     hook.quiets_tensorboard = True
     threading.excepthook = hook
+    return restore
 
 
 class WandbLogger:

@@ -361,7 +361,8 @@ def check_noise(x0: torch.Tensor, noise: Noise) -> None:
 def flow_matching_loss(method: str, net, x0: torch.Tensor, noise: Noise, cfg: ObjectiveConfig | None = None):
     """The plain (conditional) flow-matching step of the same network: u(z_t, r = t) regressed
     on v = e - x_0, no JVP. What the Mean Flow objective reduces to at r = t; the benchmarks
-    time it beside compute_loss to measure what the JVP costs."""
+    time it beside compute_loss to measure what the JVP costs. cfg is not read: it is taken so that this
+    stands in for compute_loss in a partial(loss, method, net, cfg=...)."""
     if not get_method(method).flow:
         raise ValueError(f"flow matching is the r = t step of stmd or meanflow, not of {method!r}")
     check_noise(x0, noise)

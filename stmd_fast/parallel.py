@@ -84,7 +84,7 @@ class Replicas(Single):
         if not distributed.replicas_agree(net, ema.module):
             problem = f"the {self.world} processes hold different weights or EMA at step {step}: the gradient sync failed"
             if not distributed.skip_grad_sync_for_tests():
-                raise RuntimeError(problem)
+                raise distributed.GradientSyncFailed(problem)
             if self.ctx.is_main:
                 print(f"warning: {problem} (STMD_FAST_SKIP_GRAD_SYNC=1, a test-only switch)", flush=True)
         return super().full_states(net, ema, optimizer, step)

@@ -125,15 +125,20 @@ class RunLog:
         self.bar.close()
         # an error is a failed run; a stop signal (KeyboardInterrupt, after its checkpoint) is not
         failed = kind is not None and not issubclass(kind, KeyboardInterrupt)
+        problems = []  # every logger and the metrics file are closed, whichever fails: the first failure is raised
         for logger in self.loggers:
-            logger.close(failed)
+            try:
+                logger.close(failed)
+            except Exception as err:  # noqa: BLE001 - raised below, after the others are closed
+                problems.append(err)
         if self.metrics is not None:
             try:
                 self.metrics.close()
-            except OSError as err:  # a full disk fails the flush again: the error under way (naming the file) stays
-                if kind is None:
-                    err.filename = err.filename or self.metrics.name
-                    raise
+            except OSError as err:  # a full disk fails the flush again
+                err.filename = err.filename or self.metrics.name
+                problems.append(err)
+        if problems and kind is None:  # else the error under way stays the one said
+            raise problems[0]
 
     def step(self) -> None:
         self.bar.update(1)

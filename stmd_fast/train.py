@@ -69,6 +69,7 @@ from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, 
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, flag_of, preset_for_data
 from .data.datasets import DataError
 from .devices import out_of_memory, resolve_device, use_tf32
+from .distributed import GradientSyncFailed
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
                      make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
@@ -95,10 +96,6 @@ PAPER_PARAMS = {
 
 class TrainingDiverged(Exception):
     """The loss, or the weights, became NaN or inf."""
-
-
-class GradientSyncFailed(Exception):
-    """Under torchrun the replicas' weights differ after a step: the gradient all-reduce did not happen."""
 
 
 class PeerLost(Exception):

@@ -449,6 +449,23 @@ def test_time_samplers_script_has_help_and_checks_its_arguments_before_any_run(t
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+def test_time_samplers_script_reruns_an_interrupted_sweep(tmp_path):
+    """The script skipped a sweep whose results.json existed, but a sweep writes it after its first setting
+    ("complete": false): an interrupted sweep was never finished, and its tables held partial results."""
+    from stmd_fast.evaluate import write_json
+
+    script = (ROOT / "bench" / "time_samplers.sh").read_text()
+    swept = script[script.index("swept() {"):script.index("\n}\n", script.index("swept() {")) + 3]
+    for complete in (False, True):
+        write_json(tmp_path / "results.json", {"complete": complete, "rows": [{"value": 1.0}]})
+        result = subprocess.run(["bash", "-c", swept + f"swept {tmp_path} && echo skip || echo run"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip() == ("skip" if complete else "run"), result
+    result = subprocess.run(["bash", "-c", swept + f"swept {tmp_path / 'none'} || echo run"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.strip() == "run"
+
+
 def test_loss_per_s_pulls_relative_to_the_largest_s_in_any_order(tmp_path, capsys):
     """The pull was relative to the last --s given (1 by default), whatever it was; the header said s = 1."""
     from stmd_fast.train import main as train_main

@@ -1322,6 +1322,26 @@ def test_crashtest_stopped_is_one_line_and_leaves_no_run_behind(capsys, tmp_path
     assert crashtest.STARTED and all(process.poll() is not None for process in crashtest.STARTED)
 
 
+def test_crashtest_says_a_start_that_hangs(capsys, tmp_path, monkeypatch):
+    """A start with no checkpoint by the deadline, still running, was a TypeError traceback (None + seconds)."""
+    from stmd_fast import crashtest
+
+    def start(out, steps):  # the reference run ends at once; the test run hangs
+        command = ["true"] if out.name == "reference" else [sys.executable, "-c", "import time; time.sleep(60)"]
+        crashtest.STARTED.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+        return crashtest.STARTED[-1]
+
+    monkeypatch.setattr(crashtest, "start", start)
+    times = iter([1.0, 1.0])  # the reference run's first and last checkpoint
+    monkeypatch.setattr(crashtest, "first_checkpoint_after", lambda *args: next(times, None))
+    monkeypatch.setattr(crashtest, "second_run_refused", lambda out: None)
+    monkeypatch.setattr(crashtest, "train_command", lambda *args, **kwargs: ["false"])  # the final resume
+    assert crashtest.main(["--out", str(tmp_path / "crash"), "--kills", "1", "--steps", "20"]) == 1
+    out = capsys.readouterr().out
+    assert "start 1 wrote no checkpoint within 10 minutes (hung), killed" in out.splitlines()[-2]
+    assert all(process.poll() is not None for process in crashtest.STARTED)
+
+
 def test_crashtest_keeps_a_folder_it_did_not_make(capsys, tmp_path):
     from stmd_fast.crashtest import main as crashtest_main
 

@@ -140,6 +140,20 @@ def test_a_run_without_the_gradient_all_reduce_stops_within_two_steps(runs):
     assert not run.exists(), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
+def test_replicas_that_differ_at_a_checkpoint_stop_as_a_failed_gradient_sync(monkeypatch):
+    """The check before a checkpoint raises the error the trainer says in one line on every rank (a plain
+    RuntimeError there was a traceback per rank, where the same problem after step 1 was one line)."""
+    from stmd_fast import distributed as dist_mod
+    from stmd_fast.parallel import Replicas
+    from stmd_fast.train import GradientSyncFailed
+
+    monkeypatch.setattr(dist_mod, "replicas_agree", lambda *modules: False)
+    monkeypatch.delenv("STMD_FAST_SKIP_GRAD_SYNC", raising=False)
+    ctx = dist_mod.Dist(rank=0, world_size=2, launched=True)
+    with pytest.raises(GradientSyncFailed, match="hold different weights or EMA at step 7"):
+        Replicas(ctx, batch_size=4, per_rank_data=False).full_states(None, type("E", (), {"module": None})(), None, 7)
+
+
 def test_only_rank_0_makes_the_run_folder(tmp_path):
     """The other ranks leave --out to rank 0: one that made it first hid from rank 0 that this run made it,
     so a failed fresh run kept an empty folder, now and then (the no-sync run above, under load)."""

@@ -728,6 +728,32 @@ def test_an_interrupted_kernel_leaves_no_heat_maps_without_their_table(gmm, tmp_
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_a_result_json_is_written_last_so_an_interrupted_write_leaves_none(runs, gmm, tmp_path, monkeypatch, capsys):
+    """The .json of a result was written before its picture (inverse, inpaint) or heat maps (kernel): a Ctrl-C
+    between them left a .json whose picture was missing, or heat maps that a later command did not move aside."""
+    from stmd_fast import evaluate as evaluate_module
+    from stmd_fast import plots
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_kernel_heatmap", interrupted)
+    kernel = ["kernel", str(gmm / "stmd"), "--points", "2", "--num", "20", "--flow-steps", "1", "--out",
+              str(tmp_path / "k")]
+    assert evaluate(kernel) == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "k").iterdir()) == ["kernel.md"]
+    write_atomic = evaluate_module.write_atomic
+    monkeypatch.setattr(evaluate_module, "write_atomic",
+                        lambda path, data: interrupted() if path.suffix == ".png" else write_atomic(path, data))
+    inverse = ["inverse", str(runs / "stmd"), "--operator", "sr4", "--images", "2", "--completions", "2", "--steps",
+               "2", *scoring(runs), "--out", str(tmp_path / "inv")]
+    assert evaluate(inverse) == 130 and not (tmp_path / "inv").exists()  # nothing of it: the folder it made, gone
+    monkeypatch.undo()
+    assert evaluate(kernel) == 0 and evaluate(inverse) == 0
+    assert not list(tmp_path.glob("*/*.replaced-*"))  # no whole earlier result there: nothing to move aside
+    assert {path.name for path in (tmp_path / "k").iterdir()} == {"kernel.md", "kernel.json", "kernel_stmd_M1.png"}
+
+
 def test_sweep_and_kernel_write_their_results_without_matplotlib(runs, gmm, tmp_path, capsys, monkeypatch):
     # matplotlib is the optional plot extra: without it the numbers are written all the same, and a note names
     # the plots skipped and how to get them
@@ -918,3 +944,14 @@ def test_a_checkpoint_of_a_diverged_run_is_not_blamed_on_a_rotation(tmp_path, mo
     monkeypatch.setattr(ev, "load_checkpoint", rotated)
     with pytest.raises(ev.EvalError, match="is missing.*still training and deleting old checkpoints"):
         ev.load_for_sweep(tmp_path, "cpu", None)
+
+
+def test_the_write_probe_of_out_leaves_another_commands_probe_alone(tmp_path):
+    """Two evaluate commands starting into one --out shared the probe name: one removed the other's probe, whose
+    unlink then failed as "cannot write to --out: No such file or directory" instead of the lock's one line."""
+    from stmd_fast.evaluate import writable_dir
+
+    (tmp_path / ".write-test").write_text("another command's probe")
+    assert writable_dir(str(tmp_path)) == tmp_path
+    assert (tmp_path / ".write-test").read_text() == "another command's probe"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".write-test"]  # its own probe is gone

@@ -374,14 +374,21 @@ def test_a_restored_loader_continues_identically(shards, workers):
 
 
 def _damage(shards: Path, tmp_path: Path, which: dict[int, str]) -> Path:
-    """A copy of the shards with shard k cut in half ("truncated"), replaced by "garbage", or "short":
-    a well-formed tar of its first sample only (as if cut at a member boundary)."""
+    """A copy of the shards with shard k cut in half ("truncated"), replaced by "garbage", "short": a
+    well-formed tar of its first sample only (as if cut at a member boundary), or "long": its samples, then shard
+    0's (another shard copied over it, past its end)."""
     out = tmp_path / "damaged"
     shutil.copytree(shards, out)
     for k, how in which.items():
         path = out / f"shard-{k:06d}.tar"
         data = path.read_bytes()
-        if how == "short":
+        if how == "long":
+            with tarfile.open(path, "w") as long:
+                for source in (io.BytesIO(data), out / "shard-000000.tar"):
+                    with tarfile.open(fileobj=source) if isinstance(source, io.BytesIO) else tarfile.open(source) as tar:
+                        for member in tar.getmembers():
+                            long.addfile(member, tar.extractfile(member))
+        elif how == "short":
             with tarfile.open(fileobj=io.BytesIO(data)) as tar, tarfile.open(path, "w") as short:
                 for member in tar.getmembers()[:4]:  # mean.npy, sha256.txt, src.txt, std.npy of one sample
                     short.addfile(member, tar.extractfile(member))
@@ -420,6 +427,19 @@ def test_damaged_shards_are_skipped_with_a_warning_and_counted(shards, tmp_path,
             strict.batch(8, torch.Generator())
 
 
+def test_a_shard_longer_than_its_manifest_says_is_read_to_its_count_and_named(shards, tmp_path):
+    """Another shard copied over the last one: it was read whole (shard 0's samples twice an epoch) and the warning
+    said it "ends after 7 of 4 samples"."""
+    damaged = _damage(shards, tmp_path, {4: "long"})
+    data = LatentShards(str(damaged), num_workers=0, shuffle_buffer=4)
+    with pytest.warns(UserWarning, match=r"shard-000004.tar \(holds more samples than the \d+ its manifest lists: "
+                                         r"not the shard encoded there"):
+        data.batch(data.count, torch.Generator().manual_seed(0))
+    assert data.skipped_shards == 1
+    keys = data.epoch_keys(0)
+    assert sorted(keys) == sorted(LatentShards(str(shards), num_workers=0).epoch_keys(0))  # each once, as encoded
+
+
 def test_all_shards_damaged_raises_instead_of_hanging(shards, tmp_path):
     damaged = _damage(shards, tmp_path, {k: "garbage" for k in range(5)})
     data = LatentShards(_pattern(damaged), num_workers=2)
@@ -451,6 +471,15 @@ def test_a_folder_without_images_fails_before_the_vae_loads(tmp_path, vae_dir, m
                   "--device", "cpu"])
 
 
+def test_a_resolution_of_odd_latents_is_refused_before_encoding(tmp_path, image_dir, vae_dir):
+    """--resolution 72 with the SD VAE: 9x9 latents, encoded for hours, then refused by the trainer (no DiT patch
+    divides them). The tiny VAE downsamples 2x: 18 pixels give 9x9."""
+    with pytest.raises(DataError, match=r"--resolution 18 gives 9x9 latents .* pick a multiple of 4 \(e.g. 16\)"):
+        enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", "18", "--out",
+                  str(tmp_path / "o"), "--device", "cpu"])
+    assert not (tmp_path / "o").exists()
+
+
 def _unet_folder(path: Path) -> Path:
     """A pipeline's unet/ folder: a diffusers model folder, and no VAE (diffusers loaded it as one, its
     weights initialised at random, and the encoding failed later with a traceback)."""
@@ -475,6 +504,21 @@ def test_a_vae_that_does_not_load_is_a_data_error(tmp_path, image_dir, vae):
         enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o" / "new" / "shards"),
                   "--device", "cpu"])
     assert not (tmp_path / "o").exists()  # the --out it made is removed again, with the folders made for it
+
+
+def test_a_vae_with_per_channel_latent_statistics_is_refused_before_encoding(tmp_path, image_dir, vae_dir):
+    """latents_mean / latents_std (Playground v2.5's VAE) were ignored: its latents trained several times off
+    scale, without a word, and its fingerprint was the same as without them."""
+    import json
+
+    path = tmp_path / "normalised-vae"
+    shutil.copytree(vae_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "latents_mean": [1, -2, 0.5, 3],
+                                                  "latents_std": [8, 6, 6.5, 5]}))
+    with pytest.raises(DataError, match="sets latents_mean and latents_std .* which stmd_fast does not apply"):
+        enc.main(["--images", str(image_dir), "--vae", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_hub_id_that_does_not_load_is_one_line_without_a_library_warning(tmp_path, image_dir):
@@ -532,6 +576,17 @@ def test_a_glob_names_the_shards_like_a_brace_pattern(shards):
         LatentShards(_pattern(shards), num_workers=0).urls
     with pytest.raises(DataError, match="the pattern matches no file"):
         LatentShards(str(shards / "shard-9*.tar"))
+
+
+@pytest.mark.parametrize("name", ["enc[v1]", "odd{a,b}", "star*"])
+def test_a_shard_folder_whose_name_looks_like_a_pattern_is_read_as_a_folder(shards, tmp_path, name):
+    """encode wrote into enc[v1] and said "train with --data enc[v1]", which then failed: the folder's name went
+    through the brace and glob expansion meant for patterns ("the pattern matches no file")."""
+    folder = tmp_path / name
+    shutil.copytree(shards, folder)
+    data = LatentShards(str(folder), num_workers=0)
+    assert data.urls == [str(folder / Path(u).name) for u in LatentShards(str(shards), num_workers=0).urls]
+    assert len(set(data.epoch_keys(0))) == data.count
 
 
 def test_a_shard_the_manifest_does_not_list_is_refused(shards, tmp_path):
@@ -944,3 +999,14 @@ def test_encode_on_a_file_system_without_locks_is_one_line(tmp_path, image_dir, 
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note: ")]
     assert len(err) == 1 and "cannot lock" in err[0] and "No locks available" in err[0] and "file locks" in err[0]
     assert not (tmp_path / "shards").exists()  # made for this command, removed again
+
+
+def test_reading_shards_leaves_the_global_generator_alone(shards):
+    """The loader drew its base seed from torch's global generator, which dropout's masks come from (and a
+    checkpoint keeps): a resumed run starts an iterator mid-epoch, so every later mask differed from the
+    uninterrupted run's (latent runs with --dropout did not resume bit-identically)."""
+    data = LatentShards(str(shards), num_workers=0, shuffle_buffer=4)
+    before = torch.get_rng_state()
+    for _ in range(3):  # across an epoch's start
+        data.batch(data.count, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), before)

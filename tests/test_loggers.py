@@ -293,3 +293,19 @@ def test_a_full_disk_under_tensorboard_is_one_line_naming_its_folder(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: could not write {out / 'tensorboard'}: No space left on device; "
                                                 f"stopped, no checkpoint was written: free space, then run the same "
                                                 f"command again"]
+
+
+def test_the_tensorboard_logger_gives_back_the_process_thread_excepthook(tmp_path, monkeypatch):
+    """Its hook (dropping TensorBoard writer threads' tracebacks, said once by the trainer) stayed for the life
+    of the process: a notebook's own TensorBoard writers later lost their errors without a word."""
+    import threading
+
+    pytest.importorskip("tensorboard")
+    from stmd_fast.loggers import TensorBoardLogger
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # a test above leaves one unclosed
+    before = threading.excepthook
+    logger = TensorBoardLogger(tmp_path, {"lr": 1e-3})
+    assert threading.excepthook is not before  # quiet while the run logs
+    logger.close()
+    assert threading.excepthook is before

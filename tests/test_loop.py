@@ -235,3 +235,27 @@ def test_a_full_disk_under_metrics_jsonl_is_named_not_hidden_by_the_close(tmp_pa
     with pytest.raises(OSError) as err:
         log.__exit__(None, None, None)
     assert err.value.filename == str(tmp_path / "metrics.jsonl")
+
+
+def test_a_logger_that_fails_to_close_leaves_the_others_and_metrics_jsonl_closed(tmp_path):
+    """A logger's close that raised (TensorBoard on a full disk) skipped the loggers after it and metrics.jsonl."""
+    closed = []
+
+    class Logger:
+        def __init__(self, name, fails):
+            self.name, self.fails = name, fails
+
+        def close(self, failed):
+            closed.append((self.name, failed))
+            if self.fails:
+                raise OSError(28, "No space left on device", self.name)
+
+    with pytest.raises(OSError) as err:
+        with RunLog(tmp_path, 10, 0, is_main=True, loggers=[Logger("tb", True), Logger("wandb", False)]) as log:
+            pass
+    assert err.value.filename == "tb" and closed == [("tb", False), ("wandb", False)] and log.metrics.closed
+    closed.clear()
+    with pytest.raises(ValueError, match="the error under way"):  # it stays the one raised
+        with RunLog(tmp_path, 10, 0, is_main=True, loggers=[Logger("tb", True), Logger("wandb", False)]) as log:
+            raise ValueError("the error under way")
+    assert closed == [("tb", True), ("wandb", True)] and log.metrics.closed
