@@ -175,9 +175,15 @@ def trained_on(model) -> str:
 
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a name's substring (the first
-# that matches): the usual denominator of MFU. The measured peak (below) is what this machine reaches.
-SPEC_DENSE_TFLOPS = {"H100 PCIe": {"bf16": 756.0, "tf32": 378.0}, "H100": {"bf16": 989.4, "tf32": 494.7},
-                     "H200": {"bf16": 989.4, "tf32": 494.7}, "A100": {"bf16": 312.0, "tf32": 156.0}}
+# that matches, so each variant precedes its family's name): the usual denominator of MFU. The NVL cards (PCIe,
+# lower clocks) peak below the SXM parts; the GeForce figures are with FP32 accumulate, what torch's bf16 matmuls
+# use. A variant whose sheet is not here maps to {} (unknown), never to its family's peak: the RTX 4090 D has
+# fewer SMs than the 4090, and
+# a laptop part ("RTX 4090 Laptop GPU") than its desktop namesake. The measured peak (below) is what this machine reaches.
+SPEC_DENSE_TFLOPS = {"Laptop": {}, "H100 PCIe": {"bf16": 756.0, "tf32": 378.0}, "H100 NVL": {"bf16": 835.5, "tf32": 417.5},
+                     "H100": {"bf16": 989.4, "tf32": 494.7}, "H200 NVL": {"bf16": 835.5, "tf32": 417.5},
+                     "H200": {"bf16": 989.4, "tf32": 494.7}, "A100": {"bf16": 312.0, "tf32": 156.0},
+                     "L40S": {"bf16": 362.1, "tf32": 183.0}, "RTX 4090 D": {}, "RTX 4090": {"bf16": 165.2, "tf32": 82.6}}
 
 
 def spec_tflops(gpu_name: str | None, compute: str) -> float | None:
@@ -215,12 +221,12 @@ def measured_copy_gbps(device: torch.device, quick: bool = False) -> float:
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
-def peak_memory_mb(device: torch.device, since_mb: float = 0.0) -> float | None:
-    """CUDA: the peak allocated since reset_peak_memory, less since_mb (what was allocated before). CPU: None
+def peak_memory_mib(device: torch.device, since_mib: float = 0.0) -> float | None:
+    """CUDA: the peak allocated since reset_peak_memory, less since_mib (what was allocated before). CPU: None
     (a "-" in the tables): the only peak there is the process's resident set, which never goes down, so a
     variant measured after another would show the larger one's."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20 - since_mb
+        return torch.cuda.max_memory_allocated(device) / 2**20 - since_mib
     return None
 
 

@@ -1,6 +1,6 @@
 """Latent loader throughput: samples/s of LatentShards.batch per number of DataLoader workers.
 
-    python bench/data.py SHARDS/shard-{000000..000099}.tar --batch 256 --workers 0,1,2,4 --step-ms 120
+    python bench/data.py 'SHARDS/shard-{000000..000099}.tar' --batch 256 --workers 0,1,2,4 --step-ms 120
     python bench/data.py SHARDS --smoke --no-save      # a shard folder works too (its manifest names the shards)
 
 Per worker count: the first batch is timed on its own (worker start-up, first shard reads), then
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (apply_smoke, at_least, environment, finish, given_flags, median, parse_variants, parser,  # noqa: E402
-                    peak_memory_mb, print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
+                    peak_memory_mib, print_table, record, reset_peak_memory, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
 from stmd_fast.config import PRESET_DATA_SHAPES, PRESETS  # noqa: E402
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                 run()
             synchronize(device)
             rows.append({"variant": name, "N": steps, "M": flow_steps, "nfe": nfe(method, steps, flow_steps),
-                         "peak_mem_mb": peak_memory_mb(device)})
+                         "peak_mem_mib": peak_memory_mib(device)})
             runners.append(run)
             if args.sequential:
                 add_latency(rows[-1], time_ms(run, device, 0, args.iters), args, method)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                      and r["N"] == row["N"]), None)
         row["speedup_vs_eager"] = base["latency_ms"] / row["latency_ms"] if base else None
     print()
-    print_table(rows, ["variant", "N", "M", "nfe", "latency_ms", "img_per_s", "speedup_vs_eager", "peak_mem_mb"])
+    print_table(rows, ["variant", "N", "M", "nfe", "latency_ms", "img_per_s", "speedup_vs_eager", "peak_mem_mib"])
     result = {"environment": env, "method": method, "data_shape": list(data_shape), "batch": args.batch,
               "checkpoint": args.ckpt, "preset": None if args.ckpt else args.preset, "rows": rows}
     finish(f"sample/{args.preset if not args.ckpt else 'ckpt'}/{method}", result, save=not args.no_save)
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

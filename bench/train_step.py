@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GpuTelemetry, apply_smoke, at_least, environment, finish, matmul_compute, parse_variants,  # noqa: E402
-                    measured_matmul_tflops, median, parser, peak_memory_mb, print_table, record, reset_peak_memory,
+                    measured_matmul_tflops, median, parser, peak_memory_mib, print_table, record, reset_peak_memory,
                     spec_tflops, synchronize, time_ms, time_ms_interleaved)
 
 from stmd_fast.cli import one_line_errors  # noqa: E402
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     flops, runners, rows, losses, ema_ms = {}, {}, {}, {}, {}
     for key in runs:  # build, count FLOPs, warm up (compiles): one variant after another
         name, objective = key
-        base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+        base_mib = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
         reset_peak_memory(device)
         run, loss_fn, net, x0, losses[key], ema_update = build_runner(name, objective, cfg, data_shape, batch, device)
         if args.compile_only:
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         synchronize(device)
         compute = matmul_compute(device, VARIANTS[name].precision)
         rows[key] = {"variant": name, "objective": objective, "precision": VARIANTS[name].precision,
-                     "compute": compute, "peak_mem_mb": peak_memory_mb(device, since_mb=base_mb),
+                     "compute": compute, "peak_mem_mib": peak_memory_mib(device, since_mib=base_mib),
                      "gflop_per_step": flops[flop_key] / 1e9, "first_step_s": first_step_s}
         runners[key] = run
         if ema_update is not None:  # the public recipe's EMA, every PUBLIC_EMA_PERIOD steps: its share per step
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
         record(f"train_step/{args.preset}/{args.method}", row)
     print()
     print_table(rows, ["variant", "objective", "compute", "ms_per_step", "img_per_s", "tflops", "mfu_pct",
-                       "mfu_spec_pct", "peak_mem_mb", "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching",
+                       "mfu_spec_pct", "peak_mem_mib", "gflop_per_step", "speedup_vs_eager", "step_vs_flow_matching",
                        "speedup_vs_public", "power_w", "gpu_util_pct", "loss_first", "loss_last", "error_first",
                        "error_last", "loss_finite", "first_step_s"])
     result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

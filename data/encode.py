@@ -38,6 +38,7 @@ import os
 import random
 import shlex
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,11 +134,12 @@ def encode_shard(path: Path, sources: list[str], index: dict[str, int], vae, poo
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    return {"name": path.name, "sources_sha1": digest(sources, root), **entry}
+    # bytes and first_sha256: a rerun tells the shard written here from one copied over it or cut short since
+    return {"name": path.name, "sources_sha1": digest(sources, root), "bytes": path.stat().st_size, **entry}
 
 
 def _write_shard(tmp: Path, sources: list[str], index: dict[str, int], vae, pool, root: Path, args, bar) -> dict:
-    samples, skipped, enlarged = 0, [], 0
+    samples, skipped, enlarged, first = 0, [], 0, None
     # in Python file I/O, so a full disk is an OSError (main says it in one line)
     with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
         for batch, loaded in loaded_batches(pool, root, sources, args.batch_size, args.resolution):
@@ -157,12 +159,16 @@ def _write_shard(tmp: Path, sources: list[str], index: dict[str, int], vae, pool
                                         "beyond float16's range); check the VAE on this image, or move the image out")
                     for (number, p, _), m, s in zip(good, mean, std):
                         m, s = npy_bytes(m), npy_bytes(s)
+                        checksum = sample_sha256(m, s)
                         sink.write({"__key__": f"{number:09d}{suffix}", "mean.npy": m, "std.npy": s,
-                                    "sha256.txt": sample_sha256(m, s), "src.txt": os.fsencode(p)})  # bytes: a name need not be UTF-8
+                                    "sha256.txt": checksum, "src.txt": os.fsencode(p)})  # bytes: a name need not be UTF-8
                         samples += 1
+                        first = first or checksum
             bar.update(len(batch))
     fsync_path(tmp)
-    return {"images": len(sources) - len(skipped), "samples": samples, "skipped": skipped, "enlarged": enlarged}
+    # first_sha256: the reader tells this shard from another of the same length copied over it, before its samples
+    return {"images": len(sources) - len(skipped), "samples": samples, "skipped": skipped, "enlarged": enlarged,
+            "first_sha256": first}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -174,6 +180,33 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def sample_sha256(mean_npy: bytes, std_npy: bytes) -> str:
     """The per-sample checksum: SHA-256 of the mean's .npy bytes followed by the std's."""
     return hashlib.sha256(mean_npy + std_npy).hexdigest()
+
+
+def shard_outline(path: Path) -> tuple[int, str | None, str | None] | None:
+    """(samples, first key, first checksum sha256.txt) of a shard as the loader reads it, from the tar's member
+    headers (the data is seeked over, but the first checksum); None if the tar does not read whole."""
+    keys, first_sha = [], None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, kind = member.name.partition(".")  # keys hold no dot: f"{number:09d}{suffix}"
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                if len(keys) == 1 and kind == "sha256.txt":
+                    first_sha = tar.extractfile(member).read().decode(errors="replace")
+    except (OSError, tarfile.TarError, EOFError):
+        return None
+    return len(keys), keys[0] if keys else None, first_sha
+
+
+def still_as_written(size: int, outline: tuple | None, entry: dict, first_key: str | None) -> bool:
+    """Whether a shard of `size` bytes and shard_outline `outline` is the one its manifest entry describes, as far as
+    a rerun can tell from the tar's headers: its size, its sample count, its first sample's key (first_key: that of
+    the group's first readable image) and checksum (an older manifest's entry lacks the size and checksum: those
+    are not checked)."""
+    if outline is None or outline[0] != entry["samples"] or entry.get("bytes", size) != size:
+        return False
+    return entry["samples"] == 0 or (outline[1] == first_key and outline[2] == entry.get("first_sha256", outline[2]))
 
 
 def digest(sources: list[str], root: Path) -> str:
@@ -342,11 +375,20 @@ def encode_shards(args, out: Path, root: Path, sources: list[str], settings: dic
     with ThreadPoolExecutor(args.workers) as pool:
         for name, group in zip(names, groups):
             done = finished.get(name)
-            if done is not None and (out / name).exists() and done["sources_sha1"] == digest(group, root):
-                info.append(done)  # finished by an earlier run, with the same images
-                reused += 1
-                bar.update(len(group))
-                continue
+            if done is not None and done["sources_sha1"] == digest(group, root):
+                unread = {s["path"] for s in done["skipped"]}
+                first_key = next((f"{index[p]:09d}" for p in group if printable(p) not in unread), None)
+                size = (out / name).stat().st_size if (out / name).exists() else None
+                outline = shard_outline(out / name) if size is not None else None
+                if still_as_written(size, outline, done, first_key):  # finished earlier, with the same images
+                    # an older manifest's entry gains what this version checks (the loader then checks it too)
+                    info.append({**done, "bytes": size, "first_sha256": outline[2]})
+                    reused += 1
+                    bar.update(len(group))
+                    continue
+                if (out / name).exists():
+                    print(f"encode: {name} is not the shard written here (copied over or cut short since): "
+                          f"encoding it again", file=sys.stderr, flush=True)
             try:
                 info.append(encode_shard(out / name, group, index, vae, pool, root, args, bar))
                 write_manifest(out, manifest(complete=False))  # progress: what a rerun may skip
@@ -392,7 +434,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(cli())
+    run_and_exit(cli)

@@ -16,7 +16,6 @@ if __name__ == "__main__":  # a stop signal while torch and the rest import (sec
     stop_quietly_while_importing()
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(cli())
+    run_and_exit(cli)

@@ -22,7 +22,9 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ..checkpoint import is_run_config
 from ..devices import physical_memory
+from ..files import LOCK_FILE
 from .datasets import DataError, TensorData, preset_files_hint
 
 # What Pillow reads without plugins (.jfif/.jpe: JPEG as Windows and browsers name it; .avif where Pillow was
@@ -34,17 +36,39 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def walk_files(root: Path):
+RUN_FOLDER = "a training run's folder"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A training run's folder: its config.json, or, while a run starts, its lock beside its metrics.jsonl (a .lock
+    alone is any tool's)."""
+    return is_run_config(folder / "config.json") or ((folder / LOCK_FILE).exists()
+                                                     and (folder / "metrics.jsonl").exists())
+
+
+def walk_files(root: Path, left_out: list[tuple[str, str]] | None = None):
     """Every file under `root` as a path relative to it, hidden files and folders (.name) left out, following
     symlinked folders (a data set assembled from links to its parts: Path.rglob skips them before Python
-    3.13) but none twice, so a link to a folder above it cannot loop."""
+    3.13) but none twice, so a link to a folder above it cannot loop. Left out too, and appended to `left_out`
+    as (folder, why): a folder that cannot be listed (os.walk would pass over it without a word) and a run
+    folder of stmd_fast's (its sample grids are not training images, wherever a link puts it)."""
     seen = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+
+    def unlistable(error: OSError) -> None:
+        if left_out is not None:
+            left_out.append((error.filename or "?", error.strerror or str(error)))
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unlistable):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders[:] = []
             continue
         seen.add(real)
+        if is_run_folder(Path(folder)):
+            subfolders[:] = []
+            if left_out is not None:
+                left_out.append((folder, RUN_FOLDER))
+            continue
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # sorted: which link counts is fixed
         for name in files:
             if not name.startswith("."):
@@ -64,14 +88,50 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def once_each(root: Path, paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """`paths` (sorted) with every later path to an already listed file (same device and inode: a symlink or a hard
+    link) left out, and the pairs (kept, left out). A broken link is kept: reading it fails and names it."""
+    kept, duplicates, first = [], [], {}
+    for path in paths:
+        try:
+            info = os.stat(root / path)
+        except OSError:
+            kept.append(path)
+            continue
+        key = (info.st_dev, info.st_ino)
+        if info.st_ino == 0:  # a file system without inode numbers (some FUSE or network mounts): no way to tell
+            kept.append(path)
+        elif key in first:
+            duplicates.append((first[key], path))
+        else:
+            first[key] = path
+            kept.append(path)
+    return kept, duplicates
+
+
 def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     """Relative paths (posix) of the image files under `folder`, sorted so that runs are reproducible.
     Hidden files and folders (.name: editor backups, .ipynb_checkpoints, .Trash) are not images of the set."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"--images {folder}: not a folder; pass the folder that holds your images")
-    files = [p for p in walk_files(root) if _is_file_or_broken_link(root / p)]
-    paths = sorted(p.as_posix() for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+    passed_over: list[tuple[str, str]] = []
+    files = [p for p in walk_files(root, passed_over) if _is_file_or_broken_link(root / p)]
+    if passed_over and os.path.abspath(passed_over[0][0]) == os.path.abspath(root):
+        name, why = printable(str(folder)), passed_over[0][1]
+        raise DataError(f"--images {name}: {why}, whose sample grids are not training images; pass the folder "
+                        f"that holds your images" if why == RUN_FOLDER else
+                        f"--images {name}: cannot list it ({why}); make it readable (ls {name} works when it is)")
+    if passed_over:  # said, never a part of the set gone without a word
+        where, why = passed_over[0]
+        print(f"note: left out {len(passed_over)} folder(s) under {printable(str(folder))}, e.g. {printable(where)} "
+              f"({why})", file=sys.stderr)
+    paths, duplicates = once_each(root, sorted(p.as_posix() for p in files if p.suffix.lower() in IMAGE_SUFFIXES))
+    if duplicates:  # links (or hard links) assembling a set can name one file twice: it would weigh double
+        first, again = duplicates[0]
+        print(f"note: {len(duplicates)} image path(s) under {printable(str(folder))} name a file listed already "
+              f"(a link or hard link: {printable(again)} is {printable(first)}); each file is read once",
+              file=sys.stderr)
     others = Counter(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
     left_out = ""
     if others:  # captions and metadata beside the images are expected; say so, in case one was an image

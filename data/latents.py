@@ -207,16 +207,20 @@ def decode_sample(sample: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np.
     return mean, std
 
 
-def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, int]):
+def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, int],
+                firsts: dict[str, str] | None = None):
     """Yields {"key", "mean", "std"} (fp16 numpy) per intact sample, {"damaged": key, "url", "error"} per
     damaged sample (skipped), and {"skipped": url, "error"} for a shard whose tar stream breaks (the
     samples read before the break were yielded already).
 
     `expected` (path -> samples, from the manifest) catches a tar cut at a member boundary, which
-    tarfile reads as a clean end.
+    tarfile reads as a clean end. `firsts` (path -> its first sample's SHA-256, in manifests written since it was
+    kept) catches another shard of the same length in its place, before any of its samples is yielded.
     """
+    firsts = firsts or {}
     for url in shards:
-        count, listed = 0, expected.get(str(Path(url)))
+        count, listed, first = 0, expected.get(str(Path(url))), firsts.get(str(Path(url)))
+        swapped = False
         try:
             # opened here, not by webdataset's url_opener, which leaves closing the file to the GC
             with open(url, "rb") as stream:
@@ -229,16 +233,23 @@ def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, i
                     except DamagedSample as error:
                         yield {"damaged": sample["__key__"], "url": url, "error": str(error)}
                         continue
+                    # an intact first sample (its checksum holds) that is another one: read none of the shard
+                    if count == 1 and first is not None and bytes(sample["sha256.txt"]).decode() != first:
+                        swapped = True
+                        break
                     yield {"key": sample["__key__"], "mean": mean, "std": std}
         except CORRUPT as error:
             reason = error.args[0] if error.args else ""  # webdataset appends the stream to args
             yield {"skipped": url, "error": f"{type(error).__name__}: {reason}"}
             continue
-        if listed is not None and count > listed:
-            yield {"skipped": url, "error": f"holds more samples than the {listed} its manifest lists: not the shard "
-                                            f"encoded there (copied over?), re-encode it"}
+        if swapped or listed is not None and count > listed:
+            why = "its first sample is not the one its manifest lists, so none of it is read" if swapped else \
+                f"holds more samples than the {listed} its manifest lists"
+            yield {"skipped": url, "error": f"{why}: not the shard encoded there (copied over?); rerun the same "
+                                            f"encode command, which writes it again"}
         elif listed is not None and count < listed:
-            yield {"skipped": url, "error": f"ends after {count} of {listed} samples"}
+            yield {"skipped": url, "error": f"ends after {count} of {listed} samples; rerun the same encode command, "
+                                            f"which writes it again"}
 
 
 def chunked(records, size: int):
@@ -259,13 +270,13 @@ def chunked(records, size: int):
 class EpochStream(IterableDataset):
     """One rank's samples for one epoch, as chunks (and skip markers), from whichever worker runs it."""
 
-    def __init__(self, urls, shape, expected, epoch, *, seed, rank, world_size, shuffle_buffer):
-        self.urls, self.shape, self.expected, self.epoch = urls, shape, expected, epoch
+    def __init__(self, urls, shape, expected, epoch, *, seed, rank, world_size, shuffle_buffer, firsts=None):
+        self.urls, self.shape, self.expected, self.firsts, self.epoch = urls, shape, expected, firsts, epoch
         self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
 
     def __iter__(self):
         shards, worker = worker_split(rank_shards(self.urls, self.seed, self.epoch, self.rank, self.world_size))
-        records = read_shards(shards, self.shape, self.expected)
+        records = read_shards(shards, self.shape, self.expected, self.firsts)
         if self.shuffle_buffer > 1:
             rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
             records = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(records)
@@ -299,6 +310,13 @@ class LatentShards:
             self.urls = [str(folder / info["name"]) for info in read_manifest(folder)["shard_info"]]
         else:
             self.urls = expand_pattern(urls)
+            seen: dict[str, str] = {}
+            for url in self.urls:  # two parts of a '::' list (or a link) naming one shard: read twice an epoch
+                if (real := os.path.realpath(url)) in seen:
+                    also = "" if url == seen[real] else f" (also as {seen[real]})"
+                    raise DataError(f"--data {urls} names the shard {url} twice{also}: its samples would be read "
+                                    f"twice an epoch; list each shard once")
+                seen[real] = url
         missing = [u for u in self.urls if not Path(u).is_file()]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.urls)} shard files are missing, the first: {missing[0]}; "
@@ -314,6 +332,9 @@ class LatentShards:
                                 "pass shards of one encoding, or re-encode one folder like the other")
         self._expected = {str(folder / info["name"]): info["samples"]
                           for folder, manifest in manifests.items() for info in manifest["shard_info"]}
+        self._firsts = {str(folder / info["name"]): info["first_sha256"]  # absent in manifests written before it
+                        for folder, manifest in manifests.items() for info in manifest["shard_info"]
+                        if info.get("first_sha256")}
         unlisted = [u for u in self.urls if str(Path(u)) not in self._expected]
         if unlisted:  # e.g. left by an earlier encoding over more images: its samples would be read twice
             raise DataError(f"{unlisted[0]}: not a shard of the encoding its folder's manifest.json describes "
@@ -418,7 +439,7 @@ class LatentShards:
 
     def _loader(self, epoch: int) -> DataLoader:
         dataset = EpochStream(self.urls, self.shape, self._expected, epoch, seed=self.seed, rank=self.rank,
-                              world_size=self.world_size, shuffle_buffer=self.shuffle_buffer)
+                              world_size=self.world_size, shuffle_buffer=self.shuffle_buffer, firsts=self._firsts)
         # batch_size=None: the workers' chunks pass through as they are; one loader per epoch, since
         # the epoch is part of every worker's shard order and seed
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

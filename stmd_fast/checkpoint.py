@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import io
 import json
-import numbers
 import os
 import shutil
 import warnings
@@ -39,7 +38,7 @@ from .config import TrainConfig
 from .devices import resolve_device, same_device
 from .files import fsync_path, write_atomic, write_bytes_durably
 from .methods import METHODS, get_method
-from .sampling import check_steps, check_times, inpainting_projection, sample, transition
+from .sampling import check_count, check_steps, check_times, inpainting_projection, sample, transition
 
 if TYPE_CHECKING:
     from .operators import LinearOperator
@@ -432,6 +431,8 @@ class Model:
         get_method(method)  # an unknown one said now, not as a KeyError at the first sample
         self.net, self.method, self.data_shape, self.data_kind, self.meta = net, method, data_shape, data_kind, meta
         self.checkpoint: Path | None = None  # load_checkpoint's: the checkpoint folder the weights came from
+        self.weights: str | None = None  # load_checkpoint's: "ema" or "model" (None: a network given by hand)
+        self.ema_decay: float | None = None  # load_checkpoint's: the decay of the EMA loaded (weights "ema")
         self._decode, self._vae = None, None  # the loaded decoder and the VAE folder it came from
 
     def decode(self, z: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -502,12 +503,7 @@ class Model:
                              f"weights, as load_checkpoint returns them")
         return dtype
 
-    @staticmethod
-    def _count(name: str, value, allow_none: bool = False) -> None:
-        """TypeError unless value is a whole number (or None where allowed)."""
-        if (value is None and allow_none) or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
-            return
-        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    _count = staticmethod(check_count)
 
     def default_steps(self, steps: int | None, conditioned: bool = False) -> int:
         """N: the method's own default (1 for STMD and Mean Flow, 100 for DDPM) when not given; for a chain an
@@ -651,6 +647,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", weight
     default: --ema-decay's."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if isinstance(ema, (str, bytes, bool)):  # "0.999" is not 0.999: the error would list it among the decays kept
+        raise TypeError(f"ema must be a number (an EMA decay, e.g. 0.999), got {ema!r}")
     path = Path(os.path.expanduser(path))  # "~/runs/x", as a notebook writes it (an unknown ~user stays)
     device = resolve_device(device, what="device")  # before reading: a machine without CUDA says so at once
     for attempt in range(3):  # a run still training may rotate its newest checkpoint away while it is read
@@ -690,5 +688,6 @@ def _load_model(ckpt: Path, meta: dict, damaged: list[str], device: torch.device
                               f"config.json describes (was the folder edited?): {str(err).splitlines()[0]}") from None
     net.eval().requires_grad_(False).to(device)
     model = Model(net, meta["config"]["method"], tuple(meta["data_shape"]), meta["data_kind"], meta)
-    model.checkpoint = ckpt
+    model.checkpoint, model.weights = ckpt, weights
+    model.ema_decay = (meta["config"]["ema_decay"] if ema is None else ema) if weights == "ema" else None
     return model

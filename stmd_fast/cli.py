@@ -113,6 +113,14 @@ def interrupt_on_stop_signals():
             signal.signal(sig, handler)
 
 
+def restarts_repeat_it(ctx) -> str:
+    """For a mistake in the input under torchrun --max-restarts N: torchrun restarts the workers after any failure,
+    so each attempt left meets it again. Said, so that the repeats read as expected, with how to end them."""
+    again = ctx.max_restarts - ctx.restart_count
+    return (f" (torchrun restarts the workers after any failure: its {again} restart(s) left will say the same; "
+            f"stop it with Ctrl-C)") if again > 0 else ""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line (an unknown flag, an invalid choice, a missing argument) ends in
     one line naming the problem and where the flags are described, not the whole usage block first.
@@ -130,8 +138,9 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         from .distributed import from_env  # under torchrun every rank parses the same command line: rank 0
-        said = from_env().is_main           # says what is wrong, once
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if said else None)
+        ctx = from_env()                    # says what is wrong, once
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help){restarts_repeat_it(ctx)}\n"
+                  if ctx.is_main else None)
 
     def parse_known_args(self, args=None, namespace=None):
         """argparse's, then what every command shares: a leading ~ is the home folder (the shell leaves it as
@@ -291,7 +300,8 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
                         time.sleep(5)
                     except KeyboardInterrupt:  # stopped while waiting: rank 0 says the error
                         return 130
-                print(f"error: {err}" if ctx.is_main else f"error (rank {ctx.rank}): {err}", file=sys.stderr)
+                said = f"{err}{'' if isinstance(err, failures + alone) else restarts_repeat_it(ctx)}"
+                print(f"error: {said}" if ctx.is_main else f"error (rank {ctx.rank}): {said}", file=sys.stderr)
                 return 1 if isinstance(err, failures) else 2
             except KeyboardInterrupt as err:  # the user knows why; outputs are written whole or not at all
                 print("interrupted", file=sys.stderr)

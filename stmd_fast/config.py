@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .devices import resolve_device, same_device  # noqa: F401 (importable from here too)
 from .distributed import PARALLEL_MODES
-from .files import local_path
+from .files import local_path, local_pattern
 from .kernels.dispatch import BACKENDS
 from .loggers import LOGGERS
 from .methods import MAX_STEPS, METHODS
@@ -200,6 +200,12 @@ class TrainConfig:
         if self.objective.adaptive_p > 4:
             raise ValueError(f"--adaptive-p {self.objective.adaptive_p:g}: the recipes use 0 to 2, and the weight "
                              f"1 / (||delta||^2 + c)^p far beyond them leaves float32; give a p in [0, 4]")
+        c, p = self.objective.adaptive_c, self.objective.adaptive_p
+        if p * math.log10(c) > 6:  # c^-p < 1e-6 (in logs: a tiny c must not overflow). 1e300 made the float32
+            # weight 0: a loss of 0 and weights that never moved
+            raise ValueError(f"--adaptive-c {c:g}: the weight 1 / (||delta||^2 + c)^p is at most c^-p = "
+                             f"1e{-p * math.log10(c):.0f} at --adaptive-p {p:g}, so the gradients fall under AdamW's "
+                             f"eps (1e-8) or to 0 and the network stops learning; the recipes use c = 1e-3 to 1e-2")
 
     def check_grid_cost(self) -> None:
         """ValueError if a sample grid's N x M network calls per sample exceed MAX_STEPS: each bounded, their
@@ -277,7 +283,11 @@ class TrainConfig:
         if self.dit is not None and self.dit not in dit_names():
             raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(dit_names())}")
         # saved absolute, so that the run resumes, samples and decodes from any working directory
-        self.data, self.vae, self.inception_weights = map(local_path, (self.data, self.vae, self.inception_weights))
+        self.data = local_pattern(self.data)
+        self.vae, self.inception_weights = map(local_path, (self.vae, self.inception_weights))
+        if self.data_dir == "":
+            raise ValueError("--data-dir is empty: give the folder of the mnist / cifar10 files")
+        self.data_dir = str(Path(self.data_dir).expanduser().resolve())  # where its files are looked for: made now
         if self.out == "":
             raise ValueError("--out is empty: give a folder (or leave --out out for runs/<data>-<method>)")
         if self.out is not None:

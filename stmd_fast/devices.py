@@ -47,6 +47,22 @@ def use_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+@contextmanager
+def tf32_kept():
+    """use_tf32's process-wide settings as they were on the way in, back on the way out (a training call from a
+    notebook would otherwise leave the host's later fp32 matmuls in TF32, or take a TF32 it had chosen away)."""
+    try:
+        matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the host set torch's per-backend fp32_precision one by one: not readable this way
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def out_of_memory(err: RuntimeError) -> bool:
     """torch.OutOfMemoryError (CUDA), or the CPU allocator's plain RuntimeError saying the same."""
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) \

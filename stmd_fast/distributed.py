@@ -65,6 +65,8 @@ class Dist:
     """Started by torchrun (a process group is used, even with one process)."""
     restart_count: int = 0
     """TORCHELASTIC_RESTART_COUNT: how often torchrun restarted the workers of this job."""
+    max_restarts: int = 0
+    """TORCHELASTIC_MAX_RESTARTS: torchrun's --max-restarts, how often it restarts the workers after any failure."""
     run_id: str | None = None
     """TORCHELASTIC_RUN_ID: the same in every attempt of one torchrun job (a fresh uuid with --standalone)."""
 
@@ -102,7 +104,8 @@ def from_env() -> Dist:
     try:
         return Dist(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]),
                     local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launched=True,
-                    restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), run_id=env.get("TORCHELASTIC_RUN_ID"))
+                    restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), run_id=env.get("TORCHELASTIC_RUN_ID"),
+                    max_restarts=int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")))
     except ValueError:
         return Dist()
 
@@ -353,6 +356,11 @@ def replicas_agree(*modules: torch.nn.Module) -> bool:
     mine = torch.stack([v for t in tensors for v in (t.double().sum(), t.double().square().sum())])
     everyone = gather(mine)
     return bool((everyone == everyone[0]).all())
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the process count (0, 1 without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

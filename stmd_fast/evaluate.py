@@ -654,6 +654,9 @@ def write_results(out: Path, rows: list[dict], metric, record: dict, settings: i
 
 # ----------------------------------------------------------------------------- kernel (gmm)
 
+GMM_DEVICE = torch.device("cpu")  # where kernel and posterior load the gmm runs: 2-D points, no GPU work to speak of
+
+
 def gmm_models(paths: list[str], exact: str) -> dict[str, tuple[Path, Model]]:
     """label -> (checkpoint, model) of the gmm-preset runs `paths` (loaded on the CPU), each checkpoint given
     once, labelled as sweep labels its checkpoints (checkpoint_names); exact: what the command compares them
@@ -663,7 +666,7 @@ def gmm_models(paths: list[str], exact: str) -> dict[str, tuple[Path, Model]]:
     found = find_checkpoints(paths)
     models = {}
     for (ckpt, _), name in zip(found, checkpoint_names(found)):
-        model = load_checkpoint(ckpt)
+        model = load_checkpoint(ckpt, GMM_DEVICE)
         check_gmm_model(model, ckpt, exact)
         models[name] = ckpt, model
     return models
@@ -692,9 +695,9 @@ def kernel(args) -> int:
     for name, (ckpt, model) in models.items():
         fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
-        report[name] = {"checkpoint": str(ckpt), "method": model.method, "rows": rows}
+        report[name] = {"checkpoint": str(ckpt), "step": model.meta.get("step"), "method": model.method, "rows": rows}
         heat_maps += [(name, rows, m) for m in fs]
-    record = {"provenance": provenance(args), "seed": args.seed, "points": args.points, "num": args.num,
+    record = {"provenance": provenance(args, GMM_DEVICE), "seed": args.seed, "points": args.points, "num": args.num,
               "flow_steps": flow_steps}
     keep_earlier_result(out, "kernel", {**record, "runs": report},
                         ["kernel.md", *sorted(path.name for path in out.glob("kernel_*_M*.png")
@@ -838,9 +841,10 @@ def posterior(args) -> int:
     out = writable_dir(args.out)
     rows = posterior_grid(models, default_mixture(), POSTERIOR_MATRIX, args.sigma_y, steps, particles,
                           args.observations, args.runs, flow_steps, args.seed, grid=grid)
-    result = {"provenance": provenance(args), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
+    result = {"provenance": provenance(args, GMM_DEVICE), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
               "runs": args.runs, "flow_steps": flow_steps, "grid": grid, "seed": args.seed,
-              "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()}, "rows": rows}
+              "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()},
+              "steps": {name: model.meta.get("step") for name, (_, model) in found.items()}, "rows": rows}
     keep_earlier_result(out, "posterior", result, ["posterior.md"])
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
     lines = ["| run | method | N | " + " | ".join(f"SMC K = {k}" for k in particles) + " | DDNM+ |",
@@ -880,6 +884,14 @@ def make_mask(kind: str, shape: tuple[int, int, int], generator: torch.Generator
     return mask.expand(c, h, w).clone()
 
 
+def conditioned_steps(method: str, steps: int | None) -> int:
+    """N of inpaint and inverse: as given, else CONDITIONED_STEPS for a diffusion chain (N = 1 would leave the
+    observation out of every step that ends above s = 0) and 1 for Mean Flow, which has no diffusion steps."""
+    if steps is not None:
+        return steps
+    return CONDITIONED_STEPS if METHODS[method].diffusion else 1
+
+
 def inpaint(args) -> int:
     from .metrics import diversity, psnr
     from .operators import check_conditions
@@ -889,10 +901,12 @@ def inpaint(args) -> int:
     if meta["data_kind"] != "image":
         raise EvalError("inpaint evaluates pixel-space image models; this checkpoint makes latents "
                         "(a pixel mask does not carry over to latents)")
-    try:
+    args.steps = conditioned_steps(meta["config"]["method"], args.steps)
+    try:  # a method that cannot take the observation is said before how many steps it would need
+        if args.steps >= 1:
+            check_conditions(meta["config"]["method"], args.steps, "the observation",
+                             smc="evaluate inverse --operator inpaint --particles K --sigma-y S")
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
-        check_conditions(meta["config"]["method"], args.steps, "the observation",
-                         smc="evaluate inverse --operator inpaint --particles K --sigma-y S")
     except ValueError as err:
         raise EvalError(str(err)) from None
     if args.completions < 2:
@@ -956,7 +970,10 @@ def inverse(args) -> int:
                         "no mask: drop --mask")
     mask = (args.mask or "center") if args.operator == "inpaint" else None
     shape = tuple(meta["data_shape"])
+    args.steps = conditioned_steps(meta["config"]["method"], args.steps)
     try:
+        if args.particles is None and args.steps >= 1:  # a method that cannot take the observation: said first
+            check_conditions(meta["config"]["method"], args.steps)
         check_steps(meta["config"]["method"], args.steps, args.flow_steps)
         make_operator(args.operator, make_mask(mask, shape, torch.Generator()) if mask else None).check(shape)
     except ValueError as err:
@@ -967,8 +984,6 @@ def inverse(args) -> int:
         raise EvalError("--particles (SMC) weights by the likelihood of a noisy y: give --sigma-y > 0")
     try:
         check_sigma_y(args.sigma_y, "--sigma-y")
-        if args.particles is None:
-            check_conditions(meta["config"]["method"], args.steps)
     except ValueError as err:
         raise EvalError(str(err)) from None
     out = writable_dir(args.out)
@@ -1172,7 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what is hidden: the center square, random pixels, or the bottom half [default: center]")
     i.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     i.add_argument("--completions", type=int, default=8, help="completions per image [default: 8]")
-    i.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")
+    i.add_argument("--steps", type=int, help=f"N diffusion steps [default: {CONDITIONED_STEPS}; Mean Flow: 1]")
     i.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
     i.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(i)
@@ -1187,7 +1202,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--particles", type=int, help="SMC with K particles per completion [default: none, DDNM(+)]")
     v.add_argument("--images", type=int, default=64, help="held-out images [default: 64]")
     v.add_argument("--completions", type=int, default=8, help="samples per image [default: 8]")
-    v.add_argument("--steps", type=int, default=CONDITIONED_STEPS, help=f"N diffusion steps [default: {CONDITIONED_STEPS}]")
+    v.add_argument("--steps", type=int, help=f"N diffusion steps [default: {CONDITIONED_STEPS}; Mean Flow: 1]")
     v.add_argument("--flow-steps", type=int, default=1, help="M flow steps [default: 1]")
     v.add_argument("--zoom", type=int, default=1, help=f"enlarge the grid's pixels K times, at most {MAX_ZOOM} [default: 1]")
     common(v)
@@ -1272,7 +1287,7 @@ def run_evaluation(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

@@ -55,7 +55,7 @@ from .cli import Parser, one_line_errors
 from .devices import OutOfMemory, fits_in_memory
 from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
-from .sampling import iter_sampler_noise, nfe, run_plan, sampler_plan
+from .sampling import check_count, check_generator, iter_sampler_noise, nfe, run_plan, sampler_plan
 from .schedule import TIME_GRIDS
 
 EXPORT_FORMAT = 1
@@ -89,9 +89,10 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
     from . import __version__
     from .kernels import dispatch
 
+    check_count("batch", batch)
     if batch < 1:
         raise ExportError(f"--batch must be at least 1, got {batch}")
-    grid = grid or model.grid
+    grid = model.grid if grid is None else grid  # "" is refused by sampler_plan, as Model.sample refuses it
     plan = sampler_plan(model.method, steps, flow_steps, grid)
     device = model.device
     noise = torch.zeros(len(plan.noise_names), batch, *model.data_shape, device=device)
@@ -122,7 +123,10 @@ def export_sampler(model, steps: int, flow_steps: int, batch: int, grid: str | N
                    **({"range": "about [-1, 1], not clamped",
                        "to_uint8": "((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), channels first"}
                       if model.data_kind == "image" else {})},
-        "weights": "ema",
+        # what the network holds, as load_checkpoint loaded it (None for a network given by hand)
+        "weights": model.weights,
+        "ema_decay": model.ema_decay,
+        "checkpoint": str(model.checkpoint.resolve()) if model.checkpoint is not None else None,
         "checkpoint_step": model.meta.get("step"),
     }
     if model.data_kind == "latent":
@@ -254,8 +258,11 @@ def sample_exported(run, meta: dict, num: int, generator: torch.Generator, batch
     (Model.sample(num, ..., generator, batch_size=batch_size) with the same generator gives the
     same samples, up to float rounding); each draw is fed to the program meta["batch"] samples at
     a time, the last piece padded with zeros and the padding dropped."""
+    for name, value in (("num", num), ("batch_size", batch_size)):
+        check_count(name, value)
     if num < 1 or batch_size < 1:
         raise ValueError(f"need num >= 1 and batch_size >= 1, got {num} and {batch_size}")
+    check_generator(generator)
     plan = sampler_plan(meta["method"], meta["steps"], meta["flow_steps"], meta["grid"] or "uniform")
     if list(plan.noise_names) != meta["noise"]:
         raise ExportError(f"the program takes the noise {meta['noise']}, this stmd_fast draws {list(plan.noise_names)}: "
@@ -350,15 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint(args.checkpoint, device=device, weights="ema", ema=args.ema)  # its newest, now:
     for note in notes:  # a run still training may have rotated the one checked above away
         print(f"note: {note.message}", file=sys.stderr)
-    ckpt, ckpt_meta = model.checkpoint, model.meta
+    ckpt = model.checkpoint
 
     if (note := unrolled_note(method, steps, args.flow_steps)) is not None:
         print(note, file=sys.stderr)
     start = time.perf_counter()
     with fits_in_memory(device, f"lower --batch {args.batch}"):
         program, meta = export_sampler(model, steps, args.flow_steps, args.batch, args.grid)
-    meta["checkpoint"] = str(Path(ckpt).resolve())  # meaningful wherever the file goes
-    meta["ema_decay"] = args.ema if args.ema is not None else ckpt_meta["config"]["ema_decay"]
     try:
         save(program, meta, out)
     except OSError as err:
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

@@ -85,12 +85,22 @@ WRITE_FIXES = {errno.ENOSPC: "free space", errno.EDQUOT: "free space within your
                errno.EFBIG: "the file outgrew a size limit: raise it (ulimit -f) or use a file system that takes it",
                errno.EROFS: "make --out writable (its file system is read-only)",
                errno.EACCES: "make --out writable (permissions)", errno.EPERM: "make --out writable (permissions)",
-               errno.EIO: "check the disk (an I/O error)"}
+               errno.EIO: "check the disk (an I/O error)",
+               errno.ENOTDIR: "a folder in its path is a file: move that file aside"}
 
 
 def write_fix(err: OSError, otherwise: str = "check --out") -> str:
     """What to do about a write that failed with `err`, by its cause (a full disk is not a size limit)."""
     return WRITE_FIXES.get(err.errno, otherwise)
+
+
+def local_pattern(name: str | None) -> str | None:
+    """local_path for --data, which may also be a pattern of latent shards ('shards/shard-{000000..000009}.tar',
+    'shards/shard-*.tar', several joined by '::'): one that names no file as written has each part made absolute
+    (its braces and wildcards kept), so that a run on it resumes from any working directory too."""
+    if name is None or Path(os.path.expanduser(name)).exists() or not any(c in name for c in "*?[{:"):
+        return local_path(name)
+    return "::".join(os.path.abspath(os.path.expanduser(part)) if part else part for part in name.split("::"))
 
 
 def local_path(name: str | None) -> str | None:

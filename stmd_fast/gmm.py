@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    raise SystemExit(main())
+    run_and_exit(main)

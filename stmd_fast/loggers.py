@@ -150,11 +150,16 @@ class WandbLogger:
             shutil.rmtree(dead, ignore_errors=True)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        settings = wandb.Settings(console="off", x_disable_stats=True, silent=True)  # no console capture (the
+        # progress bar stays ours), no system-metrics sampler
+        if mode == "online":  # without a network W&B waits out its timeout before failing: not a hang, say so
+            timeout = os.environ.get("WANDB_INIT_TIMEOUT") or f"{settings.init_timeout:.0f}"  # as wandb.init takes it
+            print(f"W&B: connecting to start an online run (W&B waits up to {timeout} s for its server, "
+                  f"WANDB_INIT_TIMEOUT; WANDB_MODE=offline keeps the run here to upload later)", flush=True)
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=Path(run_dir).name,
                                   id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,  # RUN/wandb/
-                                  # no console capture (the progress bar stays ours), no system-metrics sampler
-                                  settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+                                  settings=settings)
         except Exception as err:  # no key (UsageError), no network (CommError after its timeout), a bad project
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise LoggerUnavailable(f"--loggers wandb: W&B could not start a{'n' if mode[0] in 'aeiou' else ''} {mode} "

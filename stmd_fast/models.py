@@ -8,6 +8,7 @@ Times are fed as t and t - r (not r, t): the paper and Mean Flow found that best
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,11 @@ from torch import nn
 from .kernels.attention import attention
 from .kernels.dispatch import make_dual, split_dual
 from .kernels.time_embedding import time_features
+
+# diffusers' Upsample2D asks its lru_cached is_torch_version("<", "2.1") in bf16; Dynamo traces through the cache
+# and warns twice per compiled bf16 U-Net. A version test gives the same answer cached or not: noise, not a risk.
+warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function at "
+                        r"'upsampling\.py", category=UserWarning)
 
 
 @dataclass

@@ -33,9 +33,9 @@ class IntervalSums:
         window: the open interval a resumed checkpoint kept (open_window), None for one starting at `step`."""
         self.device = device
         window = window or {"start": step, "loss": 0.0, "error": 0.0}
-        # every rank holds the interval's rank mean so far: the gather's mean over the ranks gives it back
-        self.loss = torch.tensor(window["loss"], device=device)
-        self.error = torch.tensor(window["error"], device=device)
+        rank, world = distributed.rank_and_world()
+        self.loss, self.error = (torch.tensor(own_sum(window[key], rank, world), device=device)
+                                 for key in ("loss", "error"))
         self.window_start = window["start"]
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.t_log = time.perf_counter()
@@ -72,11 +72,13 @@ class IntervalSums:
             record.update(img_per_s=n * batch_size / dt, ms_per_step=1e3 * dt / n)
         record["elapsed_s"] = time.perf_counter() - self.t_start
         record.update({name: int(sum(r[6 + i] for r in ranks)) for i, name in enumerate(skipped)})
+        # each rank's own sums (float32 values, exact in the float64 gather), so that a resume restores them bit for bit
+        loss_sums, error_sums = ([r[i] for r in ranks] for i in (0, 1))
         if interval_end:
             self.loss.zero_()
             self.error.zero_()
-            self.window_start, loss, error = step, 0.0, 0.0
-        self.closed = {"start": self.window_start, "loss": loss, "error": error}
+            self.window_start, loss_sums, error_sums = step, [0.0] * len(ranks), [0.0] * len(ranks)
+        self.closed = {"start": self.window_start, "loss": loss_sums, "error": error_sums}
         self.restart_clock(step)
         return (record, (min(bad) if bad else None), any(r[3] for r in ranks), any(r[4] for r in ranks),
                 any(r[5] for r in ranks))
@@ -89,6 +91,15 @@ class IntervalSums:
     def open_window(self) -> dict | None:
         """The open interval as of the last close (its first step and summed loss and error), for a checkpoint."""
         return self.closed
+
+
+def own_sum(saved: float | list[float], rank: int, world: int) -> float:
+    """This rank's share of a checkpoint's open interval sum. A list holds each rank's own sum: over the same process
+    count each rank takes its own, so the resumed records are bit for bit the uninterrupted run's. Over another count
+    (or from an older checkpoint's single rank mean) every rank takes the mean, which the gather's mean gives back."""
+    if not isinstance(saved, list):
+        return saved
+    return saved[rank] if len(saved) == world else sum(saved) / len(saved)
 
 
 def terminal_columns(stream) -> int | None:

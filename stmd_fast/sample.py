@@ -457,7 +457,7 @@ def draw(model, args, steps: int, observed, mask, operator, y) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    from stmd_fast.startup import imports_done
+    from stmd_fast.startup import imports_done, run_and_exit
 
     imports_done()
-    sys.exit(main())
+    run_and_exit(main)

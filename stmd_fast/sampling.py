@@ -233,6 +233,13 @@ def check_times(s_from, s_to) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def check_count(name: str, value, allow_none: bool = False) -> None:
+    """TypeError unless value is a whole number (or None where allowed): a float count once ended a chain off s = 0."""
+    if (value is None and allow_none) or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        return
+    raise TypeError(f"{name} must be a whole number, got {value!r}")
+
+
 def check_generator(generator) -> None:
     """TypeError unless a torch.Generator: None failed deep in the first draw ("no attribute 'device'")."""
     if not isinstance(generator, torch.Generator):
@@ -260,8 +267,7 @@ def sample(net, method: str, num: int, data_shape: tuple[int, ...], steps: int, 
 
     Returns `num` samples on the generator's device. NFE per sample: see nfe()."""
     check_generator(generator)
-    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
-        raise TypeError(f"num must be a whole number, got {num!r}")
+    check_count("num", num)
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     plan = sampler_plan(method, steps, flow_steps, grid)

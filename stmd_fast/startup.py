@@ -1,8 +1,9 @@
 """What a command does before its imports: torch and the rest take seconds (more on a loaded machine), and a
 Ctrl-C, SIGTERM or hang-up in them printed a traceback from deep inside torch. Imports nothing heavy.
 
-Each command (python -m stmd_fast.X, the bench scripts) calls stop_quietly_while_importing() first, then
-imports_done() before main(), whose one_line_errors handles the signals from there on."""
+Each command (python -m stmd_fast.X, the bench scripts of the package's code) calls stop_quietly_while_importing() first, then
+imports_done() before main(), whose one_line_errors handles the signals from there on, and exits through
+run_and_exit(main)."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,33 @@ def imports_done() -> None:
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+def run_and_exit(main) -> None:
+    """A command's main() and its exit. Once main() is over (returned, or exited through argparse's usage error),
+    its work is done or its error said, and the interpreter's shutdown (a second or more: atexit, torch's
+    cleanup) has nothing left to stop: a stop signal there killed the process silently (a job scheduler read a
+    stopped job) or printed a traceback from an atexit callback. From then on a stop signal ends the process at
+    once with main()'s exit status (a shutdown that hangs still ends by Ctrl-C)."""
+    code = 1  # a bug's traceback: Python's exit status for it
+    try:
+        code = main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+        raise
+    finally:
+        def exit_now(signum, frame):
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed or gone terminal, a write this signal interrupted
+                    pass
+            os._exit(code)
+
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, exit_now)
+    sys.exit(code)
 
 
 def second_signal_handler():

@@ -41,18 +41,18 @@ def _stop_with_the_agent() -> None:
 if __name__ == "__main__":  # a Ctrl-C, SIGTERM or hang-up while torch and the rest import (seconds): one line
     from stmd_fast.startup import stop_quietly_while_importing
 
-    stop_quietly_while_importing("interrupted during start-up, before the first step; no checkpoint was written")
+    stop_quietly_while_importing("interrupted during start-up, before the first step; nothing was written or changed")
     _stop_with_the_agent()
 
 # ruff: noqa: E402 (the imports below come after that handler on purpose)
 import argparse
-import glob
 import hashlib
 import io
 import json
 import threading
 import time
 import uuid
+from collections import Counter
 from contextlib import ExitStack, nullcontext, redirect_stderr
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -68,13 +68,13 @@ from .cli import (Interrupted, Parser, UserError, add_dataclass_flags, clipped, 
                   quiet_if_hung_up, stop_signals)
 from .config import LATENT_RESOLUTION, PRESETS, RESUME_OVERRIDABLE, TrainConfig, choose_net, flag_of, preset_for_data
 from .data.datasets import DataError
-from .devices import out_of_memory, resolve_device, use_tf32
+from .devices import out_of_memory, resolve_device, tf32_kept, use_tf32
 from .distributed import GradientSyncFailed
 from .engine import (broken_compiled_library, inductor_cache_dir, make_ema_update, make_optimizer,  # noqa: F401
                      make_train_step, remove_interrupted_compiles)  # (make_ema_update, make_optimizer re-exported)
 from .evaluate import FD_PRESETS
-from .files import (LOCK_FILE, RunLocked, WriteFailed, file_identity, remove_stale_temps, run_lock, temp_sibling,
-                    write_fix)
+from .files import (LOCK_FILE, RunLocked, WriteFailed, file_identity, local_pattern, remove_stale_temps, run_lock,
+                    temp_sibling, write_fix)
 from .kernels import dispatch
 from .loggers import LoggerUnavailable, check_loggers, open_loggers
 from .methods import METHODS
@@ -82,7 +82,7 @@ from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
-from .startup import imports_done, second_signal_handler
+from .startup import imports_done, run_and_exit, second_signal_handler
 from .training_state import TrainingState
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
@@ -253,6 +253,11 @@ DIFFUSION_FLAGS = ("s_sampler", "s_grid_fraction", "s_grid_steps", "sample_steps
 """What only a method with diffusion time (STMD, DDPM) reads (DDPM's sample grids take --sample-ddpm-steps)."""
 
 
+TIME_LAW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_grid_fraction",
+                  "flow_grid_steps", "s_sampler", "s_grid_fraction", "s_grid_steps")
+"""The laws objectives.draw_noise draws the times from."""
+
+
 def unused_flags(cfg: TrainConfig, given) -> list[str]:
     """A note for each flag the user gave that this run does not read (the method, or the data, has no use
     for it), so that a typo of intent is not silently ignored."""
@@ -273,15 +278,20 @@ def unread_flags(cfg: TrainConfig) -> dict[str, str]:
     for it."""
     method = METHODS[cfg.method]
     image_folder = cfg.data is not None and Path(cfg.data).is_dir() and cfg.preset not in LATENT_RESOLUTION
-    why = {name: f"{method.label} has no flow time" for name in FLOW_FLAGS if not method.flow}
-    why |= {name: f"{method.label} has no diffusion time" for name in DIFFUSION_FLAGS if not method.diffusion}
+    # the unread times are still drawn (every method draws one Noise), so a law that draws more or fewer numbers
+    # moves the noise drawn after it: the run is another draw of the same law, not the same run
+    drawn = " (beyond the random stream: its times are still drawn, so another law of them can change the noise drawn " \
+        "after them)"
+    why = {name: f"{method.label} has no flow time{drawn if name in TIME_LAW_FLAGS else ''}" for name in FLOW_FLAGS
+           if not method.flow}
+    why |= {name: f"{method.label} has no diffusion time{drawn if name in TIME_LAW_FLAGS else ''}"
+            for name in DIFFUSION_FLAGS if not method.diffusion}
     if cfg.method == "ddpm":
         why["sample_steps"] = "DDPM's sample grids take --sample-ddpm-steps"
     else:
         why["sample_ddpm_steps"] = "only DDPM's sample grids read it"
     # a --data that is not there gets its own error next, and may well have been meant as a folder
-    missing = cfg.preset not in LATENT_RESOLUTION and cfg.data is not None and not glob.has_magic(cfg.data) \
-        and not Path(cfg.data).exists()  # (latent shards may be a brace pattern, which glob does not know)
+    missing = cfg.preset not in LATENT_RESOLUTION and cfg.data is not None and data_gone(cfg.data)
     if not image_folder and not missing:
         why["resolution"] = "it sizes an image folder (--data DIR); this run's data have their own size"
     if cfg.preset not in LATENT_RESOLUTION:
@@ -310,12 +320,22 @@ def unread_flags(cfg: TrainConfig) -> dict[str, str]:
     if law.time_sampler == "pair":
         laws |= {name: "--time-sampler pair draws r and t from one law (--time-mean, --time-std)"
                  for name in ("r_mean", "r_std")}
+    if law.time_sampler == "mixture" and law.mixture_weight == 0:
+        laws |= {name: "--mixture-weight is 0: every row is drawn from the pair law" for name in ("r_mean", "r_std")}
     if law.time_sampler != "mixture":
         laws["mixture_weight"] = f"--time-sampler mixture alone reads it; this run's is {law.time_sampler}"
     if not law.flow_grid_fraction:
         laws["flow_grid_steps"] = "--flow-grid-fraction is 0: no row is drawn on the flow grid"
+    if law.flow_grid_fraction == 1:  # the law's draws are made first all the same: the sampler's count of them
+        laws |= {name: "--flow-grid-fraction is 1: every row's (r, t) is drawn on the flow grid"
+                 + (drawn if name == "time_sampler" else "")
+                 for name in ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight")}
     if law.s_sampler == "uniform":
         laws |= {name: "--s-sampler uniform draws s from U(0, 1] alone" for name in ("s_grid_fraction", "s_grid_steps")}
+    elif not law.s_grid_fraction:
+        laws["s_grid_steps"] = "--s-grid-fraction is 0: no s is drawn on the grid"
+    if not law.adaptive_p:
+        laws["adaptive_c"] = "--adaptive-p is 0: the loss weight 1 / (||delta||^2 + c)^0 is 1 whatever c"
     return laws | why
 
 
@@ -575,7 +595,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     try:
         data = load_training_data(cfg, ctx)
     except UserError:
-        if resume and cfg.data is not None and not glob.has_magic(cfg.data) and not Path(cfg.data).exists():
+        if resume and cfg.data is not None and data_gone(cfg.data):
             raise UserError(f"--resume: {out} was trained on --data {cfg.data}, which is gone: if it moved, "
                             f"resume with --data NEW_PLACE (samples of the same shape)") from None
         raise
@@ -628,6 +648,19 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
     return run
 
 
+def data_gone(data: str) -> bool:
+    """Whether nothing --data names is there: neither the path as written (a folder may be named "photos [2023]")
+    nor, read as a shard pattern, any shard it names."""
+    if Path(data).exists():
+        return False
+    from .data.latents import expand_pattern  # webdataset: imported only when needed
+
+    try:
+        return not any(Path(shard).exists() for shard in expand_pattern(data))
+    except (DataError, ValueError):  # a glob that matches nothing; braces that do not expand
+        return True
+
+
 def check_same_data(out: Path, cfg: TrainConfig, data, main: bool, digest: str | None = None) -> None:
     """A resumed run's data must have the shape per sample it was trained on (its network takes nothing
     else); a changed place (--data), count or content (digest: data_sha256) is allowed, and said. All come
@@ -642,10 +675,11 @@ def check_same_data(out: Path, cfg: TrainConfig, data, main: bool, digest: str |
                         f"{source} now gives {tuple(data.shape)}: its network takes nothing else; resume on the data "
                         f"it was trained on, or start a new run with another --out")
     was = trained.get("config", {}).get("data", cfg.data)
+    was = local_pattern(was) if was else was  # one saved relative (a pattern, by an older version) is not a move
     if was != cfg.data and main:  # --data given again, elsewhere: the run moved its data (or chose new data)
         print(f"note: the run was trained on {was or 'the ' + cfg.preset + ' preset'}; it continues on {source}",
               file=sys.stderr)
-    was_dir = trained.get("config", {}).get("data_dir", cfg.data_dir)
+    was_dir = str(Path(trained.get("config", {}).get("data_dir", cfg.data_dir)).expanduser().resolve())
     if cfg.data is None and "data_dir" not in unread_flags(cfg) and was_dir != cfg.data_dir and main:
         print(f"note: the run read its {cfg.preset} files from {was_dir}; it continues on those in {cfg.data_dir}",
               file=sys.stderr)
@@ -767,7 +801,8 @@ def train(cfg: TrainConfig, resume: bool = False, argv: list[str] | None = None)
     # global one; the batches and noise from the run's own generator): CUDA's current device's too, where the caller
     # had started CUDA (a fork over every device would make a context on each)
     cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda), ExitStack() as held:  # held: the run directory's lock (rank 0)
+    # --tf32 sets a process-wide switch: a caller's comes back too
+    with torch.random.fork_rng(devices=cuda), tf32_kept(), ExitStack() as held:  # held: the run directory's lock
         run = prepare_run(cfg, resume, ctx, held)
         run.argv = list(argv or [])
         return train_run(cfg, run, resume)
@@ -1002,19 +1037,33 @@ def measure_fd(run: Run, ema) -> dict[str, float]:
     return values
 
 
-def assert_compiled(verbose: bool = True, seconds: float | None = None) -> None:
-    """torch.compile falls back to eager silently on some failures: check a graph exists."""
+def compile_counts() -> tuple[int, Counter]:
+    """Dynamo's graphs and graph breaks (by reason) so far in this process: assert_compiled counts one step's."""
     from torch._dynamo.utils import counters
 
-    graphs = counters["stats"]["unique_graphs"]
-    breaks = sum(counters["graph_break"].values())
-    if graphs == 0:
+    return counters["stats"]["unique_graphs"], Counter(counters["graph_break"])
+
+
+def assert_compiled(before: tuple[int, Counter], verbose: bool = True, seconds: float | None = None) -> None:
+    """torch.compile falls back to eager silently on some failures: check the step made a graph, and warn when
+    graph breaks leave parts of it eager (the JVP's, say). `before`: compile_counts() before the step, since
+    the counters are the process's (an earlier compile in a notebook or a test counts there too)."""
+    total, breaks = compile_counts()
+    graphs = total - before[0]
+    breaks -= before[1]  # a Counter's difference keeps the reasons this step added
+    if total == 0:
         raise RuntimeError("--compile: torch.compile produced no graph for the loss; run without --compile "
                            "and report this with your torch version")
     if verbose:
         took = f" in {seconds:.0f} s (the first step)" if seconds is not None else ""
-        print(f"compiled the loss{took}: {graphs} graph(s), {breaks} graph break(s)")
-
+        # none new: Dynamo reused the graph an earlier training in this process compiled (a notebook's second run)
+        made = f"{graphs} graph(s)" if graphs else "the graph compiled earlier in this process"
+        print(f"compiled the loss{took}: {made}, {breaks.total()} graph break(s)")
+        if breaks:
+            reason, count = breaks.most_common(1)[0]
+            print(f"warning: --compile: {breaks.total()} graph break(s) leave parts of the step eager and slower "
+                  f"(most often, {count}x: {reason.splitlines()[0]}); TORCH_LOGS=graph_breaks shows where, and "
+                  f"please report it with your torch version", file=sys.stderr, flush=True)
 
 
 class Stopped(KeyboardInterrupt):
@@ -1095,7 +1144,7 @@ def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
             print(f"compiling the loss{jvp} and backward: the first step waits for it, minutes for a "
                   f"large network; a later run of the same network and batch reuses {inductor_cache_dir()}",
                   flush=True)
-        began = time.perf_counter()
+        before, began = compile_counts() if first_compiled else None, time.perf_counter()
         try:
             out = train_step(x0, noise)
         except Exception as err:
@@ -1107,7 +1156,7 @@ def with_checks(train_step, cfg: TrainConfig, run: Run, state: TrainingState):
                             f"was stopped while writing it); it is removed now: run the same command again "
                             f"(or point TORCHINDUCTOR_CACHE_DIR at a fresh folder)") from None
         if first_compiled:
-            assert_compiled(verbose=ctx.is_main, seconds=time.perf_counter() - began)
+            assert_compiled(before, verbose=ctx.is_main, seconds=time.perf_counter() - began)
         if sync_check and calls[0] - start <= 2 and not distributed.replicas_agree(state.net):
             # every rank gathered the same fingerprints, so every rank raises here
             raise GradientSyncFailed(f"the {ctx.world_size} processes hold different weights after step "
@@ -1199,6 +1248,4 @@ if __name__ == "__main__":
     # the imports are done: the import-time line would be false now, also after main (whose error handling,
     # one_line_errors, brings back the handlers it found: a rank's error waits, and torchrun sends SIGTERM)
     imports_done()
-    code = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing left to stop: no traceback from the exit's cleanup
-    sys.exit(code)
+    run_and_exit(main)

@@ -151,9 +151,10 @@ class TrainingState:
         else:
             self.generator.manual_seed(strategy.seed(seed + step))
             if ctx.is_main:
+                was, now = saved.get("world_size", 1), ctx.world_size if strategy.per_rank_data else 1
                 why = (f"the run moved from {saved['generator_device']} to {device.type}" if mine is not None else
-                       f"the run's {saved.get('world_size', 1)} data streams (one per process) became "
-                       f"{ctx.world_size if strategy.per_rank_data else 1}; the shards' epoch restarts")
+                       (f"the run's one data stream became {now} (one per process)" if was == 1 else
+                        f"the run's {was} data streams (one per process) became {now}") + "; the shards' epoch restarts")
                 print(f"note: {why}: noise reseeded from (seed, step), so it continues correctly but not "
                       f"bit-identically", file=sys.stderr)
         if hasattr(self.data, "load_state_dict"):

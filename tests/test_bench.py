@@ -90,7 +90,7 @@ def test_train_step_smoke():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
         assert row["tflops"] > 0 and row["mfu_pct"] is None  # so no MFU (once 500%)
         assert row["compute"] == "fp32" and row["mfu_spec_pct"] is None  # a CPU has no data-sheet peak here
-        assert row["peak_mem_mb"] is None  # a CPU's only peak is the process's, never lower for a later variant
+        assert row["peak_mem_mib"] is None  # a CPU's only peak is the process's, never lower for a later variant
     # every variant's steps see the same batch and noise (the FLOP count once drew from one variant's
     # generator): the first step's loss, taken before any update, agrees across engines
     firsts = [rows[(v, "stmd")]["loss_first"] for v in ("eager fp32", "compiled fp32", "public recipe")]
@@ -189,7 +189,7 @@ def test_sample_smoke():
     nfes = sorted({r["nfe"] for r in result["rows"]})
     assert nfes == [1, 2, 4, 8]  # stmd's (N, M) grid
     assert {r["variant"] for r in result["rows"]} == {"eager fp32", "compiled fp32"}
-    assert all(r["peak_mem_mb"] is None for r in result["rows"])  # on a CPU: not measurable per variant
+    assert all(r["peak_mem_mib"] is None for r in result["rows"])  # on a CPU: not measurable per variant
 
 
 @pytest.mark.slow
@@ -376,7 +376,10 @@ def test_mfu_peaks_follow_the_rows_compute():
     assert common.spec_tflops(None, "bf16") is None  # no GPU
     for name, bf16, tf32 in (("NVIDIA H200", 989.4, 494.7), ("NVIDIA H100 PCIe", 756.0, 378.0),
                              ("NVIDIA H100 80GB HBM3", 989.4, 494.7), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
-                             ("NVIDIA GeForce RTX 4090", None, None)):
+                             ("NVIDIA H100 NVL", 835.5, 417.5), ("NVIDIA H200 NVL", 835.5, 417.5),
+                             ("NVIDIA GeForce RTX 4090", 165.2, 82.6), ("NVIDIA GeForce RTX 4090 D", None, None),
+                             ("NVIDIA GeForce RTX 4090 Laptop GPU", None, None),
+                             ("NVIDIA GeForce RTX 3090", None, None)):
         assert (common.spec_tflops(name, "bf16"), common.spec_tflops(name, "tf32")) == (bf16, tf32), name
 
 

@@ -168,6 +168,11 @@ def test_sampler_flags_reach_the_run_config(tmp_path):
      ["--time-sampler", "pair", "--s-sampler", "uniform", "--time-mean", -1]),
     ("meanflow", ["--r-std", 1.0, "--mixture-weight", 0.2], ["--time-sampler", "pair", "--flow-grid-fraction", 0.1,
                                                              "--flow-grid-steps", 2]),
+    # values that leave another flag unread: a weight or a fraction at 0 or 1, p = 0
+    ("stmd", ["--s-grid-steps", 3, "--adaptive-c", 0.5, "--r-mean", -2],
+     ["--s-sampler", "grid", "--s-grid-fraction", 0, "--adaptive-p", 0, "--time-sampler", "mixture",
+      "--mixture-weight", 0]),
+    ("meanflow", ["--time-mean", 2, "--time-sampler", "separate"], ["--flow-grid-fraction", 1]),
 ])
 def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_path, method, unused, used):
     """Each given flag that the method or the data has no use for gets a note saying why; the others none."""
@@ -175,6 +180,22 @@ def test_flags_a_run_does_not_read_are_named_not_silently_ignored(capsys, tmp_pa
     err = capsys.readouterr().err
     noted = set(re.findall(r"note: (--[\w-]+) has no effect on this run", err))
     assert noted == {str(a) for a in unused if str(a).startswith("--")}
+
+
+def test_a_time_law_a_method_does_not_read_is_said_to_still_move_its_random_stream(capsys, tmp_path):
+    """DDPM has no flow time, but its (r, t) are still drawn: "--time-sampler has no effect" was said of runs whose
+    losses differed (mixture draws more numbers than pair, so the noise drawn after them moved)."""
+    losses = {}
+    for sampler in ("pair", "mixture"):
+        out = tmp_path / sampler
+        assert train(*GMM, "--method", "ddpm", "--time-sampler", sampler, "--steps", 1, "--log-every", 1,
+                     "--out", out) == 0
+        assert "--time-sampler has no effect on this run: DDPM has no flow time (beyond the random stream" in \
+            capsys.readouterr().err
+        losses[sampler] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["pair"] != losses["mixture"]  # what the note now says
+    assert train(*GMM, "--method", "ddpm", "--adaptive-p", 0.5, "--steps", 1, "--out", tmp_path / "p") == 0
+    assert "--adaptive-p has no effect on this run: DDPM has no flow time\n" in capsys.readouterr().err  # not drawn
 
 
 def test_a_missing_data_folder_is_the_one_line_not_a_note_that_resolution_needs_one(capsys, tmp_path):
@@ -299,7 +320,9 @@ def test_unwritable_out_is_refused(capsys, tmp_path, below):
     blocker.write_text("not a directory")
     out = blocker / "run" if below else blocker
     assert train(*GMM, "--steps", 1, "--out", out) == 2
-    assert_one_line_error(capsys, "cannot write" if below else "is a file, not a folder", str(out))
+    words = ("cannot write", "a folder in its path is a file") if below else ("is a file, not a folder",)
+    message = assert_one_line_error(capsys, *words, str(out))
+    assert "permissions" not in message  # the fix of a permission error was the one given
     assert blocker.read_text() == "not a directory"
 
 
@@ -1155,6 +1178,11 @@ def test_resume_into_a_file_and_weights_erased_by_decay_or_a_runaway_p_are_one_l
     assert_one_line_error(capsys, "--weight-decay 1000 at --lr 0.001", "lr x weight_decay must stay below 1")
     assert train(*GMM, "--steps", 1, "--adaptive-p", 1e308, "--out", tmp_path / "r") == 2
     assert_one_line_error(capsys, "--adaptive-p 1e+308: the recipes use 0 to 2", "give a p in [0, 4]")
+    # a huge c: the float32 weight was 0, every logged loss 0.0 and the weights never moved, exit 0
+    assert train(*GMM, "--steps", 1, "--adaptive-c", 1e300, "--out", tmp_path / "r") == 2
+    assert_one_line_error(capsys, "--adaptive-c 1e+300: the weight", "stops learning", "c = 1e-3 to 1e-2")
+    assert train(*GMM, "--steps", 1, "--adaptive-c", 1e300, "--adaptive-p", 0, "--out", tmp_path / "p0") == 0  # 1
+    assert train(*GMM, "--steps", 1, "--adaptive-c", 1e-300, "--adaptive-p", 2, "--out", tmp_path / "tiny") == 0
     assert not (tmp_path / "r").exists()
     # a checkpoint saved before these checks still loads, and resumes
     from stmd_fast.checkpoint import saved_config, verify_checkpoint

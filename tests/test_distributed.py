@@ -721,6 +721,23 @@ def test_a_resume_over_a_process_count_that_does_not_split_its_batch_names_count
         check_parallel(three, "ddp", 16, 1)
 
 
+def test_a_mistake_in_the_input_under_torchrun_restarts_says_each_attempt_repeats_it(monkeypatch, capsys, tmp_path):
+    """torchrun --max-restarts N restarts the workers after any failure, a bad flag value too: the same error came
+    N + 1 times with no word of why. Each says so while restarts are left (the last attempt does not)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("TORCHELASTIC_MAX_RESTARTS", "3")):
+        monkeypatch.setenv(name, value)
+    for attempt, left in ((0, 3), (2, 1), (3, 0)):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        with pytest.raises(SystemExit) as stop:
+            main(["--steps", "abc"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "invalid int value: 'abc'" in err
+        assert (f"its {left} restart(s) left will say the same" in err) is (left > 0), err
+        assert main(["--preset", "gmm", "--batch-size", "0", "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and (f"its {left} restart(s) left" in err) is (left > 0), err
+
+
 def test_a_bad_command_line_and_a_stop_are_said_by_rank_0_alone(monkeypatch, capsys):
     """Every rank parses the same command line and gets torchrun's forwarded signal: each said it (8 times with
     8 processes)."""

@@ -518,6 +518,10 @@ def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
         {"seed": 0, "points": 2, "num": 50, "flow_steps": [1, 2]}
     assert written["provenance"]["command"] == "python -m stmd_fast.evaluate " + " ".join(args)
     assert written["provenance"]["torch"] == torch.__version__
+    # the device and each result's checkpoint step, as every other evaluate result records them (README)
+    assert written["provenance"]["device"] == "cpu" and "torch " + torch.__version__ + ", cpu, " in \
+        (out / "kernel.md").read_text()
+    assert {entry["step"] for entry in written["runs"].values()} == {2}
     report = written["runs"]
     assert sorted(entry["method"] for entry in report.values()) == ["ddpm", "stmd"]
     rows = {entry["method"]: entry["rows"] for entry in report.values()}
@@ -629,6 +633,7 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
             "--observations", "2", "--runs", "20", "--out", str(tmp_path / "post")]
     assert evaluate(args) == 0
     result = json.loads((tmp_path / "post" / "posterior.json").read_text())
+    assert result["provenance"]["device"] == "cpu" and set(result["steps"].values()) == {2}
     cells = [(r["model"].split("/")[-1], r["sampler"], r["N"], r["K"]) for r in result["rows"]]
     assert len(cells) == 1 + 2 * 2 + 2 * (2 * 2 + 1) and ("stmd", "ddnm+", 2, None) in cells and ("ddpm", "smc", 1, 3) in cells
     # at N = 1 DDNM+'s one step ends at s = 0, where it corrects nothing: a draw from the prior, not the posterior,
@@ -955,3 +960,19 @@ def test_the_write_probe_of_out_leaves_another_commands_probe_alone(tmp_path):
     assert writable_dir(str(tmp_path)) == tmp_path
     assert (tmp_path / ".write-test").read_text() == "another command's probe"
     assert sorted(path.name for path in tmp_path.iterdir()) == [".write-test"]  # its own probe is gone
+
+
+def test_mean_flow_inpaint_and_inverse_take_their_own_step_default(runs, tmp_path, capsys):
+    """--steps defaulted to 8 for every method: inpaint on a Mean Flow run said "use N (--steps) = 1", and
+    following that hit "Mean Flow cannot take the observation"; inverse with SMC, which Mean Flow can do,
+    needed --steps 1 by hand. The default is now the method's (Mean Flow: 1), and what cannot work is said first."""
+    few = ["--images", "2", "--completions", "2", *scoring(runs)]
+    assert evaluate(["inpaint", str(runs / "meanflow"), *few, "--out", str(tmp_path / "a")]) == 2
+    message = one_line_error(capsys, "Mean Flow has no diffusion steps")
+    assert "--steps) = 1" not in message and "SMC" in message
+    assert evaluate(["inverse", str(runs / "meanflow"), "--operator", "sr4", "--sigma-y", "0.1", "--particles", "2",
+                     "--flow-steps", "2", *few, "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "inverse_sr4.json").read_text())["N"] == 1
+    # a diffusion chain's default is unchanged: 8 steps, so that the observation shapes them
+    assert evaluate(["inverse", str(runs / "stmd"), "--operator", "sr4", *few, "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "inverse_sr4.json").read_text())["N"] == 8

@@ -517,6 +517,23 @@ def test_export_bakes_in_the_ema_it_is_asked_for(capsys, tmp_path):
     assert_one_line_error(capsys, "--ema 0.3", "0.5")
     assert not (tmp_path / "new").exists()  # the folders --out's check made are gone with the refusal
 
+    # the Python API's metadata says what the network holds: raw weights were labelled "ema", and the checkpoint
+    # and decay were filled in by the command alone
+    for weights, ema, decay in (("model", None, None), ("ema", 0.5, 0.5), ("ema", None, 0.999)):
+        model = stmd_fast.load_checkpoint(run, weights=weights, ema=ema)
+        meta = export.export_sampler(model, 1, 1, 2)[1]
+        assert (meta["weights"], meta["ema_decay"]) == (weights, decay)
+        assert Path(meta["checkpoint"]).samefile(find_checkpoint(run))
+    with pytest.raises(TypeError, match="ema must be a number .* got '0.5'"):
+        stmd_fast.load_checkpoint(run, ema="0.5")  # was: "--ema 0.5: ... keeps the EMA decays 0.999, 0.5"
+    for batch in (2.0, "4", True):
+        with pytest.raises(TypeError, match="batch must be a whole number"):
+            export.export_sampler(model, 1, 1, batch)
+    with pytest.raises(ValueError, match="unknown time grid ''"):
+        export.export_sampler(model, 1, 1, 2, grid="")  # "" was the run's grid, where Model.sample refuses it
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        export.sample_exported(lambda x: x, meta, 2, None)
+
 
 def test_a_pt2_with_damaged_bytes_is_refused_not_sampled(capsys, exported, tmp_path):
     """torch.export.load reads members without their CRC: flipped bits in a weight loaded and gave wrong

@@ -376,13 +376,15 @@ def test_a_restored_loader_continues_identically(shards, workers):
 def _damage(shards: Path, tmp_path: Path, which: dict[int, str]) -> Path:
     """A copy of the shards with shard k cut in half ("truncated"), replaced by "garbage", "short": a
     well-formed tar of its first sample only (as if cut at a member boundary), or "long": its samples, then shard
-    0's (another shard copied over it, past its end)."""
+    0's (another shard copied over it, past its end), or "swapped": shard 0 itself (copied over it, the same length)."""
     out = tmp_path / "damaged"
     shutil.copytree(shards, out)
     for k, how in which.items():
         path = out / f"shard-{k:06d}.tar"
         data = path.read_bytes()
-        if how == "long":
+        if how == "swapped":
+            shutil.copy(out / "shard-000000.tar", path)
+        elif how == "long":
             with tarfile.open(path, "w") as long:
                 for source in (io.BytesIO(data), out / "shard-000000.tar"):
                     with tarfile.open(fileobj=source) if isinstance(source, io.BytesIO) else tarfile.open(source) as tar:
@@ -410,7 +412,7 @@ def test_damaged_shards_are_skipped_with_a_warning_and_counted(shards, tmp_path,
     by_shard = {}
     for key, sample in _read_samples(shards).items():
         by_shard.setdefault(sample["shard"], set()).add(key)
-    short = f"shard-000002.tar (ends after 1 of {len(by_shard['shard-000002.tar'])} samples)"
+    short = f"shard-000002.tar (ends after 1 of {len(by_shard['shard-000002.tar'])} samples; rerun the same encode command"
     assert "shard-000003.tar (ReadError" in messages and short in messages
     assert data.skipped_shards == 3 and data.epoch >= 2
     keys = set(data.epoch_keys(0))
@@ -438,6 +440,60 @@ def test_a_shard_longer_than_its_manifest_says_is_read_to_its_count_and_named(sh
     assert data.skipped_shards == 1
     keys = data.epoch_keys(0)
     assert sorted(keys) == sorted(LatentShards(str(shards), num_workers=0).epoch_keys(0))  # each once, as encoded
+
+
+def test_a_shard_of_the_same_length_copied_over_another_is_skipped_before_any_of_its_samples(shards, tmp_path):
+    """Shard 0 copied over shard 1 (same sample count, every checksum intact): its samples were read, so shard 0's
+    came twice an epoch and shard 1's never. The manifest's first-sample checksum tells them apart."""
+    sizes = {i["name"]: i["samples"] for i in json.loads((shards / "manifest.json").read_text())["shard_info"]}
+    assert sizes["shard-000000.tar"] == sizes["shard-000001.tar"]  # the case a count cannot catch
+    damaged = _damage(shards, tmp_path, {1: "swapped"})
+    data = LatentShards(str(damaged), num_workers=0, shuffle_buffer=4)
+    with pytest.warns(UserWarning, match=r"shard-000001.tar \(its first sample is not the one its manifest lists, so none "
+                                         r"of it is read: not the shard encoded there"):
+        data.batch(data.count, torch.Generator().manual_seed(0))
+    assert data.skipped_shards == 1
+    keys = data.epoch_keys(0)
+    shard_1 = {k for k, v in _read_samples(shards).items() if v["shard"] == "shard-000001.tar"}
+    assert sorted(keys) == sorted(set(LatentShards(str(shards), num_workers=0).epoch_keys(0)) - shard_1)
+
+
+def test_a_rerun_of_encode_writes_again_a_shard_copied_over_or_cut_short_also_under_an_older_manifest(
+        shards, tmp_path, image_dir, vae_dir, capsys):
+    """The loader's advice for a shard that is not the one encoded there is to rerun the same encode command; that
+    rerun reused it (same images, file present), every time. Also under a manifest from before the per-shard
+    checks, which the rerun adds, so that the loader checks them from then on."""
+    out = _damage(shards, tmp_path, {1: "swapped", 2: "short"})  # shard 0 over 1; 2 cut after its first sample
+    manifest = json.loads((out / "manifest.json").read_text())
+    for info in manifest["shard_info"]:  # as an older stmd_fast wrote them
+        del info["first_sha256"], info["bytes"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    enc.main(["--images", str(image_dir), "--vae", str(vae_dir), "--resolution", str(R), "--out", str(out),
+              "--batch-size", "1", "--device", "cpu", "--flip", "--shard-size", str(SHARD_SIZE), "--workers", "2"])
+    err = capsys.readouterr().err
+    for k in range(5):
+        assert (f"shard-00000{k}.tar is not the shard written here" in err) is (k in (1, 2)), err
+        assert (out / f"shard-00000{k}.tar").read_bytes() == (shards / f"shard-00000{k}.tar").read_bytes() or \
+            _tar_samples(out / f"shard-00000{k}.tar") == _tar_samples(shards / f"shard-00000{k}.tar")
+    assert json.loads((out / "manifest.json").read_text())["shard_info"] == \
+        json.loads((shards / "manifest.json").read_text())["shard_info"]  # the checks of a fresh encode, again
+    data = LatentShards(str(out), num_workers=0, shuffle_buffer=0)
+    assert sorted(data.epoch_keys(0)) == sorted(LatentShards(str(shards), num_workers=0).epoch_keys(0))
+
+
+def _tar_samples(path: Path) -> dict[str, bytes]:
+    """A shard's members by name (their bytes): equal for two writes of one shard whose tar headers differ in time."""
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_a_shard_named_twice_in_data_is_refused(shards, tmp_path):
+    """'a::a', or a pattern and a shard it already matches: the shard's samples were read twice an epoch."""
+    with pytest.raises(DataError, match=r"names the shard .*shard-000001.tar twice: its samples would be read twice"):
+        LatentShards(f"{_pattern(shards)}::{shards / 'shard-000001.tar'}")
+    (tmp_path / "link.tar").symlink_to(shards / "shard-000000.tar")
+    with pytest.raises(DataError, match=r"names the shard .*shard-000000.tar twice \(also as .*link.tar\)"):
+        LatentShards(f"{tmp_path / 'link.tar'}::{_pattern(shards)}")
 
 
 def test_all_shards_damaged_raises_instead_of_hanging(shards, tmp_path):

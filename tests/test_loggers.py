@@ -251,8 +251,9 @@ def test_wandb_marks_a_run_that_ended_with_an_error_failed(tmp_path, monkeypatch
     assert exit_record.exit.exit_code == (1 if failed else 0)
 
 
-def test_wandb_that_cannot_start_is_one_line_naming_the_fixes(tmp_path, monkeypatch):
-    """Online without a key (or without a network, after W&B's own timeout) was a 39-line traceback."""
+def test_wandb_that_cannot_start_is_one_line_naming_the_fixes(tmp_path, monkeypatch, capsys):
+    """Online without a key (or without a network, after W&B's own timeout) was a 39-line traceback. An online
+    start says first that it may wait (90 s of silence without a network looked like a hang)."""
     import wandb
 
     def no_key(**kwargs):
@@ -265,6 +266,13 @@ def test_wandb_that_cannot_start_is_one_line_naming_the_fixes(tmp_path, monkeypa
     message = str(err.value)
     assert "\n" not in message and "W&B could not start an online run (UsageError: No API key configured" in message
     assert "wandb login" in message and "WANDB_MODE=offline" in message
+    said = capsys.readouterr().out
+    timeout = f"{wandb.Settings().init_timeout:.0f} s"  # 90 s in wandb 0.31
+    assert f"W&B: connecting to start an online run (W&B waits up to {timeout}" in said and "WANDB_MODE=offline" in said
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "7")  # what wandb.init waits then
+    with pytest.raises(loggers.LoggerUnavailable):
+        loggers.WandbLogger(tmp_path, {})
+    assert "W&B waits up to 7 s" in capsys.readouterr().out
 
 
 def test_a_full_disk_under_tensorboard_is_one_line_naming_its_folder(tmp_path):

@@ -5,6 +5,7 @@ import json
 import signal
 from contextlib import ExitStack
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,79 @@ def test_a_logger_that_fails_to_close_leaves_the_others_and_metrics_jsonl_closed
         with RunLog(tmp_path, 10, 0, is_main=True, loggers=[Logger("tb", True), Logger("wandb", False)]) as log:
             raise ValueError("the error under way")
     assert closed == [("tb", True), ("wandb", True)] and log.metrics.closed
+
+
+def test_an_interval_resumed_over_two_ranks_records_the_uninterrupted_runs_loss_bit_for_bit(monkeypatch):
+    """Two ranks' IntervalSums driven in one process (the gather stacks both ranks' sums): a checkpoint mid-interval,
+    restored on each rank, gives the same record at the interval's end as the sums that never stopped. Restoring
+    the rank mean instead (the old checkpoint form) rounds differently in float32."""
+    from stmd_fast import run_log
+    from stmd_fast.run_log import IntervalSums
+
+    def drive(ranks, losses, step, interval_end):
+        def gather(mine):  # what all_gather gives: each rank's own (loss, error, bad step), this rank's flags
+            return torch.stack([torch.cat([torch.stack([r.loss.double(), r.error.double(), r.first_bad_step.double()]),
+                                           mine[3:]]) for r in ranks])
+        monkeypatch.setattr(run_log.distributed, "gather", gather)
+        for k, loss in enumerate(losses):
+            for rank, sums in enumerate(ranks):
+                sums.add(loss[rank], loss[rank] / 2, step + k)
+        end = step + len(losses)
+        return [sums.close(end, False, 2, 8, "error", 0.1, interval_end=interval_end)[0] for sums in ranks]
+
+    gen = torch.Generator().manual_seed(0)
+    losses = (torch.rand(8, 2, generator=gen) * torch.tensor([1.0, 1e3])).unbind()  # ranks of unlike scale round apart
+    cpu = torch.device("cpu")
+    whole = [IntervalSums(cpu, 0), IntervalSums(cpu, 0)]
+    drive(whole, losses[:3], 0, interval_end=False)
+    expected = drive(whole, losses[3:], 3, interval_end=True)[0]
+
+    first = [IntervalSums(cpu, 0), IntervalSums(cpu, 0)]
+    drive(first, losses[:3], 0, interval_end=False)
+    window = first[0].open_window()  # rank 0 writes it into the checkpoint
+    for rank in range(2):
+        monkeypatch.setattr(run_log.distributed, "rank_and_world", lambda rank=rank: (rank, 2))
+        first[rank] = IntervalSums(cpu, 3, window=window)
+    resumed = drive(first, losses[3:], 3, interval_end=True)[0]
+    assert (resumed["loss"], resumed["error"]) == (expected["loss"], expected["error"])
+
+    # over another process count (and from an older checkpoint's rank mean) each rank takes the mean
+    assert run_log.own_sum(window["loss"], 0, 1) == pytest.approx(sum(window["loss"]) / 2)
+    assert run_log.own_sum(1.5, 1, 2) == 1.5
+
+
+def test_a_training_call_gives_back_the_callers_tf32_switches(tmp_path, monkeypatch):
+    """On CUDA, train() sets TF32 process-wide (--tf32, use_tf32) and left it so: a notebook's later fp32 matmuls
+    ran in TF32 (or lost the TF32 it had chosen, with --no-tf32), also when the training failed. Run here with a
+    CUDA device pretended (training on it fails without a GPU, after the switch is set)."""
+    from stmd_fast import train as train_module
+
+    monkeypatch.setattr(train_module.distributed, "process_device", lambda ctx, device: torch.device("cuda"))
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cudnn.allow_tf32 = False
+        cfg = config(tmp_path / "run")
+        try:
+            train_module.train(cfg)
+        except Exception:  # noqa: BLE001 - no GPU here: what matters is the state it leaves
+            assert not torch.cuda.is_available()
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("medium", False)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_a_config_saves_its_data_dir_and_a_data_pattern_absolute(tmp_path, monkeypatch):
+    """The command line saved --data-dir absolute (a run resumes and is evaluated from any folder); a TrainConfig
+    built in Python for train.train kept "datasets", relative to wherever it was later read."""
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig().data_dir == str(tmp_path / "datasets")
+    assert TrainConfig(data_dir="~/mnist").data_dir == str(Path.home() / "mnist")
+    with pytest.raises(ValueError, match="--data-dir is empty"):
+        TrainConfig(data_dir="")
+    # a latent --data pattern names no file as written: it was saved relative, and a resume from another folder
+    # said the data were "gone"; each part is made absolute, its braces and wildcards kept
+    pattern = TrainConfig(data="enc/shard-{000000..000003}.tar::~/more/shard-*.tar").data
+    assert pattern == f"{tmp_path}/enc/shard-{{000000..000003}}.tar::{Path.home()}/more/shard-*.tar"
+    assert TrainConfig(data="missing.npy").data == "missing.npy"  # a plain name that is not there: said as typed

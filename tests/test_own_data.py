@@ -118,6 +118,70 @@ def test_broken_links_are_skipped_and_named_and_special_files_left_out(tmp_path,
         load_image_folder(tmp_path, 16)
 
 
+def test_links_that_name_one_file_twice_read_it_once_and_say_so(tmp_path, capsys):
+    """A set assembled from links can list one image under two names (a symlink, a hard link, a linked folder
+    that overlaps a real one): it would weigh double in training and in FD's reference statistics."""
+    import os
+
+    _noise_image(tmp_path / "a.png", (20, 20))
+    _noise_image(tmp_path / "b.png", (20, 20), seed=1)
+    os.symlink("a.png", tmp_path / "c.png")
+    os.link(tmp_path / "b.png", tmp_path / "d.png")
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "a.png", tmp_path / "sub" / "e.png")
+    data = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    assert len(data) == 2
+    assert "note: 3 image path(s) under " in err and "(a link or hard link: c.png is a.png)" in err
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path, monkeypatch, capsys):
+    """os.walk passes over a folder it cannot list (permissions, a stale network mount) without a word: a part of
+    the set was left out silently, and an unlistable --data itself read as "no images under it"."""
+    import os
+
+    _noise_image(tmp_path / "ok" / "a.png", (20, 20))
+    _noise_image(tmp_path / "locked" / "b.png", (20, 20), seed=1)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as root, chmod cannot take the right to list away
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    data = load_image_folder(tmp_path, 16)
+    assert len(data) == 1
+    assert f"note: left out 1 folder(s) under {tmp_path}, e.g. {tmp_path / 'locked'} (Permission denied)" in \
+        capsys.readouterr().err
+    with pytest.raises(DataError, match=r"locked: cannot list it \(Permission denied\); make it readable"):
+        load_image_folder(tmp_path / "locked", 16)
+
+
+def test_a_run_folder_linked_into_the_data_is_not_read_as_images(tmp_path, capsys):
+    """--out reached through a symlinked part of --data (the config check compares real paths of the two folders
+    only): the run's own sample grids joined the training set on --resume."""
+    import json
+    import os
+
+    _noise_image(tmp_path / "parts" / "real" / "a.png", (20, 20))
+    run = tmp_path / "parts" / "out" / "run"
+    _noise_image(run / "samples" / "step_00000002.png", (20, 20), seed=1)
+    (run / "config.json").write_text(json.dumps({"config": {}, "data_shape": [3, 16, 16]}))
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "parts" / "real", tmp_path / "data" / "real")
+    os.symlink(tmp_path / "parts" / "out", tmp_path / "data" / "out")
+    assert len(load_image_folder(tmp_path / "data", 16)) == 1
+    assert f"e.g. {tmp_path / 'data' / 'out' / 'run'} (a training run's folder)" in capsys.readouterr().err
+    (run / "config.json").unlink()
+    (run / ".lock").touch()  # another tool's lock file: not a run
+    assert len(load_image_folder(tmp_path / "data", 16)) == 2
+    (run / "metrics.jsonl").touch()  # a run starting: its lock and metrics before its config.json
+    assert len(load_image_folder(tmp_path / "data", 16)) == 1
+    with pytest.raises(DataError, match=r"run: a training run's folder, whose sample grids are not training images"):
+        load_image_folder(run, 16)
+
+
 def test_a_file_name_that_is_not_utf8_is_read_and_named_printably(tmp_path, capsys):
     import os
 

@@ -650,11 +650,28 @@ def test_a_resume_with_nothing_to_do_leaves_the_run_as_it_was(capsys, three_chec
     assert sorted(c.name for c in list_checkpoints(run)) == ["step_00000002", "step_00000004", "step_00000006"]
 
 
-def test_a_run_whose_data_moved_resumes_from_the_new_place(capsys, tmp_path):
+def test_a_run_whose_config_saved_its_data_relative_resumes_without_a_note_that_it_moved(capsys, tmp_path, monkeypatch):
+    """A run saved with a relative --data (a shard pattern, by an older version) resumed with a note that its data
+    had moved to the same place made absolute."""
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "a.npy", np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32))
+    run = tmp_path / "run"
+    assert train("--data", "a.npy", "--steps", 1, "--batch-size", 16, "--out", run, "--device", "cpu") == 0
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["data"] = "a.npy"  # as an older version saved a pattern
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--steps", 2, "--data", "a.npy", "--device", "cpu") == 0
+    assert "note: the run was trained on" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["a.npy", "points [v1]*.npy"])
+def test_a_run_whose_data_moved_resumes_from_the_new_place(capsys, tmp_path, name):
     """The run's --data moved: --resume says it is gone and how to go on; --resume --data NEW continues (and
-    says so, recording the new place), while data of another shape is still refused."""
+    says so, recording the new place), while data of another shape is still refused. A name with glob characters
+    (a folder "photos [2023]") is a path like any other: it got the loader's plain "no such file" instead."""
     points = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
-    first, moved, run = tmp_path / "a.npy", tmp_path / "elsewhere" / "a.npy", tmp_path / "run"
+    first, moved, run = tmp_path / name, tmp_path / "elsewhere" / name, tmp_path / "run"
     np.save(first, points)
     assert train("--data", first, "--steps", 2, "--batch-size", 16, "--out", run, "--device", "cpu") == 0
     moved.parent.mkdir()
@@ -1294,3 +1311,49 @@ def test_a_compile_stopped_while_writing_a_library_does_not_break_later_compiles
     assert third.returncode == 2 and lines[-1].startswith("error: --compile:"), third.stderr
     assert str(cut_short) in lines[-1] and "run the same command again" in lines[-1] and not cut_short.exists()
     assert compiled_run("fourth").returncode == 0
+
+
+# --- a stop signal once main() is over (the interpreter's shutdown) -------------------------------------------------
+
+EXITING = textwrap.dedent("""
+    import atexit, os, runpy, signal, sys, time
+
+    def stop_signals_in_the_shutdown():  # as a Ctrl-C, a scheduler's SIGTERM or a hang-up just after the work
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+        time.sleep(0.2)
+
+    atexit.register(stop_signals_in_the_shutdown)
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    ["stmd_fast.train", "--data", "/nonexistent", "--out", "{tmp}/run"], ["stmd_fast.sample", "/nonexistent"],
+    ["stmd_fast.export", "/nonexistent", "--out", "{tmp}/x.pt2"], ["stmd_fast.evaluate", "sweep", "/nonexistent",
+    "--out", "{tmp}/ev"], ["stmd_fast.gmm", "/nonexistent"], ["stmd_fast.crashtest", "--kills", "0"],
+    ["stmd_fast.data.encode", "--images", "/nonexistent", "--vae", "v", "--out", "{tmp}/enc"],
+    ["stmd_fast.data.example", "--out", "{tmp}/file"]], ids=lambda command: command[0])
+def test_a_stop_signal_after_a_command_is_over_changes_neither_its_exit_nor_its_output(tmp_path, command):
+    """SIGTERM, SIGHUP or Ctrl-C in the second or so of the interpreter's shutdown, after main() returned (here
+    with a usage error, exit 2; argparse's too): the process died by the signal without a word (a scheduler saw
+    a stopped job), or printed a traceback from an atexit callback."""
+    (tmp_path / "file").write_text("a file")
+    argv = [part.format(tmp=tmp_path) for part in command]
+    done = subprocess.run([sys.executable, "-c", EXITING, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and "error: " in done.stderr
+
+
+def test_every_command_exits_through_run_and_exit():
+    """Each command's __main__ (python -m stmd_fast.X, the bench scripts) ends in startup.run_and_exit, which the
+    test above checks on the package's commands."""
+    commands = 0
+    for path in [*ROOT.glob("stmd_fast/*.py"), *ROOT.glob("data/*.py"), *ROOT.glob("bench/*.py")]:
+        last = re.split(r'^if __name__ == "__main__":', path.read_text(), flags=re.M)[1:][-1:]
+        if last and "imports_done()" in last[0]:
+            commands += 1
+            assert "run_and_exit(" in last[0], path
+    assert commands >= 13  # the package's 8 commands and the bench scripts of its code

@@ -140,6 +140,70 @@ def test_trainer_with_triton_kernels_matches_reference(tmp_path, image_npy):
         assert b["delta_sq"] == pytest.approx(a["delta_sq"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_compiled_bf16_unet_does_not_warn_of_diffusers_cached_version_test():
+    """diffusers' Upsample2D calls an lru_cached torch-version test in bf16: Dynamo's warning of it is noise
+    in every compiled bf16 run, which stmd_fast.models filters at import. In a fresh process, since pytest
+    drops the filters a module sets while it is collected; without the filter the warning is there."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings, torch
+import stmd_fast.models
+from diffusers.models.upsampling import Upsample2D
+ours = list(warnings.filters)
+up, x = Upsample2D(4, use_conv=True).to(torch.bfloat16), torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)
+def lru_warnings(filters):
+    torch._dynamo.reset()
+    torch._dynamo.utils.warn_once_cache.clear()  # Dynamo warns once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filters[:] = filters
+        torch.compile(up)(x)
+    return sum("lru_cache" in str(w.message) for w in caught)
+print(lru_warnings([]), lru_warnings(ours))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    without, with_ours = map(int, done.stdout.split())
+    assert without > 0 and with_ours == 0
+
+
+def test_graph_breaks_of_the_compiled_step_are_a_warning_and_earlier_compiles_do_not_count(capsys):
+    # a graph break leaves part of the step (the JVP, say) eager and slower: the user is told, with the reason;
+    # the counters are the process's, so a compile before this step (a notebook's, a test's) is not blamed on it
+    from stmd_fast.train import assert_compiled, compile_counts
+
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    torch._dynamo.reset()
+    before = compile_counts()
+    torch.compile(broken)(torch.ones(3))
+    assert_compiled(before)
+    captured = capsys.readouterr()
+    assert "2 graph(s), 1 graph break(s)" in captured.out
+    assert "warning: --compile: 1 graph break(s) leave parts of the step eager" in captured.err
+    assert "graph_break" in captured.err.splitlines()[0]  # the reason, on the one line
+
+    def plain(x):
+        return x.exp() * 2
+
+    before = compile_counts()
+    torch.compile(plain)(torch.ones(3))
+    assert_compiled(before)
+    captured = capsys.readouterr()
+    assert "1 graph(s), 0 graph break(s)" in captured.out and captured.err == ""
+    # a second training in one process (a notebook's): Dynamo reuses its compiled graph and makes none
+    before = compile_counts()
+    torch.compile(plain)(torch.ones(3))
+    assert compile_counts()[0] == before[0]
+    assert_compiled(before)  # not "produced no graph"
+    assert "the graph compiled earlier in this process, 0 graph break(s)" in capsys.readouterr().out
+
+
 def test_compiled_run_says_it_compiles_and_how_long_also_when_resumed(tmp_path, capsys):
     # the first compiled step takes minutes on a large network (README, Performance): the user is told
     # before it, and how long it took after; a resumed run compiles again and says so too
