@@ -128,11 +128,15 @@ def vae_moved(manifest: dict) -> bool:
 
 
 def expand_pattern(urls: str) -> list[str]:
-    """Shard paths from a brace pattern ('shard-{000000..000009}.tar'), a glob ('shard-*.tar', sorted) or
-    several joined by '::' (webdataset's syntax); DataError for a glob that matches nothing."""
+    """Shard paths from a brace pattern ('shard-{000000..000009}.tar'), a glob ('shard-*.tar', sorted), a
+    folder encode wrote (its manifest's shards) or several of these joined by '::' (webdataset's syntax);
+    DataError for a glob that matches nothing."""
     paths = []
-    for part in expand_urls(urls):
-        if glob.has_magic(part):
+    # a folder is taken as named before any part is read as a pattern: enc[v1] or enc{1,2} is a folder's name
+    for part in [urls] if Path(urls).expanduser().is_dir() else expand_urls(urls):
+        if (folder := Path(part).expanduser()).is_dir():
+            paths += [str(folder / info["name"]) for info in read_manifest(folder)["shard_info"]]
+        elif glob.has_magic(part):
             matched = sorted(glob.glob(str(Path(part).expanduser())))
             if not matched:
                 raise DataError(f"--data {part}: the pattern matches no file; check it against the shards that "
@@ -207,6 +211,15 @@ def decode_sample(sample: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np.
     return mean, std
 
 
+def _another_sample(sample: dict, first: str) -> bool:
+    """Whether a shard's first sample is another than the one whose SHA-256 (`first`) the manifest lists: neither
+    its stored checksum nor its data's matches it. Either can be the damaged part of the right sample, so a
+    damaged first sample still tells a shard copied over this one; one with neither part left tells nothing."""
+    stored = bytes(sample["sha256.txt"]).decode(errors="replace") if "sha256.txt" in sample else None
+    data = sample_sha256(sample["mean.npy"], sample["std.npy"]) if {"mean.npy", "std.npy"} <= sample.keys() else None
+    return (stored, data) != (None, None) and first not in (stored, data)
+
+
 def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, int],
                 firsts: dict[str, str] | None = None):
     """Yields {"key", "mean", "std"} (fp16 numpy) per intact sample, {"damaged": key, "url", "error"} per
@@ -228,15 +241,14 @@ def read_shards(shards: list[str], shape: tuple[int, ...], expected: dict[str, i
                     count += 1
                     if listed is not None and count > listed:  # not the shard encoded there: read no more of it
                         break
+                    if count == 1 and first is not None and _another_sample(sample, first):  # read none of it
+                        swapped = True
+                        break
                     try:
                         mean, std = decode_sample(sample, shape)
                     except DamagedSample as error:
                         yield {"damaged": sample["__key__"], "url": url, "error": str(error)}
                         continue
-                    # an intact first sample (its checksum holds) that is another one: read none of the shard
-                    if count == 1 and first is not None and bytes(sample["sha256.txt"]).decode() != first:
-                        swapped = True
-                        break
                     yield {"key": sample["__key__"], "mean": mean, "std": std}
         except CORRUPT as error:
             reason = error.args[0] if error.args else ""  # webdataset appends the stream to args
@@ -305,18 +317,14 @@ class LatentShards:
         if folder.is_file() and folder.suffix.lower() != ".tar":  # an .npy (or an image) under --preset latent
             raise DataError(f"{urls} is a file, not latent shards: pass the folder stmd_fast.data.encode wrote (or a "
                             f"pattern of its .tar shards); an array or images train without a latent --preset")
-        if folder.is_dir():  # the folder encode wrote: its manifest names the shards (the folder's own name is no
-            # pattern: brackets or braces in it, as in enc[v1], are characters)
-            self.urls = [str(folder / info["name"]) for info in read_manifest(folder)["shard_info"]]
-        else:
-            self.urls = expand_pattern(urls)
-            seen: dict[str, str] = {}
-            for url in self.urls:  # two parts of a '::' list (or a link) naming one shard: read twice an epoch
-                if (real := os.path.realpath(url)) in seen:
-                    also = "" if url == seen[real] else f" (also as {seen[real]})"
-                    raise DataError(f"--data {urls} names the shard {url} twice{also}: its samples would be read "
-                                    f"twice an epoch; list each shard once")
-                seen[real] = url
+        self.urls = expand_pattern(urls)
+        seen: dict[str, str] = {}
+        for url in self.urls:  # two parts of a '::' list (or a link) naming one shard: read twice an epoch
+            if (real := os.path.realpath(url)) in seen:
+                also = "" if url == seen[real] else f" (also as {seen[real]})"
+                raise DataError(f"--data {urls} names the shard {url} twice{also}: its samples would be read "
+                                f"twice an epoch; list each shard once")
+            seen[real] = url
         missing = [u for u in self.urls if not Path(u).is_file()]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.urls)} shard files are missing, the first: {missing[0]}; "

@@ -62,8 +62,9 @@ class TrainConfig:
     data: str | None = option(None, metavar="FILE.npy|DIR|SHARDS", resumable=True)
     """Your own data, replacing the preset's: a folder of images (preset images, at --resolution);
     latent shards of stmd_fast.data.encode (presets latent, celeba-latent), their folder or a pattern such as
-    'SHARDS/shard-{000000..000099}.tar' or 'SHARDS/shard-*.tar' (quoted); or a .npy array: (N, D) vectors -> MLP,
-    (N, C, H, W) images -> U-Net, uint8 images scaled to [-1, 1], floats used as given."""
+    'SHARDS/shard-{000000..000099}.tar' or 'SHARDS/shard-*.tar' (quoted), or several joined by '::'; or a .npy
+    array: (N, D) vectors -> MLP, (N, C, H, W) images -> U-Net, uint8 images scaled to [-1, 1], floats used as
+    given."""
     vae: str | None = option(None, resumable=True)
     """Latent presets: the VAE the shards were encoded with, a local folder or hub id (checked against the
     shards' manifest; sample grids decode through it); celeba-latent's: stabilityai/sd-vae-ft-ema; latent's:
@@ -420,13 +421,14 @@ def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
 
 
 def preset_for_data(data: str | None) -> str:
-    """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern or a
-    folder with manifest.json or shards), images for any other folder, digits (its settings, the network chosen
+    """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern, a
+    folder with manifest.json or shards, or several joined by '::'), images for any other folder, digits (its settings, the network chosen
     from the array's shape) for a .npy file or no --data."""
     if data is None:
         return "digits"
     path = Path(data).expanduser()
-    if data.endswith(".tar") or _holds_our_manifest(path) or any(path.glob("shard-*.tar")):
+    joined = "::" in data and not path.exists()  # only latent shards (folders, patterns) are joined by '::'
+    if joined or data.endswith(".tar") or _holds_our_manifest(path) or any(path.glob("shard-*.tar")):
         return "latent"  # a shard folder without its manifest: the latent loader says what is missing
     return "images" if path.is_dir() else "digits"
 

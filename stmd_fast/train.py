@@ -651,7 +651,7 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
 def data_gone(data: str) -> bool:
     """Whether nothing --data names is there: neither the path as written (a folder may be named "photos [2023]")
     nor, read as a shard pattern, any shard it names."""
-    if Path(data).exists():
+    if any(Path(part).expanduser().exists() for part in (data, *data.split("::"))):
         return False
     from .data.latents import expand_pattern  # webdataset: imported only when needed
 

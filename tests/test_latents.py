@@ -458,6 +458,37 @@ def test_a_shard_of_the_same_length_copied_over_another_is_skipped_before_any_of
     assert sorted(keys) == sorted(set(LatentShards(str(shards), num_workers=0).epoch_keys(0)) - shard_1)
 
 
+def _flip_in_first_sample(path: Path, member_suffix: str) -> None:
+    """Flips the last byte of the first sample's member ending in `member_suffix`, in place (the same length)."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_key = members[0][0].name.split(".")[0]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            if member.name == f"{first_key}.{member_suffix}":
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("part", ["mean.npy", "sha256.txt"])
+def test_a_damaged_first_sample_still_tells_a_shard_copied_over_from_its_own(shards, tmp_path, part):
+    """The first-sample check needs one intact part: a swapped shard whose first sample's data (or stored
+    checksum) is damaged was read whole; the shard encoded there with the same damage loses that sample only."""
+    damaged = _damage(shards, tmp_path, {1: "swapped"})
+    _flip_in_first_sample(damaged / "shard-000001.tar", part)
+    data = LatentShards(str(damaged), num_workers=0, shuffle_buffer=0)
+    with pytest.warns(UserWarning, match=r"shard-000001.tar \(its first sample is not the one its manifest lists"):
+        data.batch(data.count, torch.Generator().manual_seed(0))
+    assert (data.skipped_shards, data.skipped_samples) == (1, 0)
+    own = tmp_path / "own"
+    shutil.copytree(shards, own)
+    _flip_in_first_sample(own / "shard-000001.tar", part)
+    data = LatentShards(str(own), num_workers=0, shuffle_buffer=0)
+    with pytest.warns(UserWarning, match="damaged sample"):
+        data.batch(data.count, torch.Generator().manual_seed(0))
+    assert (data.skipped_shards, data.skipped_samples) == (0, 1)
+
+
 def test_a_rerun_of_encode_writes_again_a_shard_copied_over_or_cut_short_also_under_an_older_manifest(
         shards, tmp_path, image_dir, vae_dir, capsys):
     """The loader's advice for a shard that is not the one encoded there is to rerun the same encode command; that
@@ -494,6 +525,21 @@ def test_a_shard_named_twice_in_data_is_refused(shards, tmp_path):
     (tmp_path / "link.tar").symlink_to(shards / "shard-000000.tar")
     with pytest.raises(DataError, match=r"names the shard .*shard-000000.tar twice \(also as .*link.tar\)"):
         LatentShards(f"{tmp_path / 'link.tar'}::{_pattern(shards)}")
+
+
+def test_folders_joined_by_double_colon_read_every_shard_of_each(shards, tmp_path):
+    """'enc_a::enc_b' (two folders encode wrote, encoded alike): each folder's manifest names its shards. It was
+    read as two shard files, 'missing', though both folders were there."""
+    other = tmp_path / "enc[v2]"  # brackets: a folder's name, not a glob
+    shutil.copytree(shards, other)
+    from stmd_fast.config import preset_for_data
+
+    assert preset_for_data(f"{shards}::{other}") == "latent"  # with no --preset too
+    joined = LatentShards(f"{shards}::{other}", num_workers=0, shuffle_buffer=0)
+    assert joined.urls == LatentShards(str(shards)).urls + LatentShards(str(other)).urls
+    assert sorted(joined.epoch_keys(0)) == sorted(LatentShards(str(shards), num_workers=0).epoch_keys(0) * 2)
+    with pytest.raises(DataError, match=r"names the shard .*shard-000000.tar twice"):
+        LatentShards(f"{shards}::{shards / 'shard-000000.tar'}")
 
 
 def test_all_shards_damaged_raises_instead_of_hanging(shards, tmp_path):
