@@ -147,6 +147,12 @@ def list_images(folder: str | Path, limit: int | None = None) -> list[str]:
     return paths[:limit] if limit is not None else paths
 
 
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """The image as every reader here takes it: upright by its EXIF Orientation (a camera stores a portrait
+    photo as landscape pixels plus that tag), in 8 bits (to_8bit)."""
+    return to_8bit(ImageOps.exif_transpose(image))
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit grayscale ('I;16*', 'I') and float ('F') images as 8-bit 'L': Pillow's convert() clips
     them to 0..255, which turns a 16-bit scan all but white. Integer modes are read as 16-bit (0..65535),
@@ -173,8 +179,7 @@ def resize_center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     Pillow's resize filters over the whole footprint when downscaling, so one bicubic resize is
     already antialiased (no need for the repeated box halving of older pipelines).
     """
-    # A camera stores a portrait photo as landscape pixels plus an EXIF Orientation tag: apply it.
-    image = to_8bit(ImageOps.exif_transpose(image)).convert("RGB")  # grayscale, palette, RGBA (alpha dropped)
+    image = upright_8bit(image).convert("RGB")  # grayscale, palette, RGBA (alpha dropped)
     scale = resolution / min(image.size)
     size = [max(resolution, round(side * scale)) for side in image.size]
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2

@@ -44,6 +44,11 @@ class LoggerUnavailable(ValueError):
     """An unknown logger, or its package is not installed or does not import: the message names the fix."""
 
 
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A grid in [0, 1] as the 8-bit pixels its PNG holds (torchvision's save_image rounds, as here)."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def check_loggers(names: tuple[str, ...] | list[str]) -> None:
     """LoggerUnavailable unless every name is a logger whose package is installed and imports (before any work:
     a broken install failed only when the logger opened, after start-up, with a traceback)."""
@@ -86,9 +91,10 @@ class TensorBoardLogger:
             self.writer.flush()  # once per log interval: the curves are live
 
     def log_image(self, step: int, tag: str, image: torch.Tensor) -> None:
-        """image: (C, H, W) in [0, 1]."""
+        """image: (C, H, W) in [0, 1], stored as the PNG grid's 8-bit pixels (rounded: given floats, add_image
+        truncates, one level darker than the PNG)."""
         with self._naming_the_folder():
-            self.writer.add_image(tag, image, step)
+            self.writer.add_image(tag, to_uint8(image), step)
             self.writer.flush()
 
     def close(self, failed: bool = False) -> None:
@@ -186,7 +192,7 @@ class WandbLogger:
         """image: (C, H, W) in [0, 1]; gray + alpha (a 2-channel run's grid) goes as RGBA: W&B refuses 2 channels."""
         if image.shape[0] == 2:
             image = torch.cat([image[:1].expand(3, -1, -1), image[1:]])
-        pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).cpu().numpy()
+        pixels = to_uint8(image).permute(1, 2, 0).squeeze(-1).cpu().numpy()
         self.run.log({tag: self._wandb.Image(pixels)}, step=step)
 
     def close(self, failed: bool = False) -> None:

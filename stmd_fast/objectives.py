@@ -72,8 +72,9 @@ class ObjectiveConfig:
     flow_grid_steps: tuple[int, ...] = (1, 2, 4)
     """flow grid: the flow step counts M whose steps are drawn from, M uniform over these."""
     flow_matching_fraction: float = 0.75
-    """Fraction of the batch with r = t (there the loss is conditional flow matching). Exact per
-    block of rows, not a coin per row, so the batch per process must be whole blocks (2/3: blocks of 3)."""
+    """Fraction of the batch set to r = t (there the loss is conditional flow matching). Exact per
+    block of rows, not a coin per row, so the batch per process must be whole blocks (2/3: blocks of 3). The
+    other rows keep the law's (r, t), which itself gives r = t now and then (separate, mixture: r = min(r, t))."""
     s_sampler: str = field(default="uniform", metadata={"choices": S_SAMPLERS})
     """Law of the diffusion time s (STMD): uniform | grid (README, "Time samplers")."""
     s_grid_fraction: float = 0.5

@@ -110,10 +110,10 @@ def read_array(path: str, shape: tuple[int, ...], what: str, as_mask: bool = Fal
             if as_mask and torch.isfinite(x).all():  # else refused below (NaN != 0 read as "observed")
                 x = (x != 0).float()
         else:
-            from .data.images import to_8bit
+            from .data.images import upright_8bit
 
             with Image.open(file) as image:
-                pixels = np.asarray(to_8bit(image).convert("L" if (c == 1 or as_mask) else "RGB"))
+                pixels = np.asarray(upright_8bit(image).convert("L" if (c == 1 or as_mask) else "RGB"))
             x = torch.from_numpy(pixels.copy()).float().reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
             # a mask drawn 0/255 (anti-aliased edges: > 127 is white) or saved as 0/1 (nonzero, as an .npy)
             x = (x > (127 if x.max() > 1 else 0)).float() if as_mask else x / 127.5 - 1

@@ -928,6 +928,23 @@ def test_masks_are_read_as_drawn_and_an_empty_one_is_refused(tmp_path):
             read_array(str(tmp_path / name), (1, 8, 8), "--mask", as_mask=True)
 
 
+def test_sample_reads_an_image_upright_as_training_does(tmp_path):
+    """--inpaint/--mask/--observed ignored the EXIF Orientation that training applies: a phone photo was
+    completed sideways, and a mask drawn on the upright view did not line up with it."""
+    from stmd_fast.data.images import read_image
+    from stmd_fast.sample import read_array
+
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:4, :, 0] = 255  # red band in the stored top rows; Orientation 6: the upright view turns it
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.png", exif=exif)
+    trained_on = read_image(tmp_path / "phone.png", 16)[0].float() / 127.5 - 1
+    assert not torch.equal(trained_on, torch.from_numpy(stored).permute(2, 0, 1).float() / 127.5 - 1)
+    assert torch.equal(read_array(str(tmp_path / "phone.png"), (3, 16, 16), "--inpaint"), trained_on)
+
+
 def test_first_ctrl_c_says_at_once_what_happens_next(capsys):
     import os
     import signal

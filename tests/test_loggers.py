@@ -83,6 +83,31 @@ def test_tensorboard_event_files_hold_the_scalars_and_the_grid(tmp_path):
     assert images == {"samples": [4]}
 
 
+def test_tensorboard_grids_hold_the_pixels_of_the_png_live_and_replayed(tmp_path):
+    """A grid logged during training was one level darker than its PNG in ~30% of pixels (add_image truncates
+    floats; save_image rounds), while a resume's replay of the PNG matched it."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchvision.utils import save_image
+
+    grid = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
+    live, resumed = tmp_path / "live", tmp_path / "resumed"
+    logger = loggers.TensorBoardLogger(live, {})
+    logger.log_image(4, "samples", grid)
+    logger.close()
+    (resumed / "samples").mkdir(parents=True)
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    save_image(grid, resumed / "samples" / "step_00000004.png")
+    loggers.TensorBoardLogger(resumed, {}, start_step=4).close()
+    png = np.array(Image.open(resumed / "samples" / "step_00000004.png"))
+    for run in live, resumed:
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+        events.Reload()
+        (image,) = events.Images("samples")
+        assert np.array_equal(np.array(Image.open(io.BytesIO(image.encoded_image_string))), png), run.name
+
+
 def test_tensorboard_resume_drops_the_events_after_the_checkpoint(tmp_path):
     _write(loggers.TensorBoardLogger(tmp_path, {}))
     # resumed from a checkpoint at step 2, a logged step: its record stays (metrics.jsonl keeps it too)
