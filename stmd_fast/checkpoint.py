@@ -328,7 +328,9 @@ def newest_intact(path: str | Path, finite: bool = False, fix: str = NO_INTACT_F
                                 f"checkpoints/step_* directory")
     if not candidates:
         exported = (" (it is an exported sampler: python -m stmd_fast.sample --exported " + str(path) + " runs it)"
-                    if path.suffix == ".pt2" and path.is_file() else "")
+                    if path.suffix == ".pt2" and path.is_file() else
+                    f" ({path / 'checkpoints'} is a file, not the folder of checkpoints)"
+                    if (path / "checkpoints").is_file() else "")
         raise FileNotFoundError(f"no checkpoint in {path}{exported}: pass a run directory (with checkpoints/) "
                                 f"or a checkpoints/step_* directory")
     damaged = []

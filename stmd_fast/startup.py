@@ -6,9 +6,11 @@ imports_done() before main(), whose one_line_errors handles the signals from the
 run_and_exit(main)."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
+import threading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 AS_COMMAND = False
@@ -46,26 +48,34 @@ def run_and_exit(main) -> None:
     its work is done or its error said, and the interpreter's shutdown (a second or more: atexit, torch's
     cleanup) has nothing left to stop: a stop signal there killed the process silently (a job scheduler read a
     stopped job) or printed a traceback from an atexit callback. From then on a stop signal ends the process at
-    once with main()'s exit status (a shutdown that hangs still ends by Ctrl-C)."""
+    once with main()'s exit status (a shutdown that hangs still ends by Ctrl-C).
+
+    After a return, the shutdown is done here, not by the interpreter: Python puts the default handlers back
+    before it frees its modules (torch's teardown, most of that second), so a signal there still killed the
+    process. What the interpreter's exit does first (wait for the threads, run the atexit callbacks: loggers,
+    compile workers) runs here with the handlers in place, then the process ends with os._exit."""
     code = 1  # a bug's traceback: Python's exit status for it
     try:
-        code = main()
+        code = main() or 0  # None: sys.exit's 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
         raise
     finally:
-        def exit_now(signum, frame):
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001 - a closed or gone terminal, a write this signal interrupted
-                    pass
-            os._exit(code)
-
         for signum in STOP_SIGNALS:
             if signal.getsignal(signum) != signal.SIG_IGN:
-                signal.signal(signum, exit_now)
-    sys.exit(code)
+                signal.signal(signum, lambda signum, frame: _flushed_exit(code))
+    threading._shutdown()  # as the interpreter's exit: thread pools told to stop, then their threads joined
+    atexit._run_exitfuncs()
+    _flushed_exit(code)
+
+
+def _flushed_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or gone terminal, a write this signal interrupted
+            pass
+    os._exit(code)
 
 
 def second_signal_handler():

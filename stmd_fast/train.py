@@ -181,6 +181,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
     refuse_a_file_as_out(Path(cfg.out))  # not "cannot read FILE/config.json"
+    refuse_files_as_run_folders(Path(cfg.out), resume=True)
     try:
         ckpt, meta, _ = newest_intact(cfg.out, finite=True, fix=nothing_to_resume(cfg.out))
     except FileNotFoundError:
@@ -461,6 +462,15 @@ def with_flip(data, flip: bool):
 RUN_FOLDERS = ("checkpoints", "samples", "tensorboard", "wandb")  # what a run writes in below its --out
 
 
+def refuse_files_as_run_folders(out: Path, resume: bool) -> None:
+    """UserError for a file where the run writes one of its folders: each grid failed on it ("File exists"), a
+    warning each, and the run went on to exit 0 with none; a --resume said "no checkpoint"."""
+    for name in RUN_FOLDERS:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise UserError(f"{out / name} is a file where the run writes its {name}/ folder: move the file "
+                            f"aside{', then --resume again' if resume else ''}")
+
+
 def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True) -> tuple[int, int] | None:
     """Create --out and check it is writable; take its lock into `held` (one live run per directory);
     refuse a fresh run into a directory that holds checkpoints. main: rank 0 alone makes, probes and
@@ -471,6 +481,7 @@ def prepare_run_dir(out: Path, resume: bool, held: ExitStack, main: bool = True)
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     refuse_a_file_as_out(out)
     if main:
+        refuse_files_as_run_folders(out, resume)
         # the run's own folders too, where they exist: a read-only checkpoints/ was found a whole interval later
         for folder in (out, *(sub for name in RUN_FOLDERS if (sub := out / name).is_dir())):
             try:

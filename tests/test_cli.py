@@ -1579,6 +1579,25 @@ def test_a_run_folder_made_unwritable_is_told_to_be_made_writable_on_resume(caps
         read_only_folders.clear()
 
 
+def test_a_file_where_a_run_folder_goes_is_refused_at_start_up(capsys, tmp_path):
+    """A file at RUN/samples: every grid failed with "File exists", a warning each, and the run ended 0 with no
+    grid; a file at RUN/checkpoints failed only at the first save, an interval later."""
+    run = tmp_path / "run"
+    assert train(*GMM, "--steps", 1, "--out", run) == 0
+    for name in ("samples", "checkpoints"):
+        shutil.move(run / name, tmp_path / name)
+        (run / name).write_text("x")
+        assert train("--out", run, "--resume", "--steps", 2) == 2
+        line = assert_one_line_error(capsys, f"{run / name} is a file where the run writes its {name}/ folder")
+        assert "move the file aside, then --resume again" in line
+        (run / name).unlink()
+        shutil.move(tmp_path / name, run / name)
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "samples").write_text("x")
+    assert train(*GMM, "--steps", 1, "--out", tmp_path / "fresh") == 2
+    assert assert_one_line_error(capsys, "is a file where the run writes its samples/ folder").endswith("aside")
+
+
 STOP_AT_TORCHS_IMPORT = """
 import os, runpy, signal, sys
 class StopAtTorch:  # a Ctrl-C just as torch starts to import: no waiting on the clock

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -1345,6 +1346,21 @@ def test_a_stop_signal_after_a_command_is_over_changes_neither_its_exit_nor_its_
     done = subprocess.run([sys.executable, "-c", EXITING, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr and "error: " in done.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_a_sigterm_in_the_teardown_after_a_finished_run_leaves_exit_0(tmp_path, delay):
+    """After "done:" the trainer took ~2 s more to end (torch's teardown), and a SIGTERM there killed it (143,
+    no word): Python had put the default handlers back before freeing its modules. A scheduler read a killed job."""
+    process = subprocess.Popen([sys.executable, "-m", "stmd_fast.train", *GMM, "--steps", "10", "--out",
+                                str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("done:"):
+            break
+    time.sleep(delay)
+    process.send_signal(signal.SIGTERM)  # a process that has already ended takes no signal
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in err, (process.returncode, err[-3000:])
 
 
 def test_every_command_exits_through_run_and_exit():
