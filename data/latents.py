@@ -130,20 +130,28 @@ def vae_moved(manifest: dict) -> bool:
 def expand_pattern(urls: str) -> list[str]:
     """Shard paths from a brace pattern ('shard-{000000..000009}.tar'), a glob ('shard-*.tar', sorted), a
     folder encode wrote (its manifest's shards) or several of these joined by '::' (webdataset's syntax);
-    DataError for a glob that matches nothing."""
+    DataError for an empty part, a glob that matches nothing or a folder that is not there."""
+    # a folder is taken as named before it is read as a pattern: enc[v1], enc{1,2} or a::b is a folder's name
+    parts = [urls] if Path(urls).expanduser().is_dir() else urls.split("::")
+    if "" in parts:
+        raise DataError(f"--data {urls}: an empty part between '::' (it would name the current folder); join "
+                        f"each folder or pattern once: A::B")
     paths = []
-    # a folder is taken as named before any part is read as a pattern: enc[v1] or enc{1,2} is a folder's name
-    for part in [urls] if Path(urls).expanduser().is_dir() else expand_urls(urls):
-        if (folder := Path(part).expanduser()).is_dir():
-            paths += [str(folder / info["name"]) for info in read_manifest(folder)["shard_info"]]
-        elif glob.has_magic(part):
-            matched = sorted(glob.glob(str(Path(part).expanduser())))
+    for part in parts:
+        for name in [part] if Path(part).expanduser().is_dir() else expand_urls(part):
+            name = os.path.expanduser(name)
+            matched = sorted(glob.glob(name)) if glob.has_magic(name) and not Path(name).exists() else [name]
             if not matched:
-                raise DataError(f"--data {part}: the pattern matches no file; check it against the shards that "
+                raise DataError(f"--data {name}: the pattern matches no file; check it against the shards that "
                                 "stmd_fast.data.encode wrote, or pass their folder")
-            paths += matched
-        else:
-            paths.append(os.path.expanduser(part))  # as a glob or a folder: ~/shards/shard-{0..9}.tar
+            for path in matched:
+                if Path(path).is_dir():
+                    paths += [str(Path(path) / info["name"]) for info in read_manifest(Path(path))["shard_info"]]
+                elif not Path(path).exists() and not path.endswith(".tar"):
+                    raise DataError(f"--data {path}: no such folder; pass the folder stmd_fast.data.encode wrote, "
+                                    f"or a pattern of its shards")
+                else:
+                    paths.append(path)  # a shard that is missing is said with the others missing
     return paths
 
 

@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Callable
 
-from .startup import second_signal_handler
+from .startup import end_finished, second_signal_handler
 
 
 class UserError(Exception):
@@ -100,8 +100,8 @@ def interrupt_now(signum, frame):
 @contextlib.contextmanager
 def interrupt_on_stop_signals():
     """Within: a stop signal raises Interrupted (a KeyboardInterrupt carrying its signal number), so a command
-    cleans up and exits 128 + signum. On the way out the caller's handlers come back. Off the main thread
-    (a host's worker thread), where Python takes no handler, nothing changes."""
+    cleans up and exits 128 + signum. On the way out the caller's handlers come back (a finished command's
+    aside). Off the main thread (a host's worker thread), where Python takes no handler, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -110,7 +110,10 @@ def interrupt_on_stop_signals():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # a finished command's handler stays (startup.finished_on_stop_signals): through the unwinding after
+            # it, where torch frees the run's tensors, up to run_and_exit's
+            if signal.getsignal(sig) is not end_finished:
+                signal.signal(sig, handler)
 
 
 def restarts_repeat_it(ctx) -> str:

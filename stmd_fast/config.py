@@ -422,8 +422,8 @@ def net_for_shape(shape: tuple[int, ...]) -> NetConfig:
 
 def preset_for_data(data: str | None) -> str:
     """The preset that --data implies when no --preset is given: latent for shards (a .tar pattern, a
-    folder with manifest.json or shards, or several joined by '::'), images for any other folder, digits (its settings, the network chosen
-    from the array's shape) for a .npy file or no --data."""
+    folder with manifest.json or shards, or several joined by '::'), images for any other folder, digits (its
+    settings, the network chosen from the array's shape) for a .npy file or no --data."""
     if data is None:
         return "digits"
     path = Path(data).expanduser()

@@ -45,8 +45,8 @@ class LoggerUnavailable(ValueError):
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """A grid in [0, 1] as the 8-bit pixels its PNG holds (torchvision's save_image rounds, as here)."""
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    """A grid in [0, 1] as the 8-bit pixels its PNG holds: torchvision's save_image's own rounding (halves up)."""
+    return image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
 def check_loggers(names: tuple[str, ...] | list[str]) -> None:

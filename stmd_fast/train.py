@@ -82,7 +82,7 @@ from .models import count_params
 from .objectives import ObjectiveConfig, compute_loss
 from .parallel import Sharded, Single
 from .run_log import IntervalSums, RunLog, drop_samples_after, elapsed_so_far, keep_metrics_until
-from .startup import imports_done, run_and_exit, second_signal_handler
+from .startup import finished_on_stop_signals, imports_done, run_and_exit, second_signal_handler
 from .training_state import TrainingState
 
 # Appendix D's parameter counts, and why ours differ (printed at start-up).
@@ -181,7 +181,7 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     if not resume and not elastic_restart_of_this_run(cfg.out):
         return cfg, False
     refuse_a_file_as_out(Path(cfg.out))  # not "cannot read FILE/config.json"
-    refuse_files_as_run_folders(Path(cfg.out), resume=True)
+    refuse_files_as_run_folders(Path(cfg.out), resume)  # (an elastic restart: torchrun's, not --resume)
     try:
         ckpt, meta, _ = newest_intact(cfg.out, finite=True, fix=nothing_to_resume(cfg.out))
     except FileNotFoundError:
@@ -660,16 +660,19 @@ def prepare_run(cfg: TrainConfig, resume: bool, ctx: distributed.Dist, held: Exi
 
 
 def data_gone(data: str) -> bool:
-    """Whether nothing --data names is there: neither the path as written (a folder may be named "photos [2023]")
-    nor, read as a shard pattern, any shard it names."""
-    if any(Path(part).expanduser().exists() for part in (data, *data.split("::"))):
+    """Whether what --data names is not there (of several joined by '::', any one): neither the path as written
+    (a folder may be named "photos [2023]") nor, read as a shard pattern, any shard it names."""
+    if Path(data).expanduser().exists():
         return False
     from .data.latents import expand_pattern  # webdataset: imported only when needed
 
-    try:
-        return not any(Path(shard).exists() for shard in expand_pattern(data))
-    except (DataError, ValueError):  # a glob that matches nothing; braces that do not expand
-        return True
+    for part in data.split("::"):
+        try:
+            if not (Path(part).expanduser().exists() or any(Path(shard).exists() for shard in expand_pattern(part))):
+                return True
+        except (DataError, ValueError):  # a glob that matches nothing; braces that do not expand; a folder gone
+            return True
+    return False
 
 
 def check_same_data(out: Path, cfg: TrainConfig, data, main: bool, digest: str | None = None) -> None:
@@ -870,6 +873,7 @@ def train_run(cfg: TrainConfig, run: Run, resume: bool) -> Path:
         if ctx.is_main:
             print(f"done: step {cfg.steps}, {cfg.steps - first_step} of them in this process, in "
                   f"{time.perf_counter() - t_start:.0f} s; checkpoint {last}")
+        finished_on_stop_signals()
         clean_exit = True
         return last
     except (TrainingDiverged, GradientSyncFailed, Stopped):

@@ -540,6 +540,17 @@ def test_folders_joined_by_double_colon_read_every_shard_of_each(shards, tmp_pat
     assert sorted(joined.epoch_keys(0)) == sorted(LatentShards(str(shards), num_workers=0).epoch_keys(0) * 2)
     with pytest.raises(DataError, match=r"names the shard .*shard-000000.tar twice"):
         LatentShards(f"{shards}::{shards / 'shard-000000.tar'}")
+    braced = tmp_path / "enc{1,2}"  # a part is a folder's name before it is a pattern, in a list as alone
+    other.rename(braced)
+    assert LatentShards(f"{shards}::{braced}").urls == joined.urls[:5] + LatentShards(str(braced)).urls
+    for empty in (f"{shards}::", f"{shards}::::{braced}"):  # '' was the current folder
+        with pytest.raises(DataError, match="an empty part between '::'"):
+            LatentShards(empty)
+    with pytest.raises(DataError, match=f"--data {tmp_path / 'moved'}: no such folder"):  # not "a shard missing"
+        LatentShards(f"{shards}::{tmp_path / 'moved'}")
+    from stmd_fast.train import data_gone
+
+    assert data_gone(f"{shards}::{tmp_path / 'moved'}") and not data_gone(f"{shards}::{braced}")
 
 
 def test_all_shards_damaged_raises_instead_of_hanging(shards, tmp_path):

@@ -1363,6 +1363,26 @@ def test_a_sigterm_in_the_teardown_after_a_finished_run_leaves_exit_0(tmp_path, 
     assert process.returncode == 0 and "Traceback" not in err, (process.returncode, err[-3000:])
 
 
+def test_a_command_run_by_a_host_ends_by_systemexit_and_the_host_goes_on(tmp_path):
+    """A command that is not the whole process (cProfile -m, runpy from a notebook or a script) must hand its
+    exit back as SystemExit: ending the process from under the host lost cProfile's output, or the kernel."""
+    host = textwrap.dedent("""
+        import runpy, sys
+        for argv in (["stmd_fast.train", "--help"], ["stmd_fast.train", *sys.argv[1:]]):
+            sys.argv = argv
+            try:
+                runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+            except SystemExit as done:
+                print("host caught", done.code)
+        print("host goes on")
+    """)
+    done = subprocess.run([sys.executable, "-c", host, *GMM, "--steps", "1", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stdout.splitlines() if line.startswith("host")]
+    assert said == ["host caught 0", "host caught 0", "host goes on"], done.stdout[-3000:]
+
+
 def test_every_command_exits_through_run_and_exit():
     """Each command's __main__ (python -m stmd_fast.X, the bench scripts) ends in startup.run_and_exit, which the
     test above checks on the package's commands."""
