@@ -8,7 +8,10 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +33,9 @@ class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
                 and "default" not in text:  # by identity: a default of 0 (== False) is said too
             text += " [default: %(default)s]"
         return text
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parser(script: str, doc: str) -> argparse.ArgumentParser:
@@ -149,13 +155,36 @@ def median(values: list[float]) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{cpu_model()} CPU, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the architecture: x86_64 names no machine."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def code_version() -> dict:
+    """The commit measured and the files changed since (a tree can differ from its .git: the commit alone would
+    misname the code measured); None for both outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+        return {"commit": commit, "uncommitted": [line[3:] for line in changed]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "uncommitted": None}
 
 
 def environment(device: torch.device) -> dict:
-    """What a result needs beside it to mean anything: hardware, versions, date."""
+    """What a result needs beside it to mean anything: hardware, versions, the code and the command, date."""
     info = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "command": shlex.join(["python", *sys.argv]), **code_version()}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -188,7 +217,9 @@ SPEC_DENSE_TFLOPS = {"Laptop": {}, "H100 PCIe": {"bf16": 756.0, "tf32": 378.0}, 
 
 def spec_tflops(gpu_name: str | None, compute: str) -> float | None:
     """The data sheet's dense peak of the GPU so named for `compute` (bf16, tf32); None if not known here
-    (or no GPU: None for the name)."""
+    (or no GPU: None for the name), and for a MIG slice, whose name holds its whole GPU's."""
+    if "MIG" in (gpu_name or ""):
+        return None
     return next((peaks.get(compute) for key, peaks in SPEC_DENSE_TFLOPS.items() if key in (gpu_name or "")), None)
 
 

@@ -137,15 +137,9 @@ def environment() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        # the copied tree can differ from its .git: the commit alone would misname the code measured
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout.splitlines()
-        info["uncommitted"] = [line[3:] for line in changed]
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = info["uncommitted"] = None
+    from common import code_version
+
+    info.update(code_version())
     try:
         import pynvml
         pynvml.nvmlInit()

@@ -31,6 +31,11 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
 
 
+INTERPRETED_AT_IMPORT = interpret_mode()
+"""Triton takes its mode when our kernels are defined, at import: TRITON_INTERPRET set later changes nothing there
+(a CPU tensor then met "0 active drivers")."""
+
+
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
@@ -62,7 +67,7 @@ def use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     if _backend == "triton":
-        if x.device.type == "cpu" and interpret_mode():
+        if x.device.type == "cpu" and interpret_mode() and INTERPRETED_AT_IMPORT:
             return True
         raise RuntimeError(f"kernel backend 'triton' got a {x.device.type} tensor: Triton runs on CUDA, or on the "
                            f"CPU with TRITON_INTERPRET=1 set before importing stmd_fast (tests only)")

@@ -85,6 +85,11 @@ def test_train_step_smoke():
     assert set(rows) == {(v, o) for v in ("eager fp32", "compiled fp32") for o in ("stmd", "flow matching")} | {
         ("public recipe", "stmd")}
     assert result["environment"]["torch"] == torch.__version__ and result["interleaved"]
+    # what the result came from: the command and the commit (saved results had neither), the CPU by its model
+    env = result["environment"]
+    assert env["command"].startswith("python ") and "train_step.py --smoke" in env["command"]
+    assert len(env["commit"]) == 40 and isinstance(env["uncommitted"], list)
+    assert not env["device"].startswith(("x86_64 CPU", "aarch64 CPU"))
     assert result["peak_tflops"] == {}  # a smoke run's tiny matmul would undershoot the peak
     for (variant, objective), row in rows.items():
         assert row["ms_per_step"] > 0 and row["img_per_s"] == pytest.approx(16 / (row["ms_per_step"] * 1e-3))
@@ -379,7 +384,8 @@ def test_mfu_peaks_follow_the_rows_compute():
                              ("NVIDIA H100 NVL", 835.5, 417.5), ("NVIDIA H200 NVL", 835.5, 417.5),
                              ("NVIDIA GeForce RTX 4090", 165.2, 82.6), ("NVIDIA GeForce RTX 4090 D", None, None),
                              ("NVIDIA GeForce RTX 4090 Laptop GPU", None, None),
-                             ("NVIDIA GeForce RTX 3090", None, None)):
+                             ("NVIDIA GeForce RTX 3090", None, None),
+                             ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None, None)):  # a slice: not its GPU's peak
         assert (common.spec_tflops(name, "bf16"), common.spec_tflops(name, "tf32")) == (bf16, tf32), name
 
 

@@ -157,6 +157,11 @@ def test_triton_backend_on_cpu_without_interpreter_says_how(monkeypatch):
         dispatch.use_triton(torch.zeros(1))
     with pytest.raises(ValueError, match="unknown kernel backend"):
         dispatch.set_backend("cuda")
+    # set only after the import: Triton took its mode then (it said "0 active drivers")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "INTERPRETED_AT_IMPORT", False)
+    with dispatch.backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 set before importing"):
+        dispatch.use_triton(torch.zeros(1))
 
 
 # --- inside the compiled JVP step ----------------------------------------------------------
