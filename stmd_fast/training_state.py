@@ -124,16 +124,21 @@ class TrainingState:
 
     @staticmethod
     def _restore_dropout_rng(saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
-        """Dropout draws its masks from torch's global generator (nn.Dropout takes no generator): one process
-        restores rank 0's saved state (exact resume); K processes reseed each rank from (seed, step, rank),
+        """Dropout draws its masks from torch's global generator (nn.Dropout takes no generator), one per rank:
+        each rank restores its own saved state when the process count is the checkpoint's (exact resume; one
+        process: rank 0's); K processes resumed from another count reseed each rank from (seed, step, rank),
         distinct masks per rank, continuing correctly but not bit-identically."""
-        state = saved.get("dropout_rng")
-        if strategy.world == 1 and state is not None and state["device"] == device.type:
+        state = saved.get("dropout_rng")  # rank 0's
+        per_rank = saved.get("dropout_rngs")  # every rank's (K processes; absent in older checkpoints)
+        if strategy.world > 1:
+            if per_rank is None or len(per_rank) != strategy.world:
+                torch.manual_seed(distributed.rank_seed(seed + saved["step"], strategy.rank))
+                return
+            state = per_rank[strategy.rank]
+        if state is not None and state["device"] == device.type:
             torch.set_rng_state(state["cpu"].cpu())
             if device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-        elif strategy.world > 1:
-            torch.manual_seed(distributed.rank_seed(seed + saved["step"], strategy.rank))
 
     def _restore_stream(self, saved: dict, seed: int, device: torch.device, strategy: Single) -> None:
         """Put the generator and the data position back where the checkpoint left them: exactly when the
@@ -180,13 +185,16 @@ class TrainingState:
         weights, emas, optimizer_state = strategy.full_states(self.net, self.ema, self.optimizer, self.step)
         main, *extra = emas.items()  # (decay, module or full state dict), the main EMA first
         streams = strategy.streams(self.generator, self.data)
+        dropout_rngs = distributed.gather_objects(dropout_rng_state(self.generator.device))  # each rank's masks
         final = out / "checkpoints" / f"step_{self.step:08d}"
         if strategy.ctx.is_main:
             train_state = {"step": self.step, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                            "generator": self.generator.get_state(), "generator_device": self.generator.device.type,
                            "ema_n_averaged": self.ema.n_averaged, "world_size": strategy.world,
-                           "dropout_rng": dropout_rng_state(self.generator.device), "log_window": self.log_window,
+                           "dropout_rng": dropout_rngs[0], "log_window": self.log_window,
                            "pending_record": self.pending_record}
+            if strategy.world > 1:
+                train_state["dropout_rngs"] = dropout_rngs
             if hasattr(self.data, "state_dict"):  # a stream's position (latent shards)
                 train_state["data"] = self.data.state_dict()
             if streams is not None:  # every rank's generator and position
