@@ -420,7 +420,8 @@ def sweep(args) -> int:
                 except NonFiniteImages as err:  # this setting diverged: recorded as NaN, the others still measured
                     tqdm.write(f"note: {label} N={n} M={m}: {metric.name} not measured: {err}")
                     value = math.nan
-                row = {"checkpoint": str(ckpt), "step": meta.get("step"), **key, "nfe": nfe(key["method"], n, m),
+                row = {"checkpoint": str(ckpt.absolute()), "step": meta.get("step"), **key,
+                       "nfe": nfe(key["method"], n, m),
                        "metric": metric.name, "value": value, "sample_s": sample_s}
                 seconds.append(time.perf_counter() - t0)
                 calls += row["nfe"]
@@ -562,6 +563,11 @@ def made_by(record: dict) -> str:
     return f"\nMade by `{made['command']}` (stmd_fast {made['stmd_fast']}, torch {made['torch']}{where}, {made['utc']})"
 
 
+def checkpoints_line(checkpoints: dict[str, tuple[str, int | None]]) -> str:
+    """The line of a .md that names each run's checkpoint and its step: label -> (path, step)."""
+    return "\nCheckpoints: " + "; ".join(f"{name}: {path} (step {step})" for name, (path, step) in checkpoints.items())
+
+
 def write_json(path: Path, obj) -> None:
     write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
@@ -695,7 +701,8 @@ def kernel(args) -> int:
     for name, (ckpt, model) in models.items():
         fs = flow_steps if METHODS[model.method].flow else [1]
         rows = kernel_grid(model, default_mixture(), default_kernel_pairs(), fs, args.points, args.num, args.seed)
-        report[name] = {"checkpoint": str(ckpt), "step": model.meta.get("step"), "method": model.method, "rows": rows}
+        report[name] = {"checkpoint": str(ckpt.absolute()), "step": model.meta.get("step"), "method": model.method,
+                        "rows": rows}
         heat_maps += [(name, rows, m) for m in fs]
     record = {"provenance": provenance(args, GMM_DEVICE), "seed": args.seed, "points": args.points, "num": args.num,
               "flow_steps": flow_steps}
@@ -710,6 +717,7 @@ def kernel(args) -> int:
                          f"{r['energy_model']:.4f} | {r['energy_mean_bridge']:.4f} | {r['energy_floor']:.1e} | "
                          f"{r['sw2_model']:.4f} | {r['sw2_mean_bridge']:.4f} | {r['sw2_floor']:.4f} |")
     lines.append(f"\n{args.points} conditioning states per (s_from, s_to), {args.num} draws each, seed {args.seed}")
+    lines.append(checkpoints_line({name: (entry["checkpoint"], entry["step"]) for name, entry in report.items()}))
     lines.append(made_by(record))
     write_md(out / "kernel.md", lines)
     # drawn once every run is measured, after their table; the .json, last, says the result is whole (a kill
@@ -772,7 +780,8 @@ def conditional(args) -> int:
                                 for chunk in x_s.split(args.batch_size)])
             rows.append({"s": s, "alpha": alpha, "M": m, "metric": metric.name, "value": metric.score(x0_hat)})
             tqdm.write(f"s {s:g} (alpha {alpha:.3f}) M={m}: {metric.name} {rows[-1]['value']:.3f}")
-    summary = {"provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+    summary = {"provenance": provenance(args, model.device), "checkpoint": str(ckpt.absolute()),
+               "step": meta.get("step"),
                "method": method.name, "dataset": dataset_of(meta), "metric": metric.name,
                "features": metric.extractor_id, "num": args.num, "seed": args.seed, "batch_size": args.batch_size,
                "ema": ema_used(meta, args.ema), "reference": reference_name(meta, args), "reference_images": len(images),
@@ -843,7 +852,7 @@ def posterior(args) -> int:
                           args.observations, args.runs, flow_steps, args.seed, grid=grid)
     result = {"provenance": provenance(args, GMM_DEVICE), "matrix": POSTERIOR_MATRIX, "sigma_y": args.sigma_y, "observations": args.observations,
               "runs": args.runs, "flow_steps": flow_steps, "grid": grid, "seed": args.seed,
-              "checkpoints": {name: str(ckpt) for name, (ckpt, _) in found.items()},
+              "checkpoints": {name: str(ckpt.absolute()) for name, (ckpt, _) in found.items()},
               "steps": {name: model.meta.get("step") for name, (_, model) in found.items()}, "rows": rows}
     keep_earlier_result(out, "posterior", result, ["posterior.md"])
     floor = next(r["energy"] for r in rows if r["sampler"] == "exact")
@@ -855,10 +864,12 @@ def posterior(args) -> int:
             lines.append(f"| {run} | {method} | {n} | " + " | ".join(f"{cells[k]:.4f}" if k in cells else "-"
                                                                     for k in particles)
                          + (f" | {cells[None]:.4f} |" if None in cells else " | - |"))
-    lines.append(f"\nexact vs exact (noise floor): {floor:.1e}")
+    lines.append(f"\nEnergy distance of the samples to the exact posterior's; exact vs exact (noise floor): "
+                 f"{floor:.1e}")
     print("\n".join(lines))
     lines.append(f"\n{args.observations} measurements y, {args.runs} runs per y and cell, sigma_y {args.sigma_y}, "
                  f"the {grid} diffusion time grid, seed {args.seed}")
+    lines.append(checkpoints_line({name: (result["checkpoints"][name], result["steps"][name]) for name in found}))
     lines.append(made_by(result))
     write_md(out / "posterior.md", lines)
     write_json(out / "posterior.json", result)  # last: a .json says its result is whole
@@ -930,7 +941,7 @@ def inpaint(args) -> int:
     masks = torch.stack(masks)  # (B, C, H, W)
     missing = (masks == 0).expand_as(completions)
     result = {
-        "provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+        "provenance": provenance(args, model.device), "checkpoint": str(ckpt.absolute()), "step": meta.get("step"),
         "method": model.method, "mask": args.mask, "N": args.steps, "M": args.flow_steps,
         "images": len(images), "completions": args.completions, "seed": args.seed, "ema": ema_used(meta, args.ema),
         "batch_size": args.batch_size, "metric": metric.name, "features": metric.extractor_id,
@@ -1007,7 +1018,7 @@ def inverse(args) -> int:
     samples = torch.stack(samples, 1)  # (K, B, C, H, W)
     sampler = "ddnm" if args.sigma_y == 0 else ("ddnm+" if args.particles is None else f"smc K={args.particles}")
     result = {
-        "provenance": provenance(args, model.device), "checkpoint": str(ckpt), "step": meta.get("step"),
+        "provenance": provenance(args, model.device), "checkpoint": str(ckpt.absolute()), "step": meta.get("step"),
         "method": model.method, "operator": args.operator,
         "mask": mask, "sigma_y": args.sigma_y, "sampler": sampler,
         "N": args.steps, "M": args.flow_steps, "images": len(images), "completions": args.completions,

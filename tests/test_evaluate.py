@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -522,6 +523,10 @@ def test_kernel_writes_table_json_and_heat_maps(gmm, tmp_path):
     assert written["provenance"]["device"] == "cpu" and "torch " + torch.__version__ + ", cpu, " in \
         (out / "kernel.md").read_text()
     assert {entry["step"] for entry in written["runs"].values()} == {2}
+    # the .md names them too (only the .json did), with absolute paths (relative ones named another folder's)
+    for name, entry in written["runs"].items():
+        assert Path(entry["checkpoint"]).is_absolute()
+        assert f"{name}: {entry['checkpoint']} (step 2)" in (out / "kernel.md").read_text()
     report = written["runs"]
     assert sorted(entry["method"] for entry in report.values()) == ["ddpm", "stmd"]
     rows = {entry["method"]: entry["rows"] for entry in report.values()}
@@ -643,6 +648,9 @@ def test_posterior_grid_command(gmm, tmp_path, capsys):
     assert all(np.isfinite(r["energy"]) for r in result["rows"])
     md = (tmp_path / "post" / "posterior.md").read_text()
     assert "SMC K = 3" in md and "DDNM+" in md and "the quadratic diffusion time grid" in md
+    assert "Energy distance of the samples to the exact posterior's" in md  # what the numbers are
+    for name, path in result["checkpoints"].items():
+        assert Path(path).is_absolute() and f"{name}: {path} (step 2)" in md
     n1 = [line for line in md.splitlines() if line.startswith(("| stmd | stmd | 1 |", "| ddpm | ddpm | 1 |"))]
     assert len(n1) == 2 and all(line.endswith("| - |") for line in n1), md
     assert first_column(tmp_path / "post" / "posterior.md") == {"exact kernel", "stmd", "ddpm"}  # as kernel.md
