@@ -90,6 +90,19 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     return resize_center_crop(image, resolution).float() / 127.5 - 1
 
 
+def check_batch_memory(batch_size: int, resolution: int) -> None:
+    """DataError before the VAE loads if two batches of images (one encoded, the next read meanwhile: float32)
+    would take more than half of this machine's memory; the kernel's out-of-memory killer ended the process
+    without a word, or PIL raised MemoryError from inside its resize."""
+    from stmd_fast.devices import physical_memory
+
+    total, need = physical_memory(), 2 * batch_size * 3 * resolution ** 2 * 4
+    if total is not None and need > total / 2:
+        raise DataError(f"--resolution {resolution} with --batch-size {batch_size}: two batches of images take "
+                        f"{need / 1e9:.3g} GB in memory, more than half of this machine's {total / 1e9:.3g} GB (the "
+                        f"VAE's activations come on top): lower --batch-size or --resolution")
+
+
 def load_image(path: Path, resolution: int) -> tuple[torch.Tensor | None, str | None, bool]:
     """(preprocessed image, None, whether it was enlarged: its shorter side under the resolution), or
     (None, why, False) for a file that cannot be read as an image."""
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
+    check_batch_memory(args.batch_size, args.resolution)
     root, out = Path(args.images), Path(args.out)
     sources = list_images(root, args.limit)  # before the VAE: no point loading it for an empty folder
     settings = {"format": FORMAT, "vae": local_path(args.vae), "resolution": args.resolution, "flip": args.flip,

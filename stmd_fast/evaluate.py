@@ -194,6 +194,13 @@ def check_scoring(meta: dict, args) -> None:
     if not uses_fd(meta, args) and args.classifier:
         raise EvalError(f"--classifier is the feature network of FD; {dataset_of(meta)} is scored by Inception FID "
                         "here: drop --classifier")
+    # not there: said now, not after the reference images and the metric's imports (half a minute)
+    if args.inception_weights and not Path(args.inception_weights).expanduser().is_file():
+        raise EvalError(f"--inception-weights {args.inception_weights}: no such file; give the path of the "
+                        f"downloaded Inception weights")
+    if args.classifier and not Path(args.classifier).expanduser().is_dir():
+        raise EvalError(f"--classifier {args.classifier}: no such folder; give the folder python -m "
+                        f"stmd_fast.evaluate train-classifier wrote")
 
 
 def reference_name(meta: dict, args) -> str:

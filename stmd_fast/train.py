@@ -156,6 +156,16 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     """The run's config from the explicitly given flags: a preset with overrides, or, with
     --resume, the newest checkpoint's config. Returns (config, resume)."""
     resume = given.pop("resume", False)
+    # the FD's files, given with --fd-every: at once, not once the data, the network and the metric's imports are
+    # in (seconds; on a latent preset, after the VAE)
+    fd = bool(given.get("fd_every"))
+    if fd and given.get("fd_classifier") is not None and not Path(given["fd_classifier"]).expanduser().is_dir():
+        raise UserError(f"--fd-classifier {given['fd_classifier']}: no such folder; give the folder "
+                        f"python -m stmd_fast.evaluate train-classifier wrote")
+    weights = given.get("inception_weights")
+    if fd and weights is not None and not Path(weights).expanduser().is_file():
+        raise UserError(f"--inception-weights {weights}: no such file; give the path of the "
+                        f"downloaded Inception weights")
     top = {k: v for k, v in given.items() if k not in OBJECTIVE_FLAGS}
     if top.get("data_dir") == "":
         raise UserError("--data-dir is empty: give the folder of the mnist / cifar10 files")

@@ -1598,6 +1598,19 @@ def test_a_file_where_a_run_folder_goes_is_refused_at_start_up(capsys, tmp_path)
     assert assert_one_line_error(capsys, "is a file where the run writes its samples/ folder").endswith("aside")
 
 
+def test_fd_files_that_are_not_there_are_refused_before_the_data_loads(capsys, tmp_path, monkeypatch):
+    """--fd-every with a --fd-classifier or --inception-weights that is not there was said once the data, the
+    network and the metric's imports were in (after the VAE on a latent preset)."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the flags were checked")
+
+    monkeypatch.setattr(train_module, "load_training_data", no_data)
+    for flag, said in (("--fd-classifier", "none: no such folder"), ("--inception-weights", "none: no such file")):
+        assert train("--fd-every", 5, flag, tmp_path / "none", "--out", tmp_path / "run") == 2
+        assert_one_line_error(capsys, said)
+    assert not (tmp_path / "run").exists()
+
+
 STOP_AT_TORCHS_IMPORT = """
 import os, runpy, signal, sys
 class StopAtTorch:  # a Ctrl-C just as torch starts to import: no waiting on the clock

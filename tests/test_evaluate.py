@@ -290,6 +290,22 @@ def test_missing_classifier_and_bad_settings_are_refused(runs, tmp_path, capsys)
         assert not (tmp_path / command).exists()
 
 
+def test_scoring_files_that_are_not_there_are_refused_before_the_reference(runs, tmp_path, capsys, monkeypatch):
+    """--inception-weights /nonexistent was said half a minute in, after the reference images and the metric's
+    imports; a --classifier that is not there, after the reference too."""
+    import stmd_fast.evaluate as evaluate_module
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference was read before the flags were checked")
+
+    monkeypatch.setattr(evaluate_module, "reference_images", no_reference)
+    for flags, said in ((["--metric", "fid", "--inception-weights", str(tmp_path / "w.pth")], "w.pth: no such file"),
+                        (["--classifier", str(tmp_path / "none")], "none: no such folder")):
+        assert evaluate(["sweep", str(runs / "stmd"), "--num", "2", *flags, "--out", str(tmp_path / "o")]) == 2
+        one_line_error(capsys, said)
+    assert not (tmp_path / "o").exists()
+
+
 def test_sweep_checks_every_checkpoint_before_sampling(runs, tmp_path, capsys, monkeypatch):
     # an --ema the second checkpoint does not keep, or one checkpoint given twice (a run and its newest
     # step_*), is refused before the first checkpoint's settings are sampled, not after them with nothing written

@@ -593,6 +593,21 @@ def test_a_resolution_of_odd_latents_is_refused_before_encoding(tmp_path, image_
     assert not (tmp_path / "o").exists()
 
 
+def test_a_resolution_that_cannot_fit_in_memory_is_refused_before_the_vae_loads(tmp_path, image_dir, monkeypatch):
+    """--resolution 100000: a MemoryError traceback from inside PIL's resize, or the process killed by the
+    kernel, after the VAE had loaded. The VAE here is not even there: the check comes first."""
+    import stmd_fast.devices as devices
+
+    monkeypatch.setattr(devices, "physical_memory", lambda: 16 * 2**30)
+    argv = ["--images", str(image_dir), "--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path / "o")]
+    with pytest.raises(DataError, match=r"--resolution 8192 with --batch-size 32: two batches of images take 51.5 GB"
+                                        r" in memory, more than half of this machine's 17.2 GB .* lower --batch-size"):
+        enc.main([*argv, "--resolution", "8192"])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(DataError, match="no-vae: no such folder"):  # a batch that fits goes on, to the VAE here
+        enc.main([*argv, "--resolution", "8192", "--batch-size", "4"])
+
+
 def _unet_folder(path: Path) -> Path:
     """A pipeline's unet/ folder: a diffusers model folder, and no VAE (diffusers loaded it as one, its
     weights initialised at random, and the encoding failed later with a traceback)."""
