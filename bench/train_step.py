@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     cfg.method = args.method
     data_shape = PRESET_DATA_SHAPES[args.preset]
     if args.dit:
+        if args.smoke:  # its preset is the gmm MLP's, set by --smoke: not a preset the user gave
+            p.error("--smoke times the gmm MLP, which --dit would replace: drop --dit, or drop --smoke")
         if len(data_shape) != 3:
             images = [name for name, shape in PRESET_DATA_SHAPES.items() if len(shape) == 3]
             p.error(f"--dit takes images or latents, and --preset {args.preset} has vectors: use one of "

@@ -16,18 +16,23 @@ if __name__ == "__main__":  # a stop signal while torch and the rest import (sec
     stop_quietly_while_importing()
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from ..cli import Parser, one_line_errors
 
 
+MAX_SIDE = 112  # pixels: the images' sizes are drawn below it
+
+
 def synthetic_image(rng: np.random.Generator) -> Image.Image:
     """One RGB image: a gradient background, a disc and a square, in random colors, places and sizes."""
-    width, height = (int(v) for v in rng.integers(48, 112, size=2))
+    width, height = (int(v) for v in rng.integers(48, MAX_SIDE, size=2))
     top, bottom = rng.integers(0, 256, size=(2, 3))
     ramp = np.linspace(0, 1, height)[:, None, None]
     pixels = (top * (1 - ramp) + bottom * ramp).repeat(width, axis=1).astype(np.uint8)
@@ -64,15 +69,20 @@ def main(argv: list[str] | None = None) -> Path:
         p.error(f"--out {out}: is a file; give a folder (it gets images/ and vae/)")
     if (out / "images").is_dir() and any((out / "images").iterdir()):  # old images would join the new ones
         p.error(f"--out {out}: {out / 'images'} already holds files; choose a new --out, or remove that folder")
+    there = next(folder for folder in (out, *Path(out.absolute()).parents) if folder.exists())
+    free, most = shutil.disk_usage(there).free, args.num * MAX_SIDE ** 2 * 3  # a PNG is at most its pixels
+    if most > free:
+        p.error(f"--num {args.num}: the images may take up to {most / 1e9:.3g} GB, and {there} has {free / 1e9:.3g} "
+                f"GB free: lower --num")
     try:
         (out / "images").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         p.error(f"--out {out}: cannot create it ({err.strerror or err})")
-    rng = np.random.default_rng(args.seed)
-    for i in range(args.num):
-        synthetic_image(rng).save(out / "images" / f"{i:04d}.png")
     torch.manual_seed(args.seed)
-    tiny_vae().save_pretrained(out / "vae")
+    tiny_vae().save_pretrained(out / "vae")  # first: images stopped part way are a usable folder already
+    rng = np.random.default_rng(args.seed)
+    for i in tqdm(range(args.num), desc="images", unit="image", disable=None):
+        synthetic_image(rng).save(out / "images" / f"{i:04d}.png")
     print(f"wrote {args.num} images to {out / 'images'} and a random tiny VAE to {out / 'vae'}")
     return out
 

@@ -41,6 +41,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -335,6 +336,19 @@ def check_out(out: Path) -> None:
         raise ExportError(str(err)) from None
 
 
+def check_batch_memory(batch: int, steps: int, shape: tuple[int, ...]) -> None:
+    """ExportError before tracing if the program's noise input and output alone (at most 2N + 1 tensors of the
+    batch, float32) would take more than half of this machine's memory: tracing such a --batch ran for a while,
+    then ran out of memory."""
+    from .devices import physical_memory
+
+    total, need = physical_memory(), (2 * steps + 1) * batch * math.prod(shape) * 4
+    if total is not None and need > total / 2:
+        raise ExportError(f"--batch {batch}: the program's noise and samples alone take {need / 1e9:.3g} GB as "
+                          f"float32, more than half of this machine's {total / 1e9:.3g} GB (the network's activations "
+                          f"come on top): lower --batch (sample --exported draws any --num in batches of it)")
+
+
 @one_line_errors(ValueError, FileNotFoundError, failures=(WriteFailed, OutOfMemory))
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -344,13 +358,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     device = resolve_device(args.device)
-    method = newest_intact(args.checkpoint)[1]["config"]["method"]  # checked before the network is built
+    meta = newest_intact(args.checkpoint)[1]  # checked before the network is built
+    method = meta["config"]["method"]
     steps = args.steps if args.steps is not None else METHODS[method].default_steps
     check_steps(method, steps, args.flow_steps)
     if args.grid is not None and not METHODS[method].diffusion:
         raise ExportError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
+    check_batch_memory(args.batch, steps, tuple(meta["data_shape"]))
     check_out(out)
     with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint, said once
         warnings.simplefilter("always")

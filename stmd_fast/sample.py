@@ -31,7 +31,7 @@ import torch
 
 from .cli import Parser, one_line_errors
 from .data.datasets import what_file_instead_of_npy
-from .devices import OutOfMemory, fits_in_memory
+from .devices import OutOfMemory, fits_in_memory, resolve_device
 from .export import check_out_path
 from .files import WriteFailed, check_writable, write_atomic, write_fix
 from .methods import METHODS
@@ -292,7 +292,9 @@ def main_exported(args) -> int:
     try:
         wanted = device if args.device == "auto" else torch.device(args.device)
     except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu or cuda") from None
+        raise ValueError(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if wanted.type != "cuda":  # cpu:1 (torch takes it) and other kinds refused, as for a checkpoint
+        resolve_device(args.device)
     if wanted.type == "cuda" != device.type and not torch.cuda.is_available():  # re-exporting for it cannot help
         raise ValueError(f"--device {args.device}: CUDA is not available here; {args.exported} was exported for "
                          f"{device}: drop --device")
@@ -366,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.exported is not None:
         return main_exported(args)
     from .checkpoint import load_checkpoint  # imported here: --exported runs without the training code
-    from .devices import resolve_device
 
     args.flow_steps = 1 if args.flow_steps is None else args.flow_steps
     args.weights = args.weights or "ema"

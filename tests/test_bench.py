@@ -293,6 +293,13 @@ def test_smoke_refuses_the_flags_it_would_override(capsys, script, argv, flags):
     assert len(lines) == 1 and f"--smoke sets {flags} itself" in lines[0], lines
 
 
+def test_smoke_with_dit_names_smoke_not_a_preset_never_given(capsys):
+    """--smoke --dit DiT-S/2 blamed "--preset gmm", which --smoke had set: adding a --preset then hit --smoke."""
+    assert run_main("train_step.py", ["--smoke", "--no-save", "--dit", "DiT-S/2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--smoke times the gmm MLP, which --dit would replace" in lines[0], lines
+
+
 def test_smoke_takes_the_flags_it_does_not_change():
     """--smoke --no-save --device cpu asks for what --smoke does anyway: accepted, and --smoke's values set."""
     from common import apply_smoke, at_least, parser

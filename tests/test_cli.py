@@ -968,6 +968,11 @@ def test_example_data_wants_a_fresh_folder(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    # a --num that the disk cannot take: it wrote images until the disk was full (or the user stopped it)
+    with pytest.raises(SystemExit) as exit_:
+        example_main(["--out", str(tmp_path / "big"), "--num", str(10**12)])
+    assert exit_.value.code == 2 and "GB free: lower --num" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
 
 
 def test_evaluate_and_sample_bounds_in_one_line():

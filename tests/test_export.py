@@ -629,7 +629,8 @@ def test_sample_refuses_a_pt2_without_metadata(capsys, tmp_path):
     (["--out", "x.png"], ["vectors", ".npy"]),
     # without CUDA, "re-export with --device cuda" was advice that cannot work
     (["--device", "cuda"], ["exported for cpu", "re-export" if torch.cuda.is_available() else "CUDA is not available"]),
-], ids=["steps", "grid", "num0", "vae-for-vectors", "png-for-vectors", "device"])
+    (["--device", "cpu:1"], ["the CPU is one device", "--device cpu"]),  # was taken, as a checkpoint's is not
+], ids=["steps", "grid", "num0", "vae-for-vectors", "png-for-vectors", "device", "cpu-index"])
 def test_sample_exported_refuses_bad_flags(capsys, exported, tmp_path, argv, words):
     assert sample_main(["--exported", str(exported("gmm-stmd", 2, 2)), *argv]) == 2
     assert_one_line_error(capsys, *words)
@@ -723,6 +724,20 @@ def test_export_says_before_tracing_when_it_unrolls_many_network_calls(capsys, r
     monkeypatch.setattr(export, "export_sampler", stops_before_tracing)
     assert export.main(export_args(runs["gmm-ddpm"], tmp_path / "d.pt2")) == 130
     assert "note: ddpm N=100 M=1 unrolls 100 network calls" in capsys.readouterr().err
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_tracing(capsys, runs, tmp_path, monkeypatch):
+    """--batch 100000000 traced for a while, then ran out of memory; now one line before the network is built."""
+    import stmd_fast.devices as devices
+    import stmd_fast.export as export_module
+
+    monkeypatch.setattr(devices, "physical_memory", lambda: 16 * 2**30)
+    monkeypatch.setattr(export_module, "export_sampler", lambda *a, **k: pytest.fail("traced before the check"))
+    out = tmp_path / "x.pt2"
+    assert export_main([str(runs["image"]), "--steps", "2", "--batch", "100000000", "--out", str(out)]) == 2
+    assert_one_line_error(capsys, "--batch 100000000: the program's noise and samples alone take 128 GB",
+                          "lower --batch")
+    assert not out.exists()
 
 
 def test_export_help_states_the_static_batch(capsys):
