@@ -21,7 +21,7 @@ import time
 import warnings
 from typing import Callable
 
-from .startup import end_finished, second_signal_handler
+from .startup import end_finished, exit_code, second_signal_handler
 
 
 class UserError(Exception):
@@ -273,8 +273,8 @@ def several_processes() -> bool:
 
 def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = (),
                     alone: tuple[type[BaseException], ...] = (), torchrun: bool = False):
-    """Decorator for a CLI's main(argv) -> int: an exception of user_errors prints `error: ...` as one line
-    on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C,
+    """Decorator for a CLI's main(argv) -> int, which returns the exit status (argparse's usage errors and --help
+    too, not a SystemExit): an exception of user_errors prints `error: ...` as one line on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C,
     SIGTERM and SIGHUP print `interrupted` and exit 128 + the signal's number (130, 143, 129), after the
     command's own cleanup; anything else is a bug and keeps its traceback. Under torchrun
     every rank meets the same error and rank 0 says it: the others wait so torchrun stops them first,
@@ -294,6 +294,8 @@ def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[Base
             try:
                 with warnings_as_lines(), interrupt_on_stop_signals():
                     return main(argv)
+            except SystemExit as done:  # argparse's usage error (said already) or --help: returned as any exit
+                return exit_code(done)
             except user_errors + failures as err:
                 from .distributed import from_env
 

@@ -48,6 +48,7 @@ from .run_log import clock
 from .sample import MAX_ZOOM
 from .sampling import check_steps, nfe
 from .schedule import TIME_GRIDS, alpha_sigma, time_grid
+from .startup import exit_code
 
 FD_PRESETS = ("digits", "mnist")  # FD on our classifier's features; other image data: Inception FID
 DEFAULT_STMD = "1x1,2x1,4x1,8x1,1x2,2x2,4x2"
@@ -1262,7 +1263,10 @@ MEMORY_FLAGS = ("batch_size", "particles", "num", "images", "completions", "runs
 
 def main(argv: list[str] | None = None) -> int:
     with printable_output():  # a Python caller gets its own stdout and stderr back
-        return run_evaluation(argv)
+        try:
+            return run_evaluation(argv)
+        except SystemExit as done:  # argparse's usage error (said already) or --help: returned as any exit
+            return exit_code(done)
 
 
 def run_evaluation(argv: list[str] | None) -> int:

@@ -76,10 +76,8 @@ def run_and_exit(main) -> None:
     code = 1  # a bug's traceback: Python's exit status for it
     try:
         code = main() or 0  # None: sys.exit's 0
-    except SystemExit as done:  # argparse's usage error (said already) or --help
-        if isinstance(done.code, str):  # said by the interpreter otherwise
-            print(done.code, file=sys.stderr)
-        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except SystemExit as done:  # a bench script's argparse usage error (said already) or --help
+        code = exit_code(done)
     finally:
         for signum in STOP_SIGNALS:
             if signal.getsignal(signum) != signal.SIG_IGN:
@@ -89,6 +87,13 @@ def run_and_exit(main) -> None:
     threading._shutdown()  # as the interpreter's exit: thread pools told to stop, then their threads joined
     atexit._run_exitfuncs()
     _flushed_exit(code)
+
+
+def exit_code(done: SystemExit) -> int:
+    """The status a SystemExit ends the process with (a message in it is said on stderr, as the interpreter does)."""
+    if isinstance(done.code, str):
+        print(done.code, file=sys.stderr)
+    return done.code if isinstance(done.code, int) else int(done.code is not None)
 
 
 def _whole_process(command: types.FrameType) -> bool:
