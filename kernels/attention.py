@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import HAS_TRITON, interpret_mode, make_dual, refuse_nested_jvp, split_dual, use_triton
+from .dispatch import HAS_TRITON, interpret_mode, make_dual, refuse_unsupported_transforms, split_dual, use_triton
 from .launch import (attention_config, attention_unsupported, device_capability, dot_precision, padded_head_dim,
                      warn_fallback)
 
@@ -328,8 +328,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     q_p, q_t = split_dual(q)
     k_p, k_t = split_dual(k)
     v_p, v_t = split_dual(v)
-    if q_t is not None or k_t is not None or v_t is not None:
-        refuse_nested_jvp("attention")
+    refuse_unsupported_transforms("attention")
     if q_t is None and k_t is None and v_t is None:
         return attention_fwd(q_p, k_p, v_p, float(scale))[0]
     q_t = torch.zeros_like(q_p) if q_t is None else q_t

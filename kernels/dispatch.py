@@ -85,20 +85,27 @@ def split_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return primal, tangent
 
 
-def refuse_nested_jvp(op: str) -> None:
-    """NotImplementedError under more than one torch.func forward-mode level (jvp inside jvp, jacfwd over a
-    jvp): a kernel computes one tangent, and the outer one would come back as zero. Called on the kernels'
-    paths only (the references and the tangent-lean layers take any nesting). Eager only: under
-    torch.compile the interpreter stack is not visible here, and a nested jvp there is not caught."""
+def refuse_unsupported_transforms(op: str) -> None:
+    """NotImplementedError, naming the fix, under a torch.func transform a kernel cannot take: a reverse-mode one
+    (torch.func.grad, vjp, jacrev, hessian), for which its custom op has no rule (torch said "must override the
+    setup_context staticmethod", about code the caller never wrote), or more than one forward-mode level (jvp
+    inside jvp, jacfwd over a jvp), where a kernel computes one tangent and the outer one would come back as
+    zero. Called on the kernels' paths only (the references take any transform). Eager only: under
+    torch.compile the interpreter stack is not visible here, and such a transform there is not caught."""
     if torch.compiler.is_compiling():
         return
     from torch._C._functorch import TransformType, get_interpreter_stack
 
-    if sum(level.key() == TransformType.Jvp for level in get_interpreter_stack() or ()) > 1:
-        raise NotImplementedError(f"{op}: the Triton kernel computes one tangent, so under a jvp of a jvp (or "
-                                  f"jacfwd / hessian over a jvp) the outer tangent would come back as zero; run "
-                                  f"the PyTorch reference instead: --kernels reference, or "
-                                  f"stmd_fast.kernels.dispatch.backend('reference') around the call")
+    levels = [level.key() for level in get_interpreter_stack() or ()]
+    if TransformType.Grad in levels:  # (vjp and jacrev run at a Grad level too)
+        why = "has no torch.func reverse-mode rule (torch.func.grad, vjp, jacrev, hessian)"
+    elif levels.count(TransformType.Jvp) > 1:
+        why = ("computes one tangent, so under a jvp of a jvp (or jacfwd over a jvp) the outer tangent would come "
+               "back as zero")
+    else:
+        return
+    raise NotImplementedError(f"{op}: the Triton kernel {why}; run the PyTorch reference instead: --kernels "
+                              f"reference, or stmd_fast.kernels.dispatch.backend('reference') around the call")
 
 
 def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import HAS_TRITON, use_triton
+from .dispatch import HAS_TRITON, refuse_unsupported_transforms, use_triton
 from .launch import warn_fallback
 
 
@@ -120,6 +120,7 @@ def meanflow_loss(u: Tensor, dudt: Tensor, v: Tensor, h: Tensor, c: float, p: fl
         # the kernel computes in fp32: a float64 loss would silently lose its precision
         warn_fallback("meanflow_loss", f"dtype {u.dtype} (the kernel takes 16- and 32-bit floats)")
         return meanflow_loss_reference(u, dudt, v, h, c, p)
+    refuse_unsupported_transforms("meanflow_loss")
     # the kernel reads v and du/dt as u's shape and h as one value per sample: broadcast ones made whole first
     dudt, v = dudt.detach().expand_as(u), v.detach().expand_as(u)
     h = h.detach().reshape(-1).expand(u.shape[0])

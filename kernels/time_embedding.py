@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .dispatch import HAS_TRITON, make_dual, refuse_nested_jvp, split_dual, use_triton
+from .dispatch import HAS_TRITON, make_dual, refuse_unsupported_transforms, split_dual, use_triton
 from .launch import warn_fallback
 
 LOG_BASE = math.log(10000.0)
@@ -161,9 +161,9 @@ def time_features(times: Tensor, freqs: int, scale: float) -> Tensor:
         return time_features_reference(times, freqs, scale)
     if not use_triton(times):
         return time_features_reference(times, freqs, scale)
+    refuse_unsupported_transforms("time_features")
     primal, tangent = split_dual(times)
     if tangent is None:
         return _time_features_op(primal, freqs, scale)
-    refuse_nested_jvp("time_features")
     out, out_t = _time_features_dual_op(primal, tangent, freqs, scale)
     return make_dual(out, out_t)

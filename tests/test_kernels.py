@@ -297,6 +297,26 @@ def test_a_jvp_of_a_jvp_through_a_kernel_is_refused_not_zero(triton_backend, on_
                                atol=1e-4, rtol=1e-4)
 
 
+def test_reverse_mode_torch_func_transforms_over_a_kernel_are_refused_naming_the_fix(triton_backend, on_device):
+    """torch.func.grad / jacrev / hessian over a kernel raised torch's "must override the setup_context
+    staticmethod", about an autograd.Function the caller never wrote; the references take them."""
+    from stmd_fast.kernels.attention import attention
+
+    q, k = torch.randn(1, 1, 5, 8, device=DEVICE), torch.randn(1, 1, 5, 8, device=DEVICE)
+    u, t = torch.randn(3, 4, device=DEVICE), torch.rand(3, 2, device=DEVICE)
+    h = torch.ones(3, device=DEVICE)
+    calls = {"attention": (torch.func.jacrev, lambda y: attention(y, k, k, 0.5), q),
+             "time_features": (torch.func.hessian, lambda y: time_features(y, 4, 1.0).sum(), t),
+             "meanflow_loss": (torch.func.grad, lambda x: meanflow_loss(x, u, u, h, 1e-3, 1.0)[0], u)}
+    for op, (transform, fn, x) in calls.items():
+        with pytest.raises(NotImplementedError, match=f"{op}: the Triton kernel has no torch.func reverse-mode rule"
+                                                      f".*--kernels reference"):
+            transform(fn)(x)
+        with dispatch.backend("reference"):
+            assert torch.isfinite(transform(fn)(x)).all(), op
+    assert torch.isfinite(torch.func.jacfwd(lambda y: attention(y, k, k, 0.5))(q)).all()  # forward mode: kept
+
+
 def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend, on_device):
     """create_graph=True got the saved first derivative as a constant: d^2 loss / du^2 silently lost."""
     u, dudt, v, h = torch.randn(2, 6, requires_grad=True), torch.randn(2, 6), torch.randn(2, 6), torch.rand(2)
