@@ -134,12 +134,14 @@ def main(argv=None) -> int:
                 with dispatch.backend(kernels), autocast:
                     sample(model, method, args.batch, data_shape, steps, flow_steps, generator)
 
+            # what sampling adds, as train_step's: not the weights and what earlier variants still hold
+            base_mib = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
             reset_peak_memory(device)
             for _ in range(args.warmup):
                 run()
             synchronize(device)
             rows.append({"variant": name, "N": steps, "M": flow_steps, "nfe": nfe(method, steps, flow_steps),
-                         "peak_mem_mib": peak_memory_mib(device)})
+                         "peak_mem_mib": peak_memory_mib(device, since_mib=base_mib)})
             runners.append(run)
             if args.sequential:
                 add_latency(rows[-1], time_ms(run, device, 0, args.iters), args, method)

@@ -103,7 +103,7 @@ def build_parser():
     p.add_argument("--iters", type=at_least(1), default=30, help="timed steps")
     p.add_argument("--device", default="auto", help="auto: cuda when there is one, else cpu")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, fp32 matmuls "
-                   "and convolutions in TF32, as the trainer's --tf32 (its default) and the official code")
+                   "and convolutions in TF32, as the trainer's --tf32 and the official code [on by default]")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: gmm MLP, batch 16, 2+3 steps, eager, "
                    "compiled and public recipe, not saved (it sets those flags itself)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<device>-<date>.json")
@@ -362,8 +362,8 @@ def main(argv=None) -> int:
                        "speedup_vs_public", "power_w", "gpu_util_pct", "loss_first", "loss_last", "error_first",
                        "error_last", "loss_finite", "first_step_s"])
     result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
-              "params": n_params, "tf32": args.tf32, "peak_tflops": peaks, "warmup": args.warmup,
-              "iters": args.iters, "interleaved": not args.sequential, "rows": rows}
+              "params": n_params, "tf32": args.tf32 and device.type == "cuda",  # a CPU has no TF32
+              "peak_tflops": peaks, "warmup": args.warmup, "iters": args.iters, "interleaved": not args.sequential, "rows": rows}
     if args.compile_report:
         from torch._dynamo.utils import compile_times
         print(compile_times(repr="str", aggregate=True))
