@@ -156,16 +156,6 @@ def resolve_config(given: dict) -> tuple[TrainConfig, bool]:
     """The run's config from the explicitly given flags: a preset with overrides, or, with
     --resume, the newest checkpoint's config. Returns (config, resume)."""
     resume = given.pop("resume", False)
-    # the FD's files, given with --fd-every: at once, not once the data, the network and the metric's imports are
-    # in (seconds; on a latent preset, after the VAE)
-    fd = bool(given.get("fd_every"))
-    if fd and given.get("fd_classifier") is not None and not Path(given["fd_classifier"]).expanduser().is_dir():
-        raise UserError(f"--fd-classifier {given['fd_classifier']}: no such folder; give the folder "
-                        f"python -m stmd_fast.evaluate train-classifier wrote")
-    weights = given.get("inception_weights")
-    if fd and weights is not None and not Path(weights).expanduser().is_file():
-        raise UserError(f"--inception-weights {weights}: no such file; give the path of the "
-                        f"downloaded Inception weights")
     top = {k: v for k, v in given.items() if k not in OBJECTIVE_FLAGS}
     if top.get("data_dir") == "":
         raise UserError("--data-dir is empty: give the folder of the mnist / cifar10 files")
@@ -267,6 +257,19 @@ DIFFUSION_FLAGS = ("s_sampler", "s_grid_fraction", "s_grid_steps", "sample_steps
 TIME_LAW_FLAGS = ("time_sampler", "time_mean", "time_std", "r_mean", "r_std", "mixture_weight", "flow_grid_fraction",
                   "flow_grid_steps", "s_sampler", "s_grid_fraction", "s_grid_steps")
 """The laws objectives.draw_noise draws the times from."""
+
+
+def check_fd_files(cfg: TrainConfig) -> None:
+    """UserError for an FD classifier or Inception weights the run reads that are not there: said at once, not
+    once the data, the network and the metric's imports are in (seconds; on a latent preset, after the VAE)."""
+    unread = unread_flags(cfg)
+    classifier, weights = cfg.fd_classifier, cfg.inception_weights
+    if "fd_classifier" not in unread and classifier is not None and not Path(classifier).expanduser().is_dir():
+        raise UserError(f"--fd-classifier {classifier}: no such folder; give the folder "
+                        f"python -m stmd_fast.evaluate train-classifier wrote")
+    if "inception_weights" not in unread and weights is not None and not Path(weights).expanduser().is_file():
+        raise UserError(f"--inception-weights {weights}: no such file; give the path of the downloaded Inception "
+                        f"weights")
 
 
 def unused_flags(cfg: TrainConfig, given) -> list[str]:
@@ -1257,6 +1260,7 @@ def main(argv: list[str] | None = None) -> int:
             for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
                 if note is not None:
                     print(note, file=sys.stderr)
+        check_fd_files(cfg)
         train(cfg, resume, sys.argv[1:] if argv is None else argv)
     except Stopped as stopped:  # after a checkpoint; the resume command was printed
         return stopped.exit_code

@@ -1602,8 +1602,9 @@ def test_fd_files_that_are_not_there_are_refused_before_the_data_loads(capsys, t
         raise AssertionError("the data was loaded before the flags were checked")
 
     monkeypatch.setattr(train_module, "load_training_data", no_data)
-    for flag, said in (("--fd-classifier", "none: no such folder"), ("--inception-weights", "none: no such file")):
-        assert train("--fd-every", 5, flag, tmp_path / "none", "--out", tmp_path / "run") == 2
+    for preset, flag, said in (("digits", "--fd-classifier", "none: no such folder"),
+                               ("cifar10", "--inception-weights", "none: no such file")):  # the FID preset
+        assert train("--preset", preset, "--fd-every", 5, flag, tmp_path / "none", "--out", tmp_path / "run") == 2
         assert_one_line_error(capsys, said)
     assert not (tmp_path / "run").exists()
 

@@ -67,6 +67,22 @@ def wandb_records(run_root: Path) -> list[tuple[str, object]]:
     return rows
 
 
+def log_grid_live_and_replayed(logger_class, tmp_path: Path, grid: torch.Tensor) -> tuple[Path, Path]:
+    """Two run folders: one whose logger got `grid` at step 4 live, one resumed at step 4 that replays the grid
+    from its samples/step_00000004.png (written by save_image, as train writes it)."""
+    from torchvision.utils import save_image
+
+    live, resumed = tmp_path / "live", tmp_path / "resumed"
+    logger = logger_class(live, {})
+    logger.log_image(4, "samples", grid)
+    logger.close()
+    (resumed / "samples").mkdir(parents=True)
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    save_image(grid, resumed / "samples" / "step_00000004.png")
+    logger_class(resumed, {}, start_step=4).close()
+    return live, resumed
+
+
 def _write(logger) -> None:
     for record in RECORDS:
         logger.log_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
@@ -89,18 +105,10 @@ def test_tensorboard_grids_hold_the_pixels_of_the_png_live_and_replayed(tmp_path
     import io
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torchvision.utils import save_image
 
     grid = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(0))
     grid[:, 0] = torch.tensor([0.3, 0.7, 0.5 / 255, 1.5 / 255]).repeat(3)[:12]  # halves: save_image rounds them up
-    live, resumed = tmp_path / "live", tmp_path / "resumed"
-    logger = loggers.TensorBoardLogger(live, {})
-    logger.log_image(4, "samples", grid)
-    logger.close()
-    (resumed / "samples").mkdir(parents=True)
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    save_image(grid, resumed / "samples" / "step_00000004.png")
-    loggers.TensorBoardLogger(resumed, {}, start_step=4).close()
+    live, resumed = log_grid_live_and_replayed(loggers.TensorBoardLogger, tmp_path, grid)
     png = np.array(Image.open(resumed / "samples" / "step_00000004.png"))
     for run in live, resumed:
         events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
@@ -163,7 +171,7 @@ def test_wandb_takes_the_grid_of_any_channel_count_a_run_draws(tmp_path, monkeyp
     """A 2-channel run's grid (gray + alpha) raised "Un-supported shape" from wandb.Image at its first grid,
     mid-run; it goes as RGBA now, gray in R = G = B, and the others as they are. A resumed run replays the
     grids it wrote (samples/*.png) into its new W&B run the same way (alpha was dropped)."""
-    from torchvision.utils import make_grid, save_image  # as train draws and writes samples/step_*.png
+    from torchvision.utils import make_grid  # as train draws samples/step_*.png
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -171,14 +179,7 @@ def test_wandb_takes_the_grid_of_any_channel_count_a_run_draws(tmp_path, monkeyp
     expected = (grid * 255).round().byte().permute(1, 2, 0).numpy()
     if channels == 2:
         expected = expected[..., [0, 0, 0, 1]]
-    live, resumed = tmp_path / "live", tmp_path / "resumed"
-    logger = loggers.WandbLogger(live, {})
-    logger.log_image(4, "samples", grid)
-    logger.close()
-    (resumed / "samples").mkdir(parents=True)
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    save_image(grid, resumed / "samples" / "step_00000004.png")
-    loggers.WandbLogger(resumed, {}, start_step=4).close()
+    live, resumed = log_grid_live_and_replayed(loggers.WandbLogger, tmp_path, grid)
     for run in live, resumed:
         (png,) = run.glob("wandb/offline-run-*/files/media/images/samples_*.png")
         assert np.array_equal(np.array(Image.open(png)).reshape(expected.shape), expected), run.name
