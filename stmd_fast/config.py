@@ -285,7 +285,8 @@ class TrainConfig:
             raise ValueError(f"--dit {self.dit} is not in the registry; choose one of {', '.join(dit_names())}")
         # saved absolute, so that the run resumes, samples and decodes from any working directory
         self.data = local_pattern(self.data)
-        self.vae, self.inception_weights = map(local_path, (self.vae, self.inception_weights))
+        self.vae, self.inception_weights, self.fd_classifier = map(local_path, (self.vae, self.inception_weights,
+                                                                               self.fd_classifier))
         if self.data_dir == "":
             raise ValueError("--data-dir is empty: give the folder of the mnist / cifar10 files")
         self.data_dir = str(Path(self.data_dir).expanduser().resolve())  # where its files are looked for: made now

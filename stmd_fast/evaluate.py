@@ -433,7 +433,8 @@ def sweep(args) -> int:
                        "metric": metric.name, "value": value, "sample_s": sample_s}
                 seconds.append(time.perf_counter() - t0)
                 calls += row["nfe"]
-            rows.append({**row, "label": label})  # labels depend on which checkpoints this sweep compares
+            # labels depend on which checkpoints this sweep compares; the path is where the checkpoint is now
+            rows.append({**row, "checkpoint": str(ckpt.absolute()), "label": label})
             # a setting's time goes with its NFE (DDPM's N = 100 takes 100 times its N = 1)
             left = sum(nfe(k["method"], k["N"], k["M"]) for *_, k in plan[i:] if setting_id(k) not in before)
             timing = (f"{seconds[-1]:.0f} s, about {clock(sum(seconds) / calls * left)} left" if measured else
@@ -588,11 +589,14 @@ def made_from(result: dict) -> tuple[str, list[str]]:
     """The command line and every checkpoint (its path names the step) a result was made from."""
     checkpoints = []
 
+    def absolute(item):  # results of versions that kept the path as given: the same checkpoint as this one's
+        return os.path.abspath(item) if isinstance(item, str) else {k: absolute(v) for k, v in item.items()}
+
     def walk(value):
         if isinstance(value, dict):
             for key, item in value.items():
                 if key in ("checkpoint", "checkpoints"):
-                    checkpoints.append(json.dumps(item, sort_keys=True))
+                    checkpoints.append(json.dumps(absolute(item), sort_keys=True))
                 else:
                     walk(item)
         elif isinstance(value, list):

@@ -337,12 +337,12 @@ def check_out(out: Path) -> None:
 
 
 def check_batch_memory(batch: int, steps: int, shape: tuple[int, ...]) -> None:
-    """ExportError before tracing if the program's noise input and output alone (at most 2N + 1 tensors of the
-    batch, float32) would take more than half of this machine's memory: tracing such a --batch ran for a while,
-    then ran out of memory."""
+    """ExportError before tracing on the CPU if the program's noise input and output alone (at most 2N + 2
+    tensors of the batch, float32) would take more than half of this machine's memory: tracing such a --batch ran
+    for a while, then ran out of memory. (On a GPU its allocator's out-of-memory error names --batch at once.)"""
     from .devices import physical_memory
 
-    total, need = physical_memory(), (2 * steps + 1) * batch * math.prod(shape) * 4
+    total, need = physical_memory(), (2 * steps + 2) * batch * math.prod(shape) * 4
     if total is not None and need > total / 2:
         raise ExportError(f"--batch {batch}: the program's noise and samples alone take {need / 1e9:.3g} GB as "
                           f"float32, more than half of this machine's {total / 1e9:.3g} GB (the network's activations "
@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError("--grid: Mean Flow samples from s = 1 straight to the data, on no diffusion grid: drop --grid")
     if args.batch < 1:
         raise ExportError(f"--batch must be at least 1, got {args.batch}")
-    check_batch_memory(args.batch, steps, tuple(meta["data_shape"]))
+    if device.type == "cpu":
+        check_batch_memory(args.batch, steps, tuple(meta["data_shape"]))
     check_out(out)
     with warnings.catch_warnings(record=True) as notes:  # a fallback to an older intact checkpoint, said once
         warnings.simplefilter("always")

@@ -1260,7 +1260,8 @@ def main(argv: list[str] | None = None) -> int:
             for note in [*unused_flags(cfg, vars(args)), warmup_note(cfg, vars(args))]:
                 if note is not None:
                     print(note, file=sys.stderr)
-        check_fd_files(cfg)
+        if not resume and distributed.from_env().is_main:  # rank 0 alone reads them; a resume's are its own
+            check_fd_files(cfg)
         train(cfg, resume, sys.argv[1:] if argv is None else argv)
     except Stopped as stopped:  # after a checkpoint; the resume command was printed
         return stopped.exit_code

@@ -131,10 +131,10 @@ class TrainingState:
         state = saved.get("dropout_rng")  # rank 0's
         per_rank = saved.get("dropout_rngs")  # every rank's (K processes; absent in older checkpoints)
         if strategy.world > 1:
-            if per_rank is None or len(per_rank) != strategy.world:
+            state = per_rank[strategy.rank] if per_rank is not None and len(per_rank) == strategy.world else None
+            if state is None or state["device"] != device.type:  # (another device: distinct masks all the same)
                 torch.manual_seed(distributed.rank_seed(seed + saved["step"], strategy.rank))
                 return
-            state = per_rank[strategy.rank]
         if state is not None and state["device"] == device.type:
             torch.set_rng_state(state["cpu"].cpu())
             if device.type == "cuda":

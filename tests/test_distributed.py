@@ -201,6 +201,23 @@ def test_two_processes_with_dropout_resume_exactly(tmp_path):
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), which
 
 
+def test_dropout_states_of_another_device_are_reseeded_per_rank_not_left_alike():
+    """Each rank's saved mask generator is of the device it trained on: resumed on another, none was restored and
+    none reseeded, so every rank drew the same masks (torch's default seed)."""
+    from types import SimpleNamespace
+
+    from stmd_fast.training_state import TrainingState, dropout_rng_state
+
+    saved = {"step": 4, "dropout_rng": None,
+             "dropout_rngs": [{**dropout_rng_state(torch.device("cpu")), "device": "cuda"} for _ in range(2)]}
+    draws = []
+    for rank in range(2):
+        torch.manual_seed(0)  # each rank a process of its own, started alike
+        TrainingState._restore_dropout_rng(saved, 0, torch.device("cpu"), SimpleNamespace(world=2, rank=rank))
+        draws.append(torch.rand(3))
+    assert not torch.equal(*draws)
+
+
 # ----------------------------------------------------------------------------- 3. elastic restart
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """python -m stmd_fast.evaluate on tiny checkpoints: consistent outputs, seeded numbers,
 inpainting metrics, and one-line errors for bad input before any sampling."""
 import json
+import os
 import re
 import shutil
 import sys
@@ -608,6 +609,12 @@ def test_a_result_of_another_command_in_the_same_out_is_kept_not_overwritten(run
     kernel = ["kernel", str(run), "--points", "2", "--num", "20", "--flow-steps", "1", "--out", str(tmp_path / "k")]
     assert evaluate(kernel) == 0 and evaluate(kernel) == 0
     assert not list((tmp_path / "k").glob("*.replaced-*"))
+    # a result of a version that kept the path as given (relative): the same checkpoint, not moved aside
+    earlier = json.loads((tmp_path / "k" / "kernel.json").read_text())
+    for entry in earlier["runs"].values():
+        entry["checkpoint"] = os.path.relpath(entry["checkpoint"])
+    (tmp_path / "k" / "kernel.json").write_text(json.dumps(earlier))
+    assert evaluate(kernel) == 0 and not list((tmp_path / "k").glob("*.replaced-*"))
     assert train(["--out", str(run), "--resume", "--steps", "3"]) == 0
     assert evaluate(kernel) == 0
     kept = sorted(path.name.split(".replaced-")[0] for path in (tmp_path / "k").glob("*.replaced-*"))

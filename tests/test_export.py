@@ -735,7 +735,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_tracing(capsys, run
     monkeypatch.setattr(export_module, "export_sampler", lambda *a, **k: pytest.fail("traced before the check"))
     out = tmp_path / "x.pt2"
     assert export_main([str(runs["image"]), "--steps", "2", "--batch", "100000000", "--out", str(out)]) == 2
-    assert_one_line_error(capsys, "--batch 100000000: the program's noise and samples alone take 128 GB",
+    assert_one_line_error(capsys, "--batch 100000000: the program's noise and samples alone take 154 GB",
                           "lower --batch")
     assert not out.exists()
 
