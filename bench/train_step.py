@@ -363,7 +363,8 @@ def main(argv=None) -> int:
                        "error_last", "loss_finite", "first_step_s"])
     result = {"environment": env, "preset": args.preset, "net": args.dit, "method": args.method, "batch": batch,
               "params": n_params, "tf32": args.tf32 and device.type == "cuda",  # a CPU has no TF32
-              "peak_tflops": peaks, "warmup": args.warmup, "iters": args.iters, "interleaved": not args.sequential, "rows": rows}
+              "peak_tflops": peaks, "warmup": args.warmup, "iters": args.iters, "interleaved": not args.sequential,
+              "rows": rows}
     if args.compile_report:
         from torch._dynamo.utils import compile_times
         print(compile_times(repr="str", aggregate=True))

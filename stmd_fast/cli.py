@@ -274,9 +274,9 @@ def several_processes() -> bool:
 def one_line_errors(*user_errors: type[BaseException], failures: tuple[type[BaseException], ...] = (),
                     alone: tuple[type[BaseException], ...] = (), torchrun: bool = False):
     """Decorator for a CLI's main(argv) -> int, which returns the exit status (argparse's usage errors and --help
-    too, not a SystemExit): an exception of user_errors prints `error: ...` as one line on stderr and exits 2; one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C,
-    SIGTERM and SIGHUP print `interrupted` and exit 128 + the signal's number (130, 143, 129), after the
-    command's own cleanup; anything else is a bug and keeps its traceback. Under torchrun
+    too, not a SystemExit): an exception of user_errors prints `error: ...` as one line on stderr and exits 2;
+    one of failures (e.g. a diverged run) prints the same and exits 1; Ctrl-C, SIGTERM and SIGHUP print
+    `interrupted` and exit 128 + the signal's number (130, 143, 129), after the command's own cleanup; anything else is a bug and keeps its traceback. Under torchrun
     every rank meets the same error and rank 0 says it: the others wait so torchrun stops them first,
     and only an error of one rank alone is still printed, after the wait, with its rank. An error of
     `alone` (e.g. the loss of another process, rank 0 maybe) is one rank's by nature: said at once. A command
