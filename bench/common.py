@@ -278,11 +278,18 @@ def nvml_handle(pynvml, device: torch.device):
         return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
 
 
-class GpuTelemetry:
-    """Samples power (W) and utilisation (%) through nvidia-ml-py while a block runs (CUDA only)."""
+NVML_WINDOW_S = 1.0
+"""NVML reports utilisation over its last sample period (1/6 s to 1 s, by product) and Hopper's power as a 1 s
+average: a reading taken sooner after a block starts describes what ran before it (an H200 read 0% busy for a
+0.3 s block of back-to-back steps)."""
 
-    def __init__(self, device: torch.device, period_s: float = 0.05):
-        self.device, self.period_s = device, period_s
+
+class GpuTelemetry:
+    """Samples power (W) and utilisation (%) through nvidia-ml-py while a block runs (CUDA only), from
+    window_s after it starts: a block shorter than that reports none."""
+
+    def __init__(self, device: torch.device, period_s: float = 0.05, window_s: float = NVML_WINDOW_S):
+        self.device, self.period_s, self.window_s = device, period_s, window_s
         self.power_w: list[float] = []
         self.util_pct: list[float] = []
 
@@ -305,6 +312,8 @@ class GpuTelemetry:
                     (self.util_pct, lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
 
         def sample():
+            if self._stop.wait(self.window_s):  # the block ended before NVML's window lay inside it
+                return
             while not self._stop.is_set():
                 for values, read in readings:
                     try:

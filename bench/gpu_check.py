@@ -49,6 +49,9 @@ class Warmer(NamedTuple):
 
 
 STEADY = ["--warmup", "3", "--iters", "10", "--no-save"]
+# train steps: 30 timed steps, so that even the cifar10 step's (about 1.4 s on the H200) outlast NVML's
+# one-second window and report power and utilisation (bench/common.py, NVML_WINDOW_S)
+STEADY_STEPS = ["--warmup", "3", "--iters", "30", "--no-save"]
 BENCH = [PY, str(ROOT / "bench" / "gpu_check.py")]
 # the official PyTorch Mean Flow code's per-GPU CIFAR-10 batch, so its ~610 img/s per H200 sits beside ours
 CIFAR_BATCH = "128"
@@ -86,12 +89,12 @@ STAGES = [
     Stage("train cifar10 bf16", 45, [*BENCH, "--train-check"], [*BENCH, "--train-check", "--dry-run"]),
     # --sequential: each variant is timed right after its warm-up and its row kept at once, so a
     # stage cut short by its budget keeps what it measured. The eager fp32 rows were measured.
-    Stage("train step cifar10", 225, [*CIFAR_STEP, "--sequential", *STEADY],
+    Stage("train step cifar10", 225, [*CIFAR_STEP, "--sequential", *STEADY_STEPS],
           [PY, "bench/train_step.py", "--smoke", "--sequential"],
           after=("cifar10 STMD step", "cifar10 flow-matching step")),
     Stage("sampling cifar10", 40, [*CIFAR_SAMPLE, "--sequential", "--warmup", "2", "--iters", "5", "--no-save"],
           [PY, "bench/sample.py", "--smoke", "--sequential"], after=("cifar10 sampler",)),
-    Stage("train step DiT-M/2", 65, [*DIT_STEP, "--sequential", *STEADY],
+    Stage("train step DiT-M/2", 65, [*DIT_STEP, "--sequential", *STEADY_STEPS],
           [PY, "bench/train_step.py", "--preset", "celeba-latent", "--dit", "DiT-S/2", "--method", "stmd",
            "--no-flow-matching", "--variants", "eager fp32", "--batch", "4", "--warmup", "1", "--iters", "1",
            "--device", "cpu", "--no-save", "--sequential"], after=("DiT-M/2 STMD step",)),

@@ -23,7 +23,8 @@ by torch.utils.flop_counter, against the matmul peak measured here for the row's
 TF32 or fp32; none with --smoke, whose tiny CPU run cannot measure a peak, nor for a rate above
 the measured peak; on a GPU whose data sheet is known, also against its dense peak, the usual
 MFU), peak memory, the objective / flow-matching ratio, the speed-up over the public recipe, on a
-GPU (with --sequential) the median power and utilisation (nvidia-ml-py), and each variant's mean
+GPU (with --sequential) the median power and utilisation (nvidia-ml-py; none for timed steps under
+a second, NVML's averaging window), and each variant's mean
 loss and mean squared error over its first and last few steps on the fixed batch (finite: the step
 ran; the batch is random noise, not data, so they need not fall; the error, where the adaptive loss
 is about 1 by design, p = 1).

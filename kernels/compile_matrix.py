@@ -122,7 +122,7 @@ def _source(entry: dict):
         types = [f"*{dt}"] * 2 + ["*fp32"] * 4 + ["i32", "i32"]
     elif kernel == "meanflow_loss grad":
         fn = meanflow_loss._grad_kernel
-        types = ["*fp32", "*fp32", f"*{dt}", "i32", "fp32", "fp32", "fp32"]
+        types = ["*fp32"] * 3 + [f"*{dt}", "i32", "fp32", "fp32", "fp32"]  # delta, ||delta||^2, incoming gradient
     else:
         fn = time_embedding._time_features_bwd_kernel if kernel.endswith("bwd") else time_embedding._time_features_fwd_kernel
         types = ["*fp32"] * (3 if kernel.endswith("bwd") else 4) + ["i32", "fp32", "i32"]

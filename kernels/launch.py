@@ -13,7 +13,6 @@ which asserts that it fits the target's shared memory and spills at most SPILL_B
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple
 
@@ -109,9 +108,17 @@ def attention_config(kernel: str, head_dim: int, precision: str, capability: tup
     return _ATTENTION[(kernel, precision, MAX_HEAD_DIM)][_smem_class(capability)]
 
 
-@functools.lru_cache(maxsize=None)
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+@torch.compiler.assume_constant_result
 def device_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    """The GPU's compute capability, read once per device (every attention launch asks); under torch.compile a
+    constant of the graph, not traced into (Dynamo warned on every compiled run when it traced the lru_cache
+    this had)."""
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
 
 
 def attention_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:

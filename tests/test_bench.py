@@ -542,7 +542,30 @@ def test_gpu_telemetry_keeps_the_readings_a_gpu_answers(monkeypatch):
                                  nvmlDeviceGetPowerUsage=lambda handle: 250_000)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr(common, "nvml_handle", lambda pynvml, device: "handle")
-    with common.GpuTelemetry(torch.device("cuda"), period_s=0.001) as telemetry:
+    with common.GpuTelemetry(torch.device("cuda"), period_s=0.001, window_s=0.0) as telemetry:
         time.sleep(0.05)
     assert len(telemetry.power_w) > 1 and telemetry.util_pct == []
     assert telemetry.summary() == {"power_w": 250.0}
+
+
+def test_gpu_telemetry_reports_nothing_for_a_block_shorter_than_nvmls_window(monkeypatch):
+    """NVML averages power and utilisation over up to a second: the H200 read 0% busy for 0.3 s of back-to-back
+    steps, the period before them. Readings start once the window lies inside the block."""
+    import time
+    import types
+
+    import common
+
+    readings = []
+    fake = types.SimpleNamespace(NVMLError=RuntimeError, nvmlInit=lambda: None,
+                                 nvmlDeviceGetUtilizationRates=lambda handle: types.SimpleNamespace(gpu=0),
+                                 nvmlDeviceGetPowerUsage=lambda handle: readings.append(time.monotonic()) or 250_000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(common, "nvml_handle", lambda pynvml, device: "handle")
+    with common.GpuTelemetry(torch.device("cuda"), period_s=0.001, window_s=0.5) as telemetry:
+        time.sleep(0.1)
+    assert telemetry.summary() == {} and readings == []
+    start = time.monotonic()
+    with common.GpuTelemetry(torch.device("cuda"), period_s=0.001, window_s=0.2) as telemetry:
+        time.sleep(0.4)
+    assert telemetry.summary() == {"power_w": 250.0, "gpu_util_pct": 0} and min(readings) - start >= 0.2

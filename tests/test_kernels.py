@@ -115,6 +115,46 @@ def test_meanflow_loss_unweighted_at_zero_error_has_zero_gradient(triton_backend
     assert loss.item() == 0 and torch.equal(u.grad, torch.zeros_like(u))
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_meanflow_loss_gradient_is_scaled_by_the_incoming_one(triton_backend, dtype, atol, rtol):
+    # the backward kernel reads the loss's incoming gradient on the GPU: a loss scaled (by a weight, a
+    # GradScaler) must scale d loss / d u as the reference's does
+    g = torch.Generator().manual_seed(3)
+    u, dudt, v = (torch.randn(4, 3, 6, 6, generator=g).to(DEVICE, dtype) for _ in range(3))
+    h = torch.rand(4, generator=g).to(DEVICE)
+    scale = torch.tensor(-2.5, device=DEVICE)
+    grads = []
+    for fn in (meanflow_loss, meanflow_loss_reference):
+        x = u.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fn(x, dudt, v, h, 1e-3, 1.0)[0], x, grad_outputs=scale)[0])
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), atol=atol, rtol=rtol)
+
+
+def test_meanflow_loss_forward_alone_writes_no_gradient(triton_backend, on_device, monkeypatch):
+    """The forward wrote d loss / d u (a pass over the batch) even where no backward came (evaluation, no_grad);
+    the gradient is now the backward's one pass."""
+    import stmd_fast.kernels.meanflow_loss as mfl
+
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(mfl, "_grad_kernel", Counted(mfl._grad_kernel))
+    u, dudt, v, h = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8), torch.randn(3, 8), torch.rand(3)
+    with torch.no_grad():
+        meanflow_loss(u, dudt, v, h, 1e-3, 1.0)
+    loss, _ = meanflow_loss(u, dudt, v, h, 1e-3, 1.0)
+    assert launches == []
+    loss.backward()
+    assert len(launches) == 1
+
+
 def test_meanflow_loss_reference_closed_form():
     # One sample, p = 1: loss = l / (l + c) and d loss / d u = 2 c delta / (l + c)^2 ... but the
     # weight is stop-gradient, so the gradient is 2 delta / (l + c).
@@ -251,6 +291,8 @@ def test_custom_ops_fakes_match_the_real_outputs_strides(triton_backend, on_devi
     u = torch.randn(3, 5, 4).transpose(1, 2)
     dudt, v, h = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3)
     for op, args in ((loss_module._meanflow_loss_op, (u, dudt, v, h, 1e-3, 1.0)),
+                     (loss_module._meanflow_loss_grad_op, (torch.randn(3, 4, 5), torch.rand(3), torch.tensor(1.0),
+                                                           1e-3, 1.0, torch.bfloat16)),
                      (time_embedding._time_features_backward_op, (torch.rand(3, 4).t(), torch.randn(4, 24), 8, 10.0))):
         checks = torch.library.opcheck(op, args, test_utils=("test_faketensor",), raise_exception=False)
         assert checks["test_faketensor"] == "SUCCESS", checks
@@ -334,6 +376,9 @@ def test_meanflow_loss_kernel_on_an_empty_batch_is_the_references_nan(triton_bac
     with dispatch.backend("reference"):
         loss_ref, sq_ref = meanflow_loss_reference(*(torch.randn(0, 6),) * 3, torch.rand(0), 1e-3, 1.0)
     assert loss.isnan() and loss_ref.isnan() and sq.shape == sq_ref.shape == (0,)
+    u = torch.randn(0, 6, requires_grad=True)  # and its backward gives the empty gradient
+    meanflow_loss(u, torch.randn(0, 6), torch.randn(0, 6), torch.rand(0), 1e-3, 1.0)[0].backward()
+    assert u.grad.shape == (0, 6)
 
 
 @pytest.mark.parametrize("value,interprets", [("1", True), ("true", True), ("On", True), ("yes", True),
@@ -358,3 +403,25 @@ def test_float64_times_with_the_triton_backend_say_the_reference_runs(triton_bac
     with pytest.warns(RuntimeWarning, match="time_features runs the PyTorch reference for dtype torch.float64"):
         out = time_features(times, 8, 10.0)
     torch.testing.assert_close(out, time_features_reference(times, 8, 10.0))
+
+
+def test_device_capability_is_a_constant_under_compile(monkeypatch):
+    """Dynamo traced through device_capability's lru_cache and warned about it on every compiled run with the
+    kernels (seen on the H200); it is now read once while tracing, a constant of the graph."""
+    import warnings
+
+    from stmd_fast.kernels import launch
+    from stmd_fast.kernels.launch import device_capability
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: calls.append(index) or (9, 0))
+    monkeypatch.setattr(launch, "_capabilities", {})
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # a warning given earlier is given again
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x + device_capability(0)[0], backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = [step(torch.ones(3)) for _ in range(3)]
+    assert [str(w.message) for w in caught if "lru_cache" in str(w.message)] == []
+    assert all(torch.equal(o, torch.full((3,), 10.0)) for o in out)
+    assert calls == [0] and device_capability(0) == (9, 0) and calls == [0]  # read once, then cached
