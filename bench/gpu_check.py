@@ -49,9 +49,9 @@ class Warmer(NamedTuple):
 
 
 STEADY = ["--warmup", "3", "--iters", "10", "--no-save"]
-# train steps: 30 timed steps, so that even the cifar10 step's (about 1.4 s on the H200) outlast NVML's
-# one-second window and report power and utilisation (bench/common.py, NVML_WINDOW_S)
-STEADY_STEPS = ["--warmup", "3", "--iters", "30", "--no-save"]
+# train steps: 60 timed steps, so that even the cifar10 flow-matching step's (about 2 s on the H200) outlast
+# NVML's one-second window by a second and report power and utilisation (bench/common.py, NVML_WINDOW_S)
+STEADY_STEPS = ["--warmup", "3", "--iters", "60", "--no-save"]
 BENCH = [PY, str(ROOT / "bench" / "gpu_check.py")]
 # the official PyTorch Mean Flow code's per-GPU CIFAR-10 batch, so its ~610 img/s per H200 sits beside ours
 CIFAR_BATCH = "128"

@@ -104,7 +104,7 @@ def _meanflow_loss_grad_op(delta: Tensor, sq: Tensor, grad_loss: Tensor, c: floa
         return grad
     d = delta[0].numel()
     block = block_size(d)
-    grad_loss = grad_loss.to(torch.float32).reshape(1)
+    delta, grad_loss = delta.contiguous(), grad_loss.to(torch.float32).reshape(1)  # the kernel reads delta as (B, D)
     _grad_kernel[(b, triton.cdiv(d, block))](delta, sq, grad_loss, grad, d, 2.0 / b, c, p, BLOCK=block)
     return grad
 

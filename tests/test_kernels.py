@@ -359,6 +359,16 @@ def test_reverse_mode_torch_func_transforms_over_a_kernel_are_refused_naming_the
     assert torch.isfinite(torch.func.jacfwd(lambda y: attention(y, k, k, 0.5))(q)).all()  # forward mode: kept
 
 
+def test_meanflow_loss_grad_op_reads_a_strided_delta_by_its_values(triton_backend, on_device):
+    """The backward op indexed delta as (B, D) whatever its strides: a transposed one gave other values."""
+    from stmd_fast.kernels import meanflow_loss as loss_module
+
+    delta = torch.randn(3, 5, 4).transpose(1, 2)
+    rest = (torch.rand(3), torch.tensor(2.0), 1e-3, 1.0, torch.float32)
+    torch.testing.assert_close(loss_module._meanflow_loss_grad_op(delta, *rest),
+                               loss_module._meanflow_loss_grad_op(delta.contiguous(), *rest))
+
+
 def test_meanflow_loss_kernel_refuses_a_second_derivative(triton_backend, on_device):
     """create_graph=True got the saved first derivative as a constant: d^2 loss / du^2 silently lost."""
     u, dudt, v, h = torch.randn(2, 6, requires_grad=True), torch.randn(2, 6), torch.randn(2, 6), torch.rand(2)
